@@ -1,0 +1,323 @@
+"""Challenges and token scopes: parse, format, rewrite."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from vpsrelay import errors
+from vpsrelay.core import auth, routing
+from vpsrelay.core.auth import Challenge, Scope
+
+HUB_CHALLENGE = (
+    'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+    'scope="repository:library/alpine:pull"'
+)
+
+
+def hub_name(name: str) -> str:
+    return routing.to_upstream_name("docker.io", name)
+
+
+# --- parse_challenge
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            HUB_CHALLENGE,
+            Challenge(
+                "Bearer",
+                (
+                    ("realm", "https://auth.docker.io/token"),
+                    ("service", "registry.docker.io"),
+                    ("scope", "repository:library/alpine:pull"),
+                ),
+            ),
+        ),
+        ("Basic", Challenge("Basic", ())),
+        ("  Basic  ", Challenge("Basic", ())),
+        ('Basic realm="Registry Realm"', Challenge("Basic", (("realm", "Registry Realm"),))),
+        # token values, optional whitespace around '=' and ',', a trailing comma
+        (
+            "Bearer realm = relay.example , service=hub",
+            Challenge("Bearer", (("realm", "relay.example"), ("service", "hub"))),
+        ),
+        ('Bearer realm="r",', Challenge("Bearer", (("realm", "r"),))),
+        # commas and '=' inside a quoted-string do not split it
+        (
+            'Bearer realm="https://a/t?x=1,y=2",scope="repository:a:pull,push"',
+            Challenge(
+                "Bearer",
+                (("realm", "https://a/t?x=1,y=2"), ("scope", "repository:a:pull,push")),
+            ),
+        ),
+        # quoted-pair escapes
+        (
+            r'Bearer realm="say \"hi\"",error="back\\slash"',
+            Challenge("Bearer", (("realm", 'say "hi"'), ("error", "back\\slash"))),
+        ),
+        (r'Bearer realm="a\,b"', Challenge("Bearer", (("realm", "a,b"),))),
+        ('Bearer realm=""', Challenge("Bearer", (("realm", ""),))),
+    ],
+)
+def test_parse_challenge(header, expected):
+    assert auth.parse_challenge(header) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "   ",
+        '"Bearer"',
+        "Bearer,realm=x",
+        "Bearer realm",
+        "Bearer realm=",
+        'Bearer realm="unterminated',
+        'Bearer realm="a" service="b"',  # a missing comma
+        'Bearer realm="a",,service="b"',
+        "Bearer realm=a b",
+        "Bearer realm=https://a/token",  # '/' and ':' are no tchars: it must be quoted
+        'Bearer realm="a"junk',
+        "Bearer =x",
+        'Bearer realm="a", Basic realm="b"',  # one challenge per call
+        'Bearer realm="a\\\nb"',  # quoted-pair with a line feed
+    ],
+)
+def test_parse_challenge_rejects_malformed(header):
+    with pytest.raises(errors.UpstreamProtocolError):
+        auth.parse_challenge(header)
+
+
+def test_challenge_accessors_are_case_insensitive():
+    challenge = auth.parse_challenge('bEaReR Realm="r",SERVICE="s"')
+    assert challenge.is_bearer
+    assert challenge.realm == "r"
+    assert challenge.service == "s"
+    assert challenge.get("scope") is None
+    assert not Challenge("Basic", ()).is_bearer
+    assert Challenge("Basic", ()).realm is None
+
+
+def test_with_param_replaces_in_place_or_appends():
+    challenge = auth.parse_challenge('Bearer Realm="old",service="s"')
+    assert challenge.with_param("realm", "new").params == (("Realm", "new"), ("service", "s"))
+    assert challenge.with_param("scope", "x").params == (
+        ("Realm", "old"),
+        ("service", "s"),
+        ("scope", "x"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("challenge", "header"),
+    [
+        (Challenge("Basic", ()), "Basic"),
+        (Challenge("Bearer", (("realm", "r"),)), 'Bearer realm="r"'),
+        (
+            Challenge("Bearer", (("realm", 'a"b\\c'), ("service", "s,t"))),
+            r'Bearer realm="a\"b\\c",service="s,t"',
+        ),
+    ],
+)
+def test_format_challenge(challenge, header):
+    assert challenge.format() == header
+    assert auth.parse_challenge(header) == challenge
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        HUB_CHALLENGE,
+        r'Bearer realm="say \"hi\"",error="back\\slash"',
+        'Bearer realm="https://a/t?x=1,y=2",scope="repository:a:pull,push"',
+        'Basic realm="Registry Realm"',
+    ],
+)
+def test_parse_format_round_trip(header):
+    challenge = auth.parse_challenge(header)
+    assert auth.parse_challenge(challenge.format()) == challenge
+
+
+# --- rewrite_challenge
+
+
+def test_rewrite_challenge_points_bearer_realm_at_the_relay():
+    rewritten = auth.rewrite_challenge(auth.parse_challenge(HUB_CHALLENGE), "https://relay/token")
+    assert rewritten.realm == "https://relay/token"
+    assert rewritten.service == "registry.docker.io"
+    assert rewritten.get("scope") == "repository:library/alpine:pull"
+    assert rewritten.format() == (
+        'Bearer realm="https://relay/token",service="registry.docker.io",'
+        'scope="repository:library/alpine:pull"'
+    )
+
+
+def test_rewrite_challenge_leaves_basic_untouched():
+    basic = auth.parse_challenge('Basic realm="Registry Realm"')
+    assert auth.rewrite_challenge(basic, "https://relay/token") is basic
+
+
+@pytest.mark.parametrize("header", ['Bearer service="s"', "Bearer", 'Bearer realm=""'])
+def test_rewrite_challenge_bearer_without_realm_is_an_error(header):
+    with pytest.raises(errors.UpstreamProtocolError):
+        auth.rewrite_challenge(auth.parse_challenge(header), "https://relay/token")
+
+
+# --- scopes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("repository:alpine:pull", Scope("repository", "alpine", "pull")),
+        ("repository:library/alpine:pull,push", Scope("repository", "library/alpine", "pull,push")),
+        ("repository(plugin):vieux/sshfs:pull", Scope("repository(plugin)", "vieux/sshfs", "pull")),
+        ("registry:catalog:*", Scope("registry", "catalog", "*")),
+        ("repository:host:5000/x:pull", Scope("repository", "host:5000/x", "pull")),
+        ("repository:alpine:", Scope("repository", "alpine", "")),
+    ],
+)
+def test_scope_parse(text, expected):
+    assert Scope.parse(text) == expected
+    assert expected.format() == text
+
+
+@pytest.mark.parametrize("text", ["", "pull", "repository", "repository:alpine", ":a:b", "a::b"])
+def test_scope_parse_other_shapes_is_none(text):
+    assert Scope.parse(text) is None
+
+
+@pytest.mark.parametrize(
+    ("scopes", "expected"),
+    [
+        (["repository:alpine:pull"], ["repository:library/alpine:pull"]),
+        (["repository:library/alpine:pull"], ["repository:library/alpine:pull"]),
+        (["repository:bitnami/redis:pull"], ["repository:bitnami/redis:pull"]),
+        (
+            ["repository:alpine:pull", "repository:busybox:pull,push"],
+            ["repository:library/alpine:pull", "repository:library/busybox:pull,push"],
+        ),
+        (
+            ["repository:alpine:pull repository:busybox:pull"],
+            ["repository:library/alpine:pull repository:library/busybox:pull"],
+        ),
+        (["repository(plugin):sshfs:pull"], ["repository(plugin):library/sshfs:pull"]),
+        (["registry:catalog:*"], ["registry:catalog:*"]),
+        (["registry:catalog:* repository:alpine:pull"],
+         ["registry:catalog:* repository:library/alpine:pull"]),
+        (["garbage", ""], ["garbage", ""]),
+        ([], []),
+    ],
+)  # fmt: skip
+def test_rewrite_scopes(scopes, expected):
+    assert auth.rewrite_scopes(scopes, hub_name) == expected
+
+
+def test_rewrite_scopes_keeps_host_port_names_for_a_permissive_mapper():
+    assert auth.rewrite_scopes(["repository:host:5000/x:pull"], lambda n: f"m/{n}") == [
+        "repository:m/host:5000/x:pull"
+    ]
+
+
+@pytest.mark.parametrize(
+    "scope", ["repository:host:5000/x:pull", "repository:Alpine:pull", "repository:../x:pull"]
+)
+def test_rewrite_scopes_propagates_name_errors(scope):
+    with pytest.raises(errors.NameInvalid):
+        auth.rewrite_scopes([scope], hub_name)
+
+
+@pytest.mark.parametrize(
+    ("params", "service", "expected"),
+    [
+        (
+            [("scope", "repository:alpine:pull"), ("service", "registry.docker.io")],
+            "registry.docker.io",
+            [("service", "registry.docker.io"), ("scope", "repository:library/alpine:pull")],
+        ),
+        # the upstream's advertised service wins over what the client echoes
+        (
+            [("service", "stale"), ("account", "me"), ("scope", "repository:a:pull")],
+            "registry.docker.io",
+            [
+                ("service", "registry.docker.io"),
+                ("account", "me"),
+                ("scope", "repository:library/a:pull"),
+            ],
+        ),
+        # no advertised service: the client's is kept
+        (
+            [("service", "mine"), ("offline_token", "true"), ("client_id", "docker")],
+            None,
+            [("service", "mine"), ("offline_token", "true"), ("client_id", "docker")],
+        ),
+        # neither: no service at all
+        ([("account", "me")], None, [("account", "me")]),
+        ([], None, []),
+        (
+            [("scope", "repository:a:pull"), ("scope", "repository:b/c:pull registry:catalog:*")],
+            "s",
+            [
+                ("service", "s"),
+                ("scope", "repository:library/a:pull"),
+                ("scope", "repository:b/c:pull registry:catalog:*"),
+            ],
+        ),
+    ],
+)
+def test_token_request_params(params, service, expected):
+    assert auth.token_request_params(params, hub_name, service) == expected
+
+
+def test_token_request_params_rejects_invalid_names():
+    with pytest.raises(errors.NameInvalid):
+        auth.token_request_params([("scope", "repository:UPPER:pull")], hub_name, "s")
+
+
+# --- properties
+
+TOKENS = st.text(alphabet="!#$%&'*+.^_`|~0123456789AZaz-", min_size=1, max_size=12)
+VALUES = st.text(max_size=30)
+CHALLENGES = st.builds(
+    Challenge, TOKENS, st.lists(st.tuples(TOKENS, VALUES), max_size=5).map(tuple)
+)
+HEADERISH = st.one_of(
+    st.text(),
+    st.lists(st.sampled_from(['Bearer', ' ', 'realm', '=', '"', '\\', ',', 'x', '\t', '\n', 'é']),
+             max_size=25).map("".join),
+)  # fmt: skip
+
+
+@given(HEADERISH)
+def test_parse_challenge_returns_or_raises_relay_error(header):
+    try:
+        challenge = auth.parse_challenge(header)
+    except errors.RelayError:
+        return
+    assert isinstance(challenge, Challenge)
+    assert auth.parse_challenge(challenge.format()) == challenge
+
+
+@given(CHALLENGES)
+def test_format_parse_round_trip(challenge):
+    assert auth.parse_challenge(challenge.format()) == challenge
+
+
+@given(st.text())
+def test_scope_parse_format_round_trip_on_text(text):
+    scope = Scope.parse(text)
+    if scope is not None:
+        assert scope.format() == text
+
+
+@given(
+    st.text(min_size=1).filter(lambda t: ":" not in t),
+    st.text(min_size=1),
+    st.text().filter(lambda t: ":" not in t),
+)
+def test_scope_format_parse_round_trip(resource_type, name, actions):
+    scope = Scope(resource_type, name, actions)
+    assert Scope.parse(scope.format()) == scope

@@ -1,0 +1,93 @@
+"""Start the real `vpsrelay serve` as a subprocess, on a port the OS picks."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+_LISTENING = re.compile(r"listening on (https?://\S+)")
+# The checkout under test, so the subprocess runs this tree's code whatever is installed.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class RelayProcess:
+    """`python -m vpsrelay serve --listen 127.0.0.1:0 ...`; `url` is where it listens."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.log_path = workdir / "relay.log"
+        self._log: IO[bytes] = self.log_path.open("ab")
+        command = [sys.executable, "-m", "vpsrelay", "serve", *args]
+        if not any(a.startswith("--listen") for a in args):
+            command += ["--listen", "127.0.0.1:0"]
+        if not any(a.startswith("--data-dir") for a in args):
+            command += ["--data-dir", str(workdir / "data")]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
+        full_env["PYTHONPATH"] = str(REPO_ROOT)
+        full_env.update(env or {})
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir
+        )
+        self.urls = self._wait_listening(startup_timeout)
+        self.url = self.urls[0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _wait_listening(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = _LISTENING.findall(self.log_text())
+            if found:
+                return found
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"relay exited with {self.process.returncode}:\n{self.log_text()}"
+                )
+            time.sleep(0.05)
+        self.close()
+        raise RuntimeError(f"relay did not start within {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """Resident set size now, from /proc."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM")
+
+    def close(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> RelayProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,479 @@
+"""Configuration: defaults, file, environment, flags, and errors that name their source."""
+
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vpsrelay import config
+from vpsrelay.cli import main
+from vpsrelay.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_defaults():
+    settings = config.load(None, {})
+    assert settings == config.Settings()
+    assert settings.data_dir == Path("data")
+    assert settings.server.listen == ("127.0.0.1:5000",)
+    assert settings.server.public_url is None
+    assert settings.server.trusted_proxies == ()
+    assert settings.server.keep_alive_timeout == 75.0
+    assert settings.server.read_timeout == 30.0
+    assert settings.server.graceful_timeout == 30.0
+    assert settings.upstream.connect_timeout == 10.0
+    assert settings.upstream.read_timeout == 60.0
+    assert settings.upstream.pool_timeout == 10.0
+    assert settings.upstream.max_connections == 200
+    assert settings.upstream.max_redirects == 5
+    assert settings.upstream.ca_bundle is None
+    assert settings.log.level == "info"
+    assert settings.log.access_log is True
+    assert settings.registries == (
+        config.RegistryConfig(name="docker.io", url="https://registry-1.docker.io"),
+    )
+    assert settings.registry("docker.io").url == config.DOCKER_HUB_URL
+
+
+def test_unknown_registry_lookup_is_key_error():
+    with pytest.raises(KeyError):
+        config.Settings().registry("quay.io")
+
+
+def test_env_name_and_option_keys():
+    assert config.env_name("server.listen") == "VPSRELAY_SERVER__LISTEN"
+    assert config.env_name("data_dir") == "VPSRELAY_DATA_DIR"
+    keys = config.option_keys()
+    assert keys[0] == "data_dir"
+    assert {"server.listen", "server.public_url", "upstream.ca_bundle", "log.access_log"} <= set(
+        keys
+    )
+    assert not any(key.startswith("registries") for key in keys)
+
+
+def test_file_values(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    path = write(
+        tmp_path,
+        f"""
+        data_dir = "{tmp_path / "state"}"
+
+        [server]
+        listen = ["0.0.0.0:5000", "[::]:5000"]
+        public_url = "https://relay.example.com/"
+        trusted_proxies = ["10.0.0.0/8", "192.168.1.1"]
+        keep_alive_timeout = 5
+        read_timeout = 2.5
+        graceful_timeout = 1
+
+        [upstream]
+        connect_timeout = 3
+        read_timeout = 4.5
+        pool_timeout = 6
+        max_connections = 7
+        max_redirects = 2
+        ca_bundle = "{ca}"
+
+        [log]
+        level = "DEBUG"
+        access_log = false
+
+        [registries."docker.io"]
+        url = "http://hub.test:8080/"
+        """,
+    )
+    settings = config.load(path, {})
+    assert settings.data_dir == tmp_path / "state"
+    assert settings.server.listen == ("0.0.0.0:5000", "[::]:5000")
+    assert settings.server.public_url == "https://relay.example.com"
+    assert settings.server.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.1/32"),
+    )
+    assert settings.server.keep_alive_timeout == 5.0
+    assert isinstance(settings.server.keep_alive_timeout, float)
+    assert settings.server.read_timeout == 2.5
+    assert settings.server.graceful_timeout == 1.0
+    assert settings.upstream.connect_timeout == 3.0
+    assert settings.upstream.read_timeout == 4.5
+    assert settings.upstream.pool_timeout == 6.0
+    assert settings.upstream.max_connections == 7
+    assert settings.upstream.max_redirects == 2
+    assert settings.upstream.ca_bundle == ca
+    assert settings.log.level == "debug"
+    assert settings.log.access_log is False
+    assert settings.registry("docker.io").url == "http://hub.test:8080"
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert config.load(write(tmp_path, ""), {}) == config.Settings()
+
+
+def test_empty_strings_mean_unset(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        [server]
+        public_url = ""
+        [upstream]
+        ca_bundle = ""
+        """,
+    )
+    settings = config.load(path, {})
+    assert settings.server.public_url is None
+    assert settings.upstream.ca_bundle is None
+
+
+def test_environment_overrides_file(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        [server]
+        listen = "127.0.0.1:6000"
+        public_url = "https://from-file.example"
+        [log]
+        level = "warning"
+        """,
+    )
+    environ = {
+        "VPSRELAY_SERVER__LISTEN": "0.0.0.0:7000, [::1]:7001",
+        "VPSRELAY_SERVER__TRUSTED_PROXIES": "10.0.0.1,fd00::/8",
+        "VPSRELAY_UPSTREAM__MAX_REDIRECTS": " 3 ",
+        "VPSRELAY_UPSTREAM__READ_TIMEOUT": "12.5",
+        "VPSRELAY_LOG__ACCESS_LOG": "off",
+        "VPSRELAY_DATA_DIR": str(tmp_path / "env-data"),
+        "VPSRELAY_UNRELATED": "ignored",
+        "OTHER": "ignored",
+    }
+    settings = config.load(path, environ)
+    assert settings.server.listen == ("0.0.0.0:7000", "[::1]:7001")
+    assert settings.server.public_url == "https://from-file.example"  # not in env: file wins
+    assert settings.server.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.1/32"),
+        ipaddress.ip_network("fd00::/8"),
+    )
+    assert settings.upstream.max_redirects == 3
+    assert settings.upstream.read_timeout == 12.5
+    assert settings.log.access_log is False
+    assert settings.log.level == "warning"
+    assert settings.data_dir == tmp_path / "env-data"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1", True), ("true", True), ("YES", True), ("On", True),
+     ("0", False), ("false", False), ("no", False), ("OFF", False)],
+)  # fmt: skip
+def test_boolean_spellings(text, value):
+    assert config.load(None, {"VPSRELAY_LOG__ACCESS_LOG": text}).log.access_log is value
+
+
+def test_flags_override_environment(tmp_path):
+    path = write(tmp_path, '[server]\nlisten = "127.0.0.1:6000"\n')
+    environ = {"VPSRELAY_SERVER__LISTEN": "0.0.0.0:7000", "VPSRELAY_LOG__LEVEL": "error"}
+    overrides = {"server.listen": ["0.0.0.0:8000"], "log.level": "debug"}
+    settings = config.load(path, environ, overrides)
+    assert settings.server.listen == ("0.0.0.0:8000",)
+    assert settings.log.level == "debug"
+
+
+def test_upstreams_from_environment_and_flags(tmp_path):
+    path = write(tmp_path, '[registries."docker.io"]\nurl = "http://from-file.test"\n')
+    env = {config.UPSTREAMS_ENV: "docker.io=http://from-env.test/"}
+    assert config.load(path, {}).registry("docker.io").url == "http://from-file.test"
+    assert config.load(path, env).registry("docker.io").url == "http://from-env.test"
+    flagged = config.load(path, env, upstreams={"docker.io": "https://from-flag.test"})
+    assert flagged.registry("docker.io").url == "https://from-flag.test"
+    assert len(flagged.registries) == 1
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["docker.io=http://a"], {"docker.io": "http://a"}),
+        ([" docker.io = http://a ", "x=y=z"], {"docker.io": "http://a", "x": "y=z"}),
+        ([], {}),
+    ],
+)
+def test_parse_upstreams(items, expected):
+    assert config.parse_upstreams(items, "--upstream") == expected
+
+
+@pytest.mark.parametrize("item", ["docker.io", "=http://a", "docker.io=", ""])
+def test_parse_upstreams_rejects(item):
+    with pytest.raises(ConfigError, match=r"^--upstream: expected REGISTRY=URL"):
+        config.parse_upstreams([item], "--upstream")
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:5000", ("127.0.0.1", 5000)),
+        ("[::]:5000", ("::", 5000)),
+        ("[::1]:0", ("::1", 0)),
+        ("localhost:65535", ("localhost", 65535)),
+    ],
+)
+def test_parse_listen(listen, expected):
+    assert config.parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["5000", ":5000", "host:", "host:65536", "host:-1", "host:http"])
+def test_parse_listen_rejects(listen):
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        config.parse_listen(listen)
+
+
+# --- errors name the source and the dotted key
+
+
+def file_error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, {})
+    message = info.value.message
+    assert message.startswith(f"{path}: ")
+    assert "\n" not in message
+    return message[len(f"{path}: ") :]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server]\nlisen = "0.0.0.0:5000"\n',
+         "server.lisen: unknown key (did you mean 'listen'?)"),
+        ("[upstream]\nmax_redirect = 3\n",
+         "upstream.max_redirect: unknown key (did you mean 'max_redirects'?)"),
+        ("[server]\nzzz = 1\n", "server.zzz: unknown key"),
+        ('data_dri = "x"\n', "data_dri: unknown key (did you mean 'data_dir'?)"),
+        ("[serverr]\nlisten = 1\n", "serverr: unknown key (did you mean 'server'?)"),
+        ("server = 1\n", "server: expected a table"),
+        ("registries = 1\n", "registries: expected a table of registries"),
+        ('[registries]\n"docker.io" = "http://x"\n', "registries.docker.io: expected a table"),
+        ('[registries."docker.io"]\nurll = "http://x"\n',
+         "registries.docker.io.urll: unknown key (did you mean 'url'?)"),
+        ('[registries."quay.io"]\nurl = "https://quay.io"\n',
+         "registries.quay.io: unknown registry (known: docker.io)"),
+        ('[registries."docker.io"]\nurl = "ftp://x"\n',
+         "registries.docker.io.url: expected an absolute http(s) URL, got 'ftp://x'"),
+        ('[registries."docker.io"]\nurl = 5\n',
+         "registries.docker.io.url: expected a string, got 5"),
+        ('[server]\nlisten = "nonsense"\n', "server.listen: expected HOST:PORT, got 'nonsense'"),
+        ("[server]\nlisten = []\n", "server.listen: expected at least one HOST:PORT"),
+        ("[server]\nlisten = [1]\n", "server.listen: expected a list of strings, got [1]"),
+        ('[server]\npublic_url = "relay.example.com"\n',
+         "server.public_url: expected an absolute http(s) URL, got 'relay.example.com'"),
+        ('[server]\npublic_url = "https://"\n',
+         "server.public_url: expected an absolute http(s) URL, got 'https:'"),
+        ('[server]\ntrusted_proxies = ["10.0.0.0/33"]\n',
+         "server.trusted_proxies: expected IP addresses or CIDR networks:"),
+        ("[server]\nkeep_alive_timeout = 0\n",
+         "server.keep_alive_timeout: expected a positive number of seconds, got 0"),
+        ("[server]\nkeep_alive_timeout = true\n",
+         "server.keep_alive_timeout: expected a positive number of seconds, got True"),
+        ('[server]\nread_timeout = "soon"\n',
+         "server.read_timeout: expected a number of seconds, got 'soon'"),
+        ("[upstream]\nmax_connections = 0\n",
+         "upstream.max_connections: expected a positive whole number, got 0"),
+        ("[upstream]\nmax_connections = 1.5\n",
+         "upstream.max_connections: expected a positive whole number, got 1.5"),
+        ('[upstream]\nca_bundle = "/does/not/exist.pem"\n',
+         "upstream.ca_bundle: no such file: '/does/not/exist.pem'"),
+        ('[log]\nlevel = "verbose"\n',
+         "log.level: expected one of debug, info, warning, error, got 'verbose'"),
+        ('[log]\naccess_log = "maybe"\n', "log.access_log: expected true or false, got 'maybe'"),
+        ("data_dir = 3\n", "data_dir: expected a string, got 3"),
+        ('data_dir = ""\n', "data_dir: expected a path, got an empty string"),
+    ],
+)  # fmt: skip
+def test_file_errors_name_file_and_key(tmp_path, text, message):
+    assert file_error(tmp_path, text).startswith(message)
+
+
+def test_bad_toml(tmp_path):
+    assert file_error(tmp_path, "[server\nlisten = 1\n").startswith("not valid TOML: ")
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b'data_dir = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"relay\.toml: not valid TOML"):
+        config.load(path, {})
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot read: No such file"):
+        config.load(path, {})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"VPSRELAY_SERVER__LISTEN": "nope"},
+         "VPSRELAY_SERVER__LISTEN: server.listen: expected HOST:PORT, got 'nope'"),
+        ({"VPSRELAY_SERVER__LISTEN": " , "},
+         "VPSRELAY_SERVER__LISTEN: server.listen: expected at least one HOST:PORT"),
+        ({"VPSRELAY_UPSTREAM__READ_TIMEOUT": "-1"},
+         "VPSRELAY_UPSTREAM__READ_TIMEOUT: upstream.read_timeout: expected a positive number"),
+        ({"VPSRELAY_UPSTREAM__MAX_CONNECTIONS": "many"},
+         "VPSRELAY_UPSTREAM__MAX_CONNECTIONS: upstream.max_connections: expected a positive whole"),
+        ({"VPSRELAY_SERVER__PUBLIC_URL": "ftp://x"},
+         "VPSRELAY_SERVER__PUBLIC_URL: server.public_url: expected an absolute http(s) URL"),
+        ({"VPSRELAY_SERVER__TRUSTED_PROXIES": "10.0.0.1,bogus"},
+         "VPSRELAY_SERVER__TRUSTED_PROXIES: server.trusted_proxies: expected IP addresses"),
+        ({"VPSRELAY_UPSTREAMS": "docker.io"}, "VPSRELAY_UPSTREAMS: expected REGISTRY=URL"),
+        ({"VPSRELAY_UPSTREAMS": "quay.io=https://quay.io"},
+         "VPSRELAY_UPSTREAMS: registries.quay.io: unknown registry (known: docker.io)"),
+        ({"VPSRELAY_UPSTREAMS": "docker.io=hub.test"},
+         "VPSRELAY_UPSTREAMS: registries.docker.io.url: expected an absolute http(s) URL"),
+    ],
+)  # fmt: skip
+def test_environment_errors_name_variable_and_key(environ, message):
+    with pytest.raises(ConfigError) as info:
+        config.load(None, environ)
+    assert info.value.message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "upstreams", "message"),
+    [
+        ({"server.listen": ["bad"]}, None, "--listen: server.listen: expected HOST:PORT"),
+        ({"server.public_url": "x"}, None, "--public-url: server.public_url: expected an absolute"),
+        ({"data_dir": ""}, None, "--data-dir: data_dir: expected a path"),
+        ({}, {"docker.io": "nope"}, "--upstream: registries.docker.io.url: expected an absolute"),
+        ({}, {"ghcr.io": "https://ghcr.io"}, "--upstream: registries.ghcr.io: unknown registry"),
+    ],
+)
+def test_flag_errors_name_flag_and_key(overrides, upstreams, message):
+    with pytest.raises(ConfigError) as info:
+        config.load(None, {}, overrides, upstreams)
+    assert info.value.message.startswith(message)
+
+
+def test_config_error_is_a_relay_error():
+    from vpsrelay.errors import RelayError
+
+    assert issubclass(ConfigError, RelayError)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf"])
+def test_non_finite_seconds_rejected(value):
+    with pytest.raises(ConfigError, match=r"upstream\.read_timeout"):
+        config.load(None, {"VPSRELAY_UPSTREAM__READ_TIMEOUT": value})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_seconds_rejected_from_file(tmp_path, value):
+    path = write(tmp_path, f"[server]\nread_timeout = {value}\n")
+    with pytest.raises(ConfigError, match=r"server\.read_timeout"):
+        config.load(path, {})
+
+
+# --- the CLI
+
+
+def test_cli_config_check_bad_file(tmp_path):
+    path = write(tmp_path, '[server]\nlisen = "0.0.0.0:5000"\n')
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"vpsrelay: config error: {path}: server.lisen: unknown key (did you mean 'listen'?)"
+    ]
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[server]\nlisten = "bad"\n', "server.listen: expected HOST:PORT"),
+        ("[server\n", "not valid TOML"),
+        (
+            '[registries."quay.io"]\nurl = "https://quay.io"\n',
+            "registries.quay.io: unknown registry",
+        ),
+    ],
+)
+def test_cli_config_check_errors_are_one_line(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert str(path) in result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_config_check_good_file(tmp_path):
+    path = write(tmp_path, '[server]\nlisten = "0.0.0.0:5000"\n')
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{path}: ok\n"
+
+
+def test_cli_config_check_reads_environment(tmp_path):
+    path = write(tmp_path, "")
+    result = CliRunner().invoke(
+        main, ["config", "check", str(path)], env={"VPSRELAY_SERVER__LISTEN": "bad"}
+    )
+    assert result.exit_code == 2
+    assert "VPSRELAY_SERVER__LISTEN: server.listen" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--listen", "bad"], "--listen: server.listen"),
+        (["--upstream", "docker.io=nope"], "--upstream: registries.docker.io.url"),
+    ],
+)
+def test_cli_serve_flag_errors_name_the_flag(args, flag):
+    result = CliRunner().invoke(main, ["serve", *args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"vpsrelay: config error: {flag}")
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--upstream-ca", "/does/not/exist.pem"], "--upstream-ca: upstream.ca_bundle"),
+        (["--trusted-proxy", "bogus"], "--trusted-proxy: server.trusted_proxies"),
+    ],
+)
+def test_cli_serve_flag_errors_name_the_real_flag(args, flag):
+    result = CliRunner().invoke(main, ["serve", *args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"vpsrelay: config error: {flag}")
+
+
+def test_cli_config_show(tmp_path):
+    path = write(tmp_path, '[server]\nlisten = "0.0.0.0:5000"\n')
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert '"0.0.0.0:5000"' in result.stdout
+    assert config.DOCKER_HUB_URL in result.stdout
+
+
+def test_environment_is_clean_for_each_test():
+    import os
+
+    leftovers = [
+        name
+        for name in os.environ
+        if (name.startswith("VPSRELAY_") and name != "VPSRELAY_REQUIRE_INTEGRATION")
+        or name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    ]
+    assert leftovers == []

@@ -1,0 +1,361 @@
+"""One typed configuration, from a TOML file, `VPSRELAY_*` variables and flags.
+
+Precedence: flags over the environment over the file over the defaults. Every
+value is validated at start; an unknown or mistyped key, or a bad value, is a
+`ConfigError` whose message names where it came from and the dotted key:
+`relay.toml: server.lisen: unknown key (did you mean 'listen'?)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from vpsrelay.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DEFAULT_DATA_DIR = Path("data")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --- value parsers: each takes the raw value and returns the typed one or raises ValueError
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional_str(value: object) -> str | None:
+    return _str(value) or None
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive whole number, got {value!r}")
+    return value
+
+
+def _list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+def _path(value: object) -> Path:
+    text = _str(value)
+    if not text:
+        raise ValueError("expected a path, got an empty string")
+    return Path(text).expanduser()
+
+
+def _optional_path(value: object) -> Path | None:
+    return _path(value) if value != "" else None
+
+
+def _existing_file(value: object) -> Path | None:
+    path = _optional_path(value)
+    if path is not None and not path.is_file():
+        raise ValueError(f"no such file: {str(path)!r}")
+    return path
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` to (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value: object) -> tuple[str, ...]:
+    addresses = _list(value)
+    if not addresses:
+        raise ValueError("expected at least one HOST:PORT")
+    for address in addresses:
+        parse_listen(address)
+    return addresses
+
+
+def _http_url(value: object) -> str:
+    text = _str(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
+    return text
+
+
+def _optional_url(value: object) -> str | None:
+    return _http_url(value) if value not in ("", None) else None
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in _list(value))
+    except ValueError as exc:
+        raise ValueError(f"expected IP addresses or CIDR networks: {exc}") from None
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _str(value).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _option(default: Any, parse: Callable[[object], Any], help_text: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help_text})
+
+
+# --- the sections
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    listen: tuple[str, ...] = _option(("127.0.0.1:5000",), _listen, "HOST:PORT to serve on")
+    public_url: str | None = _option(None, _optional_url, "base URL clients use (realms)")
+    trusted_proxies: tuple[Network, ...] = _option(
+        (), _networks, "proxies whose X-Forwarded-* count"
+    )
+    keep_alive_timeout: float = _option(75.0, _seconds, "idle keep-alive seconds")
+    read_timeout: float = _option(30.0, _seconds, "seconds to receive a request's headers")
+    graceful_timeout: float = _option(30.0, _seconds, "seconds in-flight requests get at stop")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    connect_timeout: float = _option(10.0, _seconds, "seconds to connect upstream")
+    read_timeout: float = _option(60.0, _seconds, "idle seconds between upstream bytes")
+    pool_timeout: float = _option(10.0, _seconds, "seconds to wait for a pooled connection")
+    max_connections: int = _option(200, _count, "upstream connections per registry")
+    max_redirects: int = _option(5, _count, "redirect hops followed for a blob")
+    ca_bundle: Path | None = _option(None, _existing_file, "CA bundle for upstream TLS")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    level: str = _option("info", _choice("debug", "info", "warning", "error"), "log level")
+    access_log: bool = _option(True, _bool, "one line per request")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistryConfig:
+    name: str
+    url: str
+
+
+DEFAULT_REGISTRIES = (RegistryConfig(name="docker.io", url=DOCKER_HUB_URL),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    data_dir: Path = _option(DEFAULT_DATA_DIR, _path, "where the relay keeps its state")
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    registries: tuple[RegistryConfig, ...] = DEFAULT_REGISTRIES
+
+    def registry(self, name: str) -> RegistryConfig:
+        for registry in self.registries:
+            if registry.name == name:
+                return registry
+        raise KeyError(name)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "log": LogConfig,
+}
+KNOWN_REGISTRIES = ("docker.io",)
+UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
+
+
+def env_name(dotted_key: str) -> str:
+    """`server.listen` -> `VPSRELAY_SERVER__LISTEN`."""
+    return "VPSRELAY_" + dotted_key.upper().replace(".", "__")
+
+
+def option_keys() -> list[str]:
+    """Every scalar dotted key the config knows, for help and env lookup."""
+    keys = [f.name for f in fields(Settings) if "parse" in f.metadata]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def load(
+    path: Path | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, object] | None = None,
+    upstreams: Mapping[str, str] | None = None,
+    flag_names: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings.
+
+    Args:
+        path: a TOML file, or None for defaults.
+        environ: the environment (passed in so tests can give a dict).
+        overrides: dotted keys from command-line flags.
+        upstreams: `registry name -> URL` from `--upstream` flags.
+        flag_names: dotted key -> the flag that set it, for error messages.
+
+    Raises:
+        ConfigError: a message naming the source and dotted key.
+    """
+    raw: dict[str, tuple[object, str]] = {}  # dotted key -> (value, where it came from)
+    registry_urls: dict[str, tuple[object, str]] = {}
+    if path is not None:
+        _read_file(path, raw, registry_urls)
+    for key in option_keys():
+        if (name := env_name(key)) in environ:
+            raw[key] = (environ[name], name)
+    if UPSTREAMS_ENV in environ:
+        for name, url in parse_upstreams(environ[UPSTREAMS_ENV].split(","), UPSTREAMS_ENV).items():
+            registry_urls[name] = (url, UPSTREAMS_ENV)
+    for key, value in (overrides or {}).items():
+        flag = (flag_names or {}).get(key) or f"--{key.rpartition('.')[2].replace('_', '-')}"
+        raw[key] = (value, flag)
+    for name, url in (upstreams or {}).items():
+        registry_urls[name] = (url, "--upstream")
+    return _build(raw, registry_urls)
+
+
+def parse_upstreams(items: list[str], source: str) -> dict[str, str]:
+    """`NAME=URL` items (from flags or the environment) to a mapping.
+
+    Raises:
+        ConfigError: an item without `=`.
+    """
+    result = {}
+    for item in (i.strip() for i in items):
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise ConfigError(f"{source}: expected REGISTRY=URL, got {item!r}")
+        result[name.strip()] = url.strip()
+    return result
+
+
+def _read_file(
+    path: Path, raw: dict[str, tuple[object, str]], registry_urls: dict[str, tuple[object, str]]
+) -> None:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    top_level = [f.name for f in fields(Settings) if "parse" in f.metadata]
+    for key, value in document.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key}: expected a table")
+            known = [f.name for f in fields(SECTIONS[key])]
+            for sub, sub_value in value.items():
+                if sub not in known:
+                    _unknown(f"{path}", f"{key}.{sub}", known, sub)
+                raw[f"{key}.{sub}"] = (sub_value, str(path))
+        elif key == "registries":
+            _read_registries(path, value, registry_urls)
+        elif key in top_level:
+            raw[key] = (value, str(path))
+        else:
+            _unknown(str(path), key, [*top_level, *SECTIONS, "registries"])
+
+
+def _read_registries(
+    path: Path, value: object, registry_urls: dict[str, tuple[object, str]]
+) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: registries: expected a table of registries")
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: registries.{name}: expected a table")
+        for sub in table:
+            if sub != "url":
+                _unknown(str(path), f"registries.{name}.{sub}", ["url"], sub)
+        if "url" in table:
+            registry_urls[name] = (table["url"], str(path))
+
+
+def _unknown(source: str, key: str, known: list[str], leaf: str | None = None) -> None:
+    close = difflib.get_close_matches(leaf or key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{source}: {key}: unknown key{hint}")
+
+
+def _parse(cls: type[Any], prefix: str, raw: dict[str, tuple[object, str]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for spec in fields(cls):
+        key = f"{prefix}{spec.name}"
+        if key not in raw or "parse" not in spec.metadata:
+            continue
+        value, source = raw[key]
+        try:
+            values[spec.name] = spec.metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+    return values
+
+
+def _build(
+    raw: dict[str, tuple[object, str]], registry_urls: dict[str, tuple[object, str]]
+) -> Settings:
+    sections = {name: cls(**_parse(cls, f"{name}.", raw)) for name, cls in SECTIONS.items()}
+    registries = {r.name: r for r in Settings().registries}
+    for name, (url, source) in registry_urls.items():
+        if name not in KNOWN_REGISTRIES:
+            known = ", ".join(KNOWN_REGISTRIES)
+            raise ConfigError(f"{source}: registries.{name}: unknown registry (known: {known})")
+        try:
+            registries[name] = RegistryConfig(name=name, url=_http_url(url))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: registries.{name}.url: {exc}") from None
+    return Settings(**_parse(Settings, "", raw), **sections, registries=tuple(registries.values()))

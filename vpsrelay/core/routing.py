@@ -1,0 +1,136 @@
+"""Request routing: `(method, path)` to what the client asked for, or a refusal.
+
+A mirror is read-only: only GET and HEAD reach the registry API (and POST the
+token endpoint, for the OAuth2 refresh-token flow). Names, tags and digests are
+validated here, so nothing malformed is ever sent upstream. Docker Hub's
+official images live under `library/`: `alpine` is `library/alpine` there.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import typing
+from dataclasses import dataclass
+
+from vpsrelay.core import grammar
+from vpsrelay.core.digest import Digest
+from vpsrelay.errors import NameInvalid, NotFound, TagInvalid, Unsupported
+
+DOCKER_HUB = "docker.io"
+READ_METHODS = frozenset({"GET", "HEAD"})
+TOKEN_METHODS = frozenset({"GET", "POST"})
+
+
+class Kind(enum.StrEnum):
+    BASE = "base"
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    TAGS = "tags"
+    REFERRERS = "referrers"
+    TOKEN = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a request is for. `name` is the client's, `upstream_name` the upstream's."""
+
+    kind: Kind
+    registry: str = DOCKER_HUB
+    name: str = ""
+    upstream_name: str = ""
+    reference: str = ""
+
+    @property
+    def upstream_path(self) -> str:
+        """The registry API path to ask the upstream for."""
+        match self.kind:
+            case Kind.BASE:
+                return "/v2/"
+            case Kind.MANIFEST:
+                return f"/v2/{self.upstream_name}/manifests/{self.reference}"
+            case Kind.BLOB:
+                return f"/v2/{self.upstream_name}/blobs/{self.reference}"
+            case Kind.TAGS:
+                return f"/v2/{self.upstream_name}/tags/list"
+            case Kind.REFERRERS:
+                return f"/v2/{self.upstream_name}/referrers/{self.reference}"
+            case Kind.TOKEN:
+                return ""
+            case _:  # pragma: no cover
+                typing.assert_never(self.kind)
+
+    @property
+    def reference_is_digest(self) -> bool:
+        return ":" in self.reference
+
+
+# The name may hold slashes, so the operation is what follows the *last* marker.
+_OBJECT_PATH = re.compile(r"/v2/(?P<name>.+)/(?P<op>manifests|blobs|referrers)/(?P<ref>[^/]+)")
+# A reference with a slash in it (`sha256:../x`) is malformed, not another endpoint.
+_BAD_OBJECT_PATH = re.compile(r"/v2/(?P<name>.+?)/(?P<op>manifests|blobs|referrers)/(?P<ref>.+)")
+_TAGS_PATH = re.compile(r"/v2/(?P<name>.+)/tags/list")
+_UPLOADS_PATH = re.compile(r"/v2/.+/blobs/uploads(?:/.*)?")
+
+
+def to_upstream_name(registry: str, name: str) -> str:
+    """The upstream's name for `name`: Docker Hub's official images gain `library/`.
+
+    Raises:
+        NameInvalid: `name` is not a valid repository name.
+    """
+    if not grammar.is_valid_name(name):
+        raise NameInvalid(f"invalid repository name: {name!r}")
+    if registry == DOCKER_HUB and "/" not in name:
+        return f"library/{name}"
+    return name
+
+
+def route(method: str, path: str) -> Route:
+    """Decide what a request is for.
+
+    Args:
+        method: the request method, upper case.
+        path: the decoded request path, without the query.
+
+    Returns:
+        The route, with names validated and mapped to the upstream's.
+
+    Raises:
+        Unsupported: a method a read-only mirror refuses (405).
+        NotFound: a path that is no registry API the relay serves (404).
+        NameInvalid, TagInvalid, DigestInvalid: a malformed name or reference (400).
+    """
+    if path == "/token":
+        if method not in TOKEN_METHODS:
+            raise Unsupported(f"{method} is not supported on /token")
+        return Route(Kind.TOKEN)
+    if not (path == "/v2" or path.startswith("/v2/")):
+        raise NotFound(f"no such endpoint: {path!r}")
+    if method not in READ_METHODS:
+        raise Unsupported(f"this registry mirror is read-only: {method} is not supported")
+    if path in ("/v2", "/v2/"):
+        return Route(Kind.BASE)
+    if _UPLOADS_PATH.fullmatch(path):
+        raise Unsupported("this registry mirror is read-only: uploads are not supported")
+    if found := (_OBJECT_PATH.fullmatch(path) or _BAD_OBJECT_PATH.fullmatch(path)):
+        op, reference = found["op"], found["ref"]
+        kind = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}[op]
+        _check_reference(kind, reference)
+        return _named(kind, found["name"], reference)
+    if found := _TAGS_PATH.fullmatch(path):
+        return _named(Kind.TAGS, found["name"], "")
+    raise NotFound(f"no such endpoint: {path!r}")
+
+
+def _named(kind: Kind, name: str, reference: str) -> Route:
+    upstream_name = to_upstream_name(DOCKER_HUB, name)
+    return Route(kind, DOCKER_HUB, name, upstream_name, reference)
+
+
+def _check_reference(kind: Kind, reference: str) -> None:
+    if kind is Kind.MANIFEST and ":" not in reference:
+        if not grammar.is_valid_tag(reference):
+            raise TagInvalid(f"invalid tag: {reference!r}")
+    else:
+        Digest.parse(reference)  # also refuses algorithms the relay cannot verify

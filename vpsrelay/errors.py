@@ -1,0 +1,105 @@
+"""The one error tree of vpsrelay; every error carries its HTTP meaning.
+
+`code` values come from the Distribution/OCI error code set, so a client prints
+them as it would print the registry's own. `app.py` renders a `RelayError` in
+exactly one place; any other exception is a bug (logged, answered 500).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+
+class RelayError(Exception):
+    """Base class: an error with an HTTP status and an OCI error code."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "UNKNOWN"
+
+    def __init__(self, message: str, *, detail: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def to_registry_body(self) -> bytes:
+        """Render the `{"errors": [...]}` body registries answer with."""
+        error: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+class ConfigError(RelayError):
+    """Bad configuration: the message names the file and the dotted key."""
+
+    code = "CONFIG"
+
+
+class ClientError(RelayError):
+    status = 400
+
+
+class NameInvalid(ClientError):
+    code = "NAME_INVALID"
+
+
+class NameUnknown(ClientError):
+    status = 404
+    code = "NAME_UNKNOWN"
+
+
+class DigestInvalid(ClientError):
+    code = "DIGEST_INVALID"
+
+
+class TagInvalid(ClientError):
+    code = "TAG_INVALID"
+
+
+class Unsupported(ClientError):
+    """A method or path a read-only mirror does not offer."""
+
+    status = 405
+    code = "UNSUPPORTED"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "UNSUPPORTED"
+
+
+class RequestTooLarge(ClientError):
+    status = 413
+    code = "SIZE_INVALID"
+
+
+class UpstreamError(RelayError):
+    status = 502
+    code = "UNAVAILABLE"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached (refused, DNS, TLS)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered something a registry should not."""
+
+
+class TooManyRedirects(UpstreamError):
+    pass
+
+
+class RedirectRefused(UpstreamError):
+    """A Location the relay will not follow (bad scheme, no host)."""
+
+
+class DigestMismatch(UpstreamError):
+    """The body did not hash to the digest it was asked for."""
+
+    code = "DIGEST_INVALID"
