@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import trio
 
+from vpsrelay import __version__
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -80,6 +81,7 @@ class RelayApp:
         self.settings = settings
         self.upstream = upstream
         self.hub = settings.registry(routing.DOCKER_HUB)
+        self.started = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -155,6 +157,9 @@ class RelayApp:
         )
 
     async def _dispatch(self, exchange: Exchange) -> None:
+        if exchange.path == "/healthz" and exchange.method in ("GET", "HEAD"):
+            await self._healthz(exchange)
+            return
         route = routing.route(exchange.method, exchange.path)
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange)
@@ -162,6 +167,16 @@ class RelayApp:
             await self._relay(exchange, route, "/v2/")
         else:
             await self._relay(exchange, route, route.upstream_path)
+
+    async def _healthz(self, exchange: Exchange) -> None:
+        """Liveness: the process answers. Cheap, no upstream, for HEALTHCHECK and probes."""
+        status = {
+            "status": "ok",
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+        }
+        body = json.dumps(status).encode()
+        await exchange.respond(200, (("content-type", "application/json"),), body)
 
     def _relay_realm(self, exchange: Exchange) -> str:
         return f"{exchange.view.base_url}/token"

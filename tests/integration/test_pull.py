@@ -391,3 +391,10 @@ def _wait_for(read: Callable[[], str], done: Callable[[str], bool], limit: float
         time.sleep(0.05)
         text = read()
     return text
+
+
+def test_healthz_answers_without_upstream(tmp_path: Path) -> None:
+    with DeadPort() as dead, RelayProcess(tmp_path, "--upstream", f"docker.io={dead.url}") as relay:
+        response = httpx.get(f"{relay.url}/healthz")
+        assert response.status_code == 200
+        assert response.json()["status"] == "ok"
