@@ -202,7 +202,7 @@ async def test_base_200_passes():
         # an open upstream needs no token: /token answers an anonymous one without asking
         token = await r.client.get("/token", params={"scope": "repository:alpine:pull"})
     assert token.status_code == 200
-    assert token.json()["token"] == ""
+    assert token.json()["token"] == "anonymous"
     assert r.seen_paths() == ["GET hub.test/v2/"]
 
 
@@ -833,7 +833,7 @@ async def test_token_with_basic_upstream_is_anonymous():
     async with relay(lambda request: reply(401, {"www-authenticate": 'Basic realm="r"'})) as r:
         response = await r.client.get("/token")
     assert response.status_code == 200
-    assert response.json() == {"token": "", "access_token": "", "expires_in": 3600}
+    assert response.json() == {"token": "anonymous", "access_token": "anonymous"}
     assert r.seen_paths() == ["GET hub.test/v2/"]
 
 
@@ -898,7 +898,7 @@ async def test_client_disconnect_during_token_form_is_not_forwarded():
         )
     assert raised is None
     assert sent[0]["status"] == 502
-    assert r.seen_paths() == ["GET hub.test/v2/"]  # the form never went to the token service
+    assert r.seen_paths() == []  # the form never went anywhere
 
 
 async def test_concurrent_token_requests_discover_once():

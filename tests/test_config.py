@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from vpsrelay import config
 from vpsrelay.cli import main
 from vpsrelay.errors import ConfigError
+from vpsrelay.registry_config import BUILTIN_REGISTRIES
 
 
 def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
@@ -38,15 +39,46 @@ def test_defaults():
     assert settings.upstream.ca_bundle is None
     assert settings.log.level == "info"
     assert settings.log.access_log is True
-    assert settings.registries == (
-        config.RegistryConfig(name="docker.io", url="https://registry-1.docker.io"),
-    )
+    assert settings.registries == BUILTIN_REGISTRIES
+    assert len(settings.registries) == 10
     assert settings.registry("docker.io").url == config.DOCKER_HUB_URL
 
 
 def test_unknown_registry_lookup_is_key_error():
     with pytest.raises(KeyError):
-        config.Settings().registry("quay.io")
+        config.Settings().registry("my.example")
+
+
+def test_builtin_registries_and_operator_additions(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    path = write(
+        tmp_path,
+        '[registries."ghcr.io"]\nusername = "me"\n'
+        f'password_file = "{secret}"\n'
+        '[registries."quay.io"]\nenabled = false\n'
+        '[registries."harbor.example"]\nurl = "https://harbor.example"\n'
+        'aliases = ["harbor"]\nsubdomain = "harbor"\n',
+    )
+    settings = config.load(path, {})
+    names = [r.name for r in settings.registries]
+    assert "quay.io" not in names
+    assert {"docker.io", "ghcr.io", "gcr.io", "registry.k8s.io", "harbor.example"} <= set(names)
+    ghcr = settings.registry("ghcr.io")
+    assert ghcr.username == "me"
+    assert ghcr.password is not None
+    assert ghcr.password.reveal() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert settings.registry("harbor.example").aliases == ("harbor",)
+    assert "k8s.gcr.io" in settings.registry("registry.k8s.io").aliases
+
+
+def test_registry_password_from_environment(tmp_path):
+    path = write(tmp_path, '[registries."ghcr.io"]\nusername = "me"\npassword_env = "GHCR_TOKEN"\n')
+    settings = config.load(path, {"GHCR_TOKEN": "tok"})
+    password = settings.registry("ghcr.io").password
+    assert password is not None
+    assert password.reveal() == "tok"
 
 
 def test_env_name_and_option_keys():
@@ -194,7 +226,7 @@ def test_upstreams_from_environment_and_flags(tmp_path):
     assert config.load(path, env).registry("docker.io").url == "http://from-env.test"
     flagged = config.load(path, env, upstreams={"docker.io": "https://from-flag.test"})
     assert flagged.registry("docker.io").url == "https://from-flag.test"
-    assert len(flagged.registries) == 1
+    assert len(flagged.registries) == len(BUILTIN_REGISTRIES)
 
 
 @pytest.mark.parametrize(
@@ -262,12 +294,22 @@ def file_error(tmp_path: Path, text: str) -> str:
         ('[registries]\n"docker.io" = "http://x"\n', "registries.docker.io: expected a table"),
         ('[registries."docker.io"]\nurll = "http://x"\n',
          "registries.docker.io.urll: unknown key (did you mean 'url'?)"),
-        ('[registries."quay.io"]\nurl = "https://quay.io"\n',
-         "registries.quay.io: unknown registry (known: docker.io)"),
+        ('[registries."my.example"]\naliases = ["mine"]\n',
+         "registries.my.example.url: a new registry needs a url"),
+        ('[registries."ghcr.io"]\nusername = "me"\n',
+         "registries.ghcr.io: username and password go together"),
+        ('[registries."ghcr.io"]\nusername = "me"\npassword = "a"\npassword_env = "B"\n',
+         "registries.ghcr.io: set only one of password, password_env"),
+        ('[registries."ghcr.io"]\nusername = "me"\npassword_env = "NOT_SET_ANYWHERE"\n',
+         "registries.ghcr.io.password_env: environment variable 'NOT_SET_ANYWHERE' is not set"),
+        ('[registries."ghcr.io"]\nsubdomain = "a.b"\n',
+         "registries.ghcr.io.subdomain: expected one DNS label (a-z, 0-9, -), got 'a.b'"),
+        ('[registries."ghcr.io"]\naliases = ["docker"]\n',
+         "registries.ghcr.io: alias 'docker' already names docker.io"),
         ('[registries."docker.io"]\nurl = "ftp://x"\n',
          "registries.docker.io.url: expected an absolute http(s) URL, got 'ftp://x'"),
         ('[registries."docker.io"]\nurl = 5\n',
-         "registries.docker.io.url: expected a string, got 5"),
+         "registries.docker.io.url: expected a non-empty string, got 5"),
         ('[server]\nlisten = "nonsense"\n', "server.listen: expected HOST:PORT, got 'nonsense'"),
         ("[server]\nlisten = []\n", "server.listen: expected at least one HOST:PORT"),
         ("[server]\nlisten = [1]\n", "server.listen: expected a list of strings, got [1]"),
@@ -333,8 +375,8 @@ def test_missing_file(tmp_path):
         ({"VPSRELAY_SERVER__TRUSTED_PROXIES": "10.0.0.1,bogus"},
          "VPSRELAY_SERVER__TRUSTED_PROXIES: server.trusted_proxies: expected IP addresses"),
         ({"VPSRELAY_UPSTREAMS": "docker.io"}, "VPSRELAY_UPSTREAMS: expected REGISTRY=URL"),
-        ({"VPSRELAY_UPSTREAMS": "quay.io=https://quay.io"},
-         "VPSRELAY_UPSTREAMS: registries.quay.io: unknown registry (known: docker.io)"),
+        ({"VPSRELAY_UPSTREAMS": "quay.io=ftp://quay.io"},
+         "VPSRELAY_UPSTREAMS: registries.quay.io.url: expected an absolute http(s) URL"),
         ({"VPSRELAY_UPSTREAMS": "docker.io=hub.test"},
          "VPSRELAY_UPSTREAMS: registries.docker.io.url: expected an absolute http(s) URL"),
     ],
@@ -352,7 +394,7 @@ def test_environment_errors_name_variable_and_key(environ, message):
         ({"server.public_url": "x"}, None, "--public-url: server.public_url: expected an absolute"),
         ({"data_dir": ""}, None, "--data-dir: data_dir: expected a path"),
         ({}, {"docker.io": "nope"}, "--upstream: registries.docker.io.url: expected an absolute"),
-        ({}, {"ghcr.io": "https://ghcr.io"}, "--upstream: registries.ghcr.io: unknown registry"),
+        ({}, {"ghcr.io": "ghcr.io"}, "--upstream: registries.ghcr.io.url: expected an absolute"),
     ],
 )
 def test_flag_errors_name_flag_and_key(overrides, upstreams, message):
@@ -402,8 +444,8 @@ def test_cli_config_check_bad_file(tmp_path):
         ('[server]\nlisten = "bad"\n', "server.listen: expected HOST:PORT"),
         ("[server\n", "not valid TOML"),
         (
-            '[registries."quay.io"]\nurl = "https://quay.io"\n',
-            "registries.quay.io: unknown registry",
+            '[registries."my.example"]\nsubdomain = "mine"\n',
+            "registries.my.example.url: a new registry needs a url",
         ),
     ],
 )

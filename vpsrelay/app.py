@@ -7,13 +7,14 @@ request. Errors are rendered in one place, as OCI JSON bodies.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import trio
 
@@ -21,13 +22,20 @@ from vpsrelay import __version__
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import RelayError, RequestTooLarge, UpstreamProtocolError
+from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
+from vpsrelay.errors import (
+    ClientError,
+    NotFound,
+    RelayError,
+    RequestTooLarge,
+    UpstreamProtocolError,
+)
 from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
 
 if TYPE_CHECKING:
     import httpx
 
-    from vpsrelay.config import Settings
+    from vpsrelay.config import RegistryConfig, Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,7 +88,8 @@ class RelayApp:
     def __init__(self, settings: Settings, upstream: Upstream) -> None:
         self.settings = settings
         self.upstream = upstream
-        self.hub = settings.registry(routing.DOCKER_HUB)
+        self.registries = {registry.name: registry for registry in settings.registries}
+        self.table = registry_table(settings)
         self.started = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,11 +169,12 @@ class RelayApp:
         if exchange.path == "/healthz" and exchange.method in ("GET", "HEAD"):
             await self._healthz(exchange)
             return
-        route = routing.route(exchange.method, exchange.path)
+        ns = next((v for k, v in parse_qsl(exchange.query) if k == "ns"), None)
+        route = routing.route(
+            exchange.method, exchange.path, table=self.table, host=exchange.view.host, ns=ns
+        )
         if route.kind is routing.Kind.TOKEN:
-            await self._token(exchange)
-        elif route.kind is routing.Kind.BASE:
-            await self._relay(exchange, route, "/v2/")
+            await self._token(exchange, route)
         else:
             await self._relay(exchange, route, route.upstream_path)
 
@@ -178,29 +188,53 @@ class RelayApp:
         body = json.dumps(status).encode()
         await exchange.respond(200, (("content-type", "application/json"),), body)
 
-    def _relay_realm(self, exchange: Exchange) -> str:
-        return f"{exchange.view.base_url}/token"
+    def _relay_realm(self, exchange: Exchange, registry: RegistryConfig) -> str:
+        """The relay's token endpoint for `registry` (Docker Hub keeps the plain `/token`)."""
+        if registry.name == DOCKER_HUB:
+            return f"{exchange.view.base_url}/token"
+        return f"{exchange.view.base_url}/token/{registry.name}"
+
+    async def _upstream_headers(
+        self, exchange: Exchange, registry: RegistryConfig
+    ) -> header_policy.Headers:
+        """The client's headers for the registry; its credentials win over the operator's.
+
+        The operator's credentials are sent only to a registry that asks for Basic auth
+        directly; for token registries they are used at `/token` instead.
+        """
+        headers = header_policy.upstream_request_headers(exchange.headers, USER_AGENT)
+        client_auth = header_policy.get(headers, "authorization")
+        if client_auth is None and registry.has_credentials:
+            await self.upstream.challenge(registry)  # learn (or recall) its scheme
+            if self.upstream.known_scheme(registry.name) == "basic":
+                return (*headers, ("authorization", _basic(registry)))
+        elif client_auth is not None and self.upstream.known_scheme(registry.name) == "none":
+            # An anonymous registry got a placeholder token from our /token: drop it.
+            return tuple((k, v) for k, v in headers if k != "authorization")
+        return headers
 
     async def _relay(self, exchange: Exchange, route: routing.Route, path: str) -> None:
+        registry = self.registries[route.registry]
         query = _upstream_query(exchange.query, route)
-        url = f"{self.hub.url}{path}{'?' + query if query else ''}"
+        base = registry.search_url if route.kind is routing.Kind.SEARCH else registry.url
+        if base is None:
+            raise NotFound(f"{registry.name} has no search endpoint configured")
+        url = f"{base}{path}{'?' + query if query else ''}"
         request = UpstreamRequest(
-            exchange.method,
-            url,
-            header_policy.upstream_request_headers(exchange.headers, USER_AGENT),
+            exchange.method, url, await self._upstream_headers(exchange, registry)
         )
         began = time.monotonic()
-        async with self.upstream.open(request, what=self.hub.name) as response:
+        async with self.upstream.open(request, what=registry.name) as response:
             exchange.upstream_seconds = time.monotonic() - began
             headers = list(header_policy.client_response_headers(response.headers.multi_items()))
             for challenge in response.headers.get_list("www-authenticate"):
                 parsed = auth.parse_challenge(challenge)
                 if parsed.is_bearer:
-                    self.upstream.remember_challenge(self.hub.name, parsed)
-                rewritten = auth.rewrite_challenge(parsed, self._relay_realm(exchange))
+                    self.upstream.remember_challenge(registry.name, parsed)
+                rewritten = auth.rewrite_challenge(parsed, self._relay_realm(exchange, registry))
                 headers.append(("www-authenticate", rewritten.format()))
             if route.kind is routing.Kind.BASE and response.status_code == 200:
-                self.upstream.remember_challenge(self.hub.name, None)
+                self.upstream.remember_challenge(registry.name, None)
             headers.extend(
                 ("link", header_policy.rewrite_link(link, route.upstream_name, route.name))
                 for link in response.headers.get_list("link")
@@ -213,7 +247,7 @@ class RelayApp:
                 and response.status_code == 200
             ):
                 verifier = Verifier(Digest.parse(route.reference))
-            await self._stream(exchange, response, tuple(headers), verifier)
+            await self._stream(exchange, response, tuple(headers), verifier, registry.name)
 
     async def _stream(
         self,
@@ -221,6 +255,7 @@ class RelayApp:
         response: httpx.Response,
         headers: header_policy.Headers,
         verifier: Verifier | None,
+        what: str,
     ) -> None:
         await exchange.start(response.status_code, headers)
         if exchange.method == "HEAD":
@@ -230,7 +265,7 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, exchange, nursery.cancel_scope)
             try:
-                await self._pump(exchange, response, verifier)
+                await self._pump(exchange, response, verifier, what)
             except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -238,10 +273,10 @@ class RelayApp:
             raise failure
 
     async def _pump(
-        self, exchange: Exchange, response: httpx.Response, verifier: Verifier | None
+        self, exchange: Exchange, response: httpx.Response, verifier: Verifier | None, what: str
     ) -> None:
         if verifier is None:
-            with map_httpx_errors(self.hub.name):
+            with map_httpx_errors(what):
                 async for chunk in response.aiter_raw():
                     await exchange.body(chunk, more=True)
             await exchange.body(b"", more=False)
@@ -249,7 +284,7 @@ class RelayApp:
         # The last chunk is held back until the digest is checked, so that a body
         # with the wrong bytes ends short instead of completing.
         pending = b""
-        with map_httpx_errors(self.hub.name):
+        with map_httpx_errors(what):
             async for chunk in response.aiter_raw():
                 verifier.update(chunk)
                 if pending:
@@ -258,51 +293,108 @@ class RelayApp:
         verifier.finish()
         await exchange.body(pending, more=False)
 
-    async def _token(self, exchange: Exchange) -> None:
-        challenge = await self.upstream.challenge(self.hub)
+    def _token_registry(self, route: routing.Route, params: list[tuple[str, str]]) -> str:
+        """Which registry a token request is for.
+
+        The route knows when the realm, Host or `ns` named one. Otherwise the scopes do:
+        clients that pinged `/v2/` got Docker Hub's realm, and ask it for
+        `repository:ghcr/owner/app:pull` when they pull through a path prefix.
+
+        Raises:
+            ClientError: scopes for repositories of different registries.
+        """
+        if route.registry:
+            return route.registry
+        chosen: set[str] = set()
+        for value in (v for k, v in params if k == "scope"):
+            for text in value.split(" "):
+                scope = auth.Scope.parse(text)
+                if scope is not None and scope.resource_type.startswith("repository"):
+                    chosen.add(self.table.by_path(scope.name).registry.name)
+        if len(chosen) > 1:
+            raise ClientError("one token request cannot cover repositories of several registries")
+        if chosen:
+            return chosen.pop()
+        if self.table.default is None:
+            raise NotFound("Docker Hub is disabled on this relay")
+        return self.table.default.name
+
+    async def _token(self, exchange: Exchange, route: routing.Route) -> None:
+        if exchange.method == "POST":
+            raw = (await _read_body(exchange)).decode("utf-8", "replace")
+            params = parse_qsl(raw, keep_blank_values=True)
+        else:
+            params = parse_qsl(exchange.query, keep_blank_values=True)
+        params = [(k, v) for k, v in params if k != "ns"]
+        registry = self.registries[self._token_registry(route, params)]
+        challenge = await self.upstream.challenge(registry)
         if challenge is None or not challenge.realm:
-            body = json.dumps({"token": "", "access_token": "", "expires_in": 3600}).encode()
+            # The registry needs no token: answer a placeholder, which _relay drops.
+            body = json.dumps({"token": "anonymous", "access_token": "anonymous"}).encode()
             await exchange.respond(200, (("content-type", "application/json"),), body)
             return
 
         def to_upstream(name: str) -> str:
-            return routing.to_upstream_name(self.hub.name, name)
+            selection = self.table.by_path(name) if not route.registry else None
+            if selection is not None and selection.registry.name == registry.name:
+                name = selection.name  # strip the path prefix the client used
+            return routing.to_upstream_name(registry.name, name)
 
+        params = auth.token_request_params(params, to_upstream, challenge.service)
         forwarded = header_policy.select(exchange.headers, frozenset({"authorization", "accept"}))
+        if header_policy.get(forwarded, "authorization") is None and registry.has_credentials:
+            forwarded += (("authorization", _basic(registry)),)
         agent = ("user-agent", header_policy.get(exchange.headers, "user-agent") or USER_AGENT)
         content = None
         if exchange.method == "POST":
-            form = parse_qsl(
-                (await _read_body(exchange)).decode("utf-8", "replace"), keep_blank_values=True
-            )
-            form = auth.token_request_params(form, to_upstream, challenge.service)
-            content = urlencode(form).encode()
+            content = urlencode(params).encode()
             forwarded += (("content-type", "application/x-www-form-urlencoded"),)
             url = challenge.realm
         else:
-            params = parse_qsl(exchange.query, keep_blank_values=True)
-            params = auth.token_request_params(params, to_upstream, challenge.service)
             separator = "&" if "?" in challenge.realm else "?"
             url = f"{challenge.realm}{separator}{urlencode(params)}" if params else challenge.realm
         request = UpstreamRequest(exchange.method, url, (*forwarded, agent))
         began = time.monotonic()
-        async with self.upstream.open(
-            request, what=f"{self.hub.name} token", content=content
-        ) as response:
+        what = f"{registry.name} token"
+        async with self.upstream.open(request, what=what, content=content) as response:
             exchange.upstream_seconds = time.monotonic() - began
             headers = [
                 (k, v)
                 for k, v in header_policy.client_response_headers(response.headers.multi_items())
                 if k != "www-authenticate"
             ]
-            await self._stream(exchange, response, tuple(headers), None)
+            await self._stream(exchange, response, tuple(headers), None, what)
+
+
+# The query parameters each kind passes upstream (`ns` and anything else stay here).
+_PASSED_QUERY = {
+    routing.Kind.TAGS: {"n", "last"},
+    routing.Kind.REFERRERS: {"artifactType"},
+    routing.Kind.SEARCH: {"q", "n", "page"},
+}
+
+
+def registry_table(settings: Settings) -> RegistryTable:
+    """The router's view of the configured registries."""
+    base_domains = list(settings.server.base_domains)
+    if settings.server.public_url:
+        base_domains.append(urlsplit(settings.server.public_url).hostname or "")
+    registries = (Registry(r.name, r.url, r.aliases, r.subdomain) for r in settings.registries)
+    return RegistryTable(registries, [d for d in base_domains if d])
+
+
+def _basic(registry: RegistryConfig) -> str:
+    assert registry.username is not None
+    assert registry.password is not None
+    pair = f"{registry.username}:{registry.password.reveal()}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _upstream_query(query: str, route: routing.Route) -> str:
-    """The query passed upstream: pagination and referrer filters only."""
-    if route.kind not in (routing.Kind.TAGS, routing.Kind.REFERRERS):
+    """The query passed upstream: pagination, referrer filters and search terms only."""
+    allowed = _PASSED_QUERY.get(route.kind)
+    if not allowed:
         return ""
-    allowed = {"n", "last", "artifactType"}
     return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowed])
 
 

@@ -18,11 +18,21 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from vpsrelay.errors import ConfigError
+from vpsrelay.registry_config import (
+    BUILTIN_REGISTRIES,
+    DOCKER_HUB_URL,
+    REGISTRY_KEYS,
+    RegistryConfig,
+    RegistryInputs,
+    Secret,
+    build_registries,
+)
+
+__all__ = ["DOCKER_HUB_URL", "RegistryConfig", "Secret", "Settings", "load"]
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-DOCKER_HUB_URL = "https://registry-1.docker.io"
 DEFAULT_DATA_DIR = Path("data")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -161,6 +171,7 @@ def _option(default: Any, parse: Callable[[object], Any], help_text: str) -> Any
 class ServerConfig:
     listen: tuple[str, ...] = _option(("127.0.0.1:5000",), _listen, "HOST:PORT to serve on")
     public_url: str | None = _option(None, _optional_url, "base URL clients use (realms)")
+    base_domains: tuple[str, ...] = _option((), _list, "domains whose subdomains name registries")
     trusted_proxies: tuple[Network, ...] = _option(
         (), _networks, "proxies whose X-Forwarded-* count"
     )
@@ -185,13 +196,7 @@ class LogConfig:
     access_log: bool = _option(True, _bool, "one line per request")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RegistryConfig:
-    name: str
-    url: str
-
-
-DEFAULT_REGISTRIES = (RegistryConfig(name="docker.io", url=DOCKER_HUB_URL),)
+DEFAULT_REGISTRIES = BUILTIN_REGISTRIES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,7 +219,6 @@ SECTIONS: dict[str, type[Any]] = {
     "upstream": UpstreamConfig,
     "log": LogConfig,
 }
-KNOWN_REGISTRIES = ("docker.io",)
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
 
 
@@ -251,21 +255,21 @@ def load(
         ConfigError: a message naming the source and dotted key.
     """
     raw: dict[str, tuple[object, str]] = {}  # dotted key -> (value, where it came from)
-    registry_urls: dict[str, tuple[object, str]] = {}
+    registry_inputs: RegistryInputs = {}
     if path is not None:
-        _read_file(path, raw, registry_urls)
+        _read_file(path, raw, registry_inputs)
     for key in option_keys():
         if (name := env_name(key)) in environ:
             raw[key] = (environ[name], name)
     if UPSTREAMS_ENV in environ:
         for name, url in parse_upstreams(environ[UPSTREAMS_ENV].split(","), UPSTREAMS_ENV).items():
-            registry_urls[name] = (url, UPSTREAMS_ENV)
+            registry_inputs.setdefault(name, {})["url"] = (url, UPSTREAMS_ENV)
     for key, value in (overrides or {}).items():
         flag = (flag_names or {}).get(key) or f"--{key.rpartition('.')[2].replace('_', '-')}"
         raw[key] = (value, flag)
     for name, url in (upstreams or {}).items():
-        registry_urls[name] = (url, "--upstream")
-    return _build(raw, registry_urls)
+        registry_inputs.setdefault(name, {})["url"] = (url, "--upstream")
+    return _build(raw, registry_inputs, environ)
 
 
 def parse_upstreams(items: list[str], source: str) -> dict[str, str]:
@@ -283,9 +287,7 @@ def parse_upstreams(items: list[str], source: str) -> dict[str, str]:
     return result
 
 
-def _read_file(
-    path: Path, raw: dict[str, tuple[object, str]], registry_urls: dict[str, tuple[object, str]]
-) -> None:
+def _read_file(path: Path, raw: dict[str, tuple[object, str]], registries: RegistryInputs) -> None:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -303,26 +305,23 @@ def _read_file(
                     _unknown(f"{path}", f"{key}.{sub}", known, sub)
                 raw[f"{key}.{sub}"] = (sub_value, str(path))
         elif key == "registries":
-            _read_registries(path, value, registry_urls)
+            _read_registries(path, value, registries)
         elif key in top_level:
             raw[key] = (value, str(path))
         else:
             _unknown(str(path), key, [*top_level, *SECTIONS, "registries"])
 
 
-def _read_registries(
-    path: Path, value: object, registry_urls: dict[str, tuple[object, str]]
-) -> None:
+def _read_registries(path: Path, value: object, registries: RegistryInputs) -> None:
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: registries: expected a table of registries")
     for name, table in value.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: registries.{name}: expected a table")
-        for sub in table:
-            if sub != "url":
-                _unknown(str(path), f"registries.{name}.{sub}", ["url"], sub)
-        if "url" in table:
-            registry_urls[name] = (table["url"], str(path))
+        for sub, sub_value in table.items():
+            if sub not in REGISTRY_KEYS:
+                _unknown(str(path), f"registries.{name}.{sub}", list(REGISTRY_KEYS), sub)
+            registries.setdefault(name, {})[sub] = (sub_value, str(path))
 
 
 def _unknown(source: str, key: str, known: list[str], leaf: str | None = None) -> None:
@@ -346,16 +345,9 @@ def _parse(cls: type[Any], prefix: str, raw: dict[str, tuple[object, str]]) -> d
 
 
 def _build(
-    raw: dict[str, tuple[object, str]], registry_urls: dict[str, tuple[object, str]]
+    raw: dict[str, tuple[object, str]], registries: RegistryInputs, environ: Mapping[str, str]
 ) -> Settings:
     sections = {name: cls(**_parse(cls, f"{name}.", raw)) for name, cls in SECTIONS.items()}
-    registries = {r.name: r for r in Settings().registries}
-    for name, (url, source) in registry_urls.items():
-        if name not in KNOWN_REGISTRIES:
-            known = ", ".join(KNOWN_REGISTRIES)
-            raise ConfigError(f"{source}: registries.{name}: unknown registry (known: {known})")
-        try:
-            registries[name] = RegistryConfig(name=name, url=_http_url(url))
-        except ValueError as exc:
-            raise ConfigError(f"{source}: registries.{name}.url: {exc}") from None
-    return Settings(**_parse(Settings, "", raw), **sections, registries=tuple(registries.values()))
+    return Settings(
+        **_parse(Settings, "", raw), **sections, registries=build_registries(registries, environ)
+    )

@@ -61,8 +61,13 @@ def map_httpx_errors(what: str) -> Iterator[None]:
 class Discovered:
     """What an upstream's `/v2/` said about authentication."""
 
-    challenge: auth.Challenge | None  # None: the upstream needs no token
+    challenge: auth.Challenge | None  # None: the upstream asks for no credentials
     at: float
+
+    @property
+    def scheme(self) -> str:
+        """`bearer`, `basic` (or another scheme, lower case), or `none`."""
+        return self.challenge.scheme.lower() if self.challenge is not None else "none"
 
 
 class Upstream:
@@ -100,20 +105,29 @@ class Upstream:
     def remember_challenge(self, registry: str, challenge: auth.Challenge | None) -> None:
         self._discovered[registry] = Discovered(challenge, trio.current_time())
 
+    def known_scheme(self, registry: str) -> str | None:
+        """The auth scheme last seen for `registry` (`bearer`, `basic`, `none`), if any."""
+        known = self._discovered.get(registry)
+        return known.scheme if known is not None else None
+
     async def challenge(self, registry: RegistryConfig) -> auth.Challenge | None:
         """The upstream's Bearer challenge, discovered from its `/v2/` and cached.
+
+        Returns:
+            The Bearer challenge, or None when the upstream wants no token (it answers
+            anonymously, or asks for Basic credentials directly: see `known_scheme`).
 
         Raises:
             UpstreamError: the upstream could not be asked or answered nonsense.
         """
         known = self._discovered.get(registry.name)
         if known is not None and trio.current_time() - known.at < CHALLENGE_TTL:
-            return known.challenge
+            return known.challenge if known.scheme == "bearer" else None
         lock = self._discovery_locks.setdefault(registry.name, trio.Lock())
         async with lock:  # one discovery at a time per registry
             known = self._discovered.get(registry.name)
             if known is not None and trio.current_time() - known.at < CHALLENGE_TTL:
-                return known.challenge
+                return known.challenge if known.scheme == "bearer" else None
             with map_httpx_errors(registry.name):
                 response = await self.client.get(
                     f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
@@ -124,11 +138,11 @@ class Upstream:
                 if not headers:
                     raise UpstreamProtocolError(f"{registry.name}: 401 without a challenge")
                 parsed = [auth.parse_challenge(header) for header in headers]
-                challenge = next((c for c in parsed if c.is_bearer), None)
+                challenge = next((c for c in parsed if c.is_bearer), parsed[0])
             elif response.status_code >= 400:
                 raise UpstreamError(f"{registry.name}: /v2/ answered {response.status_code}")
             self.remember_challenge(registry.name, challenge)
-            return challenge
+            return challenge if challenge is not None and challenge.is_bearer else None
 
     @contextlib.asynccontextmanager
     async def open(

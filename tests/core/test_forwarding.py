@@ -31,20 +31,24 @@ def view(peer: str, headers=FORWARDED, *, public_url: str | None = None, scheme:
 
 @pytest.mark.parametrize("peer", ["198.51.100.9", "2001:db8::1", "", "not-an-ip", "unix:/sock"])
 def test_untrusted_peer_forwarded_headers_ignored(peer):
-    assert view(peer) == ClientView(peer, "http://relay.internal:5000")
+    assert view(peer) == ClientView(peer, "http://relay.internal:5000", "relay.internal:5000")
 
 
 def test_no_trusted_proxies_configured():
-    assert view("10.0.0.1", trusted=()) == ClientView("10.0.0.1", "http://relay.internal:5000")
+    assert view("10.0.0.1", trusted=()) == ClientView(
+        "10.0.0.1", "http://relay.internal:5000", "relay.internal:5000"
+    )
 
 
 @pytest.mark.parametrize("peer", ["10.0.0.1", "fd00::2"])
 def test_trusted_peer_forwarded_headers_honoured(peer):
-    assert view(peer) == ClientView("203.0.113.7", "https://relay.example.com")
+    assert view(peer) == ClientView("203.0.113.7", "https://relay.example.com", "relay.example.com")
 
 
 def test_no_host_header_uses_server_host():
-    assert view("198.51.100.9", headers=()) == ClientView("198.51.100.9", "http://0.0.0.0:5000")
+    assert view("198.51.100.9", headers=()) == ClientView(
+        "198.51.100.9", "http://0.0.0.0:5000", "0.0.0.0:5000"
+    )
 
 
 def test_connection_scheme_is_used():
@@ -52,7 +56,9 @@ def test_connection_scheme_is_used():
 
 
 def test_trusted_peer_without_forwarded_headers():
-    assert view("10.0.0.1", headers=(("host", "h:1"),)) == ClientView("10.0.0.1", "http://h:1")
+    assert view("10.0.0.1", headers=(("host", "h:1"),)) == ClientView(
+        "10.0.0.1", "http://h:1", "h:1"
+    )
 
 
 @pytest.mark.parametrize(

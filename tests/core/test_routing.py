@@ -19,8 +19,9 @@ OTHER_DIGEST = "sha512:" + "f" * 128
         ("GET", "/v2/", Route(Kind.BASE)),
         ("GET", "/v2", Route(Kind.BASE)),
         ("HEAD", "/v2/", Route(Kind.BASE)),
-        ("GET", "/token", Route(Kind.TOKEN)),
-        ("POST", "/token", Route(Kind.TOKEN)),
+        ("GET", "/token", Route(Kind.TOKEN, "")),  # the app picks the registry from scopes
+        ("GET", "/token/docker.io", Route(Kind.TOKEN)),
+        ("POST", "/token", Route(Kind.TOKEN, "")),
         (
             "GET",
             "/v2/alpine/manifests/latest",

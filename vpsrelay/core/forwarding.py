@@ -21,10 +21,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class ClientView:
-    """The client's real address and the base URL it reached the relay at."""
+    """The client's real address, the Host it asked for, and the relay's base URL for it."""
 
     client_ip: str
     base_url: str
+    host: str = ""
 
 
 def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
@@ -71,4 +72,4 @@ def client_view(
         scheme = (header_policy.get(headers, "x-forwarded-proto") or scheme).split(",")[0].strip()
         host = (header_policy.get(headers, "x-forwarded-host") or host).split(",")[0].strip()
     base = public_url.rstrip("/") if public_url else f"{scheme}://{host}"
-    return ClientView(client_ip, base)
+    return ClientView(client_ip, base, host)

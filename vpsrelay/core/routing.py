@@ -1,9 +1,10 @@
-"""Request routing: `(method, path)` to what the client asked for, or a refusal.
+"""Request routing: `(method, path, host, ns)` to what the client asked for, or a refusal.
 
 A mirror is read-only: only GET and HEAD reach the registry API (and POST the
 token endpoint, for the OAuth2 refresh-token flow). Names, tags and digests are
-validated here, so nothing malformed is ever sent upstream. Docker Hub's
-official images live under `library/`: `alpine` is `library/alpine` there.
+validated here, so nothing malformed is ever sent upstream. Which registry a
+request is for is `core.registries`' decision. Docker Hub's official images live
+under `library/`: `alpine` is `library/alpine` there.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 from vpsrelay.core import grammar
 from vpsrelay.core.digest import Digest
+from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
 from vpsrelay.errors import NameInvalid, NotFound, TagInvalid, Unsupported
 
-DOCKER_HUB = "docker.io"
 READ_METHODS = frozenset({"GET", "HEAD"})
 TOKEN_METHODS = frozenset({"GET", "POST"})
 
@@ -29,6 +30,7 @@ class Kind(enum.StrEnum):
     TAGS = "tags"
     REFERRERS = "referrers"
     TOKEN = "token"
+    SEARCH = "search"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +38,7 @@ class Route:
     """What a request is for. `name` is the client's, `upstream_name` the upstream's."""
 
     kind: Kind
-    registry: str = DOCKER_HUB
+    registry: str = DOCKER_HUB  # "" on a token route: the app decides from the scopes
     name: str = ""
     upstream_name: str = ""
     reference: str = ""
@@ -57,6 +59,8 @@ class Route:
                 return f"/v2/{self.upstream_name}/referrers/{self.reference}"
             case Kind.TOKEN:
                 return ""
+            case Kind.SEARCH:
+                return "/v1/search"
             case _:  # pragma: no cover
                 typing.assert_never(self.kind)
 
@@ -71,6 +75,7 @@ _OBJECT_PATH = re.compile(r"/v2/(?P<name>.+)/(?P<op>manifests|blobs|referrers)/(
 _BAD_OBJECT_PATH = re.compile(r"/v2/(?P<name>.+?)/(?P<op>manifests|blobs|referrers)/(?P<ref>.+)")
 _TAGS_PATH = re.compile(r"/v2/(?P<name>.+)/tags/list")
 _UPLOADS_PATH = re.compile(r"/v2/.+/blobs/uploads(?:/.*)?")
+_TOKEN_PATH = re.compile(r"/token(?:/(?P<registry>[^/]+))?")
 
 
 def to_upstream_name(registry: str, name: str) -> str:
@@ -86,46 +91,91 @@ def to_upstream_name(registry: str, name: str) -> str:
     return name
 
 
-def route(method: str, path: str) -> Route:
+# Docker Hub alone: the table when none is given (and what the core's unit tests use).
+HUB_ONLY = RegistryTable([Registry(DOCKER_HUB, "https://registry-1.docker.io")])
+
+
+def route(
+    method: str,
+    path: str,
+    *,
+    table: RegistryTable = HUB_ONLY,
+    host: str = "",
+    ns: str | None = None,
+) -> Route:
     """Decide what a request is for.
 
     Args:
         method: the request method, upper case.
         path: the decoded request path, without the query.
+        table: the configured registries.
+        host: the Host the client used (subdomain routing).
+        ns: containerd's `ns` query parameter, if any.
 
     Returns:
-        The route, with names validated and mapped to the upstream's.
+        The route, with the registry chosen and names validated and mapped to the upstream's.
 
     Raises:
         Unsupported: a method a read-only mirror refuses (405).
         NotFound: a path that is no registry API the relay serves (404).
+        NameUnknown: a registry the relay does not serve (404).
         NameInvalid, TagInvalid, DigestInvalid: a malformed name or reference (400).
     """
-    if path == "/token":
+    if token := _TOKEN_PATH.fullmatch(path):
         if method not in TOKEN_METHODS:
             raise Unsupported(f"{method} is not supported on /token")
-        return Route(Kind.TOKEN)
+        explicit = token["registry"]
+        registry = _chosen(table, host, ns) if explicit is None else table.by_ns(explicit).name
+        return Route(Kind.TOKEN, registry or "")
+    if path == "/v1/search":  # Docker Hub's search, which NAS registry UIs use
+        if method not in READ_METHODS:
+            raise Unsupported(f"{method} is not supported on /v1/search")
+        if table.default is None:
+            raise NotFound("Docker Hub is disabled on this relay")
+        return Route(Kind.SEARCH, table.default.name)
     if not (path == "/v2" or path.startswith("/v2/")):
         raise NotFound(f"no such endpoint: {path!r}")
     if method not in READ_METHODS:
         raise Unsupported(f"this registry mirror is read-only: {method} is not supported")
     if path in ("/v2", "/v2/"):
-        return Route(Kind.BASE)
+        chosen = _chosen(table, host, ns)
+        if chosen is None:
+            if table.default is None:
+                raise NotFound("Docker Hub is disabled on this relay")
+            chosen = table.default.name
+        return Route(Kind.BASE, chosen)
     if _UPLOADS_PATH.fullmatch(path):
         raise Unsupported("this registry mirror is read-only: uploads are not supported")
     if found := (_OBJECT_PATH.fullmatch(path) or _BAD_OBJECT_PATH.fullmatch(path)):
         op, reference = found["op"], found["ref"]
         kind = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}[op]
         _check_reference(kind, reference)
-        return _named(kind, found["name"], reference)
+        return _named(table, host, ns, kind, found["name"], reference)
     if found := _TAGS_PATH.fullmatch(path):
-        return _named(Kind.TAGS, found["name"], "")
+        return _named(table, host, ns, Kind.TAGS, found["name"], "")
     raise NotFound(f"no such endpoint: {path!r}")
 
 
-def _named(kind: Kind, name: str, reference: str) -> Route:
-    upstream_name = to_upstream_name(DOCKER_HUB, name)
-    return Route(kind, DOCKER_HUB, name, upstream_name, reference)
+def _chosen(table: RegistryTable, host: str, ns: str | None) -> str | None:
+    """The registry named by `ns` or by the Host, if either names one."""
+    if ns:
+        return table.by_ns(ns).name
+    registry = table.by_host(host) if host else None
+    return registry.name if registry is not None else None
+
+
+def _named(
+    table: RegistryTable, host: str, ns: str | None, kind: Kind, name: str, reference: str
+) -> Route:
+    if not grammar.is_valid_name(name):
+        raise NameInvalid(f"invalid repository name: {name!r}")
+    chosen = _chosen(table, host, ns)
+    if chosen is not None:
+        registry, within = chosen, name
+    else:
+        selection = table.by_path(name)
+        registry, within = selection.registry.name, selection.name
+    return Route(kind, registry, name, to_upstream_name(registry, within), reference)
 
 
 def _check_reference(kind: Kind, reference: str) -> None:

@@ -1,0 +1,219 @@
+"""The registry table of the configuration: built-in registries and the operator's.
+
+`[registries."<name>"]` tables in the TOML file change a built-in registry or add one;
+`--upstream NAME=URL` and `VPSRELAY_UPSTREAMS` change only URLs. Credentials may come
+from the file itself, a file (`password_file`) or a variable (`password_env`); they are
+held in `Secret`, which never prints its value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from vpsrelay.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DOCKER_HUB_SEARCH_URL = "https://index.docker.io"
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+REGISTRY_KEYS = (
+    "url", "aliases", "subdomain", "enabled", "username", "password", "password_file",
+    "password_env", "search_url",
+)  # fmt: skip
+
+
+class Secret:
+    """A credential: compares and hashes by value, prints as `***`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistryConfig:
+    name: str
+    url: str
+    aliases: tuple[str, ...] = ()
+    subdomain: str | None = None
+    enabled: bool = True
+    username: str | None = None
+    password: Secret | None = None
+    search_url: str | None = None
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None and self.password is not None
+
+
+def _builtin(name: str, url: str, subdomain: str, *aliases: str) -> RegistryConfig:
+    return RegistryConfig(name=name, url=url, subdomain=subdomain, aliases=aliases)
+
+
+BUILTIN_REGISTRIES = (
+    replace(
+        _builtin("docker.io", DOCKER_HUB_URL, "docker", "docker", "registry-1.docker.io",
+                 "index.docker.io"),
+        search_url=DOCKER_HUB_SEARCH_URL,
+    ),
+    _builtin("ghcr.io", "https://ghcr.io", "ghcr", "ghcr"),
+    _builtin("quay.io", "https://quay.io", "quay", "quay"),
+    _builtin("gcr.io", "https://gcr.io", "gcr", "gcr"),
+    _builtin("registry.k8s.io", "https://registry.k8s.io", "k8s", "k8s", "k8s.gcr.io"),
+    _builtin("mcr.microsoft.com", "https://mcr.microsoft.com", "mcr", "mcr"),
+    _builtin("nvcr.io", "https://nvcr.io", "nvcr", "nvcr"),
+    _builtin("public.ecr.aws", "https://public.ecr.aws", "ecr", "ecr"),
+    _builtin("docker.elastic.co", "https://docker.elastic.co", "elastic", "elastic"),
+    _builtin("registry.gitlab.com", "https://registry.gitlab.com", "gitlab", "gitlab"),
+)  # fmt: skip
+
+# name -> key -> (value, where it came from)
+RegistryInputs = dict[str, dict[str, tuple[object, str]]]
+
+
+def build_registries(
+    inputs: RegistryInputs, environ: Mapping[str, str]
+) -> tuple[RegistryConfig, ...]:
+    """The enabled registries: built-ins changed by `inputs`, then the operator's own.
+
+    Raises:
+        ConfigError: naming the source and `registries.<name>.<key>`.
+    """
+    registries = {r.name: r for r in BUILTIN_REGISTRIES}
+    for name, keys in inputs.items():
+        base = registries.get(name)
+        if base is None:
+            if "url" not in keys:
+                source = next(iter(keys.values()))[1] if keys else "config"
+                raise ConfigError(f"{source}: registries.{name}.url: a new registry needs a url")
+            base = RegistryConfig(name=name, url="https://invalid")
+        registries[name] = _apply(base, name, keys, environ)
+    enabled = tuple(r for r in registries.values() if r.enabled)
+    _check_unique(enabled, inputs)
+    return enabled
+
+
+def _apply(
+    base: RegistryConfig, name: str, keys: dict[str, tuple[object, str]], environ: Mapping[str, str]
+) -> RegistryConfig:
+    changes: dict[str, object] = {}
+    secrets = [k for k in ("password", "password_file", "password_env") if k in keys]
+    if len(secrets) > 1:
+        source = keys[secrets[1]][1]
+        raise ConfigError(f"{source}: registries.{name}: set only one of {', '.join(secrets)}")
+    for key, (value, source) in keys.items():
+        where = f"{source}: registries.{name}.{key}"
+        try:
+            if key == "url":
+                changes["url"] = _url(value)
+            elif key == "search_url":
+                changes["search_url"] = _url(value)
+            elif key == "aliases":
+                changes["aliases"] = _aliases(value)
+            elif key == "subdomain":
+                changes["subdomain"] = _subdomain(value)
+            elif key == "enabled":
+                if not isinstance(value, bool):
+                    raise ValueError(f"expected true or false, got {value!r}")
+                changes["enabled"] = value
+            elif key == "username":
+                changes["username"] = _text(value)
+            elif key == "password":
+                changes["password"] = Secret(_text(value))
+            elif key == "password_file":
+                changes["password"] = Secret(_read_secret_file(_text(value)))
+            elif key == "password_env":
+                variable = _text(value)
+                if variable not in environ:
+                    raise ValueError(f"environment variable {variable!r} is not set")
+                changes["password"] = Secret(environ[variable])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    result = replace(base, **changes)  # type: ignore[arg-type]
+    if (result.username is None) != (result.password is None):
+        source = next(iter(keys.values()))[1]
+        raise ConfigError(f"{source}: registries.{name}: username and password go together")
+    return result
+
+
+def _check_unique(registries: tuple[RegistryConfig, ...], inputs: RegistryInputs) -> None:
+    """Names, aliases and subdomains must each select one registry."""
+
+    def source(name: str) -> str:
+        keys = inputs.get(name) or {}
+        return next(iter(keys.values()))[1] if keys else "built-in registries"
+
+    seen: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    # The operator's registries come last, so a clash is reported against their entry.
+    for registry in registries:
+        for key in (registry.name, *registry.aliases):
+            other = seen.setdefault(key.lower(), registry.name)
+            if other != registry.name:
+                where = f"{source(registry.name)}: registries.{registry.name}"
+                raise ConfigError(f"{where}: alias {key!r} already names {other}")
+        if registry.subdomain:
+            other = labels.setdefault(registry.subdomain, registry.name)
+            if other != registry.name:
+                where = f"{source(registry.name)}: registries.{registry.name}.subdomain"
+                raise ConfigError(f"{where}: {registry.subdomain!r} already names {other}")
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _url(value: object) -> str:
+    text = _text(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
+    return text
+
+
+def _aliases(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    if any("/" in v for v in value):
+        raise ValueError("an alias is one path segment, without '/'")
+    return tuple(value)
+
+
+def _subdomain(value: object) -> str | None:
+    text = value if isinstance(value, str) else None
+    if text == "":
+        return None
+    if text is None or _LABEL.fullmatch(text) is None:
+        raise ValueError(f"expected one DNS label (a-z, 0-9, -), got {value!r}")
+    return text
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
