@@ -28,6 +28,7 @@ _HOP = {
     "content-length",
 }
 _CHUNK = 64 * 1024
+RELATIVE_PREFIX = "/_cdn"
 
 
 def paginate_tags(
@@ -54,9 +55,14 @@ def paginate_tags(
 class HubFront:
     """Threaded forwarder on 127.0.0.1:<ephemeral> -> ``127.0.0.1:backend_port``."""
 
-    def __init__(self, backend_port: int, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, backend_port: int, *, timeout: float = 60.0, cdn_url: str | None = None
+    ) -> None:
         self.backend_port = backend_port
         self.timeout = timeout
+        # With a CDN URL, redirects to it become relative (`/_cdn/...`) and the front
+        # fetches those paths from the CDN itself, as GCR/Artifact Registry do.
+        self.cdn_url = cdn_url
         owner = self
 
         class Handler(BaseHandler):
@@ -75,16 +81,24 @@ class HubFront:
         stop_server(self._server, self._thread)
 
     def _forward(self, h: BaseHandler) -> None:
+        if self.cdn_url is not None and h.path.startswith(RELATIVE_PREFIX + "/"):
+            cdn = urllib.parse.urlsplit(self.cdn_url)
+            port = cdn.port or 80
+            self._forward_to(h, port, h.path[len(RELATIVE_PREFIX) :], drop={"authorization"})
+            return
+        self._forward_to(h, self.backend_port, h.path, drop=set())
+
+    def _forward_to(self, h: BaseHandler, port: int, path: str, *, drop: set[str]) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length > 0 else None
         # A list, not a dict: clients (skopeo, containerd) send several Accept lines.
-        headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP]
+        headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP | drop]
         if body is not None:
             headers.append(("Content-Length", str(len(body))))
-        conn = http.client.HTTPConnection("127.0.0.1", self.backend_port, timeout=self.timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.timeout)
         try:
             try:
-                conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+                conn.putrequest(h.command, path, skip_host=True, skip_accept_encoding=True)
                 for k, v in headers:
                     conn.putheader(k, v)
                 conn.endheaders(body)
@@ -120,6 +134,8 @@ class HubFront:
             h.send_response_only(resp.status, resp.reason)
             clen = resp.getheader("Content-Length")
             for k, v in resp.getheaders():
+                if k.lower() == "location" and self.cdn_url and v.startswith(self.cdn_url):
+                    v = RELATIVE_PREFIX + v[len(self.cdn_url) :]
                 if k.lower() not in _HOP:
                     h.send_header(k, v)
             if h.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:

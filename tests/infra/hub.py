@@ -52,7 +52,7 @@ from tests.infra.oci import (
 from tests.infra.tokenserver import ALICE, ISSUER, SERVICE, TokenServer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
 BIG_LAYER_BYTES = 300 * 1024 * 1024
 START_TIMEOUT = 20.0
@@ -383,6 +383,13 @@ class Hub:
                 self.images.update(result)
         self._verify_seeded()
 
+    def _seed_only(self, images: Sequence[tuple[str, dict[str, bytes]]]) -> None:
+        for ref, files in images:
+            repo, tag = ref.rsplit(":", 1)
+            img = build_image(self.oci_dir / repo.replace("/", "_"), tag, files=files)
+            self.push_image(img, ref)
+            self.images[ref] = img
+
     def _as_pushed(self, img: BuiltImage, repo: str, tag: str) -> BuiltImage:
         """Describe what the registry actually stores for ``repo:tag`` (e.g. after v2s2)."""
         ctype, body = _get_manifest(self.push_url, repo, tag, _MANIFEST_ACCEPT)
@@ -421,8 +428,16 @@ def start_hub(
     *,
     registry_binary: str = "docker-registry",
     seed: bool = True,
+    service: str = SERVICE,
+    images: Sequence[tuple[str, dict[str, bytes]]] | None = None,
+    relative_redirects: bool = False,
 ) -> Hub:
     """Start token server, CDN and both registries under ``workdir``; seed the images.
+
+    ``service`` is the token service name (another registry than Docker Hub has its own);
+    ``images`` replaces the default image set with ``(ref, files)`` pairs; with
+    ``relative_redirects`` blob redirects carry a relative Location to the front itself, as
+    Google's registries send, and the front fetches from the CDN.
 
     Raises ``HubStartError`` (with the registry logs) if anything fails; everything that was
     started is stopped again first."""
@@ -450,7 +465,7 @@ def start_hub(
                 auth={
                     "token": {
                         "realm": hub.tokens.realm,
-                        "service": SERVICE,
+                        "service": service,
                         "issuer": hub.tokens.issuer,
                         "rootcertbundle": str(hub.tokens.cert_path),
                     }
@@ -461,8 +476,13 @@ def start_hub(
             ),
         )
         hub._registries.append(hub.hub_registry)
-        hub.front = HubFront(hub.hub_registry.port)
-        if seed:
+        hub.service = service
+        hub.front = HubFront(
+            hub.hub_registry.port, cdn_url=hub.cdn.url if relative_redirects else None
+        )
+        if seed and images is not None:
+            hub._seed_only(images)
+        elif seed:
             hub._seed()
         hub.clear()
     except BaseException:

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import IO
+
+from vpsrelay.registry_config import BUILTIN_REGISTRIES
 
 _LISTENING = re.compile(r"listening on (https?://\S+)")
 # The checkout under test, so the subprocess runs this tree's code whatever is installed.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _dead_upstreams(args: tuple[str, ...]) -> list[str]:
+    """`--upstream NAME=<dead loopback>` for every built-in registry the test did not point
+    somewhere itself, so a relay under test can never resolve or reach a public registry."""
+    named: set[str] = set()
+    for flag, value in itertools.pairwise(args):
+        if flag == "--upstream":
+            named.add(value.partition("=")[0])
+        elif flag == "--config":
+            document = tomllib.loads(Path(value).read_text())
+            named |= {n for n, t in document.get("registries", {}).items() if "url" in t}
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens on loopback
+    extra: list[str] = []
+    for registry in BUILTIN_REGISTRIES:
+        if registry.name not in named:
+            extra += ["--upstream", f"{registry.name}={dead}"]
+    return extra
 
 
 class RelayProcess:
@@ -30,7 +52,7 @@ class RelayProcess:
         self.workdir = workdir
         self.log_path = workdir / "relay.log"
         self._log: IO[bytes] = self.log_path.open("ab")
-        command = [sys.executable, "-m", "vpsrelay", "serve", *args]
+        command = [sys.executable, "-m", "vpsrelay", "serve", *args, *_dead_upstreams(args)]
         if not any(a.startswith("--listen") for a in args):
             command += ["--listen", "127.0.0.1:0"]
         if not any(a.startswith("--data-dir") for a in args):
