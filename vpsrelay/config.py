@@ -15,7 +15,6 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from vpsrelay.errors import ConfigError
 from vpsrelay.registry_config import (
@@ -26,6 +25,7 @@ from vpsrelay.registry_config import (
     RegistryInputs,
     Secret,
     build_registries,
+    parse_http_url,
 )
 
 __all__ = ["DOCKER_HUB_URL", "RegistryConfig", "Secret", "Settings", "load"]
@@ -131,12 +131,7 @@ def _listen(value: object) -> tuple[str, ...]:
     return addresses
 
 
-def _http_url(value: object) -> str:
-    text = _str(value).rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
-    return text
+_http_url = parse_http_url
 
 
 def _optional_url(value: object) -> str | None:

@@ -127,9 +127,9 @@ def _apply(
         where = f"{source}: registries.{name}.{key}"
         try:
             if key == "url":
-                changes["url"] = _url(value)
+                changes["url"] = parse_http_url(value)
             elif key == "search_url":
-                changes["search_url"] = _url(value)
+                changes["search_url"] = parse_http_url(value)
             elif key == "aliases":
                 changes["aliases"] = _aliases(value)
             elif key == "subdomain":
@@ -187,7 +187,8 @@ def _text(value: object) -> str:
     return value
 
 
-def _url(value: object) -> str:
+def parse_http_url(value: object) -> str:
+    """An absolute http(s) URL without a trailing slash, or ValueError."""
     text = _text(value).rstrip("/")
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
