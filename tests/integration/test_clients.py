@@ -104,3 +104,36 @@ def test_podman_pulls_through_the_relay(
         assert digest == image.manifest_digest
         lines = _access_lines(relay, mark)
         assert any("/v2/library/alpine/manifests/latest" in line for line in lines), lines
+
+
+def test_docker_login_then_pull_private_through_the_relay(
+    relay: RelayProcess, clean_hub: Hub, tmp_path: Path
+) -> None:
+    """`docker login relay` stores an identity (refresh) token from the upstream's token
+    service, and the pull of a private repository uses it (POST /token, refresh grant)."""
+    image = clean_hub.images["private/secret:1.0"]
+    assert isinstance(image, BuiltImage)
+    address = relay.url.removeprefix("http://")
+    user, password = clean_hub.creds
+    with DockerDaemon(tmp_path / "dockerd", forward_ports=[relay.port]) as dockerd:
+        denied = dockerd.docker("pull", f"{address}/private/secret:1.0", check=False)
+        assert denied.returncode != 0
+        login = dockerd.docker("login", address, "-u", user, "-p", password)
+        assert "Login Succeeded" in login.stdout
+        dockerd.docker("pull", f"{address}/private/secret:1.0")
+        image_id = dockerd.docker(
+            "image", "inspect", "--format", "{{.Id}}", f"{address}/private/secret:1.0"
+        ).stdout.strip()
+        assert image_id == image.config.digest
+    token_requests = clean_hub.tokens.requests()
+    # login asked for an offline token with Basic credentials ...
+    assert any(
+        r.method == "GET" and "offline_token=true" in r.path and r.header("authorization")
+        for r in token_requests
+    )
+    # ... and the pull used the refresh token in a POST form, scoped to the upstream name.
+    posts = [r for r in token_requests if r.method == "POST"]
+    assert posts
+    assert any(b"grant_type=refresh_token" in r.body for r in posts)
+    assert any(b"private%2Fsecret" in r.body for r in posts)
+    assert password not in relay.log_text()
