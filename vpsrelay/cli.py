@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -45,14 +44,10 @@ def _load(
         sys.exit(2)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # httpx logs every request at INFO; the access log already has them.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(level: str, style: str = "logfmt") -> None:
+    from vpsrelay import logs
+
+    logs.setup(level, style)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,7 +123,7 @@ def serve(
     if log_level is not None:
         overrides["log.level"] = log_level
     settings = _load(config_path, overrides, upstreams)
-    _setup_logging(settings.log.level)
+    _setup_logging(settings.log.level, settings.log.format)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
