@@ -17,6 +17,13 @@ from typing import Any
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
 
 _TAGS_RE = re.compile(r"^/v2/(.+)/tags/list$")
+_MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
+# What Docker Hub sends on manifest answers to an anonymous client (see `HubFront.ratelimit`).
+DOCKER_HUB_RATELIMIT = (
+    ("ratelimit-limit", "100;w=21600"),
+    ("ratelimit-remaining", "76;w=21600"),
+    ("docker-ratelimit-source", "203.0.113.7"),
+)
 _HOP = {
     "connection",
     "keep-alive",
@@ -57,6 +64,9 @@ class HubFront:
     def __init__(self, backend_port: int, *, timeout: float = 60.0) -> None:
         self.backend_port = backend_port
         self.timeout = timeout
+        # Headers added to every manifest answer, as Docker Hub adds its ratelimit-*;
+        # None (the default) adds nothing. `Hub.clear()` resets it.
+        self.ratelimit: tuple[tuple[str, str], ...] | None = None
         owner = self
 
         class Handler(BaseHandler):
@@ -121,6 +131,9 @@ class HubFront:
             clen = resp.getheader("Content-Length")
             for k, v in resp.getheaders():
                 if k.lower() not in _HOP:
+                    h.send_header(k, v)
+            if self.ratelimit is not None and _MANIFEST_RE.match(split.path):
+                for k, v in self.ratelimit:
                     h.send_header(k, v)
             if h.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
                 if clen is not None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-_LISTENING = re.compile(r"listening on (https?://[^\s"]+)")
+_LISTENING = re.compile(r'listening on (https?://[^\s"]+)')
 # The checkout under test, so the subprocess runs this tree's code whatever is installed.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
