@@ -42,7 +42,7 @@ async def serve_tls(tmp_path, nursery, *, hostname: str = "localhost"):
     hypercorn_patches.apply()
     stop = trio.Event()
     binds = await nursery.start(
-        functools.partial(hypercorn.trio.serve, app, hc, shutdown_trigger=stop.wait)
+        functools.partial(hypercorn.trio.serve, app, hc, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     )
     port = int(binds[0].rsplit(":", 1)[1])
     return port, str(ca_file), stop, up
@@ -108,7 +108,7 @@ def test_dns_failure_stops_and_has_a_fix(monkeypatch):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     # No resolver is asked: getaddrinfo is replaced, and nothing runs after a failed row.
-    monkeypatch.setattr(check.socket, "getaddrinfo", no_such_name)
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
     report = check.Checker("https://relay.example.test", {}).run()
     assert [row.check for row in report.rows] == ["dns"]
     assert not report.ok

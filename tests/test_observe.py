@@ -39,7 +39,7 @@ async def test_metrics_from_loopback_count_requests_and_refusals():
 
 
 async def test_metrics_need_an_allowed_address_or_the_token():
-    overrides = {"metrics.allow": "10.0.0.0/8", "metrics.token": "s3cret"}
+    overrides: dict[str, object] = {"metrics.allow": "10.0.0.0/8", "metrics.token": "s3cret"}
     async with relay(never, overrides) as r:
         assert (await r.client.get("/metrics")).status_code == 403
         wrong = await r.client.get("/metrics", headers={"authorization": "Bearer nope"})
@@ -217,7 +217,7 @@ async def test_access_log_fields(caplog):
     async with relay(manifest_handler) as r:
         await r.client.get("/v2/alpine/manifests/latest", headers={"authorization": "Bearer zzz"})
     (record,) = [rec for rec in caplog.records if rec.name == "vpsrelay.access"]
-    fields = dict(record.fields)  # type: ignore[attr-defined]
+    fields = dict(record.fields)
     assert fields["registry"] == "docker.io"
     assert fields["repository"] == "library/alpine"
     assert fields["kind"] == "manifest"

@@ -78,3 +78,9 @@ def test_as_text_has_headings():
 def test_unknown_format():
     with pytest.raises(KeyError):
         snippets.snippets(HTTPS, ("helm",))
+
+
+def test_k3s_login_over_https_has_no_tls_block():
+    text = by_key(Target("https://relay.example.com", login_required=True))["k3s-registries"].text
+    assert "username:" in text
+    assert "tls:" not in text
