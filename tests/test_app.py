@@ -614,7 +614,7 @@ async def test_unverifiable_blob_digest_is_400():
         ("POST", "/v2/alpine/blobs/uploads/", 405, "UNSUPPORTED"),
         ("GET", "/v2/alpine/blobs/uploads/uuid", 405, "UNSUPPORTED"),
         ("PUT", "/token", 405, "UNSUPPORTED"),
-        ("GET", "/", 404, "UNSUPPORTED"),
+        ("GET", "/index.php", 404, "UNSUPPORTED"),  # "/" is the landing page
         ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
         ("GET", "/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
         ("GET", "/v2/alpine/manifests/.bad", 400, "TAG_INVALID"),
@@ -687,7 +687,12 @@ async def test_upstream_429_passes_with_retry_after():
     assert response.status_code == 429
     assert response.headers["retry-after"] == "60"
     assert response.headers["ratelimit-remaining"] == "0;w=21600"
-    assert response.content == body
+    # Reworded so the user learns whose limit it is (the relay's, at docker.io).
+    error = registry_json(response)["errors"][0]
+    assert error["code"] == "TOOMANYREQUESTS"
+    assert "docker.io" in error["message"]
+    assert "retry in 60 s" in error["message"]
+    assert body != response.content
 
 
 async def test_relay_bug_is_500_json():

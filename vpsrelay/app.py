@@ -8,6 +8,7 @@ request. Errors are rendered in one place, as OCI JSON bodies.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import trio
 
-from vpsrelay import __version__
+from vpsrelay import __version__, observe
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -30,6 +31,8 @@ from vpsrelay.errors import (
     RequestTooLarge,
     UpstreamProtocolError,
 )
+from vpsrelay.health import Health
+from vpsrelay.metrics import Metrics
 from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
 
 if TYPE_CHECKING:
@@ -60,16 +63,24 @@ class Exchange:
     view: forwarding.ClientView
     receive: Receive
     send: Send
+    peer: str = ""
     started: float = field(default_factory=time.monotonic)
     status: int = 0
     bytes_sent: int = 0
     upstream_seconds: float | None = None
     disconnected: bool = False
     aborted: bool = False
+    route: routing.Route | None = None
+    user: str | None = None  # set by access control when the client authenticated
+    cache: str | None = None  # "hit" / "miss", set by the blob cache
+    upstream_status: int | None = None
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
         self.status = status
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        raw = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in (*headers, *self.extra_headers)
+        ]
         await self.send({"type": "http.response.start", "status": status, "headers": raw})
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
@@ -91,6 +102,8 @@ class RelayApp:
         self.registries = {registry.name: registry for registry in settings.registries}
         self.table = registry_table(settings)
         self.started = time.monotonic()
+        self.health = Health(settings.data_dir)
+        self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -120,10 +133,12 @@ class RelayApp:
             view=view,
             receive=receive,
             send=send,
+            peer=(scope.get("client") or ("", 0))[0],
         )
         try:
             await self._dispatch(exchange)
         except RelayError as exc:
+            observe.failed(self, exchange, exc)
             if exchange.status:
                 # Headers are out: returning without finishing the body makes the server
                 # break the connection, so the client sees a short read, not a clean end.
@@ -142,37 +157,24 @@ class RelayApp:
                 500, (("content-type", "application/json"),), error.to_registry_body()
             )
         finally:
+            observe.finished(self, exchange)
             self._log(exchange)
 
     def _log(self, exchange: Exchange) -> None:
-        if not self.settings.log.access_log:
-            return
-        upstream_ms = (
-            f"{exchange.upstream_seconds * 1000:.1f}"
-            if exchange.upstream_seconds is not None
-            else "-"
-        )
-        access_log.info(
-            "client=%s method=%s path=%s status=%d bytes=%d upstream_ms=%s duration_ms=%.1f%s",
-            exchange.view.client_ip,
-            exchange.method,
-            json.dumps(exchange.path + (f"?{exchange.query}" if exchange.query else "")),
-            exchange.status,
-            exchange.bytes_sent,
-            upstream_ms,
-            (time.monotonic() - exchange.started) * 1000,
-            (" disconnected=true" if exchange.disconnected else "")
-            + (" aborted=true" if exchange.aborted else ""),
-        )
+        if self.settings.log.access_log:
+            observe.access_log(exchange)
 
     async def _dispatch(self, exchange: Exchange) -> None:
         if exchange.path == "/healthz" and exchange.method in ("GET", "HEAD"):
             await self._healthz(exchange)
             return
+        if await observe.serve_operator_path(self, exchange):
+            return  # /, /metrics, /readyz
         ns = next((v for k, v in parse_qsl(exchange.query) if k == "ns"), None)
         route = routing.route(
             exchange.method, exchange.path, table=self.table, host=exchange.view.host, ns=ns
         )
+        exchange.route = route
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange, route)
         else:
@@ -226,6 +228,10 @@ class RelayApp:
         began = time.monotonic()
         async with self.upstream.open(request, what=registry.name) as response:
             exchange.upstream_seconds = time.monotonic() - began
+            observe.upstream_answered(self, exchange, response)
+            if response.status_code == 429:
+                await observe.too_many_requests(self, exchange, response)
+                return
             headers = list(header_policy.client_response_headers(response.headers.multi_items()))
             for challenge in response.headers.get_list("www-authenticate"):
                 parsed = auth.parse_challenge(challenge)
@@ -262,10 +268,12 @@ class RelayApp:
             await exchange.body(b"", more=False)
             return
         failure: RelayError | None = None
+        streams = self.metrics.active_streams
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, exchange, nursery.cancel_scope)
             try:
-                await self._pump(exchange, response, verifier, what)
+                with streams.track_inprogress():
+                    await self._pump(exchange, response, verifier, what)
             except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -278,6 +286,7 @@ class RelayApp:
         if verifier is None:
             with map_httpx_errors(what):
                 async for chunk in response.aiter_raw():
+                    observe.upstream_read(self, exchange, chunk)
                     await exchange.body(chunk, more=True)
             await exchange.body(b"", more=False)
             return
@@ -286,6 +295,7 @@ class RelayApp:
         pending = b""
         with map_httpx_errors(what):
             async for chunk in response.aiter_raw():
+                observe.upstream_read(self, exchange, chunk)
                 verifier.update(chunk)
                 if pending:
                     await exchange.body(pending, more=True)
@@ -327,6 +337,7 @@ class RelayApp:
             params = parse_qsl(exchange.query, keep_blank_values=True)
         params = [(k, v) for k, v in params if k != "ns"]
         registry = self.registries[self._token_registry(route, params)]
+        exchange.route = dataclasses.replace(route, registry=registry.name)  # for the log
         challenge = await self.upstream.challenge(registry)
         if challenge is None or not challenge.realm:
             # The registry needs no token: answer a placeholder, which _relay drops.
@@ -358,6 +369,7 @@ class RelayApp:
         what = f"{registry.name} token"
         async with self.upstream.open(request, what=what, content=content) as response:
             exchange.upstream_seconds = time.monotonic() - began
+            observe.upstream_answered(self, exchange, response)
             headers = [
                 (k, v)
                 for k, v in header_policy.client_response_headers(response.headers.multi_items())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -45,14 +44,10 @@ def _load(
         sys.exit(2)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # httpx logs every request at INFO; the access log already has them.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(level: str, style: str = "logfmt") -> None:
+    from vpsrelay import logs
+
+    logs.setup(level, style)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +60,8 @@ def main() -> None:
       vpsrelay serve --listen 0.0.0.0:5000
       vpsrelay serve --config /etc/vpsrelay/config.toml
       vpsrelay config check /etc/vpsrelay/config.toml
+      vpsrelay snippets --format containerd
+      vpsrelay check --url https://relay.example.com
     """
 
 
@@ -128,7 +125,7 @@ def serve(
     if log_level is not None:
         overrides["log.level"] = log_level
     settings = _load(config_path, overrides, upstreams)
-    _setup_logging(settings.log.level)
+    _setup_logging(settings.log.level, settings.log.format)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -155,7 +152,12 @@ def config_group() -> None:
 @config_group.command("check")
 @click.argument("path", type=click.Path(path_type=Path))
 def config_check(path: Path) -> None:
-    """Validate a configuration file; exit 2 with one line naming the key if it is wrong."""
+    """Validate a configuration file; exit 2 with one line naming the key if it is wrong.
+
+    \b
+    Examples:
+      vpsrelay config check /etc/vpsrelay/config.toml
+    """
     _load(path, {}, ())
     click.echo(f"{path}: ok")
 
@@ -169,10 +171,133 @@ def config_check(path: Path) -> None:
     help=CONFIG_HELP,
 )
 def config_show(config_path: Path | None) -> None:
-    """Print the effective configuration (file, environment and defaults) as JSON."""
+    """Print the effective configuration (file, environment and defaults) as JSON.
+
+    Secrets (tokens, passwords) are shown as "***".
+
+    \b
+    Examples:
+      vpsrelay config show --config /etc/vpsrelay/config.toml
+      VPSRELAY_METRICS__TOKEN=s3cret vpsrelay config show
+    """
     settings = _load(config_path, {}, ())
-    click.echo(json.dumps(dataclasses.asdict(settings), default=_jsonable, indent=2))
+    shown = json.loads(json.dumps(dataclasses.asdict(settings), default=_jsonable))
+    click.echo(json.dumps(_redacted(shown), indent=2))
 
 
 def _jsonable(value: Any) -> str:
     return str(value)
+
+
+SECRET_KEYS = ("token", "password", "secret", "private_key")
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """The configuration with every secret-looking value replaced by `"***"`."""
+    if isinstance(value, dict):
+        return {k: _redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, key) for v in value]
+    if value not in (None, "") and any(word in key.lower() for word in SECRET_KEYS):
+        return "***"
+    return value
+
+
+def _relay_url(settings: config.Settings) -> str:
+    """The URL clients use: `server.public_url`, else the first listen address."""
+    if settings.server.public_url:
+        return settings.server.public_url
+    host, port = config.parse_listen(settings.server.listen[0])
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["docker", "containerd", "k3s", "podman", "nas"]),
+    help="Only this client's configuration; repeatable (default: all).",
+)
+@click.option("--url", help="The relay's public URL (default: server.public_url).")
+def snippets(config_path: Path | None, formats: tuple[str, ...], url: str | None) -> None:
+    """Print client configuration for this relay (the landing page's, on the terminal).
+
+    \b
+    Examples:
+      vpsrelay snippets --format docker > /etc/docker/daemon.json.new
+      vpsrelay snippets --format containerd --url https://relay.example.com
+      vpsrelay snippets                      # docker, containerd, k3s, podman, NAS
+    """
+    from vpsrelay import landing
+    from vpsrelay.core import snippets as snippet_core
+
+    settings = _load(config_path, {}, ())
+    target = landing.target(settings, (url or _relay_url(settings)).rstrip("/"))
+    if url:
+        target = dataclasses.replace(target, url=url.rstrip("/"))
+    chosen = snippet_core.snippets(target, formats or snippet_core.FORMATS)
+    if formats == ("docker",):
+        # Just daemon.json, so it can be redirected into the file.
+        click.echo(chosen[0].text, nl=False)
+        return
+    click.echo(snippet_core.as_text(chosen), nl=False)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
+@click.option("--url", help="The relay to check (default: server.public_url, else listen).")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="REGISTRY=REPO:TAG",
+    help="Image to fetch a manifest of, per registry (docker.io=library/hello-world:latest).",
+)
+@click.option("--ca", "ca_file", type=click.Path(exists=True), help="CA to trust for TLS.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def check(
+    config_path: Path | None,
+    url: str | None,
+    images: tuple[str, ...],
+    ca_file: str | None,
+    as_json: bool,
+) -> None:
+    """Diagnose a relay: DNS, TLS, HTTP/2, /v2/, a token, manifests, limits, clocks.
+
+    Run it on the VPS or from a client machine. Each failing row says how to fix
+    it; the exit status is 1 if any row failed.
+
+    \b
+    Examples:
+      vpsrelay check                                   # the relay in the config
+      vpsrelay check --url https://relay.example.com
+      vpsrelay check --url https://relay.example.com --image docker.io=library/alpine:3
+    """
+    from vpsrelay import check as diagnosis
+
+    settings = _load(config_path, {}, ())
+    try:
+        chosen = diagnosis.parse_images(images, tuple(r.name for r in settings.registries))
+    except ValueError as exc:
+        click.echo(f"vpsrelay: {exc}", err=True)
+        sys.exit(2)
+    report = diagnosis.Checker(url or _relay_url(settings), chosen, ca_file=ca_file).run()
+    click.echo(report.as_json() if as_json else report.table())
+    sys.exit(0 if report.ok else 1)

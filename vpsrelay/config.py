@@ -183,12 +183,42 @@ class UpstreamConfig:
     max_connections: int = _option(200, _count, "upstream connections per registry")
     max_redirects: int = _option(5, _count, "redirect hops followed for a blob")
     ca_bundle: Path | None = _option(None, _existing_file, "CA bundle for upstream TLS")
+    # Docker Hub counts anonymous pulls per IPv4 address but per IPv6 /64, which VPS
+    # neighbours often share: IPv4 keeps the relay's budget its own.
+    prefer_ipv4: bool = _option(False, _bool, "connect to upstreams over IPv4 only")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     level: str = _option("info", _choice("debug", "info", "warning", "error"), "log level")
     access_log: bool = _option(True, _bool, "one line per request")
+    format: str = _option("logfmt", _choice("logfmt", "json", "text"), "log line format")
+
+
+def _optional_listen(value: object) -> str | None:
+    text = _str(value)
+    if not text:
+        return None
+    parse_listen(text)
+    return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = _option(True, _bool, "serve /metrics")
+    # On the main listener /metrics answers these addresses, or a Bearer token.
+    allow: tuple[Network, ...] = _option(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        _networks,
+        "client addresses that may read /metrics",
+    )
+    token: str | None = _option(None, _optional_str, "Bearer token that may read /metrics")
+    listen: str | None = _option(None, _optional_listen, "separate HOST:PORT for /metrics")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UiConfig:
+    landing_page: bool = _option(True, _bool, "serve the landing page at / (else 404)")
 
 
 DEFAULT_REGISTRIES = BUILTIN_REGISTRIES
@@ -200,6 +230,8 @@ class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     registries: tuple[RegistryConfig, ...] = DEFAULT_REGISTRIES
 
     def registry(self, name: str) -> RegistryConfig:
@@ -213,6 +245,8 @@ SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "upstream": UpstreamConfig,
     "log": LogConfig,
+    "metrics": MetricsConfig,
+    "ui": UiConfig,
 }
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
 

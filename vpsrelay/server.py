@@ -48,6 +48,26 @@ async def _stop_on_signal(stop: trio.Event) -> None:
             return
 
 
+async def _serve_operator(
+    nursery: trio.Nursery, settings: Settings, app: RelayApp, stop: trio.Event
+) -> None:
+    """`/metrics` (and /readyz, /healthz) on their own address: `metrics.listen`."""
+    from vpsrelay.observe import OperatorApp
+
+    assert settings.metrics.listen is not None
+    config = hypercorn_config(settings)
+    config.bind = [_bind(settings.metrics.listen)]
+    serve = partial(
+        hypercorn.trio.serve,
+        OperatorApp(app),  # type: ignore[arg-type]
+        config,
+        shutdown_trigger=stop.wait,
+    )
+    binds: list[str] = await nursery.start(serve)
+    for bind in binds:
+        log.info("metrics served at %s/metrics", bind)
+
+
 async def run(
     settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -69,6 +89,8 @@ async def run(
             binds: list[str] = await nursery.start(serve)
             for bind in binds:
                 log.info("vpsrelay %s listening on %s", __version__, bind)
+            if settings.metrics.enabled and settings.metrics.listen is not None:
+                await _serve_operator(nursery, settings, app, stop)
             sys.stderr.flush()
             task_status.started(binds)
             await stop.wait()

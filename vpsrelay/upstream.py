@@ -82,6 +82,12 @@ class Upstream:
             verify = ssl.create_default_context(cafile=str(cfg.ca_bundle))
         self.settings = settings
         self.policy = RedirectPolicy(max_hops=cfg.max_redirects)
+        limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32)
+        if transport is None and cfg.prefer_ipv4:
+            # Binding the local side to 0.0.0.0 makes every upstream connection IPv4.
+            transport = httpx.AsyncHTTPTransport(
+                verify=verify, limits=limits, local_address="0.0.0.0", trust_env=False
+            )
         self.client = httpx.AsyncClient(
             # No total deadline: a 10 GiB layer on a slow link must finish; `read` is idle time.
             timeout=httpx.Timeout(
@@ -90,7 +96,7 @@ class Upstream:
                 write=cfg.read_timeout,
                 pool=cfg.pool_timeout,
             ),
-            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32),
+            limits=limits,
             follow_redirects=False,
             verify=verify,
             trust_env=False,

@@ -17,6 +17,13 @@ from typing import Any
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
 
 _TAGS_RE = re.compile(r"^/v2/(.+)/tags/list$")
+_MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
+# What Docker Hub sends on manifest answers to an anonymous client (see `HubFront.ratelimit`).
+DOCKER_HUB_RATELIMIT = (
+    ("ratelimit-limit", "100;w=21600"),
+    ("ratelimit-remaining", "76;w=21600"),
+    ("docker-ratelimit-source", "203.0.113.7"),
+)
 _HOP = {
     "connection",
     "keep-alive",
@@ -63,6 +70,9 @@ class HubFront:
         # With a CDN URL, redirects to it become relative (`/_cdn/...`) and the front
         # fetches those paths from the CDN itself, as GCR/Artifact Registry do.
         self.cdn_url = cdn_url
+        # Headers added to every manifest answer, as Docker Hub adds its ratelimit-*;
+        # None (the default) adds nothing. `Hub.clear()` resets it.
+        self.ratelimit: tuple[tuple[str, str], ...] | None = None
         owner = self
 
         class Handler(BaseHandler):
@@ -137,6 +147,9 @@ class HubFront:
                 if k.lower() == "location" and self.cdn_url and v.startswith(self.cdn_url):
                     v = RELATIVE_PREFIX + v[len(self.cdn_url) :]
                 if k.lower() not in _HOP:
+                    h.send_header(k, v)
+            if self.ratelimit is not None and _MANIFEST_RE.match(split.path):
+                for k, v in self.ratelimit:
                     h.send_header(k, v)
             if h.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
                 if clen is not None:

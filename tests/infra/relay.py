@@ -15,7 +15,7 @@ from typing import IO
 
 from vpsrelay.registry_config import BUILTIN_REGISTRIES
 
-_LISTENING = re.compile(r"listening on (https?://\S+)")
+_LISTENING = re.compile(r'listening on (https?://[^\s"]+)')
 # The checkout under test, so the subprocess runs this tree's code whatever is installed.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,172 @@
+"""Liveness and readiness, and what the relay last heard from each upstream.
+
+`/healthz` says the process answers. `/readyz` says it can serve: a certificate
+is loaded when TLS is on, the data directory takes a write, and an upstream
+answered recently (if none did, each is asked for `/v2/` now, with a short
+timeout; a recorded failure since the last answer forces that probe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from vpsrelay.upstream import USER_AGENT
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vpsrelay.config import RegistryConfig
+    from vpsrelay.core.ratelimit import RateLimit
+    from vpsrelay.upstream import Upstream
+
+# An upstream answer this recent (and no failure after it) makes the relay ready.
+RECENT_SECONDS = 30.0
+PROBE_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class TlsStatus:
+    """What TLS serves. `enabled` False: plain HTTP (behind a TLS proxy, or for tests).
+
+    The TLS layer (certificate loading and renewal) calls `loaded(not_after)` each time
+    it puts a certificate in service; until then a TLS relay is not ready.
+    """
+
+    enabled: bool = False
+    not_after: float | None = None  # Unix time
+
+    def loaded(self, not_after: float) -> None:
+        self.not_after = not_after
+
+    def expiry(self) -> float | None:
+        return self.not_after if self.enabled else None
+
+
+@dataclass(slots=True)
+class UpstreamState:
+    """What one upstream last said."""
+
+    answered_at: float | None = None  # monotonic
+    failed_at: float | None = None  # monotonic
+    clock_skew: float | None = None  # upstream Date minus our clock, seconds
+    ratelimit: RateLimit | None = None
+
+
+@dataclass(slots=True)
+class Health:
+    """Readiness state shared by the app and `/readyz`."""
+
+    data_dir: Path
+    tls: TlsStatus = field(default_factory=TlsStatus)
+    upstreams: dict[str, UpstreamState] = field(default_factory=dict)
+
+    def state(self, registry: str) -> UpstreamState:
+        return self.upstreams.setdefault(registry, UpstreamState())
+
+    def answered(self, registry: str, date_header: str | None) -> float | None:
+        """Record an upstream answer; returns the clock skew if a Date came with it."""
+        state = self.state(registry)
+        state.answered_at = time.monotonic()
+        if date_header:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                upstream_time = email.utils.parsedate_to_datetime(date_header).timestamp()
+                state.clock_skew = round(upstream_time - time.time(), 1)
+        return state.clock_skew
+
+    def failed(self, registry: str) -> None:
+        self.state(registry).failed_at = time.monotonic()
+
+    def recently_answered(self, registry: str) -> bool:
+        state = self.upstreams.get(registry)
+        if state is None or state.answered_at is None:
+            return False
+        if state.failed_at is not None and state.failed_at >= state.answered_at:
+            return False
+        return time.monotonic() - state.answered_at < RECENT_SECONDS
+
+    async def readiness(
+        self, registries: tuple[RegistryConfig, ...], upstream: Upstream
+    ) -> tuple[bool, dict[str, object]]:
+        """(ready, a small JSON-able report)."""
+        checks: dict[str, str] = {}
+        if not self.tls.enabled:
+            checks["tls"] = "off"
+        else:
+            checks["tls"] = "ok" if self.tls.not_after is not None else "no certificate loaded"
+        checks["data_dir"] = await trio.to_thread.run_sync(_probe_writable, self.data_dir)
+        checks["upstream"] = await self._upstream_check(registries, upstream)
+        ready = all(value in ("ok", "off") for value in checks.values())
+        report: dict[str, object] = {"status": "ready" if ready else "unready", "checks": checks}
+        upstreams: dict[str, object] = {}
+        for registry in registries:
+            state = self.upstreams.get(registry.name)
+            if state is None:
+                continue
+            entry: dict[str, object] = {}
+            if state.answered_at is not None:
+                entry["answered_seconds_ago"] = round(time.monotonic() - state.answered_at, 1)
+            if state.clock_skew is not None:
+                entry["clock_skew_seconds"] = state.clock_skew
+            if state.ratelimit is not None:
+                entry["ratelimit"] = {
+                    "limit": state.ratelimit.limit,
+                    "remaining": state.ratelimit.remaining,
+                    "window_seconds": state.ratelimit.window_seconds,
+                    "source": state.ratelimit.source,
+                }
+            upstreams[registry.name] = entry
+        if upstreams:
+            report["upstreams"] = upstreams
+        return ready, report
+
+    async def _upstream_check(
+        self, registries: tuple[RegistryConfig, ...], upstream: Upstream
+    ) -> str:
+        if any(self.recently_answered(r.name) for r in registries):
+            return "ok"
+        answered: list[str] = []
+
+        async def probe(registry: RegistryConfig) -> None:
+            with trio.move_on_after(PROBE_TIMEOUT):
+                try:
+                    response = await upstream.client.get(
+                        f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
+                    )
+                except httpx.HTTPError:
+                    self.failed(registry.name)
+                    return
+                if response.status_code < 500:
+                    self.answered(registry.name, response.headers.get("date"))
+                    answered.append(registry.name)
+                else:
+                    self.failed(registry.name)
+
+        async with trio.open_nursery() as nursery:
+            for registry in registries:
+                nursery.start_soon(probe, registry)
+        if answered:
+            return "ok"
+        return "no upstream answered: " + ", ".join(r.name for r in registries)
+
+
+def _probe_writable(directory: Path) -> str:
+    """Write, sync and remove a small file; 'ok' or why not."""
+    probe = directory / f".readyz-{uuid.uuid4().hex}"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        return f"not writable: {exc.strerror or exc}"
+    return "ok"

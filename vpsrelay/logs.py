@@ -1,0 +1,75 @@
+"""Log formatting: logfmt (the default), JSON or plain text; secrets scrubbed from all.
+
+Access-log records carry their fields (`record.fields`); other records are
+application logs with a message. Every rendered line passes `logline.redact`, so
+a credential that slipped into a message (an exception text, a URL) is masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from vpsrelay.core import logline
+
+FORMATS = ("logfmt", "json", "text")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class StructuredFormatter(logging.Formatter):
+    """One line per record in `logfmt` or `json`."""
+
+    def __init__(self, style: str = "logfmt") -> None:
+        super().__init__()
+        self.style_name = style
+
+    def format(self, record: logging.LogRecord) -> str:
+        head: list[logline.Field] = [
+            ("ts", _timestamp(record)),
+            ("level", record.levelname.lower()),
+            ("logger", record.name),
+        ]
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, list):
+            body: list[logline.Field] = fields
+        else:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self.formatException(record.exc_info)
+            body = [("msg", message)]
+        everything = head + body
+        line = (
+            logline.as_json(everything) if self.style_name == "json" else logline.logfmt(everything)
+        )
+        return logline.redact(line)
+
+
+class RedactingFormatter(logging.Formatter):
+    """The plain-text format, scrubbed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return logline.redact(super().format(record))
+
+
+def formatter(style: str) -> logging.Formatter:
+    if style == "text":
+        return RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    return StructuredFormatter(style)
+
+
+def setup(level: str, style: str = "logfmt") -> None:
+    """Log to stderr at `level` in `style`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(style))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # httpx logs every request at INFO; the access log already has them.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,215 @@
+"""Prometheus metrics, one registry per app (tests run several apps side by side).
+
+Everything is a `prometheus_client` metric on a private `CollectorRegistry`; `/metrics`
+renders it with `generate_latest`. The blob cache (and any other part) only calls
+the small methods here: `cache_hit`, `cache_miss`, `cache_size`; it never touches
+the metric objects or the registry.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from vpsrelay.core.ratelimit import RateLimit
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Time to the upstream's response headers (after any redirect hops), in seconds.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+NO_REGISTRY = "none"
+
+
+class _CertificateCollector:
+    """`vpsrelay_certificate_expiry_timestamp_seconds`, only while a certificate is loaded."""
+
+    def __init__(self, not_after: Callable[[], float | None]) -> None:
+        self._not_after = not_after
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        value = self._not_after()
+        family = GaugeMetricFamily(
+            "vpsrelay_certificate_expiry_timestamp_seconds",
+            "When the served TLS certificate expires (Unix time); absent when TLS is off.",
+        )
+        if value is not None:
+            family.add_metric([], value)
+        yield family
+
+
+class Metrics:
+    """The relay's metrics. Methods are cheap and never raise."""
+
+    def __init__(self, *, certificate_not_after: Callable[[], float | None] = lambda: None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vpsrelay_requests",
+            "Requests answered, by registry, kind (manifest/blob/token/other) and status.",
+            ["registry", "kind", "status"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "vpsrelay_served_bytes",
+            "Body bytes sent to clients.",
+            ["registry", "kind"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "vpsrelay_upstream_bytes",
+            "Body bytes read from upstreams (registries and their CDNs).",
+            ["registry", "kind"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "vpsrelay_upstream_latency_seconds",
+            "Time until the upstream's response headers, redirect hops included.",
+            ["registry", "kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_responses = Counter(
+            "vpsrelay_upstream_responses",
+            "Upstream answers by status.",
+            ["registry", "status"],
+            registry=r,
+        )
+        self.token_requests = Counter(
+            "vpsrelay_token_requests",
+            "Token requests relayed to the upstream's token service, by status.",
+            ["registry", "status"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "vpsrelay_refusals",
+            "Requests the relay refused itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "vpsrelay_active_streams", "Response bodies being streamed now.", registry=r
+        )
+        self.cache_hits = Counter(
+            "vpsrelay_cache_hits", "Blob requests served from the cache.", ["registry"], registry=r
+        )
+        self.cache_misses = Counter(
+            "vpsrelay_cache_misses", "Blob requests the cache could not serve.", ["registry"],
+            registry=r,
+        )  # fmt: skip
+        self.cache_served_bytes = Counter(
+            "vpsrelay_cache_served_bytes",
+            "Body bytes served from the cache.",
+            ["registry"],
+            registry=r,
+        )
+        self.cache_size_bytes = Gauge(
+            "vpsrelay_cache_size_bytes", "Bytes held in the blob cache.", registry=r
+        )
+        self.ratelimit_limit = Gauge(
+            "vpsrelay_upstream_ratelimit_limit",
+            "The upstream's pull limit per window, from its last ratelimit-limit header.",
+            ["registry"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "vpsrelay_upstream_ratelimit_remaining",
+            "Pulls left in the window, from the upstream's last ratelimit-remaining header.",
+            ["registry"],
+            registry=r,
+        )
+        self.ratelimit_window = Gauge(
+            "vpsrelay_upstream_ratelimit_window_seconds",
+            "The rate-limit window the upstream stated (w=).",
+            ["registry"],
+            registry=r,
+        )
+        self.ratelimit_source = Gauge(
+            "vpsrelay_upstream_ratelimit_source_info",
+            "Whose budget it is (docker-ratelimit-source: an address or account); always 1.",
+            ["registry", "source"],
+            registry=r,
+        )
+        self.upstream_last_answer = Gauge(
+            "vpsrelay_upstream_last_answer_timestamp_seconds",
+            "When the upstream last answered (Unix time).",
+            ["registry"],
+            registry=r,
+        )
+        self.upstream_clock_skew = Gauge(
+            "vpsrelay_upstream_clock_skew_seconds",
+            "The upstream's Date minus the relay's clock, at its last answer.",
+            ["registry"],
+            registry=r,
+        )
+        r.register(_CertificateCollector(certificate_not_after))
+        self._sources: dict[str, str] = {}
+
+    # --- what the app calls
+
+    def request_done(self, registry: str, kind: str, status: int, served: int) -> None:
+        self.requests.labels(registry, kind, str(status)).inc()
+        if served:
+            self.served_bytes.labels(registry, kind).inc(served)
+
+    def upstream_answered(self, registry: str, kind: str, status: int, seconds: float) -> None:
+        self.upstream_latency.labels(registry, kind).observe(seconds)
+        self.upstream_responses.labels(registry, str(status)).inc()
+        self.upstream_last_answer.labels(registry).set(time.time())
+
+    def upstream_read(self, registry: str, kind: str, nbytes: int) -> None:
+        self.upstream_bytes.labels(registry, kind).inc(nbytes)
+
+    def token_request(self, registry: str, status: int) -> None:
+        self.token_requests.labels(registry, str(status)).inc()
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
+
+    def ratelimit(self, registry: str, budget: RateLimit) -> None:
+        if budget.limit is not None:
+            self.ratelimit_limit.labels(registry).set(budget.limit)
+        if budget.remaining is not None:
+            self.ratelimit_remaining.labels(registry).set(budget.remaining)
+        if budget.window_seconds is not None:
+            self.ratelimit_window.labels(registry).set(budget.window_seconds)
+        if budget.source is not None and self._sources.get(registry) != budget.source:
+            if (old := self._sources.get(registry)) is not None:
+                self.ratelimit_source.remove(registry, old)
+            self._sources[registry] = budget.source
+            self.ratelimit_source.labels(registry, budget.source).set(1)
+
+    def clock_skew(self, registry: str, seconds: float) -> None:
+        self.upstream_clock_skew.labels(registry).set(seconds)
+
+    # --- what the cache calls (issue 6): it only has to count
+
+    def cache_hit(self, registry: str, nbytes: int) -> None:
+        """A blob was served from the cache: `nbytes` body bytes."""
+        self.cache_hits.labels(registry).inc()
+        if nbytes:
+            self.cache_served_bytes.labels(registry).inc(nbytes)
+
+    def cache_miss(self, registry: str) -> None:
+        """A blob was not in the cache and goes to the upstream."""
+        self.cache_misses.labels(registry).inc()
+
+    def cache_size(self, nbytes: int) -> None:
+        """The cache now holds `nbytes` bytes."""
+        self.cache_size_bytes.set(nbytes)
+
+    # --- exposition
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
