@@ -201,7 +201,7 @@ class TLSState:
             self._http01.pop(token, None)
 
     def add_tls_alpn01(self, domain: str, key_authorization: str) -> None:
-        context = challenge_context(domain, key_authorization)
+        context = challenge_context(domain.lower(), key_authorization)
         with self._lock:
             self._tls_alpn01[domain.lower()] = context
 
