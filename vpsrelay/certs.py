@@ -140,7 +140,21 @@ class Issued:
     key_pem: bytes
 
 
-def store(data_dir: Path, domains: tuple[str, ...], issued: Issued) -> Path:
+ISSUER_FILE = "acme-directory"
+"""Beside the certificate: the ACME directory it came from, so that moving from staging to
+production (or to another CA) orders a new certificate instead of keeping the old one."""
+
+
+def issued_by(data_dir: Path, domains: tuple[str, ...]) -> str | None:
+    try:
+        return (live_dir(data_dir, domains) / ISSUER_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def store(
+    data_dir: Path, domains: tuple[str, ...], issued: Issued, directory_url: str | None = None
+) -> Path:
     """Write the certificate files; the key first, so a new chain never meets an old key
     for long (a reader that sees a mismatch retries)."""
     directory = live_dir(data_dir, domains)
@@ -152,6 +166,8 @@ def store(data_dir: Path, domains: tuple[str, ...], issued: Issued) -> Path:
     atomic_write(directory / "cert.pem", pem[0])
     atomic_write(directory / "chain.pem", b"".join(pem[1:]))
     atomic_write(directory / "fullchain.pem", b"".join(pem))
+    if directory_url is not None:
+        atomic_write(directory / ISSUER_FILE, directory_url.encode() + b"\n")
     return directory
 
 

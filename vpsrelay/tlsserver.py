@@ -97,6 +97,10 @@ class Renewer:
         info = self.state.info
         if info is None or not certs.covers(info, self.tls.domains):
             return True
+        source = certs.issued_by(self.settings.data_dir, self.tls.domains)
+        if source is not None and source != self.tls.acme_directory:
+            log.info("the stored certificate came from %s; ordering one from the CA now", source)
+            return True
         now = self.now()
         if renewal.renewal_due(now, info.validity, self.tls.renew_before):
             return True
@@ -126,7 +130,9 @@ class Renewer:
 
             def issue_and_store() -> None:
                 issued = self._acme().issue(self.tls.domains, self.state)
-                certs.store(self.settings.data_dir, self.tls.domains, issued)
+                certs.store(
+                    self.settings.data_dir, self.tls.domains, issued, self.tls.acme_directory
+                )
 
             await trio.to_thread.run_sync(issue_and_store, abandon_on_cancel=True)
             return self.state.install(self.live / "fullchain.pem", self.live / "privkey.pem")

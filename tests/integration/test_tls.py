@@ -501,3 +501,35 @@ def test_dockerd_pulls_through_the_relay_over_verified_tls(
         assert image_id.strip() == image.config.digest
         lines = acme_relay.relay.log_text()[mark:]
         assert 'path="/v2/library/alpine/manifests/latest"' in lines
+
+
+async def test_a_certificate_from_another_ca_is_replaced_at_once(tmp_path: Path) -> None:
+    """Moving from staging to production: the stored certificate is not due, but came from
+    another directory, so a new one is ordered; once it is from this CA, nothing happens."""
+    with Pebble(tmp_path / "pebble", always_valid=True) as pebble:
+        settings = config.load(
+            None,
+            {},
+            {
+                "data_dir": str(tmp_path / "data"),
+                "tls.domains": [DOMAIN],
+                "tls.acme_directory": pebble.directory_url,
+                "tls.acme_ca_bundle": str(pebble.wfe_ca),
+            },
+        )
+        live = tmp_path / "data" / "live" / DOMAIN
+        _due_certificate(live)
+        (live / "acme-directory").write_text(config.ACME_DIRECTORY_ALIASES["staging"] + "\n")
+        state = tls.TLSState()
+        renewer = tlsserver.Renewer(
+            settings, state, now=lambda: datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+        )
+        assert renewer.load_existing() is not None
+        # Not due by its dates (the injected clock is long before notAfter)...
+        renewed = await renewer.check()
+        # ...but it came from staging.
+        assert renewed is not None
+        assert "Pebble Intermediate CA" in renewed.issuer
+        assert (live / "acme-directory").read_text().strip() == pebble.directory_url
+        assert await renewer.check() is None
+        assert len(renewer.attempts) == 1
