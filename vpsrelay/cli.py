@@ -10,14 +10,18 @@ import dataclasses
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
 
 from vpsrelay import __version__, config
 from vpsrelay.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CONFIG_HELP = "TOML configuration file (env: VPSRELAY_CONFIG)."
 
@@ -30,7 +34,68 @@ FLAG_NAMES = {
     "upstream.ca_bundle": "--upstream-ca",
     "server.trusted_proxies": "--trusted-proxy",
     "log.level": "--log-level",
+    "tls.domains": "--domain",
+    "tls.email": "--email",
+    "tls.acme_directory": "--acme-directory",
+    "tls.challenge": "--challenge",
+    "tls.cert_file": "--cert",
+    "tls.key_file": "--key",
+    "tls.https_listen": "--https-listen",
+    "tls.http_listen": "--http-listen",
+    "tls.acme_ca_bundle": "--acme-ca-bundle",
 }
+# TLS flag -> (dotted key, repeatable)
+TLS_FLAGS = {
+    "domain": ("tls.domains", True),
+    "email": ("tls.email", False),
+    "acme_directory": ("tls.acme_directory", False),
+    "challenge": ("tls.challenge", False),
+    "cert": ("tls.cert_file", False),
+    "key": ("tls.key_file", False),
+    "https_listen": ("tls.https_listen", True),
+    "http_listen": ("tls.http_listen", True),
+    "acme_ca_bundle": ("tls.acme_ca_bundle", False),
+}
+
+
+def _tls_options(function: Callable[..., None]) -> Callable[..., None]:
+    """The `[tls]` flags, shared by `serve` and `cert`."""
+    options = [
+        click.option(
+            "--domain",
+            multiple=True,
+            help="Get a certificate for this name by ACME and serve HTTPS; repeatable.",
+        ),
+        click.option("--email", help="Contact address for the ACME account (expiry notices)."),
+        click.option(
+            "--acme-directory",
+            help="ACME directory URL, or 'staging' (default: Let's Encrypt production).",
+        ),
+        click.option("--challenge", type=click.Choice(["http-01", "tls-alpn-01"])),
+        click.option("--cert", help="Your own certificate chain (PEM); reloaded when it changes."),
+        click.option("--key", help="The key of --cert (PEM)."),
+        click.option("--https-listen", multiple=True, help="HOST:PORT for HTTPS (default :443)."),
+        click.option(
+            "--http-listen",
+            multiple=True,
+            help="HOST:PORT for ACME HTTP-01 and https redirects (default :80).",
+        ),
+        click.option("--acme-ca-bundle", help="CA file to trust for the ACME API itself."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _tls_overrides(values: dict[str, Any]) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    for flag, (key, repeatable) in TLS_FLAGS.items():
+        value = values.get(flag)
+        if repeatable and value:
+            overrides[key] = list(value)
+        elif not repeatable and value is not None:
+            overrides[key] = value
+    return overrides
 
 
 def _load(
@@ -93,6 +158,7 @@ def main() -> None:
     help="IP or CIDR whose X-Forwarded-* headers are trusted; repeatable.",
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@_tls_options
 def serve(
     config_path: Path | None,
     listen: tuple[str, ...],
@@ -102,6 +168,7 @@ def serve(
     upstream_ca: str | None,
     trusted_proxies: tuple[str, ...],
     log_level: str | None,
+    **tls_flags: Any,
 ) -> None:
     """Run the relay.
 
@@ -110,8 +177,9 @@ def serve(
       vpsrelay serve                                  # Docker Hub on 127.0.0.1:5000
       vpsrelay serve --listen 0.0.0.0:5000 --public-url https://relay.example.com
       vpsrelay serve --upstream docker.io=https://registry-1.docker.io
+      vpsrelay serve --domain relay.example.com --email you@example.com   # HTTPS on 443 + 80
     """
-    overrides: dict[str, object] = {}
+    overrides = _tls_overrides(tls_flags)
     if listen:
         overrides["server.listen"] = list(listen)
     if public_url is not None:
@@ -135,6 +203,9 @@ def serve(
         sys.exit(2)
     from vpsrelay import server  # imported late: `config check` needs no server stack
 
+    if settings.tls.enabled:
+        _tls_preflight(settings)
+
     try:
         trio.run(server.run, settings)
     except OSError as exc:  # e.g. the port is taken
@@ -142,6 +213,120 @@ def serve(
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def _tls_preflight(settings: config.Settings) -> None:
+    """Your own certificate files must load before anything listens."""
+    from vpsrelay import tls
+
+    cert_file, key_file = settings.tls.cert_file, settings.tls.key_file
+    if cert_file is None or key_file is None:
+        return
+    try:
+        tls.serving_context(cert_file, key_file)
+    except (OSError, ValueError) as exc:
+        click.echo(f"vpsrelay: cannot load {cert_file} / {key_file}: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.group(name="cert")
+def cert_group() -> None:
+    """Show or renew the relay's TLS certificate."""
+
+
+def _cert_settings(config_path: Path | None, data_dir: str | None, flags: Any) -> config.Settings:
+    overrides = _tls_overrides(flags)
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    settings = _load(config_path, overrides, ())
+    if not settings.tls.enabled:
+        click.echo("vpsrelay: TLS is not configured (set tls.domains or tls.cert_file)", err=True)
+        sys.exit(2)
+    return settings
+
+
+@cert_group.command("status")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
+@click.option("--data-dir", help="Directory for the relay's state.")
+@_tls_options
+def cert_status(config_path: Path | None, data_dir: str | None, **flags: Any) -> None:
+    """Show the certificate: issuer, names, not-after, days left, when renewal is due."""
+    import datetime
+
+    from vpsrelay import certs
+    from vpsrelay.core import renewal
+
+    settings = _cert_settings(config_path, data_dir, flags)
+    tls_config = settings.tls
+    if tls_config.cert_file is not None:
+        path = tls_config.cert_file
+    else:
+        path = certs.live_dir(settings.data_dir, tls_config.domains) / "fullchain.pem"
+    try:
+        info = certs.describe(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        click.echo(f"vpsrelay: no certificate at {path}: {exc}", err=True)
+        sys.exit(1)
+    now = datetime.datetime.now(datetime.UTC)
+    due = renewal.renewal_time(info.validity, tls_config.renew_before)
+    click.echo(f"file:       {path}")
+    click.echo(f"subject:    {info.subject}")
+    click.echo(f"issuer:     {info.issuer}")
+    click.echo(f"names:      {', '.join(info.names)}")
+    click.echo(f"serial:     {info.serial:x}")
+    click.echo(f"not before: {info.validity.not_before.isoformat()}")
+    click.echo(f"not after:  {info.validity.not_after.isoformat()}")
+    click.echo(f"days left:  {info.days_left(now):.1f}")
+    if tls_config.acme:
+        click.echo(f"renewal:    {'due now' if now >= due else 'from ' + due.isoformat()}")
+
+
+@cert_group.command("renew")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
+@click.option("--data-dir", help="Directory for the relay's state.")
+@click.option("--force", is_flag=True, help="Renew even if the certificate is not due.")
+@_tls_options
+def cert_renew(config_path: Path | None, data_dir: str | None, force: bool, **flags: Any) -> None:
+    """Renew the ACME certificate now if it is due (or with --force).
+
+    A running relay is asked to do it (through the control socket in its data
+    directory) and switches to the new certificate without a restart; with no relay
+    running, this command answers the CA's challenges itself on the configured ports.
+    """
+    settings = _cert_settings(config_path, data_dir, flags)
+    if not settings.tls.acme:
+        click.echo("vpsrelay: the certificate is your own file (tls.cert_file); nothing to renew")
+        sys.exit(2)
+    _setup_logging(settings.log.level)
+    from vpsrelay import tlsserver
+
+    reply = tlsserver.request_renewal(settings.data_dir, force=force)
+    if reply is None:
+        try:
+            reply = trio.run(partial(tlsserver.renew_standalone, settings, force=force))
+        except OSError as exc:
+            click.echo(f"vpsrelay: cannot answer ACME challenges: {exc}", err=True)
+            sys.exit(1)
+    if not reply.get("ok"):
+        click.echo(f"vpsrelay: renewal failed: {reply.get('error')}", err=True)
+        sys.exit(1)
+    state = "renewed" if reply.get("renewed") else "not due"
+    click.echo(
+        f"{state}: serial {reply.get('serial')}, names {','.join(reply.get('names', []))}, "
+        f"not after {reply.get('not_after')} ({reply.get('days_left')} days left)"
+    )
 
 
 @main.group(name="config")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -155,6 +156,49 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+ACME_DIRECTORY_ALIASES = {
+    "production": LETS_ENCRYPT,
+    "letsencrypt": LETS_ENCRYPT,
+    "staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+_DOMAIN = re.compile(
+    r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    names = tuple(name.lower().rstrip(".") for name in _list(value))
+    for name in names:
+        if not _DOMAIN.fullmatch(name) or name.replace(".", "").isdigit():
+            raise ValueError(f"expected DNS names (no wildcards, no IP addresses), got {name!r}")
+    return names
+
+
+def _acme_directory(value: object) -> str:
+    text = _str(value)
+    return ACME_DIRECTORY_ALIASES.get(text.lower()) or _https_url(text)
+
+
+def _https_url(value: object) -> str:
+    text = _http_url(value)
+    if not text.startswith("https://"):
+        raise ValueError(f"expected an https URL (or 'staging'), got {text!r}")
+    return text
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, str):
+        numerator, slash, denominator = value.partition("/")
+        try:
+            value = float(numerator) / float(denominator) if slash else float(value)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"expected a fraction such as 0.33 or 1/3, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"expected a fraction of the lifetime in (0, 1], got {value!r}")
+    return float(value)
+
+
 def _option(default: Any, parse: Callable[[object], Any], help_text: str) -> Any:
     return field(default=default, metadata={"parse": parse, "help": help_text})
 
@@ -217,6 +261,35 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TLSConfig:
+    """HTTPS with an ACME certificate (`domains`) or one you bring (`cert_file`)."""
+
+    domains: tuple[str, ...] = _option((), _domains, "names to get an ACME certificate for")
+    email: str | None = _option(None, _optional_str, "ACME account contact")
+    acme_directory: str = _option(LETS_ENCRYPT, _acme_directory, "ACME directory URL or 'staging'")
+    challenge: str = _option("http-01", _choice("http-01", "tls-alpn-01"), "ACME challenge type")
+    renew_before: float = _option(1 / 3, _fraction, "renew when this much lifetime is left")
+    cert_file: Path | None = _option(None, _optional_path, "your own certificate chain (PEM)")
+    key_file: Path | None = _option(None, _optional_path, "the key of cert_file (PEM)")
+    https_listen: tuple[str, ...] = _option(("0.0.0.0:443",), _listen, "HOST:PORT for HTTPS")
+    http_listen: tuple[str, ...] = _option(
+        ("0.0.0.0:80",), _listen, "HOST:PORT for ACME and redirects"
+    )
+    acme_ca_bundle: Path | None = _option(None, _existing_file, "CA file for the ACME API")
+    eab_kid: str | None = _option(None, _optional_str, "External Account Binding key id")
+    eab_hmac_key: str | None = _option(None, _optional_str, "EAB HMAC key (base64url)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domains) or self.cert_file is not None
+
+    @property
+    def acme(self) -> bool:
+        """Certificates come from the ACME CA (not from `cert_file`)."""
+        return self.cert_file is None and bool(self.domains)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UiConfig:
     landing_page: bool = _option(True, _bool, "serve the landing page at / (else 404)")
 
@@ -232,6 +305,7 @@ class Settings:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     registries: tuple[RegistryConfig, ...] = DEFAULT_REGISTRIES
 
     def registry(self, name: str) -> RegistryConfig:
@@ -247,6 +321,7 @@ SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "ui": UiConfig,
+    "tls": TLSConfig,
 }
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
 
@@ -377,6 +452,27 @@ def _build(
     raw: dict[str, tuple[object, str]], registries: RegistryInputs, environ: Mapping[str, str]
 ) -> Settings:
     sections = {name: cls(**_parse(cls, f"{name}.", raw)) for name, cls in SECTIONS.items()}
+    _check_tls(sections["tls"], raw)
     return Settings(
         **_parse(Settings, "", raw), **sections, registries=build_registries(registries, environ)
     )
+
+
+def _check_tls(tls: TLSConfig, raw: dict[str, tuple[object, str]]) -> None:
+    """Rules between `[tls]` keys; the message names where the offending key was set."""
+
+    def where(key: str) -> str:
+        return raw.get(f"tls.{key}", (None, "config"))[1]
+
+    if (tls.cert_file is None) != (tls.key_file is None):
+        key = "cert_file" if tls.cert_file is not None else "key_file"
+        other = "key_file" if key == "cert_file" else "cert_file"
+        raise ConfigError(f"{where(key)}: tls.{key}: needs tls.{other} too")
+    for key in ("cert_file", "key_file"):
+        path = getattr(tls, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{where(key)}: tls.{key}: no such file: {str(path)!r}")
+    if (tls.eab_kid is None) != (tls.eab_hmac_key is None):
+        key = "eab_kid" if tls.eab_kid is not None else "eab_hmac_key"
+        other = "eab_hmac_key" if key == "eab_kid" else "eab_kid"
+        raise ConfigError(f"{where(key)}: tls.{key}: needs tls.{other} too")

@@ -46,9 +46,14 @@ def apply() -> bool:
     original = _ORIGINAL_CLOSE_STREAM
 
     async def close_stream_with_reset(self: H2Protocol, stream_id: int) -> None:
+        # The app's last body message marks the buffer complete; Hypercorn's send task may
+        # still be flushing the final DATA frames (flow control, a slow TLS write) and sends
+        # END_STREAM after them. Only a stream whose body was NOT finished is reset.
+        buffer = self.stream_buffers.get(stream_id)
+        finished = buffer is not None and buffer._complete
         await original(self, stream_id)
         stream = self.connection.streams.get(stream_id)
-        if stream is not None and not stream.closed:  # the app stopped before the end
+        if stream is not None and not stream.closed and not finished:  # stopped before the end
             try:
                 self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
             except h2.exceptions.ProtocolError:

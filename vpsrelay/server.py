@@ -87,6 +87,13 @@ async def run(
                 shutdown_trigger=stop.wait,
             )
             binds: list[str] = await nursery.start(serve)
+            if settings.tls.enabled:
+                from vpsrelay import tlsserver  # imported late: plain mode needs no ACME stack
+
+                https = await tlsserver.start(
+                    nursery, settings, app, stop, hypercorn_config(settings)
+                )
+                binds = [*https, *binds]
             for bind in binds:
                 log.info("vpsrelay %s listening on %s", __version__, bind)
             if settings.metrics.enabled and settings.metrics.listen is not None:

@@ -205,11 +205,12 @@ def _wait_until(
         time.sleep(interval)
 
 
-def _listening_in_netns(pid: int, port: int) -> bool:
-    """Whether 127.0.0.1:port is in LISTEN state in the network namespace of ``pid``."""
-    want = f"0100007F:{port:04X}"
+def _listening_in_netns(pid: int, port: int, *, ipv6: bool = False) -> bool:
+    """Whether 127.0.0.1:port (or [::1]:port) is in LISTEN state in the netns of ``pid``."""
+    address = "00000000000000000000000001000000" if ipv6 else "0100007F"
+    want = f"{address}:{port:04X}"
     try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+        lines = Path(f"/proc/{pid}/net/tcp{'6' if ipv6 else ''}").read_text().splitlines()[1:]
     except OSError:
         return False
     for line in lines:
@@ -281,7 +282,10 @@ class DockerDaemon:
         forward_ports: Sequence[int],
         mirrors: Sequence[str] = (),
         insecure_registries: Sequence[str] = (),
+        hosts: Mapping[str, str] | None = None,
     ) -> None:
+        """``hosts``: extra ``name -> IP`` lines for dockerd's private ``/etc/hosts``."""
+        self.hosts = dict(hosts or {})
         self.dockerd = require_binary("dockerd")
         # Prefer Debian docker.io's CLI (20.10): a fresh machine has it, and it matches the daemon.
         self.docker_cli: str = (
@@ -307,7 +311,9 @@ class DockerDaemon:
         self._rundir: Path | None = None
         self._holder: subprocess.Popen[bytes] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._forwarders: dict[int, tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]] = {}
+        self._forwarders: dict[
+            tuple[int, bool], tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]
+        ] = {}
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -435,11 +441,19 @@ class DockerDaemon:
         script = (
             '"$0" link set lo up'
             ' && { [ ! -d /etc/docker ] || "$1" --bind "$2" /etc/docker; }'
+            ' && { [ -z "$3" ] || "$1" --bind "$3" /etc/hosts; }'
             " && echo ready && exec sleep infinity"
         )
+        hosts_file = ""
+        if self.hosts:
+            hosts_path = self.workdir / "hosts"
+            lines = ["127.0.0.1 localhost", "::1 localhost"]
+            lines += [f"{address} {name}" for name, address in self.hosts.items()]
+            hosts_path.write_text("\n".join(lines) + "\n")
+            hosts_file = str(hosts_path)
         holder = subprocess.Popen(
             [self._unshare, "--net", "--mount", "--propagation", "private", "--",
-             "sh", "-c", script, self._ip, self._mount, str(self.etc_dir)],
+             "sh", "-c", script, self._ip, self._mount, str(self.etc_dir), hosts_file],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -461,13 +475,14 @@ class DockerDaemon:
         if names != ["lo"]:
             raise RuntimeError(f"new network namespace has unexpected interfaces {names}")
 
-    def forward(self, port: int) -> None:
-        """Make root-namespace 127.0.0.1:port reachable as 127.0.0.1:port inside the netns."""
-        if port in self._forwarders:
+    def forward(self, port: int, *, ipv6: bool = False) -> None:
+        """Make root-namespace 127.0.0.1:port reachable as 127.0.0.1:port inside the netns
+        (as [::1]:port with ``ipv6``: dockerd does not treat ::1 as an insecure registry)."""
+        if (port, ipv6) in self._forwarders:
             return
         if self._holder is None or self._holder.poll() is not None:
             raise RuntimeError("network namespace holder is not running")
-        sock = self.rundir / f"fwd-{port}.sock"
+        sock = self.rundir / f"fwd-{port}{'-6' if ipv6 else ''}.sock"
         log = self.workdir / f"socat-{port}.log"
         env = _clean_env()
         outer = _start(
@@ -486,7 +501,8 @@ class DockerDaemon:
             _wait_until(f"forwarder socket {sock}", outer_ready, timeout=10, interval=0.02)
             inner = _start(
                 [self._nsenter, f"--net={self.netns_path}", "--", self._socat,
-                 f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
+                 f"TCP6-LISTEN:{port},bind=[::1],fork,reuseaddr,ipv6only=1" if ipv6
+                 else f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
                  f"UNIX-CONNECT:{sock}"],
                 log=log,
                 env=env,
@@ -494,12 +510,12 @@ class DockerDaemon:
         except BaseException:
             _stop(outer)
             raise
-        self._forwarders[port] = (outer, inner)
+        self._forwarders[(port, ipv6)] = (outer, inner)
 
         def inner_ready() -> bool:
             if inner.poll() is not None:
                 raise RuntimeError(f"inner socat for {port} exited\n{_tail(log)}")
-            return _listening_in_netns(inner.pid, port)
+            return _listening_in_netns(inner.pid, port, ipv6=ipv6)
 
         _wait_until(f"in-netns listener on {port}", inner_ready, timeout=10, interval=0.02)
 
