@@ -153,6 +153,8 @@ class TLSState:
         self._tls_alpn01: dict[str, ssl.SSLContext] = {}
         self._acme_handshakes: weakref.WeakSet[Any] = weakref.WeakSet()
         self.front = self._front_context()
+        # Told the certificate's not-after (Unix time) whenever one is put in service.
+        self.on_install: Callable[[float], None] | None = None
 
     def _front_context(self) -> ssl.SSLContext:
         context = _base_context()
@@ -177,6 +179,8 @@ class TLSState:
         with self._lock:
             self._current = context
             self.loaded = Loaded(info, cert_file, key_file)
+        if self.on_install is not None:
+            self.on_install(info.validity.not_after.timestamp())
         log.info(
             "serving certificate serial=%x names=%s issuer=%r not_after=%s",
             info.serial,

@@ -218,6 +218,8 @@ async def start(
     """
     config = settings.tls
     state = tls.TLSState()
+    app.health.tls.enabled = True  # unready until a certificate is in service
+    state.on_install = app.health.tls.loaded
     renewer: Renewer | None = None
     if config.acme:
         renewer = Renewer(settings, state)

@@ -199,6 +199,24 @@ def test_http01_certificate_is_served_with_h2_and_stored_like_certbot(
     )
     assert missing.status_code == 404
 
+    # Readiness and metrics see the certificate in service.
+    context = ssl.create_default_context(cafile=str(acme_relay.root))
+    with httpx.Client(verify=context) as client:
+        base = f"https://127.0.0.1:{port}"
+        ready = client.get(
+            f"{base}/readyz", headers={"host": DOMAIN}, extensions={"sni_hostname": DOMAIN}
+        )
+        assert ready.json()["checks"]["tls"] == "ok"
+        metrics = client.get(
+            f"{base}/metrics", headers={"host": DOMAIN}, extensions={"sni_hostname": DOMAIN}
+        )
+    expiry = [
+        line for line in metrics.text.splitlines()
+        if line.startswith("vpsrelay_certificate_expiry_timestamp_seconds")
+    ]  # fmt: skip
+    assert expiry, metrics.text[:500]
+    assert abs(float(expiry[0].split()[-1]) - leaf.not_valid_after_utc.timestamp()) < 1
+
     status = vpsrelay_cli("cert", "status", *acme_relay.cli_args())
     assert status.returncode == 0, status.stderr
     assert "Pebble Intermediate CA" in status.stdout
