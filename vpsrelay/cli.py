@@ -208,11 +208,26 @@ def serve(
 
     try:
         trio.run(server.run, settings)
-    except OSError as exc:  # e.g. the port is taken
-        click.echo(f"vpsrelay: cannot serve: {exc}", err=True)
-        sys.exit(1)
     except KeyboardInterrupt:
         pass
+    except (OSError, BaseExceptionGroup) as exc:
+        # A taken port or a missing permission reaches us from inside Trio's nurseries.
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        click.echo(f"vpsrelay: cannot serve: {cause}", err=True)
+        sys.exit(1)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`, unwrapping exception groups; None if there is none."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _os_error(inner)) is not None:
+                return found
+    return None
 
 
 def _tls_preflight(settings: config.Settings) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ from tests.infra import require_binary
 from tests.infra.clients import DeadPort
 from tests.infra.hub import iter_blobs
 from tests.infra.oci import BuiltImage, BuiltIndex
-from tests.infra.relay import RelayProcess
+from tests.infra.relay import REPO_ROOT, RelayProcess
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -398,3 +400,19 @@ def test_healthz_answers_without_upstream(tmp_path: Path) -> None:
         response = httpx.get(f"{relay.url}/healthz")
         assert response.status_code == 200
         assert response.json()["status"] == "ok"
+
+
+def test_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "vpsrelay", "serve", "--listen", f"127.0.0.1:{port}",
+             "--upstream", "docker.io=http://127.0.0.1:9", "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "vpsrelay: cannot serve: [Errno 98] Address already in use" in result.stderr
