@@ -27,12 +27,16 @@ from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
 if TYPE_CHECKING:
     import httpx
 
+    from vpsrelay.cache.front import CacheFront
+    from vpsrelay.cache.store import BlobStore
     from vpsrelay.config import Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# Sees the upstream's answer before the client does; True: it answered the client itself.
+RelayHook = Callable[["httpx.Response", header_policy.Headers], Awaitable[bool]]
 
 access_log = logging.getLogger("vpsrelay.access")
 log = logging.getLogger("vpsrelay.app")
@@ -77,11 +81,18 @@ class Exchange:
 class RelayApp:
     """The ASGI callable."""
 
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, upstream: Upstream, store: BlobStore | None = None
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.hub = settings.registry(routing.DOCKER_HUB)
         self.started = time.monotonic()
+        self.cache: CacheFront | None = None
+        if store is not None:
+            from vpsrelay.cache.front import CacheFront
+
+            self.cache = CacheFront(self, store)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -164,7 +175,12 @@ class RelayApp:
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange)
         elif route.kind is routing.Kind.BASE:
-            await self._relay(exchange, route, "/v2/")
+            if self.cache is not None:
+                await self.cache.base(exchange, route)
+            else:
+                await self._relay(exchange, route, "/v2/")
+        elif self.cache is not None and route.kind in (routing.Kind.MANIFEST, routing.Kind.BLOB):
+            await self.cache.serve(exchange, route)
         else:
             await self._relay(exchange, route, route.upstream_path)
 
@@ -181,7 +197,9 @@ class RelayApp:
     def _relay_realm(self, exchange: Exchange) -> str:
         return f"{exchange.view.base_url}/token"
 
-    async def _relay(self, exchange: Exchange, route: routing.Route, path: str) -> None:
+    async def _relay(
+        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None = None
+    ) -> None:
         query = _upstream_query(exchange.query, route)
         url = f"{self.hub.url}{path}{'?' + query if query else ''}"
         request = UpstreamRequest(
@@ -206,6 +224,8 @@ class RelayApp:
                 for link in response.headers.get_list("link")
             )
             headers.append(API_VERSION_HEADER)
+            if hook is not None and await hook(response, tuple(headers)):
+                return
             verifier = None
             if (
                 route.kind is routing.Kind.BLOB

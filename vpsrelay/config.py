@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from vpsrelay.core.cachepolicy import GiB, parse_size
 from vpsrelay.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -150,6 +151,21 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _registry_seconds(value: object) -> tuple[tuple[str, float], ...]:
+    """`{"docker.io": 300}` or `"docker.io=300,ghcr.io=60"`."""
+    items: list[tuple[object, ...]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        items = [tuple(part.split("=", 1)) for part in _list(value)]
+    result = []
+    for item in items:
+        if len(item) != 2 or not isinstance(item[0], str) or not item[0].strip():
+            raise ValueError(f"expected REGISTRY=SECONDS, got {item!r}")
+        result.append((item[0].strip(), _seconds(item[1])))
+    return tuple(result)
+
+
 def _option(default: Any, parse: Callable[[object], Any], help_text: str) -> Any:
     return field(default=default, metadata={"parse": parse, "help": help_text})
 
@@ -186,6 +202,28 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    enabled: bool = _option(True, _bool, "keep blobs and manifests on disk")
+    max_size: int = _option(10 * GiB, parse_size, "cap on the cache's size, e.g. 50GiB")
+    min_free: int = _option(1 * GiB, parse_size, "free disk space the cache never takes")
+    tag_ttl: float = _option(300.0, _seconds, "seconds a tag is served without asking upstream")
+    registry_tag_ttl: tuple[tuple[str, float], ...] = _option(
+        (), _registry_seconds, "per-registry tag_ttl: REGISTRY=SECONDS,..."
+    )
+    max_stale: float = _option(
+        7 * 86400.0, _seconds, "seconds a tag may be served stale while the upstream fails"
+    )
+    auth_ttl: float = _option(
+        300.0, _seconds, "seconds an upstream-accepted credential may read cached objects"
+    )
+    public_ttl: float = _option(86400.0, _seconds, "seconds a repository is known public")
+    finish_abandoned: bool = _option(True, _bool, "finish a fill when its last reader leaves")
+    share_across_registries: bool = _option(
+        False, _bool, "serve a blob cached from one registry for another's repositories"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryConfig:
     name: str
     url: str
@@ -200,6 +238,7 @@ class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     registries: tuple[RegistryConfig, ...] = DEFAULT_REGISTRIES
 
     def registry(self, name: str) -> RegistryConfig:
@@ -213,6 +252,7 @@ SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "upstream": UpstreamConfig,
     "log": LogConfig,
+    "cache": CacheConfig,
 }
 KNOWN_REGISTRIES = ("docker.io",)
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
