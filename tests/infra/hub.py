@@ -270,6 +270,7 @@ class Hub:
         self.tokens.clear()
         self.cdn.clear()
         self.cdn.corrupt = False
+        self.cdn.chunk_delay = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 

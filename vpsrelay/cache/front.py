@@ -554,10 +554,10 @@ class CacheFront:
         await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
         await exchange.body(data, more=False)
         await self.store.flush()
-        await self._learn_public(route, digest)
+        await self._learn_public(route, digest, media_type)
         return True
 
-    async def _learn_public(self, route: routing.Route, digest: str) -> None:
+    async def _learn_public(self, route: routing.Route, digest: str, media_type: str) -> None:
         """Ask the upstream, without credentials, whether anyone may read this
         repository: the answer decides what is served while the upstream is down."""
         key = (route.registry, route.upstream_name)
@@ -566,22 +566,25 @@ class CacheFront:
             return
         with trio.move_on_after(PROBE_TIMEOUT):
             try:
-                if await self._anonymous_head(route, digest):
+                public = await self._anonymous_head(route, digest, media_type)
+                log.info("cache: %s/%s is %s", *key, "public" if public else "not public")
+                if public:
                     self.store.index.set_public(*key, time.time())
             except RelayError as exc:
                 log.info("cache: could not ask whether %s is public: %s", key, exc.message)
 
-    async def _anonymous_head(self, route: routing.Route, digest: str) -> bool:
+    async def _anonymous_head(self, route: routing.Route, digest: str, media_type: str) -> bool:
         registry = self.app.settings.registry(route.registry)
         challenge = await self.app.upstream.challenge(registry)
-        headers: list[tuple[str, str]] = [("user-agent", USER_AGENT)]
+        # Distribution answers 404 for an OCI manifest the Accept header does not admit.
+        headers: list[tuple[str, str]] = [("user-agent", USER_AGENT), ("accept", media_type)]
         if challenge is not None and challenge.realm:
             params = [("scope", f"repository:{route.upstream_name}:pull")]
             if challenge.service:
                 params.insert(0, ("service", challenge.service))
             separator = "&" if "?" in challenge.realm else "?"
             request = UpstreamRequest(
-                "GET", f"{challenge.realm}{separator}{urlencode(params)}", tuple(headers)
+                "GET", f"{challenge.realm}{separator}{urlencode(params)}", tuple(headers[:1])
             )
             async with self.app.upstream.open(request, what=f"{route.registry} token") as response:
                 if response.status_code != 200:
