@@ -176,3 +176,10 @@ def config_show(config_path: Path | None) -> None:
 
 def _jsonable(value: Any) -> str:
     return str(value)
+
+
+# The cache's commands live beside the cache (imported last: they use `_load`).
+from vpsrelay.cache.commands import cache_group, warm  # noqa: E402
+
+main.add_command(cache_group)
+main.add_command(warm)

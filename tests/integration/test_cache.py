@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +18,8 @@ import httpx
 import pytest
 
 from tests.infra.hub import start_hub
-from tests.infra.oci import BuiltImage, build_image
-from tests.infra.relay import RelayProcess
+from tests.infra.oci import BuiltImage, BuiltIndex, build_image
+from tests.infra.relay import REPO_ROOT, RelayProcess
 from tests.integration.test_pull import (
     anonymous_token,
     assert_blobs_pulled,
@@ -393,3 +397,58 @@ def test_hit_serves_range_and_head_with_direct_headers(
     assert bad.status_code == 416
     assert clean_hub.cdn.requests() == []
     assert clean_hub.registry_requests() == []
+
+
+def vpsrelay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "vpsrelay", *args],
+        capture_output=True, text=True, timeout=120, env={**environ, **(env or {})}, check=False,
+    )  # fmt: skip
+
+
+def test_warm_and_cache_commands(relay: RelayProcess, clean_hub: Hub) -> None:
+    index = clean_hub.images["library/multi:latest"]
+    tool = clean_hub.images["someuser/tool:1.0"]
+    assert isinstance(index, BuiltIndex)
+    assert isinstance(tool, BuiltImage)
+    arch = {
+        entry["digest"]: entry["platform"]["architecture"]
+        for entry in json.loads(index.index_bytes)["manifests"]
+    }
+    arm = next(img for img in index.images if arch[img.manifest_digest] == "arm64")
+    amd = next(img for img in index.images if arch[img.manifest_digest] == "amd64")
+    done = vpsrelay("warm", "--relay", relay.url, "multi", "--platform", "linux/arm64",
+                    "docker.io/someuser/tool:1.0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "multi: 2 blobs warm" in done.stdout
+    cached = cached_files(relay.workdir)
+    for blob in [arm.config, *arm.layers, tool.config, *tool.layers]:
+        assert blob.digest in cached
+    assert amd.config.digest not in cached  # only the platform asked for
+
+    data = str(relay.workdir / "data")
+    relay.close()  # flush the index
+    stats = vpsrelay("cache", "stats", "--json", "--data-dir", data)
+    assert stats.returncode == 0, stats.stderr
+    report = json.loads(stats.stdout)
+    assert report["blobs"] == len(cached) - report["manifests"]
+    assert report["counters"]["misses"] >= 4
+    listing = vpsrelay("cache", "ls", "--data-dir", data)
+    assert tool.layers[0].digest in listing.stdout
+    assert "docker.io/someuser/tool" in listing.stdout
+    removed = vpsrelay("cache", "rm", tool.layers[0].digest, "--data-dir", data)
+    assert removed.returncode == 0, removed.stderr
+    assert tool.layers[0].digest not in cached_files(relay.workdir)
+    again = vpsrelay("cache", "rm", tool.layers[0].digest, "--data-dir", data)
+    assert again.returncode == 1
+    gc = vpsrelay("cache", "gc", "--data-dir", data, env={"VPSRELAY_CACHE__MAX_SIZE": "1"})
+    assert gc.returncode == 0, gc.stderr
+    assert cached_files(relay.workdir) == {}
+    bad = vpsrelay("cache", "stats", "--data-dir", data, env={"VPSRELAY_CACHE__MAX_SIZE": "lots"})
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "vpsrelay: config error: VPSRELAY_CACHE__MAX_SIZE: cache.max_size:"
+        " expected a size such as '50GiB', got 'lots'"
+    )
