@@ -87,7 +87,9 @@ def small_blob(storage: Path, data: bytes) -> Blob:
 
 def seed_storage(storage: Path, big: int, medium: int) -> dict[str, Blob]:
     blobs = {"big": write_blob(storage, big, 1), "medium": write_blob(storage, medium, 2)}
-    config = small_blob(storage, b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}')
+    config = small_blob(
+        storage, b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}'
+    )
     for blob in (*blobs.values(), config):
         link(storage, blob)
     manifest = json.dumps(
@@ -229,7 +231,13 @@ class Bench:
         proc = Proc(name, reg.proc, reg.url, h2c=False, stop_fn=reg.stop, pid=reg.proc.pid)
         proc.access_log = reg.stdout_path  # type: ignore[attr-defined]
         if tls:
-            tcfg = {**cfg, "http": {**cfg["http"], "tls": {"certificate": str(self.cert), "key": str(self.key)}}}
+            tcfg = {
+                **cfg,
+                "http": {
+                    **cfg["http"],
+                    "tls": {"certificate": str(self.cert), "key": str(self.key)},
+                },
+            }
             treg = start_registry("docker-registry", self.work / f"log-{name}-tls", name, tcfg)
             proc.tls_url = f"https://127.0.0.1:{treg.port}"
             proc._tls = treg  # type: ignore[attr-defined]
@@ -285,7 +293,9 @@ class Bench:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_port(p1, popen)
-        proc = Proc("nginx static" if static else "nginx proxy", popen, f"http://127.0.0.1:{p1}", h2c=False)
+        proc = Proc(
+            "nginx static" if static else "nginx proxy", popen, f"http://127.0.0.1:{p1}", h2c=False
+        )
         proc.h2c_url = f"http://127.0.0.1:{p2}"
         proc.tls_url = f"https://127.0.0.1:{pt}" if self.tls else None
         proc.pid = popen.pid
@@ -305,7 +315,8 @@ class Bench:
         (d / "Caddyfile").write_text(
             "{\n admin off\n auto_https off\n skip_install_trust\n storage file_system "
             f"{d}/data\n servers {{\n  protocols h1 h2 h2c\n }}\n}}\n"
-            f"http://127.0.0.1:{p1} {{\n reverse_proxy {up} {{\n  flush_interval -1\n }}\n}}\n" + tls
+            f"http://127.0.0.1:{p1} {{\n reverse_proxy {up} {{\n  flush_interval -1\n }}\n}}\n"
+            + tls
         )
         env = {**os.environ, "HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)}
         popen = subprocess.Popen(
@@ -331,11 +342,22 @@ class Bench:
         )
         args = [PY, str(ROOT / "bench" / "relay_tls.py"), "--listen", f"127.0.0.1:{port}",
                 "--data-dir", str(d / "data"), "--upstream", f"docker.io={self.upstream.url}"]  # fmt: skip
+        if os.environ.get("BENCH_NO_H2_RESET"):
+            args.append("--no-h2-reset")
         tport = None
         if self.tls:
             tport = free_port()
-            args += ["--tls-listen", f"127.0.0.1:{tport}", "--cert", str(self.cert), "--key", str(self.key)]
-        popen = subprocess.Popen(args, stdout=(d / "relay.log").open("wb"), stderr=subprocess.STDOUT, env=env)
+            args += [
+                "--tls-listen",
+                f"127.0.0.1:{tport}",
+                "--cert",
+                str(self.cert),
+                "--key",
+                str(self.key),
+            ]
+        popen = subprocess.Popen(
+            args, stdout=(d / "relay.log").open("wb"), stderr=subprocess.STDOUT, env=env
+        )
         wait_port(port, popen)
         if tport:
             wait_port(tport, popen)
@@ -414,7 +436,8 @@ def head_load(url: str, proto: str, seconds: int) -> dict[str, float]:
         return {"rps": rps, "raw": 0}
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
-        'wrk.method = "HEAD"\nwrk.headers["Accept"] = "application/vnd.oci.image.manifest.v1+json"\n'
+        # wrk waits for a body after HEAD (Content-Length) and stalls: GET the small manifest.
+        'wrk.method = "GET"\nwrk.headers["Accept"] = "application/vnd.oci.image.manifest.v1+json"\n'
     )
     out = subprocess.run(
         ["wrk", "-t1", "-c10", f"-d{seconds}s", "--latency", "-s", str(script), url],
@@ -429,7 +452,12 @@ def head_load(url: str, proto: str, seconds: int) -> dict[str, float]:
         return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
-    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0}
+    return {
+        "rps": rps,
+        "p50": pct("50"),
+        "p99": pct("99"),
+        "errors": float(non2xx.group(1)) if non2xx else 0.0,
+    }
 
 
 # --- the cases
@@ -459,7 +487,9 @@ def main() -> None:
         procs.append(bench.upstream)
         big, medium = bench.blobs["big"], bench.blobs["medium"]
         direct = bench.upstream
-        protos = [("h1", "url"), ("h2c", "h2c")] + ([("h1-tls", "tls"), ("h2-tls", "tls")] if args.tls else [])
+        protos = [("h1", "url"), ("h2c", "h2c")] + (
+            [("h1-tls", "tls"), ("h2-tls", "tls")] if args.tls else []
+        )
 
         def url_for(proc: Proc, kind: str) -> tuple[str, str] | None:
             if kind == "h1":
@@ -479,7 +509,9 @@ def main() -> None:
                 "nginx proxy": bench.nginx,
                 "caddy proxy": bench.caddy,
                 "distribution proxy (cold)": bench.distribution_proxy,
-                "vpsrelay pass-through": lambda: bench.vpsrelay("vpsrelay pass-through", cache=False),
+                "vpsrelay pass-through": lambda: bench.vpsrelay(
+                    "vpsrelay pass-through", cache=False
+                ),
                 "vpsrelay cold (miss)": lambda: bench.vpsrelay("vpsrelay cold (miss)", cache=True),
                 "vpsrelay warm (hit)": lambda: bench.vpsrelay("vpsrelay warm (hit)", cache=True),
             }[peer]()
@@ -560,7 +592,7 @@ def main() -> None:
                             note += f", p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms"
                         if result.get("errors"):
                             note += f", {result['errors']:.0f} non-2xx"
-                        row = Row(f"manifest HEAD, cached tag {kind}", p.name, 0.0, None,
+                        row = Row(f"manifest GET, cached tag {kind}", p.name, 0.0, None,
                                   peak_rss(p.pid) / MiB, note)  # fmt: skip
                         row.extra = {**result, "cpu_share": cpu / args.seconds}
                         rows.append(row)
@@ -583,7 +615,9 @@ def print_table(rows: list[Row]) -> None:
         if r.peer == "nginx proxy":
             nginx[r.case] = r.extra.get("rps", r.mib_s)
     print()
-    print("| case | peer | MiB/s or req/s | ratio to nginx proxy | relay CPU s/GiB | peak RSS MiB | note |")
+    print(
+        "| case | peer | MiB/s or req/s | ratio to nginx proxy | relay CPU s/GiB | peak RSS MiB | note |"
+    )
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         value = r.extra.get("rps", r.mib_s)

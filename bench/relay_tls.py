@@ -18,7 +18,12 @@ def main() -> None:
     parser.add_argument("--tls-listen")
     parser.add_argument("--cert")
     parser.add_argument("--key")
+    parser.add_argument("--no-h2-reset", action="store_true", help="skip hypercorn_patches")
     ours, rest = parser.parse_known_args()
+    if ours.no_h2_reset:
+        from vpsrelay import hypercorn_patches
+
+        hypercorn_patches.apply = lambda: False  # type: ignore[assignment]
     if ours.tls_listen:
         plain = server.hypercorn_config
 

@@ -46,7 +46,14 @@ def apply() -> bool:
     original = _ORIGINAL_CLOSE_STREAM
 
     async def close_stream_with_reset(self: H2Protocol, stream_id: int) -> None:
+        # An app that finished its body marked the buffer complete; Hypercorn's send task
+        # sends END_STREAM after flushing the last DATA frame, which may be after this
+        # runs: that stream ended well and must not be reset (no buffer: already ended).
+        buffer = self.stream_buffers.get(stream_id)
+        ended = buffer is None or buffer.complete
         await original(self, stream_id)
+        if ended:
+            return
         stream = self.connection.streams.get(stream_id)
         if stream is not None and not stream.closed:  # the app stopped before the end
             try:
