@@ -38,12 +38,16 @@ from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
 if TYPE_CHECKING:
     import httpx
 
+    from vpsrelay.cache.front import CacheFront
+    from vpsrelay.cache.store import BlobStore
     from vpsrelay.config import RegistryConfig, Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# Sees the upstream's answer before the client does; True: it answered the client itself.
+RelayHook = Callable[["httpx.Response", header_policy.Headers], Awaitable[bool]]
 
 access_log = logging.getLogger("vpsrelay.access")
 log = logging.getLogger("vpsrelay.app")
@@ -96,7 +100,9 @@ class Exchange:
 class RelayApp:
     """The ASGI callable."""
 
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, upstream: Upstream, store: BlobStore | None = None
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.registries = {registry.name: registry for registry in settings.registries}
@@ -104,6 +110,11 @@ class RelayApp:
         self.started = time.monotonic()
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
+        self.cache: CacheFront | None = None
+        if store is not None:
+            from vpsrelay.cache.front import CacheFront
+
+            self.cache = CacheFront(self, store)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -177,6 +188,10 @@ class RelayApp:
         exchange.route = route
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange, route)
+        elif route.kind is routing.Kind.BASE and self.cache is not None:
+            await self.cache.base(exchange, route)
+        elif self.cache is not None and route.kind in (routing.Kind.MANIFEST, routing.Kind.BLOB):
+            await self.cache.serve(exchange, route)
         else:
             await self._relay(exchange, route, route.upstream_path)
 
@@ -215,7 +230,9 @@ class RelayApp:
             return tuple((k, v) for k, v in headers if k != "authorization")
         return headers
 
-    async def _relay(self, exchange: Exchange, route: routing.Route, path: str) -> None:
+    async def _relay(
+        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None = None
+    ) -> None:
         registry = self.registries[route.registry]
         query = _upstream_query(exchange.query, route)
         base = registry.search_url if route.kind is routing.Kind.SEARCH else registry.url
@@ -246,6 +263,8 @@ class RelayApp:
                 for link in response.headers.get_list("link")
             )
             headers.append(API_VERSION_HEADER)
+            if hook is not None and await hook(response, tuple(headers)):
+                return
             verifier = None
             if (
                 route.kind is routing.Kind.BLOB

@@ -122,8 +122,8 @@ class Checker:
                 for registry, image in self.images.items():
                     token = self.token(registry, image, challenge)
                     self.manifest(registry, image, token)
-                self.budget()
                 self.readiness()
+                self.budget()
                 self.clock_skew()
         finally:
             self.client.close()
@@ -404,6 +404,7 @@ class Checker:
                 "; ".join(fix[k] for k in bad if k in fix),
             )
         for name, entry in (body.get("upstreams") or {}).items() if isinstance(body, dict) else ():
+            self._budget_from_report(name, entry)
             skew = entry.get("clock_skew_seconds") if isinstance(entry, dict) else None
             if isinstance(skew, int | float) and abs(skew) > CLOCK_SKEW_LIMIT:
                 self.add(
@@ -412,6 +413,20 @@ class Checker:
                     f"the relay's clock is {-skew:+.0f} s off {name}'s",
                     "run an NTP client on the VPS (chrony or systemd-timesyncd)",
                 )
+
+    def _budget_from_report(self, registry: str, entry: object) -> None:
+        """The budget the relay last saw upstream, when our own requests were answered from
+        its cache (which sends no `ratelimit-*` of its own)."""
+        if registry in self.budgets or not isinstance(entry, dict):
+            return
+        seen = entry.get("ratelimit")
+        if isinstance(seen, dict):
+            self.budgets[registry] = ratelimit.RateLimit(
+                limit=seen.get("limit"),
+                remaining=seen.get("remaining"),
+                window_seconds=seen.get("window_seconds"),
+                source=seen.get("source"),
+            )
 
     def clock_skew(self) -> None:
         if not self.date_skews:

@@ -501,3 +501,10 @@ def check(
     report = diagnosis.Checker(url or _relay_url(settings), chosen, ca_file=ca_file).run()
     click.echo(report.as_json() if as_json else report.table())
     sys.exit(0 if report.ok else 1)
+
+
+# The cache's commands live beside the cache (imported last: they use `_load`).
+from vpsrelay.cache.commands import cache_group, warm  # noqa: E402
+
+main.add_command(cache_group)
+main.add_command(warm)

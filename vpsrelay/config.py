@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vpsrelay.core.cachepolicy import GiB, parse_size
 from vpsrelay.errors import ConfigError
 from vpsrelay.registry_config import (
     BUILTIN_REGISTRIES,
@@ -199,6 +200,21 @@ def _fraction(value: object) -> float:
     return float(value)
 
 
+def _registry_seconds(value: object) -> tuple[tuple[str, float], ...]:
+    """`{"docker.io": 300}` or `"docker.io=300,ghcr.io=60"`."""
+    items: list[tuple[object, ...]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        items = [tuple(part.split("=", 1)) for part in _list(value)]
+    result = []
+    for item in items:
+        if len(item) != 2 or not isinstance(item[0], str) or not item[0].strip():
+            raise ValueError(f"expected REGISTRY=SECONDS, got {item!r}")
+        result.append((item[0].strip(), _seconds(item[1])))
+    return tuple(result)
+
+
 def _option(default: Any, parse: Callable[[object], Any], help_text: str) -> Any:
     return field(default=default, metadata={"parse": parse, "help": help_text})
 
@@ -261,6 +277,28 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    enabled: bool = _option(True, _bool, "keep blobs and manifests on disk")
+    max_size: int = _option(10 * GiB, parse_size, "cap on the cache's size, e.g. 50GiB")
+    min_free: int = _option(1 * GiB, parse_size, "free disk space the cache never takes")
+    tag_ttl: float = _option(300.0, _seconds, "seconds a tag is served without asking upstream")
+    registry_tag_ttl: tuple[tuple[str, float], ...] = _option(
+        (), _registry_seconds, "per-registry tag_ttl: REGISTRY=SECONDS,..."
+    )
+    max_stale: float = _option(
+        7 * 86400.0, _seconds, "seconds a tag may be served stale while the upstream fails"
+    )
+    auth_ttl: float = _option(
+        300.0, _seconds, "seconds an upstream-accepted credential may read cached objects"
+    )
+    public_ttl: float = _option(86400.0, _seconds, "seconds a repository is known public")
+    finish_abandoned: bool = _option(True, _bool, "finish a fill when its last reader leaves")
+    share_across_registries: bool = _option(
+        False, _bool, "serve a blob cached from one registry for another's repositories"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TLSConfig:
     """HTTPS with an ACME certificate (`domains`) or one you bring (`cert_file`)."""
 
@@ -306,6 +344,7 @@ class Settings:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     registries: tuple[RegistryConfig, ...] = DEFAULT_REGISTRIES
 
     def registry(self, name: str) -> RegistryConfig:
@@ -322,6 +361,7 @@ SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "ui": UiConfig,
     "tls": TLSConfig,
+    "cache": CacheConfig,
 }
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
 

@@ -1,7 +1,7 @@
 """Log formatting: logfmt (the default), JSON or plain text; secrets scrubbed from all.
 
 Access-log records carry their fields (`record.fields`); other records are
-application logs with a message. Every rendered line passes `logline.redact`, so
+application logs with a message. Every field value passes `logline.redact`, so
 a credential that slipped into a message (an exception text, a URL) is masked.
 """
 
@@ -42,11 +42,15 @@ class StructuredFormatter(logging.Formatter):
             if record.exc_info:
                 message += "\n" + self.formatException(record.exc_info)
             body = [("msg", message)]
-        everything = head + body
-        line = (
-            logline.as_json(everything) if self.style_name == "json" else logline.logfmt(everything)
-        )
-        return logline.redact(line)
+        # Scrub each value before rendering: scrubbing a rendered JSON line could cut
+        # through its escapes and leave a line that no longer parses.
+        everything = [
+            (key, logline.redact(value) if isinstance(value, str) else value)
+            for key, value in head + body
+        ]
+        if self.style_name == "json":
+            return logline.as_json(everything)
+        return logline.logfmt(everything)
 
 
 class RedactingFormatter(logging.Formatter):

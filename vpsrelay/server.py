@@ -17,6 +17,7 @@ import trio
 
 from vpsrelay import __version__, hypercorn_patches
 from vpsrelay.app import RelayApp
+from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
 from vpsrelay.upstream import Upstream
 
@@ -75,10 +76,11 @@ async def run(
     hypercorn_patches.apply()
     stop = trio.Event()
     upstream = Upstream(settings)
+    store = await open_store(settings)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, stop)
-            app = RelayApp(settings, upstream)
+            app = RelayApp(settings, upstream, store)
             # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
             serve = partial(
                 hypercorn.trio.serve,
@@ -105,3 +107,5 @@ async def run(
     finally:
         with trio.CancelScope(shield=True):
             await upstream.aclose()
+            if store is not None:
+                await store.aclose()

@@ -7,13 +7,15 @@ serves those paths from the registry storage root.
 Behaviour: GET/HEAD only; ``Range: bytes=a-b | a- | -n`` -> 206 + Content-Range; unsatisfiable
 -> 416; multi-range requests get the whole body (200), which RFC 9110 allows.  **Any request
 carrying an ``Authorization`` header gets 400**, as Docker Hub's storage does.  Bodies are
-streamed in chunks.  ``corrupt = True`` flips the first byte of every chunk sent.
+streamed in chunks.  ``corrupt = True`` flips the first byte of every chunk sent;
+``chunk_delay = s`` sleeps ``s`` seconds before each chunk (a slow link, for mid-transfer tests).
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 from tests.infra._http import (
@@ -42,6 +44,7 @@ class CDN:
         self.root = Path(root)
         self.chunk_size = chunk_size
         self.corrupt = False
+        self.chunk_delay = 0.0
         self.log = RequestLog()
         self._lock = threading.Lock()
         self._bytes_sent = 0
@@ -171,6 +174,8 @@ class CDN:
                 chunk = fh.read(min(self.chunk_size, left))
                 if not chunk:
                     break  # file shrank under us; the client sees a short body
+                if self.chunk_delay:
+                    time.sleep(self.chunk_delay)
                 if self.corrupt:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                 h.wfile.write(chunk)

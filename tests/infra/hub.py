@@ -271,6 +271,7 @@ class Hub:
         self.cdn.clear()
         self.cdn.corrupt = False
         self.front.ratelimit = None
+        self.cdn.chunk_delay = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 

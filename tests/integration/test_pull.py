@@ -29,12 +29,17 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 SKOPEO_TIMEOUT = 300
+# These tests are about relaying: the cache (tests/integration/test_cache.py) stays out.
+PASS_THROUGH = {"VPSRELAY_CACHE__ENABLED": "false"}
 
 
 @pytest.fixture(scope="module")
 def relay(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     with RelayProcess(
-        tmp_path_factory.mktemp("relay"), "--upstream", f"docker.io={hub.registry_url}"
+        tmp_path_factory.mktemp("relay"),
+        "--upstream",
+        f"docker.io={hub.registry_url}",
+        env=PASS_THROUGH,
     ) as process:
         yield process
 
@@ -310,7 +315,9 @@ def _big_layer(hub: Hub) -> tuple[BuiltImage, str, int]:
 def test_large_layer_streams_in_bounded_memory(clean_hub: Hub, tmp_path: Path) -> None:
     """300 MiB through a fresh relay: byte-exact, and its peak RSS grows by under 64 MiB."""
     _, digest, size = _big_layer(clean_hub)
-    with RelayProcess(tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}") as relay:
+    with RelayProcess(
+        tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}", env=PASS_THROUGH
+    ) as relay:
         token = anonymous_token(relay, "big")
         before = relay.peak_rss_bytes()
         sha = hashlib.sha256()
@@ -334,7 +341,9 @@ def test_large_layer_streams_in_bounded_memory(clean_hub: Hub, tmp_path: Path) -
 def test_client_disconnect_mid_blob_stops_the_upstream(clean_hub: Hub, tmp_path: Path) -> None:
     """A client that reads 8 MiB and leaves: the CDN stops sending long before the end."""
     _, digest, size = _big_layer(clean_hub)
-    with RelayProcess(tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}") as relay:
+    with RelayProcess(
+        tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}", env=PASS_THROUGH
+    ) as relay:
         token = anonymous_token(relay, "big")
         with httpx.stream(
             "GET",
@@ -356,7 +365,9 @@ def test_client_disconnect_mid_blob_stops_the_upstream(clean_hub: Hub, tmp_path:
 def test_slow_client_slows_the_upstream(clean_hub: Hub, tmp_path: Path) -> None:
     """Backpressure: while the client reads nothing, the relay stops pulling from the CDN."""
     _, digest, size = _big_layer(clean_hub)
-    with RelayProcess(tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}") as relay:
+    with RelayProcess(
+        tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}", env=PASS_THROUGH
+    ) as relay:
         token = anonymous_token(relay, "big")
         with httpx.stream(
             "GET",

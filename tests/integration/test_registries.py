@@ -103,7 +103,9 @@ def relay(
     workdir = tmp_path_factory.mktemp("relay")
     config = _config(workdir, ghcr, anon)
     args = ("--config", str(config), "--upstream", f"docker.io={hub.registry_url}")
-    with RelayProcess(workdir, *args) as process:
+    # Pass-through, so every pull here shows the upstream conversation (tokens, redirects);
+    # the cache has its own tests, including per-registry separation.
+    with RelayProcess(workdir, *args, env={"VPSRELAY_CACHE__ENABLED": "false"}) as process:
         yield process
 
 

@@ -1,0 +1,209 @@
+"""The cache's pure decisions: sizes, ranges, eviction, freshness, authorization."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from vpsrelay.core import cachepolicy as policy
+from vpsrelay.core.cachepolicy import Entry, GiB, MiB
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("50GiB", 50 * GiB), ("500 MB", 500_000_000), ("1024", 1024), (7, 7), ("1.5GiB", 3 * GiB // 2),
+     ("10mib", 10 * MiB), ("2T", 2 * 1000**4)],
+)  # fmt: skip
+def test_parse_size(text: object, size: int) -> None:
+    assert policy.parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "GiB", "10 parsecs", "-1", True, -5, 1.5, None, "1e9"])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ValueError, match="expected a size"):
+        policy.parse_size(bad)
+
+
+@given(st.text(max_size=20))
+def test_parse_size_only_value_errors(text: str) -> None:
+    with contextlib.suppress(ValueError):
+        assert policy.parse_size(text) >= 0
+
+
+def test_format_size() -> None:
+    assert policy.format_size(512) == "512 B"
+    assert policy.format_size(3 * MiB // 2) == "1.5 MiB"
+    assert policy.format_size(5 * 1024 * GiB) == "5.0 TiB"
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        (None, 10, None),
+        ("bytes=0-4", 10, (0, 4)),
+        ("bytes=5-", 10, (5, 9)),
+        ("bytes=-3", 10, (7, 9)),
+        ("bytes=-30", 10, (0, 9)),
+        ("bytes=2-100", 10, (2, 9)),
+        ("bytes=5-2", 10, None),  # invalid: ignored, whole body
+        ("bytes=0-1,4-5", 10, None),  # multi-range: whole body
+        ("items=0-1", 10, None),
+        ("bytes=-", 10, None),
+    ],
+)
+def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
+    got = policy.parse_range(header, size)
+    assert (None if got is None else (got.first, got.last)) == expected
+    if got is not None:
+        assert got.content_range() == f"bytes {got.first}-{got.last}/{size}"
+        assert got.length == got.last - got.first + 1
+
+
+@pytest.mark.parametrize(("header", "size"), [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=-5", 0)])
+def test_parse_range_unsatisfiable(header: str, size: int) -> None:
+    with pytest.raises(policy.Unsatisfiable):
+        policy.parse_range(header, size)
+
+
+@given(st.text(max_size=30), st.integers(min_value=0, max_value=10**12))
+def test_parse_range_stays_inside(header: str, size: int) -> None:
+    try:
+        got = policy.parse_range(header, size)
+    except policy.Unsatisfiable:
+        return
+    if got is not None:
+        assert 0 <= got.first <= got.last < size
+
+
+def _entries(*specs: tuple[str, int, float, bool]) -> list[Entry]:
+    return [Entry(*spec) for spec in specs]
+
+
+def test_eviction_takes_least_recently_used_first_and_skips_busy() -> None:
+    entries = _entries(("a", 4, 1.0, False), ("b", 4, 0.5, True), ("c", 4, 2.0, False))
+    victims, fits = policy.plan_eviction(
+        entries, used=12, max_size=14, free=10**9, min_free=0, incoming=4
+    )
+    assert victims == ["a"]  # b is older but busy
+    assert fits
+
+
+def test_eviction_for_the_free_space_floor() -> None:
+    entries = _entries(("a", 5, 1.0, False), ("b", 5, 2.0, False))
+    victims, fits = policy.plan_eviction(
+        entries, used=10, max_size=100, free=12, min_free=10, incoming=4
+    )
+    assert victims == ["a"]
+    assert fits
+
+
+def test_eviction_cannot_make_room_when_all_busy() -> None:
+    entries = _entries(("a", 5, 1.0, True))
+    assert policy.plan_eviction(
+        entries, used=5, max_size=8, free=10**9, min_free=0, incoming=4
+    ) == (["a"][:0], False)
+
+
+def test_eviction_refuses_objects_larger_than_the_cap() -> None:
+    assert policy.plan_eviction([], used=0, max_size=8, free=10**9, min_free=0, incoming=9) == (
+        [],
+        False,
+    )
+
+
+def test_no_eviction_when_it_fits() -> None:
+    entries = _entries(("a", 5, 1.0, False))
+    assert policy.plan_eviction(
+        entries, used=5, max_size=100, free=10**9, min_free=0, incoming=4
+    ) == ([], True)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 100), st.floats(0, 100), st.booleans()), max_size=20),
+    st.integers(1, 500),
+    st.integers(0, 200),
+)
+def test_eviction_property(specs: list[tuple[int, float, bool]], cap: int, incoming: int) -> None:
+    entries = [Entry(str(i), size, used, busy) for i, (size, used, busy) in enumerate(specs)]
+    used = sum(e.size for e in entries)
+    victims, fits = policy.plan_eviction(
+        entries, used=used, max_size=cap, free=10**9, min_free=0, incoming=incoming
+    )
+    by_key = {e.key: e for e in entries}
+    assert not any(by_key[v].busy for v in victims)
+    if fits:
+        assert used - sum(by_key[v].size for v in victims) + incoming <= cap
+
+
+def test_tag_freshness() -> None:
+    assert policy.tag_action(checked_at=100, now=150, ttl=60) is policy.TagAction.SERVE
+    assert policy.tag_action(checked_at=100, now=160, ttl=60) is policy.TagAction.REVALIDATE
+    # A clock that went backwards does not make a mapping fresh forever.
+    assert policy.tag_action(checked_at=100, now=50, ttl=60) is policy.TagAction.REVALIDATE
+    assert policy.may_serve_stale(checked_at=0, now=100, max_stale=100)
+    assert not policy.may_serve_stale(checked_at=0, now=101, max_stale=100)
+
+
+@pytest.mark.parametrize(
+    ("status", "failing"),
+    [(200, False), (401, False), (404, False), (429, True), (500, True), (503, True)],
+)
+def test_upstream_is_failing(status: int, failing: bool) -> None:
+    assert policy.upstream_is_failing(status) is failing
+
+
+def test_grants_expire_and_are_per_credential_and_repository() -> None:
+    grants = policy.Grants(ttl=10, limit=2)
+    alice = policy.credential_key("Bearer alice")
+    anon = policy.credential_key(None)
+    assert alice != anon
+    assert len(alice) == 32
+    grants.grant(alice, "docker.io", "private/secret", now=0)
+    assert grants.allowed(alice, "docker.io", "private/secret", now=9)
+    assert not grants.allowed(alice, "docker.io", "private/secret", now=10)
+    assert not grants.allowed(anon, "docker.io", "private/secret", now=1)
+    assert not grants.allowed(alice, "ghcr.io", "private/secret", now=1)
+    assert not grants.allowed(alice, "docker.io", "library/alpine", now=1)
+    grants.grant(anon, "docker.io", "a", now=1)
+    grants.grant(anon, "docker.io", "b", now=2)
+    assert len(grants) == 2  # bounded: the oldest went
+    assert not grants.allowed(alice, "docker.io", "private/secret", now=3)
+
+
+def test_blob_access_needs_grant_and_membership() -> None:
+    assert policy.blob_access(granted=True, holds_blob=True) is policy.Access.SERVE
+    assert policy.blob_access(granted=True, holds_blob=False) is policy.Access.CHECK
+    assert policy.blob_access(granted=False, holds_blob=True) is policy.Access.CHECK
+
+
+def test_offline_access() -> None:
+    assert policy.offline_access(granted=False, public=True, holds_object=True)
+    assert policy.offline_access(granted=True, public=False, holds_object=True)
+    assert not policy.offline_access(granted=False, public=False, holds_object=True)
+    assert not policy.offline_access(granted=True, public=True, holds_object=False)
+
+
+def test_accepts() -> None:
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    assert policy.accepts(None, oci)
+    assert policy.accepts("", oci)
+    assert policy.accepts(f"application/json, {oci}; q=0.9", oci)
+    assert policy.accepts("*/*", oci)
+    assert not policy.accepts("application/vnd.docker.distribution.manifest.v2+json", oci)
+
+
+def test_manifest_children() -> None:
+    manifest = {
+        "config": {"digest": "sha256:c"},
+        "layers": [{"digest": "sha256:l1"}, {"digest": "sha256:l2"}, {"nodigest": 1}, "x"],
+    }
+    assert policy.manifest_children(json.dumps(manifest).encode()) == [
+        "sha256:c", "sha256:l1", "sha256:l2",
+    ]  # fmt: skip
+    index = {"manifests": [{"digest": "sha256:m1"}]}
+    assert policy.manifest_children(json.dumps(index).encode()) == ["sha256:m1"]
+    assert policy.manifest_children(b"not json") == []
+    assert policy.manifest_children(b"[1]") == []

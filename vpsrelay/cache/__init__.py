@@ -1,0 +1,39 @@
+"""The verified blob cache: content-addressed store, fills, manifests, eviction.
+
+`store` owns files and fills, `index` what is stored (in memory, kept in SQLite),
+`front` the HTTP side (hits, authorization, manifests); the decisions are in
+`vpsrelay.core.cachepolicy`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from vpsrelay.cache.store import BlobStore
+
+if TYPE_CHECKING:
+    from vpsrelay.config import Settings
+
+log = logging.getLogger("vpsrelay.cache")
+
+
+async def open_store(settings: Settings) -> BlobStore | None:
+    """The store under `data_dir`, or None when the cache is disabled."""
+    if not settings.cache.enabled:
+        log.info("cache disabled: every pull passes through")
+        return None
+    store = await trio.to_thread.run_sync(BlobStore.open, settings.data_dir, settings.cache)
+    log.info(
+        "cache: %d objects, %d bytes in %s (cap %d bytes)",
+        len(store.index.objects),
+        store.index.used,
+        settings.data_dir,
+        settings.cache.max_size,
+    )
+    return store
+
+
+__all__ = ["BlobStore", "open_store"]

@@ -1,0 +1,646 @@
+"""The cache between the app and the upstream: hits, fills, manifests, authorization.
+
+`RelayApp` hands manifest and blob requests here. A hit is answered from disk;
+a miss goes upstream through `RelayApp._relay` with a hook that sees the
+upstream's answer before the client does: a blob's 200 becomes a `Fill` that
+every concurrent client reads, a manifest's 200 is stored and tagged.
+The decisions (authorization, freshness, ranges, eviction) are in
+`vpsrelay.core.cachepolicy`; this module does the IO they call for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+import trio
+
+from vpsrelay import observe
+from vpsrelay.cache.store import BlobStore, Fill, FillState
+from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
+from vpsrelay.core.redirects import UpstreamRequest
+from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
+from vpsrelay.upstream import USER_AGENT, map_httpx_errors
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator
+
+    import httpx
+
+    from vpsrelay.app import Exchange, RelayApp
+
+log = logging.getLogger("vpsrelay.cache")
+
+API_VERSION_HEADER = ("docker-distribution-api-version", "registry/2.0")
+STALE_WARNING = ("warning", '110 vpsrelay "Response is Stale"')
+CACHE_HEADER = "x-vpsrelay-cache"
+PROBE_TIMEOUT = 10.0
+JOIN_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class _Outcome:
+    error: RelayError | None = None
+
+
+class CacheFront:
+    """Serves manifests and blobs from the `BlobStore`, filling it from the upstream."""
+
+    def __init__(self, app: RelayApp, store: BlobStore) -> None:
+        self.app = app
+        self.store = store
+        self.config = store.config
+        self.grants = policy.Grants(ttl=self.config.auth_ttl)
+        self._tag_ttls = dict(self.config.registry_tag_ttl)
+
+    # --- entry points, called by RelayApp._dispatch
+
+    async def serve(self, exchange: Exchange, route: routing.Route) -> None:
+        if route.kind is routing.Kind.BLOB:
+            await self._blob(exchange, route)
+        else:
+            await self._manifest(exchange, route)
+
+    async def base(self, exchange: Exchange, route: routing.Route) -> None:
+        """`/v2/`: relayed; when the upstream is down, answered here so that cached
+        public images still pull (clients then ask without a token)."""
+        try:
+            await self.app._relay(exchange, route, "/v2/", hook=partial(self._base_hook, exchange))
+        except UpstreamError as exc:
+            if exchange.status or not self.store.index.tags:
+                raise  # nothing cached to offer
+            log.warning("upstream unavailable (%s): answering /v2/ from the cache", exc.message)
+            await self._offline_base(exchange)
+
+    async def _base_hook(
+        self, exchange: Exchange, response: httpx.Response, headers: header_policy.Headers
+    ) -> bool:
+        if not policy.upstream_is_failing(response.status_code) or not self.store.index.tags:
+            return False
+        log.warning(
+            "upstream answered /v2/ with %d: answering from the cache", response.status_code
+        )
+        await self._offline_base(exchange)
+        return True
+
+    async def _offline_base(self, exchange: Exchange) -> None:
+        await exchange.respond(
+            200,
+            (("content-type", "application/json"), STALE_WARNING, (CACHE_HEADER, "stale")),
+            b"{}",
+        )
+
+    # --- helpers
+
+    def _credential(self, exchange: Exchange) -> str:
+        return policy.credential_key(header_policy.get(exchange.headers, "authorization"))
+
+    def _granted(self, exchange: Exchange, route: routing.Route) -> bool:
+        return self.grants.allowed(
+            self._credential(exchange), route.registry, route.upstream_name, trio.current_time()
+        )
+
+    def _grant(self, exchange: Exchange, route: routing.Route) -> None:
+        self.grants.grant(
+            self._credential(exchange), route.registry, route.upstream_name, trio.current_time()
+        )
+        if header_policy.get(exchange.headers, "authorization") is None:
+            # The upstream answered a request without credentials: anyone may read it.
+            self.store.index.set_public(route.registry, route.upstream_name, time.time())
+
+    def _holds(self, digest: str, route: routing.Route) -> bool:
+        index = self.store.index
+        if self.config.share_across_registries:
+            return digest in index.origins
+        return index.holds(digest, route.registry, route.upstream_name)
+
+    def _public(self, route: routing.Route) -> bool:
+        return (route.registry, route.upstream_name) in self.store.index.public
+
+    def _url(self, route: routing.Route, path: str) -> str:
+        return f"{self.app.settings.registry(route.registry).url}{path}"
+
+    async def _head(self, exchange: Exchange, route: routing.Route) -> tuple[int, str | None]:
+        """HEAD the client's object upstream with the client's credentials (no redirects):
+        the upstream's status and `Docker-Content-Digest`.
+
+        Raises:
+            UpstreamError: the upstream could not be asked.
+        """
+        request = UpstreamRequest(
+            "HEAD",
+            self._url(route, route.upstream_path),
+            header_policy.upstream_request_headers(exchange.headers, USER_AGENT),
+        )
+        async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
+            observe.upstream_answered(self.app, exchange, response)
+            return response.status_code, response.headers.get("docker-content-digest")
+
+    async def _relay(self, exchange: Exchange, route: routing.Route, hook: object = None) -> None:
+        await self.app._relay(exchange, route, route.upstream_path, hook=hook)  # type: ignore[arg-type]
+
+    # --- blobs
+
+    async def _blob(self, exchange: Exchange, route: routing.Route) -> None:
+        digest = route.reference
+        if not digest.startswith("sha256:"):
+            await self._relay(exchange, route)
+            return
+        ranged = header_policy.get(exchange.headers, "range") is not None
+        for _ in range(JOIN_ATTEMPTS):
+            obj = self.store.get(digest)
+            if obj is not None and obj.kind == "blob":
+                if await self._may_serve_blob(exchange, route, digest):
+                    await self._serve_file(exchange, route, digest, obj.size)
+                else:
+                    await self._relay(exchange, route)
+                return
+            if exchange.method == "HEAD" or ranged:
+                await self._relay(exchange, route)  # not cached: pass through
+                return
+            fill, lead = self.store.claim(digest)
+            if lead:
+                try:
+                    await self._relay(exchange, route, partial(self._lead, exchange, route, fill))
+                finally:
+                    self.store.drop(fill)  # no-op unless the leader never began
+                return
+            while not fill.settled:
+                await fill.wait_changed()
+            if fill.state is FillState.STREAMING:
+                if not await self._may_serve_blob(exchange, route, digest):
+                    await self._relay(exchange, route)
+                    return
+                if fill.state is FillState.STREAMING:
+                    self.store.index.count("joins")
+                    await self._serve_fill(exchange, fill)
+                    return
+            # committed meanwhile: a hit next time round; dropped or failed: ask ourselves
+        await self._relay(exchange, route)
+
+    async def _may_serve_blob(self, exchange: Exchange, route: routing.Route, digest: str) -> bool:
+        """The authorization rule: a live grant for the repository, which holds the blob;
+        else the upstream is asked (HEAD with the client's credentials).
+
+        Raises:
+            UpstreamError: the upstream could not be asked and the rule forbids
+                serving without it.
+        """
+        granted = self._granted(exchange, route)
+        holds = self._holds(digest, route)
+        if policy.blob_access(granted=granted, holds_blob=holds) is policy.Access.SERVE:
+            return True
+        try:
+            status, _ = await self._head(exchange, route)
+        except UpstreamError:
+            if policy.offline_access(
+                granted=granted, public=self._public(route), holds_object=holds
+            ):
+                self.store.index.count("stale_served")
+                return True
+            raise
+        if 200 <= status < 400:
+            self._grant(exchange, route)
+            self.store.index.add_origin(digest, route.registry, route.upstream_name)
+            return True
+        if policy.upstream_is_failing(status):
+            return policy.offline_access(
+                granted=granted, public=self._public(route), holds_object=holds
+            )
+        return False
+
+    def _blob_headers(self, digest: str, size: int) -> list[tuple[str, str]]:
+        return [
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+            ("accept-ranges", "bytes"),
+            ("etag", f'"{digest}"'),
+            ("cache-control", "max-age=31536000"),
+            API_VERSION_HEADER,
+        ]
+
+    async def _serve_file(
+        self, exchange: Exchange, route: routing.Route, digest: str, size: int
+    ) -> None:
+        headers = self._blob_headers(digest, size)
+        try:
+            byte_range = policy.parse_range(header_policy.get(exchange.headers, "range"), size)
+        except policy.Unsatisfiable:
+            headers.append(("content-range", f"bytes */{size}"))
+            await exchange.respond(416, tuple(headers), b"")
+            return
+        first, end, status = 0, size, 200
+        if byte_range is not None:
+            first, end, status = byte_range.first, byte_range.last + 1, 206
+            headers.append(("content-range", byte_range.content_range()))
+        headers.append(("content-length", str(end - first)))
+        headers.append((CACHE_HEADER, "hit"))
+        index = self.store.index
+        index.touch(digest, time.time())
+        index.count("hits")
+        with self.store.pinned(digest):
+            if exchange.method == "HEAD":
+                await exchange.start(status, tuple(headers))
+                await exchange.body(b"", more=False)
+                return
+            fd = self.store.open_fd(digest)
+            if fd is None:
+                await self._relay(exchange, route)
+                return
+            try:
+                await exchange.start(status, tuple(headers))
+                outcome = await self._send_watched(exchange, fd, first, end, None)
+            finally:
+                os.close(fd)
+        index.count("bytes_from_cache", exchange.bytes_sent)
+        self._observe(exchange, route.registry, "hit")
+        await self.store.flush()
+        if outcome.error is not None:
+            raise outcome.error
+
+    async def _serve_fill(self, exchange: Exchange, fill: Fill) -> None:
+        fd = os.dup(fill.fd)
+        try:
+            headers = [
+                *self._blob_headers(fill.digest, fill.size),
+                ("content-length", str(fill.size)),
+                (CACHE_HEADER, "join"),
+            ]
+            await exchange.start(200, tuple(headers))
+            outcome = await self._send_watched(exchange, fd, 0, fill.size, fill)
+        finally:
+            os.close(fd)
+        if exchange.route is not None:
+            self._observe(exchange, exchange.route.registry, "join")
+        if outcome.error is not None:
+            raise outcome.error
+
+    def _observe(self, exchange: Exchange, registry: str, result: str) -> None:
+        """The cache's part of the access log and metrics: hit, join (of a fill) or miss."""
+        exchange.cache = result
+        metrics = self.app.metrics
+        if result == "miss":
+            metrics.cache_miss(registry)
+        else:
+            metrics.cache_hit(registry, exchange.bytes_sent)
+        metrics.cache_size(self.store.index.used)
+
+    async def _lead(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        fill: Fill,
+        response: httpx.Response,
+        headers: header_policy.Headers,
+    ) -> bool:
+        """The upstream answered the first client: fill the cache from it, if it is a
+        whole blob; the client (and any that join) read the fill."""
+        length = response.headers.get("content-length", "")
+        if response.status_code != 200 or not length.isdigit():
+            self.store.drop(fill)
+            return False
+        self._grant(exchange, route)
+        size = int(length)
+        if not await self.store.begin(fill, size, headers):
+            return False  # no room: the app streams it through, verified as before
+        index = self.store.index
+        index.add_origin(fill.digest, route.registry, route.upstream_name)
+        index.count("misses")
+        self._observe(exchange, route.registry, "miss")
+        if header_policy.get(headers, "docker-content-digest") is None:
+            headers = (*headers, ("docker-content-digest", fill.digest))
+        await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
+        fd = os.dup(fill.fd)
+        outcome = _Outcome()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_for_leader, exchange, fd, fill, outcome)
+                with fill.pump_scope, contextlib.suppress(RelayError):
+                    # The fill is marked failed inside; the readers report it.
+                    chunks_read = _chunks(response, route.registry, self.app, exchange)
+                    async with contextlib.aclosing(chunks_read) as chunks:
+                        await self.store.pump(fill, chunks)
+        finally:
+            os.close(fd)
+        if outcome.error is not None:
+            raise outcome.error
+        return True
+
+    async def _read_for_leader(
+        self, exchange: Exchange, fd: int, fill: Fill, outcome: _Outcome
+    ) -> None:
+        result = await self._send_watched(exchange, fd, 0, fill.size, fill)
+        outcome.error = result.error
+
+    async def _send_watched(
+        self, exchange: Exchange, fd: int, first: int, end: int, fill: Fill | None
+    ) -> _Outcome:
+        """Send bytes `first..end` of `fd` to the client until done or it leaves."""
+        outcome = _Outcome()
+        if fill is not None:
+            fill.readers += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, exchange, nursery.cancel_scope)
+                try:
+                    await self._send_range(exchange, fd, first, end, fill)
+                except RelayError as exc:
+                    outcome.error = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            if fill is not None:
+                fill.readers -= 1
+                if (
+                    fill.readers == 0
+                    and fill.state is FillState.STREAMING
+                    and not self.config.finish_abandoned
+                ):
+                    log.info("cache: last reader of %s left, stopping its fill", fill.digest)
+                    fill.pump_scope.cancel()
+        return outcome
+
+    async def _send_range(
+        self, exchange: Exchange, fd: int, first: int, end: int, fill: Fill | None
+    ) -> None:
+        position = first
+        size = fill.size if fill is not None else end
+        while position < end:
+            limit = end
+            if fill is not None and fill.state is not FillState.COMMITTED:
+                if fill.state is FillState.FAILED:
+                    raise fill.error or UpstreamError("the fill failed")
+                # The last byte waits for the digest check: a bad body ends short.
+                limit = min(end, fill.written, size - 1)
+                if position >= limit:
+                    await fill.wait_changed()
+                    continue
+            count = min(limit - position, READ_CHUNK)
+            data = await trio.to_thread.run_sync(os.pread, fd, count, position)
+            if not data:
+                raise UpstreamError("the cached file ended early")
+            position += len(data)
+            await exchange.body(data, more=position < end)
+        if position == first == end:
+            await exchange.body(b"", more=False)
+
+    # --- manifests
+
+    def _tag_ttl(self, registry: str) -> float:
+        return self._tag_ttls.get(registry, self.config.tag_ttl)
+
+    async def _manifest(self, exchange: Exchange, route: routing.Route) -> None:
+        index = self.store.index
+        tag = None
+        if route.reference_is_digest:
+            digest: str | None = route.reference
+        else:
+            tag = index.tags.get((route.registry, route.upstream_name, route.reference))
+            digest = tag.digest if tag is not None else None
+        obj = self.store.get(digest) if digest is not None else None
+        accept = ", ".join(header_policy.get_all(exchange.headers, "accept"))
+        if (
+            digest is None
+            or obj is None
+            or obj.kind != "manifest"
+            or not policy.accepts(accept, obj.media_type)
+            or not self._holds(digest, route)
+        ):
+            await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
+            return
+        granted = self._granted(exchange, route)
+        if granted and (
+            tag is None
+            or policy.tag_action(
+                checked_at=tag.checked_at, now=time.time(), ttl=self._tag_ttl(route.registry)
+            )
+            is policy.TagAction.SERVE
+        ):
+            await self._send_manifest(exchange, digest, obj.media_type, obj.size, "hit")
+            return
+        # Stale, or this credential is not known to be allowed: ask with a HEAD.
+        try:
+            status, upstream_digest = await self._head(exchange, route)
+        except UpstreamError as exc:
+            if await self._serve_stale(exchange, route, digest, tag, granted, exc.message):
+                return
+            raise
+        if policy.upstream_is_failing(status) and await self._serve_stale(
+            exchange, route, digest, tag, granted, f"upstream answered {status}"
+        ):
+            return
+        if status != 200:
+            await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
+            return
+        self._grant(exchange, route)
+        index.count("revalidations")
+        now = time.time()
+        if upstream_digest is None or upstream_digest == digest:
+            if tag is not None:
+                index.set_tag(route.registry, route.upstream_name, route.reference, digest, now)
+            await self._send_manifest(exchange, digest, obj.media_type, obj.size, "revalidated")
+            return
+        # The tag moved. The new manifest may be cached already (another tag, a rollback).
+        new = self.store.get(upstream_digest)
+        if (
+            tag is not None
+            and new is not None
+            and new.kind == "manifest"
+            and policy.accepts(accept, new.media_type)
+            and self._holds(upstream_digest, route)
+        ):
+            index.set_tag(
+                route.registry, route.upstream_name, route.reference, upstream_digest, now
+            )
+            await self._send_manifest(exchange, upstream_digest, new.media_type, new.size, "hit")
+            return
+        await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
+
+    async def _serve_stale(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        digest: str,
+        tag: object,
+        granted: bool,
+        why: str,
+    ) -> bool:
+        from vpsrelay.cache.index import Tag
+
+        public = self._public(route)
+        if not policy.offline_access(granted=granted, public=public, holds_object=True):
+            return False
+        obj = self.store.get(digest)
+        if obj is None:
+            return False
+        if isinstance(tag, Tag) and not policy.may_serve_stale(
+            checked_at=tag.checked_at, now=time.time(), max_stale=self.config.max_stale
+        ):
+            return False
+        self.store.index.count("stale_served")
+        log.warning(
+            "serving %s %s from the cache, stale: %s",
+            route.upstream_name,
+            route.reference,
+            why,
+        )
+        await self._send_manifest(exchange, digest, obj.media_type, obj.size, "stale")
+        return True
+
+    async def _send_manifest(
+        self, exchange: Exchange, digest: str, media_type: str, size: int, how: str
+    ) -> None:
+        headers = [
+            ("content-type", media_type),
+            ("docker-content-digest", digest),
+            ("etag", f'"{digest}"'),
+            ("content-length", str(size)),
+            API_VERSION_HEADER,
+            (CACHE_HEADER, how),
+        ]
+        if how == "stale":
+            headers.append(STALE_WARNING)
+        self.store.index.touch(digest, time.time())
+        self.store.index.count("hits")
+        if exchange.method == "HEAD":
+            await exchange.start(200, tuple(headers))
+            await exchange.body(b"", more=False)
+            return
+        body = await self.store.read_small(digest)
+        if body is None:
+            raise UpstreamError("a cached manifest vanished; retry")
+        await exchange.start(200, tuple(headers))
+        await exchange.body(body, more=False)
+        await self.store.flush()
+
+    async def _store_manifest(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        response: httpx.Response,
+        headers: header_policy.Headers,
+    ) -> bool:
+        """Hook on a relayed manifest answer: keep a 200's exact bytes, then send them."""
+        if response.status_code != 200:
+            return False
+        self._grant(exchange, route)
+        index = self.store.index
+        upstream_digest = response.headers.get("docker-content-digest")
+        if exchange.method == "HEAD":
+            cached = self.store.get(upstream_digest) if upstream_digest else None
+            if upstream_digest and cached is not None and not route.reference_is_digest:
+                index.set_tag(
+                    route.registry,
+                    route.upstream_name,
+                    route.reference,
+                    upstream_digest,
+                    time.time(),
+                )
+            return False
+        length = response.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > policy.MAX_MANIFEST_BYTES:
+            return False
+        body = bytearray()
+        with map_httpx_errors(route.registry):
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > policy.MAX_MANIFEST_BYTES:
+                    raise UpstreamError("manifest larger than announced")
+        data = bytes(body)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if route.reference_is_digest and route.reference != digest:
+            index.count("digest_mismatches")
+            raise DigestMismatch(f"upstream manifest hashes to {digest}, not {route.reference}")
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        if upstream_digest in (None, digest) and media_type:
+            await self.store.put_small(digest, data, "manifest", media_type)
+            index.add_origin(digest, route.registry, route.upstream_name)
+            for child in policy.manifest_children(data):
+                index.add_origin(child, route.registry, route.upstream_name)
+            if not route.reference_is_digest:
+                index.set_tag(
+                    route.registry, route.upstream_name, route.reference, digest, time.time()
+                )
+        await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
+        await exchange.body(data, more=False)
+        await self.store.flush()
+        await self._learn_public(route, digest, media_type)
+        return True
+
+    async def _learn_public(self, route: routing.Route, digest: str, media_type: str) -> None:
+        """Ask the upstream, without credentials, whether anyone may read this
+        repository: the answer decides what is served while the upstream is down."""
+        key = (route.registry, route.upstream_name)
+        seen = self.store.index.public.get(key)
+        if seen is not None and time.time() - seen < self.config.public_ttl:
+            return
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                public = await self._anonymous_head(route, digest, media_type)
+                log.info("cache: %s/%s is %s", *key, "public" if public else "not public")
+                if public:
+                    self.store.index.set_public(*key, time.time())
+            except RelayError as exc:
+                log.info("cache: could not ask whether %s is public: %s", key, exc.message)
+
+    async def _anonymous_head(self, route: routing.Route, digest: str, media_type: str) -> bool:
+        registry = self.app.settings.registry(route.registry)
+        challenge = await self.app.upstream.challenge(registry)
+        # Distribution answers 404 for an OCI manifest the Accept header does not admit.
+        headers: list[tuple[str, str]] = [("user-agent", USER_AGENT), ("accept", media_type)]
+        if challenge is not None and challenge.realm:
+            params = [("scope", f"repository:{route.upstream_name}:pull")]
+            if challenge.service:
+                params.insert(0, ("service", challenge.service))
+            separator = "&" if "?" in challenge.realm else "?"
+            request = UpstreamRequest(
+                "GET", f"{challenge.realm}{separator}{urlencode(params)}", tuple(headers[:1])
+            )
+            async with self.app.upstream.open(request, what=f"{route.registry} token") as response:
+                if response.status_code != 200:
+                    return False
+                with map_httpx_errors(route.registry):
+                    raw = await response.aread()
+            try:
+                answer = json.loads(raw)
+                token = answer.get("token") or answer.get("access_token")
+            except (ValueError, AttributeError):
+                return False
+            if not isinstance(token, str) or not token:
+                return False
+            headers.append(("authorization", f"Bearer {token}"))
+        request = UpstreamRequest(
+            "HEAD",
+            self._url(route, f"/v2/{route.upstream_name}/manifests/{digest}"),
+            tuple(headers),
+        )
+        async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
+            return response.status_code == 200
+
+
+READ_CHUNK = 1024 * 1024
+
+
+async def _chunks(
+    response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
+) -> AsyncGenerator[bytes]:
+    with map_httpx_errors(what):
+        async for chunk in response.aiter_raw():
+            observe.upstream_read(app, exchange, chunk)  # upstream bytes, in the metrics
+            yield chunk
+
+
+async def _watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:
+    while True:
+        message = await exchange.receive()
+        if message["type"] == "http.disconnect":
+            exchange.disconnected = True
+            cancel_scope.cancel()
+            return

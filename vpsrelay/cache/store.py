@@ -1,0 +1,459 @@
+"""The content-addressed store on disk: `<data_dir>/blobs/sha256/ab/<hex>`.
+
+A miss is written to `<data_dir>/tmp/` while it is hashed, and renamed into
+place (after fsync) only if it hashes to its digest: a file under `blobs/` is
+always complete and verified, and `tmp/` is emptied at every start, so a crash
+can never leave a partial blob where it would be served.
+
+A `Fill` is one upstream download in progress. Readers (the client that caused
+it and every client that asked for the same blob meanwhile) read the temporary
+file as it grows, through their own descriptor; the last byte is held back
+until the digest is verified, so a wrong body ends short instead of completing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from vpsrelay.cache.index import Database, Index, Obj
+from vpsrelay.core import cachepolicy
+from vpsrelay.core.digest import Digest, Verifier
+from vpsrelay.errors import RelayError, UpstreamError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    from vpsrelay.config import CacheConfig
+
+log = logging.getLogger("vpsrelay.cache")
+
+WRITE_BATCH = 1024 * 1024  # bytes gathered before one write+hash in a worker thread
+READ_CHUNK = 1024 * 1024
+FLUSH_INTERVAL = 5.0  # seconds between index writes to SQLite (last-use times, counters)
+MANIFEST_MEMORY = 32 * 1024 * 1024
+
+
+class FillState(enum.Enum):
+    PENDING = "pending"  # a client is asking the upstream; others wait for its answer
+    STREAMING = "streaming"
+    COMMITTED = "committed"
+    FAILED = "failed"  # digest mismatch, upstream broke off, write error
+    DROPPED = "dropped"  # not cached after all (not a 200, no room): others ask themselves
+
+
+@dataclass(eq=False)
+class Fill:
+    digest: str
+    state: FillState = FillState.PENDING
+    size: int = 0
+    written: int = 0
+    fd: int = -1
+    tmp_path: Path | None = None
+    readers: int = 0
+    error: RelayError | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    pump_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    @property
+    def settled(self) -> bool:
+        return self.state is not FillState.PENDING
+
+
+class DiskError(Exception):
+    """Writing to the cache failed (disk full, I/O error): the pull passes through."""
+
+
+class BlobStore:
+    """Files, fills, the index and eviction. Build it with `BlobStore.open` (blocking)."""
+
+    def __init__(self, root: Path, config: CacheConfig, db: Database, index: Index) -> None:
+        self.root = root
+        self.config = config
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+        self.db = db
+        self.index = index
+        self.fills: dict[str, Fill] = {}
+        self.pins: dict[str, int] = {}
+        self.reserved = 0
+        self._flushed_at = time.monotonic()
+        self._flush_lock = trio.Lock()
+        self._space_lock = trio.Lock()
+        self._manifests: OrderedDict[str, bytes] = OrderedDict()
+        self._manifest_bytes = 0
+        self._sequence = 0
+
+    # --- opening, reconciling, closing (blocking: run in a thread or at start)
+
+    @classmethod
+    def open(cls, root: Path, config: CacheConfig) -> BlobStore:
+        """Create the layout, drop leftovers of a crash, reconcile the index with disk."""
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        tmp = root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                removed += 1
+        if removed:
+            log.info("cache: removed %d partial file(s) left by an earlier run", removed)
+        db = Database(root / "cache.db")
+        index = db.load()
+        store = cls(root, config, db, index)
+        store._reconcile()
+        return store
+
+    def _reconcile(self) -> None:
+        on_disk: dict[str, int] = {}
+        base = self.blobs / "sha256"
+        for prefix in os.scandir(base):
+            if not prefix.is_dir():
+                continue
+            for entry in os.scandir(prefix.path):
+                if len(entry.name) == 64 and entry.name[:2] == prefix.name:
+                    on_disk[f"sha256:{entry.name}"] = entry.stat().st_size
+        now = time.time()
+        for digest in list(self.index.objects):
+            if on_disk.get(digest) != self.index.objects[digest].size:
+                self.index.remove(digest)
+        for digest, size in on_disk.items():
+            if digest not in self.index.objects:
+                # Renamed into place (verified) but the index write was lost: keep it.
+                self.index.add(digest, Obj(size, now, "blob"))
+        self.db.write(self.index.take_writes())
+
+    async def aclose(self) -> None:
+        await self.flush(force=True)
+        await trio.to_thread.run_sync(self.db.close)
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Write the index's changes to SQLite, at most every few seconds unless forced."""
+        if not self.index.pending():
+            return
+        if not force and time.monotonic() - self._flushed_at < FLUSH_INTERVAL:
+            return
+        async with self._flush_lock:
+            self._flushed_at = time.monotonic()
+            ops = self.index.take_writes()
+            try:
+                await trio.to_thread.run_sync(self.db.write, ops)
+            except Exception:
+                log.exception("cache: could not write the index")
+
+    # --- lookups
+
+    def path(self, digest: str) -> Path:
+        algorithm, _, hexpart = digest.partition(":")
+        return self.blobs / algorithm / hexpart[:2] / hexpart
+
+    def get(self, digest: str) -> Obj | None:
+        return self.index.objects.get(digest)
+
+    @contextlib.contextmanager
+    def pinned(self, digest: str) -> Iterator[None]:
+        """Keep `digest` from eviction while it is read."""
+        self.pins[digest] = self.pins.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.pins[digest] - 1
+            if left:
+                self.pins[digest] = left
+            else:
+                del self.pins[digest]
+
+    def open_fd(self, digest: str) -> int | None:
+        """A read descriptor for a committed object, or None if its file is gone."""
+        try:
+            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.warning("cache: %s is indexed but its file is gone", digest)
+            self.index.remove(digest)
+            return None
+
+    # --- space
+
+    def _entries(self) -> list[cachepolicy.Entry]:
+        return [
+            cachepolicy.Entry(
+                digest, obj.size, obj.last_used, digest in self.pins or digest in self.fills
+            )
+            for digest, obj in self.index.objects.items()
+        ]
+
+    async def make_room(self, incoming: int) -> bool:
+        """Evict least recently used objects so `incoming` bytes fit; False: they do not."""
+        async with self._space_lock:
+            try:
+                stat = await trio.to_thread.run_sync(os.statvfs, self.root)
+                free = stat.f_bavail * stat.f_frsize
+            except OSError:
+                return False
+            victims, fits = cachepolicy.plan_eviction(
+                self._entries(),
+                used=self.index.used + self.reserved,
+                max_size=self.config.max_size,
+                free=free,
+                min_free=self.config.min_free,
+                incoming=incoming,
+            )
+            if not fits:
+                self.index.count("passthrough_no_space")
+                log.warning(
+                    "cache: no room for %s (cap %s, free %s): passing through",
+                    cachepolicy.format_size(incoming),
+                    cachepolicy.format_size(self.config.max_size),
+                    cachepolicy.format_size(free),
+                )
+                return False
+            for digest in victims:
+                await self._evict(digest)
+            self.reserved += incoming
+            return True
+
+    async def _evict(self, digest: str) -> None:
+        obj = self.index.objects.get(digest)
+        if obj is None:
+            return
+        self.index.remove(digest)
+        self._forget_manifest(digest)
+        self.index.count("evictions")
+        log.info("cache: evicted %s (%s)", digest, cachepolicy.format_size(obj.size))
+        with contextlib.suppress(FileNotFoundError):
+            await trio.to_thread.run_sync(self.path(digest).unlink)
+
+    async def remove(self, digest: str) -> bool:
+        """Delete one object (the `cache rm` command's and tests' way in)."""
+        if digest in self.pins or digest in self.fills:
+            return False
+        await self._evict(digest)
+        return True
+
+    # --- fills
+
+    def claim(self, digest: str) -> tuple[Fill, bool]:
+        """The fill for `digest`: an existing one to join, or a new one to lead (True)."""
+        fill = self.fills.get(digest)
+        if fill is not None:
+            return fill, False
+        fill = Fill(digest)
+        self.fills[digest] = fill
+        return fill, True
+
+    def drop(self, fill: Fill) -> None:
+        """The leader will not fill after all; whoever waits asks the upstream itself."""
+        if fill.state is FillState.PENDING:
+            fill.state = FillState.DROPPED
+            self._end(fill)
+
+    def _end(self, fill: Fill) -> None:
+        if self.fills.get(fill.digest) is fill:
+            del self.fills[fill.digest]
+        fill.changed()
+
+    async def begin(self, fill: Fill, size: int, headers: tuple[tuple[str, str], ...]) -> bool:
+        """Reserve room and open the temporary file; False: pass through instead."""
+        if not await self.make_room(size):
+            self.drop(fill)
+            return False
+        self._sequence += 1
+        hexpart = fill.digest.partition(":")[2]
+        tmp_path = self.tmp / f"{hexpart}.{os.getpid()}.{self._sequence}"
+        try:
+            fd = await trio.to_thread.run_sync(
+                lambda: os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            )
+        except OSError as exc:
+            log.warning("cache: cannot create %s: %s: passing through", tmp_path, exc)
+            self.index.count("write_errors")
+            self.reserved -= size
+            self.drop(fill)
+            return False
+        fill.fd, fill.tmp_path, fill.size, fill.headers = fd, tmp_path, size, headers
+        fill.state = FillState.STREAMING
+        fill.changed()
+        return True
+
+    async def pump(self, fill: Fill, chunks: AsyncIterator[bytes]) -> None:
+        """Write the upstream body into the fill, hashing it; commit or fail at the end.
+
+        Raises:
+            RelayError: the fill failed (digest mismatch, upstream broke off, disk error);
+            the fill is already marked failed and its file removed.
+        """
+        verifier = Verifier(Digest.parse(fill.digest))
+        batch: list[bytes] = []
+        pending = 0
+
+        def write(data: list[bytes]) -> None:
+            for piece in data:
+                verifier.update(piece)
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fill.fd, view) :]
+
+        try:
+            try:
+                async for chunk in chunks:
+                    batch.append(chunk)
+                    pending += len(chunk)
+                    if pending >= WRITE_BATCH:
+                        await self._write(write, batch)
+                        fill.written += pending
+                        fill.changed()
+                        batch, pending = [], 0
+                if batch:
+                    await self._write(write, batch)
+                    fill.written += pending
+                verifier.finish()  # DigestMismatch
+                if fill.written != fill.size:
+                    raise UpstreamError(
+                        f"upstream sent {fill.written} of {fill.size} bytes of {fill.digest}"
+                    )
+                await self._commit(fill)
+            except BaseException as exc:
+                error = (
+                    exc
+                    if isinstance(exc, RelayError)
+                    else UpstreamError(f"the fill of {fill.digest} stopped")
+                )
+                await self._fail(fill, error)
+                raise
+        finally:
+            self.reserved -= fill.size
+
+    async def _write(self, write: object, batch: list[bytes]) -> None:
+        try:
+            await trio.to_thread.run_sync(write, batch)  # type: ignore[arg-type]
+        except OSError as exc:
+            self.index.count("write_errors")
+            log.warning("cache: write error while filling: %s", exc)
+            raise UpstreamError("the relay could not write its cache") from exc
+
+    async def _commit(self, fill: Fill) -> None:
+        assert fill.tmp_path is not None
+        final = self.path(fill.digest)
+        tmp_path, fd = fill.tmp_path, fill.fd
+
+        def durable_rename() -> None:
+            os.fsync(fd)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp_path, final)
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            os.close(fd)
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(durable_rename)
+        fill.fd = -1
+        self.index.add(fill.digest, Obj(fill.size, time.time(), "blob"))
+        self.index.count("bytes_from_upstream", fill.size)
+        fill.state = FillState.COMMITTED
+        self._end(fill)
+        await self.flush()
+
+    async def _fail(self, fill: Fill, error: RelayError) -> None:
+        fill.error = error
+        fill.state = FillState.FAILED
+        self._end(fill)
+        from vpsrelay.errors import DigestMismatch
+
+        if isinstance(error, DigestMismatch):
+            self.index.count("digest_mismatches")
+            log.warning("cache: digest mismatch, not cached: %s", error.message)
+        else:
+            log.warning("cache: fill of %s failed: %s", fill.digest, error.message)
+        fd, tmp_path = fill.fd, fill.tmp_path
+        fill.fd = -1
+
+        def cleanup() -> None:
+            if fd >= 0:
+                os.close(fd)
+            if tmp_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp_path.unlink()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cleanup)
+
+    # --- small objects (manifests)
+
+    async def put_small(self, digest: str, body: bytes, kind: str, media_type: str) -> None:
+        """Store a verified small body (a manifest) durably; errors only log."""
+        if digest in self.index.objects:
+            return
+        if not await self.make_room(len(body)):
+            return
+        self._sequence += 1
+        tmp_path = self.tmp / f"{digest.partition(':')[2]}.{os.getpid()}.{self._sequence}"
+        final = self.path(digest)
+
+        def write() -> None:
+            with tmp_path.open("wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp_path, final)
+
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as exc:
+            self.index.count("write_errors")
+            log.warning("cache: cannot store %s: %s", digest, exc)
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
+            return
+        finally:
+            self.reserved -= len(body)
+        self.index.add(digest, Obj(len(body), time.time(), kind, media_type))
+        self._remember_manifest(digest, body)
+
+    async def read_small(self, digest: str) -> bytes | None:
+        body = self._manifests.get(digest)
+        if body is not None:
+            self._manifests.move_to_end(digest)
+            return body
+        try:
+            data = await trio.to_thread.run_sync(self.path(digest).read_bytes)
+        except FileNotFoundError:
+            self.index.remove(digest)
+            return None
+        self._remember_manifest(digest, data)
+        return data
+
+    def _remember_manifest(self, digest: str, body: bytes) -> None:
+        if digest in self._manifests:
+            return
+        self._manifests[digest] = body
+        self._manifest_bytes += len(body)
+        while self._manifest_bytes > MANIFEST_MEMORY:
+            _, old = self._manifests.popitem(last=False)
+            self._manifest_bytes -= len(old)
+
+    def _forget_manifest(self, digest: str) -> None:
+        body = self._manifests.pop(digest, None)
+        if body is not None:
+            self._manifest_bytes -= len(body)
