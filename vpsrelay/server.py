@@ -15,7 +15,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, hypercorn_patches
+from vpsrelay import __version__, hypercorn_patches, shutdown
 from vpsrelay.app import RelayApp
 from vpsrelay.config import Settings, parse_listen
 from vpsrelay.upstream import Upstream
@@ -66,7 +66,9 @@ async def run(
                 hypercorn_config(settings),
                 shutdown_trigger=stop.wait,
             )
-            binds: list[str] = await nursery.start(serve)
+            binds: list[str] = await nursery.start(
+                shutdown.serve_with_deadline, serve, stop, settings.server.graceful_timeout
+            )
             for bind in binds:
                 log.info("vpsrelay %s listening on %s", __version__, bind)
             sys.stderr.flush()
