@@ -47,9 +47,14 @@ def dockerd(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dock
     """A dockerd with the image built; the hub's front, token server and CDN forwarded in."""
     workdir = tmp_path_factory.mktemp("deploy-docker")
     ports = [_port(hub.registry_url), _port(hub.token_url), _port(hub.cdn_url)]
-    with DockerDaemon(workdir / "dockerd", forward_ports=ports) as daemon:
-        build_image(daemon, workdir)
-        yield daemon
+    try:
+        with DockerDaemon(workdir / "dockerd", forward_ports=ports) as daemon:
+            build_image(daemon, workdir)
+            yield daemon
+    finally:
+        # vfs keeps a full copy of the root filesystem per layer: ~1.5 GiB. Logs stay.
+        shutil.rmtree(workdir / "dockerd" / "data-root", ignore_errors=True)
+        shutil.rmtree(workdir / "context", ignore_errors=True)
 
 
 def _inspect(dockerd: DockerDaemon, name: str) -> dict[str, object]:
