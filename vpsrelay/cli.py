@@ -344,6 +344,32 @@ def cert_renew(config_path: Path | None, data_dir: str | None, force: bool, **fl
     )
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
+@click.option("--url", help="URL to probe instead of /healthz on the first server.listen.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
+def healthcheck(config_path: Path | None, url: str | None, timeout: float) -> None:
+    """Exit 0 if the local relay answers GET /healthz with 200, else 1 (Docker HEALTHCHECK).
+
+    \b
+    Examples:
+      vpsrelay healthcheck
+      vpsrelay healthcheck --url http://127.0.0.1:5000/healthz
+    """
+    from vpsrelay import healthcheck as probe  # imported late, like the server stack
+
+    settings = _load(config_path, {}, ())
+    healthy, line = probe.probe(url or probe.local_url(settings), timeout)
+    click.echo(line, err=not healthy)
+    sys.exit(0 if healthy else 1)
+
+
 @main.group(name="config")
 def config_group() -> None:
     """Check or show the configuration."""

@@ -10,16 +10,20 @@ import logging
 import signal
 import sys
 from functools import partial
+from typing import TYPE_CHECKING
 
 import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, hypercorn_patches
+from vpsrelay import __version__, hypercorn_patches, shutdown
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
 from vpsrelay.upstream import Upstream
+
+if TYPE_CHECKING:
+    from vpsrelay.cache.store import BlobStore
 
 log = logging.getLogger("vpsrelay")
 
@@ -78,34 +82,46 @@ async def run(
     upstream = Upstream(settings)
     store = await open_store(settings)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, stop)
-            app = RelayApp(settings, upstream, store)
-            # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
-            serve = partial(
-                hypercorn.trio.serve,
-                app,  # type: ignore[arg-type]
-                hypercorn_config(settings),
-                shutdown_trigger=stop.wait,
-            )
-            binds: list[str] = await nursery.start(serve)
-            if settings.tls.enabled:
-                from vpsrelay import tlsserver  # imported late: plain mode needs no ACME stack
-
-                https = await tlsserver.start(
-                    nursery, settings, app, stop, hypercorn_config(settings)
-                )
-                binds = [*https, *binds]
-            for bind in binds:
-                log.info("vpsrelay %s listening on %s", __version__, bind)
-            if settings.metrics.enabled and settings.metrics.listen is not None:
-                await _serve_operator(nursery, settings, app, stop)
-            sys.stderr.flush()
-            task_status.started(binds)
-            await stop.wait()
-            # hypercorn returns once in-flight requests finish (or the grace period ends).
+        async with trio.open_nursery() as watchdog:
+            watchdog.start_soon(shutdown.exit_after_grace, stop, settings.server.graceful_timeout)
+            await _serve(settings, upstream, store, stop, task_status)
+            watchdog.cancel_scope.cancel()  # every server returned within the grace period
     finally:
         with trio.CancelScope(shield=True):
             await upstream.aclose()
             if store is not None:
                 await store.aclose()
+
+
+async def _serve(
+    settings: Settings,
+    upstream: Upstream,
+    store: BlobStore | None,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """Every listener in one nursery; returns once they have all stopped."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, stop)
+        app = RelayApp(settings, upstream, store)
+        # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
+        serve = partial(
+            hypercorn.trio.serve,
+            app,  # type: ignore[arg-type]
+            hypercorn_config(settings),
+            shutdown_trigger=stop.wait,
+        )
+        binds: list[str] = await nursery.start(serve)
+        if settings.tls.enabled:
+            from vpsrelay import tlsserver  # imported late: plain mode needs no ACME stack
+
+            https = await tlsserver.start(nursery, settings, app, stop, hypercorn_config(settings))
+            binds = [*https, *binds]
+        for bind in binds:
+            log.info("vpsrelay %s listening on %s", __version__, bind)
+        if settings.metrics.enabled and settings.metrics.listen is not None:
+            await _serve_operator(nursery, settings, app, stop)
+        sys.stderr.flush()
+        task_status.started(binds)
+        await stop.wait()
+        # hypercorn returns once in-flight requests finish (or the grace period ends).

@@ -1,0 +1,194 @@
+"""Issue 7: the Ansible playbook, linted and run for real against this machine (venv mode).
+
+PID 1 here is not systemd, so the role's test-only `vpsrelay_service_manager: process` starts
+the relay with start-stop-daemon instead of a unit. Everything the role writes goes under a
+private directory in /tmp; its user is `vpsrelay-test`, removed afterwards. pip installs
+offline from wheels built here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.infra import require_binary
+from tests.infra.hub import iter_blobs
+from tests.infra.oci import BuiltImage
+from tests.infra.pebble import free_port
+from tests.infra.relay import REPO_ROOT
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from tests.infra.hub import Hub
+
+pytestmark = pytest.mark.integration
+ANSIBLE_DIR = REPO_ROOT / "deploy" / "ansible"
+DEBIAN_COLLECTIONS = "/usr/lib/python3/dist-packages/ansible_collections"
+USER = "vpsrelay-test"
+RECAP = re.compile(
+    r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
+)
+
+
+def _ansible_env(base: Path) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VPSRELAY_"))},
+        "ANSIBLE_HOME": str(base / "ansible-home"),
+        "ANSIBLE_LOCAL_TEMP": str(base / "ansible-tmp"),
+        "ANSIBLE_REMOTE_TEMP": str(base / "ansible-tmp"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "ANSIBLE_COLLECTIONS_PATH": DEBIAN_COLLECTIONS,
+    }
+
+
+def test_syntax_check_and_lint_production_profile(tmp_path: Path) -> None:
+    playbook = require_binary("ansible-playbook")
+    env = _ansible_env(tmp_path)
+    subprocess.run(
+        [playbook, "--syntax-check", "-i", "localhost,", "site.yml"],
+        cwd=ANSIBLE_DIR, env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    lint = shutil.which("ansible-lint", path=str(Path(sys.executable).parent)) or require_binary(
+        "ansible-lint"
+    )
+    result = subprocess.run(
+        [lint, "--offline", "--profile", "production", "site.yml"],
+        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Profile 'production' was required, and it passed" in result.stderr + result.stdout
+
+
+def test_role_unit_template_is_the_shipped_unit() -> None:
+    """deploy/systemd/vpsrelay.service and the role's template, rendered with the role's
+    defaults, are the same unit."""
+    jinja2 = pytest.importorskip("jinja2")
+    import yaml
+
+    defaults = yaml.safe_load((ANSIBLE_DIR / "roles/vpsrelay/defaults/main.yml").read_text())
+    template = (ANSIBLE_DIR / "roles/vpsrelay/templates/vpsrelay.service.j2").read_text()
+    rendered = jinja2.Template(template, trim_blocks=True).render(
+        **defaults, ansible_managed="managed"
+    )
+
+    def unit(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+    assert unit(rendered) == unit((REPO_ROOT / "deploy/systemd/vpsrelay.service").read_text())
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A private directory the role's unprivileged user can traverse."""
+    directory = Path(tempfile.mkdtemp(prefix="vr-ansible-", dir="/tmp"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        pidfile = directory / "data" / "vpsrelay.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(directory).encode() in cmdline:  # the relay this test started, nothing else
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["userdel", USER], capture_output=True, check=False)
+        subprocess.run(["groupdel", USER], capture_output=True, check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _play(
+    base: Path, extra_vars: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], tuple[int, ...]]:
+    playbook = require_binary("ansible-playbook")
+    result = subprocess.run(
+        [playbook, "-i", "localhost,", "-c", "local", "-e", f"@{extra_vars}", *args, "site.yml"],
+        cwd=ANSIBLE_DIR, env=_ansible_env(base), capture_output=True, text=True, timeout=600,
+        check=False,
+    )  # fmt: skip
+    match = RECAP.search(result.stdout)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert match, result.stdout[-6000:]
+    return result, tuple(int(n) for n in match.groups())
+
+
+def test_playbook_venv_mode_runs_serves_and_is_idempotent(
+    base: Path, clean_hub: Hub, tmp_path: Path
+) -> None:
+    require_binary("start-stop-daemon")
+    wheelhouse = base / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse),
+         str(REPO_ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    port = free_port()
+    extra_vars = base / "vars.json"
+    extra_vars.write_text(
+        json.dumps(
+            {
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "vpsrelay_install_method": "venv",
+                "vpsrelay_service_manager": "process",
+                "vpsrelay_user": USER,
+                "vpsrelay_group": USER,
+                "vpsrelay_config_dir": str(base / "etc"),
+                "vpsrelay_data_dir": str(base / "data"),
+                "vpsrelay_venv_dir": str(base / "venv"),
+                "vpsrelay_pip_environment": {
+                    "PIP_NO_INDEX": "1",
+                    "PIP_FIND_LINKS": str(wheelhouse),
+                },
+                "vpsrelay_listen": [f"127.0.0.1:{port}"],
+                "vpsrelay_upstreams": {"docker.io": clean_hub.registry_url},
+                "vpsrelay_graceful_timeout": 5,
+            }
+        )
+    )
+    _, (ok, changed, _, failed) = _play(base, extra_vars)
+    assert failed == 0
+    assert changed > 0
+
+    health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    pid = int((base / "data" / "vpsrelay.pid").read_text())
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = subprocess.run(["id", "-u", USER], capture_output=True, text=True, check=True).stdout
+    assert re.search(rf"^Uid:\s+{uid.strip()}\s", status, re.M), status
+
+    image = clean_hub.images["library/alpine:latest"]
+    assert isinstance(image, BuiltImage)
+    conf = tmp_path / "registries.conf"
+    conf.write_text("# no mirrors\n")
+    subprocess.run(
+        [require_binary("skopeo"), "copy", "--src-tls-verify=false", "--preserve-digests",
+         f"docker://127.0.0.1:{port}/library/alpine:latest", f"oci:{tmp_path / 'out'}:pulled"],
+        check=True, capture_output=True, timeout=300,
+        env={**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)},
+    )  # fmt: skip
+    for blob in iter_blobs(image):
+        path = tmp_path / "out" / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
+        assert path.stat().st_size == blob.size
+
+    second, (_, changed_again, _, failed_again) = _play(base, extra_vars)
+    assert (changed_again, failed_again) == (0, 0), second.stdout[-6000:]
+    # The same relay process is still serving (nothing was restarted).
+    assert int((base / "data" / "vpsrelay.pid").read_text()) == pid
+
+    checked, (_, changed_check, _, failed_check) = _play(base, extra_vars, "--check", "--diff")
+    assert (changed_check, failed_check) == (0, 0), checked.stdout[-6000:]
+    print(f"first run: ok={ok} changed={changed}; second and --check: changed=0")
