@@ -84,7 +84,9 @@ class Checker:
         ca_file: str | None = None,
         timeout: float = TIMEOUT,
         clock: Callable[[], float] = time.time,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
+        self.credentials = credentials
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.scheme = parts.scheme
@@ -274,7 +276,7 @@ class Checker:
             params["service"] = challenge.service
         check = f"token {registry}"
         try:
-            response = self.client.get(challenge.realm, params=params)
+            response = self.client.get(challenge.realm, params=params, auth=self.credentials)
         except httpx.HTTPError as exc:
             self.add(check, FAIL, f"token request failed: {exc}", "")
             return None

@@ -497,12 +497,20 @@ def snippets(config_path: Path | None, formats: tuple[str, ...], url: str | None
     help="Image to fetch a manifest of, per registry (docker.io=library/hello-world:latest).",
 )
 @click.option("--ca", "ca_file", type=click.Path(exists=True), help="CA to trust for TLS.")
+@click.option("--user", help="Log in as this user (a relay with access control, private images).")
+@click.option(
+    "--password",
+    envvar="VPSRELAY_CHECK_PASSWORD",
+    help="The user's password (better: the VPSRELAY_CHECK_PASSWORD variable; else asked).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def check(
     config_path: Path | None,
     url: str | None,
     images: tuple[str, ...],
     ca_file: str | None,
+    user: str | None,
+    password: str | None,
     as_json: bool,
 ) -> None:
     """Diagnose a relay: DNS, TLS, HTTP/2, /v2/, a token, manifests, limits, clocks.
@@ -515,6 +523,7 @@ def check(
       vpsrelay check                                   # the relay in the config
       vpsrelay check --url https://relay.example.com
       vpsrelay check --url https://relay.example.com --image docker.io=library/alpine:3
+      VPSRELAY_CHECK_PASSWORD=... vpsrelay check --user me --image docker.io=me/private:1
     """
     from vpsrelay import check as diagnosis
 
@@ -524,7 +533,12 @@ def check(
     except ValueError as exc:
         click.echo(f"vpsrelay: {exc}", err=True)
         sys.exit(2)
-    report = diagnosis.Checker(url or _relay_url(settings), chosen, ca_file=ca_file).run()
+    if user is not None and password is None:
+        password = click.prompt(f"password for {user}", hide_input=True, err=True)
+    credentials = (user, password or "") if user is not None else None
+    report = diagnosis.Checker(
+        url or _relay_url(settings), chosen, ca_file=ca_file, credentials=credentials
+    ).run()
     click.echo(report.as_json() if as_json else report.table())
     sys.exit(0 if report.ok else 1)
 

@@ -65,10 +65,13 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return float(samples.get((name, tuple(sorted(labels.items()))), 0.0))
 
 
-def vpsrelay(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+def vpsrelay(
+    *args: str, check: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vpsrelay", *args],
         capture_output=True, text=True, timeout=120, check=check, cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
 
@@ -267,6 +270,16 @@ def test_check_passes_every_row_against_a_healthy_relay(relay: RelayProcess, cle
                  "readiness", "clock"):  # fmt: skip
         assert rows[name] == "ok", rows
     assert set(rows.values()) <= {"ok", "n/a"}, rows
+
+
+def test_check_logs_in_for_a_private_image(relay: RelayProcess, clean_hub: Hub) -> None:
+    user, password = clean_hub.creds
+    args = ("check", "--url", relay.url, "--image", "docker.io=private/secret:1.0")
+    anonymous = vpsrelay(*args)
+    assert anonymous.returncode == 1
+    logged_in = vpsrelay(*args, "--user", user, env={"VPSRELAY_CHECK_PASSWORD": password})
+    assert logged_in.returncode == 0, logged_in.stdout + logged_in.stderr
+    assert password not in logged_in.stdout
 
 
 def test_check_names_the_failing_row_when_the_upstream_is_down(tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
@@ -23,10 +25,10 @@ import httpx
 import pytest
 
 from tests.infra import require_binary
-from tests.infra.clients import Containerd, DeadPort
+from tests.infra.clients import Containerd, DeadPort, Podman
 from tests.infra.hub import RegistryProcess, _registry_config, start_hub, start_registry
 from tests.infra.oci import BuiltImage, build_image, push
-from tests.infra.relay import RelayProcess
+from tests.infra.relay import REPO_ROOT, RelayProcess
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -439,3 +441,31 @@ def test_v1_search_is_forwarded(tmp_path: Path, hub: Hub) -> None:
     assert response.status_code == 200
     assert response.json()["results"] == [{"name": "alpine"}]
     assert seen == ["/v1/search?q=alp&n=5"]
+
+
+def test_podman_with_the_generated_snippet_pulls_other_registries(
+    relay: RelayProcess, ghcr: Hub, hub: Hub, tmp_path: Path
+) -> None:
+    """`vpsrelay snippets --format podman` as printed, with each real registry's location
+    swapped for a dead loopback port (so a failing mirror cannot fall back off the box)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vpsrelay", "snippets", "--format", "podman", "--url", relay.url],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    conf = result.stdout.split("\n", 1)[1].split("# ---")[0]  # the file, without the commands
+    assert f'location = "{host_port(relay)}/ghcr.io"' in conf
+    with (
+        DeadPort() as dead,
+        Podman(tmp_path / "podman", mirror=host_port(relay), dead_location=dead.address) as podman,
+    ):
+        safe = re.sub(
+            r'(?m)^location = "(?!127\.0\.0\.1)[^"]*"$', f'location = "{dead.address}"', conf
+        )
+        podman.registries_conf.write_text('short-name-mode = "permissive"\n' + safe)
+        podman.pull("ghcr.io/owner/app:1.0")
+        digest = podman.podman(
+            "image", "inspect", "--format", "{{.Digest}}", "ghcr.io/owner/app:1.0"
+        ).stdout.strip()
+        assert digest == _image(ghcr, "owner/app:1.0").manifest_digest
+        podman.pull("docker.io/library/alpine:latest")

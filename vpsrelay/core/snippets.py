@@ -3,7 +3,9 @@
 Generated for the relay's public URL and the registries it serves, so the landing
 page and `vpsrelay snippets` print text a user can paste as it is. containerd
 and k3s (containerd inside) send `?ns=<registry>` to a mirror, so one relay host
-serves every registry for them; dockerd and podman mirror docker.io only.
+serves every registry for them. dockerd mirrors only Docker Hub: other registries are
+pulled by name through the relay's path prefixes; podman gets a mirror per registry,
+at the relay's path prefix for it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def docker(target: Target) -> list[Snippet]:
         "docker pull alpine                       # through the mirror",
         f"docker pull {target.host}/alpine          # through the relay by name",
         f"docker pull {target.host}/library/nginx:stable",
+        *(
+            f"docker pull {target.host}/{name}/OWNER/IMAGE:TAG"
+            for name in target.registries
+            if name != DOCKER_HUB
+        ),
     ]
     if target.login_required:
         commands.insert(1, f"docker login {target.host}")
@@ -151,15 +158,21 @@ def k3s(target: Target) -> list[Snippet]:
 
 
 def podman(target: Target) -> list[Snippet]:
-    text = (
-        "[[registry]]\n"
-        'prefix = "docker.io"\n'
-        'location = "registry-1.docker.io"\n\n'
-        "[[registry.mirror]]\n"
-        f'location = "{target.host}"\n'
-    )
-    if target.insecure:
-        text += "insecure = true\n"
+    blocks = []
+    for name in target.registries:
+        real = "registry-1.docker.io" if name == DOCKER_HUB else name
+        mirror = target.host if name == DOCKER_HUB else f"{target.host}/{name}"
+        block = (
+            "[[registry]]\n"
+            f'prefix = "{name}"\n'
+            f'location = "{real}"\n\n'
+            "[[registry.mirror]]\n"
+            f'location = "{mirror}"\n'
+        )
+        if target.insecure:
+            block += "insecure = true\n"
+        blocks.append(block)
+    text = "\n".join(blocks)
     commands = "podman pull docker.io/library/alpine\n"
     if target.login_required:
         commands = f"podman login {target.host}\n" + commands
@@ -167,7 +180,7 @@ def podman(target: Target) -> list[Snippet]:
         Snippet(
             "podman",
             "podman-registries",
-            "podman / skopeo / CRI-O: Docker Hub through the relay",
+            "podman / skopeo / CRI-O: every registry through the relay",
             "/etc/containers/registries.conf.d/vpsrelay.conf",
             "toml",
             text,
