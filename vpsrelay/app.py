@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import trio
 
 from vpsrelay import __version__
+from vpsrelay.clientauth import ClientAuth
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -30,6 +31,7 @@ from vpsrelay.errors import (
     RequestTooLarge,
     UpstreamProtocolError,
 )
+from vpsrelay.guard import Guard
 from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
 
 if TYPE_CHECKING:
@@ -66,6 +68,9 @@ class Exchange:
     upstream_seconds: float | None = None
     disconnected: bool = False
     aborted: bool = False
+    raw_path: str = "/"  # the request target as sent, for the guard's checks
+    user: str | None = None  # who the relay token names, with client authentication on
+    throttle: Callable[[int], Awaitable[None]] | None = None  # the bandwidth cap
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
         self.status = status
@@ -74,6 +79,8 @@ class Exchange:
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
         self.bytes_sent += len(chunk)
+        if self.throttle is not None and chunk:
+            await self.throttle(len(chunk))
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
@@ -91,6 +98,8 @@ class RelayApp:
         self.registries = {registry.name: registry for registry in settings.registries}
         self.table = registry_table(settings)
         self.started = time.monotonic()
+        self.guard = Guard(settings)
+        self.clientauth = ClientAuth(settings, upstream)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -120,6 +129,7 @@ class RelayApp:
             view=view,
             receive=receive,
             send=send,
+            raw_path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
         )
         try:
             await self._dispatch(exchange)
@@ -130,8 +140,15 @@ class RelayApp:
                 exchange.aborted = True
                 log.warning("aborted %s %s mid-body: %s", exchange.method, exchange.path, exc)
                 return
+            if exc.status < 500:
+                self.guard.record(
+                    exc, client_ip=exchange.view.client_ip, method=exchange.method,
+                    path=exchange.raw_path,
+                )  # fmt: skip
             await exchange.respond(
-                exc.status, (("content-type", "application/json"),), exc.to_registry_body()
+                exc.status,
+                (("content-type", "application/json"), *exc.headers),
+                exc.to_registry_body(),
             )
         except Exception:
             log.exception("bug while serving %s %s", exchange.method, exchange.path)
@@ -169,14 +186,32 @@ class RelayApp:
         if exchange.path == "/healthz" and exchange.method in ("GET", "HEAD"):
             await self._healthz(exchange)
             return
+        self.guard.admit(
+            method=exchange.method, raw_path=exchange.raw_path, headers=exchange.headers,
+            client_ip=exchange.view.client_ip, host=exchange.view.host,
+        )  # fmt: skip
         ns = next((v for k, v in parse_qsl(exchange.query) if k == "ns"), None)
         route = routing.route(
             exchange.method, exchange.path, table=self.table, host=exchange.view.host, ns=ns
         )
+        self.guard.check_route(route)
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange, route)
-        else:
-            await self._relay(exchange, route, route.upstream_path)
+            return
+        if self.clientauth.enabled:
+            realm = self._relay_realm(exchange, self.registries[route.registry])
+            exchange.user = await self.clientauth.verify(exchange.headers, route, realm)
+            if route.kind is routing.Kind.BASE:  # the relay answers for itself
+                await exchange.respond(200, (("content-type", "application/json"),), b"{}")
+                return
+        if route.kind is routing.Kind.BLOB and exchange.method == "GET":
+            client_ip = exchange.view.client_ip
+            sent = lambda: exchange.bytes_sent  # noqa: E731
+            async with self.guard.download(client_ip, exchange.user, sent) as throttle:
+                exchange.throttle = throttle
+                await self._relay(exchange, route, route.upstream_path)
+            return
+        await self._relay(exchange, route, route.upstream_path)
 
     async def _healthz(self, exchange: Exchange) -> None:
         """Liveness: the process answers. Cheap, no upstream, for HEALTHCHECK and probes."""
@@ -220,9 +255,13 @@ class RelayApp:
         if base is None:
             raise NotFound(f"{registry.name} has no search endpoint configured")
         url = f"{base}{path}{'?' + query if query else ''}"
-        request = UpstreamRequest(
-            exchange.method, url, await self._upstream_headers(exchange, registry)
-        )
+        if self.clientauth.enabled:
+            upstream_headers = await self.clientauth.upstream_headers(
+                exchange.headers, registry, route.upstream_name
+            )
+        else:
+            upstream_headers = await self._upstream_headers(exchange, registry)
+        request = UpstreamRequest(exchange.method, url, upstream_headers)
         began = time.monotonic()
         async with self.upstream.open(request, what=registry.name) as response:
             exchange.upstream_seconds = time.monotonic() - began
@@ -231,8 +270,17 @@ class RelayApp:
                 parsed = auth.parse_challenge(challenge)
                 if parsed.is_bearer:
                     self.upstream.remember_challenge(registry.name, parsed)
+                if self.clientauth.enabled:
+                    continue
                 rewritten = auth.rewrite_challenge(parsed, self._relay_realm(exchange, registry))
                 headers.append(("www-authenticate", rewritten.format()))
+            if self.clientauth.enabled and response.status_code == 401:
+                # The relay's own upstream token did not do: forget it, and let the client
+                # come back through the relay's /token (which fetches a fresh one).
+                self.clientauth.forget_upstream_token(registry.name, route.upstream_name)
+                scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
+                realm = self._relay_realm(exchange, registry)
+                headers.append(("www-authenticate", self.clientauth.challenge(realm, scope)))
             if route.kind is routing.Kind.BASE and response.status_code == 200:
                 self.upstream.remember_challenge(registry.name, None)
             headers.extend(
@@ -319,6 +367,17 @@ class RelayApp:
             raise NotFound("Docker Hub is disabled on this relay")
         return self.table.default.name
 
+    def _scope_names(self, route: routing.Route, registry: RegistryConfig) -> Callable[[str], str]:
+        """Maps a token scope's repository name to `registry`'s name for it."""
+
+        def to_upstream(name: str) -> str:
+            selection = self.table.by_path(name) if not route.registry else None
+            if selection is not None and selection.registry.name == registry.name:
+                name = selection.name  # strip the path prefix the client used
+            return routing.to_upstream_name(registry.name, name)
+
+        return to_upstream
+
     async def _token(self, exchange: Exchange, route: routing.Route) -> None:
         if exchange.method == "POST":
             raw = (await _read_body(exchange)).decode("utf-8", "replace")
@@ -327,19 +386,21 @@ class RelayApp:
             params = parse_qsl(exchange.query, keep_blank_values=True)
         params = [(k, v) for k, v in params if k != "ns"]
         registry = self.registries[self._token_registry(route, params)]
+        to_upstream = self._scope_names(route, registry)
+        if self.clientauth.enabled:
+            body = await self.clientauth.token(
+                method=exchange.method, params=params, headers=exchange.headers,
+                registry=registry, to_upstream=to_upstream,
+                realm=self._relay_realm(exchange, registry),
+            )  # fmt: skip
+            await exchange.respond(200, (("content-type", "application/json"),), body)
+            return
         challenge = await self.upstream.challenge(registry)
         if challenge is None or not challenge.realm:
             # The registry needs no token: answer a placeholder, which _relay drops.
             body = json.dumps({"token": "anonymous", "access_token": "anonymous"}).encode()
             await exchange.respond(200, (("content-type", "application/json"),), body)
             return
-
-        def to_upstream(name: str) -> str:
-            selection = self.table.by_path(name) if not route.registry else None
-            if selection is not None and selection.registry.name == registry.name:
-                name = selection.name  # strip the path prefix the client used
-            return routing.to_upstream_name(registry.name, name)
-
         params = auth.token_request_params(params, to_upstream, challenge.service)
         forwarded = header_policy.select(exchange.headers, frozenset({"authorization", "accept"}))
         if header_policy.get(forwarded, "authorization") is None and registry.has_credentials:

@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING
 
 import h2.errors
 import h2.exceptions
+import trio
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.trio.tcp_server import TCPServer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    import hypercorn.config
 
 log = logging.getLogger("vpsrelay.server")
 
@@ -58,3 +62,49 @@ def apply() -> bool:
     H2Protocol._close_stream = close_stream_with_reset  # type: ignore[method-assign]
     H2Protocol._vpsrelay_patched = True  # type: ignore[attr-defined]
     return True
+
+
+# --- a cap on open client connections (issue 5) ---------------------------------------------
+#
+# Hypercorn accepts every connection it can; each costs a file descriptor and a task,
+# so a flood of idle connections could exhaust the process's descriptors. Hypercorn's
+# trio worker builds one `TCPServer` per accepted connection from the module global
+# `hypercorn.trio.run.TCPServer`; the capped subclass refuses (closes) connections over
+# the limit set on the config by `cap_connections`.
+
+_LIMITER_ATTRIBUTE = "_vpsrelay_connection_limiter"
+_REFUSED_ATTRIBUTE = "_vpsrelay_on_refused"
+
+
+def cap_connections(
+    config: hypercorn.config.Config, limit: int, on_refused: Callable[[str, str], None]
+) -> None:
+    """Serve at most `limit` connections at once with `config`; close the ones over it."""
+    import hypercorn.trio.run as trio_run
+
+    setattr(config, _LIMITER_ATTRIBUTE, trio.CapacityLimiter(limit))
+    setattr(config, _REFUSED_ATTRIBUTE, on_refused)
+    trio_run.TCPServer = CappedTCPServer  # type: ignore[attr-defined]
+
+
+class CappedTCPServer(TCPServer):
+    """Hypercorn's per-connection server, which first takes a slot of the config's limiter."""
+
+    async def run(self) -> None:
+        limiter: trio.CapacityLimiter | None = getattr(self.config, _LIMITER_ATTRIBUTE, None)
+        if limiter is None:
+            await super().run()
+            return
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            on_refused = getattr(self.config, _REFUSED_ATTRIBUTE, None)
+            if on_refused is not None:
+                on_refused("connection_cap", f"{limiter.total_tokens} connections already open")
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            return
+        try:
+            await super().run()
+        finally:
+            limiter.release()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from vpsrelay import __version__
+from vpsrelay import __version__, netguard
 from vpsrelay.core import auth, flow
 from vpsrelay.core.redirects import RedirectPolicy, UpstreamRequest
 from vpsrelay.errors import (
@@ -82,6 +82,15 @@ class Upstream:
             verify = ssl.create_default_context(cafile=str(cfg.ca_bundle))
         self.settings = settings
         self.policy = RedirectPolicy(max_hops=cfg.max_redirects)
+        limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32)
+        # Redirect targets may reach only public addresses (issue 5); see `netguard`.
+        self.targets = netguard.Targets(
+            [u for r in settings.registries for u in (r.url, r.search_url) if u],
+            settings.access.redirect_allow,
+        )
+        if transport is None and not settings.access.allow_private_redirects:
+            backend = netguard.GuardedBackend(self.targets)
+            transport = netguard.GuardedTransport(backend, verify=verify, limits=limits)
         self.client = httpx.AsyncClient(
             # No total deadline: a 10 GiB layer on a slow link must finish; `read` is idle time.
             timeout=httpx.Timeout(
@@ -90,7 +99,7 @@ class Upstream:
                 write=cfg.read_timeout,
                 pool=cfg.pool_timeout,
             ),
-            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32),
+            limits=limits,
             follow_redirects=False,
             verify=verify,
             trust_env=False,
@@ -103,6 +112,8 @@ class Upstream:
         await self.client.aclose()
 
     def remember_challenge(self, registry: str, challenge: auth.Challenge | None) -> None:
+        if challenge is not None and challenge.realm:
+            self.targets.trust(challenge.realm)  # the upstream's own token service
         self._discovered[registry] = Discovered(challenge, trio.current_time())
 
     def known_scheme(self, registry: str) -> str | None:
