@@ -58,6 +58,7 @@ class Guard:
             r.name: access.RepositoryPolicy(r.allow, r.deny) for r in settings.registries
         }
         self.max_headers = server.max_headers
+        self.max_header_bytes = server.max_header_bytes
         self.rate = (
             access.RateLimiter(limits.requests_per_second, limits.burst)
             if limits.requests_per_second > 0
@@ -95,6 +96,13 @@ class Guard:
         if len(headers) > self.max_headers:
             raise HeadersTooLarge(
                 f"more than {self.max_headers} request headers", reason="too_many_headers"
+            )
+        # h11 enforces its size limit only on a head that arrives in pieces; one that
+        # arrives whole in a single read is measured here.
+        size = len(raw_path) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self.max_header_bytes:
+            raise HeadersTooLarge(
+                f"request head over {self.max_header_bytes} bytes", reason="headers_too_large"
             )
         self.hosts.check(host)
         self.ips.check(client_ip)

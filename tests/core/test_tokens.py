@@ -16,16 +16,11 @@ KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
 
 
-def issue(**overrides):
-    arguments = {
-        "subject": "alice",
-        "service": "vpsrelay",
-        "repositories": ["docker.io/library/alpine", "ghcr.io/owner/app"],
-        "now": 1000.0,
-        "ttl": 300.0,
-    }
-    arguments.update(overrides)
-    return tokens.issue(KEY, **arguments)
+def issue(service: str = "vpsrelay") -> str:
+    repositories = ["docker.io/library/alpine", "ghcr.io/owner/app"]
+    return tokens.issue(
+        KEY, subject="alice", service=service, repositories=repositories, now=1000.0, ttl=300.0
+    )
 
 
 def test_round_trip_and_scope():
