@@ -16,13 +16,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from vpsrelay.core import access, headers as header_policy
-from vpsrelay.errors import HeadersTooLarge
+from vpsrelay.errors import BadRequest, HeadersTooLarge
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpsrelay.guard")
 
 BUDGET_FILE = "budget.json"
+_BAD_FIELD = re.compile(r"[^\t\x20-\x7e]")
 
 
 class Guard:
@@ -103,6 +105,12 @@ class Guard:
         if size > self.max_header_bytes:
             raise HeadersTooLarge(
                 f"request head over {self.max_header_bytes} bytes", reason="headers_too_large"
+            )
+        if any(_BAD_FIELD.search(value) for _, value in headers):
+            # obs-text (RFC 9110 §5.5) is legal but no registry client sends it, and it
+            # cannot be passed on: refuse it here rather than fail upstream.
+            raise BadRequest(
+                "request header with control or non-ASCII characters", reason="bad_header"
             )
         self.hosts.check(host)
         self.ips.check(client_ip)
