@@ -35,6 +35,12 @@ ALL_ERRORS = [
         (errors.TooManyRedirects, 502, "UNAVAILABLE"),
         (errors.RedirectRefused, 502, "UNAVAILABLE"),
         (errors.DigestMismatch, 502, "DIGEST_INVALID"),
+        (errors.BadRequest, 400, "UNSUPPORTED"),
+        (errors.Unauthorized, 401, "UNAUTHORIZED"),
+        (errors.Denied, 403, "DENIED"),
+        (errors.TooManyRequests, 429, "TOOMANYREQUESTS"),
+        (errors.MisdirectedRequest, 421, "DENIED"),
+        (errors.HeadersTooLarge, 431, "SIZE_INVALID"),
     ],
 )
 def test_status_and_code(error, status, code):
@@ -46,7 +52,7 @@ def test_status_and_code(error, status, code):
 
 
 def test_table_lists_every_error():
-    assert len(ALL_ERRORS) == 17
+    assert len(ALL_ERRORS) == 23
 
 
 @pytest.mark.parametrize("error", ALL_ERRORS)
@@ -93,3 +99,14 @@ def test_registry_body_is_json_bytes_for_any_message():
     body = errors.RelayError('quote " backslash \\ newline \n ü').to_registry_body()
     assert isinstance(body, bytes)
     assert json.loads(body)["errors"][0]["message"] == 'quote " backslash \\ newline \n ü'
+
+
+def test_reason_defaults_to_the_code_and_headers_to_none():
+    error = errors.Denied("no")
+    assert error.reason == "denied"
+    assert error.headers == ()
+    limited = errors.TooManyRequests(
+        "slow down", reason="rate_limited", headers=(("retry-after", "3"),)
+    )
+    assert limited.reason == "rate_limited"
+    assert limited.headers == (("retry-after", "3"),)

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import trio
 
 from vpsrelay import __version__, observe
+from vpsrelay.clientauth import ClientAuth
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -31,6 +32,7 @@ from vpsrelay.errors import (
     RequestTooLarge,
     UpstreamProtocolError,
 )
+from vpsrelay.guard import Guard
 from vpsrelay.health import Health
 from vpsrelay.metrics import Metrics
 from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
@@ -75,10 +77,12 @@ class Exchange:
     disconnected: bool = False
     aborted: bool = False
     route: routing.Route | None = None
-    user: str | None = None  # set by access control when the client authenticated
+    user: str | None = None  # who authenticated (the relay token's user), with access control
     cache: str | None = None  # "hit" / "miss", set by the blob cache
     upstream_status: int | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
+    raw_path: str = "/"  # the request target as sent, for the guard's checks
+    throttle: Callable[[int], Awaitable[None]] | None = None  # the bandwidth cap
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
         self.status = status
@@ -89,6 +93,8 @@ class Exchange:
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
         self.bytes_sent += len(chunk)
+        if self.throttle is not None and chunk:
+            await self.throttle(len(chunk))
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
@@ -110,6 +116,8 @@ class RelayApp:
         self.started = time.monotonic()
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
+        self.guard = Guard(settings)
+        self.clientauth = ClientAuth(settings, upstream)
         self.cache: CacheFront | None = None
         if store is not None:
             from vpsrelay.cache.front import CacheFront
@@ -145,6 +153,7 @@ class RelayApp:
             receive=receive,
             send=send,
             peer=(scope.get("client") or ("", 0))[0],
+            raw_path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
         )
         try:
             await self._dispatch(exchange)
@@ -156,8 +165,15 @@ class RelayApp:
                 exchange.aborted = True
                 log.warning("aborted %s %s mid-body: %s", exchange.method, exchange.path, exc)
                 return
+            if exc.status < 500:
+                self.guard.record(
+                    exc, client_ip=exchange.view.client_ip, method=exchange.method,
+                    path=exchange.raw_path,
+                )  # fmt: skip
             await exchange.respond(
-                exc.status, (("content-type", "application/json"),), exc.to_registry_body()
+                exc.status,
+                (("content-type", "application/json"), *exc.headers),
+                exc.to_registry_body(),
             )
         except Exception:
             log.exception("bug while serving %s %s", exchange.method, exchange.path)
@@ -179,6 +195,10 @@ class RelayApp:
         if exchange.path == "/healthz" and exchange.method in ("GET", "HEAD"):
             await self._healthz(exchange)
             return
+        self.guard.admit(
+            method=exchange.method, raw_path=exchange.raw_path, headers=exchange.headers,
+            client_ip=exchange.view.client_ip, host=exchange.view.host,
+        )  # fmt: skip
         if await observe.serve_operator_path(self, exchange):
             return  # /, /metrics, /readyz
         ns = next((v for k, v in parse_qsl(exchange.query) if k == "ns"), None)
@@ -186,9 +206,28 @@ class RelayApp:
             exchange.method, exchange.path, table=self.table, host=exchange.view.host, ns=ns
         )
         exchange.route = route
+        self.guard.check_route(route)
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange, route)
-        elif route.kind is routing.Kind.BASE and self.cache is not None:
+            return
+        if self.clientauth.enabled:
+            realm = self._relay_realm(exchange, self.registries[route.registry])
+            exchange.user = await self.clientauth.verify(exchange.headers, route, realm)
+            if route.kind is routing.Kind.BASE:  # the relay answers for itself
+                await exchange.respond(200, (("content-type", "application/json"),), b"{}")
+                return
+        if route.kind is routing.Kind.BLOB and exchange.method == "GET":
+            client_ip = exchange.view.client_ip
+            sent = lambda: exchange.bytes_sent  # noqa: E731
+            async with self.guard.download(client_ip, exchange.user, sent) as throttle:
+                exchange.throttle = throttle
+                await self._serve(exchange, route)
+            return
+        await self._serve(exchange, route)
+
+    async def _serve(self, exchange: Exchange, route: routing.Route) -> None:
+        """From the cache when it has a say, else straight from the upstream."""
+        if self.cache is not None and route.kind is routing.Kind.BASE:
             await self.cache.base(exchange, route)
         elif self.cache is not None and route.kind in (routing.Kind.MANIFEST, routing.Kind.BLOB):
             await self.cache.serve(exchange, route)
@@ -211,14 +250,20 @@ class RelayApp:
             return f"{exchange.view.base_url}/token"
         return f"{exchange.view.base_url}/token/{registry.name}"
 
-    async def _upstream_headers(
-        self, exchange: Exchange, registry: RegistryConfig
+    async def upstream_headers(
+        self, exchange: Exchange, registry: RegistryConfig, route: routing.Route
     ) -> header_policy.Headers:
         """The client's headers for the registry; its credentials win over the operator's.
 
-        The operator's credentials are sent only to a registry that asks for Basic auth
-        directly; for token registries they are used at `/token` instead.
+        With client authentication on, the client holds a relay token, and the upstream
+        gets the upstream token the relay keeps for it. Otherwise the operator's
+        credentials are sent only to a registry that asks for Basic auth directly; for
+        token registries they are used at `/token` instead.
         """
+        if self.clientauth.enabled:
+            return await self.clientauth.upstream_headers(
+                exchange.headers, registry, route.upstream_name
+            )
         headers = header_policy.upstream_request_headers(exchange.headers, USER_AGENT)
         client_auth = header_policy.get(headers, "authorization")
         if client_auth is None and registry.has_credentials:
@@ -240,7 +285,7 @@ class RelayApp:
             raise NotFound(f"{registry.name} has no search endpoint configured")
         url = f"{base}{path}{'?' + query if query else ''}"
         request = UpstreamRequest(
-            exchange.method, url, await self._upstream_headers(exchange, registry)
+            exchange.method, url, await self.upstream_headers(exchange, registry, route)
         )
         began = time.monotonic()
         async with self.upstream.open(request, what=registry.name) as response:
@@ -254,8 +299,17 @@ class RelayApp:
                 parsed = auth.parse_challenge(challenge)
                 if parsed.is_bearer:
                     self.upstream.remember_challenge(registry.name, parsed)
+                if self.clientauth.enabled:
+                    continue
                 rewritten = auth.rewrite_challenge(parsed, self._relay_realm(exchange, registry))
                 headers.append(("www-authenticate", rewritten.format()))
+            if self.clientauth.enabled and response.status_code == 401:
+                # The relay's own upstream token did not do: forget it, and let the client
+                # come back through the relay's /token (which fetches a fresh one).
+                self.clientauth.forget_upstream_token(registry.name, route.upstream_name)
+                scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
+                realm = self._relay_realm(exchange, registry)
+                headers.append(("www-authenticate", self.clientauth.challenge(realm, scope)))
             if route.kind is routing.Kind.BASE and response.status_code == 200:
                 self.upstream.remember_challenge(registry.name, None)
             headers.extend(
@@ -348,6 +402,17 @@ class RelayApp:
             raise NotFound("Docker Hub is disabled on this relay")
         return self.table.default.name
 
+    def _scope_names(self, route: routing.Route, registry: RegistryConfig) -> Callable[[str], str]:
+        """Maps a token scope's repository name to `registry`'s name for it."""
+
+        def to_upstream(name: str) -> str:
+            selection = self.table.by_path(name) if not route.registry else None
+            if selection is not None and selection.registry.name == registry.name:
+                name = selection.name  # strip the path prefix the client used
+            return routing.to_upstream_name(registry.name, name)
+
+        return to_upstream
+
     async def _token(self, exchange: Exchange, route: routing.Route) -> None:
         if exchange.method == "POST":
             raw = (await _read_body(exchange)).decode("utf-8", "replace")
@@ -357,19 +422,21 @@ class RelayApp:
         params = [(k, v) for k, v in params if k != "ns"]
         registry = self.registries[self._token_registry(route, params)]
         exchange.route = dataclasses.replace(route, registry=registry.name)  # for the log
+        to_upstream = self._scope_names(route, registry)
+        if self.clientauth.enabled:
+            body = await self.clientauth.token(
+                method=exchange.method, params=params, headers=exchange.headers,
+                registry=registry, to_upstream=to_upstream,
+                realm=self._relay_realm(exchange, registry),
+            )  # fmt: skip
+            await exchange.respond(200, (("content-type", "application/json"),), body)
+            return
         challenge = await self.upstream.challenge(registry)
         if challenge is None or not challenge.realm:
             # The registry needs no token: answer a placeholder, which _relay drops.
             body = json.dumps({"token": "anonymous", "access_token": "anonymous"}).encode()
             await exchange.respond(200, (("content-type", "application/json"),), body)
             return
-
-        def to_upstream(name: str) -> str:
-            selection = self.table.by_path(name) if not route.registry else None
-            if selection is not None and selection.registry.name == registry.name:
-                name = selection.name  # strip the path prefix the client used
-            return routing.to_upstream_name(registry.name, name)
-
         params = auth.token_request_params(params, to_upstream, challenge.service)
         forwarded = header_policy.select(exchange.headers, frozenset({"authorization", "accept"}))
         if header_policy.get(forwarded, "authorization") is None and registry.has_credentials:

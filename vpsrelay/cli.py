@@ -543,6 +543,55 @@ def check(
     sys.exit(0 if report.ok else 1)
 
 
+@main.group(name="user")
+def user_group() -> None:
+    """Manage the relay's users (client authentication)."""
+
+
+@user_group.command("add")
+@click.argument("name")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
+@click.option(
+    "--file",
+    "users_file",
+    type=click.Path(path_type=Path),
+    help="htpasswd file to write (default: auth.users_file of the configuration).",
+)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def user_add(
+    name: str, config_path: Path | None, users_file: Path | None, password_stdin: bool
+) -> None:
+    """Add a user (or set a user's password) in the users file, as a bcrypt hash.
+
+    \b
+    Examples:
+      vpsrelay user add alice --config /etc/vpsrelay/config.toml
+      echo "$PASSWORD" | vpsrelay user add ci --password-stdin --file /etc/vpsrelay/htpasswd
+    """
+    from vpsrelay.clientauth import add_user  # late: bcrypt is not needed elsewhere here
+
+    path = users_file or _load(config_path, {}, ()).auth.users_file
+    if path is None:
+        click.echo("vpsrelay: no users file: set auth.users_file or pass --file", err=True)
+        sys.exit(2)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        new = add_user(path, name, password)
+    except (ValueError, OSError) as exc:
+        click.echo(f"vpsrelay: cannot add user {name!r} to {str(path)!r}: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{'added' if new else 'updated'} user {name!r} in {path}")
+
+
 # The cache's commands live beside the cache (imported last: they use `_load`).
 from vpsrelay.cache.commands import cache_group, warm  # noqa: E402
 

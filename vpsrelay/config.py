@@ -16,8 +16,10 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from vpsrelay.core.cachepolicy import GiB, parse_size
+from vpsrelay.core.tokens import parse_htpasswd
 from vpsrelay.errors import ConfigError
 from vpsrelay.registry_config import (
     BUILTIN_REGISTRIES,
@@ -147,6 +149,83 @@ def _networks(value: object) -> tuple[Network, ...]:
         raise ValueError(f"expected IP addresses or CIDR networks: {exc}") from None
 
 
+def _non_negative(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number (0 for no limit), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a number >= 0 (0 for no limit), got {value!r}")
+    return float(value)
+
+
+def _limit(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0 (0 for no limit), got {value!r}")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}  # fmt: skip
+
+
+def _size(value: object) -> int:
+    """Bytes: a whole number, or `500MiB`, `10 GiB`, `1TB` (0 for no limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError(f"expected a size in bytes like 1073741824 or '10GiB', got {value!r}")
+
+
+def _regexes(value: object) -> tuple[str, ...]:
+    patterns = _list(value)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {pattern!r}: {exc}") from None
+    return patterns
+
+
+def _redirect_allow(value: object) -> tuple[str, ...]:
+    """CIDR networks or http(s) origins that redirects may reach although private."""
+    entries = _list(value)
+    for entry in entries:
+        if "://" in entry:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise ValueError(f"expected a network or an origin http://host:port: {entry!r}")
+        else:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"expected a network or an origin like http://host:port: {entry!r}"
+                ) from None
+    return entries
+
+
+def _users(value: object) -> tuple[str, ...]:
+    entries = _list(value)
+    try:
+        parse_htpasswd("\n".join(entries))
+    except ValueError as exc:
+        raise ValueError(f"expected USER:BCRYPT-HASH entries: {exc}") from None
+    return entries
+
+
+def _secrets(value: object) -> tuple[Secret, ...]:
+    return tuple(Secret(item) for item in _list(value))
+
+
 def _choice(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = _str(value).lower()
@@ -233,6 +312,10 @@ class ServerConfig:
     keep_alive_timeout: float = _option(75.0, _seconds, "idle keep-alive seconds")
     read_timeout: float = _option(30.0, _seconds, "seconds to receive a request's headers")
     graceful_timeout: float = _option(30.0, _seconds, "seconds in-flight requests get at stop")
+    max_connections: int = _option(1000, _count, "client connections open at once")
+    max_header_bytes: int = _option(16384, _count, "request line + headers, bytes")
+    max_headers: int = _option(100, _count, "request headers per request")
+    allowed_hosts: tuple[str, ...] = _option((), _list, "Host names served (empty: any)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -332,6 +415,47 @@ class UiConfig:
     landing_page: bool = _option(True, _bool, "serve the landing page at / (else 404)")
 
 
+# Scanners that have no business on a registry relay (searched case-insensitively).
+DEFAULT_DENY_USER_AGENTS = ("zgrab", "masscan", "nikto", "sqlmap", "nmap scripting engine")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessConfig:
+    allow_ips: tuple[Network, ...] = _option((), _networks, "client networks served (empty: all)")
+    deny_ips: tuple[Network, ...] = _option((), _networks, "client networks refused")
+    deny_user_agents: tuple[str, ...] = _option(
+        DEFAULT_DENY_USER_AGENTS, _regexes, "User-Agent patterns refused"
+    )
+    allow_private_redirects: bool = _option(False, _bool, "let redirects reach private addresses")
+    redirect_allow: tuple[str, ...] = _option(
+        (), _redirect_allow, "networks or origins redirects may reach although private"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    enabled: bool = _option(False, _bool, "require client credentials")
+    users: tuple[str, ...] = _option((), _users, "USER:BCRYPT-HASH entries")
+    users_file: Path | None = _option(None, _optional_path, "htpasswd file (bcrypt)")
+    pull_tokens: tuple[Secret, ...] = _option((), _secrets, "static pull tokens")
+    pull_tokens_file: Path | None = _option(None, _existing_file, "file of pull tokens")
+    service: str = _option("vpsrelay", _str, "service name in the relay's challenge")
+    token_ttl: float = _option(300.0, _seconds, "seconds a relay token lives")
+    refresh_ttl: float = _option(30 * 86400.0, _seconds, "seconds a refresh token lives")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    requests_per_second: float = _option(0.0, _non_negative, "per client IP (0: no limit)")
+    burst: int = _option(100, _count, "requests a client IP may send at once")
+    streams_per_ip: int = _option(0, _limit, "blob downloads at once per client IP")
+    stream_bytes_per_second: int = _option(0, _size, "bandwidth cap per blob download")
+    budget_daily: int = _option(0, _size, "bytes served per UTC day, all clients")
+    budget_monthly: int = _option(0, _size, "bytes served per UTC month, all clients")
+    user_budget_daily: int = _option(0, _size, "bytes served per UTC day per user")
+    user_budget_monthly: int = _option(0, _size, "bytes served per UTC month per user")
+
+
 DEFAULT_REGISTRIES = BUILTIN_REGISTRIES
 
 
@@ -345,6 +469,9 @@ class Settings:
     ui: UiConfig = field(default_factory=UiConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     registries: tuple[RegistryConfig, ...] = DEFAULT_REGISTRIES
 
     def registry(self, name: str) -> RegistryConfig:
@@ -362,6 +489,9 @@ SECTIONS: dict[str, type[Any]] = {
     "ui": UiConfig,
     "tls": TLSConfig,
     "cache": CacheConfig,
+    "access": AccessConfig,
+    "auth": AuthConfig,
+    "limits": LimitsConfig,
 }
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
 

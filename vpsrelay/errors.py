@@ -17,10 +17,21 @@ class RelayError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "UNKNOWN"
 
-    def __init__(self, message: str, *, detail: object = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: object = None,
+        reason: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+        # Why it was refused, one word for logs and counters (`ip_denied`, `rate_limited`).
+        self.reason = reason or self.code.lower()
+        # Extra response headers (`Retry-After`, `WWW-Authenticate`).
+        self.headers = headers
 
     def to_registry_body(self) -> bytes:
         """Render the `{"errors": [...]}` body registries answer with."""
@@ -67,6 +78,45 @@ class Unsupported(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "UNSUPPORTED"
+
+
+class BadRequest(ClientError):
+    """A request no registry client sends (a proxy's request target, too many headers)."""
+
+    code = "UNSUPPORTED"
+
+
+class Unauthorized(ClientError):
+    """No credentials, or wrong ones, for a relay that requires them."""
+
+    status = 401
+    code = "UNAUTHORIZED"
+
+
+class Denied(ClientError):
+    """A policy refuses the request (IP, repository, User-Agent, redirect target)."""
+
+    status = 403
+    code = "DENIED"
+
+
+class TooManyRequests(ClientError):
+    """A rate, concurrency or traffic limit was reached; `Retry-After` says when to retry."""
+
+    status = 429
+    code = "TOOMANYREQUESTS"
+
+
+class MisdirectedRequest(ClientError):
+    """A Host the relay does not answer for (RFC 9110 §15.5.20)."""
+
+    status = 421
+    code = "DENIED"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "SIZE_INVALID"
 
 
 class RequestTooLarge(ClientError):

@@ -11,15 +11,21 @@ waits for the rest until the connection idles out. A relay that stops a blob
 from __future__ import annotations
 
 import logging
+import math
 from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 import h2.errors
 import h2.exceptions
+import trio
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.trio.tcp_server import TCPServer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    import hypercorn.config
 
 log = logging.getLogger("vpsrelay.server")
 
@@ -63,3 +69,84 @@ def apply() -> bool:
     H2Protocol._close_stream = close_stream_with_reset  # type: ignore[method-assign]
     H2Protocol._vpsrelay_patched = True  # type: ignore[attr-defined]
     return True
+
+
+# --- connections: a cap, and timeouts that fit a relay (issue 5) ------------------------------
+#
+# Hypercorn's trio worker builds one `TCPServer` per accepted connection from the module
+# global `hypercorn.trio.run.TCPServer`; `cap_connections` replaces it with the subclass
+# below, which changes three things:
+#
+# * a cap: connections over `server.max_connections` are closed at once, so a flood of
+#   idle connections cannot take every file descriptor;
+# * `read_timeout` applies only while the connection waits for a request: Hypercorn's own
+#   applies to every read, so a long download (the client sends nothing while it
+#   receives a 10 GiB layer) was cut after `read_timeout` seconds;
+# * once the client's side is closed or timed out, the connection is closed then, not
+#   after `keep_alive_timeout` (Hypercorn waits for its keep-alive task first, so every
+#   closed or half-open connection kept its slot and descriptor for 75 s).
+
+_LIMITER_ATTRIBUTE = "_vpsrelay_connection_limiter"
+_REFUSED_ATTRIBUTE = "_vpsrelay_on_refused"
+_MAX_RECV = 2**16  # hypercorn.trio.tcp_server.MAX_RECV
+
+
+def cap_connections(
+    config: hypercorn.config.Config, limit: int, on_refused: Callable[[str, str], None]
+) -> None:
+    """Serve at most `limit` connections at once with `config`; close the ones over it."""
+    import hypercorn.trio.run as trio_run
+
+    setattr(config, _LIMITER_ATTRIBUTE, trio.CapacityLimiter(limit))
+    setattr(config, _REFUSED_ATTRIBUTE, on_refused)
+    trio_run.TCPServer = RelayTCPServer  # type: ignore[attr-defined]
+
+
+class RelayTCPServer(TCPServer):
+    """Hypercorn's per-connection server with the relay's connection policy (see above)."""
+
+    _busy = False  # a request is in flight (Hypercorn's `Updated(idle=False)`)
+
+    async def run(self) -> None:
+        limiter: trio.CapacityLimiter | None = getattr(self.config, _LIMITER_ATTRIBUTE, None)
+        if limiter is None:
+            await super().run()
+            return
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            on_refused = getattr(self.config, _REFUSED_ATTRIBUTE, None)
+            if on_refused is not None:
+                on_refused("connection_cap", f"{limiter.total_tokens} connections already open")
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            return
+        try:
+            await super().run()
+        finally:
+            limiter.release()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            self._busy = not event.idle
+        await super().protocol_send(event)
+
+    async def _read_data(self) -> None:
+        timeout = self.config.read_timeout or math.inf
+        while True:
+            with trio.move_on_after(timeout) as timer:
+                try:
+                    data = await self.stream.receive_some(_MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+            if timer.cancelled_caught:
+                if self._busy:  # the client is receiving a response: it need not send
+                    continue
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+        # Nothing more can come from the client: end the connection now (its keep-alive
+        # task would hold it open for keep_alive_timeout otherwise).
+        self._task_group._nursery.cancel_scope.cancel()  # type: ignore[union-attr]

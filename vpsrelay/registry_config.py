@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from vpsrelay.core.access import compile_glob
 from vpsrelay.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ DOCKER_HUB_SEARCH_URL = "https://index.docker.io"
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 REGISTRY_KEYS = (
     "url", "aliases", "subdomain", "enabled", "username", "password", "password_file",
-    "password_env", "search_url",
+    "password_env", "search_url", "allow", "deny",
 )  # fmt: skip
 
 
@@ -62,6 +63,8 @@ class RegistryConfig:
     username: str | None = None
     password: Secret | None = None
     search_url: str | None = None
+    allow: tuple[str, ...] = ()  # repository globs (upstream names: `library/*`)
+    deny: tuple[str, ...] = ()
 
     @property
     def has_credentials(self) -> bool:
@@ -138,6 +141,8 @@ def _apply(
                 if not isinstance(value, bool):
                     raise ValueError(f"expected true or false, got {value!r}")
                 changes["enabled"] = value
+            elif key in ("allow", "deny"):
+                changes[key] = _globs(value)
             elif key == "username":
                 changes["username"] = _text(value)
             elif key == "password":
@@ -201,6 +206,14 @@ def _aliases(value: object) -> tuple[str, ...]:
         raise ValueError(f"expected a list of names, got {value!r}")
     if any("/" in v for v in value):
         raise ValueError("an alias is one path segment, without '/'")
+    return tuple(value)
+
+
+def _globs(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of repository globs, got {value!r}")
+    for pattern in value:
+        compile_glob(pattern)
     return tuple(value)
 
 

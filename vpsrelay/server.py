@@ -7,6 +7,7 @@ and give in-flight pulls `server.graceful_timeout` seconds to finish.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 from functools import partial
@@ -35,6 +36,10 @@ def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
     config.read_timeout = int(settings.server.read_timeout)
     config.graceful_timeout = settings.server.graceful_timeout
     config.include_server_header = False
+    # Request line and headers, HTTP/1.1 and HTTP/2 alike (issue 5): over the limit, h11
+    # answers 431 and h2 resets the stream, before the app sees anything.
+    config.h11_max_incomplete_size = settings.server.max_header_bytes
+    config.h2_max_header_list_size = settings.server.max_header_bytes
     config.accesslog = None  # the app writes its own access log, with upstream timings
     config.errorlog = logging.getLogger("vpsrelay.server")
     return config
@@ -43,6 +48,19 @@ def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
 def _bind(address: str) -> str:
     host, port = parse_listen(address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_descriptor_limit(max_connections: int) -> None:
+    """Warn when the connection cap cannot be reached: descriptors run out first."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Each client connection may need an upstream connection too, plus files and slack.
+    needed = 2 * max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the open-file limit (%d) is below what server.max_connections = %d needs (%d): "
+            "raise it (ulimit -n, LimitNOFILE=) or lower max_connections",
+            soft, max_connections, needed,
+        )  # fmt: skip
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:
@@ -104,18 +122,24 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
         app = RelayApp(settings, upstream, store)
+        config = hypercorn_config(settings)
+        # One cap on connections for every listener (the TLS one copies this config).
+        hypercorn_patches.cap_connections(
+            config, settings.server.max_connections, app.guard.record_reason
+        )
+        _check_descriptor_limit(settings.server.max_connections)
         # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
         serve = partial(
             hypercorn.trio.serve,
             app,  # type: ignore[arg-type]
-            hypercorn_config(settings),
+            config,
             shutdown_trigger=stop.wait,
         )
         binds: list[str] = await nursery.start(serve)
         if settings.tls.enabled:
             from vpsrelay import tlsserver  # imported late: plain mode needs no ACME stack
 
-            https = await tlsserver.start(nursery, settings, app, stop, hypercorn_config(settings))
+            https = await tlsserver.start(nursery, settings, app, stop, config)
             binds = [*https, *binds]
         for bind in binds:
             log.info("vpsrelay %s listening on %s", __version__, bind)

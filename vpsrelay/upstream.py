@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from vpsrelay import __version__
+from vpsrelay import __version__, netguard
 from vpsrelay.core import auth, flow
 from vpsrelay.core.redirects import RedirectPolicy, UpstreamRequest
 from vpsrelay.errors import (
@@ -83,10 +83,21 @@ class Upstream:
         self.settings = settings
         self.policy = RedirectPolicy(max_hops=cfg.max_redirects)
         limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32)
-        if transport is None and cfg.prefer_ipv4:
-            # Binding the local side to 0.0.0.0 makes every upstream connection IPv4.
+        # Binding the local side to 0.0.0.0 makes every upstream connection IPv4.
+        local_address = "0.0.0.0" if cfg.prefer_ipv4 else None
+        # Redirect targets may reach only public addresses (issue 5); see `netguard`.
+        self.targets = netguard.Targets(
+            [u for r in settings.registries for u in (r.url, r.search_url) if u],
+            settings.access.redirect_allow,
+        )
+        if transport is None and not settings.access.allow_private_redirects:
+            backend = netguard.GuardedBackend(self.targets)
+            transport = netguard.GuardedTransport(
+                backend, verify=verify, limits=limits, local_address=local_address
+            )
+        elif transport is None and local_address is not None:
             transport = httpx.AsyncHTTPTransport(
-                verify=verify, limits=limits, local_address="0.0.0.0", trust_env=False
+                verify=verify, limits=limits, local_address=local_address, trust_env=False
             )
         self.client = httpx.AsyncClient(
             # No total deadline: a 10 GiB layer on a slow link must finish; `read` is idle time.
@@ -109,6 +120,8 @@ class Upstream:
         await self.client.aclose()
 
     def remember_challenge(self, registry: str, challenge: auth.Challenge | None) -> None:
+        if challenge is not None and challenge.realm:
+            self.targets.trust(challenge.realm)  # the upstream's own token service
         self._discovered[registry] = Discovered(challenge, trio.current_time())
 
     def known_scheme(self, registry: str) -> str | None:

@@ -59,6 +59,9 @@ class RelayProcess:
             command += ["--data-dir", str(workdir / "data")]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
         full_env["PYTHONPATH"] = str(REPO_ROOT)
+        # Every stand-in (CDN, token servers) lives on loopback, which redirect-target
+        # protection refuses by default; tests of that protection pass their own value.
+        full_env["VPSRELAY_ACCESS__REDIRECT_ALLOW"] = "127.0.0.1/32"
         full_env.update(env or {})
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir

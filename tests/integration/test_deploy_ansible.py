@@ -154,6 +154,8 @@ def test_playbook_venv_mode_runs_serves_and_is_idempotent(
                 },
                 "vpsrelay_listen": [f"127.0.0.1:{port}"],
                 "vpsrelay_upstreams": {"docker.io": clean_hub.registry_url},
+                # The test CDN is on loopback, which redirect protection refuses by default.
+                "vpsrelay_extra_env": {"VPSRELAY_ACCESS__REDIRECT_ALLOW": clean_hub.cdn.url},
                 "vpsrelay_graceful_timeout": 5,
             }
         )

@@ -55,14 +55,17 @@ def skopeo_copy(
 ) -> subprocess.CompletedProcess[str]:
     require_binary("skopeo")
     dest = tmp_path / "out"
-    return subprocess.run(
+    result = subprocess.run(
         [
             "skopeo", "copy", "--src-tls-verify=false", "--preserve-digests", *extra,
             f"docker://{source}", f"oci:{dest}:pulled",
         ],
-        capture_output=True, text=True, timeout=SKOPEO_TIMEOUT, check=check,
+        capture_output=True, text=True, timeout=SKOPEO_TIMEOUT,
         env=_registries_conf(tmp_path),
     )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"skopeo copy {source} failed ({result.returncode}): {result.stderr}")
+    return result
 
 
 def assert_blobs_pulled(tmp_path: Path, item: BuiltImage | BuiltIndex) -> None:

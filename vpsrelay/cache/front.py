@@ -135,10 +135,11 @@ class CacheFront:
         Raises:
             UpstreamError: the upstream could not be asked.
         """
+        registry = self.app.registries[route.registry]
         request = UpstreamRequest(
             "HEAD",
             self._url(route, route.upstream_path),
-            header_policy.upstream_request_headers(exchange.headers, USER_AGENT),
+            await self.app.upstream_headers(exchange, registry, route),
         )
         async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
             observe.upstream_answered(self.app, exchange, response)

@@ -1,0 +1,350 @@
+"""core/access.py: the access policies, decided without sockets or clocks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+import pytest
+from hypothesis import given, strategies as st
+
+from vpsrelay.core import access
+from vpsrelay.errors import (
+    BadRequest,
+    Denied,
+    MisdirectedRequest,
+    RelayError,
+    TooManyRequests,
+    Unsupported,
+)
+
+
+def nets(*texts: str) -> tuple[access.Network, ...]:
+    return tuple(ipaddress.ip_network(t) for t in texts)
+
+
+# --- IP lists -------------------------------------------------------------------------------
+
+
+def test_open_relay_admits_anyone_even_garbage():
+    access.IpPolicy().check("203.0.113.9")
+    access.IpPolicy().check("not an ip")
+
+
+@pytest.mark.parametrize(
+    ("ip", "reason"),
+    [
+        ("203.0.113.9", None),
+        ("2001:db8::1", None),
+        ("::ffff:203.0.113.9", None),  # IPv4-mapped is judged as the IPv4 address
+        ("198.51.100.1", "ip_not_allowed"),
+        ("203.0.113.66", "ip_denied"),  # deny wins over allow
+        ("2001:db9::1", "ip_not_allowed"),
+        ("unix-socket", "ip_not_allowed"),
+        ("fe80::1%eth0", "ip_not_allowed"),
+    ],
+)
+def test_allow_and_deny_lists(ip, reason):
+    policy = access.IpPolicy(nets("203.0.113.0/24", "2001:db8::/32"), nets("203.0.113.64/26"))
+    if reason is None:
+        policy.check(ip)
+    else:
+        with pytest.raises(Denied) as caught:
+            policy.check(ip)
+        assert caught.value.reason == reason
+        assert caught.value.status == 403
+
+
+def test_deny_list_alone():
+    policy = access.IpPolicy(deny=nets("10.0.0.0/8"))
+    policy.check("192.0.2.1")
+    policy.check("garbage")
+    with pytest.raises(Denied):
+        policy.check("10.1.2.3")
+
+
+# --- repository globs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "matches"),
+    [
+        ("library/*", "library/alpine", True),
+        ("library/*", "library/a/b", False),
+        ("library/*", "other/alpine", False),
+        ("myorg/**", "myorg/a", True),
+        ("myorg/**", "myorg/a/b/c", True),
+        ("myorg/**", "myorg", False),
+        ("**/cache", "a/b/cache", True),
+        ("app?", "app1", True),
+        ("app?", "app/", False),
+        ("a.b-c_d", "a.b-c_d", True),
+        ("a.b", "axb", False),  # the dot is literal
+    ],
+)
+def test_globs(pattern, name, matches):
+    assert bool(access.compile_glob(pattern).fullmatch(name)) is matches
+
+
+@pytest.mark.parametrize("bad", ["Library/*", "a b", "x[0-9]", "", "^a"])
+def test_bad_globs(bad):
+    with pytest.raises(ValueError):
+        access.compile_glob(bad)
+
+
+def test_repository_policy():
+    policy = access.RepositoryPolicy(allow=("library/*", "myorg/**"), deny=("myorg/secret/**",))
+    policy.check("docker.io", "library/alpine")
+    policy.check("docker.io", "myorg/app/x")
+    for name in ("someone/tool", "myorg/secret/a"):
+        with pytest.raises(Denied) as caught:
+            policy.check("docker.io", name)
+        assert caught.value.reason == "repository_denied"
+        assert name in caught.value.message
+    access.RepositoryPolicy().check("docker.io", "anything/goes")
+
+
+# --- request shape ----------------------------------------------------------------------------
+
+
+def test_user_agent_patterns():
+    policy = access.UserAgentPolicy(("zgrab", r"^curl/7\."))
+    policy.check("docker/20.10 go/go1.19")
+    policy.check("")
+    for agent in ("Mozilla/5.0 zgrab/0.x", "ZGrab", "curl/7.88.1"):
+        with pytest.raises(Denied) as caught:
+            policy.check(agent)
+        assert caught.value.reason == "user_agent_denied"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "error", "reason"),
+    [
+        ("GET", "/v2/", None, None),
+        ("GET", "http://evil.example/v2/", BadRequest, "absolute_form"),
+        ("GET", "evil.example:443", BadRequest, "absolute_form"),
+        ("OPTIONS", "*", BadRequest, "absolute_form"),
+        ("GET", "//evil.example/v2/", BadRequest, "absolute_form"),
+        ("CONNECT", "evil.example:443", Unsupported, "connect"),
+        ("CONNECT", "/", Unsupported, "connect"),
+    ],
+)
+def test_request_target(method, target, error, reason):
+    if error is None:
+        access.check_request_target(method, target)
+        return
+    with pytest.raises(error) as caught:
+        access.check_request_target(method, target)
+    assert caught.value.reason == reason
+    assert 400 <= caught.value.status < 500
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        ("Relay.Example:443", "relay.example"),
+        ("relay.example.", "relay.example"),
+        ("[::1]:5000", "::1"),
+        ("::1", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+    ],
+)
+def test_host_name(host, name):
+    assert access.host_name(host) == name
+
+
+def test_host_policy():
+    access.HostPolicy().check("anything")
+    policy = access.HostPolicy(("relay.example", "127.0.0.1"), ("relay.example",))
+    for host in ("relay.example", "RELAY.example:8443", "ghcr.relay.example", "127.0.0.1:5000"):
+        policy.check(host)
+    for host in ("evil.example", "relay.example.evil", "xrelay.example", ""):
+        with pytest.raises(MisdirectedRequest) as caught:
+            policy.check(host)
+        assert caught.value.reason == "unknown_host"
+        assert caught.value.status == 421
+
+
+# --- rates and concurrency --------------------------------------------------------------------
+
+
+def test_token_bucket_take_and_spend():
+    bucket = access.TokenBucket(rate=2.0, burst=3.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(0.0) == pytest.approx(0.5)
+    assert bucket.take(0.5) == 0.0
+    assert bucket.full_at() == pytest.approx(0.5 + 1.5)
+    assert bucket.take(10.0, amount=3) == 0.0  # refilled, capped at burst
+    assert bucket.spend(10.0, 4.0) == pytest.approx(2.0)  # 4 tokens of debt at 2/s
+    assert bucket.spend(12.0, 0.0) == 0.0
+
+
+def test_rate_limiter_trips_at_the_burst_and_says_when():
+    limiter = access.RateLimiter(rate=0.5, burst=3)
+    for _ in range(3):
+        limiter.check("a", now=100.0)
+    with pytest.raises(TooManyRequests) as caught:
+        limiter.check("a", now=100.0)
+    assert caught.value.reason == "rate_limited"
+    assert dict(caught.value.headers)["retry-after"] == "2"
+    limiter.check("b", now=100.0)  # per key
+    limiter.check("a", now=102.0)  # one token back after 2 s
+
+
+def test_rate_limiter_forgets_full_buckets_when_crowded():
+    limiter = access.RateLimiter(rate=1.0, burst=1, max_keys=2)
+    limiter.check("a", now=0.0)
+    limiter.check("b", now=0.5)
+    limiter.check("c", now=5.0)  # both full again: both forgotten
+    assert len(limiter) == 1
+    limiter.check("d", now=5.0)
+    limiter.check("e", now=5.0)  # none full: the oldest goes
+    assert len(limiter) == 2
+
+
+def test_concurrency_counter():
+    counter = access.ConcurrencyCounter(2)
+    counter.acquire("a")
+    counter.acquire("a")
+    with pytest.raises(TooManyRequests) as caught:
+        counter.acquire("a")
+    assert caught.value.reason == "concurrency_limited"
+    counter.acquire("b")
+    counter.release("a")
+    assert counter.count("a") == 1
+    counter.acquire("a")
+    counter.release("a")
+    counter.release("a")
+    counter.release("a")  # more releases than acquires do not go negative
+    assert counter.count("a") == 0
+
+
+# --- the budget -------------------------------------------------------------------------------
+
+NOON = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC).timestamp()
+
+
+def test_budget_trips_at_the_figure_and_retries_at_midnight():
+    budget = access.Budget(access.BudgetLimits(daily=1000))
+    budget.check(None, NOON)
+    budget.charge(None, 999, NOON)
+    budget.check(None, NOON)  # 999 < 1000: one more download may start
+    budget.charge(None, 1, NOON)
+    with pytest.raises(TooManyRequests) as caught:
+        budget.check(None, NOON)
+    assert caught.value.reason == "budget_exhausted"
+    assert dict(caught.value.headers)["retry-after"] == str(12 * 3600)
+    budget.check(None, NOON + 12 * 3600)  # a new day
+    assert budget.used("total|2026-11-29") == 1000
+
+
+def test_budget_per_user_and_month():
+    budget = access.Budget(access.BudgetLimits(monthly=10_000, user_daily=100))
+    budget.charge("alice", 100, NOON)
+    with pytest.raises(TooManyRequests):
+        budget.check("alice", NOON)
+    budget.check("bob", NOON)
+    budget.check(None, NOON)
+    budget.charge("bob", 9_900, NOON)
+    with pytest.raises(TooManyRequests) as caught:
+        budget.check("bob", NOON)
+    first_of_december = dt.datetime(2026, 12, 1, tzinfo=dt.UTC).timestamp()
+    assert dict(caught.value.headers)["retry-after"] == str(int(first_of_december - NOON))
+    assert "relay's" in caught.value.message
+
+
+def test_budget_forgets_past_periods_and_ignores_nothing():
+    budget = access.Budget(access.BudgetLimits(daily=10), {"total|2020-01-01": 5})
+    budget.charge(None, 0, NOON)
+    assert budget.counters == {"total|2020-01-01": 5}
+    budget.charge(None, 3, NOON)
+    assert set(budget.counters) == {"total|2026-11-29", "total|2026-11"}
+    assert not access.BudgetLimits().enabled
+    assert access.BudgetLimits(user_monthly=1).enabled
+
+
+@pytest.mark.parametrize(
+    ("document", "counters"),
+    [
+        (
+            {"counters": {"total|2026-11": 5, "bad": -1, "flag": True, "x": "1"}},
+            {"total|2026-11": 5},
+        ),
+        ({"counters": []}, {}),
+        ([], {}),
+        (None, {}),
+    ],
+)
+def test_parse_budget_state(document, counters):
+    assert access.parse_budget_state(document) == counters
+
+
+def test_period_ends():
+    assert access.seconds_to_next_day(NOON) == 12 * 3600
+    last = dt.datetime(2026, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp()
+    assert access.seconds_to_next_day(last) == 1
+    assert access.seconds_to_next_month(last) == 1
+
+
+# --- redirect target addresses ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("93.184.216.34", None),
+        ("2606:4700::1111", None),
+        ("127.0.0.1", "loopback"),
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("fd00::1", "private"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "private"),
+        ("100.64.0.1", "not globally routable"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("192.0.2.1", "private"),  # documentation range
+    ],
+)
+def test_address_refusal(address, reason):
+    assert access.address_refusal(ipaddress.ip_address(address)) == reason
+
+
+def test_address_refusal_allowed_networks():
+    allowed = nets("127.0.0.1/32", "10.0.0.0/8")
+    assert access.address_refusal(ipaddress.ip_address("127.0.0.1"), allowed) is None
+    assert access.address_refusal(ipaddress.ip_address("10.9.9.9"), allowed) is None
+    assert access.address_refusal(ipaddress.ip_address("127.0.0.2"), allowed) == "loopback"
+
+
+@given(st.ip_addresses())
+def test_address_refusal_is_total(address):
+    reason = access.address_refusal(address)
+    assert reason is None or isinstance(reason, str)
+    if reason is None:
+        assert address.is_global
+
+
+@given(st.text(max_size=40))
+def test_policies_only_raise_relay_errors(text):
+    statuses: list[int] = []
+    for check in (
+        access.IpPolicy(nets("10.0.0.0/8")).check,
+        access.HostPolicy(("relay.example",)).check,
+        access.UserAgentPolicy(("zgrab",)).check,
+        lambda t: access.check_request_target("GET", t),
+        lambda t: access.RepositoryPolicy(allow=("a/*",)).check("r", t),
+    ):
+        try:
+            check(text)
+        except RelayError as exc:
+            statuses.append(exc.status)
+    assert all(400 <= status < 500 for status in statuses)

@@ -1,0 +1,454 @@
+"""Access policy: who may use the relay, for what, and how much.
+
+Pure decisions, each a small class or function that takes the facts (an address,
+a name, `now`) and either returns or raises a `ClientError` whose `reason` names
+the rule; `vpsrelay.guard` applies them per request and counts the refusals.
+
+* IP allow/deny lists (CIDR), on the real client address.
+* Repository allow/deny globs per registry: `*` is one path segment, `**` any number.
+* User-Agent deny patterns (regular expressions, case-insensitive).
+* Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts.
+* Limits: a token bucket per key (request rate, stream bandwidth), a concurrency
+  counter per key, and a traffic budget per UTC day and month, total and per user.
+* Redirect-target addresses: only globally routable ones, unless the operator allows.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vpsrelay.errors import BadRequest, Denied, MisdirectedRequest, TooManyRequests, Unsupported
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> Address | None:
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    # ::ffff:10.0.0.1 is 10.0.0.1: judge the IPv4 address a mapped one carries.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+# --- who: client addresses ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IpPolicy:
+    """CIDR lists; `allow` empty means everyone, and `deny` wins over `allow`."""
+
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+
+    def check(self, client_ip: str) -> None:
+        """Refuse a client address the lists do not admit.
+
+        Raises:
+            Denied: reason `ip_denied` (on the deny list) or `ip_not_allowed`.
+        """
+        if not self.allow and not self.deny:
+            return
+        address = _address(client_ip)
+        if address is None:
+            # A unix socket peer or a proxy's garbage: only an open relay lets it in.
+            if self.allow:
+                raise Denied("this relay does not serve your address", reason="ip_not_allowed")
+            return
+        if any(address in network for network in self.deny):
+            raise Denied("this relay does not serve your address", reason="ip_denied")
+        if self.allow and not any(address in network for network in self.allow):
+            raise Denied("this relay does not serve your address", reason="ip_not_allowed")
+
+
+# --- what: repositories --------------------------------------------------------------------
+
+_GLOB_CHARS = re.compile(r"[a-z0-9._/*?-]+")
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """A repository glob as a regular expression: `*` and `?` stay within one segment.
+
+    `library/*` matches `library/alpine` but not `library/a/b`; `myorg/**` matches every
+    repository below `myorg/`; `**/cache` matches `cache` at any depth below the top.
+
+    Raises:
+        ValueError: characters a repository name cannot hold.
+    """
+    if not _GLOB_CHARS.fullmatch(pattern):
+        raise ValueError(f"not a repository glob (a-z 0-9 . _ - / * ?): {pattern!r}")
+    parts: list[str] = []
+    index = 0
+    while index < len(pattern):
+        if pattern.startswith("**", index):
+            parts.append(".*")
+            index += 2
+        elif pattern[index] == "*":
+            parts.append("[^/]*")
+            index += 1
+        elif pattern[index] == "?":
+            parts.append("[^/]")
+            index += 1
+        else:
+            parts.append(re.escape(pattern[index]))
+            index += 1
+    return re.compile("".join(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryPolicy:
+    """Globs on the upstream's repository name (`library/alpine`); deny wins."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    _allow: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    _deny: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_allow", tuple(compile_glob(p) for p in self.allow))
+        object.__setattr__(self, "_deny", tuple(compile_glob(p) for p in self.deny))
+
+    def check(self, registry: str, name: str) -> None:
+        """Refuse a repository the lists do not admit.
+
+        Raises:
+            Denied: reason `repository_denied`.
+        """
+        denied = any(p.fullmatch(name) for p in self._deny)
+        if denied or (self._allow and not any(p.fullmatch(name) for p in self._allow)):
+            raise Denied(
+                f"repository {name!r} of {registry} is not served by this relay",
+                reason="repository_denied",
+            )
+
+
+# --- how: request shape --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserAgentPolicy:
+    """Regular expressions searched (case-insensitively) in the User-Agent."""
+
+    patterns: tuple[str, ...] = ()
+    _compiled: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = tuple(re.compile(p, re.IGNORECASE) for p in self.patterns)
+        object.__setattr__(self, "_compiled", compiled)
+
+    def check(self, user_agent: str) -> None:
+        """Raises:
+        Denied: reason `user_agent_denied`.
+        """
+        if any(p.search(user_agent) for p in self._compiled):
+            raise Denied("this relay does not serve your client", reason="user_agent_denied")
+
+
+def check_request_target(method: str, raw_path: str) -> None:
+    """Refuse what only a proxy would be sent (RFC 9112 §3.2).
+
+    An origin server gets the origin-form (`/v2/...`); the absolute-form
+    (`http://host/...`) and authority-form (`CONNECT host:port`) are for proxies, and a
+    relay that answered them could be taken for an open proxy; `OPTIONS *` has no use.
+
+    Raises:
+        Unsupported: `CONNECT` (405, reason `connect`).
+        BadRequest: any target that is not origin-form (400, reason `absolute_form`).
+    """
+    if method == "CONNECT":
+        raise Unsupported("this relay is not a proxy: CONNECT is refused", reason="connect")
+    if not raw_path.startswith("/") or raw_path.startswith("//"):
+        raise BadRequest(
+            "this relay is not a proxy: only origin-form request targets", reason="absolute_form"
+        )
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header value, lower case, without port or trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.rpartition(":")[0]
+    return host.rstrip(".")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPolicy:
+    """The names the relay answers for; none configured means any Host."""
+
+    names: tuple[str, ...] = ()
+    base_domains: tuple[str, ...] = ()
+
+    def check(self, host: str) -> None:
+        """Raises:
+        MisdirectedRequest: a Host that is no configured name (421, reason `unknown_host`).
+        """
+        if not self.names:
+            return
+        name = host_name(host)
+        if name in self.names:
+            return
+        for base in self.base_domains:
+            if name == base or name.endswith("." + base):
+                return
+        raise MisdirectedRequest(
+            f"this relay does not answer for host {name!r}", reason="unknown_host"
+        )
+
+
+# --- how much: rates, concurrency, bandwidth -------------------------------------------------
+
+
+class TokenBucket:
+    """One bucket: `rate` tokens a second, at most `burst`; may run into debt (pacing)."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+
+    def take(self, now: float, amount: float = 1.0) -> float:
+        """Take `amount` if there is that much; return 0, or the seconds until there is."""
+        self._refill(now)
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return 0.0
+        return (amount - self.tokens) / self.rate
+
+    def spend(self, now: float, amount: float) -> float:
+        """Take `amount` unconditionally; return the seconds to wait to pay the debt back."""
+        self._refill(now)
+        self.tokens -= amount
+        return max(0.0, -self.tokens / self.rate)
+
+    def full_at(self) -> float:
+        """When the bucket will be full again."""
+        return self.last + max(0.0, self.burst - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """A token bucket per key (client IP): `rate` requests a second, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: int, *, max_keys: int = 65536) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def check(self, key: str, now: float) -> None:
+        """Count one request for `key`.
+
+        Raises:
+            TooManyRequests: the bucket is empty (reason `rate_limited`, with Retry-After).
+        """
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._prune(now)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        wait = bucket.take(now)
+        if wait > 0:
+            raise TooManyRequests(
+                f"too many requests: at most {self.rate:g} a second (bursts of {self.burst:g})",
+                reason="rate_limited",
+                headers=(("retry-after", str(max(1, math.ceil(wait)))),),
+            )
+
+    def _prune(self, now: float) -> None:
+        # A full bucket is the same as no bucket: forget those; if none is full, the oldest.
+        full = [key for key, bucket in self._buckets.items() if bucket.full_at() <= now]
+        for key in full or sorted(self._buckets, key=lambda k: self._buckets[k].last)[:1]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class ConcurrencyCounter:
+    """How many things each key has open at once, with a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> None:
+        """Count one more for `key`.
+
+        Raises:
+            TooManyRequests: `key` already has `limit` open (reason `concurrency_limited`).
+        """
+        current = self._open.get(key, 0)
+        if current >= self.limit:
+            raise TooManyRequests(
+                f"too many downloads at once: at most {self.limit} per client",
+                reason="concurrency_limited",
+                headers=(("retry-after", "1"),),
+            )
+        self._open[key] = current + 1
+
+    def release(self, key: str) -> None:
+        current = self._open.get(key, 0)
+        if current <= 1:
+            self._open.pop(key, None)
+        else:
+            self._open[key] = current - 1
+
+    def count(self, key: str) -> int:
+        return self._open.get(key, 0)
+
+
+# --- how much: the traffic budget ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimits:
+    """Bytes per UTC day and month, for everyone together and for each user; 0 is no limit."""
+
+    daily: int = 0
+    monthly: int = 0
+    user_daily: int = 0
+    user_monthly: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.daily, self.monthly, self.user_daily, self.user_monthly))
+
+
+def _periods(now: float) -> tuple[str, str]:
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
+
+
+def seconds_to_next_day(now: float) -> int:
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    midnight = dt.datetime(moment.year, moment.month, moment.day, tzinfo=dt.UTC)
+    return max(1, math.ceil((midnight + dt.timedelta(days=1)).timestamp() - now))
+
+
+def seconds_to_next_month(now: float) -> int:
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    days = calendar.monthrange(moment.year, moment.month)[1]
+    first = dt.datetime(moment.year, moment.month, 1, tzinfo=dt.UTC)
+    return max(1, math.ceil((first + dt.timedelta(days=days)).timestamp() - now))
+
+
+class Budget:
+    """Bytes served per period, total and per user, and the limits they are held to.
+
+    Counters are keyed `total|2026-11-29`, `total|2026-11`, `user:alice|2026-11`; only
+    the current periods are kept. A download is refused once a counter it falls under
+    has reached its limit, so the download that crosses the line still completes.
+    """
+
+    def __init__(self, limits: BudgetLimits, counters: Mapping[str, int] | None = None) -> None:
+        self.limits = limits
+        self.counters: dict[str, int] = dict(counters or {})
+
+    def _keys(self, user: str | None, now: float) -> list[tuple[str, int, int]]:
+        """(counter key, limit, seconds to the period's end) that apply to `user`."""
+        day, month = _periods(now)
+        keys = [
+            (f"total|{day}", self.limits.daily, seconds_to_next_day(now)),
+            (f"total|{month}", self.limits.monthly, seconds_to_next_month(now)),
+        ]
+        if user is not None:
+            keys += [
+                (f"user:{user}|{day}", self.limits.user_daily, seconds_to_next_day(now)),
+                (f"user:{user}|{month}", self.limits.user_monthly, seconds_to_next_month(now)),
+            ]
+        return keys
+
+    def check(self, user: str | None, now: float) -> None:
+        """Refuse a new download when a budget it falls under is spent.
+
+        Raises:
+            TooManyRequests: reason `budget_exhausted`, Retry-After at the period's end.
+        """
+        for key, limit, retry in self._keys(user, now):
+            if limit and self.counters.get(key, 0) >= limit:
+                who = "this relay's" if key.startswith("total") else "your"
+                raise TooManyRequests(
+                    f"{who} traffic budget is spent until the period ends",
+                    reason="budget_exhausted",
+                    headers=(("retry-after", str(retry)),),
+                )
+
+    def charge(self, user: str | None, amount: int, now: float) -> None:
+        """Add `amount` bytes served to `user` (and the total); forget past periods."""
+        if amount <= 0:
+            return
+        current = self._keys(user, now)
+        for key, _, _ in current:
+            self.counters[key] = self.counters.get(key, 0) + amount
+        day, month = _periods(now)
+        for key in [k for k in self.counters if k.rpartition("|")[2] not in (day, month)]:
+            del self.counters[key]
+
+    def used(self, key: str) -> int:
+        return self.counters.get(key, 0)
+
+
+def parse_budget_state(document: object) -> dict[str, int]:
+    """The counters of a saved budget document; anything malformed is dropped."""
+    if not isinstance(document, dict):
+        return {}
+    counters = document.get("counters")
+    if not isinstance(counters, dict):
+        return {}
+    return {
+        str(key): value
+        for key, value in counters.items()
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    }
+
+
+# --- where the relay itself connects: redirect targets -----------------------------------------
+
+
+def address_refusal(address: Address, allowed: Iterable[Network] = ()) -> str | None:
+    """Why the relay must not connect to `address` for a redirect, or None if it may.
+
+    Only globally routable unicast addresses are fair game: a redirect to loopback,
+    link-local (169.254.169.254 is the cloud metadata service), RFC 1918, shared
+    (100.64/10), ULA (fc00::/7), multicast, unspecified or reserved space would let an
+    upstream (or whoever controls its redirect) reach the relay's own network.
+    `allowed` lists the networks the operator opened anyway.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in network for network in allowed):
+        return None
+    for name, test in (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+    ):
+        if test:
+            return name
+    if not address.is_global:
+        return "not globally routable"
+    return None

@@ -1,0 +1,226 @@
+"""The guard: applies the access policies of `core.access` to each request.
+
+Before routing reaches any upstream: request target, Host, client IP, User-Agent,
+header count and request rate. After routing: repository allow/deny lists. Around a
+blob download: streams per IP, the traffic budget (counters in the data dir, written
+atomically after every download so they survive restarts) and the bandwidth cap.
+
+Every refusal, here or anywhere else in the relay, passes `record`, which logs the
+reason and counts it in `refusals` (what the metrics endpoint reads).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from vpsrelay.core import access, headers as header_policy
+from vpsrelay.errors import BadRequest, HeadersTooLarge
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
+
+    from vpsrelay.config import Settings
+    from vpsrelay.core import routing
+    from vpsrelay.errors import RelayError
+
+log = logging.getLogger("vpsrelay.guard")
+
+BUDGET_FILE = "budget.json"
+_BAD_FIELD = re.compile(r"[^\t\x20-\x7e]")
+
+
+class Guard:
+    """Per-process policy state: limiters, counters, the budget; `refusals` by reason."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        server, acc, limits = settings.server, settings.access, settings.limits
+        self.settings = settings
+        self.clock = clock
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self.ips = access.IpPolicy(acc.allow_ips, acc.deny_ips)
+        self.user_agents = access.UserAgentPolicy(acc.deny_user_agents)
+        hosts = list(server.allowed_hosts)
+        if hosts and server.public_url:
+            hosts.append(access.host_name(_url_host(server.public_url)))
+        self.hosts = access.HostPolicy(
+            tuple(access.host_name(h) for h in hosts),
+            tuple(d.lower().strip(".") for d in server.base_domains),
+        )
+        self.repositories = {
+            r.name: access.RepositoryPolicy(r.allow, r.deny) for r in settings.registries
+        }
+        self.max_headers = server.max_headers
+        self.max_header_bytes = server.max_header_bytes
+        self.rate = (
+            access.RateLimiter(limits.requests_per_second, limits.burst)
+            if limits.requests_per_second > 0
+            else None
+        )
+        self.streams = (
+            access.ConcurrencyCounter(limits.streams_per_ip) if limits.streams_per_ip else None
+        )
+        self.stream_rate = limits.stream_bytes_per_second
+        self.budget_limits = access.BudgetLimits(
+            limits.budget_daily, limits.budget_monthly,
+            limits.user_budget_daily, limits.user_budget_monthly,
+        )  # fmt: skip
+        self.budget_path = settings.data_dir / BUDGET_FILE
+        self._budget: access.Budget | None = None
+        self._budget_lock = trio.Lock()
+
+    # -- before routing ----------------------------------------------------------------------
+
+    def admit(
+        self,
+        *,
+        method: str,
+        raw_path: str,
+        headers: header_policy.Headers,
+        client_ip: str,
+        host: str,
+    ) -> None:
+        """The checks every request passes before it is routed; cheapest first.
+
+        Raises:
+            RelayError: the first rule the request breaks (its `reason` names the rule).
+        """
+        access.check_request_target(method, raw_path)
+        if len(headers) > self.max_headers:
+            raise HeadersTooLarge(
+                f"more than {self.max_headers} request headers", reason="too_many_headers"
+            )
+        # h11 enforces its size limit only on a head that arrives in pieces; one that
+        # arrives whole in a single read is measured here.
+        size = len(raw_path) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self.max_header_bytes:
+            raise HeadersTooLarge(
+                f"request head over {self.max_header_bytes} bytes", reason="headers_too_large"
+            )
+        if any(_BAD_FIELD.search(value) for _, value in headers):
+            # obs-text (RFC 9110 §5.5) is legal but no registry client sends it, and it
+            # cannot be passed on: refuse it here rather than fail upstream.
+            raise BadRequest(
+                "request header with control or non-ASCII characters", reason="bad_header"
+            )
+        self.hosts.check(host)
+        self.ips.check(client_ip)
+        self.user_agents.check(header_policy.get(headers, "user-agent") or "")
+        if self.rate is not None:
+            self.rate.check(client_ip, trio.current_time())
+
+    # -- after routing -----------------------------------------------------------------------
+
+    def check_route(self, route: routing.Route) -> None:
+        """Raises:
+        Denied: the registry's repository lists refuse the route's repository.
+        """
+        policy = self.repositories.get(route.registry)
+        if policy is not None and route.upstream_name:
+            policy.check(route.registry, route.upstream_name)
+
+    @contextlib.asynccontextmanager
+    async def download(
+        self, client_ip: str, user: str | None, sent: Callable[[], int]
+    ) -> AsyncIterator[Callable[[int], Awaitable[None]] | None]:
+        """Around one blob download: admit it, then charge what `sent()` says was sent.
+
+        Yields a throttle to await per chunk (the bandwidth cap), or None.
+
+        Raises:
+            TooManyRequests: too many downloads from this IP, or the budget is spent.
+        """
+        budget = await self._load_budget() if self.budget_limits.enabled else None
+        if budget is not None:
+            budget.check(user, self.clock())
+        if self.streams is not None:
+            self.streams.acquire(client_ip)
+        try:
+            yield self._throttle() if self.stream_rate else None
+        finally:
+            if self.streams is not None:
+                self.streams.release(client_ip)
+            if budget is not None:
+                with trio.CancelScope(shield=True):
+                    budget.charge(user, sent(), self.clock())
+                    await self._save_budget(budget)
+
+    def _throttle(self) -> Callable[[int], Awaitable[None]]:
+        # One bucket per stream; a burst of one second's worth smooths small chunks.
+        bucket = access.TokenBucket(self.stream_rate, self.stream_rate, trio.current_time())
+
+        async def throttle(size: int) -> None:
+            await trio.sleep(bucket.spend(trio.current_time(), size))
+
+        return throttle
+
+    # -- the budget on disk ------------------------------------------------------------------
+
+    async def _load_budget(self) -> access.Budget:
+        if self._budget is None:
+            async with self._budget_lock:
+                if self._budget is None:
+                    counters = await trio.to_thread.run_sync(_read_budget, self.budget_path)
+                    self._budget = access.Budget(self.budget_limits, counters)
+        return self._budget
+
+    async def _save_budget(self, budget: access.Budget) -> None:
+        async with self._budget_lock:
+            document = {"version": 1, "counters": dict(budget.counters)}
+            try:
+                await trio.to_thread.run_sync(_write_atomic, self.budget_path, document)
+            except OSError as exc:
+                log.error("cannot save the traffic budget to %s: %s", self.budget_path, exc)
+
+    # -- refusals ----------------------------------------------------------------------------
+
+    def record(self, error: RelayError, *, client_ip: str, method: str, path: str) -> None:
+        """Log and count a refusal (any 4xx the relay answers)."""
+        self.refusals[error.reason] += 1
+        log.info(
+            "refused client=%s method=%s path=%s status=%d reason=%s: %s",
+            client_ip, method, json.dumps(path), error.status, error.reason, error.message,
+        )  # fmt: skip
+
+    def record_reason(self, reason: str, detail: str) -> None:
+        """Count a refusal that has no request (a connection over the cap)."""
+        self.refusals[reason] += 1
+        log.warning("refused reason=%s: %s", reason, detail)
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc
+
+
+def _read_budget(path: Path) -> dict[str, int]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        return access.parse_budget_state(json.loads(text))
+    except ValueError:
+        log.error("%s is not valid JSON; the traffic budget starts from zero", path)
+        return {}
+
+
+def _write_atomic(path: Path, document: object) -> None:
+    """Write, fsync, rename: a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(document, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
