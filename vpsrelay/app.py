@@ -127,7 +127,7 @@ class RelayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             # Hypercorn's trio worker crashes at start-up if lifespan is ignored.
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
 
@@ -343,7 +343,7 @@ class RelayApp:
         failure: RelayError | None = None
         streams = self.metrics.active_streams
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, exchange, nursery.cancel_scope)
+            nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
             try:
                 with streams.track_inprogress():
                     await self._pump(exchange, response, verifier, what)
@@ -510,7 +510,7 @@ async def _read_body(exchange: Exchange) -> bytes:
             return bytes(body)
 
 
-async def _watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:
+async def watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:
     """Cancel the stream when the client goes away, so the upstream request is dropped."""
     while True:
         message = await exchange.receive()
@@ -520,7 +520,8 @@ async def _watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) 
             return
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol (Hypercorn's trio worker needs an answer)."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

@@ -230,10 +230,10 @@ class OperatorApp:
         self.relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from vpsrelay.app import Exchange, _lifespan
+        from vpsrelay.app import Exchange, serve_lifespan
 
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return

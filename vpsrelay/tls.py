@@ -287,13 +287,10 @@ class PlainPort:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            from vpsrelay.app import serve_lifespan  # late: the app module is the larger one
+
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         target = scope.get("raw_path", scope["path"].encode()).decode("latin-1")

@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import trio
 
 from vpsrelay import observe
+from vpsrelay.app import watch_disconnect
 from vpsrelay.cache.store import BlobStore, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.redirects import UpstreamRequest
@@ -350,7 +351,7 @@ class CacheFront:
             fill.readers += 1
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, exchange, nursery.cancel_scope)
+                nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
                 try:
                     await self._send_range(exchange, fd, first, end, fill)
                 except RelayError as exc:
@@ -636,12 +637,3 @@ async def _chunks(
         async for chunk in response.aiter_raw():
             observe.upstream_read(app, exchange, chunk)  # upstream bytes, in the metrics
             yield chunk
-
-
-async def _watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:
-    while True:
-        message = await exchange.receive()
-        if message["type"] == "http.disconnect":
-            exchange.disconnected = True
-            cancel_scope.cancel()
-            return
