@@ -9,6 +9,7 @@ private mount namespace, so no name ever reaches the off-box resolver.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
@@ -551,3 +552,26 @@ async def test_a_certificate_from_another_ca_is_replaced_at_once(tmp_path: Path)
         assert (live / "acme-directory").read_text().strip() == pebble.directory_url
         assert await renewer.check() is None
         assert len(renewer.attempts) == 1
+
+
+def test_external_account_binding(tmp_path: Path, short_dir: Path) -> None:
+    """A CA that requires EAB (pebble with externalAccountBindingRequired): refused without
+    the binding, with the CA's own error in the log; issued with it."""
+    hmac_key = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    http_port = free_port()
+    with Pebble(tmp_path / "pebble", http_port=http_port, eab_keys={"kid-1": hmac_key}) as pebble:
+        common = (
+            *acme_args(pebble, short_dir), "--http-listen", f"127.0.0.1:{http_port}",
+            "--https-listen", "127.0.0.1:0",
+        )  # fmt: skip
+        with RelayProcess(tmp_path / "without", *common) as relay:
+            wait_for("the CA's refusal", lambda: "externalAccount" in relay.log_text())
+            assert certificate_count(relay) == 0
+        env = {"VPSRELAY_TLS__EAB_KID": "kid-1", "VPSRELAY_TLS__EAB_HMAC_KEY": hmac_key}
+        with RelayProcess(tmp_path / "with", *common, env=env) as relay:
+            wait_for("the certificate", lambda: certificate_count(relay) >= 1)
+            root = pebble.write_root(tmp_path / "root.pem")
+            serial, _ = handshake(https_port(relay), root)
+            leaf = (short_dir / "live" / DOMAIN / "cert.pem").read_bytes()
+            assert x509.load_pem_x509_certificate(leaf).serial_number == serial
+            assert hmac_key not in relay.log_text()
