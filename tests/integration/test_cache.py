@@ -257,6 +257,10 @@ def test_upstream_stopped_after_a_warm_pull(tmp_path: Path) -> None:
         with start_relay(tmp_path / "relay", hub) as relay:
             skopeo_copy(sub(tmp_path / "warm"), f"{host(relay)}/offline:latest")
             assert_blobs_pulled(tmp_path / "warm", image)
+            # The relay asks, after answering the manifest, whether the repository is public
+            # (what decides serving anonymous clients while the upstream is down); skopeo may
+            # be done before that answer is in, so wait for it before stopping the upstream.
+            assert wait_until(lambda: "docker.io/library/offline is public" in relay.log_text())
             hub.close()
             cold = skopeo_copy(sub(tmp_path / "cold"), f"{host(relay)}/offline:latest", check=False)
             assert cold.returncode == 0, cold.stderr + relay.log_text()[-3000:]
@@ -452,3 +456,30 @@ def test_warm_and_cache_commands(relay: RelayProcess, clean_hub: Hub) -> None:
         "vpsrelay: config error: VPSRELAY_CACHE__MAX_SIZE: cache.max_size:"
         " expected a size such as '50GiB', got 'lots'"
     )
+
+
+def test_a_leader_that_leaves_does_not_stop_the_fill_others_read(
+    relay: RelayProcess, clean_hub: Hub, tmp_path: Path
+) -> None:
+    """The first client of an uncached blob hangs up early; a second client reading the same
+    fill gets every byte, and the upstream is still asked only once."""
+    image = push_unique(clean_hub, tmp_path, "someuser/leaving", 16 * MiB)
+    layer = max(image.layers, key=lambda b: b.size)
+    clean_hub.clear()
+    clean_hub.cdn.chunk_delay = 0.01  # ~25 MiB/s: both clients overlap the fill
+    token = anonymous_token(relay, "someuser/leaving")
+    url = f"{relay.url}/v2/someuser/leaving/blobs/{layer.digest}"
+    auth = {"authorization": f"Bearer {token}"}
+    with httpx.stream("GET", url, headers=auth) as leader:
+        assert leader.headers["x-vpsrelay-cache"] == "miss"
+        next(leader.iter_raw(1 << 16))
+        with httpx.stream("GET", url, headers=auth) as follower:
+            assert follower.headers["x-vpsrelay-cache"] == "join"
+            leader.close()  # the leader hangs up while the fill is far from done
+            sha = hashlib.sha256()
+            for chunk in follower.iter_raw(1 << 20):
+                sha.update(chunk)
+    assert f"sha256:{sha.hexdigest()}" == layer.digest
+    cdn_gets = [r for r in clean_hub.cdn.requests() if layer.digest[7:] in r.path]
+    assert len(cdn_gets) == 1
+    assert wait_until(lambda: layer.digest in cached_files(relay.workdir))

@@ -323,18 +323,34 @@ class CacheFront:
         fd = os.dup(fill.fd)
         outcome = _Outcome()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_for_leader, exchange, fd, fill, outcome)
-                with fill.pump_scope, contextlib.suppress(RelayError):
-                    # The fill is marked failed inside; the readers report it.
-                    chunks_read = _chunks(response, route.registry, self.app, exchange)
-                    async with contextlib.aclosing(chunks_read) as chunks:
-                        await self.store.pump(fill, chunks)
+            # Shielded: when this client hangs up, Hypercorn cancels its task, but the fill
+            # belongs to every reader (and, by default, finishes without any: see
+            # `finish_abandoned`); the upstream read timeout still bounds it.
+            with trio.CancelScope(shield=True):
+                await self._pump_and_read(exchange, route, fill, response, fd, outcome)
         finally:
             os.close(fd)
         if outcome.error is not None:
             raise outcome.error
         return True
+
+    async def _pump_and_read(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        fill: Fill,
+        response: httpx.Response,
+        fd: int,
+        outcome: _Outcome,
+    ) -> None:
+        """Fill from the upstream while the first client reads the fill as it grows."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_for_leader, exchange, fd, fill, outcome)
+            with fill.pump_scope, contextlib.suppress(RelayError):
+                # The fill is marked failed inside; the readers report it.
+                chunks_read = _chunks(response, route.registry, self.app, exchange)
+                async with contextlib.aclosing(chunks_read) as chunks:
+                    await self.store.pump(fill, chunks)
 
     async def _read_for_leader(
         self, exchange: Exchange, fd: int, fill: Fill, outcome: _Outcome
@@ -570,10 +586,16 @@ class CacheFront:
                 index.set_tag(
                     route.registry, route.upstream_name, route.reference, digest, time.time()
                 )
-        await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
-        await exchange.body(data, more=False)
-        await self.store.flush()
-        await self._learn_public(route, digest, media_type)
+        try:
+            await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
+            await exchange.body(data, more=False)
+        finally:
+            # A client that hangs up once it has the manifest makes Hypercorn cancel this
+            # task, even inside the last send; what follows matters for the next outage,
+            # so it runs anyway, shielded (both steps are bounded).
+            with trio.CancelScope(shield=True):
+                await self.store.flush()
+                await self._learn_public(route, digest, media_type)
         return True
 
     async def _learn_public(self, route: routing.Route, digest: str, media_type: str) -> None:
