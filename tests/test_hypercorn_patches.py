@@ -16,7 +16,7 @@ import h2.events
 from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
-from priority import PriorityTree
+from priority.priority import PriorityTree
 
 from vpsrelay import hypercorn_patches
 
