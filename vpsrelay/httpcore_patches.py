@@ -3,10 +3,11 @@ measured on (`tests/test_httpcore_patches.py` fails when they change).
 
 Upstream read size: httpcore's HTTP/1.1 connection reads the socket 64 KiB at a time,
 and every read then crosses h11, httpcore, httpx, the digest and one ASGI send. A blob
-relay spends most of its CPU on that per-read work: reading up to 1 MiB at a time (the
-kernel returns what is queued, so a slow upstream still yields small reads) cut the
-relay's CPU per GiB and raised pass-through throughput (docs/benchmarks.md). The cost
-is one transient buffer of up to 1 MiB per upstream read in progress.
+relay spends most of its CPU on that per-read work: reading up to 512 KiB at a time (the
+kernel returns what is queued, so a slow upstream still yields small reads) halved the
+relay's CPU per GiB of pass-through (docs/benchmarks.md). 1 MiB was no faster and held
+~30 MiB more at peak with 20 streams (each read passes through h11's buffer, so a few
+copies of it are alive per stream).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ log = logging.getLogger("vpsrelay.upstream")
 
 PINNED = {"httpcore": "1.0.9", "h11": "0.16.0"}
 DEFAULT_READ_BYTES = 64 * 1024  # httpcore 1.0.9's own value
-READ_BYTES = 1024 * 1024
+READ_BYTES = 512 * 1024
 
 
 def versions_match() -> bool:
