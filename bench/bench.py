@@ -340,21 +340,16 @@ class Bench:
             VPSRELAY_CACHE__ENABLED="true" if cache else "false",
             VPSRELAY_LOG__LEVEL="warning",
         )
-        args = [PY, str(ROOT / "bench" / "relay_tls.py"), "--listen", f"127.0.0.1:{port}",
+        args = [PY, str(ROOT / "bench" / "relay.py"), "--listen", f"127.0.0.1:{port}",
                 "--data-dir", str(d / "data"), "--upstream", f"docker.io={self.upstream.url}"]  # fmt: skip
-        if os.environ.get("BENCH_NO_H2_RESET"):
-            args.append("--no-h2-reset")
+        if os.environ.get("BENCH_NO_PATCHES"):
+            args.append("--no-patches")
         tport = None
-        if self.tls:
+        if self.tls:  # the relay's own TLS listener (HTTP/1.1 and h2 by ALPN)
             tport = free_port()
-            args += [
-                "--tls-listen",
-                f"127.0.0.1:{tport}",
-                "--cert",
-                str(self.cert),
-                "--key",
-                str(self.key),
-            ]
+            args += ["--cert", str(self.cert), "--key", str(self.key),
+                     "--https-listen", f"127.0.0.1:{tport}",
+                     "--http-listen", f"127.0.0.1:{free_port()}"]  # fmt: skip
         popen = subprocess.Popen(
             args, stdout=(d / "relay.log").open("wb"), stderr=subprocess.STDOUT, env=env
         )

@@ -1,16 +1,36 @@
-"""The Hypercorn patch module is pinned: this fails when the libraries change under it."""
+"""The Hypercorn patch module is pinned: this fails when the libraries change under it.
+
+The coalescing `_send_data` is driven here against a real h2 client connection (the h2
+library on both ends, no sockets): frames, flow control and END_STREAM as a client sees them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 
-from hypercorn.protocol.h2 import H2Protocol
+import h2.config
+import h2.connection
+import h2.events
+from hypercorn.events import RawData
+from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
+from hypercorn.trio.worker_context import EventWrapper
+from priority.priority import PriorityTree
 
 from vpsrelay import hypercorn_patches
 
-# sha256 of the source of the function the patch wraps, as of hypercorn 0.18.0.
-CLOSE_STREAM_SOURCE_SHA256 = "a292549791640b651dc636a981d58eb25117578cc09d85929bef25d12fc425ed"
+# sha256 of the source of each function the patches wrap, replace or rely on, as of
+# hypercorn 0.18.0. A changed hash means: re-read that function, re-check the patch.
+PINNED_SOURCES = {
+    "H2Protocol._close_stream": "a292549791640b651dc636a981d58eb25117578cc09d85929bef25d12fc425ed",
+    "H2Protocol._send_data": "a89ce4286f36982057297d5c3302777cbcdb303c52eeb0936feaf5d95dd88eef",
+    "H2Protocol.send_task": "3f55a53766403935c65d27c3d50c3f835cb00ac1e2e80b441fb4d9eadb2dbad9",
+    "H2Protocol.stream_send": "d8fc824e2770ba5c7af707fc01e14eb2eaef377064221ec84009fa8d949fe90b",
+    "StreamBuffer.pop": "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
+    "StreamBuffer.push": "4ca8ee7b0fec5200558d7c92f251c1c5822f3589b2303c9d5d98bfbb579200b3",
+}
+FRAME = 16384
 
 
 def test_pinned_versions_are_installed() -> None:
@@ -19,10 +39,12 @@ def test_pinned_versions_are_installed() -> None:
     )
 
 
-def test_wrapped_function_is_unchanged() -> None:
-    original = hypercorn_patches.original_close_stream()
-    digest = hashlib.sha256(inspect.getsource(original).encode()).hexdigest()
-    assert digest == CLOSE_STREAM_SOURCE_SHA256
+def test_pinned_functions_are_unchanged() -> None:
+    functions = hypercorn_patches.pinned_functions()
+    assert set(functions) == set(PINNED_SOURCES)
+    for name, function in functions.items():
+        digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+        assert digest == PINNED_SOURCES[name], f"{name} changed in hypercorn"
 
 
 def test_apply_is_idempotent() -> None:
@@ -66,3 +88,99 @@ def test_cap_connections_installs_the_relay_server() -> None:
     hypercorn_patches.cap_connections(config, 7, lambda reason, detail: None)
     assert trio_run.TCPServer is hypercorn_patches.RelayTCPServer  # type: ignore[attr-defined]
     assert getattr(config, "_vpsrelay_connection_limiter").total_tokens == 7  # noqa: B009
+    assert H2Protocol._send_data is hypercorn_patches.send_data_coalesced
+
+
+class _Pair:
+    """A server-side `H2Protocol` (only what `_send_data` uses) and an h2 client."""
+
+    def __init__(self, *, client_window: int | None) -> None:
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.client.initiate_connection()
+        if client_window is not None:
+            self.client.update_settings(
+                {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: client_window}
+            )
+            self.client.increment_flow_control_window(client_window)
+        self.client.send_headers(
+            1,
+            [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")],
+            end_stream=True,
+        )
+        server = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        server.initiate_connection()
+        server.receive_data(self.client.data_to_send())
+        server.send_headers(1, [(b":status", b"200")])
+        self.client.receive_data(server.data_to_send())
+        self.writes: list[bytes] = []
+        protocol = H2Protocol.__new__(H2Protocol)
+        protocol.connection = server
+        protocol.stream_buffers = {1: StreamBuffer(EventWrapper)}
+        protocol.priority = PriorityTree()
+        protocol.priority.insert_stream(1)
+
+        async def send(event: object) -> None:
+            assert isinstance(event, RawData)
+            self.writes.append(event.data)
+
+        protocol.send = send
+        self.protocol = protocol
+        self.body = bytearray()
+        self.ended = False
+
+    def deliver(self) -> list[int]:
+        """Feed the writes so far to the client; the DATA frame sizes it saw."""
+        sizes = []
+        for data in self.writes:
+            for event in self.client.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    sizes.append(len(event.data))
+                    self.body += event.data
+                    self.client.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended = True
+        self.writes.clear()
+        self.protocol.connection.receive_data(self.client.data_to_send())  # WINDOW_UPDATEs
+        return sizes
+
+
+async def test_frames_are_coalesced_into_one_write_per_256_kib() -> None:
+    hypercorn_patches.apply()
+    pair = _Pair(client_window=16 * 1024 * 1024)
+    body = os.urandom(600 * 1024)
+    buffer = pair.protocol.stream_buffers[1]
+    buffer.buffer.extend(body)
+    buffer.set_complete()
+    writes = 0
+    for _ in range(10):
+        if 1 not in pair.protocol.stream_buffers:
+            break
+        await pair.protocol._send_data(1)
+        writes += len(pair.writes)
+        sizes = pair.deliver()
+        assert all(size <= FRAME for size in sizes)
+    assert bytes(pair.body) == body
+    assert pair.ended
+    # 600 KiB: 256 + 256 + 88 KiB, each in one write; END_STREAM in its own.
+    assert writes == 4
+
+
+async def test_coalescing_respects_the_flow_control_window() -> None:
+    hypercorn_patches.apply()
+    pair = _Pair(client_window=None)  # the default 65,535-byte window
+    body = os.urandom(200 * 1024)
+    buffer = pair.protocol.stream_buffers[1]
+    buffer.buffer.extend(body)
+    buffer.set_complete()
+    await pair.protocol._send_data(1)
+    assert len(pair.writes) == 1
+    assert sum(pair.deliver()) == 65535  # no more than the window, in one write
+    for _ in range(20):
+        if 1 not in pair.protocol.stream_buffers:
+            break
+        await pair.protocol._send_data(1)
+        pair.deliver()
+    assert bytes(pair.body) == body
+    assert pair.ended

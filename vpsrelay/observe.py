@@ -120,6 +120,8 @@ async def too_many_requests(app: RelayApp, exchange: Exchange, response: httpx.R
 
 def access_log(exchange: Exchange) -> None:
     """One structured line per request; the formatter renders logfmt or JSON."""
+    if not access.isEnabledFor(logging.INFO):
+        return  # the line would be dropped: do not build it
     route = exchange.route
     query = f"?{exchange.query}" if exchange.query else ""
     upstream_ms = (

@@ -17,7 +17,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, hypercorn_patches, shutdown
+from vpsrelay import __version__, httpcore_patches, hypercorn_patches, shutdown
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
@@ -96,6 +96,7 @@ async def run(
 ) -> None:
     """Serve until SIGTERM/SIGINT; `task_status.started` gets the bound URLs."""
     hypercorn_patches.apply()
+    httpcore_patches.apply()
     stop = trio.Event()
     upstream = Upstream(settings)
     store = await open_store(settings)

@@ -61,6 +61,9 @@ class CacheFront:
         self.config = store.config
         self.grants = policy.Grants(ttl=self.config.auth_ttl)
         self._tag_ttls = dict(self.config.registry_tag_ttl)
+        # Few threads read cached files: each thread that allocates gets its own malloc
+        # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
+        self._read_limiter = trio.CapacityLimiter(READ_THREADS)
 
     # --- entry points, called by RelayApp._dispatch
 
@@ -388,6 +391,55 @@ class CacheFront:
     async def _send_range(
         self, exchange: Exchange, fd: int, first: int, end: int, fill: Fill | None
     ) -> None:
+        """Send bytes `first..end` of `fd`, reading the next chunk while one is sent.
+
+        The reader runs one chunk ahead (a zero-size channel: at most one chunk read and
+        one being sent), so the worker-thread read overlaps the client write.
+        """
+        failure: list[RelayError] = []
+        send, receive = trio.open_memory_channel[bytes](0)
+        error: Exception | None = None
+        position = first
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_range, send, fd, first, end, fill, failure)
+            try:
+                async with receive:
+                    async for data in receive:
+                        position += len(data)
+                        await exchange.body(data, more=position < end)
+            except Exception as exc:  # re-raised outside, so it is not wrapped in a group
+                error = exc
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if failure:
+            raise failure[0]
+        if position == first == end:
+            await exchange.body(b"", more=False)
+
+    async def _read_range(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        failure: list[RelayError],
+    ) -> None:
+        async with send:
+            try:
+                await self._read_chunks(send, fd, first, end, fill)
+            except RelayError as exc:
+                failure.append(exc)
+
+    async def _read_chunks(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+    ) -> None:
         position = first
         size = fill.size if fill is not None else end
         while position < end:
@@ -401,13 +453,13 @@ class CacheFront:
                     await fill.wait_changed()
                     continue
             count = min(limit - position, READ_CHUNK)
-            data = await trio.to_thread.run_sync(os.pread, fd, count, position)
+            data = await trio.to_thread.run_sync(
+                os.pread, fd, count, position, limiter=self._read_limiter
+            )
             if not data:
                 raise UpstreamError("the cached file ended early")
             position += len(data)
-            await exchange.body(data, more=position < end)
-        if position == first == end:
-            await exchange.body(b"", more=False)
+            await send.send(data)
 
     # --- manifests
 
@@ -650,6 +702,7 @@ class CacheFront:
 
 
 READ_CHUNK = 1024 * 1024
+READ_THREADS = 2
 
 
 async def _chunks(

@@ -363,11 +363,13 @@ class BlobStore:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            os.close(fd)
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(durable_rename)
+        # Closed here, not in the thread: while the fill is STREAMING a joining reader may
+        # `dup` its fd, and a number closed early could meanwhile name another file.
         fill.fd = -1
+        os.close(fd)
         self.index.add(fill.digest, Obj(fill.size, time.time(), "blob"))
         self.index.count("bytes_from_upstream", fill.size)
         fill.state = FillState.COMMITTED
