@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 CONFIG_HELP = "TOML configuration file (env: VPSRELAY_CONFIG)."
+# Every command that reads the configuration takes it the same way.
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="VPSRELAY_CONFIG",
+    help=CONFIG_HELP,
+)
 
 
 # The flag behind each dotted key, so errors name what the user typed.
@@ -131,13 +139,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option(
     "--listen", multiple=True, help="HOST:PORT to serve plain HTTP (and h2c) on; repeatable."
 )
@@ -261,13 +263,7 @@ def _cert_settings(config_path: Path | None, data_dir: str | None, flags: Any) -
 
 
 @cert_group.command("status")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option("--data-dir", help="Directory for the relay's state.")
 @_tls_options
 def cert_status(config_path: Path | None, data_dir: str | None, **flags: Any) -> None:
@@ -303,13 +299,7 @@ def cert_status(config_path: Path | None, data_dir: str | None, **flags: Any) ->
 
 
 @cert_group.command("renew")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option("--data-dir", help="Directory for the relay's state.")
 @click.option("--force", is_flag=True, help="Renew even if the certificate is not due.")
 @_tls_options
@@ -345,13 +335,7 @@ def cert_renew(config_path: Path | None, data_dir: str | None, force: bool, **fl
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option("--url", help="URL to probe instead of /healthz on the first server.listen.")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
 def healthcheck(config_path: Path | None, url: str | None, timeout: float) -> None:
@@ -389,13 +373,7 @@ def config_check(path: Path) -> None:
 
 
 @config_group.command("show")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 def config_show(config_path: Path | None) -> None:
     """Print the effective configuration (file, environment and defaults) as JSON.
 
@@ -441,13 +419,7 @@ def _relay_url(settings: config.Settings) -> str:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option(
     "--format",
     "formats",
@@ -481,13 +453,7 @@ def snippets(config_path: Path | None, formats: tuple[str, ...], url: str | None
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option("--url", help="The relay to check (default: server.public_url, else listen).")
 @click.option(
     "--image",
@@ -550,13 +516,7 @@ def user_group() -> None:
 
 @user_group.command("add")
 @click.argument("name")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    envvar="VPSRELAY_CONFIG",
-    help=CONFIG_HELP,
-)
+@config_option
 @click.option(
     "--file",
     "users_file",
