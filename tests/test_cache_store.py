@@ -133,3 +133,21 @@ async def test_small_objects_and_eviction(tmp_path: Path) -> None:
     assert await store.remove(digests[1])
     assert await store.read_small(digests[1]) is None
     await store.aclose()
+
+
+def test_index_keeps_the_used_total_through_changes_and_reloads(tmp_path: Path) -> None:
+    from vpsrelay.cache.index import Database, Index, Obj
+
+    index = Index()
+    index.add("sha256:a", Obj(100, 1.0, "blob", ""))
+    index.add("sha256:b", Obj(50, 1.0, "manifest", "x"))
+    index.add("sha256:a", Obj(120, 2.0, "blob", ""))  # replaced, not added twice
+    index.remove("sha256:b")
+    index.remove("sha256:missing")
+    assert index.used == 120 == sum(o.size for o in index.objects.values())
+    database = Database(tmp_path / "cache.db")
+    try:
+        database.write(index.take_writes())
+        assert database.load().used == 120
+    finally:
+        database.close()

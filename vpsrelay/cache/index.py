@@ -77,12 +77,13 @@ class Index:
     public: dict[tuple[str, str], float] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _dirty_used: set[str] = field(default_factory=set)
+    _used: int = 0  # sum of the objects' sizes, kept as they come and go (read per request)
     _ops: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
     _counted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
     @property
     def used(self) -> int:
-        return sum(o.size for o in self.objects.values())
+        return self._used
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
@@ -94,6 +95,8 @@ class Index:
             self._dirty_used.add(digest)
 
     def add(self, digest: str, obj: Obj) -> None:
+        replaced = self.objects.get(digest)
+        self._used += obj.size - (replaced.size if replaced is not None else 0)
         self.objects[digest] = obj
         self._ops.append(
             (
@@ -103,7 +106,9 @@ class Index:
         )
 
     def remove(self, digest: str) -> None:
-        self.objects.pop(digest, None)
+        removed = self.objects.pop(digest, None)
+        if removed is not None:
+            self._used -= removed.size
         self._dirty_used.discard(digest)
         self._ops.append(("DELETE FROM objects WHERE digest = ?", (digest,)))
         # Membership and tags stay: a re-fetched blob is held by the same repositories,
@@ -204,6 +209,7 @@ class Database:
             db = self._db
             for digest, size, last_used, kind, media_type in db.execute("SELECT * FROM objects"):
                 index.objects[digest] = Obj(size, last_used, kind, media_type)
+                index._used += size
             for digest, registry, repository in db.execute("SELECT * FROM origins"):
                 index.origins.setdefault(digest, set()).add((registry, repository))
             for registry, repository, tag, digest, checked_at in db.execute("SELECT * FROM tags"):
