@@ -13,11 +13,23 @@ import tomllib
 from pathlib import Path
 from typing import IO
 
+import httpx
+
 from vpsrelay.registry_config import BUILTIN_REGISTRIES
 
 _LISTENING = re.compile(r'listening on (https?://[^\s"]+)')
 # The checkout under test, so the subprocess runs this tree's code whatever is installed.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def pull_token(base_url: str, repository: str) -> str:
+    """An anonymous pull token from the relay at `base_url` (its `/token`, as clients ask)."""
+    response = httpx.get(
+        f"{base_url}/token",
+        params={"service": "registry.docker.io", "scope": f"repository:{repository}:pull"},
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["token"])
 
 
 def _dead_upstreams(args: tuple[str, ...]) -> list[str]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.infra.oci import BuiltImage
-from tests.infra.relay import RelayProcess
+from tests.infra.relay import RelayProcess, pull_token
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,15 +22,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 CHUNK = 1 << 20
-
-
-def _token(url: str, repository: str) -> str:
-    response = httpx.get(
-        f"{url}/token",
-        params={"service": "registry.docker.io", "scope": f"repository:{repository}:pull"},
-    )
-    response.raise_for_status()
-    return str(response.json()["token"])
 
 
 def _refuses_connections(port: int) -> bool:
@@ -58,7 +49,7 @@ def test_in_flight_pull_finishes_after_sigterm(clean_hub: Hub, tmp_path: Path) -
     assert isinstance(image, BuiltImage)
     layer = max(image.layers, key=lambda blob: blob.size)
     with RelayProcess(tmp_path, "--upstream", f"docker.io={clean_hub.registry_url}") as relay:
-        token = _token(relay.url, "big")
+        token = pull_token(relay.url, "big")
         digest = hashlib.sha256()
         received = 0
         with httpx.stream(
@@ -100,7 +91,7 @@ def test_grace_period_ends_a_stalled_pull(clean_hub: Hub, tmp_path: Path) -> Non
         f"docker.io={clean_hub.registry_url}",
         env={"VPSRELAY_SERVER__GRACEFUL_TIMEOUT": str(grace)},
     ) as relay:
-        token = _token(relay.url, "big")
+        token = pull_token(relay.url, "big")
         with httpx.stream(
             "GET",
             f"{relay.url}/v2/big/blobs/{layer.digest}",

@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from tests.infra import require_binary
-from tests.infra.relay import RelayProcess
+from tests.infra.relay import RelayProcess, pull_token
 from tests.integration.test_cache import push_unique
 from tests.integration.test_pull import _big_layer
 
@@ -77,13 +77,7 @@ def urls(relay: RelayProcess) -> tuple[str, str]:
 
 
 def token(relay: RelayProcess, repository: str) -> str:
-    plain, _ = urls(relay)
-    response = httpx.get(
-        f"{plain}/token",
-        params={"service": "registry.docker.io", "scope": f"repository:{repository}:pull"},
-    )
-    response.raise_for_status()
-    return str(response.json()["token"])
+    return pull_token(urls(relay)[0], repository)
 
 
 def curl(url: str, flag: str, bearer: str, ca: Path, *extra: str) -> tuple[int, str, int, str, str]:

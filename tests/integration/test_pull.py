@@ -19,7 +19,7 @@ from tests.infra import require_binary
 from tests.infra.clients import DeadPort
 from tests.infra.hub import iter_blobs
 from tests.infra.oci import BuiltImage, BuiltIndex
-from tests.infra.relay import REPO_ROOT, RelayProcess
+from tests.infra.relay import REPO_ROOT, RelayProcess, pull_token
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -165,12 +165,7 @@ def anonymous_token(relay: RelayProcess, repository: str) -> str:
     assert challenge.startswith("Bearer ")
     assert f'realm="{relay.url}/token"' in challenge
     assert 'service="registry.docker.io"' in challenge
-    response = httpx.get(
-        f"{relay.url}/token",
-        params={"service": "registry.docker.io", "scope": f"repository:{repository}:pull"},
-    )
-    response.raise_for_status()
-    return str(response.json()["token"])
+    return pull_token(relay.url, repository)
 
 
 def test_token_scope_gains_library_prefix(relay: RelayProcess, clean_hub: Hub) -> None:

@@ -27,7 +27,7 @@ import pytest
 
 from tests.infra.clients import DockerDaemon
 from tests.infra.oci import BuiltImage
-from tests.infra.relay import RelayProcess
+from tests.infra.relay import RelayProcess, pull_token
 from tests.integration.test_registries import Sentinel, assert_pulled, skopeo_copy
 
 if TYPE_CHECKING:
@@ -67,13 +67,6 @@ def _refusals(relay: RelayProcess, mark: int = 0) -> list[str]:
         if "logger=vpsrelay.guard" in line and "refused" in line
         if (found := re.search(r"reason=([a-z_]+)", line))
     ]
-
-
-def _hub_token(relay: RelayProcess, repository: str) -> str:
-    response = httpx.get(f"{relay.url}/token", params={"scope": f"repository:{repository}:pull"})
-    assert response.status_code == 200, response.text
-    token: str = response.json()["token"]
-    return token
 
 
 # --- client authentication ------------------------------------------------------------------
@@ -313,7 +306,7 @@ def test_concurrent_streams_and_bandwidth_cap(hub: Hub, tmp_path: Path) -> None:
     assert isinstance(big, BuiltImage)
     layer = max(big.layers, key=lambda blob: blob.size)
     with RelayProcess(tmp_path / "relay", *args) as relay, httpx.Client(timeout=30) as client:
-        headers = {"authorization": f"Bearer {_hub_token(relay, 'big')}"}
+        headers = {"authorization": f"Bearer {pull_token(relay.url, 'big')}"}
         url = f"{relay.url}/v2/big/blobs/{layer.digest}"
         with contextlib.ExitStack() as stack:
             opened = []
@@ -362,7 +355,7 @@ def test_a_download_longer_than_read_timeout_is_not_cut(hub: Hub, tmp_path: Path
     assert isinstance(big, BuiltImage)
     layer = max(big.layers, key=lambda blob: blob.size)
     with RelayProcess(tmp_path / "relay", *args) as relay, httpx.Client(timeout=30) as client:
-        headers = {"authorization": f"Bearer {_hub_token(relay, 'big')}"}
+        headers = {"authorization": f"Bearer {pull_token(relay.url, 'big')}"}
         began = time.monotonic()
         received = 0
         with client.stream("GET", f"{relay.url}/v2/big/blobs/{layer.digest}", headers=headers) as r:
@@ -383,7 +376,7 @@ def test_traffic_budget_trips_at_the_figure_and_survives_a_restart(
     args = ("--config", str(config), "--upstream", f"docker.io={hub.registry_url}",
             "--data-dir", str(tmp_path / "data"))  # fmt: skip
     with RelayProcess(tmp_path / "relay", *args) as relay:
-        headers = {"authorization": f"Bearer {_hub_token(relay, 'alpine')}"}
+        headers = {"authorization": f"Bearer {pull_token(relay.url, 'alpine')}"}
         blob = f"{relay.url}/v2/alpine/blobs/"
         # One byte short of the budget...
         partial = httpx.get(
@@ -406,7 +399,7 @@ def test_traffic_budget_trips_at_the_figure_and_survives_a_restart(
     saved = json.loads((tmp_path / "data" / "budget.json").read_text())
     assert sorted(saved["counters"].values()) == [layer.size - 1 + config_blob.size] * 2
     with RelayProcess(tmp_path / "restarted", *args) as relay:
-        headers = {"authorization": f"Bearer {_hub_token(relay, 'alpine')}"}
+        headers = {"authorization": f"Bearer {pull_token(relay.url, 'alpine')}"}
         after = httpx.get(f"{relay.url}/v2/alpine/blobs/{config_blob.digest}", headers=headers)
         assert after.status_code == 429
         assert _refusals(relay) == ["budget_exhausted"]
