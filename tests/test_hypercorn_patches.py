@@ -13,9 +13,15 @@ import os
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+import trio
+import trio.testing
 from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
+from hypothesis import given, settings, strategies as st
 from priority.priority import PriorityTree
 
 from vpsrelay import hypercorn_patches
@@ -29,6 +35,16 @@ PINNED_SOURCES = {
     "H2Protocol.stream_send": "d8fc824e2770ba5c7af707fc01e14eb2eaef377064221ec84009fa8d949fe90b",
     "StreamBuffer.pop": "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "StreamBuffer.push": "4ca8ee7b0fec5200558d7c92f251c1c5822f3589b2303c9d5d98bfbb579200b3",
+    # h2 4.4.1: what `queue_data_frames` reproduces (checked byte for byte below).
+    "H2Connection.send_data": "9f67cb77f02c01d08a7676dd2c499d64b2bb021b46faa99afb2fe506c838bcdf",
+    "H2Connection._prepare_for_sending": (
+        "6be16b5970454a30f26185221c6d744febde7ec9450d08b3165f5adc4b7400c5"
+    ),
+    "H2Connection.data_to_send": "d681c42548b1f8cc490c097511eae074d18e2a4da006088bd79b01b5e8ab4955",
+    "H2Connection.local_flow_control_window": (
+        "e8b7dd814ce6bc1d983b8a924b8f9335aca8bd744e04be7b498889d319700ec6"
+    ),
+    "H2Stream.send_data": "9742a001ccca6af762d5f21ef2764c999bfd64012019e27241b2d18fdc8ff2dd",
 }
 FRAME = 16384
 
@@ -184,3 +200,88 @@ async def test_coalescing_respects_the_flow_control_window() -> None:
         pair.deliver()
     assert bytes(pair.body) == body
     assert pair.ended
+
+
+def _server_with_open_stream(frame_size: int, window: int) -> h2.connection.H2Connection:
+    """A server connection with stream 1 open, the client's max frame size and window set."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings(
+        {
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+        }
+    )
+    client.increment_flow_control_window(window)
+    client.send_headers(
+        1,
+        [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")],
+        end_stream=True,
+    )
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(b":status", b"200")])
+    server.data_to_send()
+    return server
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frame_size=st.integers(16384, 70000),
+    window=st.integers(1, 2**20),
+    sizes=st.lists(st.integers(1, 300_000), min_size=1, max_size=4),
+)
+def test_queued_frames_equal_h2s_own(frame_size: int, window: int, sizes: list[int]) -> None:
+    """Bytes on the wire, both windows and the stream state: as h2's send_data per frame."""
+    ours = _server_with_open_stream(frame_size, window)
+    theirs = _server_with_open_stream(frame_size, window)
+    for size in sizes:
+        amount = min(size, ours.local_flow_control_window(1))
+        if amount == 0:
+            break
+        data = bytearray(os.urandom(size))
+        hypercorn_patches.queue_data_frames(ours, 1, data, amount)
+        for offset in range(0, amount, theirs.max_outbound_frame_size):
+            end = min(amount, offset + theirs.max_outbound_frame_size)
+            theirs.send_data(1, bytes(data[offset:end]))
+        assert ours.data_to_send() == theirs.data_to_send()
+        assert ours.outbound_flow_control_window == theirs.outbound_flow_control_window
+        assert ours.local_flow_control_window(1) == theirs.local_flow_control_window(1)
+        assert ours.streams[1].state_machine.state == theirs.streams[1].state_machine.state
+
+
+def test_queueing_refuses_what_h2_would() -> None:
+    server = _server_with_open_stream(16384, 1000)
+    with pytest.raises(h2.exceptions.FlowControlError):
+        hypercorn_patches.queue_data_frames(server, 1, bytearray(2000), 1001)
+    server.end_stream(1)
+    with pytest.raises(h2.exceptions.StreamClosedError):
+        hypercorn_patches.queue_data_frames(server, 1, bytearray(10), 10)
+
+
+async def test_a_waiting_producer_is_released_when_the_buffer_runs_low() -> None:
+    """The app's `push` of a big chunk waits; it must resume once the chunk is sent."""
+    hypercorn_patches.apply()
+    pair = _Pair(client_window=16 * 1024 * 1024)
+    buffer = pair.protocol.stream_buffers[1]
+    pushed = trio.Event()
+
+    async def producer() -> None:
+        await buffer.push(os.urandom(600 * 1024))  # over the high-water mark: waits
+        pushed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not pushed.is_set()
+        for _ in range(5):
+            await pair.protocol._send_data(1)
+            pair.deliver()
+            await trio.testing.wait_all_tasks_blocked()
+            if pushed.is_set():
+                break
+        assert pushed.is_set()
+        assert len(pair.body) == 600 * 1024

@@ -30,7 +30,7 @@ from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.errors import RelayError, UpstreamError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
     from pathlib import Path
 
     from vpsrelay.config import CacheConfig
@@ -301,8 +301,6 @@ class BlobStore:
             the fill is already marked failed and its file removed.
         """
         verifier = Verifier(Digest.parse(fill.digest))
-        batch: list[bytes] = []
-        pending = 0
 
         def write(data: list[bytes]) -> None:
             for piece in data:
@@ -313,17 +311,7 @@ class BlobStore:
 
         try:
             try:
-                async for chunk in chunks:
-                    batch.append(chunk)
-                    pending += len(chunk)
-                    if pending >= WRITE_BATCH:
-                        await self._write(write, batch)
-                        fill.written += pending
-                        fill.changed()
-                        batch, pending = [], 0
-                if batch:
-                    await self._write(write, batch)
-                    fill.written += pending
+                await self._read_beside_writes(fill, chunks, write)
                 verifier.finish()  # DigestMismatch
                 if fill.written != fill.size:
                     raise UpstreamError(
@@ -340,6 +328,46 @@ class BlobStore:
                 raise
         finally:
             self.reserved -= fill.size
+
+    async def _read_beside_writes(
+        self, fill: Fill, chunks: AsyncIterator[bytes], write: Callable[[list[bytes]], None]
+    ) -> None:
+        """Gather the upstream body in batches; a worker thread writes and hashes one
+        batch while the next is read (the upstream read no longer waits for the disk)."""
+        to_write, batches = trio.open_memory_channel[list[bytes]](0)
+        error: Exception | None = None
+
+        async def writer(cancel_scope: trio.CancelScope) -> None:
+            nonlocal error
+            async with batches:
+                try:
+                    async for batch in batches:
+                        await self._write(write, batch)
+                        fill.written += sum(map(len, batch))
+                        fill.changed()
+                except Exception as exc:
+                    error = exc
+                    cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, nursery.cancel_scope)
+            try:
+                async with to_write:
+                    batch: list[bytes] = []
+                    pending = 0
+                    async for chunk in chunks:
+                        batch.append(chunk)
+                        pending += len(chunk)
+                        if pending >= WRITE_BATCH:
+                            await to_write.send(batch)
+                            batch, pending = [], 0
+                    if batch:
+                        await to_write.send(batch)
+            except Exception as exc:  # re-raised outside, so it is not wrapped in a group
+                error = error or exc
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     async def _write(self, write: object, batch: list[bytes]) -> None:
         try:
