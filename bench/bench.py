@@ -136,8 +136,19 @@ class Proc:
     h2c_url: str | None = None  # a separate h2c port (nginx)
     stop_fn: Any = None
     pid: int = 0
+    # Removed after the peer stops: a run's cached copies (1 GiB each) otherwise pile up in
+    # the page cache, and a VM pays a slow first touch for every new page, which landed on
+    # whichever peer happened to write next.
+    scratch: Path | None = None
 
     def stop(self) -> None:
+        try:
+            self._stop()
+        finally:
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _stop(self) -> None:
         if self.stop_fn is not None:
             self.stop_fn()
             return
@@ -251,9 +262,11 @@ class Bench:
 
     def distribution_proxy(self) -> Proc:
         storage = self.work / f"proxy-{time.monotonic_ns()}"
-        return self._distribution(
+        proc = self._distribution(
             "distribution-proxy", {"proxy": {"remoteurl": self.upstream.url}}, storage, self.tls
         )
+        proc.scratch = storage
+        return proc
 
     def nginx(self, static: bool = False) -> Proc:
         d = self.work / f"nginx-{time.monotonic_ns()}"
@@ -359,6 +372,7 @@ class Bench:
         proc = Proc(name, popen, f"http://127.0.0.1:{port}", pid=popen.pid)
         proc.tls_url = f"https://127.0.0.1:{tport}" if tport else None
         proc.data = d / "data"  # type: ignore[attr-defined]
+        proc.scratch = d
         return proc
 
 

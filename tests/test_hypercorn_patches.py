@@ -32,6 +32,7 @@ PINNED_SOURCES = {
     "H2Protocol._close_stream": "a292549791640b651dc636a981d58eb25117578cc09d85929bef25d12fc425ed",
     "H2Protocol._send_data": "a89ce4286f36982057297d5c3302777cbcdb303c52eeb0936feaf5d95dd88eef",
     "H2Protocol.send_task": "3f55a53766403935c65d27c3d50c3f835cb00ac1e2e80b441fb4d9eadb2dbad9",
+    "H2Protocol._flush": "1a771e85178d124c6e2420e89ec750159929b76267fc07dd3d798bb6f72db77a",
     "H2Protocol.stream_send": "d8fc824e2770ba5c7af707fc01e14eb2eaef377064221ec84009fa8d949fe90b",
     "StreamBuffer.pop": "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "StreamBuffer.push": "4ca8ee7b0fec5200558d7c92f251c1c5822f3589b2303c9d5d98bfbb579200b3",
