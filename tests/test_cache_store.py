@@ -9,7 +9,8 @@ import pytest
 import trio
 import trio.lowlevel
 
-from vpsrelay.cache.store import BlobStore, FillState
+from tests.infra.tmpfs import fill_up, mounted_tmpfs
+from vpsrelay.cache.store import BlobStore, DiskSpill, FillState
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import DigestMismatch, UpstreamError
 
@@ -151,3 +152,42 @@ def test_index_keeps_the_used_total_through_changes_and_reloads(tmp_path: Path) 
         assert database.load().used == 120
     finally:
         database.close()
+
+
+async def test_a_full_disk_mid_fill_hands_the_rest_back(tmp_path: Path) -> None:
+    """A real ENOSPC (a tmpfs filled by another writer mid-fill): nothing is committed, and
+    what the disk did not take comes back to be passed through, in order, hashed."""
+    with mounted_tmpfs(tmp_path / "small", "6m") as root:
+        store = BlobStore.open(root, CacheConfig(min_free=0))
+        fill, _ = store.claim(DIGEST)
+        assert await store.begin(fill, len(BODY), ())
+        rest = BODY[:]
+
+        async def body_then_disk_full() -> AsyncIterator[bytes]:
+            nonlocal rest
+            while rest:
+                piece, rest = rest[: 64 * 1024], rest[64 * 1024 :]
+                yield piece
+                if fill.written and not (root / "filler").exists():
+                    fill_up(root)  # another process takes the disk
+
+        source = body_then_disk_full()
+        with pytest.raises(DiskSpill) as spilled:
+            await store.pump(fill, source)
+        assert fill.state is FillState.FAILED
+        assert fill.spilled
+        written = fill.written
+        assert 0 < written < len(BODY)
+        unwritten = b"".join(spilled.value.pieces)
+        remaining = b"".join([piece async for piece in source])
+        assert unwritten + remaining == BODY[written:]  # nothing lost, nothing twice
+        verifier = spilled.value.verifier
+        verifier.update(remaining)
+        verifier.finish()  # the pieces handed back were hashed in order
+        assert not store.path(DIGEST).exists()
+        assert list((root / "tmp").iterdir()) == []
+        assert store.index.counters["write_errors"] == 1
+        assert store.reserved == 0
+        assert DIGEST not in store.fills
+        (root / "filler").unlink()
+        await store.aclose()

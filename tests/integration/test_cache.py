@@ -20,6 +20,7 @@ import pytest
 from tests.infra.hub import start_hub
 from tests.infra.oci import BuiltImage, BuiltIndex, build_image
 from tests.infra.relay import REPO_ROOT, RelayProcess
+from tests.infra.tmpfs import fill_up, mounted_tmpfs
 from tests.integration.test_pull import (
     anonymous_token,
     assert_blobs_pulled,
@@ -195,6 +196,76 @@ def test_sigkill_mid_fill_leaves_nothing_servable(clean_hub: Hub, tmp_path: Path
         gets = [r for r in clean_hub.cdn.requests() if layer.digest[7:] in r.path]
         assert len(gets) == 1
         assert layer.size <= clean_hub.cdn.bytes_sent <= layer.size + 1 * MiB
+
+
+def fill_the_disk_mid_pull(relay: RelayProcess, data: Path, layer_digest: str) -> tuple[str, int]:
+    """GET the layer through `relay`, filling `data`'s disk once 2 MiB arrived; the body's
+    digest and size (raises httpx.RemoteProtocolError when the relay ends it short)."""
+    token = anonymous_token(relay, "someuser/diskfull")
+    url = f"{relay.url}/v2/someuser/diskfull/blobs/{layer_digest}"
+    sha, received = hashlib.sha256(), 0
+    with httpx.stream(
+        "GET", url, headers={"authorization": f"Bearer {token}"}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["x-vpsrelay-cache"] == "miss"
+        for chunk in response.iter_raw(1 << 16):
+            sha.update(chunk)
+            received += len(chunk)
+            if received >= 2 * MiB and not (data / "filler").exists():
+                fill_up(data)  # the fill has 14 MiB to go, the disk has no byte left
+    return f"sha256:{sha.hexdigest()}", received
+
+
+def test_a_disk_filled_mid_fill_still_serves_the_whole_layer(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    """Another writer takes the relay's disk while a layer is being cached: the client still
+    gets every byte (verified), nothing is committed, and the next pull passes through."""
+    image = push_unique(clean_hub, tmp_path, "someuser/diskfull", 16 * MiB)
+    layer = max(image.layers, key=lambda b: b.size)
+    clean_hub.clear()
+    clean_hub.cdn.chunk_delay = 0.01  # ~25 MiB/s: the disk fills up during the fill
+    with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
+        tmp_path / "relay", clean_hub, "--data-dir", str(data), min_free="0"
+    ) as relay:  # fmt: skip
+        digest, received = fill_the_disk_mid_pull(relay, data, layer.digest)
+        assert (digest, received) == (layer.digest, layer.size)
+        assert "write error while filling, passing the rest through" in relay.log_text()
+        assert layer.digest not in cached_files(tmp_path)
+        assert not list((data / "tmp").iterdir())
+        cdn_gets = [r for r in clean_hub.cdn.requests() if layer.digest[7:] in r.path]
+        assert len(cdn_gets) == 1  # the rest came from the same upstream response
+
+        token = anonymous_token(relay, "someuser/diskfull")
+        again = httpx.get(  # no room now: a pass-through
+            f"{relay.url}/v2/someuser/diskfull/blobs/{layer.digest}",
+            headers={"authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert again.status_code == 200
+        assert f"sha256:{hashlib.sha256(again.content).hexdigest()}" == layer.digest
+        assert "passing through" in relay.log_text()
+
+
+def test_a_disk_filled_mid_fill_still_withholds_a_corrupt_end(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    """After the switch to pass-through the body is still verified: wrong bytes end short."""
+    image = push_unique(clean_hub, tmp_path, "someuser/diskfull", 16 * MiB)
+    layer = max(image.layers, key=lambda b: b.size)
+    clean_hub.cdn.chunk_delay = 0.01
+    clean_hub.cdn.corrupt = True
+    try:
+        with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
+            tmp_path / "relay", clean_hub, "--data-dir", str(data), min_free="0"
+        ) as relay:  # fmt: skip
+            with pytest.raises(httpx.RemoteProtocolError):
+                fill_the_disk_mid_pull(relay, data, layer.digest)
+            assert "write error while filling, passing the rest through" in relay.log_text()
+            assert "pass-through after a disk error failed" in relay.log_text()
+    finally:
+        clean_hub.cdn.corrupt = False
 
 
 def test_eviction_keeps_the_cap_and_spares_a_pull_in_progress(

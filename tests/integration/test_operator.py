@@ -27,6 +27,7 @@ from tests.infra.hub import iter_blobs
 from tests.infra.oci import BuiltImage
 from tests.infra.pebble import free_port
 from tests.infra.relay import REPO_ROOT, RelayProcess
+from tests.infra.tmpfs import mounted_tmpfs
 from tests.integration.test_pull import anonymous_token, host, skopeo_copy
 
 if TYPE_CHECKING:
@@ -232,29 +233,18 @@ def test_readyz_is_unready_when_no_upstream_ever_answered(tmp_path: Path) -> Non
 
 
 def test_readyz_is_unready_when_the_data_dir_is_read_only(hub: Hub, tmp_path: Path) -> None:
-    require_binary("mount")
-    data = tmp_path / "data"
-    data.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        with RelayProcess(
-            tmp_path, "--upstream", f"docker.io={hub.registry_url}", "--data-dir", str(data),
-            # The blob cache keeps its index open for writing, and Linux refuses to remount
-            # a file system read-only under an open writer; this test is about /readyz.
-            env={"VPSRELAY_CACHE__ENABLED": "false"},
-        ) as relay:  # fmt: skip
-            assert httpx.get(f"{relay.url}/readyz").status_code == 200
-            subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
-            response = httpx.get(f"{relay.url}/readyz")
-            assert response.status_code == 503
-            assert response.json()["checks"]["data_dir"].startswith("not writable: Read-only")
-            assert response.json()["checks"]["upstream"] == "ok"
-    finally:
-        subprocess.run(["umount", str(data)], check=False)
+    with mounted_tmpfs(tmp_path / "data", "1m") as data, RelayProcess(
+        tmp_path, "--upstream", f"docker.io={hub.registry_url}", "--data-dir", str(data),
+        # The blob cache keeps its index open for writing, and Linux refuses to remount
+        # a file system read-only under an open writer; this test is about /readyz.
+        env={"VPSRELAY_CACHE__ENABLED": "false"},
+    ) as relay:  # fmt: skip
+        assert httpx.get(f"{relay.url}/readyz").status_code == 200
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        response = httpx.get(f"{relay.url}/readyz")
+        assert response.status_code == 503
+        assert response.json()["checks"]["data_dir"].startswith("not writable: Read-only")
+        assert response.json()["checks"]["upstream"] == "ok"
 
 
 # --- vpsrelay check

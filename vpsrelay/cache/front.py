@@ -25,14 +25,14 @@ import trio
 
 from vpsrelay import observe
 from vpsrelay.app import watch_disconnect
-from vpsrelay.cache.store import BlobStore, Fill, FillState
+from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 from vpsrelay.upstream import USER_AGENT, map_httpx_errors
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
+    from collections.abc import AsyncGenerator, AsyncIterator
 
     import httpx
 
@@ -346,23 +346,46 @@ class CacheFront:
         fd: int,
         outcome: _Outcome,
     ) -> None:
-        """Fill from the upstream while the first client reads the fill as it grows."""
+        """Fill from the upstream while the first client reads the fill as it grows.
+
+        When the disk fails mid-fill, this client still gets the whole blob: the bytes
+        on disk, then the rest straight from the upstream through `rest` (verified, the
+        last chunk held back as in a pass-through). Clients that joined the fill fail
+        and retry (their retry finds no fill and no room, and passes through).
+        """
+        rest_send, rest = trio.open_memory_channel[bytes](0)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_for_leader, exchange, fd, fill, outcome)
-            with fill.pump_scope, contextlib.suppress(RelayError):
-                # The fill is marked failed inside; the readers report it.
-                chunks_read = _chunks(response, route.registry, self.app, exchange)
-                async with contextlib.aclosing(chunks_read) as chunks:
-                    await self.store.pump(fill, chunks)
+            nursery.start_soon(self._read_for_leader, exchange, fd, fill, outcome, rest)
+            async with rest_send:
+                with fill.pump_scope, contextlib.suppress(RelayError):
+                    # The fill is marked failed inside; the readers report it.
+                    chunks_read = _chunks(response, route.registry, self.app, exchange)
+                    async with contextlib.aclosing(chunks_read) as chunks:
+                        try:
+                            await self.store.pump(fill, chunks)
+                        except DiskSpill as spill:
+                            await _pass_rest(spill, chunks, rest_send, fill)
 
     async def _read_for_leader(
-        self, exchange: Exchange, fd: int, fill: Fill, outcome: _Outcome
+        self,
+        exchange: Exchange,
+        fd: int,
+        fill: Fill,
+        outcome: _Outcome,
+        rest: trio.MemoryReceiveChannel[bytes],
     ) -> None:
-        result = await self._send_watched(exchange, fd, 0, fill.size, fill)
+        async with rest:  # closed when this client is done: `_pass_rest` then stops
+            result = await self._send_watched(exchange, fd, 0, fill.size, fill, rest)
         outcome.error = result.error
 
     async def _send_watched(
-        self, exchange: Exchange, fd: int, first: int, end: int, fill: Fill | None
+        self,
+        exchange: Exchange,
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None = None,
     ) -> _Outcome:
         """Send bytes `first..end` of `fd` to the client until done or it leaves."""
         outcome = _Outcome()
@@ -372,7 +395,7 @@ class CacheFront:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
                 try:
-                    await self._send_range(exchange, fd, first, end, fill)
+                    await self._send_range(exchange, fd, first, end, fill, rest)
                 except RelayError as exc:
                     outcome.error = exc
                 nursery.cancel_scope.cancel()
@@ -389,7 +412,13 @@ class CacheFront:
         return outcome
 
     async def _send_range(
-        self, exchange: Exchange, fd: int, first: int, end: int, fill: Fill | None
+        self,
+        exchange: Exchange,
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None = None,
     ) -> None:
         """Send bytes `first..end` of `fd`, reading the next chunk while one is sent.
 
@@ -401,7 +430,7 @@ class CacheFront:
         error: Exception | None = None
         position = first
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_range, send, fd, first, end, fill, failure)
+            nursery.start_soon(self._read_range, send, fd, first, end, fill, rest, failure)
             try:
                 async with receive:
                     async for data in receive:
@@ -424,11 +453,12 @@ class CacheFront:
         first: int,
         end: int,
         fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None,
         failure: list[RelayError],
     ) -> None:
         async with send:
             try:
-                await self._read_chunks(send, fd, first, end, fill)
+                await self._read_chunks(send, fd, first, end, fill, rest)
             except RelayError as exc:
                 failure.append(exc)
 
@@ -439,6 +469,7 @@ class CacheFront:
         first: int,
         end: int,
         fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None = None,
     ) -> None:
         position = first
         size = fill.size if fill is not None else end
@@ -446,6 +477,9 @@ class CacheFront:
             limit = end
             if fill is not None and fill.state is not FillState.COMMITTED:
                 if fill.state is FillState.FAILED:
+                    if fill.spilled and rest is not None:
+                        await self._read_spilled(send, fd, position, end, fill, rest)
+                        return
                     raise fill.error or UpstreamError("the fill failed")
                 # The last byte waits for the digest check: a bad body ends short.
                 limit = min(end, fill.written, size - 1)
@@ -460,6 +494,32 @@ class CacheFront:
                 raise UpstreamError("the cached file ended early")
             position += len(data)
             await send.send(data)
+
+    async def _read_spilled(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        fd: int,
+        position: int,
+        end: int,
+        fill: Fill,
+        rest: trio.MemoryReceiveChannel[bytes],
+    ) -> None:
+        """The first client's read after the disk failed: what the disk holds (every
+        byte before `fill.written` was written whole), then the rest from the upstream."""
+        while position < min(end, fill.written):
+            count = min(fill.written - position, READ_CHUNK)
+            data = await trio.to_thread.run_sync(
+                os.pread, fd, count, position, limiter=self._read_limiter
+            )
+            if not data:
+                raise UpstreamError("the cached file ended early")
+            position += len(data)
+            await send.send(data)
+        async for data in rest:
+            position += len(data)
+            await send.send(data)
+        if position < end:
+            raise fill.error or UpstreamError("the upstream body ended early")
 
     # --- manifests
 
@@ -712,3 +772,33 @@ async def _chunks(
         async for chunk in response.aiter_raw():
             observe.upstream_read(app, exchange, chunk)  # upstream bytes, in the metrics
             yield chunk
+
+
+async def _pass_rest(
+    spill: DiskSpill,
+    chunks: AsyncIterator[bytes],
+    send: trio.MemorySendChannel[bytes],
+    fill: Fill,
+) -> None:
+    """After a disk failure: the unwritten pieces and the rest of the upstream body to the
+    first client, hashed on the way; the last chunk only once the digest matched."""
+    verifier = spill.verifier
+    pending = b""
+    try:
+        for piece in spill.pieces:  # hashed by the pump already
+            if pending:
+                await send.send(pending)
+            pending = piece
+        async for chunk in chunks:
+            verifier.update(chunk)
+            if pending:
+                await send.send(pending)
+            pending = chunk
+        verifier.finish()
+        if pending:
+            await send.send(pending)
+    except trio.BrokenResourceError:
+        return  # the client left: stop reading the upstream
+    except RelayError as exc:  # a digest mismatch, the upstream broke off
+        fill.error = exc
+        log.warning("cache: pass-through after a disk error failed: %s", exc.message)

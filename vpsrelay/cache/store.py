@@ -61,6 +61,7 @@ class Fill:
     tmp_path: Path | None = None
     readers: int = 0
     error: RelayError | None = None
+    spilled: bool = False  # the disk failed mid-fill; the first client gets the rest in memory
     headers: tuple[tuple[str, str], ...] = ()
     pump_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     _changed: trio.Event = field(default_factory=trio.Event)
@@ -79,6 +80,20 @@ class Fill:
 
 class DiskError(Exception):
     """Writing to the cache failed (disk full, I/O error): the pull passes through."""
+
+
+class DiskSpill(Exception):
+    """The disk failed during a fill: nothing is cached, and what the disk did not take
+    goes to the first client from memory instead (`Fill.spilled`).
+
+    `pieces` were read from the upstream and hashed (in order) but not written; the rest
+    of the body is still in the upstream stream the pump was reading.
+    """
+
+    def __init__(self, verifier: Verifier, pieces: list[bytes]) -> None:
+        super().__init__("the cache disk failed during a fill")
+        self.verifier = verifier
+        self.pieces = pieces
 
 
 class BlobStore:
@@ -297,27 +312,39 @@ class BlobStore:
         """Write the upstream body into the fill, hashing it; commit or fail at the end.
 
         Raises:
-            RelayError: the fill failed (digest mismatch, upstream broke off, disk error);
-            the fill is already marked failed and its file removed.
+            RelayError: the fill failed (digest mismatch, upstream broke off); the fill
+            is already marked failed and its file removed.
+            DiskSpill: the disk failed; the fill is marked failed and spilled, and the
+            exception holds what the first client still needs before the rest of `chunks`.
         """
         verifier = Verifier(Digest.parse(fill.digest))
 
         def write(data: list[bytes]) -> None:
-            for piece in data:
+            for piece in data:  # hashed first: a batch the disk refuses is hashed whole
                 verifier.update(piece)
+            for piece in data:
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fill.fd, view) :]
 
         try:
             try:
-                await self._read_beside_writes(fill, chunks, write)
+                unwritten = await self._read_beside_writes(fill, chunks, write)
+                if unwritten is not None:
+                    refused, held = unwritten
+                    for piece in held:
+                        verifier.update(piece)
+                    fill.spilled = True
+                    await self._fail(fill, UpstreamError("the relay's cache disk failed"))
+                    raise DiskSpill(verifier, [*refused, *held])
                 verifier.finish()  # DigestMismatch
                 if fill.written != fill.size:
                     raise UpstreamError(
                         f"upstream sent {fill.written} of {fill.size} bytes of {fill.digest}"
                     )
                 await self._commit(fill)
+            except DiskSpill:
+                raise
             except BaseException as exc:
                 error = (
                     exc
@@ -331,26 +358,41 @@ class BlobStore:
 
     async def _read_beside_writes(
         self, fill: Fill, chunks: AsyncIterator[bytes], write: Callable[[list[bytes]], None]
-    ) -> None:
+    ) -> tuple[list[bytes], list[bytes]] | None:
         """Gather the upstream body in batches; a worker thread writes and hashes one
-        batch while the next is read (the upstream read no longer waits for the disk)."""
+        batch while the next is read (the upstream read no longer waits for the disk).
+
+        Returns None when every byte was written, or, when the disk failed, the pieces
+        read but not written: the refused batch (hashed) and those read after it (not
+        hashed); the rest stays unread in `chunks`. The
+        read is never cancelled for a disk error: httpx would close the upstream stream.
+        """
         to_write, batches = trio.open_memory_channel[list[bytes]](0)
-        error: Exception | None = None
+        refused: list[bytes] | None = None
 
-        async def writer(cancel_scope: trio.CancelScope) -> None:
-            nonlocal error
-            async with batches:
-                try:
-                    async for batch in batches:
+        async def writer() -> None:
+            nonlocal refused
+            async with batches:  # closed on a disk error: the reader's next send breaks
+                async for batch in batches:
+                    try:
                         await self._write(write, batch)
-                        fill.written += sum(map(len, batch))
-                        fill.changed()
-                except Exception as exc:
-                    error = exc
-                    cancel_scope.cancel()
+                    except DiskError:
+                        refused = batch
+                        return
+                    fill.written += sum(map(len, batch))
+                    fill.changed()
 
+        async def send(batch: list[bytes]) -> bool:
+            try:
+                await to_write.send(batch)
+            except trio.BrokenResourceError:
+                return False
+            return True
+
+        held: list[bytes] = []  # read after the writer stopped: not hashed yet
+        error: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer, nursery.cancel_scope)
+            nursery.start_soon(writer)
             try:
                 async with to_write:
                     batch: list[bytes] = []
@@ -359,23 +401,29 @@ class BlobStore:
                         batch.append(chunk)
                         pending += len(chunk)
                         if pending >= WRITE_BATCH:
-                            await to_write.send(batch)
+                            if not await send(batch):
+                                held = batch
+                                break
                             batch, pending = [], 0
-                    if batch:
-                        await to_write.send(batch)
+                    else:
+                        if batch and not await send(batch):
+                            held = batch
             except Exception as exc:  # re-raised outside, so it is not wrapped in a group
-                error = error or exc
+                error = exc
                 nursery.cancel_scope.cancel()
         if error is not None:
             raise error
+        if refused is None:
+            return None
+        return refused, held
 
     async def _write(self, write: object, batch: list[bytes]) -> None:
         try:
             await trio.to_thread.run_sync(write, batch)  # type: ignore[arg-type]
         except OSError as exc:
             self.index.count("write_errors")
-            log.warning("cache: write error while filling: %s", exc)
-            raise UpstreamError("the relay could not write its cache") from exc
+            log.warning("cache: write error while filling, passing the rest through: %s", exc)
+            raise DiskError(str(exc)) from exc
 
     async def _commit(self, fill: Fill) -> None:
         assert fill.tmp_path is not None
