@@ -248,6 +248,47 @@ def test_a_disk_filled_mid_fill_still_serves_the_whole_layer(
         assert "passing through" in relay.log_text()
 
 
+def test_a_client_that_joined_a_fill_whose_disk_fills_up_resumes_upstream(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    """The disk fails under a fill two clients read: the first gets the rest of the same
+    upstream response, the joined one asks the upstream for the rest with a Range."""
+    image = push_unique(clean_hub, tmp_path, "someuser/diskfull", 16 * MiB)
+    layer = max(image.layers, key=lambda b: b.size)
+    clean_hub.clear()
+    clean_hub.cdn.chunk_delay = 0.01
+    with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
+        tmp_path / "relay", clean_hub, "--data-dir", str(data), min_free="0"
+    ) as relay:  # fmt: skip
+        token = anonymous_token(relay, "someuser/diskfull")
+        url = f"{relay.url}/v2/someuser/diskfull/blobs/{layer.digest}"
+        auth = {"authorization": f"Bearer {token}"}
+        with httpx.stream("GET", url, headers=auth, timeout=60) as leader:
+            assert leader.headers["x-vpsrelay-cache"] == "miss"
+            leader_chunks = leader.iter_raw(1 << 16)
+            leader_sha = hashlib.sha256(next(leader_chunks))
+            with httpx.stream("GET", url, headers=auth, timeout=60) as joined:
+                assert joined.headers["x-vpsrelay-cache"] == "join"
+                joined_sha, received = hashlib.sha256(), 0
+                for chunk in joined.iter_raw(1 << 16):
+                    joined_sha.update(chunk)
+                    received += len(chunk)
+                    if received >= 2 * MiB and not (data / "filler").exists():
+                        fill_up(data)
+            for chunk in leader_chunks:
+                leader_sha.update(chunk)
+        assert f"sha256:{joined_sha.hexdigest()}" == layer.digest
+        assert f"sha256:{leader_sha.hexdigest()}" == layer.digest
+        assert "resuming" in relay.log_text()
+        assert layer.digest not in cached_files(tmp_path)
+    gets = [r for r in clean_hub.cdn.requests() if layer.digest[7:] in r.path]
+    assert len(gets) == 2, [g.headers.get("range") for g in gets]
+    ranges = [g.headers.get("range") for g in gets]
+    assert ranges[0] is None
+    resumed_at = int(str(ranges[1]).removeprefix("bytes=").removesuffix("-"))
+    assert 2 * MiB <= resumed_at < layer.size  # not the whole layer twice
+
+
 def test_a_disk_filled_mid_fill_still_withholds_a_corrupt_end(
     clean_hub: Hub, tmp_path: Path
 ) -> None:

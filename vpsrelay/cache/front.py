@@ -27,6 +27,7 @@ from vpsrelay import observe
 from vpsrelay.app import watch_disconnect
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
+from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 from vpsrelay.upstream import USER_AGENT, map_httpx_errors
@@ -281,12 +282,68 @@ class CacheFront:
             ]
             await exchange.start(200, tuple(headers))
             outcome = await self._send_watched(exchange, fd, 0, fill.size, fill)
+            route = exchange.route
+            if outcome.error is not None and fill.spilled and route is not None:
+                # The disk failed under the fill: finish this client from the upstream.
+                await self._resume_from_upstream(exchange, route, fd, fill)
+                outcome.error = None
         finally:
             os.close(fd)
         if exchange.route is not None:
             self._observe(exchange, exchange.route.registry, "join")
         if outcome.error is not None:
             raise outcome.error
+
+    async def _resume_from_upstream(
+        self, exchange: Exchange, route: routing.Route, fd: int, fill: Fill
+    ) -> None:
+        """Send a joined client the rest of a fill whose disk failed: what the disk took,
+        then `Range: bytes=<written>-` from the upstream, all of it hashed again and the
+        last chunk held back until the digest matched (an upstream without ranges sends
+        the whole body, of which the client gets what it lacks).
+
+        Raises:
+            RelayError: the upstream failed, or the bytes did not match the digest.
+        """
+        position, written = exchange.bytes_sent, fill.written
+        verifier = Verifier(Digest.parse(fill.digest))
+        offset = 0
+        registry = self.app.registries[route.registry]
+        headers = await self.app.upstream_headers(exchange, registry, route)
+        request = UpstreamRequest(
+            "GET",
+            self._url(route, route.upstream_path),
+            (*headers, ("range", f"bytes={written}-")),
+        )
+        log.info("cache: resuming %s for a joined client at byte %d", fill.digest, written)
+        async with self.app.upstream.open(request, what=route.registry) as response:
+            observe.upstream_answered(self.app, exchange, response)
+            ranged = response.status_code == 206 and response.headers.get(
+                "content-range", ""
+            ).startswith(f"bytes {written}-")
+            if not ranged and response.status_code != 200:
+                raise UpstreamError(f"the upstream answered {response.status_code} to a resume")
+            if ranged:  # the disk's part first, hashed in the reading thread
+                while offset < written:
+                    data = await trio.to_thread.run_sync(
+                        _read_and_hash, fd, min(written - offset, READ_CHUNK), offset, verifier
+                    )
+                    if not data:
+                        raise UpstreamError("the cached file ended early")
+                    if offset + len(data) > position:
+                        await exchange.body(data[max(0, position - offset) :], more=True)
+                    offset += len(data)
+            pending = b""
+            async for chunk in _chunks(response, route.registry, self.app, exchange):
+                verifier.update(chunk)
+                start, offset = offset, offset + len(chunk)
+                if offset <= position:
+                    continue  # the client has these bytes already
+                if pending:
+                    await exchange.body(pending, more=True)
+                pending = chunk[max(0, position - start) :]
+            verifier.finish()
+            await exchange.body(pending, more=False)
 
     def _observe(self, exchange: Exchange, registry: str, result: str) -> None:
         """The cache's part of the access log and metrics: hit, join (of a fill) or miss."""
@@ -802,3 +859,9 @@ async def _pass_rest(
     except RelayError as exc:  # a digest mismatch, the upstream broke off
         fill.error = exc
         log.warning("cache: pass-through after a disk error failed: %s", exc.message)
+
+
+def _read_and_hash(fd: int, count: int, offset: int, verifier: Verifier) -> bytes:
+    data = os.pread(fd, count, offset)
+    verifier.update(data)
+    return data
