@@ -1,8 +1,8 @@
 """The verified blob cache: content-addressed store, fills, manifests, eviction.
 
 `store` owns files and fills, `index` what is stored (in memory, kept in SQLite),
-`front` the HTTP side (hits, authorization, manifests); the decisions are in
-`vpsrelay.core.cachepolicy`.
+`front` the HTTP side (hits, authorization, manifests), `sending` a blob's bytes to
+a client; the decisions are in `vpsrelay.core.cachepolicy`.
 """
 
 from __future__ import annotations

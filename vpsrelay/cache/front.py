@@ -5,7 +5,9 @@ a miss goes upstream through `RelayApp._relay` with a hook that sees the
 upstream's answer before the client does: a blob's 200 becomes a `Fill` that
 every concurrent client reads, a manifest's 200 is stored and tagged.
 The decisions (authorization, freshness, ranges, eviction) are in
-`vpsrelay.core.cachepolicy`; this module does the IO they call for.
+`vpsrelay.core.cachepolicy`; this module does the IO they call for and chooses how
+each client is served (a hit, a join, leading a fill, a resume from the upstream);
+`vpsrelay.cache.sending` sends a blob's bytes, from a committed file or a growing fill.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
@@ -24,7 +25,15 @@ from urllib.parse import urlencode
 import trio
 
 from vpsrelay import observe
-from vpsrelay.app import watch_disconnect
+from vpsrelay.cache.sending import (
+    READ_CHUNK,
+    READ_THREADS,
+    BlobSender,
+    Outcome,
+    pass_rest,
+    read_and_hash,
+    upstream_chunks,
+)
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier
@@ -33,8 +42,6 @@ from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 from vpsrelay.upstream import USER_AGENT, map_httpx_errors
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator
-
     import httpx
 
     from vpsrelay.app import Exchange, RelayApp
@@ -48,11 +55,6 @@ PROBE_TIMEOUT = 10.0
 JOIN_ATTEMPTS = 3
 
 
-@dataclass(slots=True)
-class _Outcome:
-    error: RelayError | None = None
-
-
 class CacheFront:
     """Serves manifests and blobs from the `BlobStore`, filling it from the upstream."""
 
@@ -64,7 +66,7 @@ class CacheFront:
         self._tag_ttls = dict(self.config.registry_tag_ttl)
         # Few threads read cached files: each thread that allocates gets its own malloc
         # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
-        self._read_limiter = trio.CapacityLimiter(READ_THREADS)
+        self._sender = BlobSender(trio.CapacityLimiter(READ_THREADS), self.config.finish_abandoned)
 
     # --- entry points, called by RelayApp._dispatch
 
@@ -263,7 +265,7 @@ class CacheFront:
                 return
             try:
                 await exchange.start(status, tuple(headers))
-                outcome = await self._send_watched(exchange, fd, first, end, None)
+                outcome = await self._sender.send_watched(exchange, fd, first, end, None)
             finally:
                 os.close(fd)
         index.count("bytes_from_cache", exchange.bytes_sent)
@@ -281,7 +283,7 @@ class CacheFront:
                 (CACHE_HEADER, "join"),
             ]
             await exchange.start(200, tuple(headers))
-            outcome = await self._send_watched(exchange, fd, 0, fill.size, fill)
+            outcome = await self._sender.send_watched(exchange, fd, 0, fill.size, fill)
             route = exchange.route
             if outcome.error is not None and fill.spilled and route is not None:
                 # The disk failed under the fill: finish this client from the upstream.
@@ -326,7 +328,7 @@ class CacheFront:
             if ranged:  # the disk's part first, hashed in the reading thread
                 while offset < written:
                     data = await trio.to_thread.run_sync(
-                        _read_and_hash, fd, min(written - offset, READ_CHUNK), offset, verifier
+                        read_and_hash, fd, min(written - offset, READ_CHUNK), offset, verifier
                     )
                     if not data:
                         raise UpstreamError("the cached file ended early")
@@ -334,7 +336,7 @@ class CacheFront:
                         await exchange.body(data[max(0, position - offset) :], more=True)
                     offset += len(data)
             pending = b""
-            async for chunk in _chunks(response, route.registry, self.app, exchange):
+            async for chunk in upstream_chunks(response, route.registry, self.app, exchange):
                 verifier.update(chunk)
                 start, offset = offset, offset + len(chunk)
                 if offset <= position:
@@ -381,7 +383,7 @@ class CacheFront:
             headers = (*headers, ("docker-content-digest", fill.digest))
         await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
         fd = os.dup(fill.fd)
-        outcome = _Outcome()
+        outcome = Outcome()
         try:
             # Shielded: when this client hangs up, Hypercorn cancels its task, but the fill
             # belongs to every reader (and, by default, finishes without any: see
@@ -401,7 +403,7 @@ class CacheFront:
         fill: Fill,
         response: httpx.Response,
         fd: int,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> None:
         """Fill from the upstream while the first client reads the fill as it grows.
 
@@ -416,167 +418,24 @@ class CacheFront:
             async with rest_send:
                 with fill.pump_scope, contextlib.suppress(RelayError):
                     # The fill is marked failed inside; the readers report it.
-                    chunks_read = _chunks(response, route.registry, self.app, exchange)
+                    chunks_read = upstream_chunks(response, route.registry, self.app, exchange)
                     async with contextlib.aclosing(chunks_read) as chunks:
                         try:
                             await self.store.pump(fill, chunks)
                         except DiskSpill as spill:
-                            await _pass_rest(spill, chunks, rest_send, fill)
+                            await pass_rest(spill, chunks, rest_send, fill)
 
     async def _read_for_leader(
         self,
         exchange: Exchange,
         fd: int,
         fill: Fill,
-        outcome: _Outcome,
+        outcome: Outcome,
         rest: trio.MemoryReceiveChannel[bytes],
     ) -> None:
-        async with rest:  # closed when this client is done: `_pass_rest` then stops
-            result = await self._send_watched(exchange, fd, 0, fill.size, fill, rest)
+        async with rest:  # closed when this client is done: `pass_rest` then stops
+            result = await self._sender.send_watched(exchange, fd, 0, fill.size, fill, rest)
         outcome.error = result.error
-
-    async def _send_watched(
-        self,
-        exchange: Exchange,
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None = None,
-    ) -> _Outcome:
-        """Send bytes `first..end` of `fd` to the client until done or it leaves."""
-        outcome = _Outcome()
-        if fill is not None:
-            fill.readers += 1
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
-                try:
-                    await self._send_range(exchange, fd, first, end, fill, rest)
-                except RelayError as exc:
-                    outcome.error = exc
-                nursery.cancel_scope.cancel()
-        finally:
-            if fill is not None:
-                fill.readers -= 1
-                if (
-                    fill.readers == 0
-                    and fill.state is FillState.STREAMING
-                    and not self.config.finish_abandoned
-                ):
-                    log.info("cache: last reader of %s left, stopping its fill", fill.digest)
-                    fill.pump_scope.cancel()
-        return outcome
-
-    async def _send_range(
-        self,
-        exchange: Exchange,
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None = None,
-    ) -> None:
-        """Send bytes `first..end` of `fd`, reading the next chunk while one is sent.
-
-        The reader runs one chunk ahead (a zero-size channel: at most one chunk read and
-        one being sent), so the worker-thread read overlaps the client write.
-        """
-        failure: list[RelayError] = []
-        send, receive = trio.open_memory_channel[bytes](0)
-        error: Exception | None = None
-        position = first
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_range, send, fd, first, end, fill, rest, failure)
-            try:
-                async with receive:
-                    async for data in receive:
-                        position += len(data)
-                        await exchange.body(data, more=position < end)
-            except Exception as exc:  # re-raised outside, so it is not wrapped in a group
-                error = exc
-                nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if failure:
-            raise failure[0]
-        if position == first == end:
-            await exchange.body(b"", more=False)
-
-    async def _read_range(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None,
-        failure: list[RelayError],
-    ) -> None:
-        async with send:
-            try:
-                await self._read_chunks(send, fd, first, end, fill, rest)
-            except RelayError as exc:
-                failure.append(exc)
-
-    async def _read_chunks(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None = None,
-    ) -> None:
-        position = first
-        size = fill.size if fill is not None else end
-        while position < end:
-            limit = end
-            if fill is not None and fill.state is not FillState.COMMITTED:
-                if fill.state is FillState.FAILED:
-                    if fill.spilled and rest is not None:
-                        await self._read_spilled(send, fd, position, end, fill, rest)
-                        return
-                    raise fill.error or UpstreamError("the fill failed")
-                # The last byte waits for the digest check: a bad body ends short.
-                limit = min(end, fill.written, size - 1)
-                if position >= limit:
-                    await fill.wait_changed()
-                    continue
-            count = min(limit - position, READ_CHUNK)
-            data = await trio.to_thread.run_sync(
-                os.pread, fd, count, position, limiter=self._read_limiter
-            )
-            if not data:
-                raise UpstreamError("the cached file ended early")
-            position += len(data)
-            await send.send(data)
-
-    async def _read_spilled(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        fd: int,
-        position: int,
-        end: int,
-        fill: Fill,
-        rest: trio.MemoryReceiveChannel[bytes],
-    ) -> None:
-        """The first client's read after the disk failed: what the disk holds (every
-        byte before `fill.written` was written whole), then the rest from the upstream."""
-        while position < min(end, fill.written):
-            count = min(fill.written - position, READ_CHUNK)
-            data = await trio.to_thread.run_sync(
-                os.pread, fd, count, position, limiter=self._read_limiter
-            )
-            if not data:
-                raise UpstreamError("the cached file ended early")
-            position += len(data)
-            await send.send(data)
-        async for data in rest:
-            position += len(data)
-            await send.send(data)
-        if position < end:
-            raise fill.error or UpstreamError("the upstream body ended early")
 
     # --- manifests
 
@@ -816,52 +675,3 @@ class CacheFront:
         )
         async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
             return response.status_code == 200
-
-
-READ_CHUNK = 1024 * 1024
-READ_THREADS = 2
-
-
-async def _chunks(
-    response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
-) -> AsyncGenerator[bytes]:
-    with map_httpx_errors(what):
-        async for chunk in response.aiter_raw():
-            observe.upstream_read(app, exchange, chunk)  # upstream bytes, in the metrics
-            yield chunk
-
-
-async def _pass_rest(
-    spill: DiskSpill,
-    chunks: AsyncIterator[bytes],
-    send: trio.MemorySendChannel[bytes],
-    fill: Fill,
-) -> None:
-    """After a disk failure: the unwritten pieces and the rest of the upstream body to the
-    first client, hashed on the way; the last chunk only once the digest matched."""
-    verifier = spill.verifier
-    pending = b""
-    try:
-        for piece in spill.pieces:  # hashed by the pump already
-            if pending:
-                await send.send(pending)
-            pending = piece
-        async for chunk in chunks:
-            verifier.update(chunk)
-            if pending:
-                await send.send(pending)
-            pending = chunk
-        verifier.finish()
-        if pending:
-            await send.send(pending)
-    except trio.BrokenResourceError:
-        return  # the client left: stop reading the upstream
-    except RelayError as exc:  # a digest mismatch, the upstream broke off
-        fill.error = exc
-        log.warning("cache: pass-through after a disk error failed: %s", exc.message)
-
-
-def _read_and_hash(fd: int, count: int, offset: int, verifier: Verifier) -> bytes:
-    data = os.pread(fd, count, offset)
-    verifier.update(data)
-    return data

@@ -1,0 +1,241 @@
+"""Sending a blob to a client: a committed file, or a fill as it grows.
+
+`BlobSender` reads the bytes through a descriptor, one chunk ahead of the client, in
+a small thread limiter, and stops an abandoned fill unless `finish_abandoned`; after
+a disk failure it hands the first client the rest of the body through `pass_rest`.
+`upstream_chunks` and `read_and_hash` serve `CacheFront` when it fills the cache or
+resumes a joined client from the upstream. Which client gets what, and from where,
+is decided in `vpsrelay.cache.front`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from vpsrelay import observe
+from vpsrelay.app import watch_disconnect
+from vpsrelay.cache.store import FillState
+from vpsrelay.errors import RelayError, UpstreamError
+from vpsrelay.upstream import map_httpx_errors
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterator
+
+    import httpx
+
+    from vpsrelay.app import Exchange, RelayApp
+    from vpsrelay.cache.store import DiskSpill, Fill
+    from vpsrelay.core.digest import Verifier
+
+log = logging.getLogger("vpsrelay.cache")
+
+READ_CHUNK = 1024 * 1024
+READ_THREADS = 2
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a send ended: the error to raise once the caller's bookkeeping is done."""
+
+    error: RelayError | None = None
+
+
+class BlobSender:
+    """Sends byte ranges of a cached file or of a growing fill to clients."""
+
+    def __init__(self, read_limiter: trio.CapacityLimiter, finish_abandoned: bool) -> None:
+        self._read_limiter = read_limiter
+        self._finish_abandoned = finish_abandoned
+
+    async def send_watched(
+        self,
+        exchange: Exchange,
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None = None,
+    ) -> Outcome:
+        """Send bytes `first..end` of `fd` to the client until done or it leaves."""
+        outcome = Outcome()
+        if fill is not None:
+            fill.readers += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
+                try:
+                    await self._send_range(exchange, fd, first, end, fill, rest)
+                except RelayError as exc:
+                    outcome.error = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            if fill is not None:
+                fill.readers -= 1
+                if (
+                    fill.readers == 0
+                    and fill.state is FillState.STREAMING
+                    and not self._finish_abandoned
+                ):
+                    log.info("cache: last reader of %s left, stopping its fill", fill.digest)
+                    fill.pump_scope.cancel()
+        return outcome
+
+    async def _send_range(
+        self,
+        exchange: Exchange,
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None = None,
+    ) -> None:
+        """Send bytes `first..end` of `fd`, reading the next chunk while one is sent.
+
+        The reader runs one chunk ahead (a zero-size channel: at most one chunk read and
+        one being sent), so the worker-thread read overlaps the client write.
+        """
+        failure: list[RelayError] = []
+        send, receive = trio.open_memory_channel[bytes](0)
+        error: Exception | None = None
+        position = first
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_range, send, fd, first, end, fill, rest, failure)
+            try:
+                async with receive:
+                    async for data in receive:
+                        position += len(data)
+                        await exchange.body(data, more=position < end)
+            except Exception as exc:  # re-raised outside, so it is not wrapped in a group
+                error = exc
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if failure:
+            raise failure[0]
+        if position == first == end:
+            await exchange.body(b"", more=False)
+
+    async def _read_range(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None,
+        failure: list[RelayError],
+    ) -> None:
+        async with send:
+            try:
+                await self._read_chunks(send, fd, first, end, fill, rest)
+            except RelayError as exc:
+                failure.append(exc)
+
+    async def _read_chunks(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        fd: int,
+        first: int,
+        end: int,
+        fill: Fill | None,
+        rest: trio.MemoryReceiveChannel[bytes] | None = None,
+    ) -> None:
+        position = first
+        size = fill.size if fill is not None else end
+        while position < end:
+            limit = end
+            if fill is not None and fill.state is not FillState.COMMITTED:
+                if fill.state is FillState.FAILED:
+                    if fill.spilled and rest is not None:
+                        await self._read_spilled(send, fd, position, end, fill, rest)
+                        return
+                    raise fill.error or UpstreamError("the fill failed")
+                # The last byte waits for the digest check: a bad body ends short.
+                limit = min(end, fill.written, size - 1)
+                if position >= limit:
+                    await fill.wait_changed()
+                    continue
+            count = min(limit - position, READ_CHUNK)
+            data = await trio.to_thread.run_sync(
+                os.pread, fd, count, position, limiter=self._read_limiter
+            )
+            if not data:
+                raise UpstreamError("the cached file ended early")
+            position += len(data)
+            await send.send(data)
+
+    async def _read_spilled(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        fd: int,
+        position: int,
+        end: int,
+        fill: Fill,
+        rest: trio.MemoryReceiveChannel[bytes],
+    ) -> None:
+        """The first client's read after the disk failed: what the disk holds (every
+        byte before `fill.written` was written whole), then the rest from the upstream."""
+        while position < min(end, fill.written):
+            count = min(fill.written - position, READ_CHUNK)
+            data = await trio.to_thread.run_sync(
+                os.pread, fd, count, position, limiter=self._read_limiter
+            )
+            if not data:
+                raise UpstreamError("the cached file ended early")
+            position += len(data)
+            await send.send(data)
+        async for data in rest:
+            position += len(data)
+            await send.send(data)
+        if position < end:
+            raise fill.error or UpstreamError("the upstream body ended early")
+
+
+async def upstream_chunks(
+    response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
+) -> AsyncGenerator[bytes]:
+    with map_httpx_errors(what):
+        async for chunk in response.aiter_raw():
+            observe.upstream_read(app, exchange, chunk)  # upstream bytes, in the metrics
+            yield chunk
+
+
+async def pass_rest(
+    spill: DiskSpill,
+    chunks: AsyncIterator[bytes],
+    send: trio.MemorySendChannel[bytes],
+    fill: Fill,
+) -> None:
+    """After a disk failure: the unwritten pieces and the rest of the upstream body to the
+    first client, hashed on the way; the last chunk only once the digest matched."""
+    verifier = spill.verifier
+    pending = b""
+    try:
+        for piece in spill.pieces:  # hashed by the pump already
+            if pending:
+                await send.send(pending)
+            pending = piece
+        async for chunk in chunks:
+            verifier.update(chunk)
+            if pending:
+                await send.send(pending)
+            pending = chunk
+        verifier.finish()
+        if pending:
+            await send.send(pending)
+    except trio.BrokenResourceError:
+        return  # the client left: stop reading the upstream
+    except RelayError as exc:  # a digest mismatch, the upstream broke off
+        fill.error = exc
+        log.warning("cache: pass-through after a disk error failed: %s", exc.message)
+
+
+def read_and_hash(fd: int, count: int, offset: int, verifier: Verifier) -> bytes:
+    data = os.pread(fd, count, offset)
+    verifier.update(data)
+    return data
