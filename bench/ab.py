@@ -62,10 +62,12 @@ def measure_once(
         url = bench.blob_url(base, blob)
         return bench.measure(relay, [(url, CURL_PROTOCOL[proto])], f"{mode} {proto}")
     finally:
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(30)
-        relay.stop()
+        try:
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
+        finally:
+            relay.stop()
 
 
 def main() -> None:

@@ -364,7 +364,11 @@ class Bench:
                      "--https-listen", f"127.0.0.1:{tport}",
                      "--http-listen", f"127.0.0.1:{free_port()}"]  # fmt: skip
         popen = subprocess.Popen(
-            args, stdout=(d / "relay.log").open("wb"), stderr=subprocess.STDOUT, env=env
+            # The log lives beside the data, not in it: the data is removed when the relay stops.
+            args,
+            stdout=(self.work / f"{d.name}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         wait_port(port, popen)
         if tport:

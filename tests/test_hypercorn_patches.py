@@ -286,3 +286,40 @@ async def test_a_waiting_producer_is_released_when_the_buffer_runs_low() -> None
                 break
         assert pushed.is_set()
         assert len(pair.body) == 600 * 1024
+
+
+async def test_a_shut_window_does_not_let_the_buffer_grow() -> None:
+    """A client that does not open its window: the app's producer stays blocked after its
+    first chunk, however often the send task comes round (Hypercorn's own pop woke it on
+    every pass, one more 1 MiB chunk buffered each time); the body arrives whole later."""
+    hypercorn_patches.apply()
+    pair = _Pair(client_window=None)  # 65,535 bytes, then nothing until WINDOW_UPDATEs
+    buffer = pair.protocol.stream_buffers[1]
+    chunk = os.urandom(1024 * 1024)
+    pushed = 0
+
+    async def producer() -> None:
+        nonlocal pushed
+        for _ in range(8):
+            await buffer.push(chunk)
+            pushed += 1
+        buffer.set_complete()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(50):  # the send task's passes while the window stays shut
+            await pair.protocol._send_data(1)
+            await trio.testing.wait_all_tasks_blocked()
+        assert pushed <= 1
+        assert len(buffer.buffer) <= len(chunk)
+        for _ in range(2000):
+            if 1 not in pair.protocol.stream_buffers:
+                break
+            pair.deliver()  # the client reads and opens its window again
+            await pair.protocol._send_data(1)
+            await trio.testing.wait_all_tasks_blocked()
+        pair.deliver()
+    assert pushed == 8
+    assert bytes(pair.body) == chunk * 8
+    assert pair.ended

@@ -14,8 +14,10 @@ record with its own write) per 16 KiB, which held HTTP/2 at a fifth of HTTP/1.1'
 The replacement `_send_data` takes what the flow-control window allows, up to
 `COALESCE_BYTES`, writes its frames straight into h2's outgoing buffer (the same bytes,
 windows and stream states as h2's `send_data` per frame: `queue_data_frames`) and hands
-that buffer to the transport in one write, without h2's copy of it. END_STREAM, flow
-control and the error handling stay Hypercorn's and h2's.
+that buffer to the transport in one write, without h2's copy of it. END_STREAM and the
+error handling stay Hypercorn's; the app's producer is woken only when the stream's buffer
+runs low (Hypercorn's wakes it on every pass while the client's window is shut, so a
+client with a small window made the relay buffer without bound).
 """
 
 from __future__ import annotations
@@ -202,10 +204,11 @@ async def send_data_coalesced(self: H2Protocol, stream_id: int) -> None:
         )
         if amount > 0:
             queue_data_frames(self.connection, stream_id, buffer.buffer, amount)
-            await _consumed(buffer, amount)
+            del buffer.buffer[:amount]
+            await _wake_producer_if_low(buffer)
             await _flush_without_copy(self)
         else:
-            await buffer.pop(0)  # Hypercorn's own empty pop: wakes a waiting producer
+            await _wake_producer_if_low(buffer)
             self.priority.block(stream_id)
 
         if buffer.complete:
@@ -262,11 +265,14 @@ async def _flush_without_copy(protocol: H2Protocol) -> None:
         await protocol.send(RawData(data=data))  # type: ignore[arg-type]
 
 
-async def _consumed(buffer: StreamBuffer, amount: int) -> None:
-    """Drop `amount` sent bytes from Hypercorn's stream buffer, waking its producer as
-    `StreamBuffer.pop` does once the buffer runs low."""
-    del buffer.buffer[:amount]
-    if amount < BUFFER_LOW_WATER or len(buffer.buffer) < BUFFER_LOW_WATER:
+async def _wake_producer_if_low(buffer: StreamBuffer) -> None:
+    """Let the app push its next chunk only once the stream's buffer runs low.
+
+    `StreamBuffer.pop` wakes the producer after any short pop, including the empty pop
+    made while the client's window is shut: a client that keeps its window small (or at
+    zero) then had the relay buffer one more app chunk (1 MiB) per send-task pass,
+    without bound. Here the producer waits until the buffer is nearly empty."""
+    if len(buffer.buffer) < BUFFER_LOW_WATER:
         await buffer._paused.set()
     if not buffer.buffer:
         await buffer._is_empty.set()

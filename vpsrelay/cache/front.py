@@ -25,13 +25,13 @@ from urllib.parse import urlencode
 import trio
 
 from vpsrelay import observe
+from vpsrelay.app import watch_disconnect
 from vpsrelay.cache.sending import (
     READ_CHUNK,
     READ_THREADS,
     BlobSender,
     Outcome,
     pass_rest,
-    read_and_hash,
     upstream_chunks,
 )
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
@@ -285,16 +285,34 @@ class CacheFront:
             await exchange.start(200, tuple(headers))
             outcome = await self._sender.send_watched(exchange, fd, 0, fill.size, fill)
             route = exchange.route
-            if outcome.error is not None and fill.spilled and route is not None:
+            if (
+                outcome.error is not None
+                and fill.spilled
+                and route is not None
+                and not exchange.disconnected
+            ):
                 # The disk failed under the fill: finish this client from the upstream.
-                await self._resume_from_upstream(exchange, route, fd, fill)
-                outcome.error = None
+                outcome.error = await self._resume_watched(exchange, route, fd, fill)
         finally:
             os.close(fd)
         if exchange.route is not None:
             self._observe(exchange, exchange.route.registry, "join")
         if outcome.error is not None:
             raise outcome.error
+
+    async def _resume_watched(
+        self, exchange: Exchange, route: routing.Route, fd: int, fill: Fill
+    ) -> RelayError | None:
+        """`_resume_from_upstream` until done or the client leaves; its error, if any."""
+        error: RelayError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
+            try:
+                await self._resume_from_upstream(exchange, route, fd, fill)
+            except RelayError as exc:  # returned, so it is not wrapped in a group
+                error = exc
+            nursery.cancel_scope.cancel()
+        return error
 
     async def _resume_from_upstream(
         self, exchange: Exchange, route: routing.Route, fd: int, fill: Fill
@@ -308,8 +326,13 @@ class CacheFront:
             RelayError: the upstream failed, or the bytes did not match the digest.
         """
         position, written = exchange.bytes_sent, fill.written
+        # Hash what the disk holds before asking the upstream, whose connection would
+        # otherwise sit idle (and may be dropped) while gigabytes are read back.
         verifier = Verifier(Digest.parse(fill.digest))
         offset = 0
+        while offset < written:
+            data = await self._sender.read(fd, min(written - offset, READ_CHUNK), offset, verifier)
+            offset += len(data)
         registry = self.app.registries[route.registry]
         headers = await self.app.upstream_headers(exchange, registry, route)
         request = UpstreamRequest(
@@ -325,16 +348,15 @@ class CacheFront:
             ).startswith(f"bytes {written}-")
             if not ranged and response.status_code != 200:
                 raise UpstreamError(f"the upstream answered {response.status_code} to a resume")
-            if ranged:  # the disk's part first, hashed in the reading thread
-                while offset < written:
-                    data = await trio.to_thread.run_sync(
-                        read_and_hash, fd, min(written - offset, READ_CHUNK), offset, verifier
+            if ranged:  # the disk's bytes this client lacks, then the upstream's
+                while position < written:
+                    data = await self._sender.read(
+                        fd, min(written - position, READ_CHUNK), position
                     )
-                    if not data:
-                        raise UpstreamError("the cached file ended early")
-                    if offset + len(data) > position:
-                        await exchange.body(data[max(0, position - offset) :], more=True)
-                    offset += len(data)
+                    position += len(data)
+                    await exchange.body(data, more=True)
+            else:  # the whole body again: hash it from its first byte
+                verifier, offset = Verifier(Digest.parse(fill.digest)), 0
             pending = b""
             async for chunk in upstream_chunks(response, route.registry, self.app, exchange):
                 verifier.update(chunk)
@@ -409,8 +431,8 @@ class CacheFront:
 
         When the disk fails mid-fill, this client still gets the whole blob: the bytes
         on disk, then the rest straight from the upstream through `rest` (verified, the
-        last chunk held back as in a pass-through). Clients that joined the fill fail
-        and retry (their retry finds no fill and no room, and passes through).
+        last chunk held back as in a pass-through). Clients that joined the fill resume
+        with a ranged request of their own (`_resume_from_upstream`).
         """
         rest_send, rest = trio.open_memory_channel[bytes](0)
         async with trio.open_nursery() as nursery:

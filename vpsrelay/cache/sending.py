@@ -3,7 +3,7 @@
 `BlobSender` reads the bytes through a descriptor, one chunk ahead of the client, in
 a small thread limiter, and stops an abandoned fill unless `finish_abandoned`; after
 a disk failure it hands the first client the rest of the body through `pass_rest`.
-`upstream_chunks` and `read_and_hash` serve `CacheFront` when it fills the cache or
+`upstream_chunks` serves `CacheFront` when it fills the cache or
 resumes a joined client from the upstream. Which client gets what, and from where,
 is decided in `vpsrelay.cache.front`.
 """
@@ -51,6 +51,27 @@ class BlobSender:
     def __init__(self, read_limiter: trio.CapacityLimiter, finish_abandoned: bool) -> None:
         self._read_limiter = read_limiter
         self._finish_abandoned = finish_abandoned
+
+    async def read(
+        self, fd: int, count: int, offset: int, verifier: Verifier | None = None
+    ) -> bytes:
+        """Up to `count` bytes of `fd` at `offset`, read (and hashed, with a verifier) in a
+        worker thread.
+
+        Raises:
+            UpstreamError: the file ended early or could not be read (the cache's disk
+            failing is the upstream's stream failing, as far as the client can tell).
+        """
+        try:
+            data = await trio.to_thread.run_sync(
+                _read_blocking, fd, count, offset, verifier, limiter=self._read_limiter
+            )
+        except OSError as exc:
+            log.warning("cache: cannot read a cached file: %s", exc)
+            raise UpstreamError("the relay could not read its cache") from exc
+        if not data:
+            raise UpstreamError("the cached file ended early")
+        return data
 
     async def send_watched(
         self,
@@ -160,12 +181,7 @@ class BlobSender:
                 if position >= limit:
                     await fill.wait_changed()
                     continue
-            count = min(limit - position, READ_CHUNK)
-            data = await trio.to_thread.run_sync(
-                os.pread, fd, count, position, limiter=self._read_limiter
-            )
-            if not data:
-                raise UpstreamError("the cached file ended early")
+            data = await self.read(fd, min(limit - position, READ_CHUNK), position)
             position += len(data)
             await send.send(data)
 
@@ -181,12 +197,7 @@ class BlobSender:
         """The first client's read after the disk failed: what the disk holds (every
         byte before `fill.written` was written whole), then the rest from the upstream."""
         while position < min(end, fill.written):
-            count = min(fill.written - position, READ_CHUNK)
-            data = await trio.to_thread.run_sync(
-                os.pread, fd, count, position, limiter=self._read_limiter
-            )
-            if not data:
-                raise UpstreamError("the cached file ended early")
+            data = await self.read(fd, min(fill.written - position, READ_CHUNK), position)
             position += len(data)
             await send.send(data)
         async for data in rest:
@@ -235,7 +246,8 @@ async def pass_rest(
         log.warning("cache: pass-through after a disk error failed: %s", exc.message)
 
 
-def read_and_hash(fd: int, count: int, offset: int, verifier: Verifier) -> bytes:
+def _read_blocking(fd: int, count: int, offset: int, verifier: Verifier | None) -> bytes:
     data = os.pread(fd, count, offset)
-    verifier.update(data)
+    if verifier is not None:
+        verifier.update(data)
     return data
