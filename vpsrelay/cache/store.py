@@ -61,7 +61,7 @@ class Fill:
     tmp_path: Path | None = None
     readers: int = 0
     error: RelayError | None = None
-    spilled: bool = False  # the disk failed mid-fill; the first client gets the rest in memory
+    spilled: bool = False  # the disk failed mid-fill: readers finish from the upstream
     headers: tuple[tuple[str, str], ...] = ()
     pump_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     _changed: trio.Event = field(default_factory=trio.Event)
@@ -84,7 +84,7 @@ class DiskError(Exception):
 
 class DiskSpill(Exception):
     """The disk failed during a fill: nothing is cached, and what the disk did not take
-    goes to the first client from memory instead (`Fill.spilled`).
+    goes to the first client from memory and the upstream instead (`Fill.spilled`).
 
     `pieces` were read from the upstream and hashed (in order) but not written; the rest
     of the body is still in the upstream stream the pump was reading.
@@ -364,8 +364,8 @@ class BlobStore:
 
         Returns None when every byte was written, or, when the disk failed, the pieces
         read but not written: the refused batch (hashed) and those read after it (not
-        hashed); the rest stays unread in `chunks`. The
-        read is never cancelled for a disk error: httpx would close the upstream stream.
+        hashed); the rest stays unread in `chunks`. The read is never cancelled for a disk
+        error: httpx would close the upstream stream.
         """
         to_write, batches = trio.open_memory_channel[list[bytes]](0)
         refused: list[bytes] | None = None
