@@ -9,11 +9,15 @@ a stream reset instead of hanging until the connection idles out.
 from __future__ import annotations
 
 import hashlib
+import socket
 import ssl
 import subprocess
 import time
 from typing import TYPE_CHECKING
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 import trustme
@@ -186,3 +190,57 @@ def test_stopped_body_is_reset_at_once_over_h2(
             assert received < layer.size
             assert got != layer.digest
             assert "INTERNAL_ERROR" in stderr or "not closed cleanly" in stderr, stderr
+
+
+def _h2c_get_without_window_updates(
+    sock: socket.socket, authority: str, path: str, bearer: str, want: int
+) -> int:
+    """Open an h2c stream with the default 65,535-byte window and read `want` bytes of it,
+    never sending a WINDOW_UPDATE: the relay must wait, not buffer the rest of the body.
+    Returns the bytes received; the connection stays open."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(
+        1,
+        [(":method", "GET"), (":path", path), (":scheme", "http"),
+         (":authority", authority), ("authorization", f"Bearer {bearer}")],
+        end_stream=True,
+    )  # fmt: skip
+    sock.sendall(client.data_to_send())
+    received = 0
+    deadline = time.monotonic() + 10
+    while received < want and time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                received += len(event.data)  # not acknowledged: the window stays shut
+        sock.sendall(client.data_to_send())  # SETTINGS acks only
+    return received
+
+
+def test_a_client_that_does_not_open_its_window_costs_no_memory(
+    relays: tuple[RelayProcess, RelayProcess], clean_hub: Hub, tmp_path: Path
+) -> None:
+    """An HTTP/2 client that takes the first 64 KiB of a 96 MiB layer and never opens its
+    window: the relay holds at most a chunk or two of it (Hypercorn buffered one more
+    1 MiB chunk per send pass, so the whole layer ended up in memory)."""
+    image = push_unique(clean_hub, tmp_path, "someuser/h2window", 96 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    for relay in relays:  # pass-through, then a cache hit
+        plain, _ = urls(relay)
+        bearer = token(relay, "someuser/h2window")
+        path = f"/v2/someuser/h2window/blobs/{layer.digest}"
+        if relay is relays[1]:  # fill the cache first: the file is the fastest producer
+            response = httpx.get(plain + path, headers={"authorization": f"Bearer {bearer}"})
+            assert response.status_code == 200
+        authority = plain.removeprefix("http://")
+        host, _, port = authority.partition(":")
+        before = relay.rss_bytes()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            received = _h2c_get_without_window_updates(sock, authority, path, bearer, 65535)
+            assert received == 65535
+            time.sleep(2.0)  # the app would push the rest meanwhile
+            grown = relay.rss_bytes() - before
+        assert grown < 24 * MiB, f"the relay buffered {grown / MiB:.0f} MiB for a shut window"
