@@ -268,8 +268,10 @@ class CacheFront:
                 outcome = await self._sender.send_watched(exchange, fd, first, end, None)
             finally:
                 os.close(fd)
-        index.count("bytes_from_cache", exchange.bytes_sent)
-        self._observe(exchange, route.registry, "hit")
+                # Counted here: a client that hangs up right after the last byte has its
+                # task cancelled (by Hypercorn) before anything after this would run.
+                index.count("bytes_from_cache", exchange.bytes_sent)
+                self._observe(exchange, route.registry, "hit")
         await self.store.flush()
         if outcome.error is not None:
             raise outcome.error
@@ -295,8 +297,8 @@ class CacheFront:
                 outcome.error = await self._resume_watched(exchange, route, fd, fill)
         finally:
             os.close(fd)
-        if exchange.route is not None:
-            self._observe(exchange, exchange.route.registry, "join")
+            if exchange.route is not None:  # here for the reason given in `_serve_file`
+                self._observe(exchange, exchange.route.registry, "join")
         if outcome.error is not None:
             raise outcome.error
 
