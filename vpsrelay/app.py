@@ -8,11 +8,12 @@ request. Errors are rendered in one place, as OCI JSON bodies.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -22,7 +23,7 @@ import trio
 from vpsrelay import __version__, observe
 from vpsrelay.clientauth import ClientAuth
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
-from vpsrelay.core.digest import Digest, Verifier
+from vpsrelay.core.digest import Digest, Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
 from vpsrelay.errors import (
@@ -356,25 +357,13 @@ class RelayApp:
     async def _pump(
         self, exchange: Exchange, response: httpx.Response, verifier: Verifier | None, what: str
     ) -> None:
-        if verifier is None:
-            with map_httpx_errors(what):
-                async for chunk in response.aiter_raw():
-                    observe.upstream_read(self, exchange, chunk)
-                    await exchange.body(chunk, more=True)
-            await exchange.body(b"", more=False)
-            return
-        # The last chunk is held back until the digest is checked, so that a body
-        # with the wrong bytes ends short instead of completing.
-        pending = b""
-        with map_httpx_errors(what):
-            async for chunk in response.aiter_raw():
-                observe.upstream_read(self, exchange, chunk)
-                verifier.update(chunk)
-                if pending:
-                    await exchange.body(pending, more=True)
-                pending = chunk
-        verifier.finish()
-        await exchange.body(pending, more=False)
+        chunks = upstream_chunks(response, what, self, exchange)
+        if verifier is not None:
+            chunks = held_back(chunks, verifier)
+        async with contextlib.aclosing(chunks) as body:
+            async for chunk in body:
+                await exchange.body(chunk, more=True)
+        await exchange.body(b"", more=False)
 
     def _token_registry(self, route: routing.Route, params: list[tuple[str, str]]) -> str:
         """Which registry a token request is for.
@@ -508,6 +497,16 @@ async def _read_body(exchange: Exchange) -> bytes:
             raise RequestTooLarge(f"request body over {MAX_TOKEN_FORM_BYTES} bytes")
         if not message.get("more_body", False):
             return bytes(body)
+
+
+async def upstream_chunks(
+    response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
+) -> AsyncGenerator[bytes]:
+    """The upstream body as it arrives, counted in the metrics, httpx errors mapped."""
+    with map_httpx_errors(what):
+        async for chunk in response.aiter_raw():
+            observe.upstream_read(app, exchange, chunk)
+            yield chunk
 
 
 async def watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:

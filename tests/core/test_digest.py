@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import pytest
 
 from vpsrelay import errors
-from vpsrelay.core.digest import Digest, Verifier
+from vpsrelay.core.digest import Digest, Verifier, held_back
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 BODY = b"hello, layer\n" * 1000
 SHA256 = "sha256:" + hashlib.sha256(BODY).hexdigest()
@@ -72,3 +76,40 @@ def test_verifier_mismatch_raises(body):
     assert info.value.code == "DIGEST_INVALID"
     assert SHA256 in info.value.message
     assert f"{len(body)} bytes" in info.value.message
+
+
+async def _source(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _drain(body: AsyncIterator[bytes], got: list[bytes]) -> list[bytes]:
+    """Collect what `body` yields into `got`, one by one: kept when it raises half-way."""
+    async for chunk in body:
+        got.append(chunk)  # noqa: PERF401 (a comprehension would lose them on a raise)
+    return got
+
+
+def _verifier(body: bytes) -> Verifier:
+    return Verifier(Digest.parse("sha256:" + hashlib.sha256(body).hexdigest()))
+
+
+async def test_held_back_passes_a_matching_body_whole() -> None:
+    pieces = [b"abc", b"def", b"ghi"]
+    body = held_back(_source(pieces), _verifier(b"abcdefghi"))
+    assert await _drain(body, []) == pieces
+
+
+async def test_held_back_keeps_the_last_chunk_of_a_wrong_body() -> None:
+    got: list[bytes] = []
+    body = held_back(_source([b"abc", b"dXf", b"ghi"]), _verifier(b"abcdefghi"))
+    with pytest.raises(errors.DigestMismatch):
+        await _drain(body, got)
+    assert got == [b"abc", b"dXf"]  # the end never went out
+
+
+async def test_held_back_does_not_hash_the_pieces_given_as_hashed_again() -> None:
+    verifier = _verifier(b"abcdefghi")
+    verifier.update(b"abcdef")  # what the caller hashed already
+    body = held_back(_source([b"ghi"]), verifier, hashed=[b"abc", b"def"])
+    assert await _drain(body, []) == [b"abc", b"def", b"ghi"]

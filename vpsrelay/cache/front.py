@@ -25,18 +25,17 @@ from urllib.parse import urlencode
 import trio
 
 from vpsrelay import observe
-from vpsrelay.app import watch_disconnect
+from vpsrelay.app import upstream_chunks, watch_disconnect
 from vpsrelay.cache.sending import (
     READ_CHUNK,
     READ_THREADS,
     BlobSender,
     Outcome,
     pass_rest,
-    upstream_chunks,
 )
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
-from vpsrelay.core.digest import Digest, Verifier
+from vpsrelay.core.digest import Digest, Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 from vpsrelay.upstream import USER_AGENT, map_httpx_errors
@@ -359,17 +358,13 @@ class CacheFront:
                     await exchange.body(data, more=True)
             else:  # the whole body again: hash it from its first byte
                 verifier, offset = Verifier(Digest.parse(fill.digest)), 0
-            pending = b""
-            async for chunk in upstream_chunks(response, route.registry, self.app, exchange):
-                verifier.update(chunk)
-                start, offset = offset, offset + len(chunk)
-                if offset <= position:
-                    continue  # the client has these bytes already
-                if pending:
-                    await exchange.body(pending, more=True)
-                pending = chunk[max(0, position - start) :]
-            verifier.finish()
-            await exchange.body(pending, more=False)
+            chunks = upstream_chunks(response, route.registry, self.app, exchange)
+            async with contextlib.aclosing(held_back(chunks, verifier)) as body:
+                async for chunk in body:
+                    start, offset = offset, offset + len(chunk)
+                    if offset > position:  # else the client has these bytes already
+                        await exchange.body(chunk[max(0, position - start) :], more=True)
+            await exchange.body(b"", more=False)
 
     def _observe(self, exchange: Exchange, registry: str, result: str) -> None:
         """The cache's part of the access log and metrics: hit, join (of a fill) or miss."""

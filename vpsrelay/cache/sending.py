@@ -3,13 +3,12 @@
 `BlobSender` reads the bytes through a descriptor, one chunk ahead of the client, in
 a small thread limiter, and stops an abandoned fill unless `finish_abandoned`; after
 a disk failure it hands the first client the rest of the body through `pass_rest`.
-`upstream_chunks` serves `CacheFront` when it fills the cache or
-resumes a joined client from the upstream. Which client gets what, and from where,
-is decided in `vpsrelay.cache.front`.
+Which client gets what, and from where, is decided in `vpsrelay.cache.front`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,18 +16,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay import observe
 from vpsrelay.app import watch_disconnect
 from vpsrelay.cache.store import FillState
+from vpsrelay.core.digest import held_back
 from vpsrelay.errors import RelayError, UpstreamError
-from vpsrelay.upstream import map_httpx_errors
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator
+    from collections.abc import AsyncIterator
 
-    import httpx
-
-    from vpsrelay.app import Exchange, RelayApp
+    from vpsrelay.app import Exchange
     from vpsrelay.cache.store import DiskSpill, Fill
     from vpsrelay.core.digest import Verifier
 
@@ -207,15 +203,6 @@ class BlobSender:
             raise fill.error or UpstreamError("the upstream body ended early")
 
 
-async def upstream_chunks(
-    response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
-) -> AsyncGenerator[bytes]:
-    with map_httpx_errors(what):
-        async for chunk in response.aiter_raw():
-            observe.upstream_read(app, exchange, chunk)  # upstream bytes, in the metrics
-            yield chunk
-
-
 async def pass_rest(
     spill: DiskSpill,
     chunks: AsyncIterator[bytes],
@@ -224,21 +211,12 @@ async def pass_rest(
 ) -> None:
     """After a disk failure: the unwritten pieces and the rest of the upstream body to the
     first client, hashed on the way; the last chunk only once the digest matched."""
-    verifier = spill.verifier
-    pending = b""
     try:
-        for piece in spill.pieces:  # hashed by the pump already
-            if pending:
-                await send.send(pending)
-            pending = piece
-        async for chunk in chunks:
-            verifier.update(chunk)
-            if pending:
-                await send.send(pending)
-            pending = chunk
-        verifier.finish()
-        if pending:
-            await send.send(pending)
+        async with contextlib.aclosing(
+            held_back(chunks, spill.verifier, hashed=spill.pieces)
+        ) as body:
+            async for chunk in body:
+                await send.send(chunk)
     except trio.BrokenResourceError:
         return  # the client left: stop reading the upstream
     except RelayError as exc:  # a digest mismatch, the upstream broke off

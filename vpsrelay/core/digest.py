@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vpsrelay.core import grammar
 from vpsrelay.errors import DigestInvalid, DigestMismatch
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 
 HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 
@@ -61,3 +65,28 @@ class Verifier:
                 f"upstream sent {self.size} bytes that hash to {self.expected.algorithm}:{actual},"
                 f" not {self.expected}"
             )
+
+
+async def held_back(
+    chunks: AsyncIterable[bytes], verifier: Verifier, *, hashed: Iterable[bytes] = ()
+) -> AsyncGenerator[bytes]:
+    """`hashed` (already fed to `verifier`), then `chunks`, hashed on the way; the last
+    chunk only once the whole body matched the digest, so that a body with the wrong
+    bytes ends short instead of completing.
+
+    Raises:
+        DigestMismatch: at the end, with the last chunk kept back.
+    """
+    pending = b""
+    for piece in hashed:
+        if pending:
+            yield pending
+        pending = piece
+    async for chunk in chunks:
+        verifier.update(chunk)
+        if pending:
+            yield pending
+        pending = chunk
+    verifier.finish()
+    if pending:
+        yield pending
