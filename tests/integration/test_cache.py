@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from tests.infra.hub import start_hub
-from tests.infra.oci import BuiltImage, BuiltIndex, build_image
+from tests.infra.oci import Blob, BuiltImage, BuiltIndex, build_image
 from tests.infra.relay import REPO_ROOT, RelayProcess
 from tests.infra.tmpfs import fill_up, mounted_tmpfs
 from tests.integration.test_pull import (
@@ -198,9 +199,26 @@ def test_sigkill_mid_fill_leaves_nothing_servable(clean_hub: Hub, tmp_path: Path
         assert layer.size <= clean_hub.cdn.bytes_sent <= layer.size + 1 * MiB
 
 
-def fill_the_disk_mid_pull(relay: RelayProcess, data: Path, layer_digest: str) -> tuple[str, int]:
-    """GET the layer through `relay`, filling `data`'s disk once 2 MiB arrived; the body's
-    digest and size (raises httpx.RemoteProtocolError when the relay ends it short)."""
+@contextlib.contextmanager
+def relay_on_a_small_disk(hub: Hub, tmp_path: Path) -> Iterator[tuple[RelayProcess, Path, Blob]]:
+    """A relay whose data dir is a 24 MiB tmpfs, and a fresh 16 MiB layer to pull through it
+    slowly (~25 MiB/s), so that the disk can be filled while the layer is being cached."""
+    image = push_unique(hub, tmp_path, "someuser/diskfull", 16 * MiB)
+    layer = max(image.layers, key=lambda b: b.size)
+    hub.clear()
+    hub.cdn.chunk_delay = 0.01
+    with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
+        tmp_path / "relay", hub, "--data-dir", str(data), min_free="0"
+    ) as relay:  # fmt: skip
+        yield relay, data, layer
+
+
+def fill_the_disk_mid_pull(
+    relay: RelayProcess, data: Path, layer_digest: str, cache: str = "miss"
+) -> tuple[str, int]:
+    """GET the layer through `relay` (answered as `cache`: miss or join), filling `data`'s
+    disk once 2 MiB arrived; the body's digest and size (raises httpx.RemoteProtocolError
+    when the relay ends it short)."""
     token = anonymous_token(relay, "someuser/diskfull")
     url = f"{relay.url}/v2/someuser/diskfull/blobs/{layer_digest}"
     sha, received = hashlib.sha256(), 0
@@ -208,7 +226,7 @@ def fill_the_disk_mid_pull(relay: RelayProcess, data: Path, layer_digest: str) -
         "GET", url, headers={"authorization": f"Bearer {token}"}, timeout=60
     ) as response:
         assert response.status_code == 200
-        assert response.headers["x-vpsrelay-cache"] == "miss"
+        assert response.headers["x-vpsrelay-cache"] == cache
         for chunk in response.iter_raw(1 << 16):
             sha.update(chunk)
             received += len(chunk)
@@ -222,13 +240,7 @@ def test_a_disk_filled_mid_fill_still_serves_the_whole_layer(
 ) -> None:
     """Another writer takes the relay's disk while a layer is being cached: the client still
     gets every byte (verified), nothing is committed, and the next pull passes through."""
-    image = push_unique(clean_hub, tmp_path, "someuser/diskfull", 16 * MiB)
-    layer = max(image.layers, key=lambda b: b.size)
-    clean_hub.clear()
-    clean_hub.cdn.chunk_delay = 0.01  # ~25 MiB/s: the disk fills up during the fill
-    with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
-        tmp_path / "relay", clean_hub, "--data-dir", str(data), min_free="0"
-    ) as relay:  # fmt: skip
+    with relay_on_a_small_disk(clean_hub, tmp_path) as (relay, data, layer):
         digest, received = fill_the_disk_mid_pull(relay, data, layer.digest)
         assert (digest, received) == (layer.digest, layer.size)
         assert "write error while filling, passing the rest through" in relay.log_text()
@@ -253,31 +265,19 @@ def test_a_client_that_joined_a_fill_whose_disk_fills_up_resumes_upstream(
 ) -> None:
     """The disk fails under a fill two clients read: the first gets the rest of the same
     upstream response, the joined one asks the upstream for the rest with a Range."""
-    image = push_unique(clean_hub, tmp_path, "someuser/diskfull", 16 * MiB)
-    layer = max(image.layers, key=lambda b: b.size)
-    clean_hub.clear()
-    clean_hub.cdn.chunk_delay = 0.01
-    with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
-        tmp_path / "relay", clean_hub, "--data-dir", str(data), min_free="0"
-    ) as relay:  # fmt: skip
+    with relay_on_a_small_disk(clean_hub, tmp_path) as (relay, data, layer):
         token = anonymous_token(relay, "someuser/diskfull")
         url = f"{relay.url}/v2/someuser/diskfull/blobs/{layer.digest}"
-        auth = {"authorization": f"Bearer {token}"}
-        with httpx.stream("GET", url, headers=auth, timeout=60) as leader:
+        with httpx.stream(
+            "GET", url, headers={"authorization": f"Bearer {token}"}, timeout=60
+        ) as leader:
             assert leader.headers["x-vpsrelay-cache"] == "miss"
             leader_chunks = leader.iter_raw(1 << 16)
             leader_sha = hashlib.sha256(next(leader_chunks))
-            with httpx.stream("GET", url, headers=auth, timeout=60) as joined:
-                assert joined.headers["x-vpsrelay-cache"] == "join"
-                joined_sha, received = hashlib.sha256(), 0
-                for chunk in joined.iter_raw(1 << 16):
-                    joined_sha.update(chunk)
-                    received += len(chunk)
-                    if received >= 2 * MiB and not (data / "filler").exists():
-                        fill_up(data)
+            joined = fill_the_disk_mid_pull(relay, data, layer.digest, cache="join")
             for chunk in leader_chunks:
                 leader_sha.update(chunk)
-        assert f"sha256:{joined_sha.hexdigest()}" == layer.digest
+        assert joined == (layer.digest, layer.size)
         assert f"sha256:{leader_sha.hexdigest()}" == layer.digest
         assert "resuming" in relay.log_text()
         assert layer.digest not in cached_files(tmp_path)
@@ -293,20 +293,15 @@ def test_a_disk_filled_mid_fill_still_withholds_a_corrupt_end(
     clean_hub: Hub, tmp_path: Path
 ) -> None:
     """After the switch to pass-through the body is still verified: wrong bytes end short."""
-    image = push_unique(clean_hub, tmp_path, "someuser/diskfull", 16 * MiB)
-    layer = max(image.layers, key=lambda b: b.size)
-    clean_hub.cdn.chunk_delay = 0.01
-    clean_hub.cdn.corrupt = True
-    try:
-        with mounted_tmpfs(tmp_path / "data", "24m") as data, start_relay(
-            tmp_path / "relay", clean_hub, "--data-dir", str(data), min_free="0"
-        ) as relay:  # fmt: skip
+    with relay_on_a_small_disk(clean_hub, tmp_path) as (relay, data, layer):
+        clean_hub.cdn.corrupt = True
+        try:
             with pytest.raises(httpx.RemoteProtocolError):
                 fill_the_disk_mid_pull(relay, data, layer.digest)
-            assert "write error while filling, passing the rest through" in relay.log_text()
-            assert "pass-through after a disk error failed" in relay.log_text()
-    finally:
-        clean_hub.cdn.corrupt = False
+        finally:
+            clean_hub.cdn.corrupt = False
+        assert "write error while filling, passing the rest through" in relay.log_text()
+        assert "pass-through after a disk error failed" in relay.log_text()
 
 
 def test_eviction_keeps_the_cap_and_spares_a_pull_in_progress(
