@@ -31,6 +31,7 @@ from vpsrelay.cache.sending import (
     READ_THREADS,
     BlobSender,
     Outcome,
+    Source,
     pass_rest,
 )
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
@@ -264,7 +265,7 @@ class CacheFront:
                 return
             try:
                 await exchange.start(status, tuple(headers))
-                outcome = await self._sender.send_watched(exchange, fd, first, end, None)
+                outcome = await self._sender.send_watched(exchange, Source(fd, first, end))
             finally:
                 os.close(fd)
                 # Counted here: a client that hangs up right after the last byte has its
@@ -284,7 +285,7 @@ class CacheFront:
                 (CACHE_HEADER, "join"),
             ]
             await exchange.start(200, tuple(headers))
-            outcome = await self._sender.send_watched(exchange, fd, 0, fill.size, fill)
+            outcome = await self._sender.send_watched(exchange, Source(fd, 0, fill.size, fill))
             route = exchange.route
             if (
                 outcome.error is not None
@@ -453,7 +454,7 @@ class CacheFront:
         rest: trio.MemoryReceiveChannel[bytes],
     ) -> None:
         async with rest:  # closed when this client is done: `pass_rest` then stops
-            result = await self._sender.send_watched(exchange, fd, 0, fill.size, fill, rest)
+            result = await self._sender.send_watched(exchange, Source(fd, 0, fill.size, fill, rest))
         outcome.error = result.error
 
     # --- manifests

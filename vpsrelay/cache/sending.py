@@ -41,6 +41,18 @@ class Outcome:
     error: RelayError | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a client's bytes come from: `first..end` of `fd`, a committed file or the
+    growing `fill`; after a disk failure the first client gets the rest through `rest`."""
+
+    fd: int
+    first: int
+    end: int
+    fill: Fill | None = None
+    rest: trio.MemoryReceiveChannel[bytes] | None = None
+
+
 class BlobSender:
     """Sends byte ranges of a cached file or of a growing fill to clients."""
 
@@ -69,24 +81,17 @@ class BlobSender:
             raise UpstreamError("the cached file ended early")
         return data
 
-    async def send_watched(
-        self,
-        exchange: Exchange,
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None = None,
-    ) -> Outcome:
-        """Send bytes `first..end` of `fd` to the client until done or it leaves."""
+    async def send_watched(self, exchange: Exchange, source: Source) -> Outcome:
+        """Send `source` to the client until done or it leaves."""
         outcome = Outcome()
+        fill = source.fill
         if fill is not None:
             fill.readers += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
                 try:
-                    await self._send_range(exchange, fd, first, end, fill, rest)
+                    await self._send_range(exchange, source)
                 except RelayError as exc:
                     outcome.error = exc
                 nursery.cancel_scope.cancel()
@@ -102,16 +107,8 @@ class BlobSender:
                     fill.pump_scope.cancel()
         return outcome
 
-    async def _send_range(
-        self,
-        exchange: Exchange,
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None = None,
-    ) -> None:
-        """Send bytes `first..end` of `fd`, reading the next chunk while one is sent.
+    async def _send_range(self, exchange: Exchange, source: Source) -> None:
+        """Send `source`, reading the next chunk while one is sent.
 
         The reader runs one chunk ahead (a zero-size channel: at most one chunk read and
         one being sent), so the worker-thread read overlaps the client write.
@@ -119,9 +116,10 @@ class BlobSender:
         failure: list[RelayError] = []
         send, receive = trio.open_memory_channel[bytes](0)
         error: Exception | None = None
+        first, end = source.first, source.end
         position = first
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_range, send, fd, first, end, fill, rest, failure)
+            nursery.start_soon(self._read_range, send, source, failure)
             try:
                 async with receive:
                     async for data in receive:
@@ -138,38 +136,23 @@ class BlobSender:
             await exchange.body(b"", more=False)
 
     async def _read_range(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None,
-        failure: list[RelayError],
+        self, send: trio.MemorySendChannel[bytes], source: Source, failure: list[RelayError]
     ) -> None:
         async with send:
             try:
-                await self._read_chunks(send, fd, first, end, fill, rest)
+                await self._read_chunks(send, source)
             except RelayError as exc:
                 failure.append(exc)
 
-    async def _read_chunks(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        fd: int,
-        first: int,
-        end: int,
-        fill: Fill | None,
-        rest: trio.MemoryReceiveChannel[bytes] | None = None,
-    ) -> None:
-        position = first
+    async def _read_chunks(self, send: trio.MemorySendChannel[bytes], source: Source) -> None:
+        fd, position, end, fill = source.fd, source.first, source.end, source.fill
         size = fill.size if fill is not None else end
         while position < end:
             limit = end
             if fill is not None and fill.state is not FillState.COMMITTED:
                 if fill.state is FillState.FAILED:
-                    if fill.spilled and rest is not None:
-                        await self._read_spilled(send, fd, position, end, fill, rest)
+                    if fill.spilled and source.rest is not None:
+                        await self._read_spilled(send, fd, position, end, fill, source.rest)
                         return
                     raise fill.error or UpstreamError("the fill failed")
                 # The last byte waits for the digest check: a bad body ends short.
