@@ -318,12 +318,11 @@ class RelayApp:
                 for link in response.headers.get_list("link")
             )
             headers.append(API_VERSION_HEADER)
-            checked, expected = header_policy.checked_digest(
+            checked, verifier = header_policy.checked_digest(
                 route, exchange.method, response.status_code, tuple(headers)
             )
             if hook is not None and await hook(response, checked):
                 return
-            verifier = Verifier(expected) if expected is not None else None
             await self._stream(exchange, response, checked, verifier, registry.name)
 
     async def _stream(

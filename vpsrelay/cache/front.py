@@ -36,7 +36,7 @@ from vpsrelay.cache.sending import (
 )
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
-from vpsrelay.core.digest import Digest, Verifier, held_back
+from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 from vpsrelay.upstream import USER_AGENT, map_httpx_errors
@@ -633,16 +633,19 @@ class CacheFront:
                     raise UpstreamError("manifest larger than announced")
         data = bytes(body)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        content_type = response.headers.get("content-type")
         if upstream_digest is not None:
-            verifier = Verifier(Digest.parse(upstream_digest))
+            verifier = manifest_verifier(Digest.parse(upstream_digest), content_type)
             verifier.update(data)
             try:
                 verifier.finish()
             except DigestMismatch:
                 index.count("digest_mismatches")
                 raise
-        media_type = response.headers.get("content-type", "").split(";")[0].strip()
-        if media_type:
+        media_type = (content_type or "").split(";")[0].strip()
+        # Kept under the digest of its bytes, so only if that is the digest announced (not
+        # so for a signed schema 1 manifest, or a digest of another algorithm).
+        if upstream_digest in (None, digest) and media_type:
             await self.store.put_small(digest, data, "manifest", media_type)
             index.add_origin(digest, route.registry, route.upstream_name)
             for child in policy.manifest_children(data):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from vpsrelay.core.digest import Digest
+from vpsrelay.core.digest import Digest, Verifier, manifest_verifier
 from vpsrelay.core.routing import Kind
 from vpsrelay.errors import DigestInvalid
 
@@ -116,8 +116,8 @@ DIGEST_HEADER = "docker-content-digest"
 
 def checked_digest(
     route: Route, method: str, status: int, headers: Headers
-) -> tuple[Headers, Digest | None]:
-    """The headers to send with a relayed answer, and the digest its body must hash to.
+) -> tuple[Headers, Verifier | None]:
+    """The headers to send with a relayed answer, and what checks its body's digest.
 
     A blob, or a manifest asked for by digest, must hash to that digest, which is then the
     only `Docker-Content-Digest` sent. A manifest asked for by tag must hash to the digest
@@ -141,7 +141,11 @@ def checked_digest(
     kept = tuple((key, value) for key, value in headers if key != DIGEST_HEADER)
     if expected is None:
         return kept, None
-    return (*kept, (DIGEST_HEADER, str(expected))), expected
+    if route.kind is Kind.BLOB:
+        verifier = Verifier(expected)
+    else:
+        verifier = manifest_verifier(expected, get(headers, "content-type"))
+    return (*kept, (DIGEST_HEADER, str(expected))), verifier
 
 
 def same_origin(url_a: str, url_b: str) -> bool:
