@@ -23,7 +23,7 @@ import trio
 from vpsrelay import __version__, observe
 from vpsrelay.clientauth import ClientAuth
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
-from vpsrelay.core.digest import Digest, Verifier, held_back
+from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
 from vpsrelay.errors import (
@@ -318,16 +318,12 @@ class RelayApp:
                 for link in response.headers.get_list("link")
             )
             headers.append(API_VERSION_HEADER)
-            if hook is not None and await hook(response, tuple(headers)):
+            checked, verifier = header_policy.checked_digest(
+                route, exchange.method, response.status_code, tuple(headers)
+            )
+            if hook is not None and await hook(response, checked):
                 return
-            verifier = None
-            if (
-                route.kind is routing.Kind.BLOB
-                and exchange.method == "GET"
-                and response.status_code == 200
-            ):
-                verifier = Verifier(Digest.parse(route.reference))
-            await self._stream(exchange, response, tuple(headers), verifier, registry.name)
+            await self._stream(exchange, response, checked, verifier, registry.name)
 
     async def _stream(
         self,

@@ -195,6 +195,45 @@ def test_accepts() -> None:
     assert not policy.accepts("application/vnd.docker.distribution.manifest.v2+json", oci)
 
 
+SKOPEO_ACCEPT = ", ".join(
+    [
+        policy.OCI_MANIFEST,
+        policy.OCI_INDEX,
+        policy.DOCKER_MANIFEST,
+        policy.DOCKER_LIST,
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    ]
+)
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+
+@pytest.mark.parametrize(
+    ("accept", "media_type", "recorded"),
+    [
+        # A client that names every type a registry converts from sees the tag's own manifest.
+        (SKOPEO_ACCEPT, policy.OCI_INDEX, True),
+        (SKOPEO_ACCEPT, policy.DOCKER_MANIFEST, True),
+        (SKOPEO_ACCEPT.upper(), policy.DOCKER_LIST, True),
+        (f"{SKOPEO_ACCEPT}, */*", "application/vnd.example.artifact+json", True),
+        (SKOPEO_ACCEPT.replace(", ", " ;q=0.5,"), policy.OCI_INDEX, True),
+        # Issue 12, finding 9: the one platform's manifest chosen for a narrow Accept.
+        (policy.DOCKER_MANIFEST, policy.DOCKER_MANIFEST, False),
+        (f"{policy.OCI_INDEX}, {policy.DOCKER_MANIFEST}", policy.DOCKER_MANIFEST, False),
+        # schema 1 converted from schema 2 for a client that named the lists only.
+        (f"{policy.OCI_INDEX}, {policy.DOCKER_LIST}, {SCHEMA1}", SCHEMA1, False),
+        # An answer of a type the client did not ask for.
+        (SKOPEO_ACCEPT, "application/json", False),
+        # No Accept, or */*: Distribution converts to schema 1.
+        (None, policy.OCI_INDEX, False),
+        ("", policy.OCI_INDEX, False),
+        ("*/*", policy.OCI_INDEX, False),
+    ],
+)
+def test_records_tag(accept: str | None, media_type: str, recorded: bool) -> None:
+    assert policy.records_tag(accept, media_type) is recorded
+
+
 def test_manifest_children() -> None:
     manifest = {
         "config": {"digest": "sha256:c"},

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from typing import TYPE_CHECKING
 
 import pytest
 
 from vpsrelay import errors
-from vpsrelay.core.digest import Digest, Verifier, held_back
+from vpsrelay.core.digest import (
+    MAX_SCHEMA1_BYTES,
+    SCHEMA1_SIGNED,
+    Digest,
+    ManifestVerifier,
+    Verifier,
+    held_back,
+    manifest_verifier,
+    schema1_payload,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -113,3 +124,87 @@ async def test_held_back_does_not_hash_the_pieces_given_as_hashed_again() -> Non
     verifier.update(b"abcdef")  # what the caller hashed already
     body = held_back(_source([b"ghi"]), verifier, hashed=[b"abc", b"def"])
     assert await _drain(body, []) == [b"abc", b"def", b"ghi"]
+
+
+# --- manifests: signed schema 1 (its digest is of the body without the signatures)
+
+PAYLOAD = b'{\n   "schemaVersion": 1,\n   "name": "library/x",\n   "tag": "v"\n}'
+PAYLOAD_DIGEST = Digest.parse("sha256:" + hashlib.sha256(PAYLOAD).hexdigest())
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _signed(payload: bytes, *, tails: tuple[bytes, ...] = (b"\n}",)) -> bytes:
+    """A schema 1 manifest signed as libtrust does: the signatures go before the last
+    `\n}`, and each protected header says how to cut them out again."""
+    length = len(payload) - 2
+    signatures = [
+        {
+            "header": {"alg": "ES256"},
+            "signature": "c2ln",
+            "protected": _b64url(
+                json.dumps({"formatLength": length, "formatTail": _b64url(tail)}).encode()
+            ),
+        }
+        for tail in tails
+    ]
+    return payload[:length] + b',\n   "signatures": ' + json.dumps(signatures).encode() + b"\n}"
+
+
+def test_schema1_payload() -> None:
+    assert schema1_payload(_signed(PAYLOAD)) == PAYLOAD
+    assert schema1_payload(_signed(PAYLOAD, tails=(b"\n}", b"\n}"))) == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[]",
+        b'{"signatures": 1}',
+        b'{"signatures": [{"protected": "!!"}]}',
+        b'{"signatures": [{"protected": 5}]}',
+        b'{"signatures": []}',
+        _signed(PAYLOAD, tails=(b"\n}", b"}")),  # signatures that disagree
+        BODY,
+    ],
+)
+def test_schema1_payload_of_anything_else_is_none(body: bytes) -> None:
+    assert schema1_payload(body) is None
+
+
+def test_a_signed_schema1_manifest_matches_the_digest_of_its_payload() -> None:
+    body = _signed(PAYLOAD)
+    verifier = manifest_verifier(PAYLOAD_DIGEST, f"{SCHEMA1_SIGNED}; charset=utf-8")
+    assert isinstance(verifier, ManifestVerifier)
+    for start in range(0, len(body), 7):
+        verifier.update(body[start : start + 7])
+    verifier.finish()
+
+
+def test_a_manifest_of_another_type_must_match_by_its_bytes() -> None:
+    verifier = manifest_verifier(PAYLOAD_DIGEST, "application/vnd.oci.image.manifest.v1+json")
+    verifier.update(_signed(PAYLOAD))
+    with pytest.raises(errors.DigestMismatch):
+        verifier.finish()
+
+
+def test_a_signed_schema1_manifest_with_other_bytes_does_not_match() -> None:
+    verifier = ManifestVerifier(PAYLOAD_DIGEST)
+    verifier.update(_signed(PAYLOAD.replace(b'"v"', b'"w"')))
+    with pytest.raises(errors.DigestMismatch):
+        verifier.finish()
+
+
+def test_a_schema1_verifier_keeps_no_more_than_a_manifest() -> None:
+    for padding, kept in ((MAX_SCHEMA1_BYTES // 2, True), (MAX_SCHEMA1_BYTES, False)):
+        payload = b" " * padding + PAYLOAD
+        verifier = ManifestVerifier(Digest.parse("sha256:" + hashlib.sha256(payload).hexdigest()))
+        verifier.update(_signed(payload))
+        if kept:
+            verifier.finish()
+        else:
+            with pytest.raises(errors.DigestMismatch):
+                verifier.finish()

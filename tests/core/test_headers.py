@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import example, given, strategies as st
 
-from vpsrelay.core import headers
+from vpsrelay import errors
+from vpsrelay.core import headers, routing
+from vpsrelay.core.digest import SCHEMA1_SIGNED, ManifestVerifier
 
 AGENT = "vpsrelay/test"
 
@@ -194,3 +196,73 @@ LINKS = st.one_of(st.text(), st.lists(LINK_PIECES, max_size=20).map("".join))
 def test_rewrite_link_never_raises(value):
     rewritten = headers.rewrite_link(value, "library/alpine", "alpine")
     assert isinstance(rewritten, str)
+
+
+# --- the digest a relayed body must hash to (issue 12, finding 10)
+
+BODY_DIGEST = "sha256:" + "a" * 64
+OTHER_DIGEST = "sha256:" + "b" * 64
+
+
+def _route(kind: routing.Kind, reference: str) -> routing.Route:
+    return routing.Route(kind, name="library/x", upstream_name="library/x", reference=reference)
+
+
+@pytest.mark.parametrize("kind", [routing.Kind.BLOB, routing.Kind.MANIFEST])
+def test_by_digest_the_reference_is_checked_and_is_the_only_digest_sent(
+    kind: routing.Kind,
+) -> None:
+    upstream = (("content-type", "x"), ("docker-content-digest", OTHER_DIGEST))
+    sent, verifier = headers.checked_digest(_route(kind, BODY_DIGEST), "GET", 200, upstream)
+    assert verifier is not None
+    assert str(verifier.expected) == BODY_DIGEST
+    assert headers.get_all(sent, "docker-content-digest") == [BODY_DIGEST]
+    assert headers.get(sent, "content-type") == "x"
+
+
+def test_by_tag_the_announced_digest_is_checked() -> None:
+    upstream = (("docker-content-digest", f" {OTHER_DIGEST} "),)
+    route = _route(routing.Kind.MANIFEST, "latest")
+    sent, verifier = headers.checked_digest(route, "GET", 200, upstream)
+    assert verifier is not None
+    assert str(verifier.expected) == OTHER_DIGEST
+    assert sent == (("docker-content-digest", OTHER_DIGEST),)
+
+
+@pytest.mark.parametrize("kind", [routing.Kind.BLOB, routing.Kind.MANIFEST])
+def test_only_a_manifest_may_match_as_signed_schema_1(kind: routing.Kind) -> None:
+    upstream = (("content-type", SCHEMA1_SIGNED),)
+    _, verifier = headers.checked_digest(_route(kind, BODY_DIGEST), "GET", 200, upstream)
+    assert isinstance(verifier, ManifestVerifier) is (kind is routing.Kind.MANIFEST)
+
+
+@pytest.mark.parametrize("announced", ["sha256:short", "md5:" + "a" * 32, "garbage"])
+def test_by_tag_an_announcement_that_cannot_be_checked_is_dropped(announced: str) -> None:
+    route = _route(routing.Kind.MANIFEST, "latest")
+    upstream = (("docker-content-digest", announced), ("etag", '"e"'))
+    sent, verifier = headers.checked_digest(route, "GET", 200, upstream)
+    assert verifier is None
+    assert sent == (("etag", '"e"'),)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reference", "method", "status"),
+    [
+        (routing.Kind.BLOB, BODY_DIGEST, "HEAD", 200),
+        (routing.Kind.BLOB, BODY_DIGEST, "GET", 206),
+        (routing.Kind.MANIFEST, "latest", "GET", 404),
+        (routing.Kind.TAGS, "", "GET", 200),
+    ],
+)
+def test_nothing_is_checked_without_a_whole_body(
+    kind: routing.Kind, reference: str, method: str, status: int
+) -> None:
+    upstream = (("docker-content-digest", OTHER_DIGEST),)
+    sent, verifier = headers.checked_digest(_route(kind, reference), method, status, upstream)
+    assert (sent, verifier) == (upstream, None)
+
+
+def test_a_digest_the_relay_cannot_verify_is_refused() -> None:
+    route = _route(routing.Kind.MANIFEST, "sha384:" + "a" * 96)
+    with pytest.raises(errors.DigestInvalid):
+        headers.checked_digest(route, "GET", 200, ())

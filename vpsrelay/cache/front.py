@@ -36,7 +36,7 @@ from vpsrelay.cache.sending import (
 )
 from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
-from vpsrelay.core.digest import Digest, Verifier, held_back
+from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 from vpsrelay.upstream import USER_AGENT, map_httpx_errors
@@ -471,7 +471,7 @@ class CacheFront:
             tag = index.tags.get((route.registry, route.upstream_name, route.reference))
             digest = tag.digest if tag is not None else None
         obj = self.store.get(digest) if digest is not None else None
-        accept = ", ".join(header_policy.get_all(exchange.headers, "accept"))
+        accept = _accept(exchange)
         if (
             digest is None
             or obj is None
@@ -509,7 +509,7 @@ class CacheFront:
         index.count("revalidations")
         now = time.time()
         if upstream_digest is None or upstream_digest == digest:
-            if tag is not None:
+            if tag is not None and policy.records_tag(accept, obj.media_type):
                 index.set_tag(route.registry, route.upstream_name, route.reference, digest, now)
             await self._send_manifest(exchange, digest, obj.media_type, obj.size, "revalidated")
             return
@@ -522,9 +522,10 @@ class CacheFront:
             and policy.accepts(accept, new.media_type)
             and self._holds(upstream_digest, route)
         ):
-            index.set_tag(
-                route.registry, route.upstream_name, route.reference, upstream_digest, now
-            )
+            if policy.records_tag(accept, new.media_type):
+                index.set_tag(
+                    route.registry, route.upstream_name, route.reference, upstream_digest, now
+                )
             await self._send_manifest(exchange, upstream_digest, new.media_type, new.size, "hit")
             return
         await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
@@ -593,15 +594,26 @@ class CacheFront:
         response: httpx.Response,
         headers: header_policy.Headers,
     ) -> bool:
-        """Hook on a relayed manifest answer: keep a 200's exact bytes, then send them."""
+        """Hook on a relayed manifest answer: keep a 200's exact bytes, then send them.
+
+        The bytes are checked against the digest asked for, or else the one announced
+        (`headers` carries the digest the body must match, see `checked_digest`); a
+        tag is remembered only from an answer any client could have got (`records_tag`).
+        """
         if response.status_code != 200:
             return False
         self._grant(exchange, route)
         index = self.store.index
-        upstream_digest = response.headers.get("docker-content-digest")
+        accept = _accept(exchange)
+        upstream_digest = header_policy.get(headers, header_policy.DIGEST_HEADER)
         if exchange.method == "HEAD":
             cached = self.store.get(upstream_digest) if upstream_digest else None
-            if upstream_digest and cached is not None and not route.reference_is_digest:
+            if (
+                upstream_digest
+                and cached is not None
+                and not route.reference_is_digest
+                and policy.records_tag(accept, cached.media_type)
+            ):
                 index.set_tag(
                     route.registry,
                     route.upstream_name,
@@ -621,16 +633,24 @@ class CacheFront:
                     raise UpstreamError("manifest larger than announced")
         data = bytes(body)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if route.reference_is_digest and route.reference != digest:
-            index.count("digest_mismatches")
-            raise DigestMismatch(f"upstream manifest hashes to {digest}, not {route.reference}")
-        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        content_type = response.headers.get("content-type")
+        if upstream_digest is not None:
+            verifier = manifest_verifier(Digest.parse(upstream_digest), content_type)
+            verifier.update(data)
+            try:
+                verifier.finish()
+            except DigestMismatch:
+                index.count("digest_mismatches")
+                raise
+        media_type = (content_type or "").split(";")[0].strip()
+        # Kept under the digest of its bytes, so only if that is the digest announced (not
+        # so for a signed schema 1 manifest, or a digest of another algorithm).
         if upstream_digest in (None, digest) and media_type:
             await self.store.put_small(digest, data, "manifest", media_type)
             index.add_origin(digest, route.registry, route.upstream_name)
             for child in policy.manifest_children(data):
                 index.add_origin(child, route.registry, route.upstream_name)
-            if not route.reference_is_digest:
+            if not route.reference_is_digest and policy.records_tag(accept, media_type):
                 index.set_tag(
                     route.registry, route.upstream_name, route.reference, digest, time.time()
                 )
@@ -695,3 +715,8 @@ class CacheFront:
         )
         async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
             return response.status_code == 200
+
+
+def _accept(exchange: Exchange) -> str:
+    """The client's `Accept`, its header lines joined."""
+    return ", ".join(header_policy.get_all(exchange.headers, "accept"))

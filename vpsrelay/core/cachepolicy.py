@@ -244,6 +244,10 @@ def offline_access(*, granted: bool, public: bool, holds_object: bool) -> bool:
     return holds_object and (granted or public)
 
 
+def _offered(accept_header: str) -> set[str]:
+    return {part.split(";")[0].strip().lower() for part in accept_header.split(",")}
+
+
 def accepts(accept_header: str | None, media_type: str) -> bool:
     """Whether a client's `Accept` admits a cached manifest's media type.
 
@@ -252,8 +256,31 @@ def accepts(accept_header: str | None, media_type: str) -> bool:
     """
     if not accept_header:
         return True
-    offered = {part.split(";")[0].strip().lower() for part in accept_header.split(",")}
-    return bool(offered & {"*/*", media_type.lower()})
+    return bool(_offered(accept_header) & {"*/*", media_type.lower()})
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+# What a registry converts from when the client does not name it: a list or index to one
+# platform's manifest, a schema 2 manifest to schema 1 (`*/*` does not count: Distribution
+# answers it with schema 1). Only a request naming all of them sees a tag's own manifest.
+UNCONVERTED = frozenset({OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST})
+
+
+def records_tag(accept_header: str | None, media_type: str) -> bool:
+    """Whether an upstream's answer for a tag may be remembered as the tag's manifest.
+
+    Only if the request named every type a registry converts from (so the answer is not
+    a conversion chosen for this client) and the answer is of a type it accepted. Any
+    other answer is for that client alone: remembered, one client with a narrow `Accept`
+    would choose what every later client gets for the tag.
+    """
+    if not accept_header:
+        return False
+    offered = _offered(accept_header)
+    return offered >= UNCONVERTED and bool(offered & {"*/*", media_type.lower()})
 
 
 MAX_MANIFEST_BYTES = 4 * MiB  # Distribution refuses larger manifests too

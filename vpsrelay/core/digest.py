@@ -5,7 +5,10 @@ Only `hashlib`; the verifier is fed chunk by chunk, so no blob is ever held whol
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 
 HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MAX_SCHEMA1_BYTES = 4 * 1024 * 1024  # Distribution's limit on any manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,72 @@ class Verifier:
                 f"upstream sent {self.size} bytes that hash to {self.expected.algorithm}:{actual},"
                 f" not {self.expected}"
             )
+
+
+class ManifestVerifier(Verifier):
+    """A manifest's verifier: its bytes must hash to the digest, or, for a signed schema 1
+    manifest, its bytes without the signatures (what Distribution's digest is of). Keeps
+    up to `MAX_SCHEMA1_BYTES` of the body for that."""
+
+    def __init__(self, expected: Digest) -> None:
+        super().__init__(expected)
+        self._body: bytearray | None = bytearray()
+
+    def update(self, chunk: bytes) -> None:
+        super().update(chunk)
+        if self._body is not None and len(self._body) + len(chunk) <= MAX_SCHEMA1_BYTES:
+            self._body += chunk
+        else:
+            self._body = None  # larger than any schema 1 manifest: the bytes must match
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except DigestMismatch:
+            payload = schema1_payload(bytes(self._body)) if self._body is not None else None
+            if payload is None or HASHES[self.expected.algorithm](payload).hexdigest() != (
+                self.expected.hex
+            ):
+                raise
+
+
+def manifest_verifier(expected: Digest, content_type: str | None) -> Verifier:
+    """The verifier for a manifest's body of `content_type` (a signed schema 1 manifest's
+    digest is not of its bytes)."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    return ManifestVerifier(expected) if media_type == SCHEMA1_SIGNED else Verifier(expected)
+
+
+def schema1_payload(body: bytes) -> bytes | None:
+    """The bytes a signed schema 1 manifest's digest is of (libtrust's JWS: the body up to
+    `formatLength`, then `formatTail`, as every signature's protected header says), or None
+    if `body` is not one."""
+    try:
+        signatures = json.loads(body)["signatures"]
+        formats = {
+            (protected["formatLength"], protected["formatTail"])
+            for protected in (json.loads(_unbase64url(s["protected"])) for s in signatures)
+        }
+    except (ValueError, KeyError, TypeError):  # binascii.Error is a ValueError
+        return None
+    if len(formats) != 1:
+        return None
+    length, tail = formats.pop()
+    if not isinstance(length, int) or not isinstance(tail, str) or not 0 <= length <= len(body):
+        return None
+    try:
+        return body[:length] + _unbase64url(tail)
+    except ValueError:
+        return None
+
+
+def _unbase64url(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError("not base64url text")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from exc
 
 
 async def held_back(

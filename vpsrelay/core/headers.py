@@ -10,8 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from vpsrelay.core.digest import Digest, Verifier, manifest_verifier
+from vpsrelay.core.routing import Kind
+from vpsrelay.errors import DigestInvalid
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from vpsrelay.core.routing import Route
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -103,6 +109,43 @@ def redirect_headers(previous: Headers, same_origin: bool) -> Headers:
 def client_response_headers(upstream_headers: Iterable[tuple[str, str]]) -> Headers:
     """The upstream response headers a client may see."""
     return select(upstream_headers, RESPONSE_ALLOWLIST)
+
+
+DIGEST_HEADER = "docker-content-digest"
+
+
+def checked_digest(
+    route: Route, method: str, status: int, headers: Headers
+) -> tuple[Headers, Verifier | None]:
+    """The headers to send with a relayed answer, and what checks its body's digest.
+
+    A blob, or a manifest asked for by digest, must hash to that digest, which is then the
+    only `Docker-Content-Digest` sent. A manifest asked for by tag must hash to the digest
+    its upstream announces (the client has nothing else to check it by); an announcement
+    the relay cannot check is dropped. The caller ends a body that does not match short,
+    so no client gets a whole body with a digest that the body contradicts.
+
+    Raises:
+        DigestInvalid: the client asked for a digest the relay cannot verify.
+    """
+    if method != "GET" or status != 200 or route.kind not in (Kind.BLOB, Kind.MANIFEST):
+        return headers, None
+    expected: Digest | None = None
+    if route.kind is Kind.BLOB or route.reference_is_digest:
+        expected = Digest.parse(route.reference)
+    elif (announced := get(headers, DIGEST_HEADER)) is not None:
+        try:
+            expected = Digest.parse(announced.strip())
+        except DigestInvalid:
+            expected = None
+    kept = tuple((key, value) for key, value in headers if key != DIGEST_HEADER)
+    if expected is None:
+        return kept, None
+    if route.kind is Kind.BLOB:
+        verifier = Verifier(expected)
+    else:
+        verifier = manifest_verifier(expected, get(headers, "content-type"))
+    return (*kept, (DIGEST_HEADER, str(expected))), verifier
 
 
 def same_origin(url_a: str, url_b: str) -> bool:
