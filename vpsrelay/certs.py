@@ -274,7 +274,7 @@ class AcmeClient:
             eab = messages.ExternalAccountBinding.from_data(
                 account_public_key=self.account_key.public_key(),
                 kid=self.tls.eab_kid,
-                hmac_key=self.tls.eab_hmac_key,
+                hmac_key=self.tls.eab_hmac_key.reveal(),
                 directory=directory,
             )
         registration = messages.NewRegistration.from_data(

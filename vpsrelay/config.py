@@ -222,8 +222,24 @@ def _users(value: object) -> tuple[str, ...]:
     return entries
 
 
+# A secret's parse error never quotes the value: the message goes to logs and terminals.
+_NOT_A_SECRET = "expected a string (the value is not shown: it is a secret)"
+
+
+def _optional_secret(value: object) -> Secret | None:
+    if not isinstance(value, str):
+        raise ValueError(_NOT_A_SECRET)
+    return Secret(value) if value else None
+
+
 def _secrets(value: object) -> tuple[Secret, ...]:
-    return tuple(Secret(item) for item in _list(value))
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = value
+    else:
+        raise ValueError(f"expected a list of strings; {_NOT_A_SECRET}")
+    return tuple(Secret(item) for item in items if item)
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -355,7 +371,7 @@ class MetricsConfig:
         _networks,
         "client addresses that may read /metrics",
     )
-    token: str | None = _option(None, _optional_str, "Bearer token that may read /metrics")
+    token: Secret | None = _option(None, _optional_secret, "Bearer token that may read /metrics")
     listen: str | None = _option(None, _optional_listen, "separate HOST:PORT for /metrics")
 
 
@@ -398,7 +414,7 @@ class TLSConfig:
     )
     acme_ca_bundle: Path | None = _option(None, _existing_file, "CA file for the ACME API")
     eab_kid: str | None = _option(None, _optional_str, "External Account Binding key id")
-    eab_hmac_key: str | None = _option(None, _optional_str, "EAB HMAC key (base64url)")
+    eab_hmac_key: Secret | None = _option(None, _optional_secret, "EAB HMAC key (base64url)")
 
     @property
     def enabled(self) -> bool:
