@@ -554,3 +554,11 @@ def test_a_secret_parse_error_does_not_quote_the_value(key):
         config.load(None, {}, {key: 918273645})
     assert key in caught.value.message
     assert "918273645" not in caught.value.message
+
+
+def test_ipv6_prefix_length():
+    assert config.load(None, {}).limits.ipv6_prefix_length == 64
+    env = {"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH": "48"}
+    assert config.load(None, env).limits.ipv6_prefix_length == 48
+    with pytest.raises(ConfigError, match=r"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH: limits\.ipv6"):
+        config.load(None, {"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH": "129"})

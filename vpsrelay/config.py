@@ -170,6 +170,14 @@ def _limit(value: object) -> int:
     return value
 
 
+def _ipv6_prefix(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ValueError(f"expected an IPv6 prefix length from 1 to 128, got {value!r}")
+    return value
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
                "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}  # fmt: skip
 
@@ -465,6 +473,7 @@ class LimitsConfig:
     requests_per_second: float = _option(0.0, _non_negative, "per client IP (0: no limit)")
     burst: int = _option(100, _count, "requests a client IP may send at once")
     streams_per_ip: int = _option(0, _limit, "blob downloads at once per client IP")
+    ipv6_prefix_length: int = _option(64, _ipv6_prefix, "IPv6 clients share per-IP limits per /N")
     stream_bytes_per_second: int = _option(0, _size, "bandwidth cap per blob download")
     budget_daily: int = _option(0, _size, "bytes served per UTC day, all clients")
     budget_monthly: int = _option(0, _size, "bytes served per UTC month, all clients")

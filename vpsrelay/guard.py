@@ -70,6 +70,7 @@ class Guard:
             access.ConcurrencyCounter(limits.streams_per_ip) if limits.streams_per_ip else None
         )
         self.stream_rate = limits.stream_bytes_per_second
+        self.ipv6_prefix = limits.ipv6_prefix_length
         self.budget_limits = access.BudgetLimits(
             limits.budget_daily, limits.budget_monthly,
             limits.user_budget_daily, limits.user_budget_monthly,
@@ -116,7 +117,11 @@ class Guard:
         self.ips.check(client_ip)
         self.user_agents.check(header_policy.get(headers, "user-agent") or "")
         if self.rate is not None:
-            self.rate.check(client_ip, trio.current_time())
+            self.rate.check(self.limit_key(client_ip), trio.current_time())
+
+    def limit_key(self, client_ip: str) -> str:
+        """What per-client limits count under: the address, or the IPv6 /64 it is in."""
+        return access.limit_key(client_ip, self.ipv6_prefix)
 
     # -- after routing -----------------------------------------------------------------------
 
@@ -142,13 +147,14 @@ class Guard:
         budget = await self._load_budget() if self.budget_limits.enabled else None
         if budget is not None:
             budget.check(user, self.clock())
+        client = self.limit_key(client_ip)
         if self.streams is not None:
-            self.streams.acquire(client_ip)
+            self.streams.acquire(client)
         try:
             yield self._throttle() if self.stream_rate else None
         finally:
             if self.streams is not None:
-                self.streams.release(client_ip)
+                self.streams.release(client)
             if budget is not None:
                 with trio.CancelScope(shield=True):
                     budget.charge(user, sent(), self.clock())

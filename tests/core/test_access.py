@@ -348,3 +348,34 @@ def test_policies_only_raise_relay_errors(text):
         except RelayError as exc:
             statuses.append(exc.status)
     assert all(400 <= status < 500 for status in statuses)
+
+
+# --- what the per-client limits are keyed by ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix", "key"),
+    [
+        ("203.0.113.9", 64, "203.0.113.9"),
+        ("::ffff:203.0.113.9", 64, "203.0.113.9"),  # IPv4-mapped: the IPv4 client
+        ("2001:db8:1:2::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:2::1", 56, "2001:db8:1::/56"),
+        ("2001:db8:1:2::1", 128, "2001:db8:1:2::1/128"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("unix-socket", 64, "unix-socket"),
+    ],
+)
+def test_limit_key(ip, prefix, key):
+    assert access.limit_key(ip, prefix) == key
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_one_ipv6_64_is_one_rate_limit_bucket(interface_id):
+    limiter = access.RateLimiter(rate=1, burst=1)
+    limiter.check(access.limit_key("2001:db8:aa:bb::1"), 0.0)
+    address = str(ipaddress.IPv6Address((0x20010DB800AA00BB << 64) | interface_id))
+    with pytest.raises(TooManyRequests):
+        limiter.check(access.limit_key(address), 0.0)
+    assert len(limiter) == 1

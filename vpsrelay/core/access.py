@@ -9,7 +9,8 @@ the rule; `vpsrelay.guard` applies them per request and counts the refusals.
 * User-Agent deny patterns (regular expressions, case-insensitive).
 * Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts.
 * Limits: a token bucket per key (request rate, stream bandwidth), a concurrency
-  counter per key, and a traffic budget per UTC day and month, total and per user.
+  counter per key (`limit_key`: an IPv4 address, an IPv6 /64), and a traffic budget
+  per UTC day and month, total and per user.
 * Redirect-target addresses: only globally routable ones, unless the operator allows.
 """
 
@@ -44,6 +45,25 @@ def _address(text: str) -> Address | None:
 
 
 # --- who: client addresses ---------------------------------------------------------------
+
+
+DEFAULT_IPV6_PREFIX = 64
+
+
+def limit_key(client_ip: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
+    """The key a client's rate and stream limits are counted under.
+
+    An IPv4 address is one client. An IPv6 address is not: a host gets a whole /64 (or
+    more) and picks any address in it, so keyed by address one host would hold 2**64
+    buckets. IPv6 clients are keyed by their /`ipv6_prefix` network; an IPv4-mapped
+    address by the IPv4 address it carries; anything unparsable by its text.
+    """
+    address = _address(client_ip)
+    if address is None:
+        return client_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True, slots=True)
