@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import trio
 
-from vpsrelay import __version__, config
+from vpsrelay import __version__, config, private_files
 from vpsrelay.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def serve(
     settings = _load(config_path, overrides, upstreams)
     _setup_logging(settings.log.level, settings.log.format)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_files.secure_data_dir(settings.data_dir)
     except OSError as exc:
         click.echo(
             f"vpsrelay: cannot create data_dir {str(settings.data_dir)!r}: {exc.strerror}", err=True

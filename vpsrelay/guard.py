@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vpsrelay import private_files
 from vpsrelay.core import access, headers as header_policy
 from vpsrelay.errors import BadRequest, HeadersTooLarge
 
@@ -223,9 +224,10 @@ def _read_budget(path: Path) -> dict[str, int]:
 
 def _write_atomic(path: Path, document: object) -> None:
     """Write, fsync, rename: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_files.make_dir(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
+    fd = private_files.open_file(temporary, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(document, handle)
         handle.flush()
         os.fsync(handle.fileno())

@@ -1,6 +1,10 @@
-"""Finding 12: `vpsrelay config show` must not print a secret, however it was set.
+"""Issue 12, findings 12 and 14: what other local users (and terminals, and logs) get to see.
 
-The command runs as the operator would run it (a subprocess, the real CLI), with a secret
+* Finding 14: the data dir holds cached layers of private images and the signing keys;
+  it must be 0700 and its files 0600 even when the relay runs with umask 0022 (as it
+  does outside the systemd unit, whose `UMask=` was the only protection).
+* Finding 12: `vpsrelay config show` must not print a secret, however it was set. The
+  command runs as the operator would run it (a subprocess, the real CLI), with a secret
 in every place one can be set: the TOML file, `VPSRELAY_*` variables, a `password_file`
 and a `password_env` variable. None of them may appear in what it prints; settings that
 are no secrets (`auth.token_ttl`) must still be shown.
@@ -10,14 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from tests.infra.relay import REPO_ROOT
+import httpx
+
+from tests.infra.oci import BuiltImage
+from tests.infra.relay import REPO_ROOT, RelayProcess
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
+
+    from tests.infra.hub import Hub
+
+PULL_TOKEN = "local-exposure-pull-token-0123456789"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 FILE_SECRETS = {
     "eab": "file-eab-hmac-key-b64url-AAAA",
@@ -110,3 +124,68 @@ def test_a_mistyped_secret_is_not_quoted_in_the_error(tmp_path: Path) -> None:
     assert "metrics.token" in result.stderr
     assert "Traceback" not in result.stderr
     _assert_no_secret(result.stdout + result.stderr, ["918273645546372819"])
+
+
+# --- finding 14: modes under the data dir ---------------------------------------------------
+
+
+def _modes(root: Path) -> Iterator[tuple[str, str, int]]:
+    """(path relative to root, kind, permission bits) of root and everything below it."""
+    yield ".", "dir", stat.S_IMODE(root.stat().st_mode)
+    for path in sorted(root.rglob("*")):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:  # a temporary file renamed meanwhile
+            continue
+        kind = "dir" if stat.S_ISDIR(info.st_mode) else "file"
+        yield str(path.relative_to(root)), kind, stat.S_IMODE(info.st_mode)
+
+
+def test_data_dir_is_private_whatever_the_umask(hub: Hub, tmp_path: Path) -> None:
+    image = hub.images["library/alpine:latest"]
+    assert isinstance(image, BuiltImage)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # left by an earlier run (or `mkdir`) world-readable
+    data.chmod(0o755)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[auth]\nenabled = true\npull_tokens = ["{PULL_TOKEN}"]\n[limits]\nbudget_daily = "1GiB"\n'
+    )
+    args = ("--config", str(config), "--upstream", f"docker.io={hub.registry_url}",
+            "--data-dir", str(data))  # fmt: skip
+    previous = os.umask(0o022)  # the relay inherits it, as from a shell or cron
+    try:
+        relay = RelayProcess(tmp_path / "relay", *args)
+    finally:
+        os.umask(previous)
+    with relay, httpx.Client(timeout=30) as client:
+        # A relay token is signed with the key the relay makes on first use.
+        token = client.get(
+            f"{relay.url}/token",
+            params={"scope": "repository:alpine:pull"},
+            auth=("ci", PULL_TOKEN),
+        )
+        assert token.status_code == 200, token.text
+        headers = {"authorization": f"Bearer {token.json()['token']}"}
+        manifest = client.get(
+            f"{relay.url}/v2/alpine/manifests/latest", headers={**headers, "accept": OCI_MANIFEST}
+        )
+        assert manifest.status_code == 200, manifest.text
+        for blob in (image.config, *image.layers):
+            answer = client.get(f"{relay.url}/v2/alpine/blobs/{blob.digest}", headers=headers)
+            assert answer.status_code == 200
+            assert answer.headers.get("x-vpsrelay-cache") == "miss"
+        assert client.get(f"{relay.url}/readyz").status_code in (200, 503)
+        found = list(_modes(data))
+    kinds = {kind for _, kind, _ in found}
+    names = {name for name, _, _ in found}
+    # The walk saw what matters: cached blobs, the index, the key, the budget.
+    assert kinds == {"dir", "file"}
+    assert {"cache.db", "token.key", "budget.json", "blobs/sha256"} <= names
+    assert any(name.startswith("blobs/sha256/") and name.count("/") == 3 for name in names)
+    exposed = [
+        f"{name} {oct(mode)}"
+        for name, kind, mode in found
+        if mode != (0o700 if kind == "dir" else 0o600)
+    ]
+    assert exposed == [], f"readable by others: {exposed}"
