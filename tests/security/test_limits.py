@@ -196,4 +196,8 @@ def test_a_blob_bigger_than_the_budget_is_refused_before_its_first_byte(
     assert received <= BUDGET, f"{received} bytes received against a {BUDGET}-byte budget"
     assert served <= BUDGET, f"{served} bytes served against a {BUDGET}-byte budget"
     assert [status for status, _ in results] == [429] * 4
-    assert not list((tmp_path / "relay" / "data" / "blobs").rglob("sha256:*"))
+    # Refused before the hook too: no cache fill began for the refused download.
+    hexpart = layer.digest.removeprefix("sha256:")
+    data = tmp_path / "relay" / "data"
+    assert not (data / "blobs" / "sha256" / hexpart[:2] / hexpart).exists()
+    assert list((data / "tmp").iterdir()) == []
