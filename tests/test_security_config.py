@@ -78,7 +78,7 @@ def test_all_sections_from_a_file(tmp_path):
     assert settings.server.allowed_hosts == ("relay.example",)
     assert settings.access.allow_ips[1] == ipaddress.ip_network("2001:db8::/32")
     assert settings.access.redirect_allow == ("10.0.0.0/8", "http://cdn.internal:8080")
-    assert settings.auth.users == (f"alice:{hashed}",)
+    assert settings.auth.users == (config.Secret(f"alice:{hashed}"),)
     assert str(settings.auth.pull_tokens[0]) == "***"
     assert settings.limits.stream_bytes_per_second == 10 * 1024**2
     assert settings.limits.budget_daily == 100 * 1024**3

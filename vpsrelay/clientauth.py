@@ -75,7 +75,7 @@ class ClientAuth:
         self.service = cfg.service
         self.key_path = settings.data_dir / KEY_FILE
         self._key: bytes | None = None
-        self._static_users = tokens.parse_htpasswd("\n".join(cfg.users))
+        self._static_users = tokens.parse_htpasswd("\n".join(u.reveal() for u in cfg.users))
         self._pull_tokens = [t.reveal() for t in cfg.pull_tokens]
         self._file_users: dict[str, str] = {}
         self._file_stamp: tuple[float, int] | None = None

@@ -221,13 +221,14 @@ def _redirect_allow(value: object) -> tuple[str, ...]:
     return entries
 
 
-def _users(value: object) -> tuple[str, ...]:
+def _users(value: object) -> tuple[Secret, ...]:
+    """htpasswd entries; Secret, since a bcrypt hash can be cracked offline."""
     entries = _list(value)
     try:
         parse_htpasswd("\n".join(entries))
     except ValueError as exc:
         raise ValueError(f"expected USER:BCRYPT-HASH entries: {exc}") from None
-    return entries
+    return tuple(Secret(entry) for entry in entries)
 
 
 # A secret's parse error never quotes the value: the message goes to logs and terminals.
@@ -459,7 +460,7 @@ class AccessConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     enabled: bool = _option(False, _bool, "require client credentials")
-    users: tuple[str, ...] = _option((), _users, "USER:BCRYPT-HASH entries")
+    users: tuple[Secret, ...] = _option((), _users, "USER:BCRYPT-HASH entries")
     users_file: Path | None = _option(None, _optional_path, "htpasswd file (bcrypt)")
     pull_tokens: tuple[Secret, ...] = _option((), _secrets, "static pull tokens")
     pull_tokens_file: Path | None = _option(None, _existing_file, "file of pull tokens")

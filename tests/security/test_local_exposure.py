@@ -19,6 +19,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+import bcrypt
 import httpx
 
 from tests.infra.oci import BuiltImage
@@ -46,6 +47,7 @@ ENV_SECRETS = {
 }
 PASSWORD_FILE_SECRET = "password-file-secret-IIII"
 PASSWORD_ENV_SECRET = "password-env-secret-JJJJ"
+USER_HASH = bcrypt.hashpw(b"alice's password", bcrypt.gensalt(rounds=4)).decode()
 
 
 def _config_show(
@@ -76,6 +78,7 @@ eab_hmac_key = "{FILE_SECRETS["eab"]}"
 [metrics]
 token = "{FILE_SECRETS["metrics"]}"
 [auth]
+users = ["alice:{USER_HASH}"]
 pull_tokens = ["{FILE_SECRETS["pull"]}"]
 token_ttl = 123
 [registries."docker.io"]
@@ -92,12 +95,13 @@ password_env = "QUAY_PASSWORD"
     assert result.returncode == 0, result.stderr
     _assert_no_secret(
         result.stdout + result.stderr,
-        [*FILE_SECRETS.values(), PASSWORD_FILE_SECRET, PASSWORD_ENV_SECRET],
+        [*FILE_SECRETS.values(), PASSWORD_FILE_SECRET, PASSWORD_ENV_SECRET, USER_HASH],
     )
     shown = json.loads(result.stdout)
     assert shown["tls"]["eab_hmac_key"] == "***"
     assert shown["metrics"]["token"] == "***"
     assert shown["auth"]["pull_tokens"] == ["***"]
+    assert shown["auth"]["users"] == ["***"]  # a bcrypt hash can be cracked offline
     passwords = {r["name"]: r["password"] for r in shown["registries"]}
     assert passwords["docker.io"] == passwords["ghcr.io"] == passwords["quay.io"] == "***"
     assert shown["auth"]["token_ttl"] == 123  # no secret: shown as it is
