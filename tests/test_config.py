@@ -519,3 +519,46 @@ def test_environment_is_clean_for_each_test():
         or name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
     ]
     assert leftovers == []
+
+
+def test_every_secret_setting_is_held_in_a_secret(tmp_path):
+    path = write(
+        tmp_path,
+        '[tls]\ndomains = ["relay.example.com"]\neab_kid = "k"\neab_hmac_key = "hmac-1"\n'
+        '[metrics]\ntoken = "metrics-1"\n[auth]\npull_tokens = ["pull-1"]\n'
+        '[registries."docker.io"]\nusername = "u"\npassword = "password-1"\n',
+    )
+    settings = config.load(path, {})
+    assert settings.tls.eab_hmac_key == config.Secret("hmac-1")
+    assert settings.metrics.token == config.Secret("metrics-1")
+    assert settings.auth.pull_tokens == (config.Secret("pull-1"),)
+    # repr is what a stray log line or traceback would show.
+    for secret in ("hmac-1", "metrics-1", "pull-1", "password-1"):
+        assert secret not in repr(settings)
+
+
+def test_config_show_redacts_by_type_not_by_name():
+    from vpsrelay.cli import shown_settings
+
+    settings = config.load(None, {"VPSRELAY_METRICS__TOKEN": "m", "VPSRELAY_AUTH__TOKEN_TTL": "60"})
+    shown = shown_settings(settings)
+    assert shown["metrics"]["token"] == "***"
+    assert shown["auth"]["token_ttl"] == 60.0  # "token" in its name, but no secret
+    assert shown["tls"]["eab_hmac_key"] is None
+    assert shown["data_dir"] == "data"
+
+
+@pytest.mark.parametrize("key", ["metrics.token", "tls.eab_hmac_key", "auth.pull_tokens"])
+def test_a_secret_parse_error_does_not_quote_the_value(key):
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {}, {key: 918273645})
+    assert key in caught.value.message
+    assert "918273645" not in caught.value.message
+
+
+def test_ipv6_prefix_length():
+    assert config.load(None, {}).limits.ipv6_prefix_length == 64
+    env = {"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH": "48"}
+    assert config.load(None, env).limits.ipv6_prefix_length == 48
+    with pytest.raises(ConfigError, match=r"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH: limits\.ipv6"):
+        config.load(None, {"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH": "129"})

@@ -78,7 +78,7 @@ def test_all_sections_from_a_file(tmp_path):
     assert settings.server.allowed_hosts == ("relay.example",)
     assert settings.access.allow_ips[1] == ipaddress.ip_network("2001:db8::/32")
     assert settings.access.redirect_allow == ("10.0.0.0/8", "http://cdn.internal:8080")
-    assert settings.auth.users == (f"alice:{hashed}",)
+    assert settings.auth.users == (config.Secret(f"alice:{hashed}"),)
     assert str(settings.auth.pull_tokens[0]) == "***"
     assert settings.limits.stream_bytes_per_second == 10 * 1024**2
     assert settings.limits.budget_daily == 100 * 1024**3
@@ -188,6 +188,28 @@ async def test_guard_budget_is_saved_atomically_and_reloaded(tmp_path):
             pass
     (tmp_path / "budget.json").write_text("{not json")
     fresh = Guard(settings, clock=lambda: 1_800_000_000.0)
-    async with fresh.download("203.0.113.1", None, lambda: 0) as throttle:
-        assert throttle is None
+    async with fresh.download("203.0.113.1", None, lambda: 0) as meter:
+        assert meter is not None
+        meter.reserve(100)  # unreadable counters: the whole budget is free again
     await trio.lowlevel.checkpoint()
+
+
+async def test_download_meter_holds_2xx_bodies_and_only_charges_error_bodies(tmp_path):
+    from vpsrelay.core.access import UNKNOWN_LENGTH_STEP
+
+    limit = UNKNOWN_LENGTH_STEP + 10
+    settings = config.load(None, {}, {"data_dir": str(tmp_path), "limits.budget_daily": limit})
+    guard = Guard(settings, clock=lambda: 1_800_000_000.0)
+    async with guard.download("203.0.113.1", None, lambda: 0) as meter:
+        assert meter is not None
+        meter.start(200, None)
+        await meter.sent(UNKNOWN_LENGTH_STEP)
+        await meter.sent(10)
+        with pytest.raises(TooManyRequests):  # of unknown length: cut once past the budget
+            await meter.sent(1)
+    async with guard.download("203.0.113.1", None, lambda: 0) as meter:
+        assert meter is not None
+        with pytest.raises(TooManyRequests):
+            meter.start(200, limit + 1)  # longer than the budget: refused before its head
+        meter.start(429, 100)  # the refusal's own body is not held back
+        await meter.sent(100)

@@ -56,7 +56,7 @@ def test_file_keys(tmp_path: Path) -> None:
     assert tls.https_listen == ("[::]:443", "0.0.0.0:443")
     assert tls.http_listen == ("0.0.0.0:8080",)
     assert tls.acme_ca_bundle == bundle
-    assert (tls.eab_kid, tls.eab_hmac_key) == ("kid-1", "c2VjcmV0")
+    assert (tls.eab_kid, tls.eab_hmac_key) == ("kid-1", config.Secret("c2VjcmV0"))
 
 
 def test_environment_names(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from vpsrelay.errors import (
     RequestTooLarge,
     UpstreamProtocolError,
 )
-from vpsrelay.guard import Guard
+from vpsrelay.guard import DownloadMeter, Guard
 from vpsrelay.health import Health
 from vpsrelay.metrics import Metrics
 from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
@@ -83,9 +83,12 @@ class Exchange:
     upstream_status: int | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     raw_path: str = "/"  # the request target as sent, for the guard's checks
-    throttle: Callable[[int], Awaitable[None]] | None = None  # the bandwidth cap
+    meter: DownloadMeter | None = None  # a blob download's budget hold and bandwidth cap
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
+        if self.meter is not None:
+            # Before the head goes out: a download the budget cannot take is a clean 429.
+            self.meter.start(status, _content_length(header_policy.get(headers, "content-length")))
         self.status = status
         raw = [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in (*headers, *self.extra_headers)
@@ -94,8 +97,8 @@ class Exchange:
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
         self.bytes_sent += len(chunk)
-        if self.throttle is not None and chunk:
-            await self.throttle(len(chunk))
+        if self.meter is not None and chunk:
+            await self.meter.sent(len(chunk))
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
@@ -220,8 +223,8 @@ class RelayApp:
         if route.kind is routing.Kind.BLOB and exchange.method == "GET":
             client_ip = exchange.view.client_ip
             sent = lambda: exchange.bytes_sent  # noqa: E731
-            async with self.guard.download(client_ip, exchange.user, sent) as throttle:
-                exchange.throttle = throttle
+            async with self.guard.download(client_ip, exchange.user, sent) as meter:
+                exchange.meter = meter
                 await self._serve(exchange, route)
             return
         await self._serve(exchange, route)
@@ -295,6 +298,10 @@ class RelayApp:
             if response.status_code == 429:
                 await observe.too_many_requests(self, exchange, response)
                 return
+            if exchange.meter is not None and 200 <= response.status_code < 300:
+                # Held before the hook, where a cache fill would begin for a download the
+                # budget then refused.
+                exchange.meter.reserve(_content_length(response.headers.get("content-length")))
             headers = list(header_policy.client_response_headers(response.headers.multi_items()))
             for challenge in response.headers.get_list("www-authenticate"):
                 parsed = auth.parse_challenge(challenge)
@@ -464,6 +471,10 @@ def registry_table(settings: Settings) -> RegistryTable:
         base_domains.append(urlsplit(settings.server.public_url).hostname or "")
     registries = (Registry(r.name, r.url, r.aliases, r.subdomain) for r in settings.registries)
     return RegistryTable(registries, [d for d in base_domains if d])
+
+
+def _content_length(value: str | None) -> int | None:
+    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 def _basic(registry: RegistryConfig) -> str:

@@ -36,7 +36,7 @@ from josepy.b64 import b64encode
 from josepy.errors import Error as JoseError
 from josepy.jwk import JWK, JWKRSA
 
-from vpsrelay import __version__
+from vpsrelay import __version__, private_files
 from vpsrelay.core.renewal import Validity
 
 if TYPE_CHECKING:
@@ -107,9 +107,9 @@ def describe(pem: bytes) -> CertificateInfo:
 # --- files
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = private_files.FILE_MODE) -> None:
     """Replace `path` with `data` so a reader sees the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_files.make_dir(path.parent)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
@@ -158,8 +158,8 @@ def store(
     """Write the certificate files; the key first, so a new chain never meets an old key
     for long (a reader that sees a mismatch retries)."""
     directory = live_dir(data_dir, domains)
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
+    private_files.make_dir(directory)
+    directory.chmod(private_files.DIR_MODE)
     certificates = x509.load_pem_x509_certificates(issued.fullchain_pem)
     pem = [c.public_bytes(serialization.Encoding.PEM) for c in certificates]
     atomic_write(directory / "privkey.pem", issued.key_pem, 0o600)
@@ -200,8 +200,8 @@ def _account_key(data_dir: Path, directory_url: str) -> tuple[JWKRSA, Path]:
     if path.exists():
         return JWKRSA.json_loads(path.read_text()), folder
     key = JWKRSA(key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
+    private_files.make_dir(folder)
+    folder.chmod(private_files.DIR_MODE)
     atomic_write(path, key.json_dumps().encode(), 0o600)
     log.info("created an ACME account key in %s", path)
     return key, folder
@@ -274,7 +274,7 @@ class AcmeClient:
             eab = messages.ExternalAccountBinding.from_data(
                 account_public_key=self.account_key.public_key(),
                 kid=self.tls.eab_kid,
-                hmac_key=self.tls.eab_hmac_key,
+                hmac_key=self.tls.eab_hmac_key.reveal(),
                 directory=directory,
             )
         registration = messages.NewRegistration.from_data(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import trio
 
-from vpsrelay import __version__, config
+from vpsrelay import __version__, config, private_files
 from vpsrelay.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def serve(
     settings = _load(config_path, overrides, upstreams)
     _setup_logging(settings.log.level, settings.log.format)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_files.secure_data_dir(settings.data_dir)
     except OSError as exc:
         click.echo(
             f"vpsrelay: cannot create data_dir {str(settings.data_dir)!r}: {exc.strerror}", err=True
@@ -385,26 +385,24 @@ def config_show(config_path: Path | None) -> None:
       VPSRELAY_METRICS__TOKEN=s3cret vpsrelay config show
     """
     settings = _load(config_path, {}, ())
-    shown = json.loads(json.dumps(dataclasses.asdict(settings), default=_jsonable))
-    click.echo(json.dumps(_redacted(shown), indent=2))
+    click.echo(json.dumps(shown_settings(settings), indent=2))
 
 
-def _jsonable(value: Any) -> str:
-    return str(value)
+def shown_settings(value: Any) -> Any:
+    """The settings as JSON values, every `Secret` as `"***"`.
 
-
-SECRET_KEYS = ("token", "password", "secret", "private_key")
-
-
-def _redacted(value: Any, key: str = "") -> Any:
-    """The configuration with every secret-looking value replaced by `"***"`."""
-    if isinstance(value, dict):
-        return {k: _redacted(v, k) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redacted(v, key) for v in value]
-    if value not in (None, "") and any(word in key.lower() for word in SECRET_KEYS):
+    Redaction goes by type, not by key name: a setting is secret because the config holds
+    it in a `Secret`, so a new secret cannot slip out under a name nobody thought of.
+    """
+    if isinstance(value, config.Secret):
         return "***"
-    return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: shown_settings(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [shown_settings(item) for item in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)  # paths, networks
 
 
 def _relay_url(settings: config.Settings) -> str:

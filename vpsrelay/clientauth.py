@@ -30,6 +30,7 @@ from urllib.parse import urlencode
 import bcrypt
 import trio
 
+from vpsrelay import private_files
 from vpsrelay.core import auth, headers as header_policy, tokens
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import ConfigError, Unauthorized, UpstreamProtocolError
@@ -74,7 +75,7 @@ class ClientAuth:
         self.service = cfg.service
         self.key_path = settings.data_dir / KEY_FILE
         self._key: bytes | None = None
-        self._static_users = tokens.parse_htpasswd("\n".join(cfg.users))
+        self._static_users = tokens.parse_htpasswd("\n".join(u.reveal() for u in cfg.users))
         self._pull_tokens = [t.reveal() for t in cfg.pull_tokens]
         self._file_users: dict[str, str] = {}
         self._file_stamp: tuple[float, int] | None = None
@@ -351,10 +352,10 @@ def load_or_create_key(path: Path) -> bytes:
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_files.make_dir(path.parent)
         key = secrets.token_hex(32)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = private_files.open_file(path, os.O_WRONLY | os.O_EXCL)
         except FileExistsError:  # another process made it first
             return load_or_create_key(path)
         with os.fdopen(fd, "w", encoding="ascii") as handle:

@@ -170,6 +170,14 @@ def _limit(value: object) -> int:
     return value
 
 
+def _ipv6_prefix(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ValueError(f"expected an IPv6 prefix length from 1 to 128, got {value!r}")
+    return value
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
                "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}  # fmt: skip
 
@@ -213,17 +221,34 @@ def _redirect_allow(value: object) -> tuple[str, ...]:
     return entries
 
 
-def _users(value: object) -> tuple[str, ...]:
+def _users(value: object) -> tuple[Secret, ...]:
+    """htpasswd entries; Secret, since a bcrypt hash can be cracked offline."""
     entries = _list(value)
     try:
         parse_htpasswd("\n".join(entries))
     except ValueError as exc:
         raise ValueError(f"expected USER:BCRYPT-HASH entries: {exc}") from None
-    return entries
+    return tuple(Secret(entry) for entry in entries)
+
+
+# A secret's parse error never quotes the value: the message goes to logs and terminals.
+_NOT_A_SECRET = "expected a string (the value is not shown: it is a secret)"
+
+
+def _optional_secret(value: object) -> Secret | None:
+    if not isinstance(value, str):
+        raise ValueError(_NOT_A_SECRET)
+    return Secret(value) if value else None
 
 
 def _secrets(value: object) -> tuple[Secret, ...]:
-    return tuple(Secret(item) for item in _list(value))
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = value
+    else:
+        raise ValueError(f"expected a list of strings; {_NOT_A_SECRET}")
+    return tuple(Secret(item) for item in items if item)
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -355,7 +380,7 @@ class MetricsConfig:
         _networks,
         "client addresses that may read /metrics",
     )
-    token: str | None = _option(None, _optional_str, "Bearer token that may read /metrics")
+    token: Secret | None = _option(None, _optional_secret, "Bearer token that may read /metrics")
     listen: str | None = _option(None, _optional_listen, "separate HOST:PORT for /metrics")
 
 
@@ -398,7 +423,7 @@ class TLSConfig:
     )
     acme_ca_bundle: Path | None = _option(None, _existing_file, "CA file for the ACME API")
     eab_kid: str | None = _option(None, _optional_str, "External Account Binding key id")
-    eab_hmac_key: str | None = _option(None, _optional_str, "EAB HMAC key (base64url)")
+    eab_hmac_key: Secret | None = _option(None, _optional_secret, "EAB HMAC key (base64url)")
 
     @property
     def enabled(self) -> bool:
@@ -435,7 +460,7 @@ class AccessConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     enabled: bool = _option(False, _bool, "require client credentials")
-    users: tuple[str, ...] = _option((), _users, "USER:BCRYPT-HASH entries")
+    users: tuple[Secret, ...] = _option((), _users, "USER:BCRYPT-HASH entries")
     users_file: Path | None = _option(None, _optional_path, "htpasswd file (bcrypt)")
     pull_tokens: tuple[Secret, ...] = _option((), _secrets, "static pull tokens")
     pull_tokens_file: Path | None = _option(None, _existing_file, "file of pull tokens")
@@ -449,6 +474,7 @@ class LimitsConfig:
     requests_per_second: float = _option(0.0, _non_negative, "per client IP (0: no limit)")
     burst: int = _option(100, _count, "requests a client IP may send at once")
     streams_per_ip: int = _option(0, _limit, "blob downloads at once per client IP")
+    ipv6_prefix_length: int = _option(64, _ipv6_prefix, "IPv6 clients share per-IP limits per /N")
     stream_bytes_per_second: int = _option(0, _size, "bandwidth cap per blob download")
     budget_daily: int = _option(0, _size, "bytes served per UTC day, all clients")
     budget_monthly: int = _option(0, _size, "bytes served per UTC month, all clients")

@@ -2,8 +2,9 @@
 
 Before routing reaches any upstream: request target, Host, client IP, User-Agent,
 header count and request rate. After routing: repository allow/deny lists. Around a
-blob download: streams per IP, the traffic budget (counters in the data dir, written
-atomically after every download so they survive restarts) and the bandwidth cap.
+blob download: streams per client (an IPv4 address, an IPv6 /64), the traffic budget
+(each download holds its length before its first byte; counters in the data dir,
+written atomically after every download so they survive restarts) and the bandwidth cap.
 
 Every refusal, here or anywhere else in the relay, passes `record`, which logs the
 reason and counts it in `refusals` (what the metrics endpoint reads).
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vpsrelay import private_files
 from vpsrelay.core import access, headers as header_policy
 from vpsrelay.errors import BadRequest, HeadersTooLarge
 
@@ -70,6 +72,7 @@ class Guard:
             access.ConcurrencyCounter(limits.streams_per_ip) if limits.streams_per_ip else None
         )
         self.stream_rate = limits.stream_bytes_per_second
+        self.ipv6_prefix = limits.ipv6_prefix_length
         self.budget_limits = access.BudgetLimits(
             limits.budget_daily, limits.budget_monthly,
             limits.user_budget_daily, limits.user_budget_monthly,
@@ -116,7 +119,11 @@ class Guard:
         self.ips.check(client_ip)
         self.user_agents.check(header_policy.get(headers, "user-agent") or "")
         if self.rate is not None:
-            self.rate.check(client_ip, trio.current_time())
+            self.rate.check(self.limit_key(client_ip), trio.current_time())
+
+    def limit_key(self, client_ip: str) -> str:
+        """What per-client limits count under: the address, or the IPv6 /64 it is in."""
+        return access.limit_key(client_ip, self.ipv6_prefix)
 
     # -- after routing -----------------------------------------------------------------------
 
@@ -131,27 +138,30 @@ class Guard:
     @contextlib.asynccontextmanager
     async def download(
         self, client_ip: str, user: str | None, sent: Callable[[], int]
-    ) -> AsyncIterator[Callable[[int], Awaitable[None]] | None]:
+    ) -> AsyncIterator[DownloadMeter | None]:
         """Around one blob download: admit it, then charge what `sent()` says was sent.
 
-        Yields a throttle to await per chunk (the bandwidth cap), or None.
+        Yields the download's meter (its budget hold and bandwidth cap), or None when
+        neither applies.
 
         Raises:
             TooManyRequests: too many downloads from this IP, or the budget is spent.
         """
         budget = await self._load_budget() if self.budget_limits.enabled else None
-        if budget is not None:
-            budget.check(user, self.clock())
+        hold = budget.open(user, self.clock()) if budget is not None else None
+        client = self.limit_key(client_ip)
         if self.streams is not None:
-            self.streams.acquire(client_ip)
+            self.streams.acquire(client)
         try:
-            yield self._throttle() if self.stream_rate else None
+            throttle = self._throttle() if self.stream_rate else None
+            metered = budget is not None or throttle is not None
+            yield DownloadMeter(budget, hold, throttle) if metered else None
         finally:
             if self.streams is not None:
-                self.streams.release(client_ip)
-            if budget is not None:
+                self.streams.release(client)
+            if budget is not None and hold is not None:
                 with trio.CancelScope(shield=True):
-                    budget.charge(user, sent(), self.clock())
+                    budget.settle(hold, sent(), self.clock())
                     await self._save_budget(budget)
 
     def _throttle(self) -> Callable[[int], Awaitable[None]]:
@@ -197,6 +207,65 @@ class Guard:
         log.warning("refused reason=%s: %s", reason, detail)
 
 
+class DownloadMeter:
+    """One blob download's share of the traffic budget, and its bandwidth cap.
+
+    The answer's length is held (`reserve`) before its head goes out, so a download the
+    budget cannot take is refused with a clean 429, not cut short; each chunk then
+    passes `sent`, which paces it and, past what was held (a length not known), holds
+    more or ends the download.
+    """
+
+    def __init__(
+        self,
+        budget: access.Budget | None,
+        hold: access.Hold | None,
+        throttle: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        self.budget = budget
+        self.hold = hold
+        self.throttle = throttle
+        self.metered = False
+        self.bytes = 0
+
+    def start(self, status: int, length: int | None) -> None:
+        """The answer's head is about to go out: a 2xx's body is held and metered;
+        another's (an error, a few hundred bytes) is only charged at the end.
+
+        Raises:
+            TooManyRequests: the budget cannot take the 2xx's body.
+        """
+        self.metered = False
+        if 200 <= status < 300:
+            self.reserve(length)
+            self.metered = True
+
+    def reserve(self, length: int | None) -> None:
+        """Hold `length` more bytes (None: a length not said) before the head goes out.
+
+        Raises:
+            TooManyRequests: the budget cannot take it (reason `budget_exhausted`).
+        """
+        if self.budget is None or self.hold is None:
+            return
+        if length is None:
+            self.budget.reserve_unknown(self.hold, self.bytes + 1)
+        else:
+            self.budget.reserve(self.hold, self.bytes + length)
+
+    async def sent(self, size: int) -> None:
+        """Count (and pace) `size` bytes about to be sent.
+
+        Raises:
+            TooManyRequests: past the hold, and the budget has no more.
+        """
+        self.bytes += size
+        if self.metered and self.budget is not None and self.hold is not None:
+            self.budget.reserve_unknown(self.hold, self.bytes)
+        if self.throttle is not None:
+            await self.throttle(size)
+
+
 def _url_host(url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -217,9 +286,10 @@ def _read_budget(path: Path) -> dict[str, int]:
 
 def _write_atomic(path: Path, document: object) -> None:
     """Write, fsync, rename: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_files.make_dir(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
+    fd = private_files.open_file(temporary, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(document, handle)
         handle.flush()
         os.fsync(handle.fileno())

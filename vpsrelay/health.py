@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
+from vpsrelay import private_files
 from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def _probe_writable(directory: Path) -> str:
     """Write, sync and remove a small file; 'ok' or why not."""
     probe = directory / f".readyz-{uuid.uuid4().hex}"
     try:
-        with probe.open("wb") as f:
+        with os.fdopen(private_files.open_file(probe, os.O_WRONLY | os.O_EXCL), "wb") as f:
             f.write(b"ok")
             f.flush()
             os.fsync(f.fileno())

@@ -162,8 +162,8 @@ def metrics_allowed(app: RelayApp, exchange: Exchange) -> bool:
     cfg = app.settings.metrics
     authorization = header_policy.get(exchange.headers, "authorization") or ""
     scheme, _, credentials = authorization.partition(" ")
-    if cfg.token and scheme.lower() == "bearer":
-        return hmac.compare_digest(credentials.strip().encode(), cfg.token.encode())
+    if cfg.token is not None and scheme.lower() == "bearer":
+        return hmac.compare_digest(credentials.strip().encode(), cfg.token.reveal().encode())
     proxied = header_policy.get(exchange.headers, "x-forwarded-for") is not None or (
         header_policy.get(exchange.headers, "forwarded") is not None
     )

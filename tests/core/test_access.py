@@ -348,3 +348,118 @@ def test_policies_only_raise_relay_errors(text):
         except RelayError as exc:
             statuses.append(exc.status)
     assert all(400 <= status < 500 for status in statuses)
+
+
+# --- what the per-client limits are keyed by ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix", "key"),
+    [
+        ("203.0.113.9", 64, "203.0.113.9"),
+        ("::ffff:203.0.113.9", 64, "203.0.113.9"),  # IPv4-mapped: the IPv4 client
+        ("2001:db8:1:2::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:2::1", 56, "2001:db8:1::/56"),
+        ("2001:db8:1:2::1", 128, "2001:db8:1:2::1/128"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("unix-socket", 64, "unix-socket"),
+    ],
+)
+def test_limit_key(ip, prefix, key):
+    assert access.limit_key(ip, prefix) == key
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_one_ipv6_64_is_one_rate_limit_bucket(interface_id):
+    limiter = access.RateLimiter(rate=1, burst=1)
+    limiter.check(access.limit_key("2001:db8:aa:bb::1"), 0.0)
+    address = str(ipaddress.IPv6Address((0x20010DB800AA00BB << 64) | interface_id))
+    with pytest.raises(TooManyRequests):
+        limiter.check(access.limit_key(address), 0.0)
+    assert len(limiter) == 1
+
+
+# --- the budget: downloads hold their length before they start ------------------------------
+
+
+def test_concurrent_downloads_cannot_overrun_the_budget_between_them():
+    budget = access.Budget(access.BudgetLimits(daily=1000))
+    first, second = budget.open(None, NOON), budget.open(None, NOON)
+    budget.reserve(first, 600)
+    with pytest.raises(TooManyRequests) as caught:
+        budget.reserve(second, 600)  # 600 held + 600 > 1000, though nothing is charged yet
+    assert caught.value.reason == "budget_exhausted"
+    assert "400 bytes left" in caught.value.message
+    assert 0 < int(dict(caught.value.headers)["retry-after"]) <= 86400
+    budget.reserve(second, 400)
+    with pytest.raises(TooManyRequests):
+        budget.open(None, NOON)  # all of it is held: refused before asking the upstream
+    budget.settle(first, 600, NOON)
+    budget.settle(second, 100, NOON)  # ended early: only what was sent is charged
+    assert budget.used("total|2026-11-29") == 700
+    assert budget.reserved == {}
+    budget.reserve(budget.open(None, NOON), 300)
+
+
+def test_a_hold_only_grows_and_a_user_hold_counts_for_the_total_too():
+    budget = access.Budget(access.BudgetLimits(daily=1000, user_daily=500))
+    alice = budget.open("alice", NOON)
+    budget.reserve(alice, 500)
+    budget.reserve(alice, 200)  # asked again with less (the head after the upstream's answer)
+    assert alice.amount == 500
+    with pytest.raises(TooManyRequests) as caught:
+        budget.reserve(budget.open("alice", NOON), 1)
+    assert "your traffic budget" in caught.value.message
+    with pytest.raises(TooManyRequests) as caught:
+        budget.reserve(budget.open("bob", NOON), 501)
+    assert "this relay's traffic budget" in caught.value.message
+
+
+def test_unknown_length_holds_in_steps_clamped_to_what_is_left():
+    budget = access.Budget(access.BudgetLimits(daily=access.UNKNOWN_LENGTH_STEP * 3 // 2))
+    hold = budget.open(None, NOON)
+    budget.reserve_unknown(hold, 1)
+    assert hold.amount == access.UNKNOWN_LENGTH_STEP + 1
+    budget.reserve_unknown(hold, hold.amount)  # within the hold: nothing to do
+    budget.reserve_unknown(hold, hold.amount + 1)
+    assert hold.amount == access.UNKNOWN_LENGTH_STEP * 3 // 2  # the rest, not a full step
+    with pytest.raises(TooManyRequests):
+        budget.reserve_unknown(hold, hold.amount + 1)
+
+
+def test_no_limit_for_an_anonymous_user_holds_nothing_back():
+    budget = access.Budget(access.BudgetLimits(user_daily=10))
+    hold = budget.open(None, NOON)
+    budget.reserve(hold, 10**12)
+    budget.reserve_unknown(hold, 10**12 + 1)
+    assert budget.room(hold) is None
+    budget.settle(hold, 10**12, NOON)
+    assert budget.reserved == {}
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 400), st.integers(0, 400), st.booleans()), min_size=1, max_size=30
+    )
+)
+def test_served_never_exceeds_the_budget(downloads):
+    """Any interleaving of opens, holds and settles: charged bytes stay within the limit,
+    when each download sends at most what it held."""
+    budget = access.Budget(access.BudgetLimits(daily=1000))
+    open_holds: list[tuple[access.Hold, int]] = []
+    for length, sent, finish_one in downloads:
+        try:
+            hold = budget.open(None, NOON)
+            budget.reserve(hold, length)
+            open_holds.append((hold, min(sent, length)))
+        except TooManyRequests:
+            pass
+        if finish_one and open_holds:
+            hold, amount = open_holds.pop(0)
+            budget.settle(hold, amount, NOON)
+    for hold, amount in open_holds:
+        budget.settle(hold, amount, NOON)
+    assert budget.used("total|2026-11-29") <= 1000
+    assert budget.reserved == {}

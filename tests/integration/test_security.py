@@ -384,10 +384,12 @@ def test_traffic_budget_trips_at_the_figure_and_survives_a_restart(
         )
         assert partial.status_code == 206
         assert len(partial.content) == layer.size - 1
-        # ...so one more download may start; it crosses the line and completes.
+        # ...so a download longer than one byte would pass the line: refused before it starts.
         whole = httpx.get(blob + config_blob.digest, headers=headers)
-        assert whole.status_code == 200
-        assert len(whole.content) == config_blob.size
+        assert whole.status_code == 429
+        assert "1 bytes left" in whole.json()["errors"][0]["message"]
+        last = httpx.get(blob + layer.digest, headers={**headers, "range": "bytes=0-0"})
+        assert last.status_code == 206  # the last byte fits exactly
         spent = httpx.get(blob + layer.digest, headers=headers)
         assert spent.status_code == 429
         assert spent.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
@@ -397,7 +399,7 @@ def test_traffic_budget_trips_at_the_figure_and_survives_a_restart(
         )
         assert manifest.status_code == 200  # manifests still answer
     saved = json.loads((tmp_path / "data" / "budget.json").read_text())
-    assert sorted(saved["counters"].values()) == [layer.size - 1 + config_blob.size] * 2
+    assert sorted(saved["counters"].values()) == [layer.size] * 2
     with RelayProcess(tmp_path / "restarted", *args) as relay:
         headers = {"authorization": f"Bearer {pull_token(relay.url, 'alpine')}"}
         after = httpx.get(f"{relay.url}/v2/alpine/blobs/{config_blob.digest}", headers=headers)

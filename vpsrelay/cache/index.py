@@ -12,10 +12,13 @@ lost or added behind the index's back is noticed.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from vpsrelay import private_files
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -180,6 +183,9 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        # Made (or made 0600) before SQLite opens it: SQLite gives its -wal and -shm files
+        # the database file's mode.
+        os.close(private_files.open_file(path, os.O_RDWR))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

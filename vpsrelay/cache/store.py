@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vpsrelay import private_files
 from vpsrelay.cache.index import Database, Index, Obj
 from vpsrelay.core import cachepolicy
 from vpsrelay.core.digest import Digest, Verifier
@@ -121,9 +122,9 @@ class BlobStore:
     @classmethod
     def open(cls, root: Path, config: CacheConfig) -> BlobStore:
         """Create the layout, drop leftovers of a crash, reconcile the index with disk."""
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        private_files.make_dir(root / "blobs" / "sha256")
         tmp = root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+        private_files.make_dir(tmp)
         removed = 0
         for leftover in tmp.iterdir():
             with contextlib.suppress(OSError):
@@ -295,7 +296,7 @@ class BlobStore:
         tmp_path = self.tmp / f"{hexpart}.{os.getpid()}.{self._sequence}"
         try:
             fd = await trio.to_thread.run_sync(
-                lambda: os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                lambda: private_files.open_file(tmp_path, os.O_RDWR | os.O_EXCL)
             )
         except OSError as exc:
             log.warning("cache: cannot create %s: %s: passing through", tmp_path, exc)
@@ -432,7 +433,7 @@ class BlobStore:
 
         def durable_rename() -> None:
             os.fsync(fd)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            private_files.make_dir(final.parent)
             os.rename(tmp_path, final)
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
@@ -489,11 +490,12 @@ class BlobStore:
         final = self.path(digest)
 
         def write() -> None:
-            with tmp_path.open("wb") as f:
+            fd = private_files.open_file(tmp_path, os.O_WRONLY | os.O_EXCL)
+            with os.fdopen(fd, "wb") as f:
                 f.write(body)
                 f.flush()
                 os.fsync(f.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
+            private_files.make_dir(final.parent)
             os.rename(tmp_path, final)
 
         try:

@@ -9,7 +9,8 @@ the rule; `vpsrelay.guard` applies them per request and counts the refusals.
 * User-Agent deny patterns (regular expressions, case-insensitive).
 * Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts.
 * Limits: a token bucket per key (request rate, stream bandwidth), a concurrency
-  counter per key, and a traffic budget per UTC day and month, total and per user.
+  counter per key (`limit_key`: an IPv4 address, an IPv6 /64), and a traffic budget
+  per UTC day and month, total and per user.
 * Redirect-target addresses: only globally routable ones, unless the operator allows.
 """
 
@@ -44,6 +45,25 @@ def _address(text: str) -> Address | None:
 
 
 # --- who: client addresses ---------------------------------------------------------------
+
+
+DEFAULT_IPV6_PREFIX = 64
+
+
+def limit_key(client_ip: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
+    """The key a client's rate and stream limits are counted under.
+
+    An IPv4 address is one client. An IPv6 address is not: a host gets a whole /64 (or
+    more) and picks any address in it, so keyed by address one host would hold 2**64
+    buckets. IPv6 clients are keyed by their /`ipv6_prefix` network; an IPv4-mapped
+    address by the IPv4 address it carries; anything unparsable by its text.
+    """
+    address = _address(client_ip)
+    if address is None:
+        return client_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,17 +373,34 @@ def seconds_to_next_month(now: float) -> int:
     return max(1, math.ceil((first + dt.timedelta(days=days)).timestamp() - now))
 
 
+# A download of unknown length holds its bytes in steps of this much, as they are sent.
+UNKNOWN_LENGTH_STEP = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Hold:
+    """One download's reservation: the counters it was made under, and how many bytes."""
+
+    user: str | None
+    limits: tuple[tuple[str, int, int], ...]  # (counter key, limit, seconds to period end)
+    amount: int = 0
+
+
 class Budget:
     """Bytes served per period, total and per user, and the limits they are held to.
 
     Counters are keyed `total|2026-11-29`, `total|2026-11`, `user:alice|2026-11`; only
-    the current periods are kept. A download is refused once a counter it falls under
-    has reached its limit, so the download that crosses the line still completes.
+    the current periods are kept. A download holds (reserves) its length before its
+    first byte goes out, and is refused when the bytes served plus every download's
+    hold would pass a limit; at its end the hold goes and what was sent is charged.
+    So downloads started together cannot overrun the budget between them: the charge
+    alone came only at each one's end.
     """
 
     def __init__(self, limits: BudgetLimits, counters: Mapping[str, int] | None = None) -> None:
         self.limits = limits
         self.counters: dict[str, int] = dict(counters or {})
+        self.reserved: dict[str, int] = {}  # held by downloads in flight; not saved
 
     def _keys(self, user: str | None, now: float) -> list[tuple[str, int, int]]:
         """(counter key, limit, seconds to the period's end) that apply to `user`."""
@@ -379,20 +416,72 @@ class Budget:
             ]
         return keys
 
+    def _committed(self, key: str) -> int:
+        return self.counters.get(key, 0) + self.reserved.get(key, 0)
+
     def check(self, user: str | None, now: float) -> None:
-        """Refuse a new download when a budget it falls under is spent.
+        """Refuse a new download when a budget it falls under is spent (or all held).
 
         Raises:
             TooManyRequests: reason `budget_exhausted`, Retry-After at the period's end.
         """
         for key, limit, retry in self._keys(user, now):
-            if limit and self.counters.get(key, 0) >= limit:
-                who = "this relay's" if key.startswith("total") else "your"
-                raise TooManyRequests(
-                    f"{who} traffic budget is spent until the period ends",
-                    reason="budget_exhausted",
-                    headers=(("retry-after", str(retry)),),
-                )
+            if limit and self._committed(key) >= limit:
+                raise _spent(key, retry, "is spent until the period ends")
+
+    def open(self, user: str | None, now: float) -> Hold:
+        """An empty hold for a new download (`check` first).
+
+        Raises:
+            TooManyRequests: as `check`.
+        """
+        self.check(user, now)
+        return Hold(user, tuple(key for key in self._keys(user, now) if key[1]))
+
+    def room(self, hold: Hold) -> int | None:
+        """The most `hold` could grow to; None when no limit applies."""
+        rooms = [limit - self._committed(key) for key, limit, _ in hold.limits]
+        return hold.amount + max(0, min(rooms)) if rooms else None
+
+    def reserve(self, hold: Hold, total: int) -> None:
+        """Grow `hold` to `total` bytes (it never shrinks before `settle`).
+
+        Raises:
+            TooManyRequests: `total` does not fit in a budget (reason `budget_exhausted`).
+        """
+        extra = total - hold.amount
+        if extra <= 0:
+            return
+        for key, limit, retry in hold.limits:
+            if self._committed(key) + extra > limit:
+                left = max(0, limit - self._committed(key))
+                raise _spent(key, retry, f"has {left} bytes left, too few for {extra} more")
+        for key, _, _ in hold.limits:
+            self.reserved[key] = self.reserved.get(key, 0) + extra
+        hold.amount = total
+
+    def reserve_unknown(self, hold: Hold, at_least: int) -> None:
+        """Hold `at_least` bytes and, room permitting, a step more (a length not known).
+
+        Raises:
+            TooManyRequests: not even `at_least` fits.
+        """
+        if hold.amount >= at_least:
+            return
+        room = self.room(hold)
+        wanted = at_least + UNKNOWN_LENGTH_STEP
+        self.reserve(hold, wanted if room is None else max(at_least, min(wanted, room)))
+
+    def settle(self, hold: Hold, sent: int, now: float) -> None:
+        """The download is over: release its hold and charge the `sent` bytes."""
+        for key, _, _ in hold.limits:
+            left = self.reserved.get(key, 0) - hold.amount
+            if left > 0:
+                self.reserved[key] = left
+            else:
+                self.reserved.pop(key, None)
+        hold.amount = 0
+        self.charge(hold.user, sent, now)
 
     def charge(self, user: str | None, amount: int, now: float) -> None:
         """Add `amount` bytes served to `user` (and the total); forget past periods."""
@@ -407,6 +496,15 @@ class Budget:
 
     def used(self, key: str) -> int:
         return self.counters.get(key, 0)
+
+
+def _spent(key: str, retry: int, what: str) -> TooManyRequests:
+    who = "this relay's" if key.startswith("total") else "your"
+    return TooManyRequests(
+        f"{who} traffic budget {what}",
+        reason="budget_exhausted",
+        headers=(("retry-after", str(retry)),),
+    )
 
 
 def parse_budget_state(document: object) -> dict[str, int]:
