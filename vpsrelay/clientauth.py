@@ -60,6 +60,8 @@ UPSTREAM_TOKEN_MARGIN = 10.0
 DEFAULT_UPSTREAM_TOKEN_SECONDS = 60.0
 # The bcrypt cost `vpsrelay user add` hashes with.
 BCRYPT_ROUNDS = 12
+# Password checks that may wait for a busy slot, per slot; past them the answer is 429.
+PASSWORD_QUEUE_PER_SLOT = 4
 # The users and pull tokens files are looked at (stat) at most this often.
 RELOAD_CHECK_SECONDS = 1.0
 # RFC 9110 §11.2 token68: what a Bearer credential may hold.
@@ -113,22 +115,31 @@ class WatchedFile:
 
 @dataclass(slots=True)
 class _PasswordChecks:
-    """bcrypt off the event loop, in a few threads of its own (not Trio's shared pool)."""
+    """bcrypt off the event loop, in a few threads of its own (not Trio's shared pool),
+    behind a short queue (a burst of logins waits a moment; a flood is refused)."""
 
     slots: trio.CapacityLimiter
     dummies: dict[int, bytes] = field(default_factory=dict)
+    pending: int = 0  # running or waiting for a slot
 
     async def check(self, password: str, hashed: str | None, dummy_cost: int) -> bool:
         """Whether `password` matches `hashed`; with no hash, as slow a check that fails.
 
         Raises:
-            TooManyRequests: every slot is busy (answered at once, no queue).
+            TooManyRequests: every slot is busy and the queue full (answered at once).
         """
-        if self.slots.available_tokens < 1:
+        if self.pending >= self.slots.total_tokens * (1 + PASSWORD_QUEUE_PER_SLOT):
             raise TooManyRequests(
                 "too many password checks at once; retry shortly",
                 headers=(("retry-after", "1"),),
             )
+        self.pending += 1
+        try:
+            return await self._check(password, hashed, dummy_cost)
+        finally:
+            self.pending -= 1
+
+    async def _check(self, password: str, hashed: str | None, dummy_cost: int) -> bool:
         if hashed is None:
             dummy = self.dummies.get(dummy_cost)
             if dummy is None:
