@@ -104,3 +104,30 @@ async def test_a_changed_pull_tokens_file_is_read_again(tmp_path: Path) -> None:
     auth._tokens_file.checked = -1e9
     await auth._users()
     assert not auth._is_pull_token("second-token")  # a removed file revokes every token
+
+
+async def test_a_burst_of_one_clients_logins_costs_one_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = tmp_path / "htpasswd"
+    add_user(users, "ci", "right", rounds=FAST)
+    auth = client_auth(tmp_path, users_file=str(users), password_checks=1)
+    real_check = bcrypt.checkpw
+    calls = 0
+
+    def counted(password: bytes, hashed: bytes) -> bool:
+        nonlocal calls
+        calls += 1
+        return real_check(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    subjects: list[str] = []
+
+    async def login() -> None:
+        subjects.append((await auth.check_password("ci", "right", "203.0.113.7")).subject)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):  # more than one slot and its queue would take
+            nursery.start_soon(login)
+    assert subjects == ["ci"] * 20
+    assert calls == 1

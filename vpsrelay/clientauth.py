@@ -176,6 +176,8 @@ class ClientAuth:
         self._file_tokens: list[str] = []
         self._dummy_cost = tokens.usual_cost(self._static_users.values(), BCRYPT_ROUNDS)
         self._good: dict[bytes, tuple[Credential, float]] = {}
+        self._checking: dict[bytes, trio.Event] = {}  # credentials being checked now
+        self._reloading = trio.Lock()
         self._checks = _PasswordChecks(trio.CapacityLimiter(cfg.password_checks))
         self._backoff = tokens.PasswordBackoff(
             free=cfg.failures_before_backoff, cap=cfg.max_backoff
@@ -194,7 +196,11 @@ class ClientAuth:
 
     async def _users(self) -> dict[str, str]:
         """Users from the config and the users file; both files re-read when they change."""
-        now = trio.current_time()
+        async with self._reloading:  # callers during a reload wait for its result
+            await self._reload(trio.current_time())
+        return {**self._static_users, **self._file_users}
+
+    async def _reload(self, now: float) -> None:
         if await self._users_file.changed(now):
             try:
                 self._file_users = tokens.parse_htpasswd(self._users_file.text)
@@ -209,7 +215,6 @@ class ClientAuth:
             lines = self._tokens_file.text.splitlines()
             self._file_tokens = [line.strip() for line in lines if line.strip()]
             self._good.clear()
-        return {**self._static_users, **self._file_users}
 
     def _find_pull_token(self, value: str) -> str | None:
         """`value`, if it is one of the pull tokens (constant time over the list)."""
@@ -249,6 +254,10 @@ class ClientAuth:
         users = await self._users()
         key = await self._signing_key()  # the bindings are keyed hashes
         fingerprint = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        while (running := self._checking.get(fingerprint)) is not None:
+            # The same credentials are being checked (a burst of one client's requests):
+            # one bcrypt answers them all. Each wait ends with that (bounded) check.
+            await running.wait()
         now = trio.current_time()
         remembered = self._good.get(fingerprint)
         if remembered is not None and now - remembered[1] < CREDENTIAL_CACHE_SECONDS:
@@ -262,7 +271,13 @@ class ClientAuth:
         if self._find_pull_token(password) is not None:
             return Credential("token", tokens.Binding.of_pull_token(key, password))
         hashed = users.get(user)
-        if not await self._checks.check(password, hashed, self._dummy_cost) or hashed is None:
+        self._checking[fingerprint] = done = trio.Event()
+        try:
+            good = await self._checks.check(password, hashed, self._dummy_cost)
+        finally:
+            del self._checking[fingerprint]
+            done.set()
+        if not good or hashed is None:
             self._backoff.failed(client_ip, user, trio.current_time())
             raise Unauthorized("incorrect username or password", reason="bad_credentials")
         self._backoff.succeeded(user)

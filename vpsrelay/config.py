@@ -443,7 +443,7 @@ class AuthConfig:
     token_ttl: float = _option(300.0, _seconds, "seconds a relay token lives")
     refresh_ttl: float = _option(30 * 86400.0, _seconds, "seconds a refresh token lives")
     password_checks: int = _option(
-        2, _count, "password (bcrypt) checks at once; a few more wait, the rest get 429"
+        1, _count, "password (bcrypt) checks at once; a few more wait, the rest get 429"
     )
     failures_before_backoff: int = _option(
         5, _limit, "failed logins per address or user before each one waits"

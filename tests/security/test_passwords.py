@@ -185,8 +185,9 @@ def test_guessing_passwords_does_not_slow_down_pulls(
     print(f"pull median: quiet {quiet * 1000:.1f} ms, under {GUESSERS} guessers "
           f"{attacked * 1000:.1f} ms; guessers got {statuses}")  # fmt: skip
     assert auth_relay.process.poll() is None
-    # Generous (a loaded machine): under guessing, a pull takes at most a few times as long.
-    assert attacked < max(5 * quiet, quiet + 0.2), (
+    # Generous (a loaded machine): under guessing, a pull takes at most a few times as long
+    # (measured: 3 ms quiet, 10-15 ms guessed at; 220-510 ms without the limit).
+    assert attacked < max(5 * quiet, quiet + 0.1), (
         f"pull median {attacked * 1000:.0f} ms under guessing vs {quiet * 1000:.0f} ms quiet"
     )
     # The relay refused most guesses at once instead of checking them all.
