@@ -246,7 +246,7 @@ async def test_token_get_is_forwarded_to_the_discovered_realm():
         ("service", "registry.docker.io"),
         ("account", "me"),
         ("scope", "repository:library/alpine:pull"),
-        ("scope", "repository:bitnami/redis:pull,push"),
+        ("scope", "repository:bitnami/redis:pull"),  # a relay asks for pull only
     ]
     assert token.headers["authorization"] == httpx.BasicAuth("me", "secret")._auth_header
     assert "cookie" not in token.headers
@@ -923,3 +923,92 @@ async def test_concurrent_token_requests_discover_once():
                 nursery.start_soon(fetch)
     assert statuses == [200] * 5
     assert r.seen_paths().count("GET hub.test/v2/") == 1
+
+
+# --- the operator's credentials stay in the relay (issue 12, finding 2)
+
+
+@contextlib.asynccontextmanager
+async def operator_relay(
+    handler: Callable[[httpx.Request], httpx.Response], tmp_path: Any
+) -> AsyncIterator[Relay]:
+    """An open relay with the operator's credentials for Docker Hub (`someuser/*` denied)."""
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[registries."docker.io"]\nusername = "operator"\npassword = "s3cret"\n'
+        'deny = ["someuser/*"]\n'
+    )
+    settings = config.load(path, {}, {"cache.enabled": False}, upstreams={"docker.io": HUB})
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    upstream = Upstream(settings, transport=httpx.MockTransport(record))
+    app = RelayApp(settings, upstream)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://relay.test") as client:
+            yield Relay(client, app, seen)
+    finally:
+        await upstream.aclose()
+
+
+def operator_handler(request: httpx.Request) -> httpx.Response:
+    if str(request.url).startswith(AUTH_REALM):
+        body = json.dumps({"token": "operators-token", "refresh_token": "r"}).encode()
+        return reply(200, {"content-type": "application/json"}, body)
+    if request.url.path == "/v2/":
+        return challenge_401()
+    if request.headers.get("authorization") != "Bearer operators-token":
+        return challenge_401()
+    return manifest_handler(request)
+
+
+async def test_anonymous_token_is_a_placeholder_the_relay_swaps_upstream(tmp_path):
+    operator = httpx.BasicAuth("operator", "s3cret")._auth_header
+    async with operator_relay(operator_handler, tmp_path) as r:
+        token = await r.client.get(
+            "/token",
+            params=[("scope", "repository:alpine:push,pull,delete"),
+                    ("scope", "repository:someuser/tool:pull"), ("offline_token", "true")],
+        )  # fmt: skip
+        assert token.status_code == 200
+        assert "operators-token" not in token.text
+        assert "refresh_token" not in token.json()
+        placeholder = token.json()["token"]
+        manifest = await r.client.get(
+            "/v2/alpine/manifests/latest", headers={"authorization": f"Bearer {placeholder}"}
+        )
+        assert manifest.status_code == 200
+    token_requests = [q for q in r.seen if str(q.url).startswith(AUTH_REALM)]
+    # The relay asked once, for itself: pull on the served repository only.
+    assert [parse_qsl(q.url.query.decode()) for q in token_requests] == [
+        [("service", "registry.docker.io"), ("scope", "repository:library/alpine:pull")]
+    ]
+    assert all(q.headers["authorization"] == operator for q in token_requests)
+    (upstream_manifest,) = [q for q in r.seen if "/manifests/" in q.url.path]
+    assert upstream_manifest.headers["authorization"] == "Bearer operators-token"
+
+
+async def test_a_clients_own_token_request_never_carries_the_operators_credentials(tmp_path):
+    async with operator_relay(operator_handler, tmp_path) as r:
+        own = await r.client.get(
+            "/token",
+            params=[("scope", "repository:alpine:push,pull"), ("offline_token", "true")],
+            auth=("me", "mine"),
+        )
+        form = await r.client.post(
+            "/token", data={"grant_type": "refresh_token", "refresh_token": "mine",
+                            "scope": "repository:alpine:pull,push", "access_type": "offline"},
+        )  # fmt: skip
+    assert own.status_code == form.status_code == 200
+    get, post = [q for q in r.seen if str(q.url).startswith(AUTH_REALM)]
+    assert get.headers["authorization"] == httpx.BasicAuth("me", "mine")._auth_header
+    assert parse_qsl(get.url.query.decode()) == [
+        ("service", "registry.docker.io"), ("offline_token", "true"),
+        ("scope", "repository:library/alpine:pull"),
+    ]  # fmt: skip
+    assert "authorization" not in post.headers
+    assert dict(parse_qsl(post.content.decode()))["scope"] == "repository:library/alpine:pull"

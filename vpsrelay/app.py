@@ -28,6 +28,7 @@ from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
 from vpsrelay.errors import (
     ClientError,
+    Denied,
     NotFound,
     RelayError,
     RequestTooLarge,
@@ -260,9 +261,10 @@ class RelayApp:
         """The client's headers for the registry; its credentials win over the operator's.
 
         With client authentication on, the client holds a relay token, and the upstream
-        gets the upstream token the relay keeps for it. Otherwise the operator's
-        credentials are sent only to a registry that asks for Basic auth directly; for
-        token registries they are used at `/token` instead.
+        gets the upstream token the relay keeps for it. Otherwise a client that brought
+        no credentials of its own holds a placeholder from the relay's `/token`: the
+        relay swaps it for its own pull token (or the operator's Basic credentials, for
+        a registry that asks for them directly), which never reach the client.
         """
         if self.clientauth.enabled:
             return await self.clientauth.upstream_headers(
@@ -270,14 +272,35 @@ class RelayApp:
             )
         headers = header_policy.upstream_request_headers(exchange.headers, USER_AGENT)
         client_auth = header_policy.get(headers, "authorization")
+        if client_auth is not None and _is_placeholder(client_auth):
+            headers = tuple((k, v) for k, v in headers if k != "authorization")
+            if registry.has_credentials:
+                return (*headers, *await self._operator_credentials(registry, route))
+            return headers
         if client_auth is None and registry.has_credentials:
             await self.upstream.challenge(registry)  # learn (or recall) its scheme
             if self.upstream.known_scheme(registry.name) == "basic":
                 return (*headers, ("authorization", _basic(registry)))
         elif client_auth is not None and self.upstream.known_scheme(registry.name) == "none":
-            # An anonymous registry got a placeholder token from our /token: drop it.
             return tuple((k, v) for k, v in headers if k != "authorization")
         return headers
+
+    async def _operator_credentials(
+        self, registry: RegistryConfig, route: routing.Route
+    ) -> header_policy.Headers:
+        """The relay's own authorization for `route`, earned with the operator's credentials:
+        a pull token for the route's repository (kept server-side), or Basic credentials."""
+        challenge = await self.upstream.challenge(registry)
+        if challenge is not None:
+            if route.upstream_name or route.kind is routing.Kind.BASE:
+                names = [route.upstream_name] if route.upstream_name else []
+                token = await self.clientauth.upstream_token(registry, names)
+                if token:
+                    return (("authorization", f"Bearer {token}"),)
+            return ()
+        if self.upstream.known_scheme(registry.name) == "basic":
+            return (("authorization", _basic(registry)),)
+        return ()
 
     async def _relay(
         self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None = None
@@ -394,6 +417,19 @@ class RelayApp:
             raise NotFound("Docker Hub is disabled on this relay")
         return self.table.default.name
 
+    def _serves(self, registry: RegistryConfig) -> Callable[[str], bool]:
+        """Whether the relay serves a repository (upstream name) of `registry`."""
+
+        def serves(name: str) -> bool:
+            route = routing.Route(routing.Kind.MANIFEST, registry.name, name, name)
+            try:
+                self.guard.check_route(route)
+            except Denied:
+                return False
+            return True
+
+        return serves
+
     def _scope_names(self, route: routing.Route, registry: RegistryConfig) -> Callable[[str], str]:
         """Maps a token scope's repository name to `registry`'s name for it."""
 
@@ -419,29 +455,62 @@ class RelayApp:
             body = await self.clientauth.token(
                 method=exchange.method, params=params, headers=exchange.headers,
                 registry=registry, to_upstream=to_upstream,
-                realm=self._relay_realm(exchange, registry),
+                realm=self._relay_realm(exchange, registry), client_ip=exchange.view.client_ip,
             )  # fmt: skip
             await exchange.respond(200, (("content-type", "application/json"),), body)
             return
+        await self._token_upstream(exchange, registry, params, to_upstream)
+
+    async def _token_upstream(
+        self,
+        exchange: Exchange,
+        registry: RegistryConfig,
+        params: list[tuple[str, str]],
+        to_upstream: Callable[[str], str],
+    ) -> None:
+        """An open relay's `/token`: a token that can only pull, and never one minted with
+        the operator's credentials.
+
+        A client with credentials of its own (Basic, or the OAuth2 form) gets its request
+        passed to the registry's token service with them, its scopes cut down to `pull`
+        on the repositories this relay serves. Its refresh token (`docker login`'s
+        identity token) passes too: it stands for the client's own password, which the
+        client holds anyway, and saves it from storing that password. A client without
+        credentials gets a placeholder when the operator configured credentials for the
+        registry: the token they earn stays in the relay (`upstream_headers`).
+        """
+        own_credentials = _has_own_credentials(exchange.method, params, exchange.headers)
         challenge = await self.upstream.challenge(registry)
-        if challenge is None or not challenge.realm:
-            # The registry needs no token: answer a placeholder, which _relay drops.
-            body = json.dumps({"token": "anonymous", "access_token": "anonymous"}).encode()
-            await exchange.respond(200, (("content-type", "application/json"),), body)
+        realm = challenge.realm if challenge is not None else None
+        if realm is None or (registry.has_credentials and not own_credentials):
+            names = auth.pull_scopes(
+                [v for k, v in params if k == "scope"], to_upstream, self._serves(registry)
+            )
+            if realm and names:
+                # Get (and keep) the relay's own token now, so a failing upstream shows here.
+                await self.clientauth.upstream_token(registry, names)
+            await exchange.respond(
+                200, (("content-type", "application/json"),), _placeholder_reply(registry)
+            )
             return
-        params = auth.token_request_params(params, to_upstream, challenge.service)
+        assert challenge is not None
+        params = auth.token_request_params(
+            params, to_upstream, challenge.service,
+            admits=self._serves(registry), offline=own_credentials,
+        )  # fmt: skip
+        # Only the client's own credentials go to the token service, never the operator's.
         forwarded = header_policy.select(exchange.headers, frozenset({"authorization", "accept"}))
-        if header_policy.get(forwarded, "authorization") is None and registry.has_credentials:
-            forwarded += (("authorization", _basic(registry)),)
+        if any(_is_placeholder(v) for k, v in forwarded if k == "authorization"):
+            forwarded = tuple((k, v) for k, v in forwarded if k != "authorization")
         agent = ("user-agent", header_policy.get(exchange.headers, "user-agent") or USER_AGENT)
         content = None
         if exchange.method == "POST":
             content = urlencode(params).encode()
             forwarded += (("content-type", "application/x-www-form-urlencoded"),)
-            url = challenge.realm
+            url = realm
         else:
-            separator = "&" if "?" in challenge.realm else "?"
-            url = f"{challenge.realm}{separator}{urlencode(params)}" if params else challenge.realm
+            separator = "&" if "?" in realm else "?"
+            url = f"{realm}{separator}{urlencode(params)}" if params else realm
         request = UpstreamRequest(exchange.method, url, (*forwarded, agent))
         began = time.monotonic()
         what = f"{registry.name} token"
@@ -475,6 +544,40 @@ def registry_table(settings: Settings) -> RegistryTable:
 
 def _content_length(value: str | None) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
+
+
+# What an open relay's `/token` answers instead of a token: for a registry that needs none
+# (`anonymous`), and for one the relay holds the operator's credentials for (the relay
+# attaches its own token upstream). Never sent upstream.
+ANONYMOUS_PLACEHOLDER = "anonymous"
+OPERATOR_PLACEHOLDER = "vpsrelay-relay-credentials"
+PLACEHOLDER_TOKEN_SECONDS = 300
+
+
+def _placeholder_reply(registry: RegistryConfig) -> bytes:
+    token = OPERATOR_PLACEHOLDER if registry.has_credentials else ANONYMOUS_PLACEHOLDER
+    reply: dict[str, object] = {"token": token, "access_token": token}
+    if registry.has_credentials:
+        reply["expires_in"] = PLACEHOLDER_TOKEN_SECONDS
+    return json.dumps(reply).encode()
+
+
+def _is_placeholder(authorization: str) -> bool:
+    scheme, _, value = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and value.strip() in (
+        ANONYMOUS_PLACEHOLDER, OPERATOR_PLACEHOLDER,
+    )  # fmt: skip
+
+
+def _has_own_credentials(
+    method: str, params: list[tuple[str, str]], headers: header_policy.Headers
+) -> bool:
+    """Whether a token request carries the client's own credentials (Basic or Bearer, or
+    the OAuth2 form's password or refresh token), not just a placeholder of ours."""
+    if method == "POST":
+        return any(k in ("password", "refresh_token") and v for k, v in params)
+    authorization = header_policy.get(headers, "authorization")
+    return authorization is not None and not _is_placeholder(authorization)
 
 
 def _basic(registry: RegistryConfig) -> str:

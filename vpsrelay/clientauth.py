@@ -6,6 +6,12 @@ With `[auth] enabled = true`, every registry API request needs a relay token.
 token, or a static pull token) against the relay's users and answers a short-lived
 token scoped to the repositories asked for (`core.tokens`).
 
+Password checks (bcrypt) run in threads of their own, a few at a time: when all are
+busy a check is refused at once (429), and failed checks make the next ones from the
+same address or for the same user wait (`core.tokens.PasswordBackoff`). The users file
+and the pull tokens file are re-read when they change; a refresh token stays good only
+while the credential that earned it does.
+
 The client's credentials are the relay's, so they never go upstream. Upstream the
 relay speaks for itself: anonymously or with the operator's credentials, it gets
 Bearer tokens from the registry's own token service, keeps them until they expire,
@@ -19,11 +25,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
@@ -33,7 +40,7 @@ import trio
 from vpsrelay import private_files
 from vpsrelay.core import auth, headers as header_policy, tokens
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import ConfigError, Unauthorized, UpstreamProtocolError
+from vpsrelay.errors import ConfigError, TooManyRequests, Unauthorized, UpstreamProtocolError
 from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
@@ -52,16 +59,103 @@ CREDENTIAL_CACHE_SECONDS = 60.0
 # An upstream token is used until this many seconds before it expires.
 UPSTREAM_TOKEN_MARGIN = 10.0
 DEFAULT_UPSTREAM_TOKEN_SECONDS = 60.0
-# Compared against when the user does not exist, so a wrong name costs as much as a wrong
-# password and the answer time does not tell which users exist.
+# The bcrypt cost `vpsrelay user add` hashes with.
+BCRYPT_ROUNDS = 12
+# Password checks that may wait for a busy slot, per slot; past them the answer is 429.
+PASSWORD_QUEUE_PER_SLOT = 4
+# The users and pull tokens files are looked at (stat) at most this often.
+RELOAD_CHECK_SECONDS = 1.0
 # RFC 9110 §11.2 token68: what a Bearer credential may hold.
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_DUMMY_HASH = bcrypt.hashpw(b"vpsrelay-dummy", bcrypt.gensalt(rounds=10))
 
 
 @dataclass(frozen=True, slots=True)
 class TokenReply:
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Who passed a password check, and what a refresh token for them is bound to."""
+
+    subject: str
+    binding: tokens.Binding
+
+
+@dataclass(slots=True)
+class WatchedFile:
+    """A file re-read when its size or modification time changes."""
+
+    path: Path | None
+    stamp: tuple[int, int] | None = None
+    text: str = ""
+    checked: float = -math.inf
+
+    async def changed(self, now: float) -> bool:
+        """Whether the text changed since the last call (looks at most once a second).
+
+        A missing file reads as empty: removing it revokes what it held.
+        """
+        if self.path is None or now - self.checked < RELOAD_CHECK_SECONDS:
+            return False
+        self.checked = now
+        try:
+            stat = await trio.Path(self.path).stat()
+            stamp: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self.stamp:
+            return False
+        try:
+            text = await trio.Path(self.path).read_text(encoding="utf-8") if stamp else ""
+        except FileNotFoundError:
+            stamp, text = None, ""
+        self.stamp, self.text = stamp, text
+        return True
+
+
+@dataclass(slots=True)
+class _PasswordChecks:
+    """bcrypt off the event loop, in a few threads of its own (not Trio's shared pool),
+    behind a short queue (a burst of logins waits a moment; a flood is refused)."""
+
+    slots: trio.CapacityLimiter
+    dummies: dict[int, bytes] = field(default_factory=dict)
+    pending: int = 0  # running or waiting for a slot
+
+    async def check(self, password: str, hashed: str | None, dummy_cost: int) -> bool:
+        """Whether `password` matches `hashed`; with no hash, as slow a check that fails.
+
+        Raises:
+            TooManyRequests: every slot is busy and the queue full (answered at once).
+        """
+        if self.pending >= self.slots.total_tokens * (1 + PASSWORD_QUEUE_PER_SLOT):
+            raise TooManyRequests(
+                "too many password checks at once; retry shortly",
+                headers=(("retry-after", "1"),),
+            )
+        self.pending += 1
+        try:
+            return await self._check(password, hashed, dummy_cost)
+        finally:
+            self.pending -= 1
+
+    async def _check(self, password: str, hashed: str | None, dummy_cost: int) -> bool:
+        if hashed is None:
+            dummy = self.dummies.get(dummy_cost)
+            if dummy is None:
+                salt = bcrypt.gensalt(rounds=dummy_cost)
+                dummy = await trio.to_thread.run_sync(
+                    bcrypt.hashpw, b"vpsrelay-dummy", salt, limiter=self.slots
+                )
+                self.dummies[dummy_cost] = dummy
+            await trio.to_thread.run_sync(
+                bcrypt.checkpw, password.encode(), dummy, limiter=self.slots
+            )
+            return False
+        return await trio.to_thread.run_sync(
+            bcrypt.checkpw, password.encode(), hashed.encode(), limiter=self.slots
+        )
 
 
 class ClientAuth:
@@ -77,10 +171,18 @@ class ClientAuth:
         self._key: bytes | None = None
         self._static_users = tokens.parse_htpasswd("\n".join(u.reveal() for u in cfg.users))
         self._pull_tokens = [t.reveal() for t in cfg.pull_tokens]
+        self._users_file = WatchedFile(cfg.users_file)
         self._file_users: dict[str, str] = {}
-        self._file_stamp: tuple[float, int] | None = None
+        self._tokens_file = WatchedFile(cfg.pull_tokens_file)
         self._file_tokens: list[str] = []
-        self._good: dict[bytes, tuple[str, float]] = {}
+        self._dummy_cost = tokens.usual_cost(self._static_users.values(), BCRYPT_ROUNDS)
+        self._good: dict[bytes, tuple[Credential, float]] = {}
+        self._checking: dict[bytes, trio.Event] = {}  # credentials being checked now
+        self._reloading = trio.Lock()
+        self._checks = _PasswordChecks(trio.CapacityLimiter(cfg.password_checks))
+        self._backoff = tokens.PasswordBackoff(
+            free=cfg.failures_before_backoff, cap=cfg.max_backoff
+        )
         self._upstream_tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = trio.Lock()
 
@@ -94,61 +196,97 @@ class ClientAuth:
         return self._key
 
     async def _users(self) -> dict[str, str]:
-        """Users from the config and the users file (re-read when it changes)."""
-        path = self.settings.auth.users_file
-        if path is not None:
-            try:
-                stat = await trio.Path(path).stat()
-                stamp: tuple[float, int] | None = (stat.st_mtime, stat.st_size)
-            except FileNotFoundError:
-                stamp = None
-            if stamp != self._file_stamp:
-                text = await trio.Path(path).read_text(encoding="utf-8") if stamp else ""
-                try:
-                    self._file_users = tokens.parse_htpasswd(text)
-                except ValueError as exc:
-                    log.error("users file %s: %s; keeping the users read before", path, exc)
-                else:
-                    self._file_stamp = stamp
-                    self._good.clear()
-        tokens_file = self.settings.auth.pull_tokens_file
-        if tokens_file is not None and not self._file_tokens:
-            text = await trio.Path(tokens_file).read_text(encoding="utf-8")
-            self._file_tokens = [line.strip() for line in text.splitlines() if line.strip()]
+        """Users from the config and the users file; both files re-read when they change."""
+        async with self._reloading:  # callers during a reload wait for its result
+            await self._reload(trio.current_time())
         return {**self._static_users, **self._file_users}
 
-    def _is_pull_token(self, value: str) -> bool:
-        candidates = [*self._pull_tokens, *self._file_tokens]
-        found = False
-        for token in candidates:  # no early exit: constant time over the list
-            found |= secrets.compare_digest(token.encode(), value.encode())
+    async def _reload(self, now: float) -> None:
+        if await self._users_file.changed(now):
+            try:
+                self._file_users = tokens.parse_htpasswd(self._users_file.text)
+            except ValueError as exc:
+                log.error(
+                    "users file %s: %s; keeping the users read before", self._users_file.path, exc
+                )
+            users = {**self._static_users, **self._file_users}
+            self._dummy_cost = tokens.usual_cost(users.values(), BCRYPT_ROUNDS)
+            self._good.clear()
+        if await self._tokens_file.changed(now):
+            lines = self._tokens_file.text.splitlines()
+            self._file_tokens = [line.strip() for line in lines if line.strip()]
+            self._good.clear()
+
+    def _find_pull_token(self, value: str) -> str | None:
+        """`value`, if it is one of the pull tokens (constant time over the list)."""
+        found: str | None = None
+        for token in [*self._pull_tokens, *self._file_tokens]:  # no early exit
+            if secrets.compare_digest(token.encode(), value.encode()):
+                found = token
         return found
+
+    def _is_pull_token(self, value: str) -> bool:
+        return self._find_pull_token(value) is not None
+
+    async def _still_good(self, grant: tokens.RefreshGrant) -> bool:
+        """Whether the credential a refresh token is bound to is still configured."""
+        users = await self._users()
+        key = await self._signing_key()
+        if grant.binding.kind == tokens.BY_PULL_TOKEN:
+            current = [*self._pull_tokens, *self._file_tokens]
+            bindings = [tokens.Binding.of_pull_token(key, t) for t in current]
+        else:
+            hashed = users.get(grant.subject)
+            bindings = [] if hashed is None else [
+                tokens.Binding.of_password(key, grant.subject, hashed)
+            ]  # fmt: skip
+        return any(grant.binding.matches(b) for b in bindings)
 
     # -- who is asking -------------------------------------------------------------------------
 
-    async def check_password(self, user: str, password: str) -> str:
-        """The subject for good credentials (a user, or `token` for a static pull token).
+    async def check_password(self, user: str, password: str, client_ip: str) -> Credential:
+        """Who good credentials are (a user, or `token` for a static pull token).
 
         Raises:
             Unauthorized: wrong user or password (reason `bad_credentials`).
+            TooManyRequests: `client_ip` or `user` failed too often lately (with
+                Retry-After), or every password check slot is busy.
         """
         users = await self._users()
-        if self._is_pull_token(password):
-            return "token"
+        key = await self._signing_key()  # the bindings are keyed hashes
         fingerprint = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        while (running := self._checking.get(fingerprint)) is not None:
+            # The same credentials are being checked (a burst of one client's requests):
+            # one bcrypt answers them all. Each wait ends with that (bounded) check.
+            await running.wait()
         now = trio.current_time()
         remembered = self._good.get(fingerprint)
         if remembered is not None and now - remembered[1] < CREDENTIAL_CACHE_SECONDS:
-            return remembered[0]
+            return remembered[0]  # known good: no guess, so no backoff
+        wait = self._backoff.wait(client_ip, user, now)
+        if wait > 0:
+            raise TooManyRequests(
+                "too many failed logins; retry later",
+                headers=(("retry-after", str(math.ceil(wait))),),
+            )
+        if self._find_pull_token(password) is not None:
+            return Credential("token", tokens.Binding.of_pull_token(key, password))
         hashed = users.get(user)
-        check = (hashed or _DUMMY_HASH.decode()).encode()
-        ok = await trio.to_thread.run_sync(bcrypt.checkpw, password.encode(), check)
-        if not ok or hashed is None:
+        self._checking[fingerprint] = done = trio.Event()
+        try:
+            good = await self._checks.check(password, hashed, self._dummy_cost)
+        finally:
+            del self._checking[fingerprint]
+            done.set()
+        if not good or hashed is None:
+            self._backoff.failed(client_ip, user, trio.current_time())
             raise Unauthorized("incorrect username or password", reason="bad_credentials")
+        self._backoff.succeeded(user)
+        credential = Credential(user, tokens.Binding.of_password(key, user, hashed))
         if len(self._good) > 10000:
             self._good.clear()
-        self._good[fingerprint] = (user, now)
-        return user
+        self._good[fingerprint] = (credential, now)
+        return credential
 
     def challenge(self, realm: str, scope: str | None) -> str:
         params = [("realm", realm), ("service", self.service)]
@@ -171,7 +309,7 @@ class ClientAuth:
                 "authentication required", reason="no_credentials", headers=challenge
             )
         if self._pull_tokens or self.settings.auth.pull_tokens_file:
-            await self._users()  # loads the token file
+            await self._users()  # (re)loads the token file
             if self._is_pull_token(presented):
                 return "token"
         key = await self._signing_key()
@@ -198,6 +336,7 @@ class ClientAuth:
         registry: RegistryConfig,
         to_upstream: Callable[[str], str],
         realm: str,
+        client_ip: str,
     ) -> bytes:
         """Answer a token request: GET with Basic credentials, or the OAuth2 POST form.
 
@@ -213,16 +352,20 @@ class ClientAuth:
         if method == "POST":
             grant_type = form.get("grant_type", "")
             if grant_type == "password":
-                subject = await self.check_password(
-                    form.get("username", ""), form.get("password", "")
+                credential = await self.check_password(
+                    form.get("username", ""), form.get("password", ""), client_ip
                 )
                 offline = form.get("access_type") == "offline"
             elif grant_type == "refresh_token":
-                subject = tokens.verify_refresh(
+                grant = tokens.verify_refresh(
                     key, form.get("refresh_token", ""), service=self.service, now=now
                 )
-                if subject not in await self._users() and subject != "token":
-                    raise Unauthorized("user no longer exists", reason="bad_credentials")
+                if not await self._still_good(grant):
+                    raise Unauthorized(
+                        "the credential this refresh token was issued for is no longer valid",
+                        reason="bad_credentials",
+                    )
+                credential = Credential(grant.subject, grant.binding)
                 offline = True
             else:
                 raise Unauthorized("unsupported grant_type", reason="bad_credentials")
@@ -232,19 +375,11 @@ class ClientAuth:
                 raise Unauthorized(
                     "credentials required", reason="no_credentials", headers=challenge
                 )
-            subject = await self.check_password(*credentials)
+            credential = await self.check_password(*credentials, client_ip)
             offline = form.get("offline_token", "").lower() == "true"
-        names: list[str] = []
-        scopes: list[str] = []
-        for value in (v for k, v in params if k == "scope"):
-            for text in value.split(" "):
-                scope = auth.Scope.parse(text)
-                if scope is None or not scope.resource_type.startswith("repository"):
-                    continue
-                name = to_upstream(scope.name)
-                if "pull" in scope.actions.split(","):
-                    names.append(name)
-                    scopes.append(f"repository:{name}:pull")
+        subject = credential.subject
+        names = auth.pull_scopes([v for k, v in params if k == "scope"], to_upstream, _any)
+        scopes = [f"repository:{name}:pull" for name in names]
         if names:
             # Get (and keep) the upstream's token now, so a failing upstream shows here.
             await self.upstream_token(registry, names)
@@ -264,8 +399,8 @@ class ClientAuth:
             reply["scope"] = " ".join(scopes)
         if offline:
             reply["refresh_token"] = tokens.issue_refresh(
-                key, subject=subject, service=self.service, now=now,
-                ttl=self.settings.auth.refresh_ttl,
+                key, subject=subject, service=self.service, binding=credential.binding,
+                now=now, ttl=self.settings.auth.refresh_ttl,
             )  # fmt: skip
         log.info("token for user=%s repositories=%s", subject, ",".join(names) or "-")
         return json.dumps(reply).encode()
@@ -300,7 +435,8 @@ class ClientAuth:
             RelayError: the token service failed or answered no token.
         """
         now = trio.current_time()
-        cached = {self._upstream_tokens.get((registry.name, n)) for n in names}
+        keys = names or [""]  # no repository: a token for the base endpoint
+        cached = {self._upstream_tokens.get((registry.name, n)) for n in keys}
         if len(cached) == 1 and (known := cached.pop()) is not None and known[1] > now:
             return known[0]
         challenge = await self.upstream.challenge(registry)
@@ -333,11 +469,15 @@ class ClientAuth:
         if not isinstance(token, str) or not token or not _TOKEN68.fullmatch(token):
             raise UpstreamProtocolError(f"{registry.name}: token service answered no token")
         until = now + max(1.0, lifetime - UPSTREAM_TOKEN_MARGIN)
-        for name in names:
+        for name in keys:
             self._upstream_tokens[(registry.name, name)] = (token, until)
         if len(self._upstream_tokens) > 10000:
             self._upstream_tokens = {k: v for k, v in self._upstream_tokens.items() if v[1] > now}
         return token
+
+
+def _any(name: str) -> bool:
+    return True
 
 
 def basic(registry: RegistryConfig) -> str:
@@ -372,7 +512,7 @@ def load_or_create_key(path: Path) -> bytes:
     return key_bytes
 
 
-def add_user(path: Path, user: str, password: str, *, rounds: int = 12) -> bool:
+def add_user(path: Path, user: str, password: str, *, rounds: int = BCRYPT_ROUNDS) -> bool:
     """Add or replace `user` in an htpasswd file (bcrypt); True if it was new.
 
     Raises:

@@ -467,6 +467,13 @@ class AuthConfig:
     service: str = _option("vpsrelay", _str, "service name in the relay's challenge")
     token_ttl: float = _option(300.0, _seconds, "seconds a relay token lives")
     refresh_ttl: float = _option(30 * 86400.0, _seconds, "seconds a refresh token lives")
+    password_checks: int = _option(
+        1, _count, "password (bcrypt) checks at once; a few more wait, the rest get 429"
+    )
+    failures_before_backoff: int = _option(
+        5, _limit, "failed logins per address or user before each one waits"
+    )
+    max_backoff: float = _option(60.0, _seconds, "longest wait after failed logins, seconds")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -248,11 +248,11 @@ def test_rewrite_scopes_propagates_name_errors(scope):
                 ("scope", "repository:library/a:pull"),
             ],
         ),
-        # no advertised service: the client's is kept
+        # no advertised service: the client's is kept; no refresh token asked for
         (
             [("service", "mine"), ("offline_token", "true"), ("client_id", "docker")],
             None,
-            [("service", "mine"), ("offline_token", "true"), ("client_id", "docker")],
+            [("service", "mine"), ("client_id", "docker")],
         ),
         # neither: no service at all
         ([("account", "me")], None, [("account", "me")]),
@@ -263,11 +263,19 @@ def test_rewrite_scopes_propagates_name_errors(scope):
             [
                 ("service", "s"),
                 ("scope", "repository:library/a:pull"),
-                ("scope", "repository:b/c:pull registry:catalog:*"),
+                ("scope", "repository:b/c:pull"),
             ],
         ),
+        # only pull survives: push, delete and * are dropped, as are scopes without pull
+        (
+            [("scope", "repository:a:push,pull,delete"), ("scope", "repository:b:*"),
+             ("scope", "repository:c:push repository(plugin):d:pull registry:catalog:*"),
+             ("scope", "repository:a:pull")],
+            "s",
+            [("service", "s"), ("scope", "repository:library/a:pull")],
+        ),
     ],
-)
+)  # fmt: skip
 def test_token_request_params(params, service, expected):
     assert auth.token_request_params(params, hub_name, service) == expected
 
@@ -275,6 +283,38 @@ def test_token_request_params(params, service, expected):
 def test_token_request_params_rejects_invalid_names():
     with pytest.raises(errors.NameInvalid):
         auth.token_request_params([("scope", "repository:UPPER:pull")], hub_name, "s")
+
+
+def test_token_request_params_keep_refresh_requests_only_for_the_clients_own_credentials():
+    params = [("offline_token", "true"), ("access_type", "offline"), ("client_id", "docker")]
+    assert auth.token_request_params(params, hub_name, "s") == [
+        ("service", "s"), ("client_id", "docker"),
+    ]  # fmt: skip
+    assert auth.token_request_params(params, hub_name, "s", offline=True) == [
+        ("service", "s"), *params,
+    ]  # fmt: skip
+
+
+def test_pull_scopes_drop_repositories_the_relay_does_not_serve():
+    scopes = ["repository:alpine:pull,push", "repository:private/secret:pull repository:b:pull"]
+    served = auth.pull_scopes(scopes, hub_name, lambda name: not name.startswith("private/"))
+    assert served == ["library/alpine", "library/b"]
+    params = [("scope", value) for value in scopes]
+    assert auth.token_request_params(
+        params, hub_name, None, admits=lambda name: name != "library/b"
+    ) == [("scope", "repository:library/alpine:pull"), ("scope", "repository:private/secret:pull")]
+
+
+@given(st.lists(st.text(alphabet="abcpushldetr*,: /", max_size=40), max_size=5))
+def test_token_request_params_never_ask_for_more_than_pull(scopes):
+    def lenient(name: str) -> str:
+        return name
+
+    for key, value in auth.token_request_params([("scope", s) for s in scopes], lenient, "s"):
+        if key == "scope":
+            parsed = auth.Scope.parse(value)
+            assert parsed is not None
+            assert (parsed.resource_type, parsed.actions) == ("repository", "pull")
 
 
 # --- properties

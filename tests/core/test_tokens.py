@@ -44,7 +44,8 @@ def test_round_trip_and_scope():
         (lambda: issue()[:-2] + "xx", "vpsrelay", 1000.0, "token_invalid"),
         (lambda: tokens.issue(OTHER_KEY, subject="a", service="vpsrelay", repositories=[],
                               now=1000.0, ttl=300), "vpsrelay", 1000.0, "token_invalid"),
-        (lambda: tokens.issue_refresh(KEY, subject="a", service="vpsrelay", now=1000.0, ttl=9),
+        (lambda: tokens.issue_refresh(KEY, subject="a", service="vpsrelay", now=1000.0, ttl=9,
+                                      binding=tokens.Binding.of_pull_token(KEY, "t")),
          "vpsrelay", 1000.0, "token_invalid"),  # a refresh token is no access token
         (lambda: jwt.encode({"iss": "vpsrelay", "aud": "vpsrelay", "typ": "access", "sub": "a",
                              "exp": 2000}, KEY * 2, algorithm="HS512"), "vpsrelay", 1000.0,
@@ -81,13 +82,119 @@ def test_malformed_access_entries_grant_nothing():
     assert grant.repositories == frozenset({"docker.io/b"})
 
 
+BOUND = tokens.Binding.of_password(KEY, "alice", "$2b$12$hash")
+
+
 def test_refresh_tokens():
-    refresh = tokens.issue_refresh(KEY, subject="alice", service="s", now=0.0, ttl=100.0)
-    assert tokens.verify_refresh(KEY, refresh, service="s", now=99.0) == "alice"
+    refresh = tokens.issue_refresh(
+        KEY, subject="alice", service="s", binding=BOUND, now=0.0, ttl=100.0
+    )
+    grant = tokens.verify_refresh(KEY, refresh, service="s", now=99.0)
+    assert grant.subject == "alice"
+    assert grant.binding.matches(BOUND)
     with pytest.raises(Unauthorized):
         tokens.verify_refresh(KEY, refresh, service="s", now=100.0)
     with pytest.raises(Unauthorized):
         tokens.verify_refresh(KEY, issue(service="s"), service="s", now=1000.0)
+
+
+def test_refresh_tokens_without_a_binding_are_refused():
+    claims = {"iss": "vpsrelay", "aud": "s", "typ": "refresh", "sub": "alice", "exp": 2000}
+    with pytest.raises(Unauthorized) as caught:
+        tokens.verify_refresh(KEY, jwt.encode(claims, KEY), service="s", now=1000.0)
+    assert caught.value.reason == "token_invalid"
+    claims |= {"by": "magic", "bnd": "x"}
+    with pytest.raises(Unauthorized):
+        tokens.verify_refresh(KEY, jwt.encode(claims, KEY), service="s", now=1000.0)
+
+
+def test_bindings_change_with_the_credential():
+    assert BOUND.matches(tokens.Binding.of_password(KEY, "alice", "$2b$12$hash"))
+    assert not BOUND.matches(tokens.Binding.of_password(KEY, "alice", "$2b$12$new-hash"))
+    assert not BOUND.matches(tokens.Binding.of_password(KEY, "bob", "$2b$12$hash"))
+    assert not BOUND.matches(tokens.Binding.of_password(OTHER_KEY, "alice", "$2b$12$hash"))
+    token = tokens.Binding.of_pull_token(KEY, "ci-token")
+    assert token.matches(tokens.Binding.of_pull_token(KEY, "ci-token"))
+    assert not token.matches(tokens.Binding.of_pull_token(KEY, "other-token"))
+    # A pull token and a password hash of the same text are different credentials.
+    assert not tokens.Binding.of_pull_token(KEY, "x").matches(
+        tokens.Binding(tokens.BY_PASSWORD, tokens.Binding.of_pull_token(KEY, "x").digest)
+    )
+    assert "ci-token" not in token.digest
+
+
+def test_usual_cost():
+    assert tokens.bcrypt_cost("$2b$12$abc") == 12
+    assert tokens.bcrypt_cost("$2y$05$abc") == 5
+    assert tokens.bcrypt_cost("plain") is None
+    assert tokens.usual_cost([], 12) == 12
+    assert tokens.usual_cost(["$2b$05$a", "$2b$05$b", "$2b$12$c"], 12) == 5
+    assert tokens.usual_cost(["junk"], 10) == 10
+
+
+# --- failed logins
+
+
+def test_backoff_after_free_failures_doubles_up_to_the_cap():
+    backoff = tokens.PasswordBackoff(free=2, cap=8.0)
+    waits = []
+    for attempt in range(7):
+        now = 100.0 + attempt * 0.01
+        waits.append(round(backoff.wait("203.0.113.7", "alice", now), 2))
+        backoff.failed("203.0.113.7", "alice", now)
+    assert waits[:3] == [0.0, 0.0, 0.0]  # the free failures
+    after = [round(backoff.wait("203.0.113.7", "alice", 100.06 + 0.01 * i), 2) for i in (0,)]
+    assert after == [8.0]  # 1, 2, 4, 8 (capped) after failures 3..6
+    assert backoff.wait("203.0.113.7", "alice", 108.07) == 0.0
+
+
+def test_backoff_is_per_address_and_per_user():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0)
+    backoff.failed("203.0.113.7", "alice", 10.0)
+    assert backoff.wait("203.0.113.7", "bob", 10.0) == 1.0  # the address waits
+    assert backoff.wait("198.51.100.1", "alice", 10.0) == 1.0  # so does the user
+    assert backoff.wait("198.51.100.1", "bob", 10.0) == 0.0
+    assert backoff.wait("203.0.113.7", "bob", 11.0) == 0.0
+
+
+def test_a_success_forgets_the_users_failures_not_the_addresss():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0)
+    backoff.failed("203.0.113.7", "alice", 10.0)
+    backoff.succeeded("alice")
+    assert backoff.wait("198.51.100.1", "alice", 10.0) == 0.0
+    assert backoff.wait("203.0.113.7", "bob", 10.0) == 1.0
+
+
+def test_quiet_keys_are_forgiven_and_the_map_is_bounded():
+    backoff = tokens.PasswordBackoff(free=3, cap=5.0, limit=10)
+    backoff.failed("203.0.113.7", "alice", 0.0)
+    backoff.failed("203.0.113.7", "alice", 0.0)
+    backoff.failed("203.0.113.7", "alice", 0.0)
+    backoff.failed("203.0.113.7", "alice", 0.0)
+    assert backoff.wait("203.0.113.7", "alice", 0.5) == 0.5
+    assert backoff.wait("203.0.113.7", "alice", 6.0) == 0.0  # 1 s wait + 5 s quiet: forgiven
+    backoff.failed("203.0.113.7", "alice", 6.0)
+    backoff.failed("203.0.113.7", "alice", 6.0)
+    backoff.failed("203.0.113.7", "alice", 6.0)
+    assert backoff.wait("203.0.113.7", "alice", 6.0) == 0.0  # counting from zero again
+    for number in range(100):
+        backoff.failed(f"198.51.100.{number}", f"user{number}", 7.0)
+    assert len(backoff._keys) <= 10
+
+
+def test_ipv6_clients_count_per_64():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0)
+    backoff.failed("2001:db8:1:2::1", "alice", 0.0)
+    assert backoff.wait("2001:db8:1:2:ffff::9", "bob", 0.0) == 1.0
+    assert backoff.wait("2001:db8:1:3::1", "bob", 0.0) == 0.0
+    assert tokens.address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert tokens.address_key("not an address") == "not an address"
+
+
+def test_long_user_names_cost_a_fixed_size_key():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0)
+    backoff.failed("203.0.113.7", "x" * 10000, 0.0)
+    assert all(len(key) < 64 for key in backoff._keys)
 
 
 def basic(text: str) -> str:

@@ -6,8 +6,9 @@ answer RS256 JWTs that Distribution 2.8 accepts: the signing certificate travels
 ``x5c`` header and the same certificate is Distribution's ``auth.token.rootcertbundle``.
 
 Policy (Docker Hub-like): anonymous -> ``pull`` on every repository not under ``private/``;
-``alice``/``wonderland`` -> ``pull`` everywhere.  Other requested actions are dropped; denied
-resources stay in ``access`` with an empty ``actions`` list, as Docker Hub does.
+``alice``/``wonderland`` -> ``pull`` everywhere; users in ``push_users`` also get ``push`` and
+``delete`` (as an account owner does on Docker Hub).  Other requested actions are dropped;
+denied resources stay in ``access`` with an empty ``actions`` list, as Docker Hub does.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class TokenServer:
             users if users is not None else {ALICE_USER: ALICE_PASSWORD}
         )
         self.private_prefixes: tuple[str, ...] = PRIVATE_PREFIXES
+        self.push_users: set[str] = set()  # granted push and delete too (tests that need it)
         self.log = RequestLog()
         self._lock = threading.Lock()
         self._refresh_tokens: dict[str, str] = {}
@@ -190,6 +192,8 @@ class TokenServer:
         if rtype != "repository":
             return []
         allowed = {"pull"}
+        if subject and subject in self.push_users:
+            allowed |= {"push", "delete"}
         if not subject and name.startswith(self.private_prefixes):
             allowed = set()
         return [a for a in actions if a in allowed]

@@ -144,21 +144,60 @@ def rewrite_scopes(scopes: list[str], to_upstream: Callable[[str], str]) -> list
     return rewritten
 
 
-def token_request_params(
-    params: list[tuple[str, str]], to_upstream: Callable[[str], str], service: str | None
-) -> list[tuple[str, str]]:
-    """The query of a token request as the upstream's token service expects it.
+# Token request parameters that ask for a refresh token (GET and the OAuth2 POST form).
+REFRESH_PARAMS = frozenset({"offline_token", "access_type"})
 
-    `scope` values are rewritten to upstream names; `service` is set to the one
-    the upstream advertised (clients echo the relay's challenge, which carries it
-    unchanged, but an old cached value must not win); everything else
-    (`account`, `offline_token`, `client_id`) passes through.
+
+def pull_scopes(
+    values: list[str], to_upstream: Callable[[str], str], admits: Callable[[str], bool]
+) -> list[str]:
+    """The upstream names of the repositories `values` (space-separated scopes) may pull.
+
+    Only `pull` survives: a relay hands out read access, never `push`, `delete` or `*`.
+    Repositories `admits` refuses, scopes without `pull`, and scopes of other resource
+    types (`registry:catalog:*`) are dropped.
 
     Raises:
         RelayError: whatever `to_upstream` raises for a name it rejects.
     """
-    scopes = rewrite_scopes([v for k, v in params if k == "scope"], to_upstream)
-    others = [(k, v) for k, v in params if k not in ("scope", "service")]
+    names: list[str] = []
+    for value in values:
+        for text in value.split(" "):
+            scope = Scope.parse(text)
+            if scope is None or scope.resource_type != "repository":
+                continue
+            if "pull" not in scope.actions.split(","):
+                continue
+            name = to_upstream(scope.name)
+            if admits(name) and name not in names:
+                names.append(name)
+    return names
+
+
+def token_request_params(
+    params: list[tuple[str, str]],
+    to_upstream: Callable[[str], str],
+    service: str | None,
+    *,
+    admits: Callable[[str], bool] = lambda name: True,
+    offline: bool = False,
+) -> list[tuple[str, str]]:
+    """The query of a token request as the upstream's token service expects it.
+
+    Scopes are cut down to `repository:<upstream name>:pull` for the repositories
+    `admits` (`pull_scopes`), whatever the client asked for. `service` is set to the one
+    the upstream advertised (clients echo the relay's challenge, which carries it
+    unchanged, but an old cached value must not win). The refresh-token requests
+    (`offline_token`, `access_type`) pass only with `offline`, the caller's word that the
+    credentials are the client's own; everything else (`account`, `client_id`, the
+    OAuth2 form's fields) passes through.
+
+    Raises:
+        RelayError: whatever `to_upstream` raises for a name it rejects.
+    """
+    names = pull_scopes([v for k, v in params if k == "scope"], to_upstream, admits)
+    dropped = {"scope", "service"} | (set() if offline else REFRESH_PARAMS)
+    others = [(k, v) for k, v in params if k not in dropped]
     upstream_service = service or next((v for k, v in params if k == "service"), None)
     head = [("service", upstream_service)] if upstream_service else []
-    return [*head, *others, *(("scope", scope) for scope in scopes)]
+    return [*head, *others, *(("scope", f"repository:{name}:pull") for name in names)]

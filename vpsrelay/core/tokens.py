@@ -8,16 +8,26 @@ that the token covers the repository before anything is sent upstream. Upstream
 tokens never reach the client: the relay fetches and keeps them itself.
 
 Refresh tokens (`offline_token=true`, `docker login`) are long-lived JWTs of their own
-type that only `/token` accepts. The key is the shell's business (a file in the data
-dir); `now` is always passed in.
+type that only `/token` accepts. Each is bound to the credential that earned it (a keyed
+hash of the pull token, or of the user's password hash), so a revoked pull token or a
+changed password ends the refresh tokens it earned. The key is the shell's business (a
+file in the data dir); `now` is always passed in.
+
+Failed password checks make the next ones wait (`PasswordBackoff`), per client address
+and per user name, so guessing is slow and cannot keep the CPU busy with bcrypt.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import hashlib
+import hmac
+import ipaddress
+import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -31,6 +41,10 @@ ALGORITHM = "HS256"
 ISSUER = "vpsrelay"
 ACCESS = "access"
 REFRESH = "refresh"
+# What earned a refresh token: a user's password, or a static pull token.
+BY_PASSWORD = "password"
+BY_PULL_TOKEN = "pull_token"
+_BCRYPT_COST = re.compile(r"\$2[aby]\$(\d\d)\$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +87,43 @@ def issue(
     return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
-def issue_refresh(key: bytes, *, subject: str, service: str, now: float, ttl: float) -> str:
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """The credential a refresh token stands for: `kind` and a keyed hash of it."""
+
+    kind: str  # BY_PASSWORD or BY_PULL_TOKEN
+    digest: str
+
+    @classmethod
+    def of_password(cls, key: bytes, user: str, password_hash: str) -> Binding:
+        """Bound to the user's current hash: a new password (or removal) ends it."""
+        return cls(BY_PASSWORD, _keyed_hash(key, BY_PASSWORD, user, password_hash))
+
+    @classmethod
+    def of_pull_token(cls, key: bytes, token: str) -> Binding:
+        """Bound to the pull token itself: removing it from the config ends it."""
+        return cls(BY_PULL_TOKEN, _keyed_hash(key, BY_PULL_TOKEN, token))
+
+    def matches(self, other: Binding) -> bool:
+        return self.kind == other.kind and hmac.compare_digest(self.digest, other.digest)
+
+
+def _keyed_hash(key: bytes, *parts: str) -> str:
+    message = "\0".join(parts).encode("utf-8", "surrogatepass")
+    return hmac.new(key, b"vpsrelay-binding\0" + message, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshGrant:
+    """A verified refresh token: who, and the credential it is bound to."""
+
+    subject: str
+    binding: Binding
+
+
+def issue_refresh(
+    key: bytes, *, subject: str, service: str, binding: Binding, now: float, ttl: float
+) -> str:
     """Sign a refresh token: it can only be traded at `/token` for access tokens."""
     claims = {
         "iss": ISSUER,
@@ -83,6 +133,8 @@ def issue_refresh(key: bytes, *, subject: str, service: str, now: float, ttl: fl
         "exp": int(now + ttl),
         "jti": secrets.token_hex(8),
         "typ": REFRESH,
+        "by": binding.kind,
+        "bnd": binding.digest,
     }
     return jwt.encode(claims, key, algorithm=ALGORITHM)
 
@@ -129,14 +181,20 @@ def verify(key: bytes, token: str, *, service: str, now: float) -> Grant:
     return Grant(claims["sub"], frozenset(names), float(claims["exp"]))
 
 
-def verify_refresh(key: bytes, token: str, *, service: str, now: float) -> str:
-    """The user a refresh token was issued to.
+def verify_refresh(key: bytes, token: str, *, service: str, now: float) -> RefreshGrant:
+    """The user a refresh token was issued to, and the credential it is bound to.
+
+    The caller checks the binding against the credentials as they are now.
 
     Raises:
-        Unauthorized: as `verify`.
+        Unauthorized: as `verify`, or a token without a binding (`token_invalid`): one
+            issued before refresh tokens were bound, which nothing can vouch for.
     """
-    subject: str = _decode(key, token, service, now, REFRESH)["sub"]
-    return subject
+    claims = _decode(key, token, service, now, REFRESH)
+    kind, digest = claims.get("by"), claims.get("bnd")
+    if kind not in (BY_PASSWORD, BY_PULL_TOKEN) or not isinstance(digest, str):
+        raise Unauthorized("invalid token", reason="token_invalid")
+    return RefreshGrant(claims["sub"], Binding(kind, digest))
 
 
 def parse_basic(header: str | None) -> tuple[str, str] | None:
@@ -187,3 +245,99 @@ def parse_htpasswd(text: str) -> dict[str, str]:
             raise ValueError(f"line {number}: user {user!r} has no bcrypt hash ($2b$...)")
         users[user] = hashed
     return users
+
+
+def bcrypt_cost(hashed: str) -> int | None:
+    """The cost (log2 rounds) of a bcrypt hash, or None if it is not one."""
+    found = _BCRYPT_COST.match(hashed)
+    return int(found.group(1)) if found else None
+
+
+def usual_cost(hashes: Iterable[str], default: int) -> int:
+    """The cost most of `hashes` have (`default` when there are none).
+
+    An unknown user is checked against a dummy hash of this cost, so that a wrong name
+    costs what a wrong password costs and the answer time does not tell who exists.
+    """
+    costs = collections.Counter(c for h in hashes if (c := bcrypt_cost(h)) is not None)
+    return costs.most_common(1)[0][0] if costs else default
+
+
+# --- failed logins
+
+
+def address_key(address: str) -> str:
+    """Whose failures count together: an IPv4 address, or an IPv6 /64 (one customer)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last: float
+
+
+@dataclass(slots=True)
+class PasswordBackoff:
+    """Exponential backoff after failed password checks, per address and per user.
+
+    The first `free` failures of a key cost nothing; then each failure makes the key
+    wait `base * 2**k` seconds, at most `cap`, before its next check. A success
+    forgets the user's failures (not the address's: an attacker with one good account
+    must not reset the address he guesses from). A key quiet for `cap` seconds after
+    its wait is forgotten. Bounded: past `limit` keys, the oldest go first.
+    """
+
+    free: int
+    cap: float
+    base: float = 1.0
+    limit: int = 100_000
+    _keys: collections.OrderedDict[str, _Failures] = field(default_factory=collections.OrderedDict)
+
+    @staticmethod
+    def _user_key(user: str) -> str:
+        # A digest: names are client-chosen and may be long; the map stays small.
+        return "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+    def _keys_of(self, address: str, user: str) -> tuple[str, str]:
+        return "addr:" + address_key(address), self._user_key(user)
+
+    def _delay(self, failures: _Failures) -> float:
+        over = failures.count - self.free
+        if over <= 0:
+            return 0.0
+        return min(self.cap, self.base * 2.0 ** min(over - 1, 62))
+
+    def wait(self, address: str, user: str, now: float) -> float:
+        """Seconds until `user` may be checked again from `address` (0: now)."""
+        longest = 0.0
+        for key in self._keys_of(address, user):
+            failures = self._keys.get(key)
+            if failures is None:
+                continue
+            until = failures.last + self._delay(failures)
+            if now >= until + self.cap:
+                del self._keys[key]  # quiet long enough: forgiven
+                continue
+            longest = max(longest, until - now)
+        return longest
+
+    def failed(self, address: str, user: str, now: float) -> None:
+        for key in self._keys_of(address, user):
+            failures = self._keys.pop(key, None) or _Failures(0, now)
+            failures.count += 1
+            failures.last = now
+            self._keys[key] = failures  # to the end: the newest
+        while len(self._keys) > self.limit:
+            self._keys.popitem(last=False)
+
+    def succeeded(self, user: str) -> None:
+        self._keys.pop(self._user_key(user), None)
