@@ -289,16 +289,21 @@ class RelayApp:
             exchange.method, url, await self.upstream_headers(exchange, registry, route)
         )
         began = time.monotonic()
-        async with self.upstream.open(request, what=registry.name) as response:
+        async with self.upstream.open(
+            request, what=registry.name, registry=registry.name
+        ) as response:
             exchange.upstream_seconds = time.monotonic() - began
             observe.upstream_answered(self, exchange, response)
             if response.status_code == 429:
                 await observe.too_many_requests(self, exchange, response)
                 return
+            # What a redirect target (a CDN) says about authentication is not the
+            # registry's word: only the registry's own answers teach the relay its realm.
+            own_answer = self.upstream.is_own_origin(registry.name, str(response.url))
             headers = list(header_policy.client_response_headers(response.headers.multi_items()))
             for challenge in response.headers.get_list("www-authenticate"):
                 parsed = auth.parse_challenge(challenge)
-                if parsed.is_bearer:
+                if parsed.is_bearer and own_answer:
                     self.upstream.remember_challenge(registry.name, parsed)
                 if self.clientauth.enabled:
                     continue
@@ -311,7 +316,7 @@ class RelayApp:
                 scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
                 realm = self._relay_realm(exchange, registry)
                 headers.append(("www-authenticate", self.clientauth.challenge(realm, scope)))
-            if route.kind is routing.Kind.BASE and response.status_code == 200:
+            if route.kind is routing.Kind.BASE and response.status_code == 200 and own_answer:
                 self.upstream.remember_challenge(registry.name, None)
             headers.extend(
                 ("link", header_policy.rewrite_link(link, route.upstream_name, route.name))
