@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
 from vpsrelay.errors import (
     ClientError,
+    ClientTooSlow,
     NotFound,
     RelayError,
     RequestTooLarge,
@@ -84,24 +86,45 @@ class Exchange:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     raw_path: str = "/"  # the request target as sent, for the guard's checks
     throttle: Callable[[int], Awaitable[None]] | None = None  # the bandwidth cap
+    # How long one send may wait for the client to take it (`limits.send_timeout`).
+    send_timeout: float = math.inf
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
         self.status = status
         raw = [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in (*headers, *self.extra_headers)
         ]
-        await self.send({"type": "http.response.start", "status": status, "headers": raw})
+        await self._send({"type": "http.response.start", "status": status, "headers": raw})
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
         self.bytes_sent += len(chunk)
         if self.throttle is not None and chunk:
             await self.throttle(len(chunk))
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def _send(self, message: Message) -> None:
+        """One ASGI send, which waits while the client takes nothing (HTTP/2 flow control,
+        a full socket buffer): past the deadline the stream ends, and with it whatever
+        upstream connection fed it."""
+        with trio.move_on_after(self.send_timeout) as deadline:
+            await self.send(message)
+        if deadline.cancelled_caught:
+            raise ClientTooSlow(
+                f"the client accepted nothing for {self.send_timeout:g} s", reason="send_timeout"
+            )
 
     async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
         length = ("content-length", str(len(body)))
         await self.start(status, (*headers, length, API_VERSION_HEADER))
         await self.body(b"" if self.method == "HEAD" else body, more=False)
+
+    async def respond_error(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
+        """`respond` with an error; a client that takes not even that is left (aborted)."""
+        try:
+            await self.respond(status, headers, body)
+        except ClientTooSlow as exc:
+            self.aborted = True
+            log.info("%s %s: no error answer either: %s", self.method, self.path, exc)
 
 
 class RelayApp:
@@ -155,6 +178,7 @@ class RelayApp:
             send=send,
             peer=(scope.get("client") or ("", 0))[0],
             raw_path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
+            send_timeout=self.settings.limits.send_timeout,
         )
         try:
             await self._dispatch(exchange)
@@ -171,7 +195,7 @@ class RelayApp:
                     exc, client_ip=exchange.view.client_ip, method=exchange.method,
                     path=exchange.raw_path,
                 )  # fmt: skip
-            await exchange.respond(
+            await exchange.respond_error(
                 exc.status,
                 (("content-type", "application/json"), *exc.headers),
                 exc.to_registry_body(),
@@ -181,7 +205,7 @@ class RelayApp:
             if exchange.status:
                 raise
             error = RelayError("internal error in the relay")
-            await exchange.respond(
+            await exchange.respond_error(
                 500, (("content-type", "application/json"),), error.to_registry_body()
             )
         finally:
@@ -278,6 +302,13 @@ class RelayApp:
 
     async def _relay(
         self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None = None
+    ) -> None:
+        # Each holds an upstream connection while its client reads: capped per client IP.
+        with self.guard.upstream_stream(exchange.view.client_ip):
+            await self._relay_upstream(exchange, route, path, hook)
+
+    async def _relay_upstream(
+        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None
     ) -> None:
         registry = self.registries[route.registry]
         query = _upstream_query(exchange.query, route)

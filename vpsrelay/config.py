@@ -450,6 +450,14 @@ class LimitsConfig:
     burst: int = _option(100, _count, "requests a client IP may send at once")
     streams_per_ip: int = _option(0, _limit, "blob downloads at once per client IP")
     stream_bytes_per_second: int = _option(0, _size, "bandwidth cap per blob download")
+    # A client that stops reading (an HTTP/2 window it never opens, a full TCP buffer) would
+    # otherwise hold its stream, and the upstream connection behind it, for good.
+    send_timeout: float = _option(
+        60.0, _seconds, "seconds a client may take to accept a piece of a response"
+    )
+    upstream_streams_per_ip: int = _option(
+        32, _limit, "requests per client IP the upstream serves at once (0: no limit)"
+    )
     budget_daily: int = _option(0, _size, "bytes served per UTC day, all clients")
     budget_monthly: int = _option(0, _size, "bytes served per UTC month, all clients")
     user_budget_daily: int = _option(0, _size, "bytes served per UTC day per user")

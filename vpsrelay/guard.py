@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from vpsrelay.core import access, headers as header_policy
-from vpsrelay.errors import BadRequest, HeadersTooLarge
+from vpsrelay.errors import BadRequest, HeadersTooLarge, TooManyRequests
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
     from vpsrelay.config import Settings
@@ -70,6 +70,11 @@ class Guard:
             access.ConcurrencyCounter(limits.streams_per_ip) if limits.streams_per_ip else None
         )
         self.stream_rate = limits.stream_bytes_per_second
+        self.upstream_streams = (
+            access.ConcurrencyCounter(limits.upstream_streams_per_ip)
+            if limits.upstream_streams_per_ip
+            else None
+        )
         self.budget_limits = access.BudgetLimits(
             limits.budget_daily, limits.budget_monthly,
             limits.user_budget_daily, limits.user_budget_monthly,
@@ -153,6 +158,33 @@ class Guard:
                 with trio.CancelScope(shield=True):
                     budget.charge(user, sent(), self.clock())
                     await self._save_budget(budget)
+
+    @contextlib.contextmanager
+    def upstream_stream(self, client_ip: str) -> Iterator[None]:
+        """Around one request the upstream answers: at most `upstream_streams_per_ip` at once.
+
+        Each holds an upstream connection while its client reads, so one client cannot
+        take the pool that every other client's cache misses need.
+
+        Raises:
+            TooManyRequests: this IP already has that many (reason `upstream_streams_limited`).
+        """
+        counter = self.upstream_streams
+        if counter is None:
+            yield
+            return
+        try:
+            counter.acquire(client_ip)
+        except TooManyRequests as exc:
+            raise TooManyRequests(
+                f"too many upstream requests at once: at most {counter.limit} per client",
+                reason="upstream_streams_limited",
+                headers=exc.headers,
+            ) from None
+        try:
+            yield
+        finally:
+            counter.release(client_ip)
 
     def _throttle(self) -> Callable[[int], Awaitable[None]]:
         # One bucket per stream; a burst of one second's worth smooths small chunks.

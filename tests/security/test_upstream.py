@@ -13,20 +13,32 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
+from tests.infra import require_binary
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
-from tests.infra.relay import RelayProcess
+from tests.infra.oci import BuiltImage
+from tests.infra.relay import RelayProcess, pull_token
+from tests.integration.test_registries import assert_pulled
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from tests.infra.hub import Hub
 
 # The "internal" address: loopback, but outside the 127.0.0.1/32 that RelayProcess lets
 # redirects reach, so it stands for the relay's own network.
@@ -224,3 +236,203 @@ def test_an_unparsable_location_is_a_502_with_an_oci_body(
     assert alive.status_code == 200
     assert "Traceback" not in log, log[-3000:]
     assert "bug while serving" not in log
+
+
+# --- finding 4: clients that take nothing hold no upstream connection ----------------------------
+
+MiB = 1024 * 1024
+ATTACKER_HOST = "127.0.0.9"  # its own client IP (loopback), so the legitimate puller's is not it
+POOL = 48  # upstream.max_connections for these relays, smaller than the default to keep it cheap
+ATTACK_STREAMS = 64  # more than the pool
+ATTACK_SEND_TIMEOUT = 20.0  # limits.send_timeout: long enough to measure pulls under attack
+PULLS = 3  # skopeo pulls per measurement (the median is compared)
+PULL_TIMEOUT = 60.0
+LATENCY_FACTOR = 3.0
+
+
+@dataclass
+class StreamState:
+    status: int | None = None
+    reset_after: float | None = None  # seconds after the attack began
+    ended: bool = False
+    received: int = 0
+
+
+class ShutWindowAttacker:
+    """An h2c client (from ATTACKER_HOST) that opens streams for a big blob and never sends
+    a WINDOW_UPDATE; a thread reads the connection (SETTINGS acks only) and records what
+    happens to each stream. Bounded: it stops after `limit` seconds."""
+
+    def __init__(self, relay_url: str, path: str, bearer: str, streams: int, limit: float) -> None:
+        import h2.config
+        import h2.connection
+
+        authority = relay_url.removeprefix("http://")
+        host, _, port = authority.partition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10,
+                                             source_address=(ATTACKER_HOST, 0))  # fmt: skip
+        self.sock.settimeout(0.5)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.began = time.monotonic()
+        self.limit = limit
+        self.streams: dict[int, StreamState] = {}
+        self.lock = threading.Lock()
+        for n in range(streams):
+            stream_id = 1 + 2 * n
+            self.streams[stream_id] = StreamState()
+            self.h2.send_headers(
+                stream_id,
+                [(":method", "GET"), (":path", path), (":scheme", "http"),
+                 (":authority", authority), ("authorization", f"Bearer {bearer}"),
+                 ("range", "bytes=0-")],  # a range passes the cache by: an upstream stream
+                end_stream=True,
+            )  # fmt: skip
+        self.sock.sendall(self.h2.data_to_send())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="attacker", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        import h2.events
+
+        while not self.stop.is_set() and time.monotonic() - self.began < self.limit:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            now = time.monotonic() - self.began
+            with self.lock:
+                for event in self.h2.receive_data(data):
+                    state = self.streams.get(getattr(event, "stream_id", 0) or 0)
+                    if state is None:
+                        continue
+                    if isinstance(event, h2.events.ResponseReceived):
+                        state.status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        state.received += len(event.data)  # never acknowledged
+                    elif isinstance(event, h2.events.StreamReset):
+                        state.reset_after = now
+                    elif isinstance(event, h2.events.StreamEnded):
+                        state.ended = True
+                pending = self.h2.data_to_send()  # SETTINGS and PING acks, no window
+            if pending:
+                self.sock.sendall(pending)
+
+    def snapshot(self) -> list[StreamState]:
+        with self.lock:
+            return [StreamState(**vars(s)) for s in self.streams.values()]
+
+    def wait(self, done: Callable[[list[StreamState]], bool], timeout: float) -> list[StreamState]:
+        deadline = time.monotonic() + timeout
+        states = self.snapshot()
+        while not done(states) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            states = self.snapshot()
+        return states
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def skopeo_pull(tmp_path: Path, host: str, repository: str, image: BuiltImage) -> float:
+    """`skopeo copy` of `repository:1` through the relay at `host`; its wall time (it must
+    succeed, byte-exact)."""
+    source = f"{host}/{repository}:1"
+    skopeo = require_binary("skopeo")
+    conf = tmp_path / "registries.conf"
+    conf.write_text("# no mirrors\n")
+    dest = tmp_path / "out"
+    shutil.rmtree(dest, ignore_errors=True)
+    began = time.monotonic()
+    done = subprocess.run(
+        [skopeo, "copy", "--src-tls-verify=false", "--preserve-digests",
+         f"docker://{source}", f"oci:{dest}:pulled"],
+        capture_output=True, text=True, timeout=PULL_TIMEOUT, check=False,
+        env={**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)},
+    )  # fmt: skip
+    took = time.monotonic() - began
+    assert done.returncode == 0, f"the pull failed after {took:.1f} s: {done.stderr[-2000:]}"
+    assert_pulled(tmp_path, image)
+    return took
+
+
+@pytest.fixture(scope="module")
+def legit_images(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> list[BuiltImage]:
+    """Small images nobody pulled yet: the legitimate puller's (uncached on each relay)."""
+    from tests.integration.test_cache import push_unique
+
+    base = tmp_path_factory.mktemp("legit")
+    return [push_unique(hub, base, f"someuser/legit{n}", 2 * MiB) for n in range(2 * PULLS)]
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "pass-through"])
+def test_shut_windows_cannot_starve_other_clients_of_the_upstream(
+    clean_hub: Hub, legit_images: list[BuiltImage], tmp_path: Path, cache: bool
+) -> None:
+    """A client opens more streams for a 300 MiB layer than the upstream pool holds, and
+    never opens its HTTP/2 window. Before the fix each stream held an upstream connection
+    for good: every other client's cache miss then waited for the pool and failed (504).
+    Now the client holds at most `upstream_streams_per_ip` (the default, 32) upstream
+    streams, each until `send_timeout`; another client's pull meanwhile takes no more than
+    3x its usual time."""
+    big = clean_hub.images["library/big:latest"]
+    assert isinstance(big, BuiltImage)
+    layer = max(big.layers, key=lambda blob: blob.size)
+    env = {
+        "VPSRELAY_CACHE__ENABLED": "true" if cache else "false",
+        "VPSRELAY_UPSTREAM__MAX_CONNECTIONS": str(POOL),
+        "VPSRELAY_LIMITS__SEND_TIMEOUT": str(ATTACK_SEND_TIMEOUT),
+    }
+    with RelayProcess(tmp_path / "relay", "--upstream", f"docker.io={clean_hub.registry_url}",
+                      env=env) as relay:  # fmt: skip
+        host = relay.url.removeprefix("http://")
+        calm = [
+            skopeo_pull(tmp_path, host, f"someuser/legit{n}", legit_images[n]) for n in range(PULLS)
+        ]
+        bearer = pull_token(relay.url, "library/big")
+        attacker = ShutWindowAttacker(
+            relay.url, f"/v2/library/big/blobs/{layer.digest}", bearer, ATTACK_STREAMS,
+            limit=ATTACK_SEND_TIMEOUT + 60,
+        )  # fmt: skip
+        try:
+            # Every stream answered (a 206 that then stalls, or a refusal) or 30 s passed.
+            answered = attacker.wait(
+                lambda states: all(s.status is not None or s.reset_after for s in states), 30
+            )
+            held = [s for s in answered if s.status == 206 and s.reset_after is None]
+            attacked = [
+                skopeo_pull(tmp_path, host, f"someuser/legit{n}", legit_images[n])
+                for n in range(PULLS, 2 * PULLS)
+            ]
+            still_held = [s for s in attacker.snapshot() if s.status == 206 and not s.reset_after]
+            final = attacker.wait(
+                lambda states: all(s.reset_after or s.status != 206 for s in states),
+                ATTACK_SEND_TIMEOUT + 30,
+            )
+        finally:
+            attacker.close()
+        log = relay.log_text()
+    calm_median, attacked_median = statistics.median(calm), statistics.median(attacked)
+    print(
+        f"cache={cache}: pulls {calm} s calm, {attacked} s attacked; "
+        f"{len(held)} streams held, {len(still_held)} still held after the pulls; "
+        f"statuses {collections.Counter(s.status for s in answered)}; "
+        f"resets at {sorted(s.reset_after for s in final if s.reset_after)[:1]}.."
+        f"{sorted(s.reset_after for s in final if s.reset_after)[-1:]} s"
+    )
+    assert attacked_median <= LATENCY_FACTOR * calm_median, (calm, attacked)
+    assert 0 < len(held) <= 32, "at most upstream_streams_per_ip streams reach the upstream"
+    assert still_held, "the attack was still on while the pulls ran"
+    refused = [s for s in answered if s.status == 429]
+    assert len(refused) == ATTACK_STREAMS - len(held)
+    resets = [s.reset_after for s in final if s.status == 206]
+    assert all(r is not None for r in resets), "every stalled stream is reset"
+    assert all(ATTACK_SEND_TIMEOUT * 0.8 <= r <= ATTACK_SEND_TIMEOUT + 30 for r in resets if r)
+    assert "Traceback" not in log
