@@ -436,3 +436,65 @@ def test_shut_windows_cannot_starve_other_clients_of_the_upstream(
     assert all(r is not None for r in resets), "every stalled stream is reset"
     assert all(ATTACK_SEND_TIMEOUT * 0.8 <= r <= ATTACK_SEND_TIMEOUT + 30 for r in resets if r)
     assert "Traceback" not in log
+
+
+SLOW_SEND_TIMEOUT = 5.0
+SLOW_READERS = 4
+
+
+def test_http11_clients_that_stop_reading_lose_their_streams(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    """HTTP/1.1 clients ask for a 300 MiB layer (a range: pass-through even with the cache)
+    and read nothing. The relay must close each after `send_timeout` once the socket
+    buffers are full, freeing its upstream connection; before the fix Hypercorn's
+    (shielded) socket write waited for them for good."""
+    big = clean_hub.images["library/big:latest"]
+    assert isinstance(big, BuiltImage)
+    layer = max(big.layers, key=lambda blob: blob.size)
+    env = {"VPSRELAY_LIMITS__SEND_TIMEOUT": str(SLOW_SEND_TIMEOUT)}
+    with RelayProcess(tmp_path / "relay", "--upstream", f"docker.io={clean_hub.registry_url}",
+                      env=env) as relay:  # fmt: skip
+        bearer = pull_token(relay.url, "library/big")
+        request = (
+            f"GET /v2/library/big/blobs/{layer.digest} HTTP/1.1\r\n"
+            f"Host: {relay.url.removeprefix('http://')}\r\n"
+            f"Authorization: Bearer {bearer}\r\nRange: bytes=0-\r\n\r\n"
+        ).encode()
+        readers = []
+        for _ in range(SLOW_READERS):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind((ATTACKER_HOST, 0))
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", relay.port))
+            sock.sendall(request)
+            readers.append(sock)
+        try:
+            time.sleep(SLOW_SEND_TIMEOUT + 10)  # the socket buffers fill, then the deadline
+            received = [_drain(sock, limit=30.0) for sock in readers]
+        finally:
+            for sock in readers:
+                sock.close()
+        alive = httpx.get(f"{relay.url}/healthz", timeout=REQUEST_TIMEOUT)
+        log = relay.log_text()
+    print(f"slow HTTP/1.1 readers got {received} of {layer.size} bytes before the relay closed")
+    assert all(0 < got < layer.size for got in received), received
+    assert alive.status_code == 200
+    assert log.count("its client took no write") >= SLOW_READERS
+    assert "Traceback" not in log
+
+
+def _drain(sock: socket.socket, limit: float) -> int:
+    """Read until the relay closes the connection (or `limit` seconds pass); bytes read."""
+    got = 0
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        got += len(data)
+    return got
