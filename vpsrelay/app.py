@@ -393,12 +393,12 @@ class RelayApp:
     async def _pump(
         self, exchange: Exchange, response: httpx.Response, verifier: Verifier | None, what: str
     ) -> None:
-        chunks = upstream_chunks(response, what, self, exchange)
-        if verifier is not None:
-            chunks = held_back(chunks, verifier)
-        async with contextlib.aclosing(chunks) as body:
-            async for chunk in body:
-                await exchange.body(chunk, more=True)
+        # Both generators are closed here: `held_back` does not close the one it reads.
+        async with contextlib.aclosing(upstream_chunks(response, what, self, exchange)) as read:
+            chunks = held_back(read, verifier) if verifier is not None else read
+            async with contextlib.aclosing(chunks) as body:
+                async for chunk in body:
+                    await exchange.body(chunk, more=True)
         await exchange.body(b"", more=False)
 
     def _token_registry(self, route: routing.Route, params: list[tuple[str, str]]) -> str:

@@ -323,7 +323,9 @@ class UpstreamConfig:
     connect_timeout: float = _option(10.0, _seconds, "seconds to connect upstream")
     read_timeout: float = _option(60.0, _seconds, "idle seconds between upstream bytes")
     pool_timeout: float = _option(10.0, _seconds, "seconds to wait for a pooled connection")
-    max_connections: int = _option(200, _count, "upstream connections per registry")
+    max_connections: int = _option(
+        200, _count, "upstream connections per registry, and as many to where it redirects"
+    )
     max_redirects: int = _option(5, _count, "redirect hops followed for a blob")
     ca_bundle: Path | None = _option(None, _existing_file, "CA bundle for upstream TLS")
     # Docker Hub counts anonymous pulls per IPv4 address but per IPv6 /64, which VPS
