@@ -102,12 +102,13 @@ class Upstream:
         self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         cfg = settings.upstream
-        verify: ssl.SSLContext | bool = True
+        # One TLS context for every pool (each would otherwise load the CA bundle again).
         if cfg.ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=str(cfg.ca_bundle))
+            self._verify = ssl.create_default_context(cafile=str(cfg.ca_bundle))
+        else:
+            self._verify = httpx.create_ssl_context(trust_env=False)
         self.settings = settings
         self.policy = RedirectPolicy(max_hops=cfg.max_redirects)
-        self._verify = verify
         self._transport = transport
         configured = [u for r in settings.registries for u in (r.url, r.search_url) if u]
         # Health probes and requests for an origin no registry claims: every configured
@@ -208,7 +209,7 @@ class Upstream:
             known = self._discovered.get(registry.name)
             if known is not None and trio.current_time() - known.at < CHALLENGE_TTL:
                 return known.challenge if known.scheme == "bearer" else None
-            client = self._link(registry.name).client
+            client = self.links[registry.name].client
             with map_httpx_errors(registry.name):
                 response = await client.get(
                     f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
@@ -224,9 +225,6 @@ class Upstream:
                 raise UpstreamError(f"{registry.name}: /v2/ answered {response.status_code}")
             self.remember_challenge(registry.name, challenge)
             return challenge if challenge is not None and challenge.is_bearer else None
-
-    def _link(self, registry: str) -> RegistryLink:
-        return self.links[registry]
 
     def _clients_for(
         self, url: str, registry: str | None
