@@ -17,6 +17,8 @@ import trio
 
 from vpsrelay import config, errors
 from vpsrelay.app import RelayApp
+from vpsrelay.core import auth
+from vpsrelay.guard import Guard
 from vpsrelay.upstream import Upstream
 
 HUB = "http://hub.test"
@@ -955,6 +957,51 @@ async def operator_relay(
         await upstream.aclose()
 
 
+# --- issue 12: the upstream side
+
+
+async def test_a_redirect_targets_challenge_does_not_move_the_realm():
+    """A CDN's 401 names another realm: the relay neither learns it nor trusts it."""
+    evil_challenge = 'Bearer realm="http://internal.test/token",service="registry.docker.io"'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "cdn.test":
+            return reply(401, {"www-authenticate": evil_challenge})
+        if request.url.host == "hub.test" and "/blobs/" in request.url.path:
+            return reply(307, {"location": f"{CDN}/blobs/x"})
+        return token_handler(request)
+
+    async with relay(handler) as r:
+        await r.client.get("/token")
+        poisoned = await r.client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")
+        await r.client.get("/token")
+        link = r.app.upstream.links["docker.io"]
+    assert poisoned.status_code == 401
+    assert "internal.test" not in r.seen_paths()[-1]
+    assert r.seen_paths()[-1] == "GET auth.test/token"
+    assert link.targets.announced == ("auth.test", 80)
+    assert not link.targets.is_trusted("internal.test", 80)
+
+
+async def test_realms_are_trusted_per_registry_and_never_for_redirect_hops():
+    settings = config.load(
+        None, {}, {}, upstreams={"docker.io": HUB, "ghcr.io": "http://ghcr.test"}
+    )
+    upstream = Upstream(settings, transport=httpx.MockTransport(never))
+    try:
+        upstream.remember_challenge("docker.io", auth.parse_challenge(HUB_CHALLENGE))
+        hub, ghcr = upstream.links["docker.io"], upstream.links["ghcr.io"]
+        assert hub.targets.is_trusted("auth.test", 80)
+        assert not ghcr.targets.is_trusted("auth.test", 80)
+        # The redirect pool's targets are separate and know only the configured origins.
+        assert hub.redirected is not hub.client
+        assert upstream.client is not hub.client
+        client, redirected = upstream._clients_for(AUTH_REALM, None)
+        assert (client, redirected) == (hub.client, hub.redirected)
+    finally:
+        await upstream.aclose()
+
+
 def operator_handler(request: httpx.Request) -> httpx.Response:
     if str(request.url).startswith(AUTH_REALM):
         body = json.dumps({"token": "operators-token", "refresh_token": "r"}).encode()
@@ -1012,3 +1059,67 @@ async def test_a_clients_own_token_request_never_carries_the_operators_credentia
     ]  # fmt: skip
     assert "authorization" not in post.headers
     assert dict(parse_qsl(post.content.decode()))["scope"] == "repository:library/alpine:pull"
+
+
+@pytest.mark.parametrize("location", ["http://[::1]\\evil/", "http://xn--/blob"])
+async def test_an_unparsable_location_is_a_502(location):
+    def handler(request: httpx.Request) -> httpx.Response:
+        return reply(307, {"location": location})
+
+    async with relay(handler) as r:
+        response = await r.client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    assert response.status_code == 502
+    assert registry_json(response)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+# The relay leaves httpx's body generators (aiter_raw and the stream's) suspended at a
+# chunk when a send fails; trio finalizes them, with a ResourceWarning, once collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_client_that_takes_nothing_loses_the_stream_after_send_timeout(autojump_clock):
+    """The send never returns (a shut HTTP/2 window): after `send_timeout` the request ends
+    and the upstream body is closed."""
+    stream = Chunks(BLOB[:4096], BLOB[4096:8192])
+    async with relay(blob_handler(stream), {"limits.send_timeout": 30.0}) as r:
+        sent: list[dict[str, Any]] = []
+
+        async def stuck_send(message: Any) -> None:
+            sent.append(dict(message))
+            if message["type"] == "http.response.body":
+                await trio.sleep_forever()
+
+        async def receive() -> dict[str, Any]:
+            await trio.sleep_forever()
+            raise AssertionError
+
+        scope = {
+            "type": "http", "method": "GET", "path": f"/v2/alpine/blobs/{BLOB_DIGEST}",
+            "query_string": b"", "headers": [(b"host", b"relay.test")],
+            "client": ("127.0.0.1", 1234), "server": ("relay.test", 80),
+        }  # fmt: skip
+        began = trio.current_time()
+        with trio.fail_after(60):
+            await r.app(scope, receive, stuck_send)
+        took = trio.current_time() - began
+    assert 30 <= took < 31
+    assert sent[0]["status"] == 200
+    assert stream.closed
+
+
+def test_upstream_streams_are_capped_per_client_ip():
+    settings = config.load(None, {}, {"limits.upstream_streams_per_ip": 2})
+    guard = Guard(settings)
+    with guard.upstream_stream("192.0.2.1"), guard.upstream_stream("192.0.2.1"):
+        with pytest.raises(errors.TooManyRequests) as refused, guard.upstream_stream("192.0.2.1"):
+            pass
+        with guard.upstream_stream("192.0.2.2"):  # another client is not affected
+            pass
+    assert refused.value.reason == "upstream_streams_limited"
+    with guard.upstream_stream("192.0.2.1"):  # released again
+        pass
+
+
+def test_upstream_streams_cap_has_a_default_and_zero_disables_it():
+    assert config.load(None, {}).limits.upstream_streams_per_ip == 32
+    assert config.load(None, {}).limits.send_timeout == 60.0
+    guard = Guard(config.load(None, {}, {"limits.upstream_streams_per_ip": 0}))
+    assert guard.upstream_streams is None

@@ -40,6 +40,7 @@ ALL_ERRORS = [
         (errors.Denied, 403, "DENIED"),
         (errors.TooManyRequests, 429, "TOOMANYREQUESTS"),
         (errors.MisdirectedRequest, 421, "DENIED"),
+        (errors.ClientTooSlow, 408, "UNKNOWN"),
         (errors.HeadersTooLarge, 431, "SIZE_INVALID"),
     ],
 )
@@ -52,7 +53,7 @@ def test_status_and_code(error, status, code):
 
 
 def test_table_lists_every_error():
-    assert len(ALL_ERRORS) == 23
+    assert len(ALL_ERRORS) == 24
 
 
 @pytest.mark.parametrize("error", ALL_ERRORS)

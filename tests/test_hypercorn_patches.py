@@ -323,3 +323,45 @@ async def test_a_shut_window_does_not_let_the_buffer_grow() -> None:
     assert pushed == 8
     assert bytes(pair.body) == chunk * 8
     assert pair.ended
+
+
+class _StuckStream:
+    """A client socket whose buffers are full: a write never completes."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def send_all(self, data: bytes) -> None:
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class _Protocol:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    async def handle(self, event: object) -> None:
+        self.events.append(event)
+
+
+async def test_a_write_the_client_takes_nothing_of_closes_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import hypercorn.config
+    from hypercorn.events import Closed
+
+    config = hypercorn.config.Config()
+    hypercorn_patches.bound_writes(config, 30.0)
+    server = hypercorn_patches.RelayTCPServer.__new__(hypercorn_patches.RelayTCPServer)
+    server.config = config
+    server.send_lock = trio.Lock()
+    server.stream = _StuckStream()  # type: ignore[assignment]
+    server.protocol = _Protocol()  # type: ignore[assignment]
+    began = trio.current_time()
+    with trio.fail_after(60):
+        await server.protocol_send(RawData(b"a 512 KiB chunk"))
+    assert trio.current_time() - began == pytest.approx(30.0)
+    assert server.stream.closed
+    assert [type(e) for e in server.protocol.events] == [Closed]  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
 from vpsrelay.errors import (
     ClientError,
+    ClientTooSlow,
     Denied,
     NotFound,
     RelayError,
@@ -85,6 +87,8 @@ class Exchange:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     raw_path: str = "/"  # the request target as sent, for the guard's checks
     meter: DownloadMeter | None = None  # a blob download's budget hold and bandwidth cap
+    # How long one send may wait for the client to take it (`limits.send_timeout`).
+    send_timeout: float = math.inf
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
         if self.meter is not None:
@@ -94,18 +98,37 @@ class Exchange:
         raw = [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in (*headers, *self.extra_headers)
         ]
-        await self.send({"type": "http.response.start", "status": status, "headers": raw})
+        await self._send({"type": "http.response.start", "status": status, "headers": raw})
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
         self.bytes_sent += len(chunk)
         if self.meter is not None and chunk:
             await self.meter.sent(len(chunk))
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def _send(self, message: Message) -> None:
+        """One ASGI send, which waits while the client takes nothing (HTTP/2 flow control,
+        a full socket buffer): past the deadline the stream ends, and with it whatever
+        upstream connection fed it."""
+        with trio.move_on_after(self.send_timeout) as deadline:
+            await self.send(message)
+        if deadline.cancelled_caught:
+            raise ClientTooSlow(
+                f"the client accepted nothing for {self.send_timeout:g} s", reason="send_timeout"
+            )
 
     async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
         length = ("content-length", str(len(body)))
         await self.start(status, (*headers, length, API_VERSION_HEADER))
         await self.body(b"" if self.method == "HEAD" else body, more=False)
+
+    async def respond_error(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
+        """`respond` with an error; a client that takes not even that is left (aborted)."""
+        try:
+            await self.respond(status, headers, body)
+        except ClientTooSlow as exc:
+            self.aborted = True
+            log.info("%s %s: no error answer either: %s", self.method, self.path, exc)
 
 
 class RelayApp:
@@ -159,6 +182,7 @@ class RelayApp:
             send=send,
             peer=(scope.get("client") or ("", 0))[0],
             raw_path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
+            send_timeout=self.settings.limits.send_timeout,
         )
         try:
             await self._dispatch(exchange)
@@ -175,7 +199,7 @@ class RelayApp:
                     exc, client_ip=exchange.view.client_ip, method=exchange.method,
                     path=exchange.raw_path,
                 )  # fmt: skip
-            await exchange.respond(
+            await exchange.respond_error(
                 exc.status,
                 (("content-type", "application/json"), *exc.headers),
                 exc.to_registry_body(),
@@ -185,7 +209,7 @@ class RelayApp:
             if exchange.status:
                 raise
             error = RelayError("internal error in the relay")
-            await exchange.respond(
+            await exchange.respond_error(
                 500, (("content-type", "application/json"),), error.to_registry_body()
             )
         finally:
@@ -305,6 +329,13 @@ class RelayApp:
     async def _relay(
         self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None = None
     ) -> None:
+        # Each holds an upstream connection while its client reads: capped per client IP.
+        with self.guard.upstream_stream(exchange.view.client_ip):
+            await self._relay_upstream(exchange, route, path, hook)
+
+    async def _relay_upstream(
+        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None
+    ) -> None:
         registry = self.registries[route.registry]
         query = _upstream_query(exchange.query, route)
         base = registry.search_url if route.kind is routing.Kind.SEARCH else registry.url
@@ -315,7 +346,9 @@ class RelayApp:
             exchange.method, url, await self.upstream_headers(exchange, registry, route)
         )
         began = time.monotonic()
-        async with self.upstream.open(request, what=registry.name) as response:
+        async with self.upstream.open(
+            request, what=registry.name, registry=registry.name
+        ) as response:
             exchange.upstream_seconds = time.monotonic() - began
             observe.upstream_answered(self, exchange, response)
             if response.status_code == 429:
@@ -325,10 +358,13 @@ class RelayApp:
                 # Held before the hook, where a cache fill would begin for a download the
                 # budget then refused.
                 exchange.meter.reserve(_content_length(response.headers.get("content-length")))
+            # What a redirect target (a CDN) says about authentication is not the
+            # registry's word: only the registry's own answers teach the relay its realm.
+            own_answer = self.upstream.is_own_origin(registry.name, str(response.url))
             headers = list(header_policy.client_response_headers(response.headers.multi_items()))
             for challenge in response.headers.get_list("www-authenticate"):
                 parsed = auth.parse_challenge(challenge)
-                if parsed.is_bearer:
+                if parsed.is_bearer and own_answer:
                     self.upstream.remember_challenge(registry.name, parsed)
                 if self.clientauth.enabled:
                     continue
@@ -341,7 +377,7 @@ class RelayApp:
                 scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
                 realm = self._relay_realm(exchange, registry)
                 headers.append(("www-authenticate", self.clientauth.challenge(realm, scope)))
-            if route.kind is routing.Kind.BASE and response.status_code == 200:
+            if route.kind is routing.Kind.BASE and response.status_code == 200 and own_answer:
                 self.upstream.remember_challenge(registry.name, None)
             headers.extend(
                 ("link", header_policy.rewrite_link(link, route.upstream_name, route.name))
@@ -383,12 +419,12 @@ class RelayApp:
     async def _pump(
         self, exchange: Exchange, response: httpx.Response, verifier: Verifier | None, what: str
     ) -> None:
-        chunks = upstream_chunks(response, what, self, exchange)
-        if verifier is not None:
-            chunks = held_back(chunks, verifier)
-        async with contextlib.aclosing(chunks) as body:
-            async for chunk in body:
-                await exchange.body(chunk, more=True)
+        # Both generators are closed here: `held_back` does not close the one it reads.
+        async with contextlib.aclosing(upstream_chunks(response, what, self, exchange)) as read:
+            chunks = held_back(read, verifier) if verifier is not None else read
+            async with contextlib.aclosing(chunks) as body:
+                async for chunk in body:
+                    await exchange.body(chunk, more=True)
         await exchange.body(b"", more=False)
 
     def _token_registry(self, route: routing.Route, params: list[tuple[str, str]]) -> str:

@@ -348,7 +348,9 @@ class UpstreamConfig:
     connect_timeout: float = _option(10.0, _seconds, "seconds to connect upstream")
     read_timeout: float = _option(60.0, _seconds, "idle seconds between upstream bytes")
     pool_timeout: float = _option(10.0, _seconds, "seconds to wait for a pooled connection")
-    max_connections: int = _option(200, _count, "upstream connections per registry")
+    max_connections: int = _option(
+        200, _count, "upstream connections per registry, and as many to where it redirects"
+    )
     max_redirects: int = _option(5, _count, "redirect hops followed for a blob")
     ca_bundle: Path | None = _option(None, _existing_file, "CA bundle for upstream TLS")
     # Docker Hub counts anonymous pulls per IPv4 address but per IPv6 /64, which VPS
@@ -483,6 +485,14 @@ class LimitsConfig:
     streams_per_ip: int = _option(0, _limit, "blob downloads at once per client IP")
     ipv6_prefix_length: int = _option(64, _ipv6_prefix, "IPv6 clients share per-IP limits per /N")
     stream_bytes_per_second: int = _option(0, _size, "bandwidth cap per blob download")
+    # A client that stops reading (an HTTP/2 window it never opens, a full TCP buffer) would
+    # otherwise hold its stream, and the upstream connection behind it, for good.
+    send_timeout: float = _option(
+        60.0, _seconds, "seconds a client may take to accept a piece of a response"
+    )
+    upstream_streams_per_ip: int = _option(
+        32, _limit, "requests per client IP the upstream serves at once (0: no limit)"
+    )
     budget_daily: int = _option(0, _size, "bytes served per UTC day, all clients")
     budget_monthly: int = _option(0, _size, "bytes served per UTC month, all clients")
     user_budget_daily: int = _option(0, _size, "bytes served per UTC day per user")

@@ -107,6 +107,12 @@ class TooManyRequests(ClientError):
     code = "TOOMANYREQUESTS"
 
 
+class ClientTooSlow(ClientError):
+    """The client accepted nothing of a response for `limits.send_timeout` seconds."""
+
+    status = 408
+
+
 class MisdirectedRequest(ClientError):
     """A Host the relay does not answer for (RFC 9110 §15.5.20)."""
 

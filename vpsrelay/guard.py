@@ -25,10 +25,10 @@ import trio
 
 from vpsrelay import private_files
 from vpsrelay.core import access, headers as header_policy
-from vpsrelay.errors import BadRequest, HeadersTooLarge
+from vpsrelay.errors import BadRequest, HeadersTooLarge, TooManyRequests
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
     from vpsrelay.config import Settings
@@ -73,6 +73,11 @@ class Guard:
         )
         self.stream_rate = limits.stream_bytes_per_second
         self.ipv6_prefix = limits.ipv6_prefix_length
+        self.upstream_streams = (
+            access.ConcurrencyCounter(limits.upstream_streams_per_ip)
+            if limits.upstream_streams_per_ip
+            else None
+        )
         self.budget_limits = access.BudgetLimits(
             limits.budget_daily, limits.budget_monthly,
             limits.user_budget_daily, limits.user_budget_monthly,
@@ -163,6 +168,34 @@ class Guard:
                 with trio.CancelScope(shield=True):
                     budget.settle(hold, sent(), self.clock())
                     await self._save_budget(budget)
+
+    @contextlib.contextmanager
+    def upstream_stream(self, client_ip: str) -> Iterator[None]:
+        """Around one request the upstream answers: at most `upstream_streams_per_ip` at once.
+
+        Each holds an upstream connection while its client reads, so one client cannot
+        take the pool that every other client's cache misses need.
+
+        Raises:
+            TooManyRequests: this IP already has that many (reason `upstream_streams_limited`).
+        """
+        counter = self.upstream_streams
+        if counter is None:
+            yield
+            return
+        client = self.limit_key(client_ip)
+        try:
+            counter.acquire(client)
+        except TooManyRequests as exc:
+            raise TooManyRequests(
+                f"too many upstream requests at once: at most {counter.limit} per client",
+                reason="upstream_streams_limited",
+                headers=exc.headers,
+            ) from None
+        try:
+            yield
+        finally:
+            counter.release(client)
 
     def _throttle(self) -> Callable[[int], Awaitable[None]]:
         # One bucket per stream; a burst of one second's worth smooths small chunks.

@@ -125,8 +125,13 @@ def apply() -> bool:
 # * once the client's side is closed or timed out, the connection is closed then, not
 #   after `keep_alive_timeout` (Hypercorn waits for its keep-alive task first, so every
 #   closed or half-open connection kept its slot and descriptor for 75 s).
+# * a write the client takes nothing of for `limits.send_timeout` seconds closes the
+#   connection (`bound_writes`): Hypercorn shields its socket writes from cancellation, so
+#   an HTTP/1.1 client that stopped reading held its request, and the upstream connection
+#   behind it, for good; the app's own deadline around each send cannot reach inside.
 
 _LIMITER_ATTRIBUTE = "_vpsrelay_connection_limiter"
+_SEND_TIMEOUT_ATTRIBUTE = "_vpsrelay_send_timeout"
 _REFUSED_ATTRIBUTE = "_vpsrelay_on_refused"
 _MAX_RECV = 2**16  # hypercorn.trio.tcp_server.MAX_RECV
 
@@ -140,6 +145,12 @@ def cap_connections(
     setattr(config, _LIMITER_ATTRIBUTE, trio.CapacityLimiter(limit))
     setattr(config, _REFUSED_ATTRIBUTE, on_refused)
     trio_run.TCPServer = RelayTCPServer  # type: ignore[attr-defined]
+
+
+def bound_writes(config: hypercorn.config.Config, seconds: float) -> None:
+    """Close a connection whose client takes nothing of one write for `seconds`
+    (needs the `RelayTCPServer` that `cap_connections` installs)."""
+    setattr(config, _SEND_TIMEOUT_ATTRIBUTE, seconds)
 
 
 class RelayTCPServer(TCPServer):
@@ -169,7 +180,30 @@ class RelayTCPServer(TCPServer):
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
             self._busy = not event.idle
+        timeout: float | None = getattr(self.config, _SEND_TIMEOUT_ATTRIBUTE, None)
+        if isinstance(event, RawData) and timeout is not None:
+            await self._send_within(event.data, seconds=timeout)
+            return
         await super().protocol_send(event)
+
+    async def _send_within(self, data: bytes, *, seconds: float) -> None:
+        """Hypercorn's write (`TCPServer.protocol_send`, RawData), with a deadline."""
+        async with self.send_lock:
+            try:
+                # Shielded as Hypercorn's is (a cancelled write leaves half a frame), but
+                # the deadline inside the shield still ends it.
+                with trio.CancelScope(shield=True), trio.move_on_after(seconds) as deadline:
+                    await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+                return
+        if deadline.cancelled_caught:
+            log.info("closing a connection: its client took no write for %g s", seconds)
+            # Half a frame may be out: the connection cannot go on. The request sees a
+            # disconnect and ends, with its upstream connection.
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+                await self.protocol.handle(Closed())
 
     async def _read_data(self) -> None:
         timeout = self.config.read_timeout or math.inf

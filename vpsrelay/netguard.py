@@ -4,8 +4,10 @@ An upstream's blob redirect names a host the relay then connects to. If that hos
 were loopback, link-local (169.254.169.254, the cloud metadata service) or private,
 whoever controls the redirect could make the relay fetch from the relay's own
 network. So every connection the relay opens passes this network backend (httpcore's
-seam under httpx): a configured upstream's own origin (its URL, search URL, the token
-realms it announces) is the operator's choice and trusted; any other host is resolved
+seam under httpx): a configured upstream's own origin (its URL, search URL) is the
+operator's choice and trusted, and so is the token realm a registry announced on its own
+origin, but only for the requests the relay itself sends there (each registry has its own
+`Targets`, and the pool for redirect hops never trusts a realm); any other host is resolved
 here, *every* address is checked (`core.access.address_refusal`), and the connection
 goes to a checked address, so a name cannot resolve differently between check and
 connect. TLS still verifies the certificate for the name (httpcore passes it as SNI).
@@ -50,10 +52,11 @@ def origin_key(url: str) -> tuple[str, int] | None:
 
 
 class Targets:
-    """The trusted origins and allowed networks; grows as upstreams announce realms."""
+    """The trusted origins and allowed networks, and the one announced token realm."""
 
     def __init__(self, trusted_urls: Iterable[str], allowed: Iterable[str]) -> None:
         self.trusted: set[tuple[str, int]] = set()
+        self.announced: tuple[str, int] | None = None
         self.networks: list[Network] = []
         for url in trusted_urls:
             self.trust(url)
@@ -68,8 +71,16 @@ class Targets:
         if key is not None:
             self.trusted.add(key)
 
+    def announce(self, realm: str | None) -> None:
+        """Trust the token realm a registry named on its own origin (replacing the last)."""
+        self.announced = origin_key(realm) if realm else None
+
+    def announces(self, key: tuple[str, int]) -> bool:
+        return self.announced is not None and key == self.announced
+
     def is_trusted(self, host: str, port: int) -> bool:
-        return (host.strip("[]").lower(), port) in self.trusted
+        key = (host.strip("[]").lower(), port)
+        return key in self.trusted or self.announces(key)
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):

@@ -128,6 +128,7 @@ async def _serve(
         hypercorn_patches.cap_connections(
             config, settings.server.max_connections, app.guard.record_reason
         )
+        hypercorn_patches.bound_writes(config, settings.limits.send_timeout)
         _check_descriptor_limit(settings.server.max_connections)
         # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
         serve = partial(

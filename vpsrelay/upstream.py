@@ -1,8 +1,12 @@
 """The upstream side of the IO shell: httpx, challenge discovery, error mapping.
 
-One `httpx.AsyncClient` serves every upstream origin (its pool keys by origin).
-Redirects are never followed by httpx: `core.flow` decides each hop, and this
-module performs it. httpx errors become `RelayError`s here and nowhere else.
+Each registry has its own connection pools (`upstream.max_connections` each), so one
+registry's slow or stuck transfers cannot starve another's: one for the requests the
+relay chooses (the registry's own URLs and the token realm it announced on its own
+origin) and one for the hops it is redirected to (a CDN), which may reach only public
+addresses whatever realm was announced (see `netguard`). Redirects are never followed
+by httpx: `core.flow` decides each hop, and this module performs it. httpx errors
+become `RelayError`s here and nowhere else.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def map_httpx_errors(what: str) -> Iterator[None]:
     except httpx.HTTPError as exc:
         log.warning("upstream error: %s: %r", what, exc)
         raise UpstreamError(f"{what}: upstream request failed") from exc
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        # A Location httpx cannot parse (a backslash in the port, a bad IDNA label):
+        # httpx raises these outside its HTTPError tree.
+        log.warning("upstream gave an invalid URL: %s: %s", what, exc)
+        raise UpstreamProtocolError(f"{what}: upstream sent a URL the relay cannot use") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,22 @@ class Discovered:
         return self.challenge.scheme.lower() if self.challenge is not None else "none"
 
 
+@dataclass(slots=True)
+class RegistryLink:
+    """One registry's connections: its own origins, and where it redirects to."""
+
+    name: str
+    origins: frozenset[tuple[str, int]]  # its configured URLs (registry and search)
+    # Trusts its configured origins and the token realm it announced on its own origin.
+    targets: netguard.Targets
+    client: httpx.AsyncClient  # the requests the relay chooses: its API, its token realm
+    redirected: httpx.AsyncClient  # redirect hops: never trusts an announced realm
+
+    def serves(self, url: str) -> bool:
+        """Whether `url` is on one of this registry's configured origins."""
+        return netguard.origin_key(url) in self.origins
+
+
 class Upstream:
     """Talks to the configured registries and wherever they redirect."""
 
@@ -77,29 +102,52 @@ class Upstream:
         self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         cfg = settings.upstream
-        verify: ssl.SSLContext | bool = True
+        # One TLS context for every pool (each would otherwise load the CA bundle again).
         if cfg.ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=str(cfg.ca_bundle))
+            self._verify = ssl.create_default_context(cafile=str(cfg.ca_bundle))
+        else:
+            self._verify = httpx.create_ssl_context(trust_env=False)
         self.settings = settings
         self.policy = RedirectPolicy(max_hops=cfg.max_redirects)
+        self._transport = transport
+        configured = [u for r in settings.registries for u in (r.url, r.search_url) if u]
+        # Health probes and requests for an origin no registry claims: every configured
+        # registry URL is trusted, nothing any registry announced.
+        self.client = self._client(netguard.Targets(configured, settings.access.redirect_allow))
+        self.links: dict[str, RegistryLink] = {}
+        for registry in settings.registries:
+            own = [u for u in (registry.url, registry.search_url) if u]
+            targets = netguard.Targets(own, settings.access.redirect_allow)
+            self.links[registry.name] = RegistryLink(
+                name=registry.name,
+                origins=frozenset(k for k in map(netguard.origin_key, own) if k is not None),
+                targets=targets,
+                client=self._client(targets),
+                redirected=self._client(netguard.Targets(own, settings.access.redirect_allow)),
+            )
+        self._discovered: dict[str, Discovered] = {}
+        self._discovery_locks: dict[str, trio.Lock] = {}
+
+    def _client(self, targets: netguard.Targets) -> httpx.AsyncClient:
+        """A client with its own pool, connecting only where `targets` allows."""
+        cfg = self.settings.upstream
         limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32)
         # Binding the local side to 0.0.0.0 makes every upstream connection IPv4.
         local_address = "0.0.0.0" if cfg.prefer_ipv4 else None
-        # Redirect targets may reach only public addresses (issue 5); see `netguard`.
-        self.targets = netguard.Targets(
-            [u for r in settings.registries for u in (r.url, r.search_url) if u],
-            settings.access.redirect_allow,
-        )
-        if transport is None and not settings.access.allow_private_redirects:
-            backend = netguard.GuardedBackend(self.targets)
+        transport = self._transport
+        if transport is None and not self.settings.access.allow_private_redirects:
+            # Redirect targets may reach only public addresses (issue 5); see `netguard`.
             transport = netguard.GuardedTransport(
-                backend, verify=verify, limits=limits, local_address=local_address
+                netguard.GuardedBackend(targets),
+                verify=self._verify,
+                limits=limits,
+                local_address=local_address,
             )
-        elif transport is None and local_address is not None:
+        elif transport is None:
             transport = httpx.AsyncHTTPTransport(
-                verify=verify, limits=limits, local_address=local_address, trust_env=False
+                verify=self._verify, limits=limits, local_address=local_address, trust_env=False
             )
-        self.client = httpx.AsyncClient(
+        return httpx.AsyncClient(
             # No total deadline: a 10 GiB layer on a slow link must finish; `read` is idle time.
             timeout=httpx.Timeout(
                 connect=cfg.connect_timeout,
@@ -109,19 +157,33 @@ class Upstream:
             ),
             limits=limits,
             follow_redirects=False,
-            verify=verify,
+            verify=self._verify,
             trust_env=False,
             transport=transport,
         )
-        self._discovered: dict[str, Discovered] = {}
-        self._discovery_locks: dict[str, trio.Lock] = {}
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        with trio.CancelScope(shield=True):
+            await self.client.aclose()
+            for link in self.links.values():
+                await link.client.aclose()
+                await link.redirected.aclose()
+
+    def is_own_origin(self, registry: str, url: str) -> bool:
+        """Whether `url` is on `registry`'s configured origins (an answer it gave itself)."""
+        link = self.links.get(registry)
+        return link is not None and link.serves(url)
 
     def remember_challenge(self, registry: str, challenge: auth.Challenge | None) -> None:
-        if challenge is not None and challenge.realm:
-            self.targets.trust(challenge.realm)  # the upstream's own token service
+        """Keep what `registry` said about authentication, on its own origin.
+
+        The callers pass only challenges from answers on the registry's own origin: a
+        redirect target (a CDN) has no say in where the operator's credentials go.
+        """
+        link = self.links.get(registry)
+        if link is not None:
+            # The token service it names now, and only that one, is trusted for it.
+            link.targets.announce(challenge.realm if challenge is not None else None)
         self._discovered[registry] = Discovered(challenge, trio.current_time())
 
     def known_scheme(self, registry: str) -> str | None:
@@ -147,8 +209,9 @@ class Upstream:
             known = self._discovered.get(registry.name)
             if known is not None and trio.current_time() - known.at < CHALLENGE_TTL:
                 return known.challenge if known.scheme == "bearer" else None
+            client = self.links[registry.name].client
             with map_httpx_errors(registry.name):
-                response = await self.client.get(
+                response = await client.get(
                     f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
                 )
             challenge = None
@@ -163,6 +226,24 @@ class Upstream:
             self.remember_challenge(registry.name, challenge)
             return challenge if challenge is not None and challenge.is_bearer else None
 
+    def _clients_for(
+        self, url: str, registry: str | None
+    ) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+        """(first hop, redirect hops) clients for a request to `url` for `registry`.
+
+        Callers that do not name the registry are matched by the URL's origin: a
+        registry's configured URL, then the realm a registry announced.
+        """
+        link = self.links.get(registry) if registry is not None else None
+        if link is None:
+            key = netguard.origin_key(url)
+            link = next((k for k in self.links.values() if key in k.origins), None)
+            if link is None and key is not None:
+                link = next((k for k in self.links.values() if k.targets.announces(key)), None)
+        if link is None:
+            return self.client, self.client
+        return link.client, link.redirected
+
     @contextlib.asynccontextmanager
     async def open(
         self,
@@ -171,23 +252,28 @@ class Upstream:
         what: str,
         follow: bool = True,
         content: bytes | None = None,
+        registry: str | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Send `request`, following redirects per the policy; yield the final response.
 
+        The first hop goes over `registry`'s own pool (found by the URL's origin when
+        not named); redirect hops over its redirect pool, which reaches only public
+        addresses (and the operator's `redirect_allow`), whatever realm was announced.
         The body is not read: the caller streams it. Leaving the context closes the
         response, which closes its connection if the body was not read to the end.
 
         Raises:
             RelayError: the upstream could not be reached, or redirected badly.
         """
+        client, redirected = self._clients_for(request.url, registry)
         conversation = flow.pull_flow(request, self.policy, follow=follow)
         hop = next(conversation)
         while True:
-            outgoing = self.client.build_request(
-                hop.method, hop.url, headers=list(hop.headers), content=content
-            )
             with map_httpx_errors(what):
-                response = await self.client.send(outgoing, stream=True)
+                outgoing = client.build_request(
+                    hop.method, hop.url, headers=list(hop.headers), content=content
+                )
+                response = await client.send(outgoing, stream=True)
             try:
                 head = flow.UpstreamHead(
                     response.status_code,
@@ -202,6 +288,7 @@ class Upstream:
                 raise
             await response.aclose()
             content = None
+            client = redirected
         try:
             yield response
         finally:
