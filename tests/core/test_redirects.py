@@ -104,3 +104,33 @@ def test_location_with_bad_port_is_refused(location):
 
 def test_default_policy():
     assert RedirectPolicy().max_hops == 5
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://127.0.0.1\\evil/blob",
+        "http://cdn.test\\@127.0.0.1/blob",
+        "http://cdn test/blob",
+        "http://cdn%2etest/blob",
+        "http://-cdn.test/blob",
+        "http://" + "a" * 64 + ".test/blob",
+    ],
+)
+def test_a_location_whose_host_is_no_dns_name_is_refused_before_any_lookup(location):
+    """A host a resolver must never be asked about (issue 12, finding 13)."""
+    with pytest.raises(errors.RedirectRefused):
+        next_hop(FIRST, location, 0, POLICY)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://xn--bcher-kva.test/b",
+        "http://[2001:db8::1]:8080/b",
+        "http://10.0.0.1/b",
+        "http://cdn.test./b",
+    ],
+)
+def test_ip_literals_and_idna_names_are_followed(location):
+    assert next_hop(FIRST, location, 0, POLICY).url.startswith(location.split("/b")[0])

@@ -6,6 +6,7 @@ here before anything is sent upstream, so a malformed path never leaves the rela
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # OCI distribution-spec, "Pulling manifests":
@@ -70,3 +71,19 @@ def unquote_string(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
         return re.sub(r"\\(.)", r"\1", value[1:-1])
     return value
+
+
+# A DNS name as redirect targets may carry one (RFC 1123 labels, already IDNA-encoded:
+# `xn--...` ASCII); anything else in a host (a backslash, a space, `%`) is never resolved.
+_HOST_LABEL_RE = re.compile(r"(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")
+
+
+def is_valid_hostname(host: str) -> bool:
+    """An IP literal or an LDH DNS name of at most 253 characters (a trailing dot allowed)."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL_RE.fullmatch(x) for x in name.split("."))

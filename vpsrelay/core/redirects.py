@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from vpsrelay.core import headers as header_policy
+from vpsrelay.core.grammar import is_valid_hostname
 from vpsrelay.errors import RedirectRefused, TooManyRedirects
 
 # RFC 9110 §15.4: the redirection codes that carry a Location to follow.
@@ -59,6 +60,10 @@ def next_hop(
         parts = urlsplit(target)
         if parts.scheme not in FOLLOWED_SCHEMES or not parts.hostname:
             raise ValueError("not an absolute http(s) URL")
+        if not is_valid_hostname(parts.hostname):  # never hand a resolver `127.0.0.1\\evil`
+            raise ValueError("not a host name")
+        if "@" in parts.netloc:  # credentials in a Location, or `cdn\\@host` parser games
+            raise ValueError("user information in a redirect")
         same = header_policy.same_origin(request.url, target)  # reads the port: may raise
     except ValueError:
         raise RedirectRefused("upstream redirected to a URL the relay does not follow") from None
