@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, strategies as st
 
 from vpsrelay.core import cachepolicy as policy
 from vpsrelay.core.cachepolicy import Entry, GiB, MiB
+
+if TYPE_CHECKING:
+    from random import Random
 
 
 @pytest.mark.parametrize(
@@ -186,13 +190,43 @@ def test_offline_access() -> None:
     assert not policy.offline_access(granted=True, public=True, holds_object=False)
 
 
-def test_accepts() -> None:
-    oci = "application/vnd.oci.image.manifest.v1+json"
-    assert policy.accepts(None, oci)
-    assert policy.accepts("", oci)
-    assert policy.accepts(f"application/json, {oci}; q=0.9", oci)
-    assert policy.accepts("*/*", oci)
-    assert not policy.accepts("application/vnd.docker.distribution.manifest.v2+json", oci)
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.mark.parametrize(
+    ("accept", "admitted"),
+    [
+        (None, True),
+        ("", True),
+        (" , ", True),  # empty list elements only: as good as none
+        (f"application/json, {OCI}; q=0.9", True),
+        ("*/*", True),
+        ("application/*", True),
+        (OCI.upper(), True),
+        (f"{OCI};Q=1", True),
+        (f'{OCI};note="a,b;c"', True),  # a parameter's quoted comma splits nothing
+        (f"{OCI};q=0.001", True),
+        ("application/vnd.docker.distribution.manifest.v2+json", False),
+        ("text/*", False),
+        # Issue 12 review: a weight of 0 means "not acceptable" (RFC 9110 §12.4.2).
+        (f"{OCI};q=0", False),
+        (f"{OCI} ; q=0.000", False),
+        (f"{OCI};Q=0", False),
+        (f"*/*, {OCI};q=0", False),  # the more specific range decides
+        (f"application/*, {OCI};q=0", False),
+        (f"{OCI}, {OCI};q=0", False),  # equally specific: the refusal is not outvoted
+        (f"{OCI};v=1;q=0, {OCI}", False),
+        (f"{OCI}, application/*;q=0", True),
+        ("application/*;q=0", False),
+        ("*/*;q=0", False),
+        (f"{OCI};q=2", False),  # not a weight: the element names nothing
+        (f"{OCI};q=abc", False),
+        ("garbage", False),
+        ("*/vnd.oci.image.manifest.v1+json", False),  # not a media range
+    ],
+)
+def test_accepts(accept: str | None, admitted: bool) -> None:
+    assert policy.accepts(accept, OCI) is admitted
 
 
 SKOPEO_ACCEPT = ", ".join(
@@ -206,6 +240,14 @@ SKOPEO_ACCEPT = ", ".join(
     ]
 )
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+SCHEMA1_JSON = "application/vnd.docker.distribution.manifest.v1+json"
+LIST = policy.DOCKER_LIST
+# The types a registry converts to what a client asks for, refused with q=0: an upstream
+# that honours weights answers the one platform's manifest to this.
+LISTS_REFUSED = (
+    f"{policy.OCI_INDEX};q=0, {policy.DOCKER_LIST};q=0, {policy.OCI_MANIFEST}, "
+    f"{policy.DOCKER_MANIFEST}"
+)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +258,9 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
         (SKOPEO_ACCEPT, policy.DOCKER_MANIFEST, True),
         (SKOPEO_ACCEPT.upper(), policy.DOCKER_LIST, True),
         (f"{SKOPEO_ACCEPT}, */*", "application/vnd.example.artifact+json", True),
-        (SKOPEO_ACCEPT.replace(", ", " ;q=0.5,"), policy.OCI_INDEX, True),
+        (SKOPEO_ACCEPT.replace(", ", ";q=0.5, ") + ";q=0.5", policy.OCI_INDEX, True),
+        (f"{SKOPEO_ACCEPT.replace(', ', ';q=0.5, ')};q=0.1", policy.OCI_INDEX, True),
+        (f"{SKOPEO_ACCEPT}, */*;q=0.1", policy.OCI_INDEX, True),
         # Issue 12, finding 9: the one platform's manifest chosen for a narrow Accept.
         (policy.DOCKER_MANIFEST, policy.DOCKER_MANIFEST, False),
         (f"{policy.OCI_INDEX}, {policy.DOCKER_MANIFEST}", policy.DOCKER_MANIFEST, False),
@@ -228,10 +272,77 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
         (None, policy.OCI_INDEX, False),
         ("", policy.OCI_INDEX, False),
         ("*/*", policy.OCI_INDEX, False),
+        ("application/*", policy.OCI_INDEX, False),
+        # Issue 12 review: every type named, but the lists refused with q=0 ...
+        (LISTS_REFUSED, policy.DOCKER_MANIFEST, False),
+        (LISTS_REFUSED.upper(), policy.DOCKER_MANIFEST, False),
+        (f"{SKOPEO_ACCEPT}, {policy.DOCKER_LIST};q=0", policy.DOCKER_MANIFEST, False),
+        # ... or less wanted than something a registry converts to, which an upstream
+        # that honours preferences answers with. (Before: the first was recorded.)
+        (SKOPEO_ACCEPT.replace(", ", ";q=0.5, "), SCHEMA1_JSON, False),
+        (LISTS_REFUSED.replace(";q=0", ";q=0.1"), policy.DOCKER_MANIFEST, False),
+        (f"{SKOPEO_ACCEPT.replace(', ', ';q=0.5, ')};q=0.5, */*", SCHEMA1, False),
+        # Named only with parameters, or an element with a bad weight: read differently
+        # by different upstreams.
+        (SKOPEO_ACCEPT.replace(LIST, f"{LIST};v=2"), policy.OCI_INDEX, False),
+        (f"{SKOPEO_ACCEPT}, {SCHEMA1};q=x", policy.OCI_INDEX, False),
     ],
-)
+)  # fmt: skip
 def test_records_tag(accept: str | None, media_type: str, recorded: bool) -> None:
     assert policy.records_tag(accept, media_type) is recorded
+
+
+MANIFEST_TYPES = [*sorted(policy.UNCONVERTED), SCHEMA1, "application/json"]
+_elements = st.one_of(
+    st.sampled_from([*MANIFEST_TYPES, "*/*", "application/*", "text/plain", "x"]),
+    st.builds(
+        "{};q={}".format,
+        st.sampled_from([*MANIFEST_TYPES, "*/*", "application/*"]),
+        st.sampled_from(["0", "0.0", "0.5", "1", "1.000", "0.001", "2", ""]),
+    ),
+)
+
+
+@given(st.lists(_elements, max_size=8), st.sampled_from(MANIFEST_TYPES), st.randoms())
+def test_accept_reading_ignores_order_and_case(
+    elements: list[str], media_type: str, random: Random
+) -> None:
+    header = ", ".join(elements)
+    shuffled = list(elements)
+    random.shuffle(shuffled)
+    for other in (", ".join(shuffled), header.upper(), " ,\t".join(elements)):
+        assert policy.accepts(other, media_type) is policy.accepts(header, media_type)
+        assert policy.records_tag(other, media_type) is policy.records_tag(header, media_type)
+
+
+@given(st.lists(_elements, max_size=8), st.sampled_from(MANIFEST_TYPES), st.booleans())
+def test_a_refused_type_is_refused_whatever_else_is_said(
+    elements: list[str], media_type: str, first: bool
+) -> None:
+    refusal = f"{media_type};q=0"
+    header = ", ".join([refusal, *elements] if first else [*elements, refusal])
+    assert not policy.accepts(header, media_type)
+    assert not policy.records_tag(header, media_type)
+    if media_type in policy.UNCONVERTED:
+        assert not any(policy.records_tag(header, answer) for answer in MANIFEST_TYPES)
+
+
+@given(st.lists(_elements, max_size=8), st.sampled_from(MANIFEST_TYPES))
+def test_a_recorded_answer_is_one_every_converted_from_type_admits(
+    elements: list[str], media_type: str
+) -> None:
+    header = ", ".join(elements)
+    if policy.records_tag(header, media_type):
+        assert policy.accepts(header, media_type)
+        assert all(policy.accepts(header, t) for t in policy.UNCONVERTED)
+
+
+@given(st.text(max_size=60))
+def test_parse_accept_never_fails(text: str) -> None:
+    accept = policy.parse_accept(text)
+    assert all(0 <= r.quality <= 1 for r in accept.ranges)
+    assert isinstance(policy.accepts(text, OCI), bool)
+    assert isinstance(policy.records_tag(text, OCI), bool)
 
 
 def test_manifest_children() -> None:

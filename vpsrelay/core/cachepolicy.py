@@ -244,19 +244,132 @@ def offline_access(*, granted: bool, public: bool, holds_object: bool) -> bool:
     return holds_object and (granted or public)
 
 
-def _offered(accept_header: str) -> set[str]:
-    return {part.split(";")[0].strip().lower() for part in accept_header.split(",")}
+# --- content negotiation (RFC 9110 §12.5.1): which manifest types a client's Accept admits
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_QVALUE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRange:
+    """One element of an `Accept`: `type/subtype`, `type/*` or `*/*` (lower case)."""
+
+    type: str
+    subtype: str
+    parameters: tuple[tuple[str, str], ...]  # the media type's own, before the weight
+    quality: float  # 0 (not acceptable) to 1
+
+    def rank(self, type_: str, subtype: str) -> int:
+        """How specifically this range names `type_/subtype`: 2 exactly, 1 as `type/*`,
+        0 as `*/*`, -1 not at all."""
+        if self.type == "*":
+            return 0
+        if self.type != type_:
+            return -1
+        if self.subtype == "*":
+            return 1
+        return 2 if self.subtype == subtype else -1
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """A parsed `Accept` (its header lines joined with commas)."""
+
+    ranges: tuple[MediaRange, ...]
+    malformed: bool  # some element was not a media range with a valid weight
+
+    def quality(self, media_type: str) -> float:
+        """How acceptable a (parameterless) media type is: 0 means not at all.
+
+        The most specific range that names the type decides (RFC 9110 §12.5.1); among
+        equally specific ones (`T, T;q=0`, or `T;v=1;q=0`: parameters are not told
+        apart, as registries drop them) the lowest weight, so a refusal is never outvoted.
+        """
+        type_, _, subtype = media_type.split(";")[0].strip().lower().partition("/")
+        best_rank, quality = -1, 0.0
+        for media_range in self.ranges:
+            rank = media_range.rank(type_, subtype)
+            if rank > best_rank:
+                best_rank, quality = rank, media_range.quality
+            elif rank == best_rank >= 0:
+                quality = min(quality, media_range.quality)
+        return quality
+
+    def names(self, media_type: str) -> bool:
+        """Whether an element names exactly this type, with no parameters, acceptably."""
+        type_, _, subtype = media_type.lower().partition("/")
+        return any(
+            r.rank(type_, subtype) == 2 and not r.parameters and r.quality > 0 for r in self.ranges
+        )
+
+
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    """`text` split at each `separator` outside a quoted string (`;v="a,b"` is one piece)."""
+    pieces: list[str] = []
+    start, quoted, escaped = 0, False, False
+    for at, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            pieces.append(text[start:at])
+            start = at + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def _media_range(element: str) -> MediaRange | None:
+    """One `Accept` element, or None if it is not a media range with a valid weight."""
+    first, *rest = _split_unquoted(element, ";")
+    type_, _, subtype = first.strip().partition("/")
+    if not (_TOKEN.fullmatch(type_) and _TOKEN.fullmatch(subtype)) or (
+        type_ == "*" and subtype != "*"
+    ):
+        return None
+    parameters: list[tuple[str, str]] = []
+    for piece in rest:
+        name, _, value = piece.strip().partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if name == "q":
+            if not _QVALUE.fullmatch(value):
+                return None
+            # What follows the weight are extension parameters, not the media type's.
+            return MediaRange(type_.lower(), subtype.lower(), tuple(parameters), float(value))
+        parameters.append((name, value))
+    return MediaRange(type_.lower(), subtype.lower(), tuple(parameters), 1.0)
+
+
+def parse_accept(header: str) -> Accept:
+    """The media ranges of an `Accept` value; an element that is not one (a bad weight
+    included) names nothing and marks the whole as malformed."""
+    ranges: list[MediaRange] = []
+    malformed = False
+    for element in _split_unquoted(header, ","):
+        if not element.strip():
+            continue  # an empty list element is allowed (RFC 9110 §5.6.1)
+        media_range = _media_range(element)
+        if media_range is None:
+            malformed = True
+        else:
+            ranges.append(media_range)
+    return Accept(tuple(ranges), malformed)
 
 
 def accepts(accept_header: str | None, media_type: str) -> bool:
     """Whether a client's `Accept` admits a cached manifest's media type.
 
-    No `Accept` (or `*/*`) admits everything; a client that lists types gets a
-    cached manifest only of one of them, else the upstream negotiates.
+    No `Accept` admits everything; otherwise the type must be acceptable (weight above 0,
+    wildcards included), else the upstream negotiates.
     """
-    if not accept_header:
+    if accept_header is None:
         return True
-    return bool(_offered(accept_header) & {"*/*", media_type.lower()})
+    accept = parse_accept(accept_header)
+    if not accept.ranges and not accept.malformed:
+        return True  # blank
+    return accept.quality(media_type) > 0
 
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -272,15 +385,25 @@ UNCONVERTED = frozenset({OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST})
 def records_tag(accept_header: str | None, media_type: str) -> bool:
     """Whether an upstream's answer for a tag may be remembered as the tag's manifest.
 
-    Only if the request named every type a registry converts from (so the answer is not
-    a conversion chosen for this client) and the answer is of a type it accepted. Any
-    other answer is for that client alone: remembered, one client with a narrow `Accept`
-    would choose what every later client gets for the tag.
+    Only if the request named every type a registry converts from, each exactly and
+    as acceptable as anything the client accepts (an upstream that honours weights
+    converts for `index;q=0` and may for `index;q=0.1, manifest`), so that the answer
+    is not a conversion chosen for this client, and the answer is of a type it
+    accepted. Any other answer is for that client alone: remembered, one client with
+    a narrow `Accept` would choose what every later client gets for the tag. A
+    malformed `Accept` is read differently by different upstreams: never remembered.
     """
     if not accept_header:
         return False
-    offered = _offered(accept_header)
-    return offered >= UNCONVERTED and bool(offered & {"*/*", media_type.lower()})
+    accept = parse_accept(accept_header)
+    if accept.malformed or not accept.ranges:
+        return False
+    top = max(r.quality for r in accept.ranges)
+    return (
+        top > 0
+        and all(accept.names(t) and accept.quality(t) == top for t in UNCONVERTED)
+        and accept.quality(media_type) > 0
+    )
 
 
 MAX_MANIFEST_BYTES = 4 * MiB  # Distribution refuses larger manifests too
