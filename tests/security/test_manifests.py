@@ -3,7 +3,8 @@
 9. One client asking for a multi-platform tag with a narrow `Accept` gets the one
    platform's manifest the registry converts the list to; the relay must not remember
    that as the tag's manifest for every later client (an upstream without tokens, or
-   clients sharing a pull token, would all be served it).
+   clients sharing a pull token, would all be served it). Narrow includes an `Accept`
+   that names every type but refuses the lists with `q=0`, or wants them less.
 10. A manifest fetched by digest must hash to that digest however it arrives (chunked,
    over 4 MiB), and a tag's manifest must not be passed on, whole, with a
    `Docker-Content-Digest` that its bytes contradict; with the cache on and off.
@@ -163,6 +164,141 @@ def test_a_narrow_accept_does_not_choose_the_tag_for_others_sharing_a_token(
         shared = f"Bearer {pull_token(relay.url, LISTED)}"
         _attack(relay, LISTED, "latest", TO_ONE_PLATFORM, shared)
         assert _victim_digest(relay, LISTED, "latest", shared) == listed["list"]
+
+
+# --- finding 9, reviewed: weights in Accept
+
+# Every type named, the lists refused (RFC 9110 §12.4.2: q=0 is "not acceptable") or
+# wanted less than one platform's manifest: an upstream that honours weights converts.
+LISTS_REFUSED = f"{MT_OCI_INDEX};q=0, {MT_DOCKER_LIST};q=0, {MT_OCI_MANIFEST}, {MT_DOCKER_MANIFEST}"
+LISTS_LESS_WANTED = LISTS_REFUSED.replace(";q=0", ";q=0.1")
+ONE_PLATFORM = json.dumps(
+    {"schemaVersion": 2, "mediaType": MT_DOCKER_MANIFEST,
+     "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                "digest": "sha256:" + "c" * 64, "size": 2},
+     "layers": []}
+).encode()  # fmt: skip
+PLATFORM_LIST = json.dumps(
+    {"schemaVersion": 2, "mediaType": MT_DOCKER_LIST,
+     "manifests": [{"mediaType": MT_DOCKER_MANIFEST, "digest": sha256_digest(ONE_PLATFORM),
+                    "size": len(ONE_PLATFORM),
+                    "platform": {"os": "linux", "architecture": "amd64"}}]}
+).encode()  # fmt: skip
+
+
+def _weight(accept: str, media_type: str) -> float:
+    """How much a client wants a type, read as an upstream that honours weights would
+    (kept apart from the relay's own reading on purpose)."""
+    weight = 0.0
+    for element in accept.split(","):
+        name, *parameters = (part.strip() for part in element.split(";"))
+        if name.lower() in (media_type, "*/*"):
+            quality = next((p[2:] for p in parameters if p.lower().startswith("q=")), "1")
+            weight = max(weight, float(quality))
+    return weight
+
+
+class WeighingRegistry:
+    """`picky:latest` is a Docker manifest list; like Distribution it converts it to the one
+    platform's manifest for a client that does not want the list, but it reads weights:
+    the list goes only to a client that wants it at least as much as the manifest."""
+
+    def __init__(self) -> None:
+        by_digest = {sha256_digest(body): body for body in (ONE_PLATFORM, PLATFORM_LIST)}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path == "/v2/":
+                    self._send(200, b"{}", "application/json")
+                    return
+                reference = self.path.removeprefix("/v2/picky/manifests/")
+                accept = ", ".join(self.headers.get_all("accept") or [])
+                wants_list = _weight(accept, MT_DOCKER_LIST)
+                if reference in by_digest:
+                    body = by_digest[reference]
+                elif reference != "latest":
+                    self._send(404, b'{"errors":[]}', "application/json")
+                    return
+                elif wants_list > 0 and wants_list >= _weight(accept, MT_DOCKER_MANIFEST):
+                    body = PLATFORM_LIST
+                else:
+                    body = ONE_PLATFORM
+                self._send(200, body, json.loads(body)["mediaType"], sha256_digest(body))
+
+            do_HEAD = do_GET
+
+            def _send(self, status: int, body: bytes, media_type: str, digest: str = "") -> None:
+                self.send_response(status)
+                self.send_header("content-type", media_type)
+                self.send_header("content-length", str(len(body)))
+                if digest:
+                    self.send_header("docker-content-digest", digest)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = QuietThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def weighing() -> Iterator[WeighingRegistry]:
+    registry = WeighingRegistry()
+    yield registry
+    registry.close()
+
+
+@pytest.mark.parametrize("accept", [LISTS_REFUSED, LISTS_LESS_WANTED], ids=["q0", "q01"])
+def test_weights_in_a_narrow_accept_do_not_choose_the_tag_for_others(
+    weighing: WeighingRegistry, tmp_path: Path, accept: str
+) -> None:
+    """Finding 9 with weights: naming every type but refusing the lists (or wanting them
+    less) gets the one platform's manifest from an upstream that reads weights; the relay
+    must not remember it as the tag for the next client."""
+    assert _weight(accept, MT_DOCKER_LIST) < _weight(accept, MT_DOCKER_MANIFEST)  # premise
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[registries."weigh.test"]\nurl = "{weighing.url}"\naliases = ["weigh"]\n')
+    with RelayProcess(tmp_path / "relay", "--config", str(config)) as relay:
+        _attack(relay, "weigh/picky", "latest", accept, None)
+        assert _victim_digest(relay, "weigh/picky", "latest", None) == sha256_digest(PLATFORM_LIST)
+        # A client that wants every type alike does set the tag: the next one is a hit.
+        again = httpx.get(
+            f"{relay.url}/v2/weigh/picky/manifests/latest",
+            headers={"accept": FULL_ACCEPT},
+            timeout=TIMEOUT,
+        )
+        assert again.headers["x-vpsrelay-cache"] == "hit"
+        assert sha256_digest(again.content) == sha256_digest(PLATFORM_LIST)
+
+
+def test_a_refusing_accept_does_not_record_the_tag_from_distribution(
+    hub: Hub, listed: dict[str, str], tmp_path: Path
+) -> None:
+    """Distribution ignores weights (it answers the list to `LISTS_REFUSED`), so there the
+    answer is right; still the relay must not take it as the tag's, as it could not know:
+    the next full request goes upstream."""
+    assert _manifest(hub.push_url, LISTED, "latest", LISTS_REFUSED)[1] == listed["list"]
+    with RelayProcess(tmp_path / "relay", "--upstream", f"docker.io={hub.push_url}") as relay:
+        _attack(relay, LISTED, "latest", LISTS_REFUSED, None)
+        full = httpx.get(
+            f"{relay.url}/v2/listed/manifests/latest",
+            headers={"accept": FULL_ACCEPT},
+            timeout=TIMEOUT,
+        )
+        assert full.headers["x-vpsrelay-cache"] == "miss"
+        assert sha256_digest(full.content) == listed["list"]
 
 
 # --- finding 10: a hostile upstream
