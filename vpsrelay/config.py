@@ -313,6 +313,17 @@ class ServerConfig:
     read_timeout: float = _option(30.0, _seconds, "seconds to receive a request's headers")
     graceful_timeout: float = _option(30.0, _seconds, "seconds in-flight requests get at stop")
     max_connections: int = _option(1000, _count, "client connections open at once")
+    # One address (a scanner, a slowloris) must not take the slots everyone shares; a busy
+    # NAT or CI host pulling in parallel (3-6 connections a pull) still fits. Addresses in
+    # trusted_proxies count towards max_connections only.
+    max_connections_per_ip: int = _option(
+        64, _count, "client connections open at once from one address"
+    )
+    # A client sends its request head right after connecting: 10 s covers a TLS handshake
+    # and 16 KiB of headers on a poor link, and bounds what a trickled head can hold.
+    head_timeout: float = _option(
+        10.0, _seconds, "seconds from connecting (TLS included) to a complete request head"
+    )
     max_header_bytes: int = _option(16384, _count, "request line + headers, bytes")
     max_headers: int = _option(100, _count, "request headers per request")
     allowed_hosts: tuple[str, ...] = _option((), _list, "Host names served (empty: any)")
