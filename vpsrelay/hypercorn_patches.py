@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import TYPE_CHECKING
 
@@ -35,12 +36,15 @@ import h2.stream
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     import hypercorn.config
+
+    from vpsrelay.core.connslots import ConnectionSlots
 
 log = logging.getLogger("vpsrelay.server")
 
@@ -64,6 +68,8 @@ def pinned_functions() -> dict[str, Callable[..., object]]:
         "H2Protocol.send_task": H2Protocol.send_task,
         "H2Protocol._flush": H2Protocol._flush,
         "H2Protocol.stream_send": H2Protocol.stream_send,
+        # Sets `closed` before it closes the streams (the reset patch checks it).
+        "H2Protocol.handle": H2Protocol.handle,
         "StreamBuffer.pop": StreamBuffer.pop,
         "StreamBuffer.push": StreamBuffer.push,
         # What `queue_data_frames` does in one pass instead of one call per frame.
@@ -81,13 +87,25 @@ def versions_match() -> bool:
     return all(version(name) == pinned for name, pinned in PINNED.items())
 
 
+class PatchError(RuntimeError):
+    """The installed libraries are not the ones the safety patches were written for."""
+
+
 def apply() -> bool:
-    """Install the patches if the libraries are the pinned versions; say whether it did."""
+    """Install the patches; they are part of the relay's safety, so it does not serve
+    without them.
+
+    Raises:
+        PatchError: hypercorn or h2 is not the pinned version (one line for the user).
+    """
     if getattr(H2Protocol, "_vpsrelay_patched", False):
         return True
     if not versions_match():
-        log.warning("hypercorn/h2 versions differ from %s: HTTP/2 aborts are not reset", PINNED)
-        return False
+        installed = {name: version(name) for name in PINNED}
+        raise PatchError(
+            f"hypercorn/h2 are {installed}, vpsrelay's HTTP/2 and connection safety patches "
+            f"need exactly {PINNED} (reinstall vpsrelay with its pinned dependencies)"
+        )
     original = _ORIGINAL_CLOSE_STREAM
 
     async def close_stream_with_reset(self: H2Protocol, stream_id: int) -> None:
@@ -97,6 +115,10 @@ def apply() -> bool:
         buffer = self.stream_buffers.get(stream_id)
         finished = buffer is not None and buffer._complete
         await original(self, stream_id)
+        if self.closed:
+            # The connection is gone (`handle(Closed())` closes every stream, maybe while
+            # the transport's send lock is held): there is nobody to send a reset to.
+            return
         stream = self.connection.streams.get(stream_id)
         if stream is not None and not stream.closed and not finished:  # stopped before the end
             try:
@@ -111,70 +133,154 @@ def apply() -> bool:
     return True
 
 
-# --- connections: a cap, and timeouts that fit a relay (issue 5) ------------------------------
+# --- connections: caps, deadlines, and no connection can end the server ----------------------
 #
 # Hypercorn's trio worker builds one `TCPServer` per accepted connection from the module
-# global `hypercorn.trio.run.TCPServer`; `cap_connections` replaces it with the subclass
-# below, which changes three things:
+# global `hypercorn.trio.run.TCPServer`; `install_connection_policy` replaces it with the
+# subclass below (for every listener: plain, TLS, port 80 and the operator's), which:
 #
-# * a cap: connections over `server.max_connections` are closed at once, so a flood of
-#   idle connections cannot take every file descriptor;
-# * `read_timeout` applies only while the connection waits for a request: Hypercorn's own
+# * catches every error of its connection: it is logged and counted, and the connection
+#   closed. Hypercorn runs all connections in one nursery, so one stray exception (a
+#   `RuntimeError` from a twice-taken send lock was one) ended the whole relay;
+# * tells the protocol that the transport broke only after releasing the send lock:
+#   Hypercorn does it under the lock, and a protocol that sends while closing (the HTTP/2
+#   stream reset below) then took the lock twice;
+# * caps connections, `server.max_connections` in all and `server.max_connections_per_ip`
+#   from one address (`core.connslots`); the ones over a cap are closed at once, so a
+#   flood of idle connections takes neither every descriptor nor everyone's slots;
+# * gives a connection `server.head_timeout` seconds from its accept (TLS handshake
+#   included) to its first complete request head, and an HTTP/1.1 head that has begun
+#   the same time to complete: a head trickled a byte at a time held its slot until
+#   the keep-alive timeout;
+# * applies `read_timeout` only while the connection waits for a request: Hypercorn's own
 #   applies to every read, so a long download (the client sends nothing while it
 #   receives a 10 GiB layer) was cut after `read_timeout` seconds;
-# * once the client's side is closed or timed out, the connection is closed then, not
-#   after `keep_alive_timeout` (Hypercorn waits for its keep-alive task first, so every
-#   closed or half-open connection kept its slot and descriptor for 75 s).
+# * once the client's side is closed or timed out, closes the connection then, not after
+#   `keep_alive_timeout` (Hypercorn waits for its keep-alive task first, so every closed
+#   or half-open connection kept its slot and descriptor for 75 s).
 
-_LIMITER_ATTRIBUTE = "_vpsrelay_connection_limiter"
-_REFUSED_ATTRIBUTE = "_vpsrelay_on_refused"
+_POLICY_ATTRIBUTE = "_vpsrelay_connection_policy"
 _MAX_RECV = 2**16  # hypercorn.trio.tcp_server.MAX_RECV
 
 
-def cap_connections(
-    config: hypercorn.config.Config, limit: int, on_refused: Callable[[str, str], None]
+@dataclass(frozen=True, slots=True)
+class ConnectionPolicy:
+    slots: ConnectionSlots
+    head_timeout: float
+    on_refused: Callable[[str, str], None]  # (reason, detail) for a connection over a cap
+    on_error: Callable[[str], None]  # the type name of an error that ended a connection
+
+
+def install_connection_policy(
+    config: hypercorn.config.Config, policy: ConnectionPolicy | None = None
 ) -> None:
-    """Serve at most `limit` connections at once with `config`; close the ones over it."""
+    """Serve connections made with `config` by `RelayTCPServer`, under `policy` if given."""
     import hypercorn.trio.run as trio_run
 
-    setattr(config, _LIMITER_ATTRIBUTE, trio.CapacityLimiter(limit))
-    setattr(config, _REFUSED_ATTRIBUTE, on_refused)
+    if policy is not None:
+        setattr(config, _POLICY_ATTRIBUTE, policy)
+        # The handshake is part of the time a connection has to send its head.
+        config.ssl_handshake_timeout = policy.head_timeout
     trio_run.TCPServer = RelayTCPServer  # type: ignore[attr-defined]
+
+
+def _transport(stream: object) -> trio.SocketStream:
+    """The socket stream under a TLS stream (or the stream itself)."""
+    inner = getattr(stream, "transport_stream", stream)
+    assert isinstance(inner, trio.SocketStream)
+    return inner
+
+
+def _peer_address(stream: object) -> str:
+    """The client's address (the host part); "" on a unix socket."""
+    name = _transport(stream).socket.getpeername()
+    return str(name[0]) if isinstance(name, tuple) else str(name)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 class RelayTCPServer(TCPServer):
     """Hypercorn's per-connection server with the relay's connection policy (see above)."""
 
     _busy = False  # a request is in flight (Hypercorn's `Updated(idle=False)`)
+    # When the pending request head must be complete (trio clock); inf: none is pending.
+    _head_deadline = math.inf
 
     async def run(self) -> None:
-        limiter: trio.CapacityLimiter | None = getattr(self.config, _LIMITER_ATTRIBUTE, None)
-        if limiter is None:
-            await super().run()
-            return
+        policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
         try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            on_refused = getattr(self.config, _REFUSED_ATTRIBUTE, None)
-            if on_refused is not None:
-                on_refused("connection_cap", f"{limiter.total_tokens} connections already open")
+            peer = _peer_address(self.stream)
+        except OSError:  # gone before it could be served
             with trio.CancelScope(shield=True):
-                await self.stream.aclose()
+                await _transport(self.stream).aclose()
             return
         try:
+            if policy is None:
+                await super().run()
+            else:
+                await self._run_in_slot(policy, peer)
+        except* Exception as group:  # trio.Cancelled is no Exception: it still propagates
+            log.error("connection from %s ended by an error", peer, exc_info=group)
+            for error in _leaves(group):
+                if policy is not None:
+                    policy.on_error(type(error).__name__)
+            with trio.CancelScope(shield=True):
+                await _transport(self.stream).aclose()
+
+    async def _run_in_slot(self, policy: ConnectionPolicy, peer: str) -> None:
+        refused = policy.slots.take(peer)
+        if refused is not None:
+            policy.on_refused(refused, policy.slots.describe(refused, peer))
+            with trio.CancelScope(shield=True):
+                await _transport(self.stream).aclose()  # no TLS: nothing is said to it
+            return
+        try:
+            self._head_deadline = trio.current_time() + policy.head_timeout
             await super().run()
         finally:
-            limiter.release()
+            policy.slots.give_back(peer)
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            broken = False
+            async with self.send_lock:
+                try:
+                    with trio.CancelScope(shield=True):  # as Hypercorn: no half-sent frames
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    broken = True
+            if broken:  # outside the lock: closing may send (an HTTP/2 reset)
+                await self.protocol.handle(Closed())
+            return
         if isinstance(event, Updated):
             self._busy = not event.idle
+            # A head just completed, or the connection waits idle: its next head starts
+            # with its first byte (the keep-alive timeout bounds the wait before it).
+            self._head_deadline = math.inf
         await super().protocol_send(event)
 
+    def _starts_a_head(self) -> bool:
+        """Bytes arriving now begin a request head: HTTP/1.1 and not mid-request.
+        (HTTP/2 sends control frames while idle; its first head has the accept's deadline.)"""
+        return (
+            not self._busy
+            and self._head_deadline == math.inf
+            and isinstance(self.protocol.protocol, H11Protocol)
+            and getattr(self.config, _POLICY_ATTRIBUTE, None) is not None
+        )
+
     async def _read_data(self) -> None:
-        timeout = self.config.read_timeout or math.inf
+        read_timeout = self.config.read_timeout or math.inf
+        policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
         while True:
-            with trio.move_on_after(timeout) as timer:
+            deadline = trio.current_time() + read_timeout
+            if not self._busy:
+                deadline = min(deadline, self._head_deadline)
+            with trio.move_on_at(deadline) as timer:
                 try:
                     data = await self.stream.receive_some(_MAX_RECV)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -183,6 +289,8 @@ class RelayTCPServer(TCPServer):
                 if self._busy:  # the client is receiving a response: it need not send
                     continue
                 break
+            if data and policy is not None and self._starts_a_head():
+                self._head_deadline = trio.current_time() + policy.head_timeout
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
