@@ -25,7 +25,6 @@ import h2.events
 import pytest
 
 from tests.infra.relay import RelayProcess, pull_token
-from tests.integration.test_registries import assert_pulled, skopeo_copy
 from tests.security.wire import (
     IO_TIMEOUT,
     TRANSPORTS,
@@ -38,6 +37,7 @@ from tests.security.wire import (
     make_pki,
     plain_url,
     port_of,
+    pull_alpine,
     secure_url,
     tls_args,
     wait_exit,
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tests.infra.hub import Hub
-    from tests.infra.oci import BuiltImage
 
 PASS_THROUGH = {"VPSRELAY_CACHE__ENABLED": "false"}  # every blob streams from upstream
 REPEATS = 3  # each kill, so a state reached only sometimes is reached
@@ -180,42 +179,46 @@ def _kill_http1(relay: RelayProcess, hub: Hub, state: str, pki: dict[str, Path])
         f"Authorization: Bearer {bearer}\r\n\r\n"
     ).encode()
     sock = connect(relay, "http1", pki)
-    if state == "mid-headers":
-        sock.sendall(head[: len(head) // 2])
-    elif state == "mid-body":
-        sock.sendall(head)
-        assert b"200 OK" in drain_some(sock, 256 * 1024, timeout=IO_TIMEOUT)
-    else:  # "during-reset": cut while the relay starts its answer
-        sock.sendall(head)
-    cut(sock)
+    try:
+        if state == "mid-headers":
+            sock.sendall(head[: len(head) // 2])
+        elif state == "mid-body":
+            sock.sendall(head)
+            assert drain_some(sock, 256 * 1024, timeout=IO_TIMEOUT).startswith(b"HTTP/1.1 200")
+        else:  # "during-reset": cut while the relay starts its answer
+            sock.sendall(head)
+    finally:
+        cut(sock)
 
 
 def _kill_h2(
     relay: RelayProcess, hub: Hub, transport: str, state: str, pki: dict[str, Path]
 ) -> None:
     sock = connect(relay, transport, pki)
-    client = H2Client(sock, "127.0.0.1")
-    if state == "mid-headers":
-        streams = _blob_streams(client, relay, hub, 1)
-        assert streams
-        # A second request whose HEADERS frame is only half sent.
-        client.conn.send_headers(
-            client.conn.get_next_available_stream_id(),
-            [(":method", "GET"), (":path", "/v2/"), (":scheme", "http"),
-             (":authority", "127.0.0.1"), ("x-pad", "p" * 2000)],
-            end_stream=True,
-        )  # fmt: skip
-        frame = client.conn.data_to_send()
-        sock.sendall(frame[: len(frame) // 2])
-    elif state == "mid-body":
-        _blob_streams(client, relay, hub, 3)
-        client.read(want_data=64 * 1024, timeout=IO_TIMEOUT)
-    else:  # "during-reset": streams reset by the client, the connection cut at once
-        streams = _blob_streams(client, relay, hub, 3)
-        client.read(want_data=16 * 1024, timeout=IO_TIMEOUT)
-        client.reset(streams[0])
-        client.reset(streams[2])
-    cut(sock)
+    try:
+        client = H2Client(sock, "127.0.0.1")
+        if state == "mid-headers":
+            streams = _blob_streams(client, relay, hub, 1)
+            assert streams
+            # A second request whose HEADERS frame is only half sent.
+            client.conn.send_headers(
+                client.conn.get_next_available_stream_id(),
+                [(":method", "GET"), (":path", "/v2/"), (":scheme", "http"),
+                 (":authority", "127.0.0.1"), ("x-pad", "p" * 2000)],
+                end_stream=True,
+            )  # fmt: skip
+            frame = client.conn.data_to_send()
+            sock.sendall(frame[: len(frame) // 2])
+        elif state == "mid-body":
+            _blob_streams(client, relay, hub, 3)
+            client.read(want_data=64 * 1024, timeout=IO_TIMEOUT)
+        else:  # "during-reset": streams reset by the client, the connection cut at once
+            streams = _blob_streams(client, relay, hub, 3)
+            client.read(want_data=16 * 1024, timeout=IO_TIMEOUT)
+            client.reset(streams[0])
+            client.reset(streams[2])
+    finally:
+        cut(sock)
 
 
 @pytest.mark.parametrize("state", ["mid-headers", "mid-body", "during-reset", "during-tls"])
@@ -245,11 +248,6 @@ def test_connections_killed_in_any_state_leave_the_relay_serving(
 ATTACKER = "127.0.0.66"  # loopback is a /8: the attacker has its own address
 ATTACK_SOCKETS = 300
 PULLS = 5
-
-
-def _image(hub: Hub) -> BuiltImage:
-    image = hub.images["library/alpine:latest"]
-    return image  # type: ignore[return-value]
 
 
 class HalfOpenFlood:
@@ -304,16 +302,8 @@ class HalfOpenFlood:
             sock.close()
 
 
-def _timed_pulls(tmp_path: Path, relay: RelayProcess, hub: Hub) -> list[float]:
-    seconds = []
-    for index in range(PULLS):
-        began = time.monotonic()
-        skopeo_copy(
-            tmp_path / f"pull{index}", f"{plain_url(relay).removeprefix('http://')}/alpine:latest"
-        )
-        seconds.append(time.monotonic() - began)
-        assert_pulled(tmp_path / f"pull{index}", _image(hub))
-    return seconds
+def _timed_pulls(workdir: Path, relay: RelayProcess, hub: Hub) -> list[float]:
+    return [pull_alpine(workdir / f"pull{index}", relay, hub) for index in range(PULLS)]
 
 
 def test_one_address_cannot_take_every_connection_slot(hub: Hub, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import httpx
-import pytest
 import trustme
 
 if TYPE_CHECKING:
@@ -178,6 +177,13 @@ def wait_exit(relay: RelayProcess, seconds: float) -> None:
         time.sleep(0.05)
 
 
-def skip_unless(condition: bool, why: str) -> None:
-    if not condition:
-        pytest.skip(why)
+def pull_alpine(workdir: Path, relay: RelayProcess, hub: Hub) -> float:
+    """`skopeo copy` of alpine through the relay's plain port, checked; the seconds it took."""
+    from tests.integration.test_registries import assert_pulled, skopeo_copy
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    skopeo_copy(workdir, f"{plain_url(relay).removeprefix('http://')}/alpine:latest")
+    took = time.monotonic() - began
+    assert_pulled(workdir, hub.images["library/alpine:latest"])  # type: ignore[arg-type]
+    return took
