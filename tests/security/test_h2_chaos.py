@@ -90,7 +90,16 @@ class Chaos:
         client = self._client()
         if action == "open" or client is None:
             transport = self.rng.choice(["h2c", "h2tls"])
-            self.clients.append(H2Client(connect(self.relay, transport, self.pki), "127.0.0.1"))
+            try:
+                sock = connect(self.relay, transport, self.pki)
+            except OSError as exc:
+                self.assert_alive(f"connect: {exc!r}")
+                return  # refused at the cap, or cut during the handshake: no harm
+            try:
+                self.clients.append(H2Client(sock, "127.0.0.1"))
+            except OSError as exc:
+                cut(sock)
+                self.assert_alive(f"preface: {exc!r}")
             return
         try:
             if action == "stream":
@@ -120,6 +129,12 @@ class Chaos:
         except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
             if client in self.clients:  # the relay ended it (a timeout, our garbage)
                 self._drop(client, "rst")
+
+    def assert_alive(self, after: str) -> None:
+        assert self.relay.process.poll() is None, (
+            f"seed {self.seed}: the relay exited ({after}) after {self.counts}:\n"
+            f"{self.relay.log_text()[-3000:]}"
+        )
 
     def close(self) -> None:
         for client in list(self.clients):
@@ -151,10 +166,7 @@ def test_random_h2_chaos_leaves_the_relay_serving_in_bounded_memory(
                 chaos.step()
                 actions += 1
                 if actions % 20 == 0:
-                    assert relay.process.poll() is None, (
-                        f"seed {seed}: the relay exited after {actions} actions "
-                        f"{chaos.counts}:\n{relay.log_text()[-3000:]}"
-                    )
+                    chaos.assert_alive(f"{actions} actions")
         finally:
             chaos.close()
         print(f"seed {seed}: {actions} actions {chaos.counts}")

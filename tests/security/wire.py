@@ -75,7 +75,11 @@ def connect(
         return sock
     context = ssl.create_default_context(cafile=str(pki["ca"]))
     context.set_alpn_protocols(["h2"])
-    wrapped = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    try:
+        wrapped = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    except OSError:
+        sock.close()
+        raise
     assert wrapped.selected_alpn_protocol() == "h2"
     return wrapped
 
