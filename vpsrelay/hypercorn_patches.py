@@ -209,6 +209,7 @@ class RelayTCPServer(TCPServer):
     _busy = False  # a request is in flight (Hypercorn's `Updated(idle=False)`)
     # When the pending request head must be complete (trio clock); inf: none is pending.
     _head_deadline = math.inf
+    _first_head_deadline = math.inf  # the accept's: for the first head
 
     async def run(self) -> None:
         policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
@@ -239,7 +240,8 @@ class RelayTCPServer(TCPServer):
                 await _transport(self.stream).aclose()  # no TLS: nothing is said to it
             return
         try:
-            self._head_deadline = trio.current_time() + policy.head_timeout
+            self._first_head_deadline = trio.current_time() + policy.head_timeout
+            self._head_deadline = self._first_head_deadline
             await super().run()
         finally:
             policy.slots.give_back(peer)
@@ -273,6 +275,18 @@ class RelayTCPServer(TCPServer):
             and getattr(self.config, _POLICY_ATTRIBUTE, None) is not None
         )
 
+    async def _switched_to_h2(self) -> None:
+        """h11 took the HTTP/2 preface (`PRI * HTTP/2.0`) for a request and reported the
+        connection busy, which stopped the keep-alive task and every read timeout; the
+        HTTP/2 protocol that replaced it reports only when a stream closes. A connection
+        that sent the preface and no request was then held for good: say it is idle, as
+        it is, with the deadline its first head got at the accept."""
+        protocol = self.protocol.protocol
+        if isinstance(protocol, H2Protocol) and protocol.idle:
+            self._busy = False
+            self._head_deadline = self._first_head_deadline
+            await self.idle_task.restart(self._task_group, self._idle_timeout)
+
     async def _read_data(self) -> None:
         read_timeout = self.config.read_timeout or math.inf
         policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
@@ -291,7 +305,10 @@ class RelayTCPServer(TCPServer):
                 break
             if data and policy is not None and self._starts_a_head():
                 self._head_deadline = trio.current_time() + policy.head_timeout
+            before = self.protocol.protocol
             await self.protocol.handle(RawData(bytes(data)))
+            if self.protocol.protocol is not before:
+                await self._switched_to_h2()
             if data == b"":
                 break
         await self.protocol.handle(Closed())
