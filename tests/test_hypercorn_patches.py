@@ -131,6 +131,58 @@ def test_apply_refuses_other_versions(monkeypatch: pytest.MonkeyPatch) -> None:
         hypercorn_patches.apply()
 
 
+def test_pyproject_pins_the_patched_versions() -> None:
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    for name, pinned in hypercorn_patches.PINNED.items():
+        assert f"{name}=={pinned}" in project["project"]["dependencies"]
+
+
+class _ClosableStream:
+    async def handle(self, event: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("connection_closed", [False, True])
+async def test_an_unfinished_stream_is_reset_unless_the_connection_is_gone(
+    connection_closed: bool,
+) -> None:
+    """The reset goes out on a live connection. On a closed one nothing is sent: Hypercorn
+    closes every stream from `handle(Closed())`, which it may call holding the send lock,
+    and a send from there took that lock twice (the RuntimeError that ended the relay)."""
+    hypercorn_patches.apply()
+    pair = _Pair(client_window=None)
+    protocol = pair.protocol
+    protocol.streams = {1: _ClosableStream()}  # type: ignore[dict-item]
+    protocol.has_data = EventWrapper()
+    protocol.closed = connection_closed
+    await protocol._close_stream(1)
+    resets = [
+        event
+        for data in pair.writes
+        for event in pair.client.receive_data(data)
+        if isinstance(event, h2.events.StreamReset)
+    ]
+    assert len(resets) == (0 if connection_closed else 1)
+
+
+def test_the_tls_listeners_share_the_connection_policy() -> None:
+    """HTTPS and port 80 copy the main config: the same slots, deadline and catch-all."""
+    import hypercorn.config
+
+    from vpsrelay import tlsserver
+
+    base = hypercorn.config.Config()
+    policy = _policy()
+    hypercorn_patches.install_connection_policy(base, policy)
+    for cls in (tlsserver._ManagedTLSConfig, hypercorn.config.Config):
+        copy = tlsserver._copy_config(base, cls, ("127.0.0.1:0",))
+        assert getattr(copy, "_vpsrelay_connection_policy") is policy  # noqa: B009
+        assert copy.ssl_handshake_timeout == policy.head_timeout
+
+
 async def _server_on_socketpair(
     policy: hypercorn_patches.ConnectionPolicy | None,
 ) -> tuple[hypercorn_patches.RelayTCPServer, trio.socket.SocketType]:
