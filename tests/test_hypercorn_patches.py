@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -26,6 +27,9 @@ from priority.priority import PriorityTree
 
 from vpsrelay import hypercorn_patches
 from vpsrelay.core.connslots import ConnectionSlots
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # sha256 of the source of each function the patches wrap, replace or rely on, as of
 # hypercorn 0.18.0. A changed hash means: re-read that function, re-check the patch.
@@ -491,3 +495,23 @@ async def test_a_shut_window_does_not_let_the_buffer_grow() -> None:
     assert pushed == 8
     assert bytes(pair.body) == chunk * 8
     assert pair.ended
+
+
+def test_serve_refuses_to_start_without_the_safety_patches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Other hypercorn/h2 versions: one line naming them, exit status 1, nothing served."""
+    from click.testing import CliRunner
+
+    from vpsrelay.cli import main
+
+    monkeypatch.setattr(H2Protocol, "_vpsrelay_patched", False)
+    monkeypatch.setattr(hypercorn_patches, "version", lambda name: "0.0.1")
+    result = CliRunner().invoke(
+        main, ["serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("vpsrelay: cannot serve: hypercorn/h2 are")
+    assert "Traceback" not in result.output
+    assert "listening on" not in result.output
