@@ -107,6 +107,7 @@ def _policy(**overrides: object) -> hypercorn_patches.ConnectionPolicy:
     fields: dict[str, object] = {
         "slots": ConnectionSlots(7, 3),
         "head_timeout": 4.0,
+        "stall_timeout": 60.0,
         "on_refused": lambda reason, detail: None,
         "on_error": lambda error: None,
     }

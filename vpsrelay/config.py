@@ -324,6 +324,11 @@ class ServerConfig:
     head_timeout: float = _option(
         10.0, _seconds, "seconds from connecting (TLS included) to a complete request head"
     )
+    # Longer than upstream.read_timeout (60 s): an upstream that stalls is reported by its
+    # own timeout first. A client reading 64 KiB in this time is never cut.
+    stall_timeout: float = _option(
+        120.0, _seconds, "seconds a request in flight may go without a byte to or from its client"
+    )
     max_header_bytes: int = _option(16384, _count, "request line + headers, bytes")
     max_headers: int = _option(100, _count, "request headers per request")
     allowed_hosts: tuple[str, ...] = _option((), _list, "Host names served (empty: any)")

@@ -161,12 +161,17 @@ def apply() -> bool:
 
 _POLICY_ATTRIBUTE = "_vpsrelay_connection_policy"
 _MAX_RECV = 2**16  # hypercorn.trio.tcp_server.MAX_RECV
+# Writes go out in pieces of this size, each one progress: a client that reads at all
+# (2**16 bytes per `stall_timeout`) is never taken for one that stopped.
+_SEND_PIECE = 2**16
+STALLED = "stalled_connection"  # refusal reason, as logged and counted
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionPolicy:
     slots: ConnectionSlots
     head_timeout: float
+    stall_timeout: float  # a request in flight, no byte read from or written to its client
     on_refused: Callable[[str, str], None]  # (reason, detail) for a connection over a cap
     on_error: Callable[[str], None]  # the type name of an error that ended a connection
 
@@ -210,6 +215,7 @@ class RelayTCPServer(TCPServer):
     # When the pending request head must be complete (trio clock); inf: none is pending.
     _head_deadline = math.inf
     _first_head_deadline = math.inf  # the accept's: for the first head
+    _last_progress = -math.inf  # trio clock: a byte read, a piece written, a request begun
 
     async def run(self) -> None:
         policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
@@ -242,17 +248,44 @@ class RelayTCPServer(TCPServer):
         try:
             self._first_head_deadline = trio.current_time() + policy.head_timeout
             self._head_deadline = self._first_head_deadline
-            await super().run()
+            async with trio.open_nursery() as watchdog:
+                watchdog.start_soon(self._close_when_stalled, policy, peer)
+                await super().run()
+                watchdog.cancel_scope.cancel()
         finally:
             policy.slots.give_back(peer)
+
+    async def _close_when_stalled(self, policy: ConnectionPolicy, peer: str) -> None:
+        """Close the connection once a request has been in flight `stall_timeout` seconds
+        without a byte read from or written to the client: one that stopped reading (its
+        shielded write waited for good) or keeps its HTTP/2 window shut held its slot,
+        and the upstream download behind it, forever."""
+        self._last_progress = trio.current_time()
+        while True:
+            await trio.sleep_until(self._last_progress + policy.stall_timeout)
+            now = trio.current_time()
+            if not self._busy:
+                self._last_progress = now  # idle: the head and keep-alive timeouts apply
+            elif now - self._last_progress >= policy.stall_timeout:
+                policy.on_refused(
+                    STALLED,
+                    f"{peer}: nothing read or written for "
+                    f"{policy.stall_timeout:g}s with a request in flight",
+                )
+                # The transport, not the TLS stream: its close wakes a blocked write.
+                await _transport(self.stream).aclose()
+                return
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
             broken = False
             async with self.send_lock:
                 try:
-                    with trio.CancelScope(shield=True):  # as Hypercorn: no half-sent frames
-                        await self.stream.send_all(event.data)
+                    # Shielded as Hypercorn's: no half-sent frames.
+                    with trio.CancelScope(shield=True), memoryview(event.data) as data:
+                        for offset in range(0, len(data), _SEND_PIECE):
+                            await self.stream.send_all(data[offset : offset + _SEND_PIECE])
+                            self._last_progress = trio.current_time()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     broken = True
             if broken:  # outside the lock: closing may send (an HTTP/2 reset)
@@ -260,6 +293,7 @@ class RelayTCPServer(TCPServer):
             return
         if isinstance(event, Updated):
             self._busy = not event.idle
+            self._last_progress = trio.current_time()
             # A head just completed, or the connection waits idle: its next head starts
             # with its first byte (the keep-alive timeout bounds the wait before it).
             self._head_deadline = math.inf
@@ -303,6 +337,8 @@ class RelayTCPServer(TCPServer):
                 if self._busy:  # the client is receiving a response: it need not send
                     continue
                 break
+            if data:
+                self._last_progress = trio.current_time()
             if data and policy is not None and self._starts_a_head():
                 self._head_deadline = trio.current_time() + policy.head_timeout
             before = self.protocol.protocol

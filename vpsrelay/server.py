@@ -77,6 +77,7 @@ def _connection_policy(settings: Settings, app: RelayApp) -> hypercorn_patches.C
     return hypercorn_patches.ConnectionPolicy(
         slots=slots,
         head_timeout=server.head_timeout,
+        stall_timeout=server.stall_timeout,
         on_refused=refused,
         on_error=app.metrics.connection_error,
     )

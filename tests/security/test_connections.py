@@ -381,3 +381,60 @@ def test_a_trickled_head_does_not_hold_a_slot(
         assert took is not None, f"{kind}: still open after {HEAD_TIMEOUT + margin}s"
         assert took >= HEAD_TIMEOUT - 0.5
         assert_serving(relay, pki)
+
+
+STALL_TIMEOUT = 3.0
+
+
+def _bytes_until_closed(sock: socket.socket, limit: int, seconds: float) -> tuple[int, bool]:
+    """Read until the relay closes `sock`, `limit` bytes or `seconds`; (bytes, closed)."""
+    received = 0
+    deadline = time.monotonic() + seconds
+    while received < limit and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(1024 * 1024)
+        except TimeoutError:
+            return received, False
+        except OSError:
+            return received, True
+        if not chunk:
+            return received, True
+        received += len(chunk)
+    return received, False
+
+
+@pytest.mark.parametrize("transport", ["http1", "h2c"])
+def test_a_client_that_stops_reading_does_not_hold_its_connection(
+    hub: Hub, tmp_path: Path, pki: dict[str, Path], transport: str
+) -> None:
+    """A 300 MiB download the client stops reading (HTTP/1.1: it never reads; HTTP/2: it
+    never opens its window): after `server.stall_timeout` the relay closes the connection,
+    which held its slot and its upstream download for good before (a shielded write, a
+    stream waiting for a window)."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f"[server]\nstall_timeout = {STALL_TIMEOUT}\n")
+    with _open_relay(tmp_path / "relay", hub, pki, "--config", str(config)) as relay:
+        bearer = pull_token(plain_url(relay), "big")
+        path = f"/v2/big/blobs/{big_layer(hub)}"
+        sock = connect(relay, transport, pki)
+        try:
+            if transport == "http1":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                sock.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: Bearer {bearer}\r\n\r\n".encode()
+                )
+            else:
+                client = H2Client(sock, "127.0.0.1")
+                client.get(path, (("authorization", f"Bearer {bearer}"),))
+            time.sleep(STALL_TIMEOUT + 5.0)  # not reading; a loaded machine's margin
+            # What was sent before the stall is still buffered (a few MiB at most); a
+            # connection still open would go on to the 300 MiB.
+            received, closed = _bytes_until_closed(sock, 64 * 1024 * 1024, IO_TIMEOUT)
+        finally:
+            cut(sock)
+        assert closed, f"{transport}: still open after {received} bytes"
+        assert received < 64 * 1024 * 1024
+        assert "stalled_connection" in relay.log_text()
+        assert_serving(relay, pki)
