@@ -1,5 +1,10 @@
 """The one place where vpsrelay reaches into Hypercorn's internals, pinned to the
-versions it was written against (`tests/test_hypercorn_patches.py` fails when they change).
+versions it was written against (`tests/test_hypercorn_patches.py` fails when they change;
+pyproject pins them exactly, and `apply` refuses other versions: the relay does not start
+without these patches, some of which are what keeps it safe).
+
+Connections (the second half of this file): no error in one connection ends the server,
+caps per address and in all, a deadline for request heads, a stall timeout.
 
 HTTP/2 stream reset: ASGI has no way to abort a response. Over HTTP/1.1, an app that
 returns mid-body makes Hypercorn close the connection, so the client sees a short

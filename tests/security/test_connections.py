@@ -404,7 +404,7 @@ def _bytes_until_closed(sock: socket.socket, limit: int, seconds: float) -> tupl
     return received, False
 
 
-@pytest.mark.parametrize("transport", ["http1", "h2c"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_client_that_stops_reading_does_not_hold_its_connection(
     hub: Hub, tmp_path: Path, pki: dict[str, Path], transport: str
 ) -> None:
@@ -437,4 +437,5 @@ def test_a_client_that_stops_reading_does_not_hold_its_connection(
         assert closed, f"{transport}: still open after {received} bytes"
         assert received < 64 * 1024 * 1024
         assert "stalled_connection" in relay.log_text()
+        assert "Traceback" not in relay.log_text()  # closed by the policy, not by an error
         assert_serving(relay, pki)
