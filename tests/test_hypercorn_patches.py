@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -25,6 +26,10 @@ from hypothesis import given, settings, strategies as st
 from priority.priority import PriorityTree
 
 from vpsrelay import hypercorn_patches
+from vpsrelay.core.connslots import ConnectionSlots
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # sha256 of the source of each function the patches wrap, replace or rely on, as of
 # hypercorn 0.18.0. A changed hash means: re-read that function, re-check the patch.
@@ -34,6 +39,7 @@ PINNED_SOURCES = {
     "H2Protocol.send_task": "3f55a53766403935c65d27c3d50c3f835cb00ac1e2e80b441fb4d9eadb2dbad9",
     "H2Protocol._flush": "1a771e85178d124c6e2420e89ec750159929b76267fc07dd3d798bb6f72db77a",
     "H2Protocol.stream_send": "d8fc824e2770ba5c7af707fc01e14eb2eaef377064221ec84009fa8d949fe90b",
+    "H2Protocol.handle": "c67e89eb79af903209c197ff59b73d7210cb9ccd48d10798f8ff846926a6168a",
     "StreamBuffer.pop": "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "StreamBuffer.push": "4ca8ee7b0fec5200558d7c92f251c1c5822f3589b2303c9d5d98bfbb579200b3",
     # h2 4.4.1: what `queue_data_frames` reproduces (checked byte for byte below).
@@ -97,15 +103,182 @@ def test_worker_builds_servers_from_the_module_global() -> None:
     assert "partial(\n                                TCPServer," in source
 
 
-def test_cap_connections_installs_the_relay_server() -> None:
+def _policy(**overrides: object) -> hypercorn_patches.ConnectionPolicy:
+    fields: dict[str, object] = {
+        "slots": ConnectionSlots(7, 3),
+        "head_timeout": 4.0,
+        "stall_timeout": 60.0,
+        "on_refused": lambda reason, detail: None,
+        "on_error": lambda error: None,
+    }
+    fields.update(overrides)
+    return hypercorn_patches.ConnectionPolicy(**fields)  # type: ignore[arg-type]
+
+
+def test_install_connection_policy_installs_the_relay_server() -> None:
     import hypercorn.config
     import hypercorn.trio.run as trio_run
 
     config = hypercorn.config.Config()
-    hypercorn_patches.cap_connections(config, 7, lambda reason, detail: None)
+    policy = _policy()
+    hypercorn_patches.install_connection_policy(config, policy)
     assert trio_run.TCPServer is hypercorn_patches.RelayTCPServer  # type: ignore[attr-defined]
-    assert getattr(config, "_vpsrelay_connection_limiter").total_tokens == 7  # noqa: B009
+    assert getattr(config, "_vpsrelay_connection_policy") is policy  # noqa: B009
+    assert config.ssl_handshake_timeout == 4.0  # the handshake counts towards the head
     assert H2Protocol._send_data is hypercorn_patches.send_data_coalesced
+
+
+def test_apply_refuses_other_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A safety patch that cannot apply stops the relay: it does not serve without it."""
+    monkeypatch.setattr(H2Protocol, "_vpsrelay_patched", False)
+    monkeypatch.setattr(hypercorn_patches, "version", lambda name: "0.0.1")
+    with pytest.raises(hypercorn_patches.PatchError, match="need exactly"):
+        hypercorn_patches.apply()
+
+
+def test_pyproject_pins_the_patched_versions() -> None:
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    for name, pinned in hypercorn_patches.PINNED.items():
+        assert f"{name}=={pinned}" in project["project"]["dependencies"]
+
+
+class _ClosableStream:
+    async def handle(self, event: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("connection_closed", [False, True])
+async def test_an_unfinished_stream_is_reset_unless_the_connection_is_gone(
+    connection_closed: bool,
+) -> None:
+    """The reset goes out on a live connection. On a closed one nothing is sent: Hypercorn
+    closes every stream from `handle(Closed())`, which it may call holding the send lock,
+    and a send from there took that lock twice (the RuntimeError that ended the relay)."""
+    hypercorn_patches.apply()
+    pair = _Pair(client_window=None)
+    protocol = pair.protocol
+    protocol.streams = {1: _ClosableStream()}  # type: ignore[dict-item]
+    protocol.has_data = EventWrapper()
+    protocol.closed = connection_closed
+    await protocol._close_stream(1)
+    resets = [
+        event
+        for data in pair.writes
+        for event in pair.client.receive_data(data)
+        if isinstance(event, h2.events.StreamReset)
+    ]
+    assert len(resets) == (0 if connection_closed else 1)
+
+
+def test_the_tls_listeners_share_the_connection_policy() -> None:
+    """HTTPS and port 80 copy the main config: the same slots, deadline and catch-all."""
+    import hypercorn.config
+
+    from vpsrelay import tlsserver
+
+    base = hypercorn.config.Config()
+    policy = _policy()
+    hypercorn_patches.install_connection_policy(base, policy)
+    for cls in (tlsserver._ManagedTLSConfig, hypercorn.config.Config):
+        copy = tlsserver._copy_config(base, cls, ("127.0.0.1:0",))
+        assert getattr(copy, "_vpsrelay_connection_policy") is policy  # noqa: B009
+        assert copy.ssl_handshake_timeout == policy.head_timeout
+
+
+async def _server_on_socketpair(
+    policy: hypercorn_patches.ConnectionPolicy | None,
+) -> tuple[hypercorn_patches.RelayTCPServer, trio.socket.SocketType]:
+    import hypercorn.config
+    from hypercorn.trio.worker_context import WorkerContext
+
+    config = hypercorn.config.Config()
+    if policy is not None:
+        hypercorn_patches.install_connection_policy(config, policy)
+    ours, theirs = trio.socket.socketpair()
+    server = hypercorn_patches.RelayTCPServer(
+        None,  # type: ignore[arg-type]
+        config,
+        WorkerContext(None),
+        {},
+        trio.SocketStream(ours),  # type: ignore[arg-type]
+    )
+    return server, theirs
+
+
+async def test_an_error_in_a_connection_is_logged_counted_and_contained(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a connection raises ends that connection only: Hypercorn runs every
+    connection in the serving nursery, so one exception ended the relay."""
+    from hypercorn.trio.tcp_server import TCPServer
+
+    async def broken_run(self: TCPServer) -> None:
+        raise RuntimeError("attempt to re-acquire an already held Lock")
+
+    monkeypatch.setattr(TCPServer, "run", broken_run)
+    errors: list[str] = []
+    slots = ConnectionSlots(7, 3)
+    server, peer = await _server_on_socketpair(_policy(slots=slots, on_error=errors.append))
+    with peer:
+        await server.run()  # returns: nothing escapes
+        assert await peer.recv(10) == b""  # and the connection is closed
+    assert errors == ["RuntimeError"]
+    assert slots.open == 0
+    assert "ended by an error" in caplog.text
+
+
+async def test_cancellation_still_ends_a_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hypercorn.trio.tcp_server import TCPServer
+
+    async def forever(self: TCPServer) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(TCPServer, "run", forever)
+    errors: list[str] = []
+    slots = ConnectionSlots(7, 3)
+    server, peer = await _server_on_socketpair(_policy(slots=slots, on_error=errors.append))
+    with peer, trio.move_on_after(0.2) as scope:
+        await server.run()
+    assert scope.cancelled_caught  # trio.Cancelled went through the catch-all
+    assert errors == []
+    assert slots.open == 0
+    await server.stream.aclose()  # Hypercorn's own `run` (stubbed here) closes it
+
+
+async def test_connections_over_the_address_cap_are_closed_unserved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hypercorn.trio.tcp_server import TCPServer
+
+    served: list[object] = []
+
+    async def serve(self: TCPServer) -> None:
+        served.append(self)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(TCPServer, "run", serve)
+    refused: list[str] = []
+    slots = ConnectionSlots(10, 2)
+    policy = _policy(slots=slots, on_refused=lambda reason, detail: refused.append(reason))
+    peers, servers = [], []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # a socketpair's peer address is the same (unnamed) every time
+            server, peer = await _server_on_socketpair(policy)
+            peers.append(peer)
+            servers.append(server)
+            nursery.start_soon(server.run)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(served) == 2
+        assert refused == ["address_connection_cap"]
+        assert await peers[2].recv(10) == b""
+        nursery.cancel_scope.cancel()
+    assert slots.open == 0
+    for peer, server in zip(peers, servers, strict=True):
+        peer.close()
+        await server.stream.aclose()
 
 
 class _Pair:
@@ -325,43 +498,21 @@ async def test_a_shut_window_does_not_let_the_buffer_grow() -> None:
     assert pair.ended
 
 
-class _StuckStream:
-    """A client socket whose buffers are full: a write never completes."""
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    async def send_all(self, data: bytes) -> None:
-        await trio.sleep_forever()
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class _Protocol:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    async def handle(self, event: object) -> None:
-        self.events.append(event)
-
-
-async def test_a_write_the_client_takes_nothing_of_closes_the_connection(
-    autojump_clock: trio.testing.MockClock,
+def test_serve_refuses_to_start_without_the_safety_patches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import hypercorn.config
-    from hypercorn.events import Closed
+    """Other hypercorn/h2 versions: one line naming them, exit status 1, nothing served."""
+    from click.testing import CliRunner
 
-    config = hypercorn.config.Config()
-    hypercorn_patches.bound_writes(config, 30.0)
-    server = hypercorn_patches.RelayTCPServer.__new__(hypercorn_patches.RelayTCPServer)
-    server.config = config
-    server.send_lock = trio.Lock()
-    server.stream = _StuckStream()  # type: ignore[assignment]
-    server.protocol = _Protocol()  # type: ignore[assignment]
-    began = trio.current_time()
-    with trio.fail_after(60):
-        await server.protocol_send(RawData(b"a 512 KiB chunk"))
-    assert trio.current_time() - began == pytest.approx(30.0)
-    assert server.stream.closed
-    assert [type(e) for e in server.protocol.events] == [Closed]  # type: ignore[attr-defined]
+    from vpsrelay.cli import main
+
+    monkeypatch.setattr(H2Protocol, "_vpsrelay_patched", False)
+    monkeypatch.setattr(hypercorn_patches, "version", lambda name: "0.0.1")
+    result = CliRunner().invoke(
+        main, ["serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("vpsrelay: cannot serve: hypercorn/h2 are")
+    assert "Traceback" not in result.output
+    assert "listening on" not in result.output

@@ -203,7 +203,7 @@ def serve(
             f"vpsrelay: cannot create data_dir {str(settings.data_dir)!r}: {exc.strerror}", err=True
         )
         sys.exit(2)
-    from vpsrelay import server  # imported late: `config check` needs no server stack
+    from vpsrelay import hypercorn_patches, server  # late: `config check` needs no server stack
 
     if settings.tls.enabled:
         _tls_preflight(settings)
@@ -212,6 +212,9 @@ def serve(
         trio.run(server.run, settings)
     except KeyboardInterrupt:
         pass
+    except hypercorn_patches.PatchError as exc:
+        click.echo(f"vpsrelay: cannot serve: {exc}", err=True)
+        sys.exit(1)
     except (OSError, BaseExceptionGroup) as exc:
         # A taken port or a missing permission reaches us from inside Trio's nurseries.
         cause = _os_error(exc)

@@ -338,6 +338,22 @@ class ServerConfig:
     read_timeout: float = _option(30.0, _seconds, "seconds to receive a request's headers")
     graceful_timeout: float = _option(30.0, _seconds, "seconds in-flight requests get at stop")
     max_connections: int = _option(1000, _count, "client connections open at once")
+    # One address (a scanner, a slowloris) must not take the slots everyone shares; a busy
+    # NAT or CI host pulling in parallel (3-6 connections a pull) still fits. Addresses in
+    # trusted_proxies count towards max_connections only.
+    max_connections_per_ip: int = _option(
+        64, _count, "client connections open at once from one address"
+    )
+    # A client sends its request head right after connecting: 10 s covers a TLS handshake
+    # and 16 KiB of headers on a poor link, and bounds what a trickled head can hold.
+    head_timeout: float = _option(
+        10.0, _seconds, "seconds from connecting (TLS included) to a complete request head"
+    )
+    # Longer than upstream.read_timeout (60 s): an upstream that stalls is reported by its
+    # own timeout first. A client reading 64 KiB in this time is never cut.
+    stall_timeout: float = _option(
+        120.0, _seconds, "seconds a request in flight may go without a byte to or from its client"
+    )
     max_header_bytes: int = _option(16384, _count, "request line + headers, bytes")
     max_headers: int = _option(100, _count, "request headers per request")
     allowed_hosts: tuple[str, ...] = _option((), _list, "Host names served (empty: any)")

@@ -1,5 +1,10 @@
 """The one place where vpsrelay reaches into Hypercorn's internals, pinned to the
-versions it was written against (`tests/test_hypercorn_patches.py` fails when they change).
+versions it was written against (`tests/test_hypercorn_patches.py` fails when they change;
+pyproject pins them exactly, and `apply` refuses other versions: the relay does not start
+without these patches, some of which are what keeps it safe).
+
+Connections (the second half of this file): no error in one connection ends the server,
+caps per address and in all, a deadline for request heads, a stall timeout.
 
 HTTP/2 stream reset: ASGI has no way to abort a response. Over HTTP/1.1, an app that
 returns mid-body makes Hypercorn close the connection, so the client sees a short
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import TYPE_CHECKING
 
@@ -35,12 +41,15 @@ import h2.stream
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     import hypercorn.config
+
+    from vpsrelay.core.connslots import ConnectionSlots
 
 log = logging.getLogger("vpsrelay.server")
 
@@ -64,6 +73,8 @@ def pinned_functions() -> dict[str, Callable[..., object]]:
         "H2Protocol.send_task": H2Protocol.send_task,
         "H2Protocol._flush": H2Protocol._flush,
         "H2Protocol.stream_send": H2Protocol.stream_send,
+        # Sets `closed` before it closes the streams (the reset patch checks it).
+        "H2Protocol.handle": H2Protocol.handle,
         "StreamBuffer.pop": StreamBuffer.pop,
         "StreamBuffer.push": StreamBuffer.push,
         # What `queue_data_frames` does in one pass instead of one call per frame.
@@ -81,13 +92,25 @@ def versions_match() -> bool:
     return all(version(name) == pinned for name, pinned in PINNED.items())
 
 
+class PatchError(RuntimeError):
+    """The installed libraries are not the ones the safety patches were written for."""
+
+
 def apply() -> bool:
-    """Install the patches if the libraries are the pinned versions; say whether it did."""
+    """Install the patches; they are part of the relay's safety, so it does not serve
+    without them.
+
+    Raises:
+        PatchError: hypercorn or h2 is not the pinned version (one line for the user).
+    """
     if getattr(H2Protocol, "_vpsrelay_patched", False):
         return True
     if not versions_match():
-        log.warning("hypercorn/h2 versions differ from %s: HTTP/2 aborts are not reset", PINNED)
-        return False
+        installed = {name: version(name) for name in PINNED}
+        raise PatchError(
+            f"hypercorn/h2 are {installed}, vpsrelay's HTTP/2 and connection safety patches "
+            f"need exactly {PINNED} (reinstall vpsrelay with its pinned dependencies)"
+        )
     original = _ORIGINAL_CLOSE_STREAM
 
     async def close_stream_with_reset(self: H2Protocol, stream_id: int) -> None:
@@ -97,6 +120,10 @@ def apply() -> bool:
         buffer = self.stream_buffers.get(stream_id)
         finished = buffer is not None and buffer._complete
         await original(self, stream_id)
+        if self.closed:
+            # The connection is gone (`handle(Closed())` closes every stream, maybe while
+            # the transport's send lock is held): there is nobody to send a reset to.
+            return
         stream = self.connection.streams.get(stream_id)
         if stream is not None and not stream.closed and not finished:  # stopped before the end
             try:
@@ -111,104 +138,202 @@ def apply() -> bool:
     return True
 
 
-# --- connections: a cap, and timeouts that fit a relay (issue 5) ------------------------------
+# --- connections: caps, deadlines, and no connection can end the server ----------------------
 #
 # Hypercorn's trio worker builds one `TCPServer` per accepted connection from the module
-# global `hypercorn.trio.run.TCPServer`; `cap_connections` replaces it with the subclass
-# below, which changes three things:
+# global `hypercorn.trio.run.TCPServer`; `install_connection_policy` replaces it with the
+# subclass below (for every listener: plain, TLS, port 80 and the operator's), which:
 #
-# * a cap: connections over `server.max_connections` are closed at once, so a flood of
-#   idle connections cannot take every file descriptor;
-# * `read_timeout` applies only while the connection waits for a request: Hypercorn's own
+# * catches every error of its connection: it is logged and counted, and the connection
+#   closed. Hypercorn runs all connections in one nursery, so one stray exception (a
+#   `RuntimeError` from a twice-taken send lock was one) ended the whole relay;
+# * tells the protocol that the transport broke only after releasing the send lock:
+#   Hypercorn does it under the lock, and a protocol that sends while closing (the HTTP/2
+#   stream reset below) then took the lock twice;
+# * caps connections, `server.max_connections` in all and `server.max_connections_per_ip`
+#   from one address (`core.connslots`); the ones over a cap are closed at once, so a
+#   flood of idle connections takes neither every descriptor nor everyone's slots;
+# * gives a connection `server.head_timeout` seconds from its accept (TLS handshake
+#   included) to its first complete request head, and an HTTP/1.1 head that has begun
+#   the same time to complete: a head trickled a byte at a time held its slot until
+#   the keep-alive timeout;
+# * applies `read_timeout` only while the connection waits for a request: Hypercorn's own
 #   applies to every read, so a long download (the client sends nothing while it
 #   receives a 10 GiB layer) was cut after `read_timeout` seconds;
-# * once the client's side is closed or timed out, the connection is closed then, not
-#   after `keep_alive_timeout` (Hypercorn waits for its keep-alive task first, so every
-#   closed or half-open connection kept its slot and descriptor for 75 s).
-# * a write the client takes nothing of for `limits.send_timeout` seconds closes the
-#   connection (`bound_writes`): Hypercorn shields its socket writes from cancellation, so
-#   an HTTP/1.1 client that stopped reading held its request, and the upstream connection
-#   behind it, for good; the app's own deadline around each send cannot reach inside.
+# * once the client's side is closed or timed out, closes the connection then, not after
+#   `keep_alive_timeout` (Hypercorn waits for its keep-alive task first, so every closed
+#   or half-open connection kept its slot and descriptor for 75 s).
 
-_LIMITER_ATTRIBUTE = "_vpsrelay_connection_limiter"
-_SEND_TIMEOUT_ATTRIBUTE = "_vpsrelay_send_timeout"
-_REFUSED_ATTRIBUTE = "_vpsrelay_on_refused"
+_POLICY_ATTRIBUTE = "_vpsrelay_connection_policy"
 _MAX_RECV = 2**16  # hypercorn.trio.tcp_server.MAX_RECV
+# Writes go out in pieces of this size, each one progress: a client that reads at all
+# (2**16 bytes per `stall_timeout`) is never taken for one that stopped.
+_SEND_PIECE = 2**16
+STALLED = "stalled_connection"  # refusal reason, as logged and counted
 
 
-def cap_connections(
-    config: hypercorn.config.Config, limit: int, on_refused: Callable[[str, str], None]
+@dataclass(frozen=True, slots=True)
+class ConnectionPolicy:
+    slots: ConnectionSlots
+    head_timeout: float
+    stall_timeout: float  # a request in flight, no byte read from or written to its client
+    on_refused: Callable[[str, str], None]  # (reason, detail) for a connection over a cap
+    on_error: Callable[[str], None]  # the type name of an error that ended a connection
+
+
+def install_connection_policy(
+    config: hypercorn.config.Config, policy: ConnectionPolicy | None = None
 ) -> None:
-    """Serve at most `limit` connections at once with `config`; close the ones over it."""
+    """Serve connections made with `config` by `RelayTCPServer`, under `policy` if given."""
     import hypercorn.trio.run as trio_run
 
-    setattr(config, _LIMITER_ATTRIBUTE, trio.CapacityLimiter(limit))
-    setattr(config, _REFUSED_ATTRIBUTE, on_refused)
+    if policy is not None:
+        setattr(config, _POLICY_ATTRIBUTE, policy)
+        # The handshake is part of the time a connection has to send its head.
+        config.ssl_handshake_timeout = policy.head_timeout
     trio_run.TCPServer = RelayTCPServer  # type: ignore[attr-defined]
 
 
-def bound_writes(config: hypercorn.config.Config, seconds: float) -> None:
-    """Close a connection whose client takes nothing of one write for `seconds`
-    (needs the `RelayTCPServer` that `cap_connections` installs)."""
-    setattr(config, _SEND_TIMEOUT_ATTRIBUTE, seconds)
+def _transport(stream: object) -> trio.SocketStream:
+    """The socket stream under a TLS stream (or the stream itself)."""
+    inner = getattr(stream, "transport_stream", stream)
+    assert isinstance(inner, trio.SocketStream)
+    return inner
+
+
+def _peer_address(stream: object) -> str:
+    """The client's address (the host part); "" on a unix socket."""
+    name = _transport(stream).socket.getpeername()
+    return str(name[0]) if isinstance(name, tuple) else str(name)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 class RelayTCPServer(TCPServer):
     """Hypercorn's per-connection server with the relay's connection policy (see above)."""
 
     _busy = False  # a request is in flight (Hypercorn's `Updated(idle=False)`)
+    # When the pending request head must be complete (trio clock); inf: none is pending.
+    _head_deadline = math.inf
+    _first_head_deadline = math.inf  # the accept's: for the first head
+    _last_progress = -math.inf  # trio clock: a byte read, a piece written, a request begun
 
     async def run(self) -> None:
-        limiter: trio.CapacityLimiter | None = getattr(self.config, _LIMITER_ATTRIBUTE, None)
-        if limiter is None:
-            await super().run()
-            return
+        policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
         try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            on_refused = getattr(self.config, _REFUSED_ATTRIBUTE, None)
-            if on_refused is not None:
-                on_refused("connection_cap", f"{limiter.total_tokens} connections already open")
+            peer = _peer_address(self.stream)
+        except OSError:  # gone before it could be served
             with trio.CancelScope(shield=True):
-                await self.stream.aclose()
+                await _transport(self.stream).aclose()
             return
         try:
-            await super().run()
+            if policy is None:
+                await super().run()
+            else:
+                await self._run_in_slot(policy, peer)
+        except* Exception as group:  # trio.Cancelled is no Exception: it still propagates
+            log.error("connection from %s ended by an error", peer, exc_info=group)
+            for error in _leaves(group):
+                if policy is not None:
+                    policy.on_error(type(error).__name__)
+            with trio.CancelScope(shield=True):
+                await _transport(self.stream).aclose()
+
+    async def _run_in_slot(self, policy: ConnectionPolicy, peer: str) -> None:
+        refused = policy.slots.take(peer)
+        if refused is not None:
+            policy.on_refused(refused, policy.slots.describe(refused, peer))
+            with trio.CancelScope(shield=True):
+                await _transport(self.stream).aclose()  # no TLS: nothing is said to it
+            return
+        try:
+            self._first_head_deadline = trio.current_time() + policy.head_timeout
+            self._head_deadline = self._first_head_deadline
+            async with trio.open_nursery() as watchdog:
+                watchdog.start_soon(self._close_when_stalled, policy, peer)
+                await super().run()
+                watchdog.cancel_scope.cancel()
         finally:
-            limiter.release()
+            policy.slots.give_back(peer)
+
+    async def _close_when_stalled(self, policy: ConnectionPolicy, peer: str) -> None:
+        """Close the connection once a request has been in flight `stall_timeout` seconds
+        without a byte read from or written to the client: one that stopped reading (its
+        shielded write waited for good) or keeps its HTTP/2 window shut held its slot,
+        and the upstream download behind it, forever."""
+        self._last_progress = trio.current_time()
+        while True:
+            await trio.sleep_until(self._last_progress + policy.stall_timeout)
+            now = trio.current_time()
+            if not self._busy:
+                self._last_progress = now  # idle: the head and keep-alive timeouts apply
+            elif now - self._last_progress >= policy.stall_timeout:
+                policy.on_refused(
+                    STALLED,
+                    f"{peer}: nothing read or written for "
+                    f"{policy.stall_timeout:g}s with a request in flight",
+                )
+                # The transport, not the TLS stream: its close wakes a blocked write.
+                await _transport(self.stream).aclose()
+                return
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            broken = False
+            async with self.send_lock:
+                try:
+                    # Shielded as Hypercorn's: no half-sent frames.
+                    with trio.CancelScope(shield=True), memoryview(event.data) as data:
+                        for offset in range(0, len(data), _SEND_PIECE):
+                            await self.stream.send_all(data[offset : offset + _SEND_PIECE])
+                            self._last_progress = trio.current_time()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    broken = True
+            if broken:  # outside the lock: closing may send (an HTTP/2 reset)
+                await self.protocol.handle(Closed())
+            return
         if isinstance(event, Updated):
             self._busy = not event.idle
-        timeout: float | None = getattr(self.config, _SEND_TIMEOUT_ATTRIBUTE, None)
-        if isinstance(event, RawData) and timeout is not None:
-            await self._send_within(event.data, seconds=timeout)
-            return
+            self._last_progress = trio.current_time()
+            # A head just completed, or the connection waits idle: its next head starts
+            # with its first byte (the keep-alive timeout bounds the wait before it).
+            self._head_deadline = math.inf
         await super().protocol_send(event)
 
-    async def _send_within(self, data: bytes, *, seconds: float) -> None:
-        """Hypercorn's write (`TCPServer.protocol_send`, RawData), with a deadline."""
-        async with self.send_lock:
-            try:
-                # Shielded as Hypercorn's is (a cancelled write leaves half a frame), but
-                # the deadline inside the shield still ends it.
-                with trio.CancelScope(shield=True), trio.move_on_after(seconds) as deadline:
-                    await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.protocol.handle(Closed())
-                return
-        if deadline.cancelled_caught:
-            log.info("closing a connection: its client took no write for %g s", seconds)
-            # Half a frame may be out: the connection cannot go on. The request sees a
-            # disconnect and ends, with its upstream connection.
-            with trio.CancelScope(shield=True):
-                await self.stream.aclose()
-                await self.protocol.handle(Closed())
+    def _starts_a_head(self) -> bool:
+        """Bytes arriving now begin a request head: HTTP/1.1 and not mid-request.
+        (HTTP/2 sends control frames while idle; its first head has the accept's deadline.)"""
+        return (
+            not self._busy
+            and self._head_deadline == math.inf
+            and isinstance(self.protocol.protocol, H11Protocol)
+            and getattr(self.config, _POLICY_ATTRIBUTE, None) is not None
+        )
+
+    async def _switched_to_h2(self) -> None:
+        """h11 took the HTTP/2 preface (`PRI * HTTP/2.0`) for a request and reported the
+        connection busy, which stopped the keep-alive task and every read timeout; the
+        HTTP/2 protocol that replaced it reports only when a stream closes. A connection
+        that sent the preface and no request was then held for good: say it is idle, as
+        it is, with the deadline its first head got at the accept."""
+        protocol = self.protocol.protocol
+        if isinstance(protocol, H2Protocol) and protocol.idle:
+            self._busy = False
+            self._head_deadline = self._first_head_deadline
+            await self.idle_task.restart(self._task_group, self._idle_timeout)
 
     async def _read_data(self) -> None:
-        timeout = self.config.read_timeout or math.inf
+        read_timeout = self.config.read_timeout or math.inf
+        policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
         while True:
-            with trio.move_on_after(timeout) as timer:
+            deadline = trio.current_time() + read_timeout
+            if not self._busy:
+                deadline = min(deadline, self._head_deadline)
+            with trio.move_on_at(deadline) as timer:
                 try:
                     data = await self.stream.receive_some(_MAX_RECV)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -217,7 +342,14 @@ class RelayTCPServer(TCPServer):
                 if self._busy:  # the client is receiving a response: it need not send
                     continue
                 break
+            if data:
+                self._last_progress = trio.current_time()
+            if data and policy is not None and self._starts_a_head():
+                self._head_deadline = trio.current_time() + policy.head_timeout
+            before = self.protocol.protocol
             await self.protocol.handle(RawData(bytes(data)))
+            if self.protocol.protocol is not before:
+                await self._switched_to_h2()
             if data == b"":
                 break
         await self.protocol.handle(Closed())

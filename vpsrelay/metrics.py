@@ -98,6 +98,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connection_errors = Counter(
+            "vpsrelay_connection_errors",
+            "Client connections ended by an unexpected error (logged), by exception type.",
+            ["error"],
+            registry=r,
+        )
         self.active_streams = Gauge(
             "vpsrelay_active_streams", "Response bodies being streamed now.", registry=r
         )
@@ -176,6 +182,10 @@ class Metrics:
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
+
+    def connection_error(self, error: str) -> None:
+        """A connection's handling raised `error` (a type name); the server went on."""
+        self.connection_errors.labels(error).inc()
 
     def ratelimit(self, registry: str, budget: RateLimit) -> None:
         if budget.limit is not None:

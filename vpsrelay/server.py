@@ -21,6 +21,7 @@ from vpsrelay import __version__, httpcore_patches, hypercorn_patches, shutdown
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
+from vpsrelay.core.connslots import ConnectionSlots
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -63,6 +64,25 @@ def _check_descriptor_limit(max_connections: int) -> None:
         )  # fmt: skip
 
 
+def _connection_policy(settings: Settings, app: RelayApp) -> hypercorn_patches.ConnectionPolicy:
+    server = settings.server
+    slots = ConnectionSlots(
+        server.max_connections, server.max_connections_per_ip, server.trusted_proxies
+    )
+
+    def refused(reason: str, detail: str) -> None:
+        app.guard.record_reason(reason, detail)
+        app.metrics.refused(reason)
+
+    return hypercorn_patches.ConnectionPolicy(
+        slots=slots,
+        head_timeout=server.head_timeout,
+        stall_timeout=server.stall_timeout,
+        on_refused=refused,
+        on_error=app.metrics.connection_error,
+    )
+
+
 async def _stop_on_signal(stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -94,7 +114,11 @@ async def _serve_operator(
 async def run(
     settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve until SIGTERM/SIGINT; `task_status.started` gets the bound URLs."""
+    """Serve until SIGTERM/SIGINT; `task_status.started` gets the bound URLs.
+
+    Raises:
+        hypercorn_patches.PatchError: the safety patches cannot apply; nothing was served.
+    """
     hypercorn_patches.apply()
     httpcore_patches.apply()
     stop = trio.Event()
@@ -124,11 +148,9 @@ async def _serve(
         nursery.start_soon(_stop_on_signal, stop)
         app = RelayApp(settings, upstream, store)
         config = hypercorn_config(settings)
-        # One cap on connections for every listener (the TLS one copies this config).
-        hypercorn_patches.cap_connections(
-            config, settings.server.max_connections, app.guard.record_reason
-        )
-        hypercorn_patches.bound_writes(config, settings.limits.send_timeout)
+        # One connection policy (and one set of slots) for every listener: the TLS ones
+        # copy this config.
+        hypercorn_patches.install_connection_policy(config, _connection_policy(settings, app))
         _check_descriptor_limit(settings.server.max_connections)
         # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
         serve = partial(

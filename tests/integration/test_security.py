@@ -604,11 +604,15 @@ def test_proxy_requests_and_malformed_requests_get_4xx_and_reach_nothing(
 IDLE_CONNECTIONS = 500
 
 
-def _half_open(port: int, count: int) -> list[socket.socket]:
+def _half_open(port: int, count: int, sources: int = 1) -> list[socket.socket]:
+    """`count` connections with an unfinished head, from `sources` loopback addresses."""
     sockets = []
     try:
-        for _ in range(count):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        for index in range(count):
+            source = "127.0.0.1" if sources == 1 else f"127.0.0.{10 + index % sources}"
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+            )
             sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             sockets.append(sock)
     except BaseException:
@@ -635,9 +639,12 @@ def test_slowloris_does_not_stop_a_pull(hub: Hub, tmp_path: Path) -> None:
     needed = 2 * IDLE_CONNECTIONS + 200  # this process's sockets and the relay's
     if soft < needed:
         pytest.fail(f"RLIMIT_NOFILE is {soft}; this test needs {needed} (ulimit -n)")
-    args = ("--upstream", f"docker.io={hub.registry_url}")
+    # From 10 addresses (one address gets at most server.max_connections_per_ip), with
+    # time to send their heads (server.head_timeout) longer than the test.
+    config = _write_config(tmp_path / "r.toml", "[server]\nhead_timeout = 120\n")
+    args = ("--upstream", f"docker.io={hub.registry_url}", "--config", str(config))
     with RelayProcess(tmp_path / "relay", *args) as relay:
-        idle = _half_open(relay.port, IDLE_CONNECTIONS)
+        idle = _half_open(relay.port, IDLE_CONNECTIONS, sources=10)
         try:
             skopeo_copy(tmp_path, f"{_host(relay)}/alpine:latest")
             assert_pulled(tmp_path, _alpine(hub))
