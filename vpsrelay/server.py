@@ -67,7 +67,10 @@ def _check_descriptor_limit(max_connections: int) -> None:
 def _connection_policy(settings: Settings, app: RelayApp) -> hypercorn_patches.ConnectionPolicy:
     server = settings.server
     slots = ConnectionSlots(
-        server.max_connections, server.max_connections_per_ip, server.trusted_proxies
+        server.max_connections,
+        server.max_connections_per_ip,
+        server.trusted_proxies,
+        settings.limits.ipv6_prefix_length,
     )
 
     def refused(reason: str, detail: str) -> None:

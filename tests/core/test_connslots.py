@@ -50,3 +50,18 @@ def test_counts_return_to_zero(steps: list[tuple[bool, str]]) -> None:
         slots.give_back(address)
     assert slots.open == 0
     assert slots._by_address == {}
+
+
+def test_one_ipv6_network_shares_one_count() -> None:
+    """A host picks any address in its /64: keyed by address it would hold unlimited slots."""
+    slots = ConnectionSlots(total=100, per_address=2)
+    assert slots.take("2001:db8:1:2::1") is None
+    assert slots.take("2001:db8:1:2::ffff") is None
+    assert slots.take("2001:db8:1:2:abcd::7") == ADDRESS_CAP
+    assert slots.take("2001:db8:1:3::1") is None  # another /64
+    assert "2001:db8:1:2::/64" in slots.describe(ADDRESS_CAP, "2001:db8:1:2::9")
+    slots.give_back("2001:db8:1:2::ffff")
+    assert slots.take("2001:db8:1:2::5") is None
+    wide = ConnectionSlots(total=100, per_address=1, ipv6_prefix=48)
+    assert wide.take("2001:db8:1:2::1") is None
+    assert wide.take("2001:db8:1:ffff::1") == ADDRESS_CAP
