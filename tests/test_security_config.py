@@ -190,20 +190,20 @@ async def test_guard_budget_is_saved_atomically_and_reloaded(tmp_path):
     fresh = Guard(settings, clock=lambda: 1_800_000_000.0)
     async with fresh.download("203.0.113.1", None, lambda: 0) as meter:
         assert meter is not None
-        meter.reserve(100)  # unreadable counters: the whole budget is free again
+        meter.admit(100)  # unreadable counters: the whole budget is free again
     await trio.lowlevel.checkpoint()
 
 
 async def test_download_meter_holds_2xx_bodies_and_only_charges_error_bodies(tmp_path):
-    from vpsrelay.core.access import UNKNOWN_LENGTH_STEP
+    from vpsrelay.core.access import LOOKAHEAD
 
-    limit = UNKNOWN_LENGTH_STEP + 10
+    limit = LOOKAHEAD + 10
     settings = config.load(None, {}, {"data_dir": str(tmp_path), "limits.budget_daily": limit})
     guard = Guard(settings, clock=lambda: 1_800_000_000.0)
     async with guard.download("203.0.113.1", None, lambda: 0) as meter:
         assert meter is not None
         meter.start(200, None)
-        await meter.sent(UNKNOWN_LENGTH_STEP)
+        await meter.sent(LOOKAHEAD)
         await meter.sent(10)
         with pytest.raises(TooManyRequests):  # of unknown length: cut once past the budget
             await meter.sent(1)

@@ -101,9 +101,9 @@ class Exchange:
         await self._send({"type": "http.response.start", "status": status, "headers": raw})
 
     async def body(self, chunk: bytes, *, more: bool) -> None:
-        self.bytes_sent += len(chunk)
         if self.meter is not None and chunk:
-            await self.meter.sent(len(chunk))
+            await self.meter.sent(len(chunk))  # first: a piece the budget refuses is not sent
+        self.bytes_sent += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def _send(self, message: Message) -> None:
@@ -355,9 +355,9 @@ class RelayApp:
                 await observe.too_many_requests(self, exchange, response)
                 return
             if exchange.meter is not None and 200 <= response.status_code < 300:
-                # Held before the hook, where a cache fill would begin for a download the
-                # budget then refused.
-                exchange.meter.reserve(_content_length(response.headers.get("content-length")))
+                # Admitted before the hook, where a cache fill would begin for a download
+                # the budget then refused.
+                exchange.meter.admit(_content_length(response.headers.get("content-length")))
             # What a redirect target (a CDN) says about authentication is not the
             # registry's word: only the registry's own answers teach the relay its realm.
             own_answer = self.upstream.is_own_origin(registry.name, str(response.url))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from vpsrelay.core.access import AHEAD_PER_CLIENT
 from vpsrelay.core.cachepolicy import GiB, parse_size
 from vpsrelay.core.tokens import parse_htpasswd
 from vpsrelay.errors import ConfigError
@@ -513,6 +514,12 @@ class LimitsConfig:
     budget_monthly: int = _option(0, _size, "bytes served per UTC month, all clients")
     user_budget_daily: int = _option(0, _size, "bytes served per UTC day per user")
     user_budget_monthly: int = _option(0, _size, "bytes served per UTC month per user")
+    # A download holds the budget a few MiB ahead of what it has sent; with this cap, a
+    # client that opens many and reads them slowly holds no more than this all together.
+    budget_ahead_per_client: int = _option(
+        AHEAD_PER_CLIENT, _size,
+        "budget one client (IP, IPv6 /N) may hold ahead of what its downloads sent (0: no cap)",
+    )  # fmt: skip
 
 
 DEFAULT_REGISTRIES = BUILTIN_REGISTRIES

@@ -3,8 +3,9 @@
 Before routing reaches any upstream: request target, Host, client IP, User-Agent,
 header count and request rate. After routing: repository allow/deny lists. Around a
 blob download: streams per client (an IPv4 address, an IPv6 /64), the traffic budget
-(each download holds its length before its first byte; counters in the data dir,
-written atomically after every download so they survive restarts) and the bandwidth cap.
+(a download must fit in what is left to start, and holds a bounded look-ahead past what
+it has sent; counters in the data dir, written atomically after every download so they
+survive restarts) and the bandwidth cap.
 
 Every refusal, here or anywhere else in the relay, passes `record`, which logs the
 reason and counts it in `refusals` (what the metrics endpoint reads).
@@ -82,6 +83,7 @@ class Guard:
             limits.budget_daily, limits.budget_monthly,
             limits.user_budget_daily, limits.user_budget_monthly,
         )  # fmt: skip
+        self.budget_ahead_per_client = limits.budget_ahead_per_client
         self.budget_path = settings.data_dir / BUDGET_FILE
         self._budget: access.Budget | None = None
         self._budget_lock = trio.Lock()
@@ -153,14 +155,14 @@ class Guard:
             TooManyRequests: too many downloads from this IP, or the budget is spent.
         """
         budget = await self._load_budget() if self.budget_limits.enabled else None
-        hold = budget.open(user, self.clock()) if budget is not None else None
         client = self.limit_key(client_ip)
+        hold = budget.open(user, self.clock(), client) if budget is not None else None
         if self.streams is not None:
             self.streams.acquire(client)
         try:
             throttle = self._throttle() if self.stream_rate else None
             metered = budget is not None or throttle is not None
-            yield DownloadMeter(budget, hold, throttle) if metered else None
+            yield DownloadMeter(budget, hold, throttle, self.record_reason) if metered else None
         finally:
             if self.streams is not None:
                 self.streams.release(client)
@@ -213,7 +215,9 @@ class Guard:
             async with self._budget_lock:
                 if self._budget is None:
                     counters = await trio.to_thread.run_sync(_read_budget, self.budget_path)
-                    self._budget = access.Budget(self.budget_limits, counters)
+                    self._budget = access.Budget(
+                        self.budget_limits, counters, ahead_per_client=self.budget_ahead_per_client
+                    )
         return self._budget
 
     async def _save_budget(self, budget: access.Budget) -> None:
@@ -235,7 +239,8 @@ class Guard:
         )  # fmt: skip
 
     def record_reason(self, reason: str, detail: str) -> None:
-        """Count a refusal that has no request (a connection over the cap)."""
+        """Count a refusal that has no request of its own to answer (a connection over the
+        cap), or whose answer has begun (a download cut off mid-body)."""
         self.refusals[reason] += 1
         log.warning("refused reason=%s: %s", reason, detail)
 
@@ -243,10 +248,11 @@ class Guard:
 class DownloadMeter:
     """One blob download's share of the traffic budget, and its bandwidth cap.
 
-    The answer's length is held (`reserve`) before its head goes out, so a download the
-    budget cannot take is refused with a clean 429, not cut short; each chunk then
-    passes `sent`, which paces it and, past what was held (a length not known), holds
-    more or ends the download.
+    The answer's length must fit in what is left of the budget (`admit`) before its head
+    goes out, so a download the budget cannot take is refused with a clean 429; each
+    chunk then passes `sent`, which paces it and takes it out of the download's hold,
+    grown a bounded look-ahead at a time: or, when the budget has run out meanwhile (the
+    downloads in flight took it), ends the download.
     """
 
     def __init__(
@@ -254,12 +260,13 @@ class DownloadMeter:
         budget: access.Budget | None,
         hold: access.Hold | None,
         throttle: Callable[[int], Awaitable[None]] | None,
+        record_reason: Callable[[str, str], None] = lambda reason, detail: None,
     ) -> None:
         self.budget = budget
         self.hold = hold
         self.throttle = throttle
+        self.record_reason = record_reason  # counts a download cut off mid-body
         self.metered = False
-        self.bytes = 0
 
     def start(self, status: int, length: int | None) -> None:
         """The answer's head is about to go out: a 2xx's body is held and metered;
@@ -270,21 +277,19 @@ class DownloadMeter:
         """
         self.metered = False
         if 200 <= status < 300:
-            self.reserve(length)
+            self.admit(length)
             self.metered = True
 
-    def reserve(self, length: int | None) -> None:
-        """Hold `length` more bytes (None: a length not said) before the head goes out.
+    def admit(self, length: int | None) -> None:
+        """A body of `length` bytes (None: a length not said) is about to be answered:
+        refuse it if the budget has not that much left, else hold its first look-ahead.
 
         Raises:
             TooManyRequests: the budget cannot take it (reason `budget_exhausted`).
         """
         if self.budget is None or self.hold is None:
             return
-        if length is None:
-            self.budget.reserve_unknown(self.hold, self.bytes + 1)
-        else:
-            self.budget.reserve(self.hold, self.bytes + length)
+        self.budget.admit(self.hold, length)
 
     async def sent(self, size: int) -> None:
         """Count (and pace) `size` bytes about to be sent.
@@ -292,9 +297,14 @@ class DownloadMeter:
         Raises:
             TooManyRequests: past the hold, and the budget has no more.
         """
-        self.bytes += size
         if self.metered and self.budget is not None and self.hold is not None:
-            self.budget.reserve_unknown(self.hold, self.bytes)
+            try:
+                self.budget.take(self.hold, size)
+            except TooManyRequests as exc:
+                # Its head is out, so no 429 tells the operator: the count and log do.
+                detail = f"download cut off after {self.hold.sent} bytes: {exc.message}"
+                self.record_reason(exc.reason, detail)
+                raise
         if self.throttle is not None:
             await self.throttle(size)
 

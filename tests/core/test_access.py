@@ -381,85 +381,189 @@ def test_one_ipv6_64_is_one_rate_limit_bucket(interface_id):
     assert len(limiter) == 1
 
 
-# --- the budget: downloads hold their length before they start ------------------------------
+# --- the budget: downloads must fit to start, and hold a bounded look-ahead -----------------
+
+
+def _send(budget: access.Budget, hold: access.Hold, total: int, piece: int = 10) -> int:
+    """Send up to `total` bytes of `hold`'s body in pieces; what was sent before a refusal."""
+    sent = 0
+    while sent < total:
+        size = min(piece, total - sent)
+        try:
+            budget.take(hold, size)
+        except TooManyRequests:
+            break
+        sent += size
+    return sent
 
 
 def test_concurrent_downloads_cannot_overrun_the_budget_between_them():
-    budget = access.Budget(access.BudgetLimits(daily=1000))
+    budget = access.Budget(access.BudgetLimits(daily=1000))  # each hold here is whole
     first, second = budget.open(None, NOON), budget.open(None, NOON)
-    budget.reserve(first, 600)
+    budget.admit(first, 600)
     with pytest.raises(TooManyRequests) as caught:
-        budget.reserve(second, 600)  # 600 held + 600 > 1000, though nothing is charged yet
+        budget.admit(second, 600)  # 600 held + 600 > 1000, though nothing is charged yet
     assert caught.value.reason == "budget_exhausted"
     assert "400 bytes left" in caught.value.message
     assert 0 < int(dict(caught.value.headers)["retry-after"]) <= 86400
-    budget.reserve(second, 400)
+    budget.admit(second, 400)
     with pytest.raises(TooManyRequests):
         budget.open(None, NOON)  # all of it is held: refused before asking the upstream
+    assert _send(budget, first, 600) == 600
+    assert _send(budget, second, 100) == 100
     budget.settle(first, 600, NOON)
     budget.settle(second, 100, NOON)  # ended early: only what was sent is charged
     assert budget.used("total|2026-11-29") == 700
     assert budget.reserved == {}
-    budget.reserve(budget.open(None, NOON), 300)
+    assert budget.ahead == {}
+    budget.admit(budget.open(None, NOON), 300)
 
 
-def test_a_hold_only_grows_and_a_user_hold_counts_for_the_total_too():
+def test_a_download_holds_a_look_ahead_not_its_whole_length():
+    """Issue 12, review of finding 11: a download held its whole length until it ended, so
+    a few slow readers of big blobs kept the budget spent for everyone else."""
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    slow = budget.open(None, NOON, "attacker")
+    budget.admit(slow, 900)  # fits in what is left...
+    assert (slow.amount, slow.sent) == (100, 0)  # ...but holds only its look-ahead
+    assert _send(budget, slow, 30) == 30
+    assert (slow.amount, slow.ahead) == (100, 70)  # within the hold: nothing more held
+    other = budget.open(None, NOON, "victim")
+    budget.admit(other, 800)  # 1000 - 100 held: room for it while the slow one trickles
+    assert budget.reserved["total|2026-11-29"] == 200
+    assert _send(budget, slow, 80) == 80  # past the hold: grown to 110 sent + 100 ahead
+    assert (slow.amount, slow.sent) == (210, 110)
+    # The head after the upstream's answer (the same body): admitted already, though the
+    # slow one has grown since.
+    budget.admit(other, 800)
+    assert other.amount == 100
+    with pytest.raises(TooManyRequests) as caught:
+        budget.admit(budget.open(None, NOON), 691)  # 1000 - 210 - 100 = 690 left
+    assert "690 bytes left, too few for 691" in caught.value.message
+
+
+def test_the_look_ahead_never_passes_the_declared_end():
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    hold = budget.open(None, NOON)
+    budget.admit(hold, 150)
+    assert hold.amount == 100
+    assert _send(budget, hold, 101) == 101
+    assert hold.amount == 150  # 101 sent, 49 to go
+    assert _send(budget, hold, 49) == 49
+    assert hold.ahead == 0
+
+
+def test_downloads_admitted_together_are_cut_at_the_budget_never_past_it():
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    first, second = budget.open(None, NOON, "a"), budget.open(None, NOON, "b")
+    budget.admit(first, 600)
+    budget.admit(second, 600)  # each fits what is left; both together do not
+    sent_first = _send(budget, first, 600)
+    sent_second = _send(budget, second, 600)
+    assert (sent_first, sent_second) == (600, 400)  # the second is cut where the budget ends
+    with pytest.raises(TooManyRequests) as caught:
+        budget.take(second, 1)
+    assert caught.value.reason == "budget_exhausted"
+    budget.settle(first, sent_first, NOON)
+    budget.settle(second, sent_second, NOON)
+    assert budget.used("total|2026-11-29") == 1000
+
+
+def test_one_client_holds_at_most_its_cap_ahead_of_what_it_sent():
+    budget = access.Budget(access.BudgetLimits(daily=10**6), lookahead=100, ahead_per_client=250)
+    holds = [budget.open(None, NOON, "attacker") for _ in range(4)]
+    for hold in holds:
+        budget.admit(hold, 10_000)
+    assert [hold.amount for hold in holds] == [100, 100, 50, 0]
+    assert budget.ahead == {"attacker": 250}
+    assert _send(budget, holds[3], 10) == 10  # at the cap: only what goes out is held
+    assert (holds[3].amount, holds[3].ahead) == (10, 0)
+    other = budget.open(None, NOON, "victim")
+    budget.admit(other, 10_000)
+    assert other.amount == 100  # another client's look-ahead is its own
+    assert _send(budget, holds[0], 101) == 101  # sending frees the cap for the next top-up
+    assert budget.ahead["attacker"] <= 250
+    for hold in holds:
+        budget.settle(hold, hold.sent, NOON)
+    budget.settle(other, 0, NOON)
+    assert budget.ahead == {}
+    assert budget.reserved == {}
+
+
+def test_a_hold_counts_for_the_user_and_the_total():
     budget = access.Budget(access.BudgetLimits(daily=1000, user_daily=500))
     alice = budget.open("alice", NOON)
-    budget.reserve(alice, 500)
-    budget.reserve(alice, 200)  # asked again with less (the head after the upstream's answer)
-    assert alice.amount == 500
+    budget.admit(alice, 500)
     with pytest.raises(TooManyRequests) as caught:
-        budget.reserve(budget.open("alice", NOON), 1)
+        budget.admit(budget.open("alice", NOON), 1)
     assert "your traffic budget" in caught.value.message
     with pytest.raises(TooManyRequests) as caught:
-        budget.reserve(budget.open("bob", NOON), 501)
+        budget.admit(budget.open("bob", NOON), 501)
     assert "this relay's traffic budget" in caught.value.message
 
 
-def test_unknown_length_holds_in_steps_clamped_to_what_is_left():
-    budget = access.Budget(access.BudgetLimits(daily=access.UNKNOWN_LENGTH_STEP * 3 // 2))
-    hold = budget.open(None, NOON)
-    budget.reserve_unknown(hold, 1)
-    assert hold.amount == access.UNKNOWN_LENGTH_STEP + 1
-    budget.reserve_unknown(hold, hold.amount)  # within the hold: nothing to do
-    budget.reserve_unknown(hold, hold.amount + 1)
-    assert hold.amount == access.UNKNOWN_LENGTH_STEP * 3 // 2  # the rest, not a full step
+def test_unknown_length_holds_a_look_ahead_clamped_to_what_is_left():
+    budget = access.Budget(access.BudgetLimits(daily=150), lookahead=100)
+    hold, late = budget.open(None, NOON), budget.open(None, NOON)
+    budget.admit(hold, None)
+    assert hold.amount == 100
+    assert _send(budget, hold, 100) == 100  # within the hold: nothing more held
+    assert hold.amount == 100
+    assert _send(budget, hold, 1) == 1
+    assert hold.amount == 150  # the rest, not a full look-ahead
+    assert _send(budget, hold, 100, piece=1) == 49
     with pytest.raises(TooManyRequests):
-        budget.reserve_unknown(hold, hold.amount + 1)
+        budget.admit(late, None)  # a length not said: refused when not one byte is left
 
 
 def test_no_limit_for_an_anonymous_user_holds_nothing_back():
     budget = access.Budget(access.BudgetLimits(user_daily=10))
-    hold = budget.open(None, NOON)
-    budget.reserve(hold, 10**12)
-    budget.reserve_unknown(hold, 10**12 + 1)
+    hold = budget.open(None, NOON, "client")
+    budget.admit(hold, 10**12)
+    budget.take(hold, 10**12)
     assert budget.room(hold) is None
+    assert budget.reserved == {}
+    assert budget.ahead == {}
     budget.settle(hold, 10**12, NOON)
     assert budget.reserved == {}
 
 
 @given(
     st.lists(
-        st.tuples(st.integers(0, 400), st.integers(0, 400), st.booleans()), min_size=1, max_size=30
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),
+            st.one_of(st.none(), st.integers(0, 400)),
+            st.integers(0, 400),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=30,
     )
 )
 def test_served_never_exceeds_the_budget(downloads):
-    """Any interleaving of opens, holds and settles: charged bytes stay within the limit,
-    when each download sends at most what it held."""
-    budget = access.Budget(access.BudgetLimits(daily=1000))
+    """Any interleaving of opens, admissions, sends and settles: what was sent stays within
+    the limit, and what a download and a client hold ahead stays within their bounds."""
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=60, ahead_per_client=100)
     open_holds: list[tuple[access.Hold, int]] = []
-    for length, sent, finish_one in downloads:
+    served = 0
+    for client, length, wanted, finish_one in downloads:
         try:
-            hold = budget.open(None, NOON)
-            budget.reserve(hold, length)
-            open_holds.append((hold, min(sent, length)))
+            hold = budget.open(None, NOON, client)
+            budget.admit(hold, length)
+            open_holds.append((hold, wanted if length is None else min(wanted, length)))
         except TooManyRequests:
             pass
+        for hold, wanted in open_holds:  # each sends a piece
+            sent = _send(budget, hold, min(wanted, hold.sent + 37) - hold.sent, piece=13)
+            served += sent
+            assert hold.ahead <= 60
+        assert all(ahead <= 100 for ahead in budget.ahead.values())
+        assert budget.used("total|2026-11-29") + budget.reserved.get("total|2026-11-29", 0) <= 1000
         if finish_one and open_holds:
-            hold, amount = open_holds.pop(0)
-            budget.settle(hold, amount, NOON)
-    for hold, amount in open_holds:
-        budget.settle(hold, amount, NOON)
-    assert budget.used("total|2026-11-29") <= 1000
+            hold, _ = open_holds.pop(0)
+            budget.settle(hold, hold.sent, NOON)
+    for hold, _ in open_holds:
+        budget.settle(hold, hold.sent, NOON)
+    assert budget.used("total|2026-11-29") == served <= 1000
     assert budget.reserved == {}
+    assert budget.ahead == {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import httpx
@@ -121,6 +122,15 @@ def _served_bytes(relay: RelayProcess) -> int:
     )
 
 
+def _served_bytes_once_logged(relay: RelayProcess, downloads: int, timeout: float = 10) -> int:
+    """`_served_bytes`, once `downloads` blob downloads are logged (a client may have read
+    the last byte before the relay writes its line)."""
+    deadline = time.monotonic() + timeout
+    while relay.log_text().count("kind=blob") < downloads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _served_bytes(relay)
+
+
 def _concurrent_gets(
     url: str, headers: dict[str, str], count: int, read_cap: int
 ) -> list[tuple[int, int]]:
@@ -206,3 +216,128 @@ def test_a_blob_bigger_than_the_budget_is_refused_before_its_first_byte(
     data = tmp_path / "relay" / "data"
     assert not (data / "blobs" / "sha256" / hexpart[:2] / hexpart).exists()
     assert list((data / "tmp").iterdir()) == []
+
+
+# --- the budget's holds: slow readers must not lock everyone else out ------------------------
+
+ATTACKER = "127.0.0.2"  # one client (limit key); the relay listens on 127.0.0.1
+VICTIM = "127.0.0.3"
+
+
+def _client_from(address: str) -> httpx.Client:
+    """A client whose connections leave from `address` (any 127/8 address is loopback)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def test_slow_readers_of_big_downloads_do_not_exhaust_the_budget_for_others(
+    hub: Hub, tmp_path: Path
+) -> None:
+    """One client opens four downloads whose lengths add up to the whole budget (the 300 MiB
+    layer twice: one cache fill and one fill join; two 32 MiB ranges, passed through) and
+    reads them a trickle at a time. Before the fix each download held its whole length
+    until it ended, so the budget counted as spent and every other client got 429
+    budget_exhausted for as long as the attacker kept reading; now a download holds only a
+    bounded look-ahead past what it has sent, and the small download goes through."""
+    layer = _big_layer(hub)
+    alpine = hub.images["library/alpine:latest"]
+    assert isinstance(alpine, BuiltImage)
+    range_length = 32 * MiB
+    budget = 2 * layer.size + 2 * range_length
+    config = tmp_path / "relay.toml"
+    config.write_text(f"[limits]\nstreams_per_ip = 8\nbudget_daily = {budget}\n")
+    with (
+        RelayProcess(
+            tmp_path / "relay", "--config", str(config),
+            "--upstream", f"docker.io={hub.registry_url}",
+        ) as relay,
+        _client_from(ATTACKER) as attacker,
+        _client_from(VICTIM) as victim,
+    ):  # fmt: skip
+        big_token = pull_token(relay.url, "big")
+        big_url = f"{relay.url}/v2/big/blobs/{layer.digest}"
+        ranges = [None, None, f"bytes=0-{range_length - 1}", f"bytes=1-{range_length}"]
+        streams: list[httpx.Response] = []
+        try:
+            for byte_range in ranges:
+                headers = {"authorization": f"Bearer {big_token}"}
+                if byte_range is not None:
+                    headers["range"] = byte_range
+                request = attacker.build_request("GET", big_url, headers=headers)
+                streams.append(attacker.send(request, stream=True))
+            assert [s.status_code for s in streams] == [200, 200, 206, 206]
+            # Kept: a dropped iterator closes its stream.
+            trickles = [stream.iter_raw(16384) for stream in streams]
+            for _ in range(5):  # a trickle: 16 KiB a stream now and then, never the whole
+                for trickle in trickles:
+                    next(trickle)
+            alpine_token = pull_token(relay.url, "alpine")
+            small = victim.get(
+                f"{relay.url}/v2/alpine/blobs/{alpine.config.digest}",
+                headers={"authorization": f"Bearer {alpine_token}"},
+            )
+            for trickle in trickles:  # the attacker's downloads are all still going
+                next(trickle)
+        finally:
+            for stream in streams:
+                stream.close()
+    assert small.status_code == 200, small.text
+    assert len(small.content) == alpine.config.size
+    assert "budget_exhausted" not in _refusals(relay)
+
+
+def _read_until_cut(client: httpx.Client, url: str, headers: dict[str, str]) -> tuple[int, int]:
+    """(status, bytes read) of one GET, read to its end or to where the relay cut it."""
+    received = 0
+    with client.stream("GET", url, headers=headers) as response:
+        try:
+            for chunk in response.iter_raw(65536):
+                received += len(chunk)
+        except httpx.RemoteProtocolError:
+            pass  # cut off mid-body: a short read
+        return response.status_code, received
+
+
+def test_downloads_admitted_together_are_cut_at_the_budget_never_past_it(
+    hub: Hub, tmp_path: Path
+) -> None:
+    """Two 8 MiB downloads from two clients against 12 MiB: each fits what is left when it
+    starts (neither holds its whole length), so both are admitted; paced, they run side by
+    side, and the budget runs out under them: cut off mid-body, never served past it."""
+    layer = _big_layer(hub)
+    length, budget = 8 * MiB, 12 * MiB
+    config = tmp_path / "relay.toml"
+    config.write_text(f"[limits]\nbudget_daily = {budget}\nstream_bytes_per_second = {2 * MiB}\n")
+    results: list[tuple[int, int]] = [(0, 0), (0, 0)]
+    with RelayProcess(
+        tmp_path / "relay", "--config", str(config), "--upstream", f"docker.io={hub.registry_url}"
+    ) as relay:
+        headers = {
+            "authorization": f"Bearer {pull_token(relay.url, 'big')}",
+            "range": f"bytes=0-{length - 1}",
+        }
+        url = f"{relay.url}/v2/big/blobs/{layer.digest}"
+        start = threading.Barrier(2, timeout=30)
+
+        def get(slot: int, address: str) -> None:
+            with _client_from(address) as client:
+                start.wait()
+                results[slot] = _read_until_cut(client, url, headers)
+
+        threads = [
+            threading.Thread(target=get, args=(n, address))
+            for n, address in enumerate((ATTACKER, VICTIM))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads), "a download hung"
+        served = _served_bytes_once_logged(relay, downloads=2)
+        after = httpx.get(url, headers=headers, timeout=30)
+    assert [status for status, _ in results] == [206, 206], results
+    received = sum(size for _, size in results)
+    assert received <= budget, f"{received} bytes received against a {budget}-byte budget"
+    assert served <= budget, f"{served} bytes served against a {budget}-byte budget"
+    assert min(size for _, size in results) < length  # one (at least) was cut off
+    assert after.status_code == 429
+    assert "budget_exhausted" in _refusals(relay)  # the cut is counted, though no 429 told it

@@ -373,34 +373,67 @@ def seconds_to_next_month(now: float) -> int:
     return max(1, math.ceil((first + dt.timedelta(days=days)).timestamp() - now))
 
 
-# A download of unknown length holds its bytes in steps of this much, as they are sent.
-UNKNOWN_LENGTH_STEP = 1024 * 1024
+MiB = 1024 * 1024
+# How far ahead of what it has sent one download holds the budget: a few pieces (the
+# cache reads 1 MiB at a time), so a top-up is rare, while what a stream holds and has
+# not sent stays small whatever its length or however slowly its client reads.
+LOOKAHEAD = 4 * MiB
+# What one client key may hold ahead of what its downloads have sent, all together.
+AHEAD_PER_CLIENT = 16 * MiB
 
 
 @dataclass(slots=True)
 class Hold:
-    """One download's reservation: the counters it was made under, and how many bytes."""
+    """One download's reservation: the counters it was made under, and how many bytes.
+
+    `amount` is what the download has sent (`sent`) plus what it holds ahead of that,
+    never more than `Budget.lookahead` (nor past the body's declared `end`).
+    """
 
     user: str | None
+    client: str
     limits: tuple[tuple[str, int, int], ...]  # (counter key, limit, seconds to period end)
     amount: int = 0
+    sent: int = 0
+    end: int | None = None  # where the body ends (`sent` + its declared length), if said
+    admitted: bool = False
+
+    @property
+    def ahead(self) -> int:
+        return self.amount - self.sent
 
 
 class Budget:
     """Bytes served per period, total and per user, and the limits they are held to.
 
     Counters are keyed `total|2026-11-29`, `total|2026-11`, `user:alice|2026-11`; only
-    the current periods are kept. A download holds (reserves) its length before its
-    first byte goes out, and is refused when the bytes served plus every download's
-    hold would pass a limit; at its end the hold goes and what was sent is charged.
-    So downloads started together cannot overrun the budget between them: the charge
-    alone came only at each one's end.
+    the current periods are kept. A download holds (reserves) its bytes before they go
+    out, and no hold may grow past what the charged bytes and every other hold leave:
+    so the bytes served never pass a limit, however many downloads run at once.
+
+    A hold is a bounded look-ahead (`lookahead` past what was sent, `ahead_per_client`
+    for all of one client's downloads), grown as bytes are sent, not the whole length:
+    a download held whole until it ended would let a client that reads slowly keep the
+    budget counted as spent, without one byte more going out. Admission (`admit`) asks
+    that the declared length fit in what the charged bytes and the holds leave; that the
+    unsent rest of the downloads in flight is not counted is the price: one may still be
+    cut off mid-body when the budget truly runs out, but never serve past it.
     """
 
-    def __init__(self, limits: BudgetLimits, counters: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        limits: BudgetLimits,
+        counters: Mapping[str, int] | None = None,
+        *,
+        lookahead: int = LOOKAHEAD,
+        ahead_per_client: int = AHEAD_PER_CLIENT,
+    ) -> None:
         self.limits = limits
         self.counters: dict[str, int] = dict(counters or {})
+        self.lookahead = lookahead
+        self.ahead_per_client = ahead_per_client  # 0: no cap beyond each stream's
         self.reserved: dict[str, int] = {}  # held by downloads in flight; not saved
+        self.ahead: dict[str, int] = {}  # per client key: held and not yet sent
 
     def _keys(self, user: str | None, now: float) -> list[tuple[str, int, int]]:
         """(counter key, limit, seconds to the period's end) that apply to `user`."""
@@ -429,58 +462,88 @@ class Budget:
             if limit and self._committed(key) >= limit:
                 raise _spent(key, retry, "is spent until the period ends")
 
-    def open(self, user: str | None, now: float) -> Hold:
-        """An empty hold for a new download (`check` first).
+    def open(self, user: str | None, now: float, client: str = "") -> Hold:
+        """An empty hold for a new download by `client` (a `limit_key`).
 
         Raises:
             TooManyRequests: as `check`.
         """
         self.check(user, now)
-        return Hold(user, tuple(key for key in self._keys(user, now) if key[1]))
+        return Hold(user, client, tuple(key for key in self._keys(user, now) if key[1]))
 
     def room(self, hold: Hold) -> int | None:
         """The most `hold` could grow to; None when no limit applies."""
         rooms = [limit - self._committed(key) for key, limit, _ in hold.limits]
         return hold.amount + max(0, min(rooms)) if rooms else None
 
-    def reserve(self, hold: Hold, total: int) -> None:
-        """Grow `hold` to `total` bytes (it never shrinks before `settle`).
+    def admit(self, hold: Hold, length: int | None) -> None:
+        """A body of `length` bytes (None: not said) is about to start: refuse it if it
+        cannot fit in what is left, else hold its first look-ahead.
 
         Raises:
-            TooManyRequests: `total` does not fit in a budget (reason `budget_exhausted`).
+            TooManyRequests: `length` does not fit in a budget (reason `budget_exhausted`).
         """
-        extra = total - hold.amount
-        if extra <= 0:
-            return
+        end = None if length is None else hold.sent + length
+        if hold.admitted and end == hold.end:
+            return  # the same body again (its head, after the upstream's): already decided
+        # Of a length not said, at least one byte must fit.
+        self._refuse_past(hold, hold.sent + (1 if length is None else length))
+        hold.end, hold.admitted = end, True
+        self._hold_ahead(hold, hold.sent)
+
+    def take(self, hold: Hold, size: int) -> None:
+        """`size` bytes of the body are about to go out: out of the hold, grown first
+        (with a fresh look-ahead) when they are past it.
+
+        Raises:
+            TooManyRequests: they do not fit in what is left (the download must end).
+        """
+        sent = hold.sent + size
+        if sent > hold.amount:
+            self._refuse_past(hold, sent)
+            self._hold_ahead(hold, sent)
+        self._set(hold, hold.amount, sent)
+
+    def _refuse_past(self, hold: Hold, total: int) -> None:
+        """Raise if `hold` cannot grow to `total` bytes."""
         for key, limit, retry in hold.limits:
-            if self._committed(key) + extra > limit:
-                left = max(0, limit - self._committed(key))
-                raise _spent(key, retry, f"has {left} bytes left, too few for {extra} more")
-        for key, _, _ in hold.limits:
-            self.reserved[key] = self.reserved.get(key, 0) + extra
-        hold.amount = total
+            others = self._committed(key) - hold.amount
+            if others + total > limit:
+                left = max(0, limit - others - hold.sent)
+                wanted = total - hold.sent
+                raise _spent(key, retry, f"has {left} bytes left, too few for {wanted}")
 
-    def reserve_unknown(self, hold: Hold, at_least: int) -> None:
-        """Hold `at_least` bytes and, room permitting, a step more (a length not known).
-
-        Raises:
-            TooManyRequests: not even `at_least` fits.
-        """
-        if hold.amount >= at_least:
-            return
+    def _hold_ahead(self, hold: Hold, sent: int) -> None:
+        """Grow `hold` to `sent` plus a look-ahead (`sent` must fit, see `_refuse_past`)."""
+        # With no limit there is no counter to hold anything in: only what is sent.
+        ahead = self.lookahead if hold.limits else 0
+        if hold.end is not None:
+            ahead = min(ahead, max(0, hold.end - sent))
+        if self.ahead_per_client:
+            others = self.ahead.get(hold.client, 0) - hold.ahead
+            ahead = min(ahead, max(0, self.ahead_per_client - others))
         room = self.room(hold)
-        wanted = at_least + UNKNOWN_LENGTH_STEP
-        self.reserve(hold, wanted if room is None else max(at_least, min(wanted, room)))
+        target = sent + ahead if room is None else min(sent + ahead, room)
+        self._set(hold, max(hold.amount, target), hold.sent)
+
+    def _set(self, hold: Hold, amount: int, sent: int) -> None:
+        """Move `hold` to `amount` held and `sent` sent, keeping the sums in step."""
+        grown = amount - hold.amount
+        if grown:
+            for key, _, _ in hold.limits:
+                self.reserved[key] = self.reserved.get(key, 0) + grown
+                if self.reserved[key] <= 0:
+                    del self.reserved[key]
+        ahead = self.ahead.get(hold.client, 0) + (amount - sent) - hold.ahead
+        if ahead > 0:
+            self.ahead[hold.client] = ahead
+        else:
+            self.ahead.pop(hold.client, None)
+        hold.amount, hold.sent = amount, sent
 
     def settle(self, hold: Hold, sent: int, now: float) -> None:
         """The download is over: release its hold and charge the `sent` bytes."""
-        for key, _, _ in hold.limits:
-            left = self.reserved.get(key, 0) - hold.amount
-            if left > 0:
-                self.reserved[key] = left
-            else:
-                self.reserved.pop(key, None)
-        hold.amount = 0
+        self._set(hold, 0, 0)
         self.charge(hold.user, sent, now)
 
     def charge(self, user: str | None, amount: int, now: float) -> None:
