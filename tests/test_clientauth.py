@@ -16,7 +16,7 @@ from vpsrelay import clientauth, config
 from vpsrelay.clientauth import ClientAuth, _PasswordChecks, add_user
 from vpsrelay.core import tokens
 from vpsrelay.core.auth import parse_challenge
-from vpsrelay.errors import TooManyRequests, Unauthorized
+from vpsrelay.errors import TooManyRequests, Unauthorized, UpstreamError
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -290,5 +290,30 @@ async def test_the_relays_upstream_tokens_are_a_bounded_lru(
         assert [key[1] for key in auth._upstream_tokens] == ["c", "a", "d"]
         await auth.upstream_token(registry, ["a"])
         assert len(fetched) == 4
+    finally:
+        await upstream.aclose()
+
+
+@pytest.mark.parametrize(
+    "realm",
+    ["http://[::1/token", "http://127.0.0.1:9/" + "x" * 70000],
+)
+async def test_a_token_service_url_the_relay_cannot_use_is_a_502(
+    tmp_path: Path, realm: str
+) -> None:
+    """Follow-up 5: a URL that cannot be built or parsed is an upstream error, not a bug."""
+    settings = config.load(
+        None,
+        {},
+        {"data_dir": str(tmp_path / "data")},
+        upstreams={"docker.io": "http://127.0.0.1:9"},
+    )
+    upstream = Upstream(settings, transport=httpx.MockTransport(never))
+    auth = ClientAuth(settings, upstream)
+    try:
+        upstream.remember_challenge("docker.io", parse_challenge(f'Bearer realm="{realm}"'))
+        with pytest.raises(UpstreamError) as failed:
+            await auth.upstream_token(settings.registries[0], ["library/alpine"])
+        assert failed.value.status == 502
     finally:
         await upstream.aclose()
