@@ -7,8 +7,11 @@ token, or a static pull token) against the relay's users and answers a short-liv
 token scoped to the repositories asked for (`core.tokens`).
 
 Password checks (bcrypt) run in threads of their own, a few at a time: when all are
-busy a check is refused at once (429), and failed checks make the next ones from the
-same address or for the same user wait (`core.tokens.PasswordBackoff`). The users file
+busy a check is refused at once (429). Failed checks cost the next ones
+(`core.tokens.PasswordBackoff`): the same address, and the same user from that address,
+are refused for a while; the same user from elsewhere is checked in turn, a few times a
+minute (`auth.guesses_per_minute`), so guessing stays slow but cannot lock a user out.
+Pull tokens are recognised before any of that, without bcrypt. The users file
 and the pull tokens file are re-read when they change; a refresh token stays good only
 while the credential that earned it does.
 
