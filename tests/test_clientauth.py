@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import TYPE_CHECKING
@@ -11,10 +12,11 @@ import httpx
 import pytest
 import trio
 
-from vpsrelay import config
+from vpsrelay import clientauth, config
 from vpsrelay.clientauth import ClientAuth, _PasswordChecks, add_user
 from vpsrelay.core import tokens
-from vpsrelay.errors import TooManyRequests, Unauthorized
+from vpsrelay.core.auth import parse_challenge
+from vpsrelay.errors import TooManyRequests, Unauthorized, UpstreamError
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -73,9 +75,92 @@ async def test_failed_logins_back_off_and_other_users_still_log_in(tmp_path: Pat
             await auth.check_password("alice", "wrong", "203.0.113.7")
     with pytest.raises(TooManyRequests):  # this address now waits
         await auth.check_password("bob", "right", "203.0.113.7")
-    with pytest.raises(TooManyRequests):  # and so does alice, from anywhere
-        await auth.check_password("alice", "right", "198.51.100.1")
+    # Issue 12 follow-up, finding 3: alice herself, from elsewhere, is not locked out
+    # (she takes her turn among the checks of her name: the first one is now).
+    assert (await auth.check_password("alice", "right", "198.51.100.1")).subject == "alice"
     assert (await auth.check_password("bob", "right", "198.51.100.1")).subject == "bob"
+
+
+async def test_a_guessed_at_user_is_checked_in_turn_and_a_pull_token_skips_the_line(
+    tmp_path: Path,
+) -> None:
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", "right", rounds=FAST)
+    auth = client_auth(
+        tmp_path, users_file=str(users), failures_before_backoff=1, guesses_per_minute=120,
+        pull_tokens=["ci-token-0123456789"], max_backoff=5.0,
+    )  # fmt: skip
+    with pytest.raises(Unauthorized):
+        await auth.check_password("alice", "wrong", "192.0.2.1")
+    finished: list[tuple[str, float]] = []
+    began = trio.current_time()
+
+    async def guess(number: int) -> None:
+        await trio.sleep(0.01 * number)  # arrive in this order
+        with contextlib.suppress(Unauthorized):
+            await auth.check_password("alice", f"wrong-{number}", f"192.0.2.{number + 10}")
+        finished.append((f"guess-{number}", trio.current_time() - began))
+
+    async def login() -> None:
+        await trio.sleep(0.05)  # after the guesses: in line behind them
+        credential = await auth.check_password("alice", "right", "198.51.100.1")
+        finished.append((credential.subject, trio.current_time() - began))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for number in range(4):
+                nursery.start_soon(guess, number)
+            nursery.start_soon(login)
+    # Half a second apart (120 a minute), in order of arrival; the right password gets in.
+    assert [name for name, _ in finished] == [*(f"guess-{n}" for n in range(4)), "alice"]
+    assert finished[-1][1] >= 4 * 0.5 - 0.1
+    # A static pull token is recognised before any backoff or line: the address that is
+    # refused for guessing still uses its pull token.
+    with pytest.raises(Unauthorized):
+        await auth.check_password("token", "wrong", "192.0.2.1")
+    with pytest.raises(TooManyRequests):
+        await auth.check_password("token", "wrong", "192.0.2.1")
+    with trio.fail_after(1):
+        credential = await auth.check_password("token", "ci-token-0123456789", "192.0.2.1")
+    assert credential.subject == "token"
+
+
+async def test_a_password_over_72_bytes_is_a_failed_login(tmp_path: Path) -> None:
+    """Finding 4: bcrypt 5 raises ValueError past 72 bytes; that was a 500, no backoff."""
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", "right", rounds=FAST)
+    auth = client_auth(tmp_path, users_file=str(users), failures_before_backoff=1)
+    with pytest.raises(Unauthorized):
+        await auth.check_password("alice", "x" * 73, "203.0.113.7")
+    with pytest.raises(Unauthorized):
+        await auth.check_password("alice", "é" * 40, "203.0.113.7")
+    with pytest.raises(TooManyRequests):  # the failures were recorded
+        await auth.check_password("alice", "right", "203.0.113.7")
+
+
+async def test_a_login_checked_across_a_reload_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password removed while its check runs must neither pass nor stay good a minute."""
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", "right", rounds=FAST)
+    add_user(users, "bob", "right", rounds=FAST)
+    auth = client_auth(tmp_path, users_file=str(users))
+    real_check = _PasswordChecks.check
+
+    async def check_while_alice_is_removed(
+        checks: _PasswordChecks, password: str, hashed: str | None, cost: int
+    ) -> bool:
+        result = await real_check(checks, password, hashed, cost)
+        users.write_text(users.read_text().splitlines()[1] + "\n")  # bob only
+        auth._users_file.checked = -1e9
+        await auth._users()  # another request sees the change meanwhile
+        return result
+
+    monkeypatch.setattr(_PasswordChecks, "check", check_while_alice_is_removed)
+    with pytest.raises(Unauthorized):
+        await auth.check_password("alice", "right", "203.0.113.7")
+    assert not auth._good
 
 
 async def test_unknown_users_cost_the_users_usual_bcrypt_cost(tmp_path: Path) -> None:
@@ -131,3 +216,104 @@ async def test_a_burst_of_one_clients_logins_costs_one_check(
             nursery.start_soon(login)
     assert subjects == ["ci"] * 20
     assert calls == 1
+
+
+async def test_an_unreadable_users_file_keeps_the_users_read_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", "right", rounds=FAST)
+    auth = client_auth(tmp_path, users_file=str(users))
+    assert (await auth.check_password("alice", "right", "203.0.113.7")).subject == "alice"
+    users.write_bytes(b"alice:\xff\xfe not UTF-8\n")
+    for _ in range(3):  # every look at the changed file: one warning, no error
+        auth._users_file.checked = -1e9
+        assert "alice" in await auth._users()
+    warnings = [r for r in caplog.records if "cannot read it" in r.getMessage()]
+    assert len(warnings) == 1
+    users.chmod(0o000)
+    try:
+        auth._users_file.checked = -1e9
+        assert "alice" in await auth._users()
+    finally:
+        users.chmod(0o600)
+
+
+async def test_a_same_size_change_within_one_mtime_tick_is_seen(tmp_path: Path) -> None:
+    path = tmp_path / "pull-tokens"
+    path.write_text("token-aaaa\n")
+    auth = client_auth(tmp_path, pull_tokens_file=str(path))
+    await auth._users()
+    assert auth._is_pull_token("token-aaaa")
+    before = path.stat()
+    path.write_text("token-bbbb\n")  # same size, same mtime (restored below)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    auth._tokens_file.checked = -1e9
+    await auth._users()
+    assert auth._is_pull_token("token-bbbb")
+    replacement = tmp_path / "new-tokens"  # an atomic replace: a new inode
+    replacement.write_text("token-cccc\n")
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, path)
+    auth._tokens_file.checked = -1e9
+    await auth._users()
+    assert auth._is_pull_token("token-cccc")
+    assert not auth._is_pull_token("token-bbbb")
+
+
+async def test_the_relays_upstream_tokens_are_a_bounded_lru(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2: past the bound, the least recently used token goes, expired or not."""
+    monkeypatch.setattr(clientauth, "MAX_UPSTREAM_TOKENS", 3)
+    realm = "http://127.0.0.1:9/token"
+    challenge = f'Bearer realm="{realm}",service="registry.test"'
+    fetched: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        fetched.append(request.url.params["scope"])
+        return httpx.Response(200, json={"token": f"t{len(fetched)}", "expires_in": 300})
+
+    settings = config.load(
+        None,
+        {},
+        {"data_dir": str(tmp_path / "data")},
+        upstreams={"docker.io": "http://127.0.0.1:9"},
+    )
+    upstream = Upstream(settings, transport=httpx.MockTransport(handler))
+    auth = ClientAuth(settings, upstream)
+    upstream.remember_challenge("docker.io", parse_challenge(challenge))
+    registry = settings.registries[0]
+    try:
+        for name in ("a", "b", "c", "a", "d"):  # "a" is used again: "b" is the oldest
+            await auth.upstream_token(registry, [name])
+        assert [key[1] for key in auth._upstream_tokens] == ["c", "a", "d"]
+        await auth.upstream_token(registry, ["a"])
+        assert len(fetched) == 4
+    finally:
+        await upstream.aclose()
+
+
+@pytest.mark.parametrize(
+    "realm",
+    ["http://[::1/token", "http://127.0.0.1:9/" + "x" * 70000],
+)
+async def test_a_token_service_url_the_relay_cannot_use_is_a_502(
+    tmp_path: Path, realm: str
+) -> None:
+    """Follow-up 5: a URL that cannot be built or parsed is an upstream error, not a bug."""
+    settings = config.load(
+        None,
+        {},
+        {"data_dir": str(tmp_path / "data")},
+        upstreams={"docker.io": "http://127.0.0.1:9"},
+    )
+    upstream = Upstream(settings, transport=httpx.MockTransport(never))
+    auth = ClientAuth(settings, upstream)
+    try:
+        upstream.remember_challenge("docker.io", parse_challenge(f'Bearer realm="{realm}"'))
+        with pytest.raises(UpstreamError) as failed:
+            await auth.upstream_token(settings.registries[0], ["library/alpine"])
+        assert failed.value.status == 502
+    finally:
+        await upstream.aclose()

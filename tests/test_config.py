@@ -562,3 +562,62 @@ def test_ipv6_prefix_length():
     assert config.load(None, env).limits.ipv6_prefix_length == 48
     with pytest.raises(ConfigError, match=r"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH: limits\.ipv6"):
         config.load(None, {"VPSRELAY_LIMITS__IPV6_PREFIX_LENGTH": "129"})
+
+
+# --- issue 12 follow-up, finding 7: no secret in a config error ---------------------------
+
+HASH = "$2b$12$abcdefghijklmnopqrstuuq7Qv2eJq5oFvE4lfHTt7cQ1N8jCfxyz"
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[registries."ghcr.io"]\nusername = "me"\npassword = 987654321\n',
+        '[registries."ghcr.io"]\nusername = "me"\npassword = ["987654321"]\n',
+        f'[auth]\nusers = ["alice:{HASH}", 987654321]\n',
+        f'[auth]\nusers = {{ alice = "{HASH}", pin = 987654321 }}\n',
+        f'[auth]\nusers = ["alice:{HASH}", "bob:987654321"]\n',
+    ],
+)
+def test_a_config_error_never_quotes_a_secret(tmp_path, toml):
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {})
+    message = caught.value.message
+    assert "relay.toml" in message
+    assert "registries.ghcr.io.password" in message or "auth.users" in message
+    assert "987654321" not in message
+    assert HASH not in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["url", "search_url"])
+def test_a_registry_url_with_user_information_is_refused_unquoted(tmp_path, key):
+    path = write(
+        tmp_path, f'[registries."ghcr.io"]\n{key} = "https://me:hunter2-secret@ghcr.example"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {})
+    message = caught.value.message
+    assert f"registries.ghcr.io.{key}" in message
+    assert "user information" in message
+    assert "hunter2-secret" not in message
+
+
+@pytest.mark.parametrize(
+    "url", ["https://me:hunter2-secret@relay.example", "https://hunter2-secret@relay.example:x"]
+)
+def test_the_public_url_with_user_information_is_refused_unquoted(url):
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"VPSRELAY_SERVER__PUBLIC_URL": url})
+    assert "server.public_url" in caught.value.message
+    assert "hunter2-secret" not in caught.value.message
+
+
+def test_guesses_per_minute_has_a_default_and_is_checked():
+    assert config.load(None, {}).auth.guesses_per_minute == 10
+    assert (
+        config.load(None, {"VPSRELAY_AUTH__GUESSES_PER_MINUTE": "60"}).auth.guesses_per_minute == 60
+    )
+    with pytest.raises(ConfigError, match=r"auth\.guesses_per_minute"):
+        config.load(None, {"VPSRELAY_AUTH__GUESSES_PER_MINUTE": "0"})

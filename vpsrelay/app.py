@@ -326,6 +326,14 @@ class RelayApp:
             return (("authorization", _basic(registry)),)
         return ()
 
+    def _sent_own_token(self, exchange: Exchange, registry: RegistryConfig) -> bool:
+        """Whether the upstream request carried a token of the relay's own (not the
+        client's): always with client authentication, else for a placeholder."""
+        if self.clientauth.enabled:
+            return True
+        client_auth = header_policy.get(exchange.headers, "authorization")
+        return registry.has_credentials and client_auth is not None and _is_placeholder(client_auth)
+
     async def _relay(
         self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None = None
     ) -> None:
@@ -370,10 +378,12 @@ class RelayApp:
                     continue
                 rewritten = auth.rewrite_challenge(parsed, self._relay_realm(exchange, registry))
                 headers.append(("www-authenticate", rewritten.format()))
-            if self.clientauth.enabled and response.status_code == 401:
-                # The relay's own upstream token did not do: forget it, and let the client
-                # come back through the relay's /token (which fetches a fresh one).
+            if response.status_code == 401 and self._sent_own_token(exchange, registry):
+                # The relay's own upstream token did not do (revoked, or the operator's
+                # rights changed): forget it, so the client's next try fetches a fresh one.
                 self.clientauth.forget_upstream_token(registry.name, route.upstream_name)
+            if self.clientauth.enabled and response.status_code == 401:
+                # The client comes back through the relay's /token.
                 scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
                 realm = self._relay_realm(exchange, registry)
                 headers.append(("www-authenticate", self.clientauth.challenge(realm, scope)))
@@ -519,12 +529,12 @@ class RelayApp:
         challenge = await self.upstream.challenge(registry)
         realm = challenge.realm if challenge is not None else None
         if realm is None or (registry.has_credentials and not own_credentials):
-            names = auth.pull_scopes(
+            # Checked (and refused past `auth.MAX_SCOPES`), but nothing is fetched: the
+            # relay gets its own token when the client pulls (`_operator_credentials`), so
+            # an anonymous client's scopes cost no request with the operator's credentials.
+            auth.pull_scopes(
                 [v for k, v in params if k == "scope"], to_upstream, self._serves(registry)
             )
-            if realm and names:
-                # Get (and keep) the relay's own token now, so a failing upstream shows here.
-                await self.clientauth.upstream_token(registry, names)
             await exchange.respond(
                 200, (("content-type", "application/json"),), _placeholder_reply(registry)
             )

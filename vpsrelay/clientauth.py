@@ -7,8 +7,11 @@ token, or a static pull token) against the relay's users and answers a short-liv
 token scoped to the repositories asked for (`core.tokens`).
 
 Password checks (bcrypt) run in threads of their own, a few at a time: when all are
-busy a check is refused at once (429), and failed checks make the next ones from the
-same address or for the same user wait (`core.tokens.PasswordBackoff`). The users file
+busy a check is refused at once (429). Failed checks cost the next ones
+(`core.tokens.PasswordBackoff`): the same address, and the same user from that address,
+are refused for a while; the same user from elsewhere is checked in turn, a few times a
+minute (`auth.guesses_per_minute`), so guessing stays slow but cannot lock a user out.
+Pull tokens are recognised before any of that, without bcrypt. The users file
 and the pull tokens file are re-read when they change; a refresh token stays good only
 while the credential that earned it does.
 
@@ -21,6 +24,7 @@ and sends them along; clients never see them.
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import hashlib
 import json
@@ -61,6 +65,12 @@ UPSTREAM_TOKEN_MARGIN = 10.0
 DEFAULT_UPSTREAM_TOKEN_SECONDS = 60.0
 # The bcrypt cost `vpsrelay user add` hashes with.
 BCRYPT_ROUNDS = 12
+# bcrypt reads no more of a password than this.
+BCRYPT_MAX_PASSWORD_BYTES = 72
+# The relay's own upstream tokens kept at most (one per repository; least recently used go).
+MAX_UPSTREAM_TOKENS = 1024
+# Good credentials remembered at most.
+MAX_GOOD_CREDENTIALS = 10_000
 # Password checks that may wait for a busy slot, per slot; past them the answer is 429.
 PASSWORD_QUEUE_PER_SLOT = 4
 # The users and pull tokens files are looked at (stat) at most this often.
@@ -84,34 +94,53 @@ class Credential:
 
 @dataclass(slots=True)
 class WatchedFile:
-    """A file re-read when its size or modification time changes."""
+    """A file re-read when it changes: its inode (an atomic replace), size, or
+    modification or change time (a same-size edit within one mtime tick)."""
 
     path: Path | None
-    stamp: tuple[int, int] | None = None
+    stamp: tuple[int, int, int, int] | None = None
     text: str = ""
     checked: float = -math.inf
+    warned: object = None  # what the last "cannot read" warning was about
 
     async def changed(self, now: float) -> bool:
         """Whether the text changed since the last call (looks at most once a second).
 
-        A missing file reads as empty: removing it revokes what it held.
+        A missing file reads as empty: removing it revokes what it held. A file that
+        cannot be read (permissions, not UTF-8) keeps the text read before, with one
+        warning per change of the file: a request never fails for it.
         """
         if self.path is None or now - self.checked < RELOAD_CHECK_SECONDS:
             return False
         self.checked = now
         try:
-            stat = await trio.Path(self.path).stat()
-            stamp: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+            stamp = _stamp(await trio.Path(self.path).stat())
         except FileNotFoundError:
             stamp = None
+        except OSError as exc:
+            return self._unreadable(("stat", exc.errno), exc)
         if stamp == self.stamp:
             return False
         try:
             text = await trio.Path(self.path).read_text(encoding="utf-8") if stamp else ""
         except FileNotFoundError:
             stamp, text = None, ""
-        self.stamp, self.text = stamp, text
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._unreadable(stamp, exc)
+        self.stamp, self.text, self.warned = stamp, text, None
         return True
+
+    def _unreadable(self, about: object, exc: Exception) -> bool:
+        """Keep the text read before; warn once per change of the file (read again later)."""
+        if about != self.warned:
+            self.warned = about
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.warning("%s: cannot read it (%s); keeping what was read before", self.path, reason)
+        return False
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 @dataclass(slots=True)
@@ -141,7 +170,10 @@ class _PasswordChecks:
             self.pending -= 1
 
     async def _check(self, password: str, hashed: str | None, dummy_cost: int) -> bool:
-        if hashed is None:
+        encoded = password.encode("utf-8", "surrogatepass")
+        # bcrypt reads 72 bytes at most (bcrypt 5 refuses more): a longer password is
+        # wrong, after as slow a check as any other.
+        if hashed is None or len(encoded) > BCRYPT_MAX_PASSWORD_BYTES:
             dummy = self.dummies.get(dummy_cost)
             if dummy is None:
                 salt = bcrypt.gensalt(rounds=dummy_cost)
@@ -150,12 +182,16 @@ class _PasswordChecks:
                 )
                 self.dummies[dummy_cost] = dummy
             await trio.to_thread.run_sync(
-                bcrypt.checkpw, password.encode(), dummy, limiter=self.slots
+                bcrypt.checkpw, encoded[:BCRYPT_MAX_PASSWORD_BYTES], dummy, limiter=self.slots
             )
             return False
-        return await trio.to_thread.run_sync(
-            bcrypt.checkpw, password.encode(), hashed.encode(), limiter=self.slots
-        )
+        try:
+            return await trio.to_thread.run_sync(
+                bcrypt.checkpw, encoded, hashed.encode(), limiter=self.slots
+            )
+        except ValueError:  # a hash with a bcrypt prefix that bcrypt cannot read
+            log.warning("a user's password hash is not a valid bcrypt hash")
+            return False
 
 
 class ClientAuth:
@@ -176,14 +212,23 @@ class ClientAuth:
         self._tokens_file = WatchedFile(cfg.pull_tokens_file)
         self._file_tokens: list[str] = []
         self._dummy_cost = tokens.usual_cost(self._static_users.values(), BCRYPT_ROUNDS)
-        self._good: dict[bytes, tuple[Credential, float]] = {}
+        self._good: collections.OrderedDict[bytes, tuple[Credential, float]] = (
+            collections.OrderedDict()
+        )
+        # Bumped whenever the users or pull tokens change: a check that began before a
+        # change must not remember its (maybe no longer) good credentials.
+        self._generation = 0
         self._checking: dict[bytes, trio.Event] = {}  # credentials being checked now
         self._reloading = trio.Lock()
         self._checks = _PasswordChecks(trio.CapacityLimiter(cfg.password_checks))
         self._backoff = tokens.PasswordBackoff(
-            free=cfg.failures_before_backoff, cap=cfg.max_backoff
+            free=cfg.failures_before_backoff, cap=cfg.max_backoff,
+            per_minute=cfg.guesses_per_minute, ipv6_prefix=settings.limits.ipv6_prefix_length,
+        )  # fmt: skip
+        # (registry, repository) -> (token, good until): least recently used first.
+        self._upstream_tokens: collections.OrderedDict[tuple[str, str], tuple[str, float]] = (
+            collections.OrderedDict()
         )
-        self._upstream_tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = trio.Lock()
 
     # -- start-up state ------------------------------------------------------------------------
@@ -211,11 +256,15 @@ class ClientAuth:
                 )
             users = {**self._static_users, **self._file_users}
             self._dummy_cost = tokens.usual_cost(users.values(), BCRYPT_ROUNDS)
-            self._good.clear()
+            self._forget_good_credentials()
         if await self._tokens_file.changed(now):
             lines = self._tokens_file.text.splitlines()
             self._file_tokens = [line.strip() for line in lines if line.strip()]
-            self._good.clear()
+            self._forget_good_credentials()
+
+    def _forget_good_credentials(self) -> None:
+        self._good.clear()
+        self._generation += 1
 
     def _find_pull_token(self, value: str) -> str | None:
         """`value`, if it is one of the pull tokens (constant time over the list)."""
@@ -247,14 +296,23 @@ class ClientAuth:
     async def check_password(self, user: str, password: str, client_ip: str) -> Credential:
         """Who good credentials are (a user, or `token` for a static pull token).
 
+        A pull token is recognised first, without bcrypt, so no backoff applies to it.
+        Then the backoff (`core.tokens.PasswordBackoff`): an address, or a user from an
+        address, that failed too often is refused; a user that failed too often from
+        anywhere is checked in turn, a few times a minute, never refused for that alone.
+
         Raises:
             Unauthorized: wrong user or password (reason `bad_credentials`).
-            TooManyRequests: `client_ip` or `user` failed too often lately (with
-                Retry-After), or every password check slot is busy.
+            TooManyRequests: `client_ip` (or `user` from it) failed too often lately,
+                `user`'s turn is too far away, or every password check slot is busy (with
+                Retry-After).
         """
         users = await self._users()
         key = await self._signing_key()  # the bindings are keyed hashes
-        fingerprint = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        if self._find_pull_token(password) is not None:
+            return Credential("token", tokens.Binding.of_pull_token(key, password))
+        pair = f"{user}\0{password}".encode("utf-8", "surrogatepass")
+        fingerprint = hashlib.sha256(pair).digest()
         while (running := self._checking.get(fingerprint)) is not None:
             # The same credentials are being checked (a burst of one client's requests):
             # one bcrypt answers them all. Each wait ends with that (bounded) check.
@@ -264,16 +322,18 @@ class ClientAuth:
         if remembered is not None and now - remembered[1] < CREDENTIAL_CACHE_SECONDS:
             return remembered[0]  # known good: no guess, so no backoff
         wait = self._backoff.wait(client_ip, user, now)
-        if wait > 0:
+        turn = self._backoff.pace(client_ip, user, now) if wait <= 0 else None
+        if turn is None:
+            retry = wait if wait > 0 else self.settings.auth.max_backoff
             raise TooManyRequests(
                 "too many failed logins; retry later",
-                headers=(("retry-after", str(math.ceil(wait))),),
+                headers=(("retry-after", str(max(1, math.ceil(retry)))),),
             )
-        if self._find_pull_token(password) is not None:
-            return Credential("token", tokens.Binding.of_pull_token(key, password))
+        generation = self._generation
         hashed = users.get(user)
         self._checking[fingerprint] = done = trio.Event()
         try:
+            await trio.sleep(turn)  # the user's turn (0 unless it is being guessed at)
             good = await self._checks.check(password, hashed, self._dummy_cost)
         finally:
             del self._checking[fingerprint]
@@ -281,11 +341,15 @@ class ClientAuth:
         if not good or hashed is None:
             self._backoff.failed(client_ip, user, trio.current_time())
             raise Unauthorized("incorrect username or password", reason="bad_credentials")
-        self._backoff.succeeded(user)
+        self._backoff.succeeded(client_ip, user)
         credential = Credential(user, tokens.Binding.of_password(key, user, hashed))
-        if len(self._good) > 10000:
-            self._good.clear()
-        self._good[fingerprint] = (credential, now)
+        if generation != self._generation and (await self._users()).get(user) != hashed:
+            # The users changed during the check, and this password with them.
+            raise Unauthorized("incorrect username or password", reason="bad_credentials")
+        if generation == self._generation:  # else remembered only by a later check
+            self._good[fingerprint] = (credential, now)
+            while len(self._good) > MAX_GOOD_CREDENTIALS:
+                self._good.popitem(last=False)
         return credential
 
     def challenge(self, realm: str, scope: str | None) -> str:
@@ -380,9 +444,8 @@ class ClientAuth:
         subject = credential.subject
         names = auth.pull_scopes([v for k, v in params if k == "scope"], to_upstream, _any)
         scopes = [f"repository:{name}:pull" for name in names]
-        if names:
-            # Get (and keep) the upstream's token now, so a failing upstream shows here.
-            await self.upstream_token(registry, names)
+        # The upstream's token is fetched when a pull needs it (`upstream_headers`), not
+        # here: naming repositories costs the relay no upstream request.
         ttl = self.settings.auth.token_ttl
         access_token = tokens.issue(
             key, subject=subject, service=self.service,
@@ -432,12 +495,15 @@ class ClientAuth:
         """A token from the registry's token service that covers `names` (pull).
 
         Raises:
-            RelayError: the token service failed or answered no token.
+            RelayError: the token service failed or answered no token, or `names` make
+                a URL the relay cannot send (502).
         """
         now = trio.current_time()
         keys = names or [""]  # no repository: a token for the base endpoint
         cached = {self._upstream_tokens.get((registry.name, n)) for n in keys}
         if len(cached) == 1 and (known := cached.pop()) is not None and known[1] > now:
+            for name in keys:
+                self._upstream_tokens.move_to_end((registry.name, name))
             return known[0]
         challenge = await self.upstream.challenge(registry)
         if challenge is None or not challenge.realm:
@@ -471,8 +537,9 @@ class ClientAuth:
         until = now + max(1.0, lifetime - UPSTREAM_TOKEN_MARGIN)
         for name in keys:
             self._upstream_tokens[(registry.name, name)] = (token, until)
-        if len(self._upstream_tokens) > 10000:
-            self._upstream_tokens = {k: v for k, v in self._upstream_tokens.items() if v[1] > now}
+            self._upstream_tokens.move_to_end((registry.name, name))
+        while len(self._upstream_tokens) > MAX_UPSTREAM_TOKENS:
+            self._upstream_tokens.popitem(last=False)  # expired or not: the least used
         return token
 
 

@@ -222,18 +222,25 @@ def _redirect_allow(value: object) -> tuple[str, ...]:
     return entries
 
 
-def _users(value: object) -> tuple[Secret, ...]:
-    """htpasswd entries; Secret, since a bcrypt hash can be cracked offline."""
-    entries = _list(value)
-    try:
-        parse_htpasswd("\n".join(entries))
-    except ValueError as exc:
-        raise ValueError(f"expected USER:BCRYPT-HASH entries: {exc}") from None
-    return tuple(Secret(entry) for entry in entries)
-
-
 # A secret's parse error never quotes the value: the message goes to logs and terminals.
 _NOT_A_SECRET = "expected a string (the value is not shown: it is a secret)"
+
+
+def _users(value: object) -> tuple[Secret, ...]:
+    """htpasswd entries; Secret, since a bcrypt hash can be cracked offline."""
+    if isinstance(value, str):
+        entries = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        entries = value
+    else:
+        raise ValueError(
+            "expected a list of USER:BCRYPT-HASH strings (the value is not shown: it holds hashes)"
+        )
+    try:
+        parse_htpasswd("\n".join(entries))
+    except ValueError as exc:  # names the line and user, never the hash
+        raise ValueError(f"expected USER:BCRYPT-HASH entries: {exc}") from None
+    return tuple(Secret(entry) for entry in entries)
 
 
 def _optional_secret(value: object) -> Secret | None:
@@ -493,6 +500,9 @@ class AuthConfig:
         5, _limit, "failed logins per address or user before each one waits"
     )
     max_backoff: float = _option(60.0, _seconds, "longest wait after failed logins, seconds")
+    guesses_per_minute: int = _option(
+        10, _count, "password checks a minute, in turn, for a user that failed that often"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,11 +40,11 @@ class RedirectTargetDenied(Denied):
 
 
 def origin_key(url: str) -> tuple[str, int] | None:
-    """(host, port) of an http(s) URL, host lower case without brackets."""
-    parts = urlsplit(url)
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        return None
+    """(host, port) of an http(s) URL, host lower case without brackets; None if none."""
     try:
+        parts = urlsplit(url)  # ValueError for a broken IPv6 literal (`http://[::1`)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return None
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError:
         return None

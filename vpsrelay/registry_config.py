@@ -146,7 +146,7 @@ def _apply(
             elif key == "username":
                 changes["username"] = _text(value)
             elif key == "password":
-                changes["password"] = Secret(_text(value))
+                changes["password"] = Secret(_secret_text(value))
             elif key == "password_file":
                 changes["password"] = Secret(_read_secret_file(_text(value)))
             elif key == "password_env":
@@ -192,11 +192,35 @@ def _text(value: object) -> str:
     return value
 
 
+def _secret_text(value: object) -> str:
+    """`_text` for a secret: the error never quotes the value (it goes to logs)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string (the value is not shown: it is a secret)")
+    return value
+
+
 def parse_http_url(value: object) -> str:
-    """An absolute http(s) URL without a trailing slash, or ValueError."""
+    """An absolute http(s) URL without a trailing slash, or ValueError.
+
+    A URL with user information (`https://user:pass@host`) is refused, and not quoted:
+    the URL is shown by `config show` and in logs, so credentials go in their own
+    (secret) settings.
+    """
     text = _text(value).rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        has_user_info = "@" in parts.netloc
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError for a port that is no number)
+    except ValueError:
+        has_user_info = "@" in text
+        valid = False
+    if has_user_info:
+        raise ValueError(
+            "a URL with user information (user:password@) is refused (the value is not "
+            "shown); set username and password (or password_file, password_env) instead"
+        )
+    if not valid:
         raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
     return text
 

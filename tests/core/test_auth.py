@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 from vpsrelay import errors
 from vpsrelay.core import auth, routing
 from vpsrelay.core.auth import Challenge, Scope
+from vpsrelay.errors import BadRequest
 
 HUB_CHALLENGE = (
     'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -305,11 +306,29 @@ def test_pull_scopes_drop_repositories_the_relay_does_not_serve():
     ) == [("scope", "repository:library/alpine:pull"), ("scope", "repository:private/secret:pull")]
 
 
+def test_a_token_request_names_at_most_max_scopes():
+    """Issue 12 follow-up, finding 2: each scope costs the relay an upstream token entry
+    and URL length, so a request naming more than real clients do is refused."""
+    ten = [f"repository:r{n}:pull" for n in range(auth.MAX_SCOPES)]
+    assert len(auth.pull_scopes([" ".join(ten)], str, lambda name: True)) == auth.MAX_SCOPES
+    with pytest.raises(BadRequest) as refused:
+        auth.pull_scopes([*ten, "registry:catalog:*"], str, lambda name: True)
+    assert refused.value.status == 400
+    assert refused.value.reason == "too_many_scopes"
+    with pytest.raises(BadRequest):  # however they are spread over the values
+        auth.token_request_params([("scope", f"{s} {s}") for s in ten], str, None)
+
+
 @given(st.lists(st.text(alphabet="abcpushldetr*,: /", max_size=40), max_size=5))
 def test_token_request_params_never_ask_for_more_than_pull(scopes):
     def lenient(name: str) -> str:
         return name
 
+    named = sum(len([t for t in s.split(" ") if t]) for s in scopes)
+    if named > auth.MAX_SCOPES:
+        with pytest.raises(BadRequest):
+            auth.token_request_params([("scope", s) for s in scopes], lenient, "s")
+        return
     for key, value in auth.token_request_params([("scope", s) for s in scopes], lenient, "s"):
         if key == "scope":
             parsed = auth.Scope.parse(value)

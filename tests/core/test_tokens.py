@@ -9,7 +9,7 @@ import jwt
 import pytest
 from hypothesis import given, strategies as st
 
-from vpsrelay.core import tokens
+from vpsrelay.core import access, tokens
 from vpsrelay.errors import Unauthorized
 
 KEY = b"k" * 32
@@ -148,21 +148,44 @@ def test_backoff_after_free_failures_doubles_up_to_the_cap():
     assert backoff.wait("203.0.113.7", "alice", 108.07) == 0.0
 
 
-def test_backoff_is_per_address_and_per_user():
+def test_backoff_refuses_per_address_and_per_user_from_that_address():
     backoff = tokens.PasswordBackoff(free=0, cap=60.0)
     backoff.failed("203.0.113.7", "alice", 10.0)
     assert backoff.wait("203.0.113.7", "bob", 10.0) == 1.0  # the address waits
-    assert backoff.wait("198.51.100.1", "alice", 10.0) == 1.0  # so does the user
+    assert backoff.wait("198.51.100.1", "alice", 10.0) == 0.0  # alice elsewhere is not refused
     assert backoff.wait("198.51.100.1", "bob", 10.0) == 0.0
     assert backoff.wait("203.0.113.7", "bob", 11.0) == 0.0
 
 
-def test_a_success_forgets_the_users_failures_not_the_addresss():
-    backoff = tokens.PasswordBackoff(free=0, cap=60.0)
+def test_a_guessed_at_user_is_paced_in_turn_never_refused_within_the_cap():
+    """Finding 3: guesses at one user from many addresses are served a few a minute, in
+    order; the user's own correct login waits its turn instead of being refused."""
+    backoff = tokens.PasswordBackoff(free=2, cap=60.0, per_minute=10)
+    for number in range(2):
+        assert backoff.pace(f"198.51.100.{number}", "alice", 0.0) == 0.0
+        backoff.failed(f"198.51.100.{number}", "alice", 0.0)
+    # Now every check of alice takes a turn 6 s after the one before, whoever asks.
+    turns = [backoff.pace(f"192.0.2.{number}", "alice", 1.0) for number in range(10)]
+    assert turns == [0.0, 6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 42.0, 48.0, 54.0]
+    assert backoff.pace("192.0.2.98", "alice", 1.0) == 60.0  # a minute away: the last one
+    assert backoff.pace("192.0.2.99", "alice", 1.0) is None  # further: refused
+    assert backoff.pace("192.0.2.99", "bob", 1.0) == 0.0  # other users are not paced
+    assert backoff.wait("192.0.2.99", "alice", 1.0) == 0.0  # nor is alice refused
+
+
+def test_a_success_trusts_its_address_and_forgets_the_users_failures_not_the_addresss():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0, per_minute=1)
     backoff.failed("203.0.113.7", "alice", 10.0)
-    backoff.succeeded("alice")
-    assert backoff.wait("198.51.100.1", "alice", 10.0) == 0.0
-    assert backoff.wait("203.0.113.7", "bob", 10.0) == 1.0
+    backoff.failed("192.0.2.1", "alice", 10.0)
+    assert backoff.pace("198.51.100.1", "alice", 10.0) == 0.0
+    assert backoff.pace("198.51.100.2", "alice", 10.0) == 60.0  # in line
+    backoff.succeeded("198.51.100.1", "alice")
+    assert backoff.wait("203.0.113.7", "bob", 10.0) == 1.0  # the guesser's address still waits
+    backoff.failed("203.0.113.8", "alice", 11.0)
+    backoff.failed("203.0.113.9", "alice", 11.0)
+    assert backoff.pace("198.51.100.3", "alice", 11.0) == 0.0  # the user's line is new
+    assert backoff.pace("198.51.100.4", "alice", 11.0) == 60.0
+    assert backoff.pace("198.51.100.1", "alice", 11.0) == 0.0  # her own address skips it
 
 
 def test_quiet_keys_are_forgiven_and_the_map_is_bounded():
@@ -191,10 +214,20 @@ def test_ipv6_clients_count_per_64():
     assert tokens.address_key("not an address") == "not an address"
 
 
+def test_ipv6_clients_count_per_the_configured_prefix_like_the_guard():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0, ipv6_prefix=48)
+    backoff.failed("2001:db8:1:2::1", "alice", 0.0)
+    assert backoff.wait("2001:db8:1:3::1", "bob", 0.0) == 1.0  # the same /48
+    assert backoff.wait("2001:db8:2::1", "bob", 0.0) == 0.0
+    for address in ("2001:db8:1:2::1", "::ffff:203.0.113.7", "203.0.113.7", "junk"):
+        assert tokens.address_key(address, 48) == access.limit_key(address, 48)
+
+
 def test_long_user_names_cost_a_fixed_size_key():
     backoff = tokens.PasswordBackoff(free=0, cap=60.0)
     backoff.failed("203.0.113.7", "x" * 10000, 0.0)
-    assert all(len(key) < 64 for key in backoff._keys)
+    backoff.succeeded("203.0.113.7", "y" * 10000)
+    assert all(len(key) < 64 for key in [*backoff._keys, *backoff._trusted])
 
 
 def basic(text: str) -> str:

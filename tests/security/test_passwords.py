@@ -1,4 +1,4 @@
-"""Issue 12, findings 6 and 7: password checks.
+"""Issue 12, findings 6 and 7, and the follow-ups 3 and 4: password checks.
 
 Finding 6: every wrong password cost a bcrypt check in Trio's shared thread pool, as many
 at once as clients sent and with no throttling, so a few dozen guessing connections made
@@ -8,10 +8,17 @@ already holds a relay token pulls a manifest meanwhile.
 
 Finding 7: an unknown user was checked against a cheaper dummy hash than a real user's,
 so the answer time told which users exist.
+
+Follow-up 3: the per-user backoff refused every check of a user, the right password too, so
+one wrong guess a minute from anywhere kept that user out for good. Now a user guessed at
+is checked in turn (`auth.guesses_per_minute`), and only addresses are refused.
+
+Follow-up 4: a password over 72 bytes (bcrypt's limit; bcrypt 5 raises) was a 500.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import secrets
 import statistics
@@ -38,6 +45,8 @@ TIMEOUT = 30.0
 GUESSERS = 60
 ATTACK_SECONDS = 8.0
 SAMPLES = 15
+# Checks of a user guessed at: one every half second (test speed; the default is 10 a minute).
+GUESSES_PER_MINUTE = 120
 
 
 def _from(address: str) -> httpx.Client:
@@ -57,7 +66,10 @@ def users_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def auth_relay(clean_hub: Hub, tmp_path: Path, users_file: Path) -> Iterator[RelayProcess]:
     config = tmp_path / "relay.toml"
-    config.write_text(f'[auth]\nenabled = true\nusers_file = "{users_file}"\n')
+    config.write_text(
+        f'[auth]\nenabled = true\nusers_file = "{users_file}"\n'
+        f"guesses_per_minute = {GUESSES_PER_MINUTE}\n"
+    )
     args = ("--config", str(config), "--upstream", f"docker.io={clean_hub.registry_url}")
     with RelayProcess(tmp_path / "relay", *args) as relay:
         yield relay
@@ -85,18 +97,71 @@ def test_repeated_guesses_get_429_per_address_and_per_user(auth_relay: RelayProc
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
 
-    # Many addresses guessing bob's: bob is protected as well.
-    bob_statuses = []
-    for number in range(12):
+    # Many addresses guessing bob's at once: no address is refused, but bob's checks take
+    # their turns, half a second apart: guessing one user from many addresses stays slow.
+    for number in range(5):  # the free failures (`auth.failures_before_backoff`)
         with _from(f"127.0.3.{number + 1}") as client:
-            bob_statuses.append(_guess(client, auth_relay, "bob", f"guess-{number}").status_code)
-        if bob_statuses[-1] == 429:
-            break
-    assert bob_statuses[-1] == 429, f"12 addresses guessing one user, none refused: {bob_statuses}"
+            assert _guess(client, auth_relay, "bob", f"guess-{number}").status_code == 401
+
+    def guess_from(number: int) -> int:
+        with _from(f"127.0.3.{number + 10}") as client:
+            return _guess(client, auth_relay, "bob", f"guess-{number}").status_code
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        bob_statuses = list(pool.map(guess_from, range(8)))
+    took = time.monotonic() - began
+    print(f"8 guesses at bob from 8 addresses at once: {took:.2f} s, {bob_statuses}")
+    assert bob_statuses == [401] * 8
+    assert took >= 7 * 60 / GUESSES_PER_MINUTE - 0.2, f"8 guesses took only {took:.2f} s"
 
     # Someone else, from elsewhere, still logs in.
     with _from("127.0.4.1") as client:
         assert _guess(client, auth_relay, "carol", PASSWORD).status_code == 200
+
+
+def test_a_guesser_cannot_keep_a_user_locked_out(auth_relay: RelayProcess) -> None:
+    """Follow-up 3: a wrong guess at alice from a new address now and then (the reported
+    lever: one a minute kept her out), and alice logging in between, from her own address."""
+    for number in range(6):  # past the free failures: alice is "being guessed at"
+        with _from(f"127.0.7.{number + 1}") as client:
+            assert _guess(client, auth_relay, "alice", f"guess-{number}").status_code == 401
+    statuses = []
+    waits = []
+    for round_number in range(3):
+        with _from(f"127.0.7.{round_number + 100}") as client:
+            guess = _guess(client, auth_relay, "alice", f"again-{round_number}")
+            assert guess.status_code in (401, 429), guess.text
+        with _from("127.0.8.1") as client:
+            began = time.monotonic()
+            statuses.append(_guess(client, auth_relay, "alice", PASSWORD).status_code)
+            waits.append(time.monotonic() - began)
+    print(f"alice's logins between guesses: {statuses}, {[round(w, 2) for w in waits]} s")
+    assert statuses == [200, 200, 200], f"alice was locked out by a guesser: {statuses}"
+    assert max(waits) < 10.0
+
+
+def test_a_password_over_72_bytes_is_a_401_and_counts_as_a_failure(
+    auth_relay: RelayProcess,
+) -> None:
+    """Follow-up 4: bcrypt refuses passwords over 72 bytes; that was a 500 with a traceback."""
+    statuses = []
+    with _from("127.0.9.1") as client:
+        for _ in range(8):
+            response = client.post(
+                f"{auth_relay.url}/token",
+                data={"grant_type": "password", "username": "alice", "password": "p" * 100,
+                      "service": "vpsrelay", "scope": "repository:alpine:pull"},
+            )  # fmt: skip
+            statuses.append(response.status_code)
+            assert response.headers["content-type"] == "application/json"
+            if response.status_code == 429:
+                break
+    print(f"100-byte passwords: {statuses}")
+    assert statuses[0] == 401, statuses
+    assert statuses[-1] == 429, f"the failures were not counted: {statuses}"
+    assert auth_relay.process.poll() is None
+    assert "Traceback" not in auth_relay.log_text()
 
 
 # Runs in its own process, so that the guessers do not slow the measuring client down.

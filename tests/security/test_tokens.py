@@ -1,4 +1,4 @@
-"""Issue 12, findings 2 and 8: tokens the relay hands out.
+"""Issue 12, findings 2 and 8, and follow-ups 2, 5 and 6: tokens the relay hands out.
 
 Finding 2: on an open relay with the operator's credentials for Docker Hub, `/token` passed
 the client's scopes (`push,pull,delete`) and `offline_token=true` to the token service with
@@ -14,8 +14,10 @@ restart, and the refresh token must stop working.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import httpx
 import jwt
@@ -305,3 +307,93 @@ def test_a_refresh_token_ends_when_the_users_password_changes(
     assert _refresh(auth_relay, bob).status_code == 200
     renewed = _login(auth_relay, "alice", "a new password")
     assert _refresh(auth_relay, renewed).status_code == 200
+
+
+# --- follow-ups 2 and 5: anonymous scopes cost the operator nothing ---------------------
+
+
+FORMS = 30
+SCOPES_PER_FORM = 1000
+
+
+def _operator_token_requests(hub: Hub) -> int:
+    """Token requests the relay made with the operator's Basic credentials."""
+    user, password = hub.creds
+    operator = httpx.BasicAuth(user, password)._auth_header
+    return sum(1 for r in hub.tokens.requests() if r.header("authorization") == operator)
+
+
+def test_anonymous_scopes_make_no_token_requests_with_the_operators_credentials(
+    operator_relay: RelayProcess, clean_hub: Hub
+) -> None:
+    """Follow-up 2: 30 anonymous POST /token forms with 1,000 random scopes each made 30
+    token requests with the operator's credentials (and 30,000 cached tokens)."""
+    statuses = []
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for _ in range(FORMS):
+            scopes = " ".join(
+                f"repository:x{secrets.token_hex(6)}/y:pull" for _ in range(SCOPES_PER_FORM)
+            )
+            form = {"grant_type": "refresh_token", "refresh_token": "", "scope": scopes,
+                    "service": clean_hub.service}  # fmt: skip
+            reply = client.post(f"{operator_relay.url}/token", data=form)
+            statuses.append(reply.status_code)
+            assert reply.headers["content-type"] == "application/json"
+        # A real client's few scopes get a placeholder, and still cost nothing upstream.
+        few = [f"repository:x{secrets.token_hex(6)}/y:pull" for _ in range(3)]
+        placeholder = client.get(f"{operator_relay.url}/token", params={"scope": few})
+    made = _operator_token_requests(clean_hub)
+    print(f"{FORMS} forms of {SCOPES_PER_FORM} scopes: {set(statuses)}; operator token "
+          f"requests: {made}")  # fmt: skip
+    assert set(statuses) == {400}, f"forms of {SCOPES_PER_FORM} scopes were answered: {statuses}"
+    assert placeholder.status_code == 200, placeholder.text
+    assert made == 0, f"{made} token requests with the operator's credentials for anonymous scopes"
+    assert operator_relay.process.poll() is None
+
+
+def test_a_token_request_too_long_for_a_url_is_a_clean_4xx(
+    operator_relay: RelayProcess, clean_hub: Hub
+) -> None:
+    """Follow-up 5: ~2,000 scopes made the relay build a token URL over 64 KiB; httpx's
+    InvalidURL escaped as a 500 with a traceback."""
+    # Short names, each made longer upstream (`library/`): the form fits the relay's body
+    # limit, the token service URL they would make does not fit httpx's.
+    scopes = " ".join(f"repository:r{n}:pull" for n in range(2000))
+    form = {"grant_type": "refresh_token", "refresh_token": "", "scope": scopes}
+    assert len(urlencode(form)) < 64 * 1024
+    reply = httpx.post(f"{operator_relay.url}/token", data=form, timeout=TIMEOUT)
+    assert 400 <= reply.status_code < 500, reply.text
+    assert reply.json()["errors"][0]["code"]
+    assert "Traceback" not in operator_relay.log_text()
+    assert operator_relay.process.poll() is None
+
+
+# --- follow-up 6: an open relay forgets an operator token the upstream refused ------------
+
+
+def test_an_operator_token_the_upstream_refused_is_not_used_again(
+    operator_relay: RelayProcess, clean_hub: Hub
+) -> None:
+    """The token service mints one token the registry refuses (wrong issuer, as a revoked
+    or re-scoped token would be); the relay must fetch a new one on the next pull instead
+    of reusing the refused one until it expires."""
+    image = _secret(clean_hub)
+    headers = {"accept": image.manifest_media_type}
+    url = f"{operator_relay.url}/v2/private/secret/manifests/1.0"
+    with httpx.Client(timeout=TIMEOUT) as client:
+        issuer = clean_hub.tokens.issuer
+        clean_hub.tokens.issuer = "not-the-registrys-issuer"
+        try:
+            token = client.get(
+                f"{operator_relay.url}/token", params={"scope": "repository:private/secret:pull"}
+            ).json()["token"]
+            headers["authorization"] = f"Bearer {token}"
+            refused = client.get(url, headers=headers)
+        finally:
+            clean_hub.tokens.issuer = issuer
+        assert refused.status_code == 401, refused.text
+        statuses = [client.get(url, headers=headers).status_code for _ in range(3)]
+    made = _operator_token_requests(clean_hub)
+    print(f"after the refused token: {statuses}; operator token requests: {made}")
+    assert statuses == [200, 200, 200], f"the refused token was used again: {statuses}"
+    assert made == 2  # the refused token, then its replacement

@@ -184,6 +184,9 @@ def test_a_cdn_challenge_neither_trusts_its_realm_nor_redirects_there(
         # Afterwards: a redirect to the internal address, and a token request.
         redirected = fetch(f"{relay.url}/v2/app/blobs/{digest(2)}")
         again = httpx.get(f"{relay.url}/token", params=token_query, timeout=REQUEST_TIMEOUT)
+        # A pull with the placeholder: now the relay fetches its own (operator) token.
+        placeholder = {"authorization": f"Bearer {again.json()['token']}"}
+        httpx.get(f"{relay.url}/v2/app/manifests/1", headers=placeholder, timeout=REQUEST_TIMEOUT)
         log = relay.log_text()
     assert [s.path for s in internal.seen] == [], "the relay contacted the internal address"
     assert redirected[0] == 403, redirected
@@ -191,8 +194,9 @@ def test_a_cdn_challenge_neither_trusts_its_realm_nor_redirects_there(
     assert json.loads(redirected[1])["errors"][0]["code"] == "DENIED"
     assert again.status_code == 200, again.text
     tokens = [s for s in registry.seen if s.path.startswith("/token")]
-    # The relay's own (operator) token request went to the registry's realm; the clients'
-    # /token got placeholders (finding 2), so no operator token reached them either.
+    # The relay's own (operator) token request, made for the placeholder pull, went to the
+    # registry's realm; the clients' /token got placeholders (finding 2) and made no
+    # upstream request (follow-up 2), so no operator token reached them either.
     assert len(tokens) == 1, "the operator's token request went to the registry's own realm"
     assert "Traceback" not in log
 

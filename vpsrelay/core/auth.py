@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from vpsrelay.core import grammar
-from vpsrelay.errors import UpstreamProtocolError
+from vpsrelay.errors import BadRequest, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -146,6 +146,9 @@ def rewrite_scopes(scopes: list[str], to_upstream: Callable[[str], str]) -> list
 
 # Token request parameters that ask for a refresh token (GET and the OAuth2 POST form).
 REFRESH_PARAMS = frozenset({"offline_token", "access_type"})
+# Scopes one token request may name. Clients send one or two (a pull, a cross-repository
+# mount); each one named costs the relay an upstream token entry and URL length.
+MAX_SCOPES = 10
 
 
 def pull_scopes(
@@ -158,19 +161,26 @@ def pull_scopes(
     types (`registry:catalog:*`) are dropped.
 
     Raises:
+        BadRequest: more than `MAX_SCOPES` scopes, of whatever kind (refused, not cut
+            short: a token silently missing a repository would fail later, obscurely).
         RelayError: whatever `to_upstream` raises for a name it rejects.
     """
+    texts = [text for value in values for text in value.split(" ") if text]
+    if len(texts) > MAX_SCOPES:
+        raise BadRequest(
+            f"too many scopes in one token request ({len(texts)}; at most {MAX_SCOPES})",
+            reason="too_many_scopes",
+        )
     names: list[str] = []
-    for value in values:
-        for text in value.split(" "):
-            scope = Scope.parse(text)
-            if scope is None or scope.resource_type != "repository":
-                continue
-            if "pull" not in scope.actions.split(","):
-                continue
-            name = to_upstream(scope.name)
-            if admits(name) and name not in names:
-                names.append(name)
+    for text in texts:
+        scope = Scope.parse(text)
+        if scope is None or scope.resource_type != "repository":
+            continue
+        if "pull" not in scope.actions.split(","):
+            continue
+        name = to_upstream(scope.name)
+        if admits(name) and name not in names:
+            names.append(name)
     return names
 
 

@@ -13,8 +13,9 @@ hash of the pull token, or of the user's password hash), so a revoked pull token
 changed password ends the refresh tokens it earned. The key is the shell's business (a
 file in the data dir); `now` is always passed in.
 
-Failed password checks make the next ones wait (`PasswordBackoff`), per client address
-and per user name, so guessing is slow and cannot keep the CPU busy with bcrypt.
+Failed password checks make the next ones wait (`PasswordBackoff`): refused per client
+address and per (user, address), paced per user, so guessing is slow but cannot lock a
+user out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import binascii
 import collections
 import hashlib
 import hmac
-import ipaddress
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 
+from vpsrelay.core import access
 from vpsrelay.errors import Unauthorized
 
 if TYPE_CHECKING:
@@ -266,49 +268,66 @@ def usual_cost(hashes: Iterable[str], default: int) -> int:
 # --- failed logins
 
 
-def address_key(address: str) -> str:
-    """Whose failures count together: an IPv4 address, or an IPv6 /64 (one customer)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+def address_key(address: str, ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX) -> str:
+    """Whose failures count together: the key the guard limits a client by (an IPv4
+    address, an IPv6 network of `ipv6_prefix` bits: `limits.ipv6_prefix_length`)."""
+    return access.limit_key(address, ipv6_prefix)
 
 
 @dataclass(slots=True)
 class _Failures:
     count: int
     last: float
+    next_start: float = -math.inf  # a paced user's next check starts no sooner
 
 
 @dataclass(slots=True)
 class PasswordBackoff:
-    """Exponential backoff after failed password checks, per address and per user.
+    """What failed password checks cost the next ones (issue 12, findings 3 and 6).
 
-    The first `free` failures of a key cost nothing; then each failure makes the key
-    wait `base * 2**k` seconds, at most `cap`, before its next check. A success
-    forgets the user's failures (not the address's: an attacker with one good account
-    must not reset the address he guesses from). A key quiet for `cap` seconds after
-    its wait is forgotten. Bounded: past `limit` keys, the oldest go first.
+    The policy:
+
+    - Refused, with a wait: a client address, and a (user, address) pair. After `free`
+      failures each further one makes the key wait `base * 2**k` seconds, at most `cap`.
+      The guesser's address is refused; the user it guesses at, from elsewhere, is not.
+    - Paced, not refused: a user. After `free` failures of a user, from any addresses,
+      its checks start at most `per_minute` a minute, in order of arrival (`pace`): online
+      guessing of one user from many addresses stays slow, yet the right password still
+      gets its turn. Only a turn more than `cap` seconds away is refused (so that the
+      line, and what waits in it, stays bounded).
+    - An address a user logged in from (`succeeded`) skips the user's line: guessing
+      from elsewhere does not keep the user out of its usual place.
+    - A success forgets the pair's and the user's failures, not the address's (an
+      attacker with one good account must not reset the address it guesses from).
+
+    Password checks at all are bounded elsewhere (a few threads and a short queue), so
+    none of this is needed to keep guessing from being a CPU lever. A key quiet for
+    `cap` seconds after its wait is forgotten. Bounded: past `limit` keys, the oldest go.
     """
 
     free: int
     cap: float
     base: float = 1.0
     limit: int = 100_000
+    per_minute: float = 10.0
+    ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX
     _keys: collections.OrderedDict[str, _Failures] = field(default_factory=collections.OrderedDict)
+    _trusted: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
 
     @staticmethod
-    def _user_key(user: str) -> str:
-        # A digest: names are client-chosen and may be long; the map stays small.
-        return "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    def _digest(*parts: str) -> str:
+        # Names are client-chosen and may be long; a digest keeps each key small.
+        text = "\0".join(parts).encode("utf-8", "surrogatepass")
+        return hashlib.sha256(text).hexdigest()[:32]
 
-    def _keys_of(self, address: str, user: str) -> tuple[str, str]:
-        return "addr:" + address_key(address), self._user_key(user)
+    def _address_key(self, address: str) -> str:
+        return "addr:" + address_key(address, self.ipv6_prefix)
+
+    def _pair_key(self, address: str, user: str) -> str:
+        return "pair:" + self._digest(address_key(address, self.ipv6_prefix), user)
+
+    def _user_key(self, user: str) -> str:
+        return "user:" + self._digest(user)
 
     def _delay(self, failures: _Failures) -> float:
         over = failures.count - self.free
@@ -316,22 +335,43 @@ class PasswordBackoff:
             return 0.0
         return min(self.cap, self.base * 2.0 ** min(over - 1, 62))
 
+    def _current(self, key: str, now: float) -> _Failures | None:
+        """The failures of `key`, unless it has been quiet long enough to be forgiven."""
+        failures = self._keys.get(key)
+        if failures is None:
+            return None
+        quiet_from = max(failures.last + self._delay(failures), failures.next_start)
+        if now >= quiet_from + self.cap:
+            del self._keys[key]
+            return None
+        return failures
+
     def wait(self, address: str, user: str, now: float) -> float:
-        """Seconds until `user` may be checked again from `address` (0: now)."""
+        """Seconds until `user` may be checked again from `address` (0: now); a refusal."""
         longest = 0.0
-        for key in self._keys_of(address, user):
-            failures = self._keys.get(key)
-            if failures is None:
-                continue
-            until = failures.last + self._delay(failures)
-            if now >= until + self.cap:
-                del self._keys[key]  # quiet long enough: forgiven
-                continue
-            longest = max(longest, until - now)
+        for key in (self._address_key(address), self._pair_key(address, user)):
+            failures = self._current(key, now)
+            if failures is not None:
+                longest = max(longest, failures.last + self._delay(failures) - now)
         return longest
 
+    def pace(self, address: str, user: str, now: float) -> float | None:
+        """Seconds this check of `user` waits for its turn (0: now), its turn now taken;
+        None when the turn would be more than `cap` seconds away (refuse it)."""
+        failures = self._current(self._user_key(user), now)
+        if failures is None or failures.count < self.free:
+            return 0.0
+        if self._pair_key(address, user) in self._trusted:
+            return 0.0
+        start = max(now, failures.next_start)
+        if start - now > self.cap:
+            return None
+        failures.next_start = start + 60.0 / self.per_minute
+        return start - now
+
     def failed(self, address: str, user: str, now: float) -> None:
-        for key in self._keys_of(address, user):
+        keys = (self._address_key(address), self._pair_key(address, user), self._user_key(user))
+        for key in keys:
             failures = self._keys.pop(key, None) or _Failures(0, now)
             failures.count += 1
             failures.last = now
@@ -339,5 +379,11 @@ class PasswordBackoff:
         while len(self._keys) > self.limit:
             self._keys.popitem(last=False)
 
-    def succeeded(self, user: str) -> None:
+    def succeeded(self, address: str, user: str) -> None:
+        pair = self._pair_key(address, user)
+        self._keys.pop(pair, None)
         self._keys.pop(self._user_key(user), None)
+        self._trusted.pop(pair, None)
+        self._trusted[pair] = None  # to the end: the newest
+        while len(self._trusted) > self.limit:
+            self._trusted.popitem(last=False)
