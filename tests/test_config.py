@@ -621,3 +621,16 @@ def test_guesses_per_minute_has_a_default_and_is_checked():
     )
     with pytest.raises(ConfigError, match=r"auth\.guesses_per_minute"):
         config.load(None, {"VPSRELAY_AUTH__GUESSES_PER_MINUTE": "0"})
+
+
+# --- issue 13, configuration: float seconds keep their value ------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["server.read_timeout", "server.keep_alive_timeout", "server.graceful_timeout"]
+)
+def test_float_seconds_reach_hypercorn_unrounded(key):
+    from vpsrelay.server import hypercorn_config
+
+    settings = config.load(None, {config.env_name(key): "0.5"})
+    assert getattr(hypercorn_config(settings), key.partition(".")[2]) == 0.5

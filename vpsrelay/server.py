@@ -34,7 +34,9 @@ def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
     config = hypercorn.config.Config()
     config.bind = [_bind(address) for address in settings.server.listen]
     config.keep_alive_timeout = settings.server.keep_alive_timeout
-    config.read_timeout = int(settings.server.read_timeout)
+    # Hypercorn annotates read_timeout `int` but uses it as seconds (`or inf`, a deadline):
+    # int() made 0.5 into 0, which it reads as "no timeout".
+    config.read_timeout = settings.server.read_timeout  # type: ignore[assignment]
     config.graceful_timeout = settings.server.graceful_timeout
     config.include_server_header = False
     # Request line and headers, HTTP/1.1 and HTTP/2 alike (issue 5): over the limit, h11
