@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import textwrap
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_environment_overrides_file(tmp_path):
         "VPSRELAY_UPSTREAM__READ_TIMEOUT": "12.5",
         "VPSRELAY_LOG__ACCESS_LOG": "off",
         "VPSRELAY_DATA_DIR": str(tmp_path / "env-data"),
-        "VPSRELAY_UNRELATED": "ignored",
+        "VPSRELAY_CONFIG": "not a setting: read by the command line",
         "OTHER": "ignored",
     }
     settings = config.load(path, environ)
@@ -623,7 +624,141 @@ def test_guesses_per_minute_has_a_default_and_is_checked():
         config.load(None, {"VPSRELAY_AUTH__GUESSES_PER_MINUTE": "0"})
 
 
-# --- issue 13, configuration: float seconds keep their value ------------------------------
+# --- issue 13, configuration: the environment is checked like the file ----------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("VPSRELAY_SERVER__LISEN", "VPSRELAY_SERVER__LISTEN"),
+        ("VPSRELAY_SERVER_LISTEN", "VPSRELAY_SERVER__LISTEN"),  # one underscore
+        ("VPSRELAY_LISTEN", "VPSRELAY_SERVER__LISTEN"),  # the section left out
+        ("VPSRELAY_DOMAINS", "VPSRELAY_TLS__DOMAINS"),
+        ("VPSRELAY_CACHE_ENABLED", "VPSRELAY_CACHE__ENABLED"),
+        ("VPSRELAY_DATADIR", "VPSRELAY_DATA_DIR"),
+        ("VPSRELAY_UPSTREAMS_", "VPSRELAY_UPSTREAMS"),  # not a setting, but read all the same
+        ("vpsrelay_server__listen", "VPSRELAY_SERVER__LISTEN"),  # the environment has case
+    ],
+)
+def test_an_unknown_variable_is_an_error_with_a_suggestion(variable, meant):
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {variable: "0.0.0.0:5000"})
+    assert caught.value.message == f"{variable}: unknown variable (did you mean {meant!r}?)"
+
+
+def test_an_unknown_variable_like_no_setting_names_the_escape():
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"VPSRELAY_VERSION": "1.2"})
+    message = caught.value.message
+    assert message.startswith("VPSRELAY_VERSION: unknown variable (not a setting;")
+    assert config.NOT_SETTINGS_ENV in message
+
+
+def test_an_unknown_variable_never_quotes_its_value():
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"VPSRELAY_METRICS_TOKEN": "s3cret-value"})
+    assert "VPSRELAY_METRICS__TOKEN" in caught.value.message
+    assert "s3cret-value" not in caught.value.message
+
+
+def test_the_environment_is_checked_after_the_file_and_with_a_file(tmp_path):
+    path = write(tmp_path, '[server]\nlisten = "127.0.0.1:6000"\n')
+    with pytest.raises(ConfigError, match=r"^VPSRELAY_SERVER__LISEN: unknown variable"):
+        config.load(path, {"VPSRELAY_SERVER__LISEN": "0.0.0.0:7000"})
+
+
+def test_other_programs_variables_may_be_listed_as_not_settings():
+    environ = {
+        "VPSRELAY_NOT_SETTINGS": "VPSRELAY_VERSION, VPSRELAY_BACKUP_*",
+        "VPSRELAY_VERSION": "1.2",
+        "VPSRELAY_BACKUP_TARGET": "s3://bucket",
+        "VPSRELAY_SERVER__LISTEN": "0.0.0.0:7000",
+    }
+    assert config.load(None, environ).server.listen == ("0.0.0.0:7000",)
+    with pytest.raises(ConfigError, match=r"^VPSRELAY_VERSON: unknown variable"):
+        config.load(None, {**environ, "VPSRELAY_VERSON": "1.2"})
+
+
+@pytest.mark.parametrize(
+    ("listed", "error"),
+    [
+        ("VPSRELAY_SERVER__LISTEN", "VPSRELAY_SERVER__LISTEN is a setting"),
+        ("VERSION", "expected VPSRELAY_* names, got 'VERSION'"),
+    ],
+)
+def test_not_settings_refuses_a_setting_and_a_foreign_name(listed, error):
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"VPSRELAY_NOT_SETTINGS": listed})
+    assert caught.value.message == f"VPSRELAY_NOT_SETTINGS: {error}" + (
+        "; it is read whatever this says" if "is a setting" in error else ""
+    )
+
+
+def test_a_registry_password_env_may_be_a_vpsrelay_variable(tmp_path):
+    path = write(
+        tmp_path,
+        '[registries."ghcr.io"]\nusername = "me"\npassword_env = "VPSRELAY_GHCR_TOKEN"\n',
+    )
+    settings = config.load(path, {"VPSRELAY_GHCR_TOKEN": "t0ken"})
+    assert settings.registry("ghcr.io").password == config.Secret("t0ken")
+
+
+def test_variables_without_the_prefix_are_not_checked():
+    environ = {"PATH": "/usr/bin", "VPSRELAY": "x", "MY_VPSRELAY_SETTING": "x", "vpsrelay_dir": "x"}
+    assert config.load(None, environ) == config.Settings()
+
+
+def test_every_variable_of_the_project_itself_is_accepted():
+    # Each is accepted on its own, and none is taken for a setting.
+    for name in config.NON_SETTING_VARIABLES - {config.NOT_SETTINGS_ENV, config.UPSTREAMS_ENV}:
+        assert config.load(None, {name: "1"}) == config.Settings(), name
+
+
+# Files that spell unknown names on purpose, and placeholders in prose.
+DELIBERATE_UNKNOWN_NAMES = ("tests/test_config.py", "tests/integration/test_settings.py")
+PLACEHOLDERS = {"VPSRELAY_SECTION__KEY"}
+
+
+def test_every_vpsrelay_variable_the_repository_uses_is_known():
+    """Scripts, compose, Caddy, Ansible, docs and tests must not set off the check."""
+    settings = {config.env_name(key) for key in config.option_keys()}
+    used: dict[str, str] = {}
+    for path in sorted(REPO_ROOT.rglob("*")):
+        relative = path.relative_to(REPO_ROOT)
+        if (
+            not path.is_file()
+            or any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
+            or relative.as_posix() in DELIBERATE_UNKNOWN_NAMES
+            or path.stat().st_size > 1_000_000
+        ):
+            continue
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        # Names only: a prefix built in code (`VPSRELAY_TLS__`, `VPSRELAY_`) ends in "_".
+        for name in re.findall(r"\bVPSRELAY_[A-Z0-9_]*[A-Z0-9]\b", text):
+            used.setdefault(name, relative.as_posix())
+    assert "VPSRELAY_DOMAIN" in used  # the scan sees the deployment files
+    unknown = {
+        name: where
+        for name, where in used.items()
+        if name not in settings | config.NON_SETTING_VARIABLES | PLACEHOLDERS
+    }
+    assert unknown == {}
+
+
+# `serve` gets a bad flag too, so that it stops even where the variable went unchecked.
+@pytest.mark.parametrize("command", [["config", "check"], ["serve", "--listen", "bad", "--config"]])
+def test_cli_a_mistyped_variable_is_one_line_with_the_suggestion(tmp_path, command):
+    path = write(tmp_path, "")
+    result = CliRunner().invoke(
+        main, [*command, str(path)], env={"VPSRELAY_SERVER__LISEN": "0.0.0.0:5000"}
+    )
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "vpsrelay: config error: VPSRELAY_SERVER__LISEN: unknown variable "
+        "(did you mean 'VPSRELAY_SERVER__LISTEN'?)\n"
+    )
 
 
 @pytest.mark.parametrize(

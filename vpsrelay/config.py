@@ -3,12 +3,16 @@
 Precedence: flags over the environment over the file over the defaults. Every
 value is validated at start; an unknown or mistyped key, or a bad value, is a
 `ConfigError` whose message names where it came from and the dotted key:
-`relay.toml: server.lisen: unknown key (did you mean 'listen'?)`.
+`relay.toml: server.lisen: unknown key (did you mean 'listen'?)`. The environment is
+held to the same rule: a `VPSRELAY_*` variable that is neither a setting nor one of the
+project's other variables is an error, since Docker and compose users configure through
+it and a typo there would otherwise be silently ignored.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import math
 import re
@@ -569,7 +573,26 @@ SECTIONS: dict[str, type[Any]] = {
     "auth": AuthConfig,
     "limits": LimitsConfig,
 }
+ENV_PREFIX = "VPSRELAY_"
 UPSTREAMS_ENV = "VPSRELAY_UPSTREAMS"
+# The escape for other programs' variables that happen to start with VPSRELAY_: names or
+# shell-style patterns, separated by commas or spaces.
+NOT_SETTINGS_ENV = "VPSRELAY_NOT_SETTINGS"
+# The project's own `VPSRELAY_*` variables that are not settings. They share the relay's
+# environment (a compose `.env`, a systemd EnvironmentFile, a test run), so they are not
+# typos. tests/test_config.py checks that every name the repository uses is a setting or
+# listed here.
+NON_SETTING_VARIABLES = frozenset({
+    "VPSRELAY_CONFIG",  # --config
+    "VPSRELAY_CHECK_PASSWORD",  # vpsrelay check --password
+    UPSTREAMS_ENV,
+    NOT_SETTINGS_ENV,
+    # docker-compose.yml, Caddyfile.alt and the Ansible role's .env
+    "VPSRELAY_DOMAIN", "VPSRELAY_EMAIL", "VPSRELAY_EXTRA_DOMAINS", "VPSRELAY_UPSTREAM",
+    "VPSRELAY_CADDY_GLOBALS", "VPSRELAY_IMAGE", "VPSRELAY_CADDY_IMAGE",
+    # the test suite
+    "VPSRELAY_REQUIRE_INTEGRATION", "VPSRELAY_CHAOS_SEED", "VPSRELAY_TEST_CACHE",
+})  # fmt: skip
 
 
 def env_name(dotted_key: str) -> str:
@@ -608,6 +631,7 @@ def load(
     registry_inputs: RegistryInputs = {}
     if path is not None:
         _read_file(path, raw, registry_inputs)
+    _check_variables(environ, registry_inputs)
     for key in option_keys():
         if (name := env_name(key)) in environ:
             raw[key] = (environ[name], name)
@@ -635,6 +659,56 @@ def parse_upstreams(items: list[str], source: str) -> dict[str, str]:
             raise ConfigError(f"{source}: expected REGISTRY=URL, got {item!r}")
         result[name.strip()] = url.strip()
     return result
+
+
+def _check_variables(environ: Mapping[str, str], registry_inputs: RegistryInputs) -> None:
+    """Refuse a `VPSRELAY_*` variable the relay would not read, as a TOML key is refused.
+
+    Raises:
+        ConfigError: naming the variable, with the setting it most likely meant.
+    """
+    settings = {env_name(key) for key in option_keys()}
+    # A registry's `password_env` may name a VPSRELAY_* variable of the operator's choosing.
+    password_variables = {
+        value
+        for keys in registry_inputs.values()
+        if isinstance(value := keys.get("password_env", (None, ""))[0], str)
+    }
+    known = settings | NON_SETTING_VARIABLES | password_variables
+    patterns = _not_settings(environ, settings)
+    for name in sorted(environ):
+        if name in known or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        if name.startswith(ENV_PREFIX):
+            raise ConfigError(f"{name}: unknown variable{_variable_hint(name, settings)}")
+        if name.upper() in settings:  # the environment is case-sensitive
+            raise ConfigError(f"{name}: unknown variable (did you mean {name.upper()!r}?)")
+
+
+def _not_settings(environ: Mapping[str, str], settings: set[str]) -> list[str]:
+    patterns = environ.get(NOT_SETTINGS_ENV, "").replace(",", " ").split()
+    for pattern in patterns:
+        if not pattern.startswith(ENV_PREFIX):
+            raise ConfigError(f"{NOT_SETTINGS_ENV}: expected VPSRELAY_* names, got {pattern!r}")
+        if pattern in settings:
+            raise ConfigError(
+                f"{NOT_SETTINGS_ENV}: {pattern} is a setting; it is read whatever this says"
+            )
+    return patterns
+
+
+def _variable_hint(name: str, settings: set[str]) -> str:
+    # Compared without the shared prefix, which would make every name look alike.
+    # A setting is the likelier intent: a close one first, then a close other variable
+    # (UPSTREAMS_ for UPSTREAMS), then a setting only loosely alike (LISTEN for
+    # SERVER__LISTEN).
+    suffix = name.removeprefix(ENV_PREFIX).lower()
+    for candidates, cutoff in ((settings, 0.7), (NON_SETTING_VARIABLES, 0.7), (settings, 0.6)):
+        by_suffix = {c.removeprefix(ENV_PREFIX).lower(): c for c in candidates}
+        close = difflib.get_close_matches(suffix, by_suffix, n=1, cutoff=cutoff)
+        if close:
+            return f" (did you mean {by_suffix[close[0]]!r}?)"
+    return f" (not a setting; if another program reads it, list it in {NOT_SETTINGS_ENV})"
 
 
 def _read_file(path: Path, raw: dict[str, tuple[object, str]], registries: RegistryInputs) -> None:
