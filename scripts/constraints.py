@@ -19,7 +19,8 @@ from packaging.requirements import Requirement
 HEADER = """\
 # The exact runtime set vpsrelay is tested with (its dependencies and theirs, no test tools).
 # Installs use it: pip install -c constraints.txt -e .   (scripts/serve, scripts/test, Dockerfile)
-# Regenerate (in a venv with vpsrelay installed): .venv/bin/python scripts/constraints.py > constraints.txt
+# Regenerate, in a venv with vpsrelay installed:
+#   .venv/bin/python scripts/constraints.py > constraints.txt
 """
 
 
