@@ -263,3 +263,13 @@ def test_check_fails_on_a_missing_safety_patch_and_warns_on_others() -> None:
     assert "hypercorn 0.19.0" in rows["patches hypercorn"].detail
     assert "constraints.txt" in rows["patches hypercorn"].fix
     assert rows["patches httpcore"].result == check.WARN
+
+
+def test_allow_unpatched_is_off_unless_set_in_the_environment_or_toml(tmp_path: Path) -> None:
+    """Docker and compose users set it as VPSRELAY_SERVER__ALLOW_UNPATCHED."""
+    assert not settings().server.allow_unpatched
+    from_env = config.load(None, {"VPSRELAY_SERVER__ALLOW_UNPATCHED": "true"})
+    assert from_env.server.allow_unpatched
+    toml = tmp_path / "vpsrelay.toml"
+    toml.write_text("[server]\nallow_unpatched = true\n")
+    assert config.load(toml, {}).server.allow_unpatched
