@@ -10,6 +10,7 @@
 #   WHEELHOUSE  a directory in the build context holding every wheel the install needs
 #               (vpsrelay's dependencies and setuptools): pip then installs offline from it
 #               instead of PyPI. Empty (the default): wheels come from PyPI.
+#               Either way the versions are constraints.txt's.
 ARG BASE_IMAGE=python:3.12-slim-bookworm
 
 # --- stage 1: build the wheels and a virtualenv from them --------------------------------------
@@ -25,7 +26,8 @@ RUN set -eu; \
         set --; \
     fi; \
     python3 -m venv /opt/build-venv; \
-    /opt/build-venv/bin/pip wheel "$@" --wheel-dir /wheels /src; \
+    # constraints.txt: the exact runtime set the tests ran with (library patches are pinned).
+    /opt/build-venv/bin/pip wheel "$@" -c /src/constraints.txt --wheel-dir /wheels /src; \
     # --copies: the interpreter is a real file of this venv, so the capability below is
     # granted to this program only, not to every python3 in the image.
     python3 -m venv --copies /opt/vpsrelay; \

@@ -504,15 +504,20 @@ def test_serve_refuses_to_start_without_the_safety_patches(
     """Other hypercorn/h2 versions: one line naming them, exit status 1, nothing served."""
     from click.testing import CliRunner
 
+    from vpsrelay import library_patches
     from vpsrelay.cli import main
 
     monkeypatch.setattr(H2Protocol, "_vpsrelay_patched", False)
-    monkeypatch.setattr(hypercorn_patches, "version", lambda name: "0.0.1")
+    monkeypatch.setattr(library_patches, "version", lambda name: "0.0.1")
     result = CliRunner().invoke(
         main, ["serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)]
     )
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("vpsrelay: cannot serve: hypercorn/h2 are")
+    assert lines[-1].startswith(
+        "vpsrelay: cannot serve: hypercorn 0.0.1 and h2 0.0.1 are installed, vpsrelay needs "
+        "hypercorn==0.18.0, h2==4.4.1 for the HTTP/2 buffer bound"
+    )
+    assert not H2Protocol._vpsrelay_patched  # type: ignore[attr-defined]
     assert "Traceback" not in result.output
     assert "listening on" not in result.output

@@ -405,6 +405,7 @@ class Checker:
                 summary or f"{response.status_code}",
                 "; ".join(fix[k] for k in bad if k in fix),
             )
+        self._degraded_patches(body.get("degraded") if isinstance(body, dict) else None)
         for name, entry in (body.get("upstreams") or {}).items() if isinstance(body, dict) else ():
             self._budget_from_report(name, entry)
             skew = entry.get("clock_skew_seconds") if isinstance(entry, dict) else None
@@ -415,6 +416,20 @@ class Checker:
                     f"the relay's clock is {-skew:+.0f} s off {name}'s",
                     "run an NTP client on the VPS (chrony or systemd-timesyncd)",
                 )
+
+    def _degraded_patches(self, entries: object) -> None:
+        """A relay started with `--allow-unpatched` whose library patches did not all apply:
+        a missing safety patch fails the check (the relay is exposed), others warn."""
+        for entry in entries if isinstance(entries, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            self.add(
+                f"patches {entry.get('reach', '?')}",
+                FAIL if entry.get("kind") == "safety" else WARN,
+                str(entry.get("detail", "")),
+                "install the pinned versions (pip install -c constraints.txt vpsrelay) "
+                "and restart without --allow-unpatched",
+            )
 
     def _budget_from_report(self, registry: str, entry: object) -> None:
         """The budget the relay last saw upstream, when our own requests were answered from

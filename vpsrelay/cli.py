@@ -160,6 +160,12 @@ def main() -> None:
     help="IP or CIDR whose X-Forwarded-* headers are trusted; repeatable.",
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--allow-unpatched",
+    is_flag=True,
+    default=None,
+    help="Serve degraded when library safety patches cannot apply (server.allow_unpatched).",
+)
 @_tls_options
 def serve(
     config_path: Path | None,
@@ -170,6 +176,7 @@ def serve(
     upstream_ca: str | None,
     trusted_proxies: tuple[str, ...],
     log_level: str | None,
+    allow_unpatched: bool | None,
     **tls_flags: Any,
 ) -> None:
     """Run the relay.
@@ -194,6 +201,8 @@ def serve(
         overrides["server.trusted_proxies"] = list(trusted_proxies)
     if log_level is not None:
         overrides["log.level"] = log_level
+    if allow_unpatched:
+        overrides["server.allow_unpatched"] = True
     settings = _load(config_path, overrides, upstreams)
     _setup_logging(settings.log.level, settings.log.format)
     try:

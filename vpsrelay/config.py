@@ -369,6 +369,11 @@ class ServerConfig:
     max_header_bytes: int = _option(16384, _count, "request line + headers, bytes")
     max_headers: int = _option(100, _count, "request headers per request")
     allowed_hosts: tuple[str, ...] = _option((), _list, "Host names served (empty: any)")
+    # Off: a relay whose safety patches cannot apply (other hypercorn/h2/httpx versions than
+    # pinned) refuses to start. On: it runs degraded and says so in /readyz and `check`.
+    allow_unpatched: bool = _option(
+        False, _bool, "serve even when library safety patches cannot apply (degraded)"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,7 +3,9 @@
 `/healthz` says the process answers. `/readyz` says it can serve: a certificate
 is loaded when TLS is on, the data directory takes a write, and an upstream
 answered recently (if none did, each is asked for `/v2/` now, with a short
-timeout; a recorded failure since the last answer forces that probe).
+timeout; a recorded failure since the last answer forces that probe). A relay started
+with `server.allow_unpatched` whose library patches did not all apply is ready but
+"degraded", and lists what it runs without.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
     from vpsrelay.config import RegistryConfig
     from vpsrelay.core.ratelimit import RateLimit
+    from vpsrelay.library_patches import Degraded
     from vpsrelay.upstream import Upstream
 
 # An upstream answer this recent (and no failure after it) makes the relay ready.
@@ -69,6 +72,8 @@ class Health:
     data_dir: Path
     tls: TlsStatus = field(default_factory=TlsStatus)
     upstreams: dict[str, UpstreamState] = field(default_factory=dict)
+    # The library patches that did not apply (`library_patches.apply_all`).
+    degraded: tuple[Degraded, ...] = ()
 
     def state(self, registry: str) -> UpstreamState:
         return self.upstreams.setdefault(registry, UpstreamState())
@@ -106,7 +111,18 @@ class Health:
         checks["data_dir"] = await trio.to_thread.run_sync(_probe_writable, self.data_dir)
         checks["upstream"] = await self._upstream_check(registries, upstream)
         ready = all(value in ("ok", "off") for value in checks.values())
-        report: dict[str, object] = {"status": "ready" if ready else "unready", "checks": checks}
+        status = "ready" if ready else "unready"
+        if self.degraded:
+            # The operator chose to serve without them: degraded, not unready.
+            names = ", ".join(entry.reach for entry in self.degraded)
+            checks["patches"] = f"degraded: without {names}"
+            status = "degraded" if ready else status
+        report: dict[str, object] = {"status": status, "checks": checks}
+        if self.degraded:
+            report["degraded"] = [
+                {"reach": entry.reach, "kind": entry.kind, "detail": entry.detail}
+                for entry in self.degraded
+            ]
         upstreams: dict[str, object] = {}
         for registry in registries:
             state = self.upstreams.get(registry.name)

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vpsrelay.netguard")
 
+# `GuardedTransport` replaces httpx's private `_pool`: pinned exactly (pyproject.toml), gated
+# in `library_patches`, its httpx methods pinned by tests/test_netguard_pins.py.
+PINNED = {"httpx": "0.29.0"}
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -163,7 +167,13 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport on a `GuardedBackend` (httpx has no parameter for the backend)."""
+    """httpx's transport on a `GuardedBackend` (httpx has no parameter for the backend).
+
+    The one reach into httpx: its own pool, `_pool`, which every request of the transport
+    goes through, is replaced by one on the guarded backend. Another httpx may not use
+    `_pool` so: the guard would be silently gone, so the relay starts only on the pinned
+    version unless told to run degraded (`library_patches`).
+    """
 
     def __init__(
         self,
@@ -185,3 +195,15 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             local_address=local_address,
             network_backend=backend,
         )
+
+
+def pinned_functions() -> dict[str, object]:
+    """httpx's code that creates, uses and closes `_pool`, for the test that pins it."""
+    transport = httpx.AsyncHTTPTransport
+    return {
+        "AsyncHTTPTransport.__init__": transport.__init__,
+        "AsyncHTTPTransport.handle_async_request": transport.handle_async_request,
+        "AsyncHTTPTransport.aclose": transport.aclose,
+        "AsyncHTTPTransport.__aenter__": transport.__aenter__,
+        "AsyncHTTPTransport.__aexit__": transport.__aexit__,
+    }

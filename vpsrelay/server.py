@@ -17,7 +17,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, httpcore_patches, hypercorn_patches, shutdown
+from vpsrelay import __version__, hypercorn_patches, library_patches, shutdown
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
@@ -124,15 +124,14 @@ async def run(
     Raises:
         hypercorn_patches.PatchError: the safety patches cannot apply; nothing was served.
     """
-    hypercorn_patches.apply()
-    httpcore_patches.apply()
+    degraded = library_patches.apply_all(settings)
     stop = trio.Event()
     upstream = Upstream(settings)
     store = await open_store(settings)
     try:
         async with trio.open_nursery() as watchdog:
             watchdog.start_soon(shutdown.exit_after_grace, stop, settings.server.graceful_timeout)
-            await _serve(settings, upstream, store, stop, task_status)
+            await _serve(settings, upstream, store, stop, task_status, degraded)
             watchdog.cancel_scope.cancel()  # every server returned within the grace period
     finally:
         with trio.CancelScope(shield=True):
@@ -147,15 +146,19 @@ async def _serve(
     store: BlobStore | None,
     stop: trio.Event,
     task_status: trio.TaskStatus[list[str]],
+    degraded: tuple[library_patches.Degraded, ...] = (),
 ) -> None:
     """Every listener in one nursery; returns once they have all stopped."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
         app = RelayApp(settings, upstream, store)
+        app.health.degraded = degraded
         config = hypercorn_config(settings)
         # One connection policy (and one set of slots) for every listener: the TLS ones
-        # copy this config.
-        hypercorn_patches.install_connection_policy(config, _connection_policy(settings, app))
+        # copy this config. It subclasses Hypercorn's internals: pinned versions only.
+        if library_patches.applied(library_patches.HYPERCORN, degraded):
+            policy = _connection_policy(settings, app)
+            hypercorn_patches.install_connection_policy(config, policy)
         _check_descriptor_limit(settings.server.max_connections)
         # hypercorn's app type is a union of its own TypedDict protocols; ours is generic.
         serve = partial(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import logging
 import os
 import signal
@@ -63,6 +64,14 @@ HSTS_HEADER = ("strict-transport-security", "max-age=31536000")
 # RFC 8737 §3: id-pe-acmeIdentifier, a critical extension holding SHA-256(key authorization).
 ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 HANDSHAKE = 22  # TLS ContentType
+
+
+def client_hello_hook_available() -> bool:
+    """CPython's private TLS message hook, `SSLContext._msg_callback` (a property over the C
+    context's own since 3.8): the one reach into CPython's internals, gated in
+    `library_patches` and its source pinned by tests/test_library_patches.py."""
+    hook = inspect.getattr_static(ssl.SSLContext, "_msg_callback", None)
+    return isinstance(hook, property) and hook.fset is not None
 
 
 def _base_context() -> ssl.SSLContext:
@@ -160,9 +169,10 @@ class TLSState:
         context = _base_context()
         context.set_alpn_protocols(ALPN)
         context.sni_callback = self._on_sni
-        # A private hook (CPython >= 3.8; pinned by tests/test_tls.py): it sees the raw
-        # ClientHello before OpenSSL calls the SNI callback.
-        context._msg_callback = self._on_message  # type: ignore[attr-defined]
+        # A private hook (see `client_hello_hook_available`): it sees the raw ClientHello
+        # before OpenSSL calls the SNI callback. Without it only TLS-ALPN-01 is lost.
+        if client_hello_hook_available():
+            context._msg_callback = self._on_message  # type: ignore[attr-defined]
         return context
 
     # --- certificates

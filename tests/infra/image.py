@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 IMAGE = "vpsrelay:test"
 BUILD_TIMEOUT = 600
 # What the Dockerfile's COPY needs (see .dockerignore).
-_CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
+_CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "constraints.txt", "README.md")
 
 
 def base_image_tag() -> str:
@@ -53,7 +53,7 @@ def build_context(directory: Path) -> Path:
     wheelhouse = directory / "wheelhouse"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse),
-         str(REPO_ROOT), "setuptools>=77"],
+         "-c", str(REPO_ROOT / "constraints.txt"), str(REPO_ROOT), "setuptools>=77"],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     # The image must be built from the context's source, not from a wheel made here.
