@@ -14,7 +14,7 @@ from tests.infra.hub import Hub, start_hub
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-KEPT = frozenset({"VPSRELAY_REQUIRE_INTEGRATION"})
+KEPT = frozenset({"VPSRELAY_REQUIRE_INTEGRATION", "VPSRELAY_CHAOS_SEED"})
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
 # Everything under these folders needs real sockets and real parts, marked or not.
 INTEGRATION_DIRS = ("integration", "security")
