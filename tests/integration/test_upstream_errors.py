@@ -45,7 +45,7 @@ class StalledTokenService:
                     service.release.wait(STALL_SECONDS)
                     self.close_connection = True
                     return
-                realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+                realm = f"{service.url}/token"
                 body = b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}'
                 self.send_response(401)
                 self.send_header("www-authenticate", f'Bearer realm="{realm}",service="stalled"')
