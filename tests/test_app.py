@@ -18,8 +18,9 @@ import trio
 from vpsrelay import config, errors
 from vpsrelay.app import RelayApp
 from vpsrelay.core import auth
+from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.guard import Guard
-from vpsrelay.upstream import Upstream
+from vpsrelay.upstream import Upstream, read_body
 
 HUB = "http://hub.test"
 AUTH_REALM = "http://auth.test/token"
@@ -1199,3 +1200,44 @@ async def test_a_token_answer_larger_than_a_token_is_502():
             response = await r.client.get("/token", auth=("me", "secret"))
     assert response.status_code == 502
     assert registry_json(response)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def _read_with_aread(response: httpx.Response) -> None:
+    await response.aread()
+
+
+async def _read_with_aiter_raw(response: httpx.Response) -> None:
+    async for _ in response.aiter_raw():
+        pass
+
+
+async def _read_with_read_body(response: httpx.Response) -> None:
+    await read_body(response, what="docker.io", limit=1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (httpx.ReadTimeout("slow"), 504),
+        (httpx.ReadError("reset"), 502),
+        (httpx.RemoteProtocolError("short body"), 502),
+    ],
+)
+@pytest.mark.parametrize("read", [_read_with_aread, _read_with_aiter_raw, _read_with_read_body])
+async def test_a_body_read_from_upstream_open_raises_only_relay_errors(error, status, read):
+    """Whichever way a caller reads a response `Upstream.open` handed out."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return reply(200, {"content-type": "application/json"}, Chunks(b"{", error=error))
+
+    settings = config.load(None, {}, {}, upstreams={"docker.io": HUB})
+    upstream = Upstream(settings, transport=httpx.MockTransport(handler))
+    request = UpstreamRequest("GET", f"{HUB}/v2/", (("user-agent", "test"),))
+    try:
+        with pytest.raises(errors.UpstreamError) as failed:
+            async with upstream.open(request, what="docker.io") as response:
+                await read(response)
+        assert failed.value.status == status
+        assert failed.value.code == "UNAVAILABLE"
+    finally:
+        await upstream.aclose()
