@@ -92,8 +92,11 @@ class _MappedStream(httpx.AsyncByteStream):
     async def __anext__(self) -> bytes:
         if self._chunks is None:
             self._chunks = aiter(self._stream)
-        with map_httpx_errors(self._what):
+        try:
             chunk = await anext(self._chunks)
+        except Exception:  # mapped only when raised: nothing to pay per chunk otherwise
+            with map_httpx_errors(self._what):
+                raise
         self._read += len(chunk)
         if self.limit is not None and self._read > self.limit:
             # Raised from inside the stream, so httpx's own readers end on it too.
@@ -101,12 +104,14 @@ class _MappedStream(httpx.AsyncByteStream):
         return chunk
 
     async def aclose(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        close = getattr(chunks, "aclose", None)
         with map_httpx_errors(self._what):
-            chunks, self._chunks = self._chunks, None
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                await close()
-            await self._stream.aclose()
+            try:
+                if close is not None:
+                    await close()
+            finally:
+                await self._stream.aclose()
 
 
 def _map_body_errors(response: httpx.Response, what: str) -> httpx.Response:
