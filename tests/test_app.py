@@ -18,8 +18,9 @@ import trio
 from vpsrelay import config, errors
 from vpsrelay.app import RelayApp
 from vpsrelay.core import auth
+from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.guard import Guard
-from vpsrelay.upstream import Upstream
+from vpsrelay.upstream import Upstream, read_body
 
 HUB = "http://hub.test"
 AUTH_REALM = "http://auth.test/token"
@@ -1123,3 +1124,120 @@ def test_upstream_streams_cap_has_a_default_and_zero_disables_it():
     assert config.load(None, {}).limits.send_timeout == 60.0
     guard = Guard(config.load(None, {}, {"limits.upstream_streams_per_ip": 0}))
     assert guard.upstream_streams is None
+
+
+# --- issue 13: transport errors become RelayErrors at the upstream boundary, body reads too
+
+
+def stalled_token_handler(request: httpx.Request) -> httpx.Response:
+    """The registry challenges; its token service sends a head, then times out mid-body."""
+    if request.url.host == "hub.test" and request.url.path == "/v2/":
+        return challenge_401()
+    if str(request.url).startswith(AUTH_REALM):
+        stalled = Chunks(b'{"token": "upstr', error=httpx.ReadTimeout("slow body"))
+        return reply(200, {"content-type": "application/json", "content-length": "40"}, stalled)
+    raise AssertionError(f"unexpected request {request.url}")
+
+
+def assert_gateway_timeout(response: httpx.Response) -> None:
+    assert response.status_code == 504
+    (entry,) = registry_json(response)["errors"]
+    assert entry["code"] == "UNAVAILABLE"
+    assert "auth.test" not in entry["message"]  # no upstream addresses leak
+
+
+async def test_a_token_service_timeout_mid_body_is_504_for_the_open_relays_token():
+    async with relay(stalled_token_handler) as r:
+        response = await r.client.get(
+            "/token", params={"scope": "repository:alpine:pull"}, auth=("me", "secret")
+        )
+    assert_gateway_timeout(response)
+
+
+async def test_a_token_service_timeout_mid_body_is_504_for_the_relays_own_token(tmp_path):
+    """The open relay fetches its own token with the operator's credentials."""
+    async with operator_relay(stalled_token_handler, tmp_path) as r:
+        response = await r.client.get(
+            "/v2/alpine/manifests/latest",
+            headers={"authorization": "Bearer vpsrelay-relay-credentials"},
+        )
+    assert_gateway_timeout(response)
+
+
+async def test_a_token_service_timeout_mid_body_is_504_in_auth_mode(tmp_path):
+    overrides = {
+        "auth.enabled": True,
+        "auth.pull_tokens": ["ci-token-0123456789"],
+        "data_dir": str(tmp_path / "data"),
+    }
+    async with relay(stalled_token_handler, overrides) as r:
+        response = await r.client.get(
+            "/v2/alpine/manifests/latest", headers={"authorization": "Bearer ci-token-0123456789"}
+        )
+    assert_gateway_timeout(response)
+
+
+async def test_a_token_answer_larger_than_a_token_is_502():
+    """A token service that streams without end is not buffered whole."""
+
+    class Flood(httpx.AsyncByteStream):
+        """Iterated by hand: an async generator stopped early would warn when collected."""
+
+        def __aiter__(self) -> AsyncIterator[bytes]:
+            return self
+
+        async def __anext__(self) -> bytes:
+            await trio.lowlevel.checkpoint()
+            return b" " * 4096
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if str(request.url).startswith(AUTH_REALM):
+            return reply(200, {"content-type": "application/json"}, Flood())
+        return stalled_token_handler(request)
+
+    async with relay(handler) as r:
+        with trio.fail_after(5):  # without a bound, the relay streams for ever
+            response = await r.client.get("/token", auth=("me", "secret"))
+    assert response.status_code == 502
+    assert registry_json(response)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def _read_with_aread(response: httpx.Response) -> None:
+    await response.aread()
+
+
+async def _read_with_aiter_raw(response: httpx.Response) -> None:
+    async for _ in response.aiter_raw():
+        pass
+
+
+async def _read_with_read_body(response: httpx.Response) -> None:
+    await read_body(response, what="docker.io", limit=1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (httpx.ReadTimeout("slow"), 504),
+        (httpx.ReadError("reset"), 502),
+        (httpx.RemoteProtocolError("short body"), 502),
+    ],
+)
+@pytest.mark.parametrize("read", [_read_with_aread, _read_with_aiter_raw, _read_with_read_body])
+async def test_a_body_read_from_upstream_open_raises_only_relay_errors(error, status, read):
+    """Whichever way a caller reads a response `Upstream.open` handed out."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return reply(200, {"content-type": "application/json"}, Chunks(b"{", error=error))
+
+    settings = config.load(None, {}, {}, upstreams={"docker.io": HUB})
+    upstream = Upstream(settings, transport=httpx.MockTransport(handler))
+    request = UpstreamRequest("GET", f"{HUB}/v2/", (("user-agent", "test"),))
+    try:
+        with pytest.raises(errors.UpstreamError) as failed:
+            async with upstream.open(request, what="docker.io") as response:
+                await read(response)
+        assert failed.value.status == status
+        assert failed.value.code == "UNAVAILABLE"
+    finally:
+        await upstream.aclose()

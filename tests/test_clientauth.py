@@ -16,10 +16,11 @@ from vpsrelay import clientauth, config
 from vpsrelay.clientauth import ClientAuth, _PasswordChecks, add_user
 from vpsrelay.core import tokens
 from vpsrelay.core.auth import parse_challenge
-from vpsrelay.errors import TooManyRequests, Unauthorized, UpstreamError
+from vpsrelay.errors import TooManyRequests, Unauthorized, UpstreamError, UpstreamTimeout
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 FAST = 4  # bcrypt cost for tests
@@ -315,5 +316,33 @@ async def test_a_token_service_url_the_relay_cannot_use_is_a_502(
         with pytest.raises(UpstreamError) as failed:
             await auth.upstream_token(settings.registries[0], ["library/alpine"])
         assert failed.value.status == 502
+    finally:
+        await upstream.aclose()
+
+
+async def test_a_token_service_timeout_mid_body_is_an_upstream_timeout(tmp_path: Path) -> None:
+    """Issue 13: the token body read is inside the upstream boundary (504, not a bug)."""
+
+    class Stalled(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'{"token": "upstr'
+            raise httpx.ReadTimeout("slow body")
+
+    def token_service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=Stalled())
+
+    settings = config.load(
+        None, {}, {"data_dir": str(tmp_path / "data")}, upstreams={"docker.io": "http://hub.test"}
+    )
+    upstream = Upstream(settings, transport=httpx.MockTransport(token_service))
+    auth = ClientAuth(settings, upstream)
+    try:
+        upstream.remember_challenge(
+            "docker.io", parse_challenge('Bearer realm="http://auth.test/token",service="hub"')
+        )
+        with pytest.raises(UpstreamTimeout) as failed:
+            await auth.upstream_token(settings.registries[0], ["library/alpine"])
+        assert failed.value.status == 504
+        assert failed.value.code == "UNAVAILABLE"
     finally:
         await upstream.aclose()

@@ -39,7 +39,7 @@ from vpsrelay.errors import (
 from vpsrelay.guard import DownloadMeter, Guard
 from vpsrelay.health import Health
 from vpsrelay.metrics import Metrics
-from vpsrelay.upstream import USER_AGENT, Upstream, map_httpx_errors
+from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, Upstream, read_body
 
 if TYPE_CHECKING:
     import httpx
@@ -563,12 +563,16 @@ class RelayApp:
         async with self.upstream.open(request, what=what, content=content) as response:
             exchange.upstream_seconds = time.monotonic() - began
             observe.upstream_answered(self, exchange, response)
-            headers = [
-                (k, v)
-                for k, v in header_policy.client_response_headers(response.headers.multi_items())
-                if k != "www-authenticate"
-            ]
-            await self._stream(exchange, response, tuple(headers), None, what)
+            # Read whole before answering (a token is small): a token service that fails
+            # mid-body is then a clean 504 or 502, not a 200 cut short.
+            body = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES, raw=True)
+            observe.upstream_read(self, exchange, body)
+        headers = [
+            (k, v)
+            for k, v in header_policy.client_response_headers(response.headers.multi_items())
+            if k not in ("www-authenticate", "content-length")  # `respond` counts the body
+        ]
+        await exchange.respond(response.status_code, tuple(headers), body)
 
 
 # The query parameters each kind passes upstream (`ns` and anything else stay here).
@@ -658,11 +662,11 @@ async def _read_body(exchange: Exchange) -> bytes:
 async def upstream_chunks(
     response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
 ) -> AsyncGenerator[bytes]:
-    """The upstream body as it arrives, counted in the metrics, httpx errors mapped."""
-    with map_httpx_errors(what):
-        async for chunk in response.aiter_raw():
-            observe.upstream_read(app, exchange, chunk)
-            yield chunk
+    """The upstream body as it arrives, counted in the metrics; a response from
+    `Upstream.open` raises only `RelayError`s while it is read."""
+    async for chunk in response.aiter_raw():
+        observe.upstream_read(app, exchange, chunk)
+        yield chunk
 
 
 async def watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:

@@ -45,7 +45,7 @@ from vpsrelay import private_files
 from vpsrelay.core import auth, headers as header_policy, tokens
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import ConfigError, TooManyRequests, Unauthorized, UpstreamProtocolError
-from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -518,8 +518,9 @@ class ClientAuth:
         if registry.has_credentials:
             request_headers.append(("authorization", basic(registry)))
         request = UpstreamRequest("GET", url, tuple(request_headers))
-        async with self.upstream.open(request, what=f"{registry.name} token") as response:
-            body = await response.aread()
+        what = f"{registry.name} token"
+        async with self.upstream.open(request, what=what) as response:
+            body = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES)
         if response.status_code != 200:
             log.warning("%s token service answered %d", registry.name, response.status_code)
             raise UpstreamProtocolError(

@@ -6,7 +6,10 @@ relay chooses (the registry's own URLs and the token realm it announced on its o
 origin) and one for the hops it is redirected to (a CDN), which may reach only public
 addresses whatever realm was announced (see `netguard`). Redirects are never followed
 by httpx: `core.flow` decides each hop, and this module performs it. httpx errors
-become `RelayError`s here and nowhere else.
+become `RelayError`s here and nowhere else: every response `Upstream.open` hands out
+has its body stream wrapped (`_MappedStream`), so reading it (`aiter_raw`, `aread`,
+`read_body`) raises only `RelayError`s, and a token service that times out mid-body
+is a 504 like one that times out before its head.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ log = logging.getLogger("vpsrelay.upstream")
 USER_AGENT = f"vpsrelay/{__version__}"
 # How long a discovered challenge (token realm and service) is trusted.
 CHALLENGE_TTL = 600.0
+# The most a token answer (or a token service's error) may hold; tokens are a few KiB.
+MAX_TOKEN_ANSWER_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -64,6 +69,76 @@ def map_httpx_errors(what: str) -> Iterator[None]:
         # httpx raises these outside its HTTPError tree.
         log.warning("upstream gave an invalid URL: %s: %s", what, exc)
         raise UpstreamProtocolError(f"{what}: upstream sent a URL the relay cannot use") from exc
+
+
+class _MappedStream(httpx.AsyncByteStream):
+    """An upstream body whose httpx errors, while read or closed, are `RelayError`s.
+
+    Iterated by hand, not by an async generator, so that a read stopped early (an
+    error, a body over `limit`) leaves no generator for the garbage collector: `aclose`
+    closes the one it reads from.
+    """
+
+    def __init__(self, stream: httpx.AsyncByteStream, what: str) -> None:
+        self._stream = stream
+        self._what = what
+        self._chunks: AsyncIterator[bytes] | None = None
+        self.limit: int | None = None  # set by `read_body`: a small answer's bound
+        self._read = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = aiter(self._stream)
+        try:
+            chunk = await anext(self._chunks)
+        except Exception:  # mapped only when raised: nothing to pay per chunk otherwise
+            with map_httpx_errors(self._what):
+                raise
+        self._read += len(chunk)
+        if self.limit is not None and self._read > self.limit:
+            # Raised from inside the stream, so httpx's own readers end on it too.
+            raise UpstreamProtocolError(f"{self._what}: answer over {self.limit} bytes")
+        return chunk
+
+    async def aclose(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        close = getattr(chunks, "aclose", None)
+        with map_httpx_errors(self._what):
+            try:
+                if close is not None:
+                    await close()
+            finally:
+                await self._stream.aclose()
+
+
+def _map_body_errors(response: httpx.Response, what: str) -> httpx.Response:
+    """`response`, its body stream wrapped so that reading it raises only `RelayError`s."""
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _MappedStream(response.stream, what)
+    return response
+
+
+async def read_body(response: httpx.Response, *, what: str, limit: int, raw: bool = False) -> bytes:
+    """A small upstream answer's whole body (a token, an error document), at most `limit`
+    bytes as sent: decoded per its `Content-Encoding`, or as sent with `raw` (to pass on).
+
+    Raises:
+        UpstreamTimeout: the body stalled past `upstream.read_timeout` (504).
+        UpstreamError: the connection broke, the encoding was bad, or the body was
+            over `limit` (502).
+    """
+    if isinstance(response.stream, _MappedStream):
+        response.stream.limit = limit
+    body = bytearray()
+    with map_httpx_errors(what):  # the stream is mapped; decoding errors come here
+        async for chunk in response.aiter_raw() if raw else response.aiter_bytes():
+            body += chunk
+            if raw and len(body) > limit:  # a response `open` did not hand out
+                raise UpstreamProtocolError(f"{what}: answer over {limit} bytes")
+    return bytes(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +334,9 @@ class Upstream:
         The first hop goes over `registry`'s own pool (found by the URL's origin when
         not named); redirect hops over its redirect pool, which reaches only public
         addresses (and the operator's `redirect_allow`), whatever realm was announced.
-        The body is not read: the caller streams it. Leaving the context closes the
-        response, which closes its connection if the body was not read to the end.
+        The body is not read: the caller streams it (`aiter_raw`) or reads it
+        (`read_body`), and either raises only `RelayError`s. Leaving the context closes
+        the response, which closes its connection if the body was not read to the end.
 
         Raises:
             RelayError: the upstream could not be reached, or redirected badly.
@@ -273,7 +349,7 @@ class Upstream:
                 outgoing = client.build_request(
                     hop.method, hop.url, headers=list(hop.headers), content=content
                 )
-                response = await client.send(outgoing, stream=True)
+                response = _map_body_errors(await client.send(outgoing, stream=True), what)
             try:
                 head = flow.UpstreamHead(
                     response.status_code,
@@ -295,4 +371,11 @@ class Upstream:
             await response.aclose()
 
 
-__all__ = ["USER_AGENT", "RelayError", "Upstream", "map_httpx_errors"]
+__all__ = [
+    "MAX_TOKEN_ANSWER_BYTES",
+    "USER_AGENT",
+    "RelayError",
+    "Upstream",
+    "map_httpx_errors",
+    "read_body",
+]

@@ -39,7 +39,7 @@ from vpsrelay.core import cachepolicy as policy, headers as header_policy, routi
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
-from vpsrelay.upstream import USER_AGENT, map_httpx_errors
+from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
 
 if TYPE_CHECKING:
     import httpx
@@ -626,11 +626,10 @@ class CacheFront:
         if not length.isdigit() or int(length) > policy.MAX_MANIFEST_BYTES:
             return False
         body = bytearray()
-        with map_httpx_errors(route.registry):
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > policy.MAX_MANIFEST_BYTES:
-                    raise UpstreamError("manifest larger than announced")
+        async for chunk in response.aiter_raw():  # from `Upstream.open`: RelayErrors only
+            body += chunk
+            if len(body) > policy.MAX_MANIFEST_BYTES:
+                raise UpstreamError("manifest larger than announced")
         data = bytes(body)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         content_type = response.headers.get("content-type")
@@ -695,11 +694,11 @@ class CacheFront:
             request = UpstreamRequest(
                 "GET", f"{challenge.realm}{separator}{urlencode(params)}", tuple(headers[:1])
             )
-            async with self.app.upstream.open(request, what=f"{route.registry} token") as response:
+            what = f"{route.registry} token"
+            async with self.app.upstream.open(request, what=what) as response:
                 if response.status_code != 200:
                     return False
-                with map_httpx_errors(route.registry):
-                    raw = await response.aread()
+                raw = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES)
             try:
                 answer = json.loads(raw)
                 token = answer.get("token") or answer.get("access_token")
