@@ -226,9 +226,9 @@ def _guessed_at(
             turn = backoff.pace(address, "alice", now)
             if turn is not None:
                 running.append((now + turn, now + turn + 0.25, address))
-        if second >= warm_up and second % 10 == 0:
-            if backoff.wait("198.51.100.7", "alice", now) <= 0:
-                granted += backoff.pace("198.51.100.7", "alice", now) is not None
+        alice_tries = second >= warm_up and second % 10 == 0
+        if alice_tries and backoff.wait("198.51.100.7", "alice", now) <= 0:
+            granted += backoff.pace("198.51.100.7", "alice", now) is not None
     return granted, checked
 
 

@@ -226,6 +226,37 @@ def parse_bearer(header: str | None) -> str | None:
     return value.strip()
 
 
+# Pull tokens are compared before any password is checked and open every repository:
+# shorter ones could be guessed. 20 characters of `openssl rand -hex 20` are 80 bits.
+MIN_PULL_TOKEN_LENGTH = 20
+
+
+def weak_pull_token(token: str) -> str | None:
+    """Why `token` is no good as a pull token (never quoting it), or None."""
+    if len(token) < MIN_PULL_TOKEN_LENGTH:
+        return (
+            f"a pull token shorter than {MIN_PULL_TOKEN_LENGTH} characters"
+            " (make one with `openssl rand -hex 20`)"
+        )
+    return None
+
+
+def parse_pull_tokens(text: str) -> tuple[list[str], list[str]]:
+    """The pull tokens of a pull tokens file (one a line; blank lines skipped), and what
+    is wrong with the lines left out (`line 3: ...`, never the token itself)."""
+    found: list[str] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token:
+            continue
+        if (weakness := weak_pull_token(token)) is not None:
+            problems.append(f"line {number}: {weakness}")
+        else:
+            found.append(token)
+    return found, problems
+
+
 def parse_htpasswd(text: str) -> dict[str, str]:
     """`user:hash` lines (Apache htpasswd with bcrypt hashes) to a mapping.
 
