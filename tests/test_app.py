@@ -1167,12 +1167,12 @@ async def test_a_token_service_timeout_mid_body_is_504_for_the_relays_own_token(
 async def test_a_token_service_timeout_mid_body_is_504_in_auth_mode(tmp_path):
     overrides = {
         "auth.enabled": True,
-        "auth.pull_tokens": ["ci-token-0123456789"],
+        "auth.pull_tokens": ["ci-token-0123456789abcdef"],
         "data_dir": str(tmp_path / "data"),
     }
     async with relay(stalled_token_handler, overrides) as r:
         response = await r.client.get(
-            "/v2/alpine/manifests/latest", headers={"authorization": "Bearer ci-token-0123456789"}
+            "/v2/alpine/manifests/latest", headers={"authorization": "Bearer ci-token-0123456789abcdef"}
         )
     assert_gateway_timeout(response)
 

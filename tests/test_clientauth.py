@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import bcrypt
@@ -14,7 +15,7 @@ import trio
 
 from vpsrelay import clientauth, config
 from vpsrelay.clientauth import ClientAuth, _PasswordChecks, add_user
-from vpsrelay.core import tokens
+from vpsrelay.core import routing, tokens
 from vpsrelay.core.auth import parse_challenge
 from vpsrelay.errors import TooManyRequests, Unauthorized, UpstreamError, UpstreamTimeout
 from vpsrelay.upstream import Upstream
@@ -89,7 +90,7 @@ async def test_a_guessed_at_user_is_checked_in_turn_and_a_pull_token_skips_the_l
     add_user(users, "alice", "right", rounds=FAST)
     auth = client_auth(
         tmp_path, users_file=str(users), failures_before_backoff=1, guesses_per_minute=120,
-        pull_tokens=["ci-token-0123456789"], max_backoff=5.0,
+        pull_tokens=["ci-token-0123456789ab"], max_backoff=5.0,
     )  # fmt: skip
     with pytest.raises(Unauthorized):
         await auth.check_password("alice", "wrong", "192.0.2.1")
@@ -115,15 +116,58 @@ async def test_a_guessed_at_user_is_checked_in_turn_and_a_pull_token_skips_the_l
     # Half a second apart (120 a minute), in order of arrival; the right password gets in.
     assert [name for name, _ in finished] == [*(f"guess-{n}" for n in range(4)), "alice"]
     assert finished[-1][1] >= 4 * 0.5 - 0.1
-    # A static pull token is recognised before any backoff or line: the address that is
-    # refused for guessing still uses its pull token.
+    # A static pull token takes no turn in a line. But an address refused for failures is
+    # refused whatever it sends, its pull token too (review of issue 12, finding 5): else it
+    # could go on guessing pull tokens at request rate.
     with pytest.raises(Unauthorized):
         await auth.check_password("token", "wrong", "192.0.2.1")
     with pytest.raises(TooManyRequests):
-        await auth.check_password("token", "wrong", "192.0.2.1")
+        await auth.check_password("token", "ci-token-0123456789ab", "192.0.2.1")
     with trio.fail_after(1):
-        credential = await auth.check_password("token", "ci-token-0123456789", "192.0.2.1")
+        credential = await auth.check_password("alice", "ci-token-0123456789ab", "192.0.2.77")
     assert credential.subject == "token"
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def test_wrong_bearer_pull_tokens_back_off_per_address(tmp_path: Path) -> None:
+    """Review of issue 12, finding 5: a Bearer pull token was compared before any backoff
+    and a wrong one cost nothing, so with no request rate limit (the default) a short pull
+    token could be guessed at request rate. Now each wrong one counts for its address."""
+    good = "ci-token-0123456789ab"
+    auth = client_auth(tmp_path, pull_tokens=[good], failures_before_backoff=3)
+    route = routing.Route(routing.Kind.MANIFEST, name="alpine", upstream_name="library/alpine")
+    statuses = []
+    for attempt in range(6):
+        try:
+            await auth.verify(bearer(f"guess-{attempt:016d}"), route, "realm", "203.0.113.7")
+        except (Unauthorized, TooManyRequests) as exc:
+            statuses.append(exc.status)
+    assert statuses == [401, 401, 401, 401, 429, 429]  # 3 free, 1 that makes it wait
+    with pytest.raises(TooManyRequests):  # the right one too, while the address waits
+        await auth.verify(bearer(good), route, "realm", "203.0.113.7")
+    assert await auth.verify(bearer(good), route, "realm", "198.51.100.1") == "token"
+    # A relay token is no guess: it still works from the address that waits.
+    key = await auth._signing_key()
+    issued = tokens.issue(
+        key, subject="alice", service=auth.service, repositories=["docker.io/library/alpine"],
+        now=time.time(), ttl=60,
+    )  # fmt: skip
+    assert await auth.verify(bearer(issued), route, "realm", "203.0.113.7") == "alice"
+
+
+async def test_a_short_token_in_the_pull_tokens_file_is_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "pull-tokens"
+    path.write_text("ci-token-0123456789ab\n")
+    auth = client_auth(tmp_path, pull_tokens_file=str(path))
+    await auth._users()
+    path.write_text("short\nci-token-0123456789ab\nanother-token-0123456789\n")
+    auth._tokens_file.checked = -1e9
+    await auth._users()
+    assert not auth._is_pull_token("short")
+    assert auth._is_pull_token("another-token-0123456789")
 
 
 async def test_a_password_over_72_bytes_is_a_failed_login(tmp_path: Path) -> None:
@@ -176,20 +220,22 @@ async def test_unknown_users_cost_the_users_usual_bcrypt_cost(tmp_path: Path) ->
 
 async def test_a_changed_pull_tokens_file_is_read_again(tmp_path: Path) -> None:
     path = tmp_path / "pull-tokens"
-    path.write_text("first-token\n")
+    path.write_text("first-token-0123456789\n")
     auth = client_auth(tmp_path, pull_tokens_file=str(path))
-    assert (await auth.check_password("ci", "first-token", "203.0.113.7")).subject == "token"
-    path.write_text("second-token\n")
+    assert (
+        await auth.check_password("ci", "first-token-0123456789", "203.0.113.7")
+    ).subject == "token"
+    path.write_text("second-token-0123456789\n")
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     auth._tokens_file.checked = -1e9  # do not wait for the next look
     await auth._users()
-    assert auth._is_pull_token("second-token")
-    assert not auth._is_pull_token("first-token")
+    assert auth._is_pull_token("second-token-0123456789")
+    assert not auth._is_pull_token("first-token-0123456789")
     path.unlink()
     auth._tokens_file.checked = -1e9
     await auth._users()
-    assert not auth._is_pull_token("second-token")  # a removed file revokes every token
+    assert not auth._is_pull_token("second-token-0123456789")  # a removed file revokes every token
 
 
 async def test_a_burst_of_one_clients_logins_costs_one_check(
@@ -242,24 +288,24 @@ async def test_an_unreadable_users_file_keeps_the_users_read_before(
 
 async def test_a_same_size_change_within_one_mtime_tick_is_seen(tmp_path: Path) -> None:
     path = tmp_path / "pull-tokens"
-    path.write_text("token-aaaa\n")
+    path.write_text("token-aaaa-0123456789\n")
     auth = client_auth(tmp_path, pull_tokens_file=str(path))
     await auth._users()
-    assert auth._is_pull_token("token-aaaa")
+    assert auth._is_pull_token("token-aaaa-0123456789")
     before = path.stat()
-    path.write_text("token-bbbb\n")  # same size, same mtime (restored below)
+    path.write_text("token-bbbb-0123456789\n")  # same size, same mtime (restored below)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     auth._tokens_file.checked = -1e9
     await auth._users()
-    assert auth._is_pull_token("token-bbbb")
+    assert auth._is_pull_token("token-bbbb-0123456789")
     replacement = tmp_path / "new-tokens"  # an atomic replace: a new inode
-    replacement.write_text("token-cccc\n")
+    replacement.write_text("token-cccc-0123456789\n")
     os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
     os.replace(replacement, path)
     auth._tokens_file.checked = -1e9
     await auth._users()
-    assert auth._is_pull_token("token-cccc")
-    assert not auth._is_pull_token("token-bbbb")
+    assert auth._is_pull_token("token-cccc-0123456789")
+    assert not auth._is_pull_token("token-bbbb-0123456789")
 
 
 async def test_the_relays_upstream_tokens_are_a_bounded_lru(

@@ -526,15 +526,15 @@ def test_every_secret_setting_is_held_in_a_secret(tmp_path):
     path = write(
         tmp_path,
         '[tls]\ndomains = ["relay.example.com"]\neab_kid = "k"\neab_hmac_key = "hmac-1"\n'
-        '[metrics]\ntoken = "metrics-1"\n[auth]\npull_tokens = ["pull-1"]\n'
+        '[metrics]\ntoken = "metrics-1"\n[auth]\npull_tokens = ["pull-token-1-0123456789"]\n'
         '[registries."docker.io"]\nusername = "u"\npassword = "password-1"\n',
     )
     settings = config.load(path, {})
     assert settings.tls.eab_hmac_key == config.Secret("hmac-1")
     assert settings.metrics.token == config.Secret("metrics-1")
-    assert settings.auth.pull_tokens == (config.Secret("pull-1"),)
+    assert settings.auth.pull_tokens == (config.Secret("pull-token-1-0123456789"),)
     # repr is what a stray log line or traceback would show.
-    for secret in ("hmac-1", "metrics-1", "pull-1", "password-1"):
+    for secret in ("hmac-1", "metrics-1", "pull-token-1-0123456789", "password-1"):
         assert secret not in repr(settings)
 
 
@@ -774,3 +774,35 @@ def test_float_seconds_reach_hypercorn_unrounded(key):
 
     settings = config.load(None, {config.env_name(key): "0.5"})
     assert getattr(hypercorn_config(settings), key.partition(".")[2]) == 0.5
+
+
+def test_short_pull_tokens_are_refused_without_being_quoted(tmp_path):
+    """Review of issue 12, finding 5: a pull token is compared before any password check
+    and opens every repository, so a short one is a guessable password."""
+    path = write(tmp_path, '[auth]\npull_tokens = ["ci-token-0123456789ab", "s3cr3t"]\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {})
+    message = caught.value.message
+    assert message.startswith(f"{path}: auth.pull_tokens: token 2: ")
+    assert "shorter than 20 characters" in message
+    assert "s3cr3t" not in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"VPSRELAY_AUTH__PULL_TOKENS": "short-one"})
+    assert caught.value.message.startswith("VPSRELAY_AUTH__PULL_TOKENS: auth.pull_tokens: ")
+    assert "short-one" not in caught.value.message
+
+
+def test_short_tokens_in_the_pull_tokens_file_are_refused_by_line(tmp_path):
+    tokens_file = tmp_path / "pull-tokens"
+    tokens_file.write_text("ci-token-0123456789ab\n\n  weak-token  \n")
+    path = write(tmp_path, f'[auth]\npull_tokens_file = "{tokens_file}"\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {})
+    message = caught.value.message
+    assert message.startswith(f"{path}: auth.pull_tokens_file: ")
+    assert str(tokens_file) in message
+    assert "line 3: " in message
+    assert "weak-token" not in message
+    tokens_file.write_text("ci-token-0123456789ab\nanother-token-0123456789\n")
+    assert config.load(path, {}).auth.pull_tokens_file == tokens_file

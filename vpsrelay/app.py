@@ -241,7 +241,9 @@ class RelayApp:
             return
         if self.clientauth.enabled:
             realm = self._relay_realm(exchange, self.registries[route.registry])
-            exchange.user = await self.clientauth.verify(exchange.headers, route, realm)
+            exchange.user = await self.clientauth.verify(
+                exchange.headers, route, realm, exchange.view.client_ip
+            )
             if route.kind is routing.Kind.BASE:  # the relay answers for itself
                 await exchange.respond(200, (("content-type", "application/json"),), b"{}")
                 return

@@ -11,7 +11,9 @@ busy a check is refused at once (429). Failed checks cost the next ones
 (`core.tokens.PasswordBackoff`): the same address, and the same user from that address,
 are refused for a while; the same user from elsewhere is checked in turn, a few times a
 minute (`auth.guesses_per_minute`), so guessing stays slow but cannot lock a user out.
-Pull tokens are recognised before any of that, without bcrypt. The users file
+Pull tokens are recognised without bcrypt and without a turn, but an address refused
+for failures is refused whatever it sends, and a wrong pull token (Basic or Bearer) counts as
+a failure of its address. The users file
 and the pull tokens file are re-read when they change; a refresh token stays good only
 while the credential that earned it does.
 
@@ -258,8 +260,9 @@ class ClientAuth:
             self._dummy_cost = tokens.usual_cost(users.values(), BCRYPT_ROUNDS)
             self._forget_good_credentials()
         if await self._tokens_file.changed(now):
-            lines = self._tokens_file.text.splitlines()
-            self._file_tokens = [line.strip() for line in lines if line.strip()]
+            self._file_tokens, problems = tokens.parse_pull_tokens(self._tokens_file.text)
+            for problem in problems:
+                log.error("pull tokens file %s: %s; left out", self._tokens_file.path, problem)
             self._forget_good_credentials()
 
     def _forget_good_credentials(self) -> None:
@@ -296,10 +299,12 @@ class ClientAuth:
     async def check_password(self, user: str, password: str, client_ip: str) -> Credential:
         """Who good credentials are (a user, or `token` for a static pull token).
 
-        A pull token is recognised first, without bcrypt, so no backoff applies to it.
-        Then the backoff (`core.tokens.PasswordBackoff`): an address, or a user from an
-        address, that failed too often is refused; a user that failed too often from
-        anywhere is checked in turn, a few times a minute, never refused for that alone.
+        The backoff (`core.tokens.PasswordBackoff`) first: an address, or a user from an
+        address, that failed too often is refused, whatever it sends (a pull token too:
+        else an address refused for guessing could go on guessing pull tokens). A pull
+        token is then recognised without bcrypt and without waiting in a user's line; a
+        user that failed too often from anywhere is checked in turn, a few times a
+        minute, never refused for that alone.
 
         Raises:
             Unauthorized: wrong user or password (reason `bad_credentials`).
@@ -309,8 +314,6 @@ class ClientAuth:
         """
         users = await self._users()
         key = await self._signing_key()  # the bindings are keyed hashes
-        if self._find_pull_token(password) is not None:
-            return Credential("token", tokens.Binding.of_pull_token(key, password))
         pair = f"{user}\0{password}".encode("utf-8", "surrogatepass")
         fingerprint = hashlib.sha256(pair).digest()
         while (running := self._checking.get(fingerprint)) is not None:
@@ -322,13 +325,13 @@ class ClientAuth:
         if remembered is not None and now - remembered[1] < CREDENTIAL_CACHE_SECONDS:
             return remembered[0]  # known good: no guess, so no backoff
         wait = self._backoff.wait(client_ip, user, now)
-        turn = self._backoff.pace(client_ip, user, now) if wait <= 0 else None
+        if wait > 0:
+            raise _too_many_failures(wait)
+        if self._find_pull_token(password) is not None:
+            return Credential("token", tokens.Binding.of_pull_token(key, password))
+        turn = self._backoff.pace(client_ip, user, now)
         if turn is None:
-            retry = wait if wait > 0 else self.settings.auth.max_backoff
-            raise TooManyRequests(
-                "too many failed logins; retry later",
-                headers=(("retry-after", str(max(1, math.ceil(retry)))),),
-            )
+            raise _too_many_failures(self.settings.auth.max_backoff)
         generation = self._generation
         hashed = users.get(user)
         self._checking[fingerprint] = done = trio.Event()
@@ -358,12 +361,20 @@ class ClientAuth:
             params.append(("scope", scope))
         return auth.Challenge("Bearer", tuple(params)).format()
 
-    async def verify(self, headers: header_policy.Headers, route: routing.Route, realm: str) -> str:
-        """The user behind a request's relay token, if it covers the route.
+    async def verify(
+        self, headers: header_policy.Headers, route: routing.Route, realm: str, client_ip: str
+    ) -> str:
+        """The user behind a request's relay token (or `token`, a static pull token), if
+        it covers the route.
+
+        A presented token that is neither a relay token nor a pull token counts as a
+        failure for `client_ip`, like a wrong password: pull tokens are guessed no
+        faster than passwords.
 
         Raises:
             Unauthorized: no token, a bad or expired one, or one for other repositories;
                 with the relay's challenge for this route.
+            TooManyRequests: not a relay token, and `client_ip` failed too often lately.
         """
         scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
         challenge = (("www-authenticate", self.challenge(realm, scope)),)
@@ -372,14 +383,14 @@ class ClientAuth:
             raise Unauthorized(
                 "authentication required", reason="no_credentials", headers=challenge
             )
-        if self._pull_tokens or self.settings.auth.pull_tokens_file:
-            await self._users()  # (re)loads the token file
-            if self._is_pull_token(presented):
-                return "token"
         key = await self._signing_key()
         try:
             grant = tokens.verify(key, presented, service=self.service, now=time.time())
         except Unauthorized as exc:
+            if exc.reason == "token_invalid" and await self._pull_token_presented(
+                presented, client_ip
+            ):
+                return "token"
             raise Unauthorized(exc.message, reason=exc.reason, headers=challenge) from None
         if route.upstream_name and not grant.covers(route.registry, route.upstream_name):
             raise Unauthorized(
@@ -388,6 +399,25 @@ class ClientAuth:
                 headers=challenge,
             )
         return grant.subject
+
+    async def _pull_token_presented(self, presented: str, client_ip: str) -> bool:
+        """Whether `presented` (not a relay token) is a pull token; if not, a failure of
+        `client_ip`'s.
+
+        Raises:
+            TooManyRequests: `client_ip` failed too often lately (nothing is compared).
+        """
+        if not self._pull_tokens and not self.settings.auth.pull_tokens_file:
+            return False  # no pull token to guess
+        await self._users()  # (re)loads the token file
+        now = trio.current_time()
+        wait = self._backoff.address_wait(client_ip, now)
+        if wait > 0:
+            raise _too_many_failures(wait)
+        if self._is_pull_token(presented):
+            return True
+        self._backoff.failed_address(client_ip, now)
+        return False
 
     # -- /token ---------------------------------------------------------------------------------
 
@@ -542,6 +572,13 @@ class ClientAuth:
         while len(self._upstream_tokens) > MAX_UPSTREAM_TOKENS:
             self._upstream_tokens.popitem(last=False)  # expired or not: the least used
         return token
+
+
+def _too_many_failures(retry: float) -> TooManyRequests:
+    return TooManyRequests(
+        "too many failed logins; retry later",
+        headers=(("retry-after", str(max(1, math.ceil(retry)))),),
+    )
 
 
 def _any(name: str) -> bool:

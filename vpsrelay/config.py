@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from vpsrelay.core.access import AHEAD_PER_CLIENT
 from vpsrelay.core.cachepolicy import GiB, parse_size
-from vpsrelay.core.tokens import parse_htpasswd
+from vpsrelay.core.tokens import parse_htpasswd, parse_pull_tokens, weak_pull_token
 from vpsrelay.errors import ConfigError
 from vpsrelay.registry_config import (
     BUILTIN_REGISTRIES,
@@ -263,6 +263,28 @@ def _secrets(value: object) -> tuple[Secret, ...]:
     return tuple(Secret(item) for item in items if item)
 
 
+def _pull_tokens(value: object) -> tuple[Secret, ...]:
+    tokens = _secrets(value)
+    for number, token in enumerate(tokens, 1):
+        if (weakness := weak_pull_token(token.reveal())) is not None:
+            raise ValueError(f"token {number}: {weakness}")
+    return tokens
+
+
+def _pull_tokens_file(value: object) -> Path | None:
+    path = _existing_file(value)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return path  # the relay warns when it reads it (and reads it again when it changes)
+    _, problems = parse_pull_tokens(text)
+    if problems:
+        raise ValueError(f"{str(path)!r}: {problems[0]}")
+    return path
+
+
 def _choice(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = _str(value).lower()
@@ -497,8 +519,12 @@ class AuthConfig:
     enabled: bool = _option(False, _bool, "require client credentials")
     users: tuple[Secret, ...] = _option((), _users, "USER:BCRYPT-HASH entries")
     users_file: Path | None = _option(None, _optional_path, "htpasswd file (bcrypt)")
-    pull_tokens: tuple[Secret, ...] = _option((), _secrets, "static pull tokens")
-    pull_tokens_file: Path | None = _option(None, _existing_file, "file of pull tokens")
+    pull_tokens: tuple[Secret, ...] = _option(
+        (), _pull_tokens, "static pull tokens (at least 20 characters each)"
+    )
+    pull_tokens_file: Path | None = _option(
+        None, _pull_tokens_file, "file of pull tokens, one a line (at least 20 characters each)"
+    )
     service: str = _option("vpsrelay", _str, "service name in the relay's challenge")
     token_ttl: float = _option(300.0, _seconds, "seconds a relay token lives")
     refresh_ttl: float = _option(30 * 86400.0, _seconds, "seconds a refresh token lives")

@@ -162,7 +162,8 @@ class Guard:
         try:
             throttle = self._throttle() if self.stream_rate else None
             metered = budget is not None or throttle is not None
-            yield DownloadMeter(budget, hold, throttle, self.record_reason) if metered else None
+            meter = DownloadMeter(budget, hold, throttle, self.record_reason, self.clock)
+            yield meter if metered else None
         finally:
             if self.streams is not None:
                 self.streams.release(client)
@@ -261,8 +262,10 @@ class DownloadMeter:
         hold: access.Hold | None,
         throttle: Callable[[int], Awaitable[None]] | None,
         record_reason: Callable[[str, str], None] = lambda reason, detail: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.budget = budget
+        self.clock = clock  # a download may run into the next day (or month)
         self.hold = hold
         self.throttle = throttle
         self.record_reason = record_reason  # counts a download cut off mid-body
@@ -289,7 +292,7 @@ class DownloadMeter:
         """
         if self.budget is None or self.hold is None:
             return
-        self.budget.admit(self.hold, length)
+        self.budget.admit(self.hold, length, self.clock())
 
     async def sent(self, size: int) -> None:
         """Count (and pace) `size` bytes about to be sent.
@@ -299,7 +302,7 @@ class DownloadMeter:
         """
         if self.metered and self.budget is not None and self.hold is not None:
             try:
-                self.budget.take(self.hold, size)
+                self.budget.take(self.hold, size, self.clock())
             except TooManyRequests as exc:
                 # Its head is out, so no 429 tells the operator: the count and log do.
                 detail = f"download cut off after {self.hold.sent} bytes: {exc.message}"

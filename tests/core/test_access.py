@@ -384,13 +384,15 @@ def test_one_ipv6_64_is_one_rate_limit_bucket(interface_id):
 # --- the budget: downloads must fit to start, and hold a bounded look-ahead -----------------
 
 
-def _send(budget: access.Budget, hold: access.Hold, total: int, piece: int = 10) -> int:
+def _send(
+    budget: access.Budget, hold: access.Hold, total: int, piece: int = 10, now: float = NOON
+) -> int:
     """Send up to `total` bytes of `hold`'s body in pieces; what was sent before a refusal."""
     sent = 0
     while sent < total:
         size = min(piece, total - sent)
         try:
-            budget.take(hold, size)
+            budget.take(hold, size, now)
         except TooManyRequests:
             break
         sent += size
@@ -400,13 +402,13 @@ def _send(budget: access.Budget, hold: access.Hold, total: int, piece: int = 10)
 def test_concurrent_downloads_cannot_overrun_the_budget_between_them():
     budget = access.Budget(access.BudgetLimits(daily=1000))  # each hold here is whole
     first, second = budget.open(None, NOON), budget.open(None, NOON)
-    budget.admit(first, 600)
+    budget.admit(first, 600, NOON)
     with pytest.raises(TooManyRequests) as caught:
-        budget.admit(second, 600)  # 600 held + 600 > 1000, though nothing is charged yet
+        budget.admit(second, 600, NOON)  # 600 held + 600 > 1000, though nothing is charged yet
     assert caught.value.reason == "budget_exhausted"
     assert "400 bytes left" in caught.value.message
     assert 0 < int(dict(caught.value.headers)["retry-after"]) <= 86400
-    budget.admit(second, 400)
+    budget.admit(second, 400, NOON)
     with pytest.raises(TooManyRequests):
         budget.open(None, NOON)  # all of it is held: refused before asking the upstream
     assert _send(budget, first, 600) == 600
@@ -416,7 +418,7 @@ def test_concurrent_downloads_cannot_overrun_the_budget_between_them():
     assert budget.used("total|2026-11-29") == 700
     assert budget.reserved == {}
     assert budget.ahead == {}
-    budget.admit(budget.open(None, NOON), 300)
+    budget.admit(budget.open(None, NOON), 300, NOON)
 
 
 def test_a_download_holds_a_look_ahead_not_its_whole_length():
@@ -424,28 +426,28 @@ def test_a_download_holds_a_look_ahead_not_its_whole_length():
     a few slow readers of big blobs kept the budget spent for everyone else."""
     budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
     slow = budget.open(None, NOON, "attacker")
-    budget.admit(slow, 900)  # fits in what is left...
+    budget.admit(slow, 900, NOON)  # fits in what is left...
     assert (slow.amount, slow.sent) == (100, 0)  # ...but holds only its look-ahead
     assert _send(budget, slow, 30) == 30
     assert (slow.amount, slow.ahead) == (100, 70)  # within the hold: nothing more held
     other = budget.open(None, NOON, "victim")
-    budget.admit(other, 800)  # 1000 - 100 held: room for it while the slow one trickles
+    budget.admit(other, 800, NOON)  # 1000 - 100 held: room for it while the slow one trickles
     assert budget.reserved["total|2026-11-29"] == 200
     assert _send(budget, slow, 80) == 80  # past the hold: grown to 110 sent + 100 ahead
     assert (slow.amount, slow.sent) == (210, 110)
     # The head after the upstream's answer (the same body): admitted already, though the
     # slow one has grown since.
-    budget.admit(other, 800)
+    budget.admit(other, 800, NOON)
     assert other.amount == 100
     with pytest.raises(TooManyRequests) as caught:
-        budget.admit(budget.open(None, NOON), 691)  # 1000 - 210 - 100 = 690 left
+        budget.admit(budget.open(None, NOON), 691, NOON)  # 1000 - 210 - 100 = 690 left
     assert "690 bytes left, too few for 691" in caught.value.message
 
 
 def test_the_look_ahead_never_passes_the_declared_end():
     budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
     hold = budget.open(None, NOON)
-    budget.admit(hold, 150)
+    budget.admit(hold, 150, NOON)
     assert hold.amount == 100
     assert _send(budget, hold, 101) == 101
     assert hold.amount == 150  # 101 sent, 49 to go
@@ -456,13 +458,13 @@ def test_the_look_ahead_never_passes_the_declared_end():
 def test_downloads_admitted_together_are_cut_at_the_budget_never_past_it():
     budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
     first, second = budget.open(None, NOON, "a"), budget.open(None, NOON, "b")
-    budget.admit(first, 600)
-    budget.admit(second, 600)  # each fits what is left; both together do not
+    budget.admit(first, 600, NOON)
+    budget.admit(second, 600, NOON)  # each fits what is left; both together do not
     sent_first = _send(budget, first, 600)
     sent_second = _send(budget, second, 600)
     assert (sent_first, sent_second) == (600, 400)  # the second is cut where the budget ends
     with pytest.raises(TooManyRequests) as caught:
-        budget.take(second, 1)
+        budget.take(second, 1, NOON)
     assert caught.value.reason == "budget_exhausted"
     budget.settle(first, sent_first, NOON)
     budget.settle(second, sent_second, NOON)
@@ -473,13 +475,13 @@ def test_one_client_holds_at_most_its_cap_ahead_of_what_it_sent():
     budget = access.Budget(access.BudgetLimits(daily=10**6), lookahead=100, ahead_per_client=250)
     holds = [budget.open(None, NOON, "attacker") for _ in range(4)]
     for hold in holds:
-        budget.admit(hold, 10_000)
+        budget.admit(hold, 10_000, NOON)
     assert [hold.amount for hold in holds] == [100, 100, 50, 0]
     assert budget.ahead == {"attacker": 250}
     assert _send(budget, holds[3], 10) == 10  # at the cap: only what goes out is held
     assert (holds[3].amount, holds[3].ahead) == (10, 0)
     other = budget.open(None, NOON, "victim")
-    budget.admit(other, 10_000)
+    budget.admit(other, 10_000, NOON)
     assert other.amount == 100  # another client's look-ahead is its own
     assert _send(budget, holds[0], 101) == 101  # sending frees the cap for the next top-up
     assert budget.ahead["attacker"] <= 250
@@ -493,19 +495,19 @@ def test_one_client_holds_at_most_its_cap_ahead_of_what_it_sent():
 def test_a_hold_counts_for_the_user_and_the_total():
     budget = access.Budget(access.BudgetLimits(daily=1000, user_daily=500))
     alice = budget.open("alice", NOON)
-    budget.admit(alice, 500)
+    budget.admit(alice, 500, NOON)
     with pytest.raises(TooManyRequests) as caught:
-        budget.admit(budget.open("alice", NOON), 1)
+        budget.admit(budget.open("alice", NOON), 1, NOON)
     assert "your traffic budget" in caught.value.message
     with pytest.raises(TooManyRequests) as caught:
-        budget.admit(budget.open("bob", NOON), 501)
+        budget.admit(budget.open("bob", NOON), 501, NOON)
     assert "this relay's traffic budget" in caught.value.message
 
 
 def test_unknown_length_holds_a_look_ahead_clamped_to_what_is_left():
     budget = access.Budget(access.BudgetLimits(daily=150), lookahead=100)
     hold, late = budget.open(None, NOON), budget.open(None, NOON)
-    budget.admit(hold, None)
+    budget.admit(hold, None, NOON)
     assert hold.amount == 100
     assert _send(budget, hold, 100) == 100  # within the hold: nothing more held
     assert hold.amount == 100
@@ -513,14 +515,14 @@ def test_unknown_length_holds_a_look_ahead_clamped_to_what_is_left():
     assert hold.amount == 150  # the rest, not a full look-ahead
     assert _send(budget, hold, 100, piece=1) == 49
     with pytest.raises(TooManyRequests):
-        budget.admit(late, None)  # a length not said: refused when not one byte is left
+        budget.admit(late, None, NOON)  # a length not said: refused when not one byte is left
 
 
 def test_no_limit_for_an_anonymous_user_holds_nothing_back():
     budget = access.Budget(access.BudgetLimits(user_daily=10))
     hold = budget.open(None, NOON, "client")
-    budget.admit(hold, 10**12)
-    budget.take(hold, 10**12)
+    budget.admit(hold, 10**12, NOON)
+    budget.take(hold, 10**12, NOON)
     assert budget.room(hold) is None
     assert budget.reserved == {}
     assert budget.ahead == {}
@@ -549,7 +551,7 @@ def test_served_never_exceeds_the_budget(downloads):
     for client, length, wanted, finish_one in downloads:
         try:
             hold = budget.open(None, NOON, client)
-            budget.admit(hold, length)
+            budget.admit(hold, length, NOON)
             open_holds.append((hold, wanted if length is None else min(wanted, length)))
         except TooManyRequests:
             pass
@@ -565,5 +567,128 @@ def test_served_never_exceeds_the_budget(downloads):
     for hold, _ in open_holds:
         budget.settle(hold, hold.sent, NOON)
     assert budget.used("total|2026-11-29") == served <= 1000
+    assert budget.reserved == {}
+    assert budget.ahead == {}
+
+
+# --- the budget across a day or month boundary (issue 12 review, finding 3) -----------------
+
+MIDNIGHT = dt.datetime(2026, 11, 30, tzinfo=dt.UTC).timestamp()
+MONTH_END = dt.datetime(2026, 12, 1, tzinfo=dt.UTC).timestamp()
+
+
+def test_a_download_running_past_midnight_is_held_to_the_new_days_budget():
+    """A hold kept its old day's counter keys: once a charge after midnight forgot that
+    day's counters, the old download had a whole day's limit of room again, on top of what
+    the new day's downloads were allowed."""
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    late = budget.open(None, MIDNIGHT - 10, "late")
+    budget.admit(late, 1000, MIDNIGHT - 10)
+    assert _send(budget, late, 100, now=MIDNIGHT - 5) == 100  # sent on the old day
+    early = budget.open(None, MIDNIGHT + 5, "early")
+    budget.admit(early, 600, MIDNIGHT + 5)
+    assert _send(budget, early, 600, now=MIDNIGHT + 5) == 600
+    budget.settle(early, 600, MIDNIGHT + 5)  # forgets the old day's counters
+    sent_after_midnight = _send(budget, late, 900, now=MIDNIGHT + 10)
+    assert sent_after_midnight == 400  # what the new day has left, not 900
+    budget.settle(late, late.sent, MIDNIGHT + 20)
+    assert budget.used("total|2026-11-30") == 1000  # the old day's 100 not charged here
+    assert budget.reserved == {}
+    assert budget.ahead == {}
+
+
+def test_a_download_past_midnight_charges_each_day_what_was_sent_in_it():
+    budget = access.Budget(access.BudgetLimits(daily=1000, monthly=10_000), lookahead=100)
+    hold = budget.open("alice", MIDNIGHT - 10, "client")
+    budget.admit(hold, 500, MIDNIGHT - 10)
+    assert _send(budget, hold, 150, now=MIDNIGHT - 5) == 150
+    assert _send(budget, hold, 50, now=MIDNIGHT + 5) == 50
+    assert budget.used("total|2026-11-29") == 150  # charged when the day ended
+    assert budget.reserved["total|2026-11-30"] == hold.amount - 150
+    budget.settle(hold, 200, MIDNIGHT + 10)
+    assert budget.used("total|2026-11-30") == 50  # only the rest
+    assert budget.used("total|2026-11") == 200
+    assert budget.used("user:alice|2026-11-30") == 50
+    assert budget.reserved == {}
+
+
+def test_a_download_past_the_month_end_is_held_to_the_new_months_budget():
+    """The monthly limit is the one on the VPS bill: what was left of the old month must
+    not be spendable again in the new one."""
+    budget = access.Budget(access.BudgetLimits(monthly=1000), lookahead=100)
+    budget.charge(None, 900, MONTH_END - 60)
+    late = budget.open(None, MONTH_END - 10, "late")
+    budget.admit(late, 100, MONTH_END - 10)
+    assert _send(budget, late, 50, now=MONTH_END - 5) == 50
+    budget.charge(None, 980, MONTH_END + 1)  # the new month's downloads so far
+    assert _send(budget, late, 50, now=MONTH_END + 2) == 20  # what the new month has left
+    with pytest.raises(TooManyRequests) as caught:
+        budget.take(late, 1, MONTH_END + 3)
+    assert caught.value.reason == "budget_exhausted"
+    budget.settle(late, late.sent, MONTH_END + 4)
+    assert budget.used("total|2026-12") == 1000
+
+
+def test_a_download_settled_after_midnight_without_sending_more_charges_the_old_day():
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    hold = budget.open(None, MIDNIGHT - 10)
+    budget.admit(hold, 100, MIDNIGHT - 10)
+    assert _send(budget, hold, 100, now=MIDNIGHT - 5) == 100
+    budget.settle(hold, 100, MIDNIGHT + 5)
+    assert budget.used("total|2026-11-30") == 0
+    assert budget.reserved == {}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),
+            st.one_of(st.none(), st.integers(0, 400)),
+            st.integers(0, 400),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(0, 30),
+    st.sampled_from([MIDNIGHT, MONTH_END]),
+)
+def test_served_never_exceeds_the_budget_across_a_period_boundary(downloads, switch, boundary):
+    """As `test_served_never_exceeds_the_budget`, with the clock passing a midnight (or a
+    month's end) after `switch` steps: each period is served at most its limit."""
+    limits = (
+        access.BudgetLimits(daily=1000)
+        if boundary == MIDNIGHT
+        else access.BudgetLimits(monthly=1000)
+    )
+    budget = access.Budget(limits, lookahead=60, ahead_per_client=100)
+    open_holds: list[tuple[access.Hold, int]] = []
+    served = {"before": 0, "after": 0}
+    for step, (client, length, wanted, finish_one) in enumerate(downloads):
+        period, now = (
+            ("before", boundary - 30 + step) if step < switch else ("after", boundary + step)
+        )
+        try:
+            hold = budget.open(None, now, client)
+            budget.admit(hold, length, now)
+            open_holds.append((hold, wanted if length is None else min(wanted, length)))
+        except TooManyRequests:
+            pass
+        for hold, wanted in open_holds:  # each sends a piece
+            sent = _send(budget, hold, min(wanted, hold.sent + 37) - hold.sent, 13, now)
+            served[period] += sent
+            assert hold.ahead <= 60
+        assert all(ahead <= 100 for ahead in budget.ahead.values())
+        assert served["before"] <= 1000
+        assert served["after"] <= 1000
+        if finish_one and open_holds:
+            hold, _ = open_holds.pop(0)
+            budget.settle(hold, hold.sent, now)
+    end = boundary + 3600
+    for hold, _ in open_holds:
+        budget.settle(hold, hold.sent, end)
+    day, month = access._periods(end)
+    key = f"total|{day}" if boundary == MIDNIGHT else f"total|{month}"
+    assert budget.used(key) == served["after"]
     assert budget.reserved == {}
     assert budget.ahead == {}

@@ -164,28 +164,114 @@ def test_a_guessed_at_user_is_paced_in_turn_never_refused_within_the_cap():
     for number in range(2):
         assert backoff.pace(f"198.51.100.{number}", "alice", 0.0) == 0.0
         backoff.failed(f"198.51.100.{number}", "alice", 0.0)
-    # Now every check of alice takes a turn 6 s after the one before, whoever asks.
-    turns = [backoff.pace(f"192.0.2.{number}", "alice", 1.0) for number in range(10)]
-    assert turns == [0.0, 6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 42.0, 48.0, 54.0]
-    assert backoff.pace("192.0.2.98", "alice", 1.0) == 60.0  # a minute away: the last one
-    assert backoff.pace("192.0.2.99", "alice", 1.0) is None  # further: refused
+    # Now every check of alice from a newcomer takes a turn 9 s after the one before (two
+    # thirds of 10 a minute), whoever asks; those that failed have their own line.
+    turns = [backoff.pace(f"192.0.2.{number}", "alice", 1.0) for number in range(7)]
+    assert turns == pytest.approx([0.0, 9.0, 18.0, 27.0, 36.0, 45.0, 54.0])
+    assert backoff.pace("192.0.2.99", "alice", 1.0) is None  # over a minute away: refused
+    assert backoff.pace("198.51.100.0", "alice", 1.0) == 0.0  # the line of those that failed
+    assert backoff.pace("198.51.100.1", "alice", 1.0) == pytest.approx(18.0)  # a third of 10/min
     assert backoff.pace("192.0.2.99", "bob", 1.0) == 0.0  # other users are not paced
     assert backoff.wait("192.0.2.99", "alice", 1.0) == 0.0  # nor is alice refused
 
 
+def test_one_address_has_at_most_one_turn_waiting():
+    backoff = tokens.PasswordBackoff(free=0, cap=60.0, per_minute=10)
+    backoff.failed("198.51.100.1", "alice", 0.0)
+    assert backoff.pace("192.0.2.1", "alice", 0.0) == 0.0  # now: not waiting
+    assert backoff.pace("192.0.2.1", "alice", 0.0) == 9.0  # waiting...
+    assert backoff.pace("192.0.2.1", "alice", 1.0) is None  # ...so no other one
+    assert backoff.pace("192.0.2.2", "alice", 1.0) == 17.0
+    assert backoff.pace("192.0.2.1", "alice", 9.0) == 18.0  # its turn has come: another
+
+
 def test_a_success_trusts_its_address_and_forgets_the_users_failures_not_the_addresss():
-    backoff = tokens.PasswordBackoff(free=0, cap=60.0, per_minute=1)
+    backoff = tokens.PasswordBackoff(free=0, cap=90.0, per_minute=1)
     backoff.failed("203.0.113.7", "alice", 10.0)
     backoff.failed("192.0.2.1", "alice", 10.0)
     assert backoff.pace("198.51.100.1", "alice", 10.0) == 0.0
-    assert backoff.pace("198.51.100.2", "alice", 10.0) == 60.0  # in line
+    assert backoff.pace("198.51.100.2", "alice", 10.0) == 90.0  # in line
     backoff.succeeded("198.51.100.1", "alice")
     assert backoff.wait("203.0.113.7", "bob", 10.0) == 1.0  # the guesser's address still waits
     backoff.failed("203.0.113.8", "alice", 11.0)
     backoff.failed("203.0.113.9", "alice", 11.0)
     assert backoff.pace("198.51.100.3", "alice", 11.0) == 0.0  # the user's line is new
-    assert backoff.pace("198.51.100.4", "alice", 11.0) == 60.0
+    assert backoff.pace("198.51.100.4", "alice", 11.0) == 90.0
     assert backoff.pace("198.51.100.1", "alice", 11.0) == 0.0  # her own address skips it
+
+
+def _guessed_at(
+    attackers: int, *, minutes: int = 5, warm_up: int = 0, per_minute: int = 10
+) -> tuple[int, int]:
+    """Issue 12 review, finding 4, simulated with an explicit clock: `attackers` addresses
+    guess alice's password, each asking every second (and for another turn whenever it has
+    none waiting; refusals cost them nothing), at most 5 checks running at once (the check
+    slots); after `warm_up` seconds alice, from an address of her own, tries every 10 s.
+    Returns (alice's tries given a turn, of 6 a minute) and the guesses checked."""
+    backoff = tokens.PasswordBackoff(free=5, cap=60.0, per_minute=per_minute)
+    running: list[tuple[float, float, str]] = []  # (start, end, address)
+    granted = checked = 0
+    for second in range(warm_up + 60 * minutes):
+        now = float(second)
+        for check in sorted(running):
+            if check[1] <= now:  # the check ends: a wrong guess
+                running.remove(check)
+                backoff.failed(check[2], "alice", check[1])
+                checked += 1
+        for number in range(attackers):
+            address = f"192.0.{2 + number // 200}.{number % 200 + 1}"
+            started = sum(1 for start, _, _ in running if start <= now)
+            if backoff.wait(address, "alice", now) > 0 or started >= 5:
+                continue
+            turn = backoff.pace(address, "alice", now)
+            if turn is not None:
+                running.append((now + turn, now + turn + 0.25, address))
+        alice_tries = second >= warm_up and second % 10 == 0
+        if alice_tries and backoff.wait("198.51.100.7", "alice", now) <= 0:
+            granted += backoff.pace("198.51.100.7", "alice", now) is not None
+    return granted, checked
+
+
+@pytest.mark.parametrize("attackers", [1, 3, 10, 20])
+def test_guessers_from_many_addresses_do_not_keep_the_user_out(attackers):
+    """Review of issue 12, finding 4: attackers reclaimed every freed turn of the user's
+    one line and refused turns cost them nothing: from 10 addresses the user got 1 of 30
+    tries a turn, from 20 none. Now the addresses that failed have a line of their own."""
+    granted, _ = _guessed_at(attackers)
+    assert granted >= 10, f"{attackers} guessing addresses: alice had {granted}/30 turns"
+    granted, _ = _guessed_at(attackers, warm_up=300)  # an attack that has run a while
+    assert granted >= 20, f"{attackers} guessing addresses: alice had {granted}/30 turns"
+
+
+@pytest.mark.parametrize("attackers", [20, 300])
+def test_guessing_one_user_from_many_addresses_stays_slow(attackers):
+    """Finding 6's goal holds: at most `per_minute` checks of the user a minute, however
+    many addresses guess (after the free failures and the first turns they queued)."""
+    _, checked = _guessed_at(attackers, minutes=10)
+    assert checked <= 5 + 10 * 10 + 7, f"{checked} guesses in 10 minutes"
+
+
+def test_the_lines_forget_with_the_user_and_stay_bounded():
+    backoff = tokens.PasswordBackoff(free=0, cap=5.0, limit=50)
+    for number in range(200):
+        backoff.failed(f"10.0.{number // 250}.{number % 250}", "alice", 0.0)
+    assert len(backoff._lines) + backoff._suspects <= 50
+    assert len(backoff._keys) <= 50
+    for number in range(20):
+        backoff.failed(f"10.1.0.{number}", f"user{number}", 0.0)
+    assert len(backoff._lines) + backoff._suspects <= 50
+    backoff.pace("192.0.2.1", "user19", 1000.0)  # quiet long enough: forgiven
+    assert tokens.PasswordBackoff._user_key(backoff, "user19") not in backoff._lines
+
+
+def test_a_wrong_pull_token_counts_for_its_address_only():
+    backoff = tokens.PasswordBackoff(free=1, cap=60.0)
+    backoff.failed_address("203.0.113.7", 0.0)
+    assert backoff.address_wait("203.0.113.7", 0.0) == 0.0  # a free failure
+    backoff.failed_address("203.0.113.7", 0.0)
+    assert backoff.address_wait("203.0.113.7", 0.5) == 0.5
+    assert backoff.wait("203.0.113.7", "alice", 0.5) == 0.5
+    assert backoff.pace("198.51.100.1", "alice", 0.5) == 0.0  # no user is paced for it
 
 
 def test_quiet_keys_are_forgiven_and_the_map_is_bounded():

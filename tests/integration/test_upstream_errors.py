@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 READ_TIMEOUT = "1"  # seconds: the relay gives up on the stalled body after this
 STALL_SECONDS = 30.0  # far past it; the test ends the stall when it is done
-PULL_TOKEN = "ci-token-0123456789"
+PULL_TOKEN = "ci-token-0123456789abcdef"
 
 
 class StalledTokenService:

@@ -43,7 +43,7 @@ FILE_SECRETS = {
 ENV_SECRETS = {
     "VPSRELAY_TLS__EAB_HMAC_KEY": "env-eab-hmac-key-EEEE",
     "VPSRELAY_METRICS__TOKEN": "env-metrics-token-FFFF",
-    "VPSRELAY_AUTH__PULL_TOKENS": "env-pull-token-GGGG,env-pull-token-HHHH",
+    "VPSRELAY_AUTH__PULL_TOKENS": "env-pull-token-GGGGGG,env-pull-token-HHHHHH",
 }
 PASSWORD_FILE_SECRET = "password-file-secret-IIII"
 PASSWORD_ENV_SECRET = "password-env-secret-JJJJ"

@@ -14,6 +14,15 @@ one wrong guess a minute from anywhere kept that user out for good. Now a user g
 is checked in turn (`auth.guesses_per_minute`), and only addresses are refused.
 
 Follow-up 4: a password over 72 bytes (bcrypt's limit; bcrypt 5 raises) was a 500.
+
+Review, finding 4: the user's one line of turns was taken by guessers from a handful of
+addresses, each reclaiming every freed turn (a refused try costs nothing), so the user, from
+an address of its own, was still refused. Now newcomers have a line of their own.
+
+Review, finding 5: a Bearer pull token was compared before any backoff and a wrong one cost
+nothing: with no request rate limit (the default) a pull token could be guessed at request
+rate. Now a wrong one counts as a failure of its address (and short ones are refused at
+start).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -290,3 +300,100 @@ def test_wrong_password_and_unknown_user_take_the_same_time(clean_hub: Hub, tmp_
     assert 0.5 <= known / unknown <= 2.0, (
         f"existing user {known * 1000:.0f} ms vs unknown {unknown * 1000:.0f} ms"
     )
+
+
+# --- review, finding 4: guessers from many addresses and the user's own login ------------
+
+PACED_GUESSERS = 20
+WARM_UP_SECONDS = 8.0
+LOGIN_TRIES = 25
+LOGIN_EVERY = 0.8  # alice tries again this long after a 429 (the guessers: 0.05 s)
+
+
+def test_guessers_from_many_addresses_do_not_keep_the_user_out(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    """20 addresses guess alice's password, each again as soon as it is answered (0.05 s
+    after a 429); after 8 s alice, from an address of her own, tries her right password
+    every 0.8 s. Before the fix the guessers held every turn of her line: 429 each time."""
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", PASSWORD, rounds=4)  # cheap checks: the turns are measured
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[auth]\nenabled = true\nusers_file = "{users}"\n'
+        f"guesses_per_minute = {GUESSES_PER_MINUTE}\nmax_backoff = 5\n"
+    )
+    args = ("--config", str(config), "--upstream", f"docker.io={clean_hub.registry_url}")
+    with RelayProcess(tmp_path / "relay", *args) as relay:
+        stop = threading.Event()
+        guesses: dict[int, int] = {}
+
+        def guesser(number: int) -> None:
+            with _from(f"127.0.11.{number + 1}") as client:
+                for attempt in range(5000):  # bounded, whatever the relay answers
+                    if stop.is_set():
+                        return
+                    status = _guess(client, relay, "alice", f"guess-{number}-{attempt}").status_code
+                    guesses[status] = guesses.get(status, 0) + 1
+                    if status == 429:
+                        stop.wait(0.05)
+
+        with concurrent.futures.ThreadPoolExecutor(PACED_GUESSERS) as pool:
+            running = [pool.submit(guesser, number) for number in range(PACED_GUESSERS)]
+            try:
+                time.sleep(WARM_UP_SECONDS)
+                statuses = []
+                with _from("127.0.12.1") as client:
+                    for _ in range(LOGIN_TRIES):
+                        status = _guess(client, relay, "alice", PASSWORD).status_code
+                        statuses.append(status)
+                        if status != 429:
+                            break
+                        time.sleep(LOGIN_EVERY)
+            finally:
+                stop.set()
+                for future in running:
+                    future.result(timeout=TIMEOUT)
+        print(f"alice's logins under {PACED_GUESSERS} guessing addresses: {statuses}; "
+              f"the guessers got {guesses}")  # fmt: skip
+        assert statuses[-1] == 200, f"alice never got a turn: {statuses}"
+        # Guessing stayed slow: at most GUESSES_PER_MINUTE checks a minute, after the free ones.
+        checked = guesses.get(401, 0)
+        elapsed = WARM_UP_SECONDS + len(statuses) * LOGIN_EVERY
+        assert checked <= 5 + PACED_GUESSERS + elapsed * GUESSES_PER_MINUTE / 60, guesses
+        assert relay.process.poll() is None
+
+
+# --- review, finding 5: pull tokens are guessed no faster than passwords ------------------
+
+GOOD_PULL_TOKEN = "ci-pull-token-" + "0123456789abcdef"
+
+
+def test_guessing_bearer_pull_tokens_is_refused_per_address(clean_hub: Hub, tmp_path: Path) -> None:
+    """One address sends made-up Bearer tokens (a pull token guesser) to a manifest URL.
+    Before the fix every guess was a free 401 and the right token, found, was a 200."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[auth]\nenabled = true\npull_tokens = ["{GOOD_PULL_TOKEN}"]\n')
+    args = ("--config", str(config), "--upstream", f"docker.io={clean_hub.registry_url}")
+    url_path = "/v2/alpine/manifests/latest"
+    accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+    with RelayProcess(tmp_path / "relay", *args) as relay:
+        statuses = []
+        with _from("127.0.13.1") as client:
+            for attempt in range(30):
+                guess = f"ci-pull-token-{attempt:016x}"
+                headers = {"authorization": f"Bearer {guess}", "accept": accept}
+                statuses.append(client.get(f"{relay.url}{url_path}", headers=headers).status_code)
+            right = {"authorization": f"Bearer {GOOD_PULL_TOKEN}", "accept": accept}
+            found = client.get(f"{relay.url}{url_path}", headers=right)
+        with _from("127.0.13.2") as client:
+            elsewhere = client.get(f"{relay.url}{url_path}", headers=right)
+        print(f"30 wrong Bearer pull tokens from one address: {statuses}; then the right one: "
+              f"{found.status_code}; from elsewhere: {elsewhere.status_code}")  # fmt: skip
+        assert statuses[:5] == [401] * 5  # the free failures (`auth.failures_before_backoff`)
+        assert statuses.count(401) <= 10, statuses  # then at most one after each wait
+        assert found.status_code == 429  # a guess that hits is not told apart while refused
+        assert found.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+        assert int(found.headers["retry-after"]) >= 1
+        assert elsewhere.status_code == 200, elsewhere.text
+        assert relay.process.poll() is None

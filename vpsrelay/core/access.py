@@ -360,6 +360,13 @@ def _periods(now: float) -> tuple[str, str]:
     return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
 
 
+def next_midnight(now: float) -> float:
+    """When the UTC day of `now` ends (and with the last day, its month)."""
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    midnight = dt.datetime(moment.year, moment.month, moment.day, tzinfo=dt.UTC)
+    return (midnight + dt.timedelta(days=1)).timestamp()
+
+
 def seconds_to_next_day(now: float) -> int:
     moment = dt.datetime.fromtimestamp(now, dt.UTC)
     midnight = dt.datetime(moment.year, moment.month, moment.day, tzinfo=dt.UTC)
@@ -397,6 +404,12 @@ class Hold:
     sent: int = 0
     end: int | None = None  # where the body ends (`sent` + its declared length), if said
     admitted: bool = False
+    # The periods `limits` are keyed by end at `period_end` (the next UTC midnight). A
+    # download still running then has what it sent so far charged to those periods
+    # (`charged` of `sent`), and goes on under the new periods' keys, checked afresh.
+    keyed_at: float = 0.0
+    period_end: float = math.inf
+    charged: int = 0
 
     @property
     def ahead(self) -> int:
@@ -469,20 +482,26 @@ class Budget:
             TooManyRequests: as `check`.
         """
         self.check(user, now)
-        return Hold(user, client, tuple(key for key in self._keys(user, now) if key[1]))
+        return Hold(
+            user, client, self._limits(user, now), keyed_at=now, period_end=next_midnight(now)
+        )
+
+    def _limits(self, user: str | None, now: float) -> tuple[tuple[str, int, int], ...]:
+        return tuple(key for key in self._keys(user, now) if key[1])
 
     def room(self, hold: Hold) -> int | None:
         """The most `hold` could grow to; None when no limit applies."""
         rooms = [limit - self._committed(key) for key, limit, _ in hold.limits]
         return hold.amount + max(0, min(rooms)) if rooms else None
 
-    def admit(self, hold: Hold, length: int | None) -> None:
+    def admit(self, hold: Hold, length: int | None, now: float) -> None:
         """A body of `length` bytes (None: not said) is about to start: refuse it if it
         cannot fit in what is left, else hold its first look-ahead.
 
         Raises:
             TooManyRequests: `length` does not fit in a budget (reason `budget_exhausted`).
         """
+        self._roll_over(hold, now)
         end = None if length is None else hold.sent + length
         if hold.admitted and end == hold.end:
             return  # the same body again (its head, after the upstream's): already decided
@@ -491,25 +510,40 @@ class Budget:
         hold.end, hold.admitted = end, True
         self._hold_ahead(hold, hold.sent)
 
-    def take(self, hold: Hold, size: int) -> None:
+    def take(self, hold: Hold, size: int, now: float) -> None:
         """`size` bytes of the body are about to go out: out of the hold, grown first
         (with a fresh look-ahead) when they are past it.
 
         Raises:
             TooManyRequests: they do not fit in what is left (the download must end).
         """
+        self._roll_over(hold, now)
         sent = hold.sent + size
         if sent > hold.amount:
             self._refuse_past(hold, sent)
             self._hold_ahead(hold, sent)
         self._set(hold, hold.amount, sent)
 
+    def _roll_over(self, hold: Hold, now: float) -> None:
+        """Once the periods `hold` is keyed by have ended: charge what it sent in them to
+        them, and key it by the current ones, holding nothing ahead (so that its next
+        bytes are checked against what the new periods have left)."""
+        if now < hold.period_end:
+            return
+        self._set(hold, hold.sent, hold.sent)  # drop the look-ahead
+        in_old_periods = hold.sent - hold.charged
+        self._reserve(hold.limits, -in_old_periods)
+        self._add(hold.user, in_old_periods, hold.keyed_at)
+        hold.charged = hold.sent
+        hold.limits = self._limits(hold.user, now)
+        hold.keyed_at, hold.period_end = now, next_midnight(now)
+
     def _refuse_past(self, hold: Hold, total: int) -> None:
         """Raise if `hold` cannot grow to `total` bytes."""
         for key, limit, retry in hold.limits:
-            others = self._committed(key) - hold.amount
-            if others + total > limit:
-                left = max(0, limit - others - hold.sent)
+            others = self._committed(key) - (hold.amount - hold.charged)
+            if others + total - hold.charged > limit:
+                left = max(0, limit - others - (hold.sent - hold.charged))
                 wanted = total - hold.sent
                 raise _spent(key, retry, f"has {left} bytes left, too few for {wanted}")
 
@@ -526,14 +560,20 @@ class Budget:
         target = sent + ahead if room is None else min(sent + ahead, room)
         self._set(hold, max(hold.amount, target), hold.sent)
 
+    def _reserve(self, limits: tuple[tuple[str, int, int], ...], amount: int) -> None:
+        for key, _, _ in limits:
+            self.reserved[key] = self.reserved.get(key, 0) + amount
+            if self.reserved[key] <= 0:
+                del self.reserved[key]
+
     def _set(self, hold: Hold, amount: int, sent: int) -> None:
-        """Move `hold` to `amount` held and `sent` sent, keeping the sums in step."""
-        grown = amount - hold.amount
-        if grown:
-            for key, _, _ in hold.limits:
-                self.reserved[key] = self.reserved.get(key, 0) + grown
-                if self.reserved[key] <= 0:
-                    del self.reserved[key]
+        """Move `hold` to `amount` held and `sent` sent, keeping the sums in step.
+
+        What a hold reserves under its keys is `amount - charged`: the bytes charged to
+        past periods are no longer the current ones' business.
+        """
+        if grown := amount - hold.amount:
+            self._reserve(hold.limits, grown)
         ahead = self.ahead.get(hold.client, 0) + (amount - sent) - hold.ahead
         if ahead > 0:
             self.ahead[hold.client] = ahead
@@ -542,20 +582,27 @@ class Budget:
         hold.amount, hold.sent = amount, sent
 
     def settle(self, hold: Hold, sent: int, now: float) -> None:
-        """The download is over: release its hold and charge the `sent` bytes."""
-        self._set(hold, 0, 0)
-        self.charge(hold.user, sent, now)
+        """The download is over: release its hold and charge the `sent` bytes, those
+        charged to past periods already excepted."""
+        self._roll_over(hold, now)
+        self._set(hold, hold.charged, hold.charged)
+        self.charge(hold.user, sent - hold.charged, now)
 
     def charge(self, user: str | None, amount: int, now: float) -> None:
         """Add `amount` bytes served to `user` (and the total); forget past periods."""
         if amount <= 0:
             return
-        current = self._keys(user, now)
-        for key, _, _ in current:
-            self.counters[key] = self.counters.get(key, 0) + amount
+        self._add(user, amount, now)
         day, month = _periods(now)
         for key in [k for k in self.counters if k.rpartition("|")[2] not in (day, month)]:
             del self.counters[key]
+
+    def _add(self, user: str | None, amount: int, when: float) -> None:
+        """Add `amount` bytes to `user`'s (and the total's) counters of `when`'s periods."""
+        if amount <= 0:
+            return
+        for key, _, _ in self._keys(user, when):
+            self.counters[key] = self.counters.get(key, 0) + amount
 
     def used(self, key: str) -> int:
         return self.counters.get(key, 0)

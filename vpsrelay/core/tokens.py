@@ -226,6 +226,37 @@ def parse_bearer(header: str | None) -> str | None:
     return value.strip()
 
 
+# Pull tokens are compared before any password is checked and open every repository:
+# shorter ones could be guessed. 20 characters of `openssl rand -hex 20` are 80 bits.
+MIN_PULL_TOKEN_LENGTH = 20
+
+
+def weak_pull_token(token: str) -> str | None:
+    """Why `token` is no good as a pull token (never quoting it), or None."""
+    if len(token) < MIN_PULL_TOKEN_LENGTH:
+        return (
+            f"a pull token shorter than {MIN_PULL_TOKEN_LENGTH} characters"
+            " (make one with `openssl rand -hex 20`)"
+        )
+    return None
+
+
+def parse_pull_tokens(text: str) -> tuple[list[str], list[str]]:
+    """The pull tokens of a pull tokens file (one a line; blank lines skipped), and what
+    is wrong with the lines left out (`line 3: ...`, never the token itself)."""
+    found: list[str] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token:
+            continue
+        if (weakness := weak_pull_token(token)) is not None:
+            problems.append(f"line {number}: {weakness}")
+        else:
+            found.append(token)
+    return found, problems
+
+
 def parse_htpasswd(text: str) -> dict[str, str]:
     """`user:hash` lines (Apache htpasswd with bcrypt hashes) to a mapping.
 
@@ -278,31 +309,59 @@ def address_key(address: str, ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX) -> 
 class _Failures:
     count: int
     last: float
-    next_start: float = -math.inf  # a paced user's next check starts no sooner
+    next_start: float = -math.inf  # a paced user's checks (either line) start no sooner
+
+
+# The share of a paced user's turns kept for newcomers (addresses that have not failed for
+# it): guessers reclaim every freed turn of their own line at once, but need a new address
+# for each newcomer's turn, so the user, from an address of its own, soon has that line to
+# itself; in all, the user is still checked at most `per_minute` times a minute.
+NEWCOMERS_SHARE = 2 / 3
+# What the lines of a user guessed at remember of the addresses that failed for it, at most:
+# past this the oldest are forgotten (and would be newcomers again).
+MAX_SUSPECTS_PER_USER = 4096
+
+
+@dataclass(slots=True)
+class _UserLine:
+    """The turns of one user guessed at: one line for the addresses that failed for it
+    (`suspects`), one for newcomers; and the turn each address has waiting (`queued`)."""
+
+    suspects: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
+    suspect_next: float = -math.inf
+    newcomer_next: float = -math.inf
+    queued: dict[str, float] = field(default_factory=dict)  # address key -> turn start
 
 
 @dataclass(slots=True)
 class PasswordBackoff:
-    """What failed password checks cost the next ones (issue 12, findings 3 and 6).
+    """What failed password checks cost the next ones (issue 12, findings 3 and 6, and
+    the review's finding 4).
 
     The policy:
 
     - Refused, with a wait: a client address, and a (user, address) pair. After `free`
       failures each further one makes the key wait `base * 2**k` seconds, at most `cap`.
       The guesser's address is refused; the user it guesses at, from elsewhere, is not.
+      A wrong pull token counts for its address too (`failed_address`).
     - Paced, not refused: a user. After `free` failures of a user, from any addresses,
-      its checks start at most `per_minute` a minute, in order of arrival (`pace`): online
-      guessing of one user from many addresses stays slow, yet the right password still
-      gets its turn. Only a turn more than `cap` seconds away is refused (so that the
-      line, and what waits in it, stays bounded).
-    - An address a user logged in from (`succeeded`) skips the user's line: guessing
+      its checks start at most `per_minute` a minute, in order of arrival (`pace`), in
+      two lines: a third of the turns for the addresses that failed for this user while
+      it is being guessed at, two thirds for newcomers (`NEWCOMERS_SHARE`: the user, from
+      an address it has not failed from). Guessers reclaim every freed turn of their own
+      line, but enter the newcomers' line once per address: so online guessing of one
+      user from many addresses stays slow, yet the right password gets its turn. Each
+      address has at most one turn waiting; a turn more than `cap` seconds away is
+      refused (so the lines, and what waits in them, stay bounded).
+    - An address a user logged in from (`succeeded`) skips the user's lines: guessing
       from elsewhere does not keep the user out of its usual place.
     - A success forgets the pair's and the user's failures, not the address's (an
       attacker with one good account must not reset the address it guesses from).
 
     Password checks at all are bounded elsewhere (a few threads and a short queue), so
     none of this is needed to keep guessing from being a CPU lever. A key quiet for
-    `cap` seconds after its wait is forgotten. Bounded: past `limit` keys, the oldest go.
+    `cap` seconds after its wait is forgotten (a user's lines with it). Bounded: past
+    `limit` keys (lines, and addresses remembered by lines), the oldest go.
     """
 
     free: int
@@ -313,6 +372,8 @@ class PasswordBackoff:
     ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX
     _keys: collections.OrderedDict[str, _Failures] = field(default_factory=collections.OrderedDict)
     _trusted: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
+    _lines: collections.OrderedDict[str, _UserLine] = field(default_factory=collections.OrderedDict)
+    _suspects: int = 0  # addresses remembered by all the lines together
 
     @staticmethod
     def _digest(*parts: str) -> str:
@@ -320,11 +381,14 @@ class PasswordBackoff:
         text = "\0".join(parts).encode("utf-8", "surrogatepass")
         return hashlib.sha256(text).hexdigest()[:32]
 
+    def _client(self, address: str) -> str:
+        return address_key(address, self.ipv6_prefix)
+
     def _address_key(self, address: str) -> str:
-        return "addr:" + address_key(address, self.ipv6_prefix)
+        return "addr:" + self._client(address)
 
     def _pair_key(self, address: str, user: str) -> str:
-        return "pair:" + self._digest(address_key(address, self.ipv6_prefix), user)
+        return "pair:" + self._digest(self._client(address), user)
 
     def _user_key(self, user: str) -> str:
         return "user:" + self._digest(user)
@@ -343,46 +407,107 @@ class PasswordBackoff:
         quiet_from = max(failures.last + self._delay(failures), failures.next_start)
         if now >= quiet_from + self.cap:
             del self._keys[key]
+            self._drop_line(key)
             return None
         return failures
 
     def wait(self, address: str, user: str, now: float) -> float:
         """Seconds until `user` may be checked again from `address` (0: now); a refusal."""
-        longest = 0.0
-        for key in (self._address_key(address), self._pair_key(address, user)):
-            failures = self._current(key, now)
-            if failures is not None:
-                longest = max(longest, failures.last + self._delay(failures) - now)
+        longest = self.address_wait(address, now)
+        failures = self._current(self._pair_key(address, user), now)
+        if failures is not None:
+            longest = max(longest, failures.last + self._delay(failures) - now)
         return longest
+
+    def address_wait(self, address: str, now: float) -> float:
+        """Seconds until anything may be checked from `address` (0: now); a refusal."""
+        failures = self._current(self._address_key(address), now)
+        if failures is None:
+            return 0.0
+        return max(0.0, failures.last + self._delay(failures) - now)
 
     def pace(self, address: str, user: str, now: float) -> float | None:
         """Seconds this check of `user` waits for its turn (0: now), its turn now taken;
-        None when the turn would be more than `cap` seconds away (refuse it)."""
-        failures = self._current(self._user_key(user), now)
+        None when its address has a turn waiting already, or the turn would be more than
+        `cap` seconds away (refuse it)."""
+        user_key = self._user_key(user)
+        failures = self._current(user_key, now)
         if failures is None or failures.count < self.free:
             return 0.0
         if self._pair_key(address, user) in self._trusted:
             return 0.0
-        start = max(now, failures.next_start)
+        line = self._line(user_key)
+        client = self._client(address)
+        line.queued = {key: start for key, start in line.queued.items() if start > now}
+        if client in line.queued:
+            return None
+        suspect = client in line.suspects
+        start = max(now, line.suspect_next if suspect else line.newcomer_next)
         if start - now > self.cap:
             return None
-        failures.next_start = start + 60.0 / self.per_minute
+        share = 1.0 - NEWCOMERS_SHARE if suspect else NEWCOMERS_SHARE
+        following = start + 60.0 / (self.per_minute * share)
+        if suspect:
+            line.suspect_next = following
+        else:
+            line.newcomer_next = following
+        failures.next_start = max(failures.next_start, following)
+        if start > now:
+            line.queued[client] = start
         return start - now
 
     def failed(self, address: str, user: str, now: float) -> None:
-        keys = (self._address_key(address), self._pair_key(address, user), self._user_key(user))
-        for key in keys:
-            failures = self._keys.pop(key, None) or _Failures(0, now)
-            failures.count += 1
-            failures.last = now
-            self._keys[key] = failures  # to the end: the newest
+        user_key = self._user_key(user)
+        self._count(self._address_key(address), now)
+        self._count(self._pair_key(address, user), now)
+        self._count(user_key, now)
+        line = self._line(user_key)
+        client = self._client(address)
+        if client in line.suspects:
+            line.suspects.move_to_end(client)  # the newest
+        else:
+            line.suspects[client] = None
+            self._suspects += 1
+        if len(line.suspects) > MAX_SUSPECTS_PER_USER:
+            line.suspects.popitem(last=False)
+            self._suspects -= 1
+        self._trim()
+
+    def failed_address(self, address: str, now: float) -> None:
+        """A failure of no user's (a wrong pull token): only the address pays for it."""
+        self._count(self._address_key(address), now)
+        self._trim()
+
+    def _count(self, key: str, now: float) -> None:
+        failures = self._keys.pop(key, None) or _Failures(0, now)
+        failures.count += 1
+        failures.last = now
+        self._keys[key] = failures  # to the end: the newest
+
+    def _line(self, user_key: str) -> _UserLine:
+        line = self._lines.pop(user_key, None) or _UserLine()
+        self._lines[user_key] = line  # to the end: the newest
+        return line
+
+    def _drop_line(self, key: str) -> None:
+        line = self._lines.pop(key, None)
+        if line is not None:
+            self._suspects -= len(line.suspects)
+
+    def _trim(self) -> None:
         while len(self._keys) > self.limit:
-            self._keys.popitem(last=False)
+            key, _ = self._keys.popitem(last=False)
+            self._drop_line(key)
+        while self._lines and len(self._lines) + self._suspects > self.limit:
+            _, line = self._lines.popitem(last=False)
+            self._suspects -= len(line.suspects)
 
     def succeeded(self, address: str, user: str) -> None:
         pair = self._pair_key(address, user)
+        user_key = self._user_key(user)
         self._keys.pop(pair, None)
-        self._keys.pop(self._user_key(user), None)
+        self._keys.pop(user_key, None)
+        self._drop_line(user_key)
         self._trusted.pop(pair, None)
         self._trusted[pair] = None  # to the end: the newest
         while len(self._trusted) > self.limit:
