@@ -24,13 +24,15 @@ from tests.cache.harness import (
     cached_relay,
     sha256,
 )
-from vpsrelay.cache.store import BlobStore, FillState
-from vpsrelay.config import CacheConfig
+from tests.test_app import Chunks
+from vpsrelay.cache.store import BlobStore, Fill, FillState
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from tests.cache.harness import CachedRelay
+    from vpsrelay.config import CacheConfig
 
 BLOB_PATH = f"/v2/alpine/blobs/{BLOB_DIGEST}"
 TAG_PATH = "/v2/alpine/manifests/latest"
@@ -189,8 +191,7 @@ async def test_two_concurrent_pulls_share_one_upstream_download(tmp_path: Path) 
             nursery.start_soon(pull, "leader")
             fill = await wait_for_fill(r, FillState.STREAMING)
             nursery.start_soon(pull, "joiner")
-            while fill.readers < 2:
-                await trio.sleep(0.001)
+            await wait_until(lambda: fill.readers >= 2)
             assert registry.gate is not None
             registry.gate.set()
         assert answers["leader"].headers["x-vpsrelay-cache"] == "miss"
@@ -214,8 +215,7 @@ async def test_a_joiner_of_a_failed_fill_gets_a_short_body(tmp_path: Path) -> No
             nursery.start_soon(pull, "leader")
             fill = await wait_for_fill(r, FillState.STREAMING)
             nursery.start_soon(pull, "joiner")
-            while fill.readers < 2:
-                await trio.sleep(0.001)
+            await wait_until(lambda: fill.readers >= 2)
             assert registry.gate is not None
             registry.gate.set()
         for answer in answers.values():
@@ -244,13 +244,19 @@ async def test_a_client_waiting_on_a_fill_the_upstream_refused_asks_itself(
         assert response.headers["x-vpsrelay-cache"] == "miss"  # led a fill of its own
 
 
-async def wait_for_fill(r: CachedRelay, state: FillState) -> object:
+async def wait_until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(5):
-        while True:
-            fill = r.store.fills.get(BLOB_DIGEST)
-            if fill is not None and fill.state is state:
-                return fill
+        while not condition():  # noqa: ASYNC110 - the store signals no such event
             await trio.sleep(0.001)
+
+
+async def wait_for_fill(r: CachedRelay, state: FillState) -> Fill:
+    def found() -> bool:
+        fill = r.store.fills.get(BLOB_DIGEST)
+        return fill is not None and fill.state is state
+
+    await wait_until(found)
+    return r.store.fills[BLOB_DIGEST]
 
 
 # --- a disk that fails during a fill
@@ -293,8 +299,7 @@ async def pull_with_a_joiner(r: CachedRelay) -> dict[str, httpx.Response]:
         nursery.start_soon(pull, "leader")
         fill = await wait_for_fill(r, FillState.STREAMING)
         nursery.start_soon(pull, "joiner")
-        while fill.readers < 2:  # type: ignore[attr-defined]
-            await trio.sleep(0.001)
+        await wait_until(lambda: fill.readers >= 2)
         assert r.registry.gate is not None
         r.registry.gate.set()
     return answers
@@ -458,7 +463,7 @@ async def test_a_manifest_without_a_length_passes_through_uncached(tmp_path: Pat
         return httpx.Response(
             200,
             headers={"content-type": MANIFEST_TYPE, "docker-content-digest": MANIFEST_DIGEST},
-            stream=_Stream(MANIFEST),
+            stream=Chunks(MANIFEST),  # no content-length
         )
 
     registry = FakeRegistry()
@@ -468,14 +473,6 @@ async def test_a_manifest_without_a_length_passes_through_uncached(tmp_path: Pat
         assert response.status_code == 200
         assert response.content == MANIFEST
         assert r.store.index.objects == {}
-
-
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        yield self.body
 
 
 # --- the upstream down: stale answers
@@ -603,7 +600,7 @@ async def test_sharing_across_registries_serves_what_any_repository_holds(
     tmp_path: Path,
 ) -> None:
     registry = FakeRegistry(repositories={REPO, "library/busybox"})
-    overrides = {"cache.share_across_registries": True}
+    overrides: dict[str, object] = {"cache.share_across_registries": True}
     async with cached_relay(tmp_path, registry, overrides) as r:
         await fill_blob(r)
         r.registry.seen.clear()
