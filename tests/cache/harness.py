@@ -156,6 +156,9 @@ class ClientSide(httpx.AsyncBaseTransport):
 
     def __init__(self, app: RelayApp) -> None:
         self.app = app
+        # The client hangs up once it has this many body bytes (0: once it has the status
+        # line; None: it reads to the end).
+        self.hang_up_after: int | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         scope = {
@@ -175,23 +178,35 @@ class ClientSide(httpx.AsyncBaseTransport):
         headers: list[tuple[bytes, bytes]] = []
         body: list[bytes] = []
         complete = trio.Event()
+        hung_up = trio.Event()
         requested = False
+        received = 0
 
         async def receive() -> dict[str, object]:
             nonlocal requested
             if not requested:
                 requested = True
                 return {"type": "http.request", "body": b"", "more_body": False}
-            await complete.wait()
+            async with trio.open_nursery() as nursery:  # whichever comes first
+                for event in (complete, hung_up):
+                    nursery.start_soon(_wait_then_cancel, event, nursery.cancel_scope)
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, object]) -> None:
-            nonlocal status, headers
+            nonlocal status, headers, received
             if message["type"] == "http.response.start":
                 status = message["status"]  # type: ignore[assignment]
                 headers = list(message.get("headers", []))  # type: ignore[call-overload]
+                if self.hang_up_after == 0:
+                    hung_up.set()
             elif message["type"] == "http.response.body":
-                body.append(message.get("body", b""))  # type: ignore[arg-type]
+                chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+                if hung_up.is_set():
+                    return  # gone: nothing reaches it any more
+                body.append(chunk)
+                received += len(chunk)
+                if self.hang_up_after is not None and received >= self.hang_up_after:
+                    hung_up.set()
                 if not message.get("more_body", False):
                     complete.set()
 
@@ -207,8 +222,14 @@ class ClientSide(httpx.AsyncBaseTransport):
         )
 
 
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 @dataclass
 class CachedRelay:
+    transport: ClientSide
     client: httpx.AsyncClient
     app: RelayApp
     store: BlobStore
@@ -237,7 +258,7 @@ async def cached_relay(
     transport = ClientSide(app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://relay.test") as client:
-            yield CachedRelay(client, app, store, registry)
+            yield CachedRelay(transport, client, app, store, registry)
     finally:
         await upstream.aclose()
         await store.aclose()

@@ -176,6 +176,48 @@ async def test_a_cached_file_gone_behind_the_index_is_fetched_again(tmp_path: Pa
         assert r.store.get(BLOB_DIGEST) is None  # forgotten; the next pull fills again
 
 
+async def test_a_cached_file_cut_short_ends_the_body_short(tmp_path: Path) -> None:
+    async with cached_relay(tmp_path) as r:
+        await fill_blob(r)
+        with r.store.path(BLOB_DIGEST).open("r+b") as cached:
+            cached.truncate(1000)  # a disk that lost the end of the file
+        response = await r.client.get(BLOB_PATH)
+        assert response.content == BLOB[:1000]
+        assert not response.extensions["complete"]
+
+
+# --- a client that hangs up while it leads a fill
+
+
+async def test_a_fill_finishes_when_its_only_client_hangs_up(tmp_path: Path) -> None:
+    async with cached_relay(tmp_path) as r:
+        r.transport.hang_up_after = 100_000
+        response = await r.client.get(BLOB_PATH)
+        assert len(response.content) < len(BLOB)
+        assert r.store.path(BLOB_DIGEST).read_bytes() == BLOB  # cached for the next pull
+        assert r.store.fills == {}
+
+
+async def test_without_finish_abandoned_a_fill_stops_with_its_last_client(
+    tmp_path: Path,
+) -> None:
+    registry = FakeRegistry(gate=trio.Event())  # the upstream stalls after a first chunk
+    overrides: dict[str, object] = {"cache.finish_abandoned": False}
+    async with cached_relay(tmp_path, registry, overrides) as r:
+        r.transport.hang_up_after = 0
+        async with trio.open_nursery() as nursery:
+            # The fill is shielded from the client's task: were it not stopped, it would
+            # wait for the stalled upstream; the watchdog opens the gate, so it fails here.
+            nursery.start_soon(open_gate_after, registry, 5.0)
+            response = await r.client.get(BLOB_PATH)
+            nursery.cancel_scope.cancel()
+        assert response.content == b""
+        assert r.store.get(BLOB_DIGEST) is None
+        assert r.store.fills == {}
+        assert list((tmp_path / "tmp").iterdir()) == []
+        assert r.store.reserved == 0
+
+
 # --- fills shared by concurrent clients
 
 
@@ -242,6 +284,12 @@ async def test_a_client_waiting_on_a_fill_the_upstream_refused_asks_itself(
         assert response.status_code == 200
         assert response.content == BLOB
         assert response.headers["x-vpsrelay-cache"] == "miss"  # led a fill of its own
+
+
+async def open_gate_after(registry: FakeRegistry, seconds: float) -> None:
+    await trio.sleep(seconds)
+    assert registry.gate is not None
+    registry.gate.set()
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
