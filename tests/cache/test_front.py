@@ -221,21 +221,29 @@ async def test_without_finish_abandoned_a_fill_stops_with_its_last_client(
 # --- fills shared by concurrent clients
 
 
-async def test_two_concurrent_pulls_share_one_upstream_download(tmp_path: Path) -> None:
-    registry = FakeRegistry(gate=trio.Event())
-    async with cached_relay(tmp_path, registry) as r:
-        answers: dict[str, httpx.Response] = {}
+async def pull_with_a_joiner(r: CachedRelay) -> dict[str, httpx.Response]:
+    answers: dict[str, httpx.Response] = {}
 
-        async def pull(name: str) -> None:
-            answers[name] = await r.client.get(BLOB_PATH)
+    async def pull(name: str) -> None:
+        answers[name] = await r.client.get(BLOB_PATH)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pull, "leader")
+    gate = r.registry.gate
+    assert gate is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pull, "leader")
+        try:
             fill = await wait_for_fill(r, FillState.STREAMING)
             nursery.start_soon(pull, "joiner")
             await wait_until(lambda: fill.readers >= 2)
-            assert registry.gate is not None
-            registry.gate.set()
+        finally:
+            gate.set()  # the fill is shielded: a test failing here must not leave it waiting
+    return answers
+
+
+async def test_two_concurrent_pulls_share_one_upstream_download(tmp_path: Path) -> None:
+    registry = FakeRegistry(gate=trio.Event())
+    async with cached_relay(tmp_path, registry) as r:
+        answers = await pull_with_a_joiner(r)
         assert answers["leader"].headers["x-vpsrelay-cache"] == "miss"
         assert answers["joiner"].headers["x-vpsrelay-cache"] == "join"
         assert answers["leader"].content == answers["joiner"].content == BLOB
@@ -248,18 +256,7 @@ async def test_a_joiner_of_a_failed_fill_gets_a_short_body(tmp_path: Path) -> No
     registry = FakeRegistry(gate=trio.Event())
     registry.blobs[BLOB_DIGEST] = BLOB[:-1] + b"x"
     async with cached_relay(tmp_path, registry) as r:
-        answers: dict[str, httpx.Response] = {}
-
-        async def pull(name: str) -> None:
-            answers[name] = await r.client.get(BLOB_PATH)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pull, "leader")
-            fill = await wait_for_fill(r, FillState.STREAMING)
-            nursery.start_soon(pull, "joiner")
-            await wait_until(lambda: fill.readers >= 2)
-            assert registry.gate is not None
-            registry.gate.set()
+        answers = await pull_with_a_joiner(r)
         for answer in answers.values():
             assert len(answer.content) < len(BLOB)  # the last byte waits for the digest
             assert not answer.extensions["complete"]
@@ -335,22 +332,6 @@ def failing_disk(root: Path, cache: CacheConfig) -> BlobStore:
     store = FailingDiskStore.open(root, cache)
     assert isinstance(store, FailingDiskStore)
     return store
-
-
-async def pull_with_a_joiner(r: CachedRelay) -> dict[str, httpx.Response]:
-    answers: dict[str, httpx.Response] = {}
-
-    async def pull(name: str) -> None:
-        answers[name] = await r.client.get(BLOB_PATH)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pull, "leader")
-        fill = await wait_for_fill(r, FillState.STREAMING)
-        nursery.start_soon(pull, "joiner")
-        await wait_until(lambda: fill.readers >= 2)
-        assert r.registry.gate is not None
-        r.registry.gate.set()
-    return answers
 
 
 async def test_a_disk_failure_mid_fill_still_completes_every_client(tmp_path: Path) -> None:
@@ -668,10 +649,12 @@ async def test_a_joiner_the_upstream_refuses_is_not_served_the_fill(tmp_path: Pa
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pull, "leader", {})
-            await wait_for_fill(r, FillState.STREAMING)
-            await pull("mallory", {"authorization": "Bearer mallory"})
-            assert registry.gate is not None
-            registry.gate.set()
+            try:
+                await wait_for_fill(r, FillState.STREAMING)
+                await pull("mallory", {"authorization": "Bearer mallory"})
+            finally:
+                assert registry.gate is not None
+                registry.gate.set()
         assert answers["mallory"].status_code == 401
         assert answers["leader"].content == BLOB
 
