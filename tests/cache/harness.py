@@ -68,6 +68,8 @@ class FakeRegistry:
     failing_status: int | None = None  # every request but the token realm's gets this
     ranges: bool = True  # honours `Range` with a 206
     token_realm: bool = False  # `/v2/` asks for a Bearer token from TOKEN_REALM
+    token_service: str | None = "hub"  # the challenge's service (None: it names none)
+    token_answer: tuple[int, bytes] = (200, b'{"token": "anon-token"}')  # the realm's
     gate: trio.Event | None = None  # a blob body stops after its first chunk until set
     seen: list[httpx.Request] = field(default_factory=list)
 
@@ -86,13 +88,16 @@ class FakeRegistry:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.host == "auth.test":
-            return reply(200, {"content-type": "application/json"}, b'{"token": "anon-token"}')
+            status, answer = self.token_answer
+            return reply(status, {"content-type": "application/json"}, answer)
         if self.failing_status is not None:
             return reply(self.failing_status, {"content-type": "application/json"}, b"{}")
         path = request.url.path
         if path == "/v2/":
             if self.token_realm:
-                challenge = f'Bearer realm="{TOKEN_REALM}",service="hub"'
+                challenge = f'Bearer realm="{TOKEN_REALM}"'
+                if self.token_service is not None:
+                    challenge += f',service="{self.token_service}"'
                 return reply(401, {"www-authenticate": challenge})
             return reply(200, {"content-type": "application/json"}, b"{}")
         if request.headers.get("authorization") in self.refused:

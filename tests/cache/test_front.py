@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
 import trio
 
 from tests.cache.harness import (
@@ -673,3 +674,85 @@ async def test_a_public_repository_is_learnt_through_an_anonymous_token(tmp_path
         assert "authorization" not in token_requests[0].headers
         probe = registry.requests("HEAD", "/manifests/")
         assert probe[-1].headers["authorization"] == "Bearer anon-token"
+
+
+@pytest.mark.parametrize(
+    ("service", "answer", "public"),
+    [
+        (None, (200, b'{"access_token": "anon-token"}'), True),
+        ("hub", (401, b"{}"), False),
+        ("hub", (200, b"not json"), False),
+        ("hub", (200, b'["a list"]'), False),
+        ("hub", (200, b'{"token": ""}'), False),
+    ],
+)
+async def test_a_token_realm_that_gives_no_anonymous_token_means_not_public(
+    tmp_path: Path, service: str | None, answer: tuple[int, bytes], public: bool
+) -> None:
+    registry = FakeRegistry(token_realm=True, token_service=service, token_answer=answer)
+    async with cached_relay(tmp_path, registry) as r:
+        response = await r.client.get(
+            TAG_PATH, headers={"authorization": "Bearer user-token", **ACCEPT}
+        )
+        assert response.status_code == 200
+        assert (("docker.io", REPO) in r.store.index.public) is public
+        (token_request,) = [q for q in registry.seen if q.url.host == "auth.test"]
+        assert ("service" in token_request.url.params) is (service is not None)
+
+
+async def test_a_public_probe_that_fails_leaves_the_repository_unknown(tmp_path: Path) -> None:
+    registry = FakeRegistry(token_realm=True)
+    original = registry.handle
+
+    def token_service_down(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            raise httpx.ConnectError("refused", request=request)
+        return original(request)
+
+    registry.handle = token_service_down  # type: ignore[method-assign]
+    async with cached_relay(tmp_path, registry) as r:
+        response = await r.client.get(
+            TAG_PATH, headers={"authorization": "Bearer user-token", **ACCEPT}
+        )
+        assert response.status_code == 200
+        assert r.store.index.public == {}
+
+
+async def test_a_private_blob_is_not_served_to_a_new_credential_while_the_upstream_is_down(
+    tmp_path: Path,
+) -> None:
+    async with cached_relay(tmp_path) as r:
+        bob = {"authorization": "Bearer bob"}
+        filled = await r.client.get(BLOB_PATH, headers=bob)
+        assert filled.headers["x-vpsrelay-cache"] == "miss"
+        assert r.store.index.public == {}  # pulled with credentials: not known public
+        r.registry.down = True
+        carol = await r.client.get(BLOB_PATH, headers={"authorization": "Bearer carol"})
+        assert carol.status_code == 502
+        assert BLOB[:100] not in carol.content
+        again = await r.client.get(BLOB_PATH, headers=bob)  # granted, and it holds the blob
+        assert again.content == BLOB
+
+
+async def test_a_public_blob_is_served_while_the_upstream_answers_errors(tmp_path: Path) -> None:
+    async with cached_relay(tmp_path) as r:
+        await fill_blob(r)
+        r.registry.failing_status = 503
+        response = await r.client.get(BLOB_PATH, headers={"authorization": "Bearer someone"})
+        assert response.status_code == 200
+        assert response.content == BLOB
+
+
+async def test_a_cached_manifest_whose_file_vanished_is_an_error_to_retry(
+    tmp_path: Path,
+) -> None:
+    async with cached_relay(tmp_path) as r:
+        await fill_tag(r)
+        r.store._forget_manifest(MANIFEST_DIGEST)  # not in memory, and gone from disk
+        r.store.path(MANIFEST_DIGEST).unlink()
+        response = await r.client.get(TAG_PATH, headers=ACCEPT)
+        assert response.status_code == 502
+        assert r.store.get(MANIFEST_DIGEST) is None
+        again = await r.client.get(TAG_PATH, headers=ACCEPT)
+        assert again.headers["x-vpsrelay-cache"] == "miss"
+        assert again.content == MANIFEST
