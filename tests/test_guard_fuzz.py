@@ -6,22 +6,32 @@ odd headers, and the point is to send what an attacker would. Behind the app, an
 
 Properties: the relay answers every request, never with a 5xx (the upstream stand-in
 never fails, so a 5xx could only come from the relay's own code), and never asks the
-upstream for a repository name that is not valid.
+upstream for a repository name that is not valid. `test_fuzz_with_the_cache_on` holds
+them with the blob cache on, warmed before every request (hits, grants, ranges, HEAD).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import TYPE_CHECKING, Any
 
 import bcrypt
 import httpx
 import trio
-from hypothesis import HealthCheck, event, given, settings as hypothesis_settings, strategies as st
+from hypothesis import (
+    HealthCheck,
+    event,
+    example,
+    given,
+    settings as hypothesis_settings,
+    strategies as st,
+)
 
 from tests.test_app import reply
 from vpsrelay import config
 from vpsrelay.app import RelayApp
+from vpsrelay.cache.store import BlobStore
 from vpsrelay.core import grammar
 from vpsrelay.upstream import Upstream
 
@@ -83,11 +93,48 @@ METHODS = st.one_of(
 )
 
 
-def upstream_handler(seen: list[httpx.Request]) -> httpx.MockTransport:
+# What the stand-in holds for every repository, so that the cache fills and hits.
+CACHED_BLOB = b"cached layer " * 1000
+CACHED_BLOB_DIGEST = "sha256:" + hashlib.sha256(CACHED_BLOB).hexdigest()
+CACHED_MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+CACHED_MANIFEST_DIGEST = "sha256:" + hashlib.sha256(CACHED_MANIFEST).hexdigest()
+WARM_PATHS = (f"/v2/alpine/blobs/{CACHED_BLOB_DIGEST}", "/v2/alpine/manifests/latest")
+# Flat choices (hypothesis draws them evenly) of what the cache holds, under names the
+# relay accepts (odd names are the other fuzz tests' part), and the headers it reads.
+CACHE_API_PATHS = st.sampled_from(
+    [
+        f"/v2/{name}/{kind}/{reference}"
+        for name in ("alpine", "library/alpine", "org/app")
+        for kind, reference in (
+            ("blobs", CACHED_BLOB_DIGEST),
+            ("blobs", "sha256:" + "a" * 64),
+            ("manifests", CACHED_MANIFEST_DIGEST),
+            ("manifests", "latest"),
+            ("manifests", "v1"),
+        )
+    ]
+)
+
+
+def upstream_handler(seen: list[httpx.Request], *, images: bool) -> httpx.MockTransport:
+    """Answers `/v2/`, and 404 to everything else, unless it holds `images` (the cached
+    blob and manifest in every repository)."""
+
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        if request.url.path == "/v2/":
+        path = request.url.path
+        if path == "/v2/":
             return reply(200, {"content-type": "application/json"}, b"{}")
+        if images and path.endswith(f"/blobs/{CACHED_BLOB_DIGEST}"):
+            length = {"content-length": str(len(CACHED_BLOB))}
+            return reply(200, length, b"" if request.method == "HEAD" else CACHED_BLOB)
+        if images and path.endswith(("/manifests/latest", f"/manifests/{CACHED_MANIFEST_DIGEST}")):
+            headers = {
+                "content-type": "application/vnd.oci.image.manifest.v1+json",
+                "docker-content-digest": CACHED_MANIFEST_DIGEST,
+                "content-length": str(len(CACHED_MANIFEST)),
+            }
+            return reply(200, headers, b"" if request.method == "HEAD" else CACHED_MANIFEST)
         body = b'{"errors": [{"code": "NOT_FOUND", "message": "x"}]}'
         return reply(404, {"content-type": "application/json"}, body)
 
@@ -131,7 +178,9 @@ async def call(
     return statuses[0]
 
 
-def build(data_dir: Path, *, auth: bool) -> tuple[RelayApp, list[httpx.Request]]:
+def build(
+    data_dir: Path, *, auth: bool, cache: bool = False
+) -> tuple[RelayApp, list[httpx.Request]]:
     overrides: dict[str, object] = {
         "data_dir": str(data_dir),
         "server.allowed_hosts": ["relay.test", "127.0.0.1"],
@@ -144,7 +193,10 @@ def build(data_dir: Path, *, auth: bool) -> tuple[RelayApp, list[httpx.Request]]
         overrides["auth.users"] = [f"alice:{hashed}"]
     settings = config.load(None, {}, overrides, upstreams={"docker.io": HUB})
     seen: list[httpx.Request] = []
-    return RelayApp(settings, Upstream(settings, transport=upstream_handler(seen))), seen
+    # The store is kept across examples (one tmp_path): later examples hit what earlier filled.
+    store = BlobStore.open(data_dir, settings.cache) if cache else None
+    upstream = Upstream(settings, transport=upstream_handler(seen, images=cache))
+    return RelayApp(settings, upstream, store), seen
 
 
 def check_upstream_requests(seen: list[httpx.Request]) -> None:
@@ -163,15 +215,27 @@ REQUESTS = st.tuples(
 )
 
 
-def _run(tmp_path: Path, auth: bool, request: tuple[str, str, str, list[tuple[str, str]]]) -> None:
+def _run(
+    tmp_path: Path,
+    auth: bool,
+    request: tuple[str, str, str, list[tuple[str, str]]],
+    *,
+    cache: bool = False,
+) -> None:
     method, path, query, headers = request
-    app, seen = build(tmp_path, auth=auth)
+    app, seen = build(tmp_path, auth=auth, cache=cache)
 
     async def main() -> None:
         try:
+            if cache:  # warm: the fuzzed request may then hit, join or revalidate
+                for warm in WARM_PATHS:
+                    assert await call(app, "GET", warm, "", [("host", "relay.test")]) == 200
+                seen.clear()
             status = await call(app, method, path, query, headers)
         finally:
             await app.upstream.aclose()
+            if app.cache is not None:
+                await app.cache.store.aclose()
         event(f"status {status}")
         event("reached upstream" if any(r.url.path != "/v2/" for r in seen) else "refused")
         assert status < 500, (method, path, query, headers, status)
@@ -220,6 +284,34 @@ def test_fuzz_api_paths(
     tmp_path: Path, request: tuple[str, str, str, list[tuple[str, str]]]
 ) -> None:
     _run(tmp_path, False, request)
+
+
+CACHE_HEADER_VALUES = st.sampled_from(
+    ["bytes=0-0", "bytes=5-", "bytes=-5", "bytes=99999999-", "bytes=9-2", "bytes=0-1,4-5",
+     "bytes=-0", "bytes=x", "application/vnd.oci.image.manifest.v1+json", "*/*",
+     "text/html;q=0", "Bearer x.y.z", "Bearer anonymous", "Basic YWxpY2U6cHc=", "", "\x7f"]
+)  # fmt: skip
+CACHE_REQUESTS = st.tuples(
+    st.sampled_from(["GET", "HEAD"]),
+    CACHE_API_PATHS,
+    st.sampled_from(["", "ns=docker.io", "ns=127.0.0.1:9"]),
+    st.lists(
+        st.tuples(st.sampled_from(["accept", "range", "authorization"]), CACHE_HEADER_VALUES),
+        max_size=3,
+    ).map(lambda headers: [("host", "relay.test"), *headers]),
+)
+
+
+@FUZZ
+@given(request=CACHE_REQUESTS)
+@example(request=("GET", WARM_PATHS[0], "", [("host", "relay.test"), ("range", "bytes=9999999-")]))
+@example(
+    request=("HEAD", WARM_PATHS[1], "", [("host", "relay.test"), ("authorization", "Basic !")])
+)
+def test_fuzz_with_the_cache_on(
+    tmp_path: Path, request: tuple[str, str, str, list[tuple[str, str]]]
+) -> None:
+    _run(tmp_path, False, request, cache=True)
 
 
 def test_fuzz_harness_sees_upstream_requests(tmp_path: Path) -> None:
