@@ -1172,7 +1172,8 @@ async def test_a_token_service_timeout_mid_body_is_504_in_auth_mode(tmp_path):
     }
     async with relay(stalled_token_handler, overrides) as r:
         response = await r.client.get(
-            "/v2/alpine/manifests/latest", headers={"authorization": "Bearer ci-token-0123456789abcdef"}
+            "/v2/alpine/manifests/latest",
+            headers={"authorization": "Bearer ci-token-0123456789abcdef"},
         )
     assert_gateway_timeout(response)
 
