@@ -20,12 +20,12 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-import trustme
 
 from tests.infra import require_binary
 from tests.infra.relay import RelayProcess, pull_token
 from tests.integration.test_cache import push_unique
 from tests.integration.test_pull import _big_layer
+from tests.security.wire import make_pki
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -40,14 +40,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("h2-pki")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    files = {"ca": base / "ca.pem", "cert": base / "cert.pem", "key": base / "key.pem"}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    files["cert"].write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(files["key"]))
-    return files
+    return make_pki(tmp_path_factory.mktemp("h2-pki"))
 
 
 def _relay(tmp: Path, hub: Hub, pki: dict[str, Path], *, cache: bool) -> RelayProcess:

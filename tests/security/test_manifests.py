@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import subprocess
-import threading
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from tests.infra import require_binary
-from tests.infra._http import QuietThreadingHTTPServer
+from tests.infra._http import QuietThreadingHTTPServer, serve_in_thread, stop_server
 from tests.infra.oci import (
     MT_DOCKER_LIST,
     MT_DOCKER_MANIFEST,
@@ -244,13 +243,10 @@ class WeighingRegistry:
 
         self.server = QuietThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.thread = serve_in_thread(self.server, type(self).__name__)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        stop_server(self.server, self.thread)
 
 
 @pytest.fixture(scope="module")
@@ -378,13 +374,10 @@ class HostileRegistry:
 
         self.server = QuietThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.thread = serve_in_thread(self.server, type(self).__name__)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        stop_server(self.server, self.thread)
 
 
 @pytest.fixture(scope="module")
