@@ -6,6 +6,7 @@ library on both ends, no sockets): frames, flow control and END_STREAM as a clie
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -29,6 +30,7 @@ from vpsrelay import hypercorn_patches
 from vpsrelay.core.connslots import ConnectionSlots
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 # sha256 of the source of each function the patches wrap, replace or rely on, as of
@@ -279,6 +281,86 @@ async def test_connections_over_the_address_cap_are_closed_unserved(
     for peer, server in zip(peers, servers, strict=True):
         peer.close()
         await server.stream.aclose()
+
+
+class _SilentProtocol:
+    """What `_read_data` and `protocol_send` need of Hypercorn's protocol: bytes read are
+    dropped, as the app drops a GET's body or h2 a WINDOW_UPDATE that needs no answer."""
+
+    protocol = None
+
+    async def handle(self, event: object) -> None:
+        pass
+
+
+STALL = 0.5
+
+
+async def _serve_one_big_write(
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    peer_step: Callable[[trio.socket.SocketType], Awaitable[None]],
+) -> tuple[float, list[str]]:
+    """A connection with a request in flight whose response is one `size`-byte write, the
+    peer running `peer_step` every 0.05 s; (seconds the connection lasted, refusals)."""
+    from types import SimpleNamespace
+
+    from hypercorn.trio.tcp_server import TCPServer
+
+    async def serve(self: hypercorn_patches.RelayTCPServer) -> None:
+        self.protocol = _SilentProtocol()  # type: ignore[assignment]
+        self._busy = True
+        async with trio.open_nursery() as nursery:
+            self._task_group = SimpleNamespace(_nursery=nursery)  # type: ignore[assignment]
+            nursery.start_soon(self._read_data)
+            await self.protocol_send(RawData(b"x" * size))
+            nursery.cancel_scope.cancel()  # answered: done
+
+    monkeypatch.setattr(TCPServer, "run", serve)
+    refused: list[str] = []
+    policy = _policy(stall_timeout=STALL, on_refused=lambda reason, detail: refused.append(reason))
+    server, peer = await _server_on_socketpair(policy)
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+
+        async def run_peer() -> None:
+            # Bounded: the peer then hangs up, which ends even a shielded write.
+            with peer, contextlib.suppress(OSError), trio.move_on_after(20 * STALL):
+                while True:
+                    await peer_step(peer)
+                    await trio.sleep(0.05)
+
+        nursery.start_soon(run_peer)
+        await server.run()
+        nursery.cancel_scope.cancel()
+    await server.stream.aclose()
+    return trio.current_time() - began, refused
+
+
+async def test_a_write_pending_for_the_stall_timeout_closes_the_connection_whatever_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The peer reads nothing and sends a byte every 0.05 s (a trickled GET body, HTTP/2
+    WINDOW_UPDATEs): every byte read counted as progress, so the shielded write waited,
+    and held the connection, for good."""
+
+    async def trickle(peer: trio.socket.SocketType) -> None:
+        await peer.send(b"a")
+
+    lasted, refused = await _serve_one_big_write(monkeypatch, 8 * 1024 * 1024, trickle)
+    assert refused == [hypercorn_patches.STALLED]
+    assert STALL <= lasted < 10 * STALL
+
+
+async def test_a_client_reading_slowly_is_not_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each 64 KiB piece is taken within the stall timeout: the write goes to its end."""
+
+    async def read_some(peer: trio.socket.SocketType) -> None:
+        await peer.recv(64 * 1024)
+
+    lasted, refused = await _serve_one_big_write(monkeypatch, 1024 * 1024, read_some)
+    assert refused == []
+    assert lasted < 20 * STALL
 
 
 class _Pair:

@@ -491,7 +491,9 @@ class RelayApp:
 
     async def _token(self, exchange: Exchange, route: routing.Route) -> None:
         if exchange.method == "POST":
-            raw = (await _read_body(exchange)).decode("utf-8", "replace")
+            # A form is sent with its head: it gets the time a head gets.
+            form = await _read_body(exchange, self.settings.server.head_timeout)
+            raw = form.decode("utf-8", "replace")
             params = parse_qsl(raw, keep_blank_values=True)
         else:
             params = parse_qsl(exchange.query, keep_blank_values=True)
@@ -647,18 +649,28 @@ def _upstream_query(query: str, route: routing.Route) -> str:
     return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowed])
 
 
-async def _read_body(exchange: Exchange) -> bytes:
+async def _read_body(exchange: Exchange, seconds: float) -> bytes:
+    """The request body (the `/token` form): at most `MAX_TOKEN_FORM_BYTES`, all of it
+    within `seconds`. A form left unfinished (HTTP/2 PINGs, a byte now and then
+    over HTTP/1.1) kept its stream busy and its connection open for good.
+
+    Raises:
+        RequestTooLarge: over `MAX_TOKEN_FORM_BYTES` (413).
+        ClientTooSlow: not all there after `seconds` (408).
+    """
     body = bytearray()
-    while True:
-        message = await exchange.receive()
-        if message["type"] == "http.disconnect":
-            exchange.disconnected = True
-            raise UpstreamProtocolError("client went away")
-        body += message.get("body", b"")
-        if len(body) > MAX_TOKEN_FORM_BYTES:
-            raise RequestTooLarge(f"request body over {MAX_TOKEN_FORM_BYTES} bytes")
-        if not message.get("more_body", False):
-            return bytes(body)
+    with trio.move_on_after(seconds):
+        while True:
+            message = await exchange.receive()
+            if message["type"] == "http.disconnect":
+                exchange.disconnected = True
+                raise UpstreamProtocolError("client went away")
+            body += message.get("body", b"")
+            if len(body) > MAX_TOKEN_FORM_BYTES:
+                raise RequestTooLarge(f"request body over {MAX_TOKEN_FORM_BYTES} bytes")
+            if not message.get("more_body", False):
+                return bytes(body)
+    raise ClientTooSlow(f"request body not complete within {seconds:g} s", reason="body_timeout")
 
 
 async def upstream_chunks(

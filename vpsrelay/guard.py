@@ -1,11 +1,11 @@
 """The guard: applies the access policies of `core.access` to each request.
 
-Before routing reaches any upstream: request target, Host, client IP, User-Agent,
-header count and request rate. After routing: repository allow/deny lists. Around a
-blob download: streams per client (an IPv4 address, an IPv6 /64), the traffic budget
-(a download must fit in what is left to start, and holds a bounded look-ahead past what
-it has sent; counters in the data dir, written atomically after every download so they
-survive restarts) and the bandwidth cap.
+Before routing reaches any upstream: request target, a GET or HEAD body, Host, client
+IP, User-Agent, header count and request rate. After routing: repository allow/deny
+lists. Around a blob download: streams per client (an IPv4 address, an IPv6 /64), the
+traffic budget (a download must fit in what is left to start, and holds a bounded
+look-ahead past what it has sent; counters in the data dir, written atomically after
+every download so they survive restarts) and the bandwidth cap.
 
 Every refusal, here or anywhere else in the relay, passes `record`, which logs the
 reason and counts it in `refusals` (what the metrics endpoint reads).
@@ -105,6 +105,7 @@ class Guard:
             RelayError: the first rule the request breaks (its `reason` names the rule).
         """
         access.check_request_target(method, raw_path)
+        access.check_request_body(method, headers)
         if len(headers) > self.max_headers:
             raise HeadersTooLarge(
                 f"more than {self.max_headers} request headers", reason="too_many_headers"

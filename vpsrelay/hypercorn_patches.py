@@ -158,6 +158,11 @@ def apply() -> bool:
 #   included) to its first complete request head, and an HTTP/1.1 head that has begun
 #   the same time to complete: a head trickled a byte at a time held its slot until
 #   the keep-alive timeout;
+# * closes a connection whose request has had no byte read from or written to its client
+#   for `server.stall_timeout`, and one with a single write piece pending that long
+#   whatever it reads: bytes a client trickles in (a GET body the app throws away, HTTP/2
+#   WINDOW_UPDATEs that need no answer) while it reads nothing held the write, and the
+#   connection, for good (the write is shielded, so the app's `send_timeout` cannot end it);
 # * applies `read_timeout` only while the connection waits for a request: Hypercorn's own
 #   applies to every read, so a long download (the client sends nothing while it
 #   receives a 10 GiB layer) was cut after `read_timeout` seconds;
@@ -222,6 +227,7 @@ class RelayTCPServer(TCPServer):
     _head_deadline = math.inf
     _first_head_deadline = math.inf  # the accept's: for the first head
     _last_progress = -math.inf  # trio clock: a byte read, a piece written, a request begun
+    _write_started = math.inf  # trio clock: when the pending write piece began; inf: none
 
     async def run(self) -> None:
         policy: ConnectionPolicy | None = getattr(self.config, _POLICY_ATTRIBUTE, None)
@@ -263,24 +269,32 @@ class RelayTCPServer(TCPServer):
 
     async def _close_when_stalled(self, policy: ConnectionPolicy, peer: str) -> None:
         """Close the connection once a request has been in flight `stall_timeout` seconds
-        without a byte read from or written to the client: one that stopped reading (its
+        without a byte read from or written to the client, or once one write piece has
+        waited that long for the client whatever it sends: one that stopped reading (its
         shielded write waited for good) or keeps its HTTP/2 window shut held its slot,
         and the upstream download behind it, forever."""
         self._last_progress = trio.current_time()
         while True:
-            await trio.sleep_until(self._last_progress + policy.stall_timeout)
+            # A write that starts later than now has its deadline after this one.
+            await trio.sleep_until(
+                min(self._last_progress, self._write_started) + policy.stall_timeout
+            )
             now = trio.current_time()
-            if not self._busy:
-                self._last_progress = now  # idle: the head and keep-alive timeouts apply
-            elif now - self._last_progress >= policy.stall_timeout:
-                policy.on_refused(
-                    STALLED,
-                    f"{peer}: nothing read or written for "
-                    f"{policy.stall_timeout:g}s with a request in flight",
+            if now - self._write_started >= policy.stall_timeout:
+                detail = f"one write waited {policy.stall_timeout:g}s for the client to read"
+            elif self._busy and now - self._last_progress >= policy.stall_timeout:
+                detail = (
+                    f"nothing read or written for {policy.stall_timeout:g}s "
+                    "with a request in flight"
                 )
-                # The transport, not the TLS stream: its close wakes a blocked write.
-                await _transport(self.stream).aclose()
-                return
+            else:
+                if not self._busy:
+                    self._last_progress = now  # idle: the head and keep-alive timeouts apply
+                continue
+            policy.on_refused(STALLED, f"{peer}: {detail}")
+            # The transport, not the TLS stream: its close wakes a blocked write.
+            await _transport(self.stream).aclose()
+            return
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -290,10 +304,14 @@ class RelayTCPServer(TCPServer):
                     # Shielded as Hypercorn's: no half-sent frames.
                     with trio.CancelScope(shield=True), memoryview(event.data) as data:
                         for offset in range(0, len(data), _SEND_PIECE):
+                            self._write_started = trio.current_time()
                             await self.stream.send_all(data[offset : offset + _SEND_PIECE])
                             self._last_progress = trio.current_time()
+                            self._write_started = math.inf
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     broken = True
+                finally:
+                    self._write_started = math.inf
             if broken:  # outside the lock: closing may send (an HTTP/2 reset)
                 await self.protocol.handle(Closed())
             return

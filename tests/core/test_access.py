@@ -140,6 +140,33 @@ def test_request_target(method, target, error, reason):
 
 
 @pytest.mark.parametrize(
+    ("method", "headers", "refused"),
+    [
+        ("GET", (), False),
+        ("GET", (("content-length", "0"),), False),
+        ("HEAD", (("content-length", " 0 "),), False),
+        ("POST", (("content-length", "120"),), False),  # the /token form
+        ("POST", (("transfer-encoding", "chunked"),), False),
+        ("GET", (("content-length", "1000000"),), True),
+        ("HEAD", (("content-length", "1"),), True),
+        ("GET", (("transfer-encoding", "chunked"),), True),
+        ("GET", (("transfer-encoding", "identity"),), True),
+        ("GET", (("content-length", "junk"),), True),
+    ],
+)
+def test_a_get_or_head_with_a_body_is_refused(method, headers, refused):
+    """A GET body is thrown away by the relay: trickled while its client read nothing, it
+    kept the download and the connection alive (issue 12 follow-up, finding 1)."""
+    if not refused:
+        access.check_request_body(method, headers)
+        return
+    with pytest.raises(BadRequest) as caught:
+        access.check_request_body(method, headers)
+    assert caught.value.reason == "body_not_allowed"
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
     ("host", "name"),
     [
         ("Relay.Example:443", "relay.example"),

@@ -15,6 +15,7 @@ import contextlib
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 import h2.events
+import h2.settings
 import pytest
 
 from tests.infra.relay import RelayProcess, pull_token
@@ -44,7 +46,7 @@ from tests.security.wire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from tests.infra.hub import Hub
@@ -445,3 +447,180 @@ def test_a_client_that_stops_reading_does_not_hold_its_connection(
         assert "stalled_connection" in relay.log_text()
         assert "Traceback" not in relay.log_text()  # closed by the policy, not by an error
         assert_serving(relay, pki)
+
+
+# --- follow-up: cheap bytes in, nothing read out ----------------------------------------------
+#
+# A connection that is sent a trickle of bytes while it reads nothing, or whose request body
+# never ends: every byte read counted as progress, so neither the stall timer nor the app's
+# send_timeout (the write is shielded) ended it, and its slot, upstream connection and
+# buffers were held for good.
+
+SHORT = {"head_timeout": 2.0, "stall_timeout": 3.0, "keep_alive_timeout": 3.0}
+ATTACK_SECONDS = 15.0  # how long a test keeps an attack up; held that long: not cut
+TRICKLE_EVERY = 0.5
+
+
+@pytest.fixture(scope="module")
+def short_relay(
+    hub: Hub, tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]
+) -> Iterator[RelayProcess]:
+    """Short head, stall and keep-alive timeouts; `send_timeout` shorter than the stall
+    timeout, so the app gives up first (and its stream reset waits for the send lock)."""
+    workdir = tmp_path_factory.mktemp("conn-short")
+    config = workdir / "relay.toml"
+    server = "\n".join(f"{key} = {value}" for key, value in SHORT.items())
+    config.write_text(f"[server]\n{server}\n[limits]\nsend_timeout = 2.0\n")
+    with _open_relay(workdir / "relay", hub, pki, "--config", str(config)) as relay:
+        yield relay
+
+
+def _refusals(relay: RelayProcess, reason: str) -> int:
+    return relay.log_text().count(f"reason={reason}")
+
+
+def _held_while(
+    relay: RelayProcess, reasons: tuple[str, ...], step: Callable[[], None]
+) -> float | None:
+    """Run `step` every `TRICKLE_EVERY` s until the relay logs one more refusal for one of
+    `reasons`, for at most `ATTACK_SECONDS`; the seconds it took, or None (still held)."""
+    before = {reason: _refusals(relay, reason) for reason in reasons}
+    began = time.monotonic()
+    while time.monotonic() - began < ATTACK_SECONDS:
+        with contextlib.suppress(OSError):  # the relay hung up: the log says why
+            step()
+        if any(_refusals(relay, reason) > count for reason, count in before.items()):
+            return time.monotonic() - began
+        time.sleep(TRICKLE_EVERY)
+    return None
+
+
+def _assert_let_go(sock: socket.socket, relay: RelayProcess, took: float | None, what: str) -> None:
+    """The relay stopped holding the connection within the stall timeout and a margin,
+    and closed it: what was sent before is drained, far short of the 300 MiB blob."""
+    print(f"{what}: let go after {took if took is None else round(took, 2)} s")
+    assert took is not None, f"{what}: held for {ATTACK_SECONDS} s\n{relay.log_text()[-2000:]}"
+    assert took <= SHORT["stall_timeout"] + 8.0  # a loaded machine's margin
+    received, closed = _bytes_until_closed(sock, 64 * 1024 * 1024, IO_TIMEOUT)
+    assert closed, f"{what}: still open after {received} bytes"
+    assert "Traceback" not in relay.log_text()
+
+
+def test_a_get_with_a_trickled_body_does_not_hold_its_connection(
+    short_relay: RelayProcess, hub: Hub, pki: dict[str, Path]
+) -> None:
+    """HTTP/1.1: a blob GET announcing a 1 MB body, the answer never read, a body byte every
+    0.5 s. The relay threw the body away, each byte counted as progress, and the write
+    waited for good (held 20 s against a 3 s stall timeout). Now the GET is refused."""
+    relay = short_relay
+    bearer = pull_token(plain_url(relay), "big")
+    sock = connect(relay, "http1", pki)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(
+            f"GET /v2/big/blobs/{big_layer(hub)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {bearer}\r\nContent-Length: 1000000\r\n\r\n".encode()
+        )
+        took = _held_while(
+            relay, ("body_not_allowed", "stalled_connection"), lambda: sock.sendall(b"a")
+        )
+        _assert_let_go(sock, relay, took, "trickled GET body")
+    finally:
+        cut(sock)
+    assert_serving(relay, pki)
+
+
+def _window_update(increment: int) -> bytes:
+    """A connection-level WINDOW_UPDATE frame (13 bytes; RFC 9113 6.9)."""
+    return struct.pack(">HBBBLL", 0, 4, 0x8, 0, 0, increment)
+
+
+@pytest.mark.parametrize("transport", ["h2c", "h2tls"])
+def test_window_updates_do_not_keep_an_unread_h2_connection(
+    short_relay: RelayProcess, hub: Hub, pki: dict[str, Path], transport: str
+) -> None:
+    """HTTP/2: wide windows, a blob GET, nothing read from TCP, a 13-byte connection-level
+    WINDOW_UPDATE every 0.5 s. Those need no answer, so the relay read them as progress
+    while its write waited; send_timeout ended the stream, whose reset then waited for
+    the send lock: held 15 s against a 3 s stall and a 3 s keep-alive timeout."""
+    relay = short_relay
+    bearer = pull_token(plain_url(relay), "big")
+    sock = connect(relay, transport, pki)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client = H2Client(sock, "127.0.0.1")
+        wide = 2**30  # leaves room below 2**31 - 1 for the increments that follow
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: wide})
+        client.conn.increment_flow_control_window(wide - 65535)
+        client.get(f"/v2/big/blobs/{big_layer(hub)}", (("authorization", f"Bearer {bearer}"),))
+        took = _held_while(relay, ("stalled_connection",), lambda: sock.sendall(_window_update(1)))
+        _assert_let_go(sock, relay, took, f"{transport} WINDOW_UPDATEs")
+    finally:
+        cut(sock)
+    assert_serving(relay, pki)
+
+
+def _status_within(read: Callable[[], bytes | None], seconds: float) -> tuple[bytes, float]:
+    """`read()` until it returns a status line or code (None: nothing yet), for at most
+    `seconds`; (what it returned or b"", seconds taken)."""
+    began = time.monotonic()
+    while time.monotonic() - began < seconds:
+        status = read()
+        if status:
+            return status, time.monotonic() - began
+    return b"", time.monotonic() - began
+
+
+@pytest.mark.parametrize("transport", ["http1", "h2c"])
+def test_an_unfinished_token_form_does_not_hold_its_stream(
+    short_relay: RelayProcess, pki: dict[str, Path], transport: str
+) -> None:
+    """`POST /token` whose form never ends: over HTTP/1.1 a byte of it every 0.5 s, over
+    HTTP/2 the HEADERS without END_STREAM and then only PINGs. The form had no deadline:
+    held 21 s. Now it gets `server.head_timeout` and a 408 (OCI JSON) after it."""
+    relay = short_relay
+    head_timeout = SHORT["head_timeout"]
+    form_head = (("content-type", "application/x-www-form-urlencoded"),)
+    sock = connect(relay, transport, pki)
+    try:
+        if transport == "http1":
+            sock.sendall(
+                b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n\r\ngrant_type="
+            )
+
+            def read() -> bytes | None:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"a")
+                answer = drain_some(sock, 4096, timeout=TRICKLE_EVERY)
+                return answer.split(b"\r\n", 1)[0] if answer else None
+
+        else:
+            client = H2Client(sock, "127.0.0.1")
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(
+                stream_id,
+                [(":method", "POST"), (":path", "/token"), (":scheme", "http"),
+                 (":authority", "127.0.0.1"), *form_head],
+            )  # fmt: skip
+            client.flush()
+
+            def read() -> bytes | None:
+                with contextlib.suppress(OSError):
+                    client.conn.ping(b"12345678")
+                    client.flush()
+                for event in client.read(timeout=TRICKLE_EVERY):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        return dict(event.headers)[b":status"]
+                return None
+
+        status, took = _status_within(read, ATTACK_SECONDS)
+        print(f"{transport} unfinished /token form: {status!r} after {took:.2f} s")
+        assert status, f"{transport}: no answer in {ATTACK_SECONDS} s"
+        assert b"408" in status
+        assert head_timeout - 0.5 <= took <= head_timeout + 8.0
+    finally:
+        cut(sock)
+    assert "reason=body_timeout" in relay.log_text()
+    assert "Traceback" not in relay.log_text()
+    assert_serving(relay, pki)

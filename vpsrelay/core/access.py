@@ -7,7 +7,8 @@ the rule; `vpsrelay.guard` applies them per request and counts the refusals.
 * IP allow/deny lists (CIDR), on the real client address.
 * Repository allow/deny globs per registry: `*` is one path segment, `**` any number.
 * User-Agent deny patterns (regular expressions, case-insensitive).
-* Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts.
+* Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts,
+  a GET or HEAD with a body.
 * Limits: a token bucket per key (request rate, stream bandwidth), a concurrency
   counter per key (`limit_key`: an IPv4 address, an IPv6 /64), and a traffic budget
   per UTC day and month, total and per user.
@@ -193,6 +194,25 @@ def check_request_target(method: str, raw_path: str) -> None:
         raise BadRequest(
             "this relay is not a proxy: only origin-form request targets", reason="absolute_form"
         )
+
+
+# Methods whose request carries no body (RFC 9110 §9.3.1-2 gives it no meaning).
+BODILESS_METHODS = frozenset({"GET", "HEAD"})
+
+
+def check_request_body(method: str, headers: Iterable[tuple[str, str]]) -> None:
+    """Refuse a GET or HEAD that announces a body (`Content-Length` above 0, or any
+    `Transfer-Encoding`): no registry client sends one, and one trickled a byte at a time
+    while its client read nothing kept a blob download and its connection alive.
+
+    Raises:
+        BadRequest: 400, reason `body_not_allowed`.
+    """
+    if method not in BODILESS_METHODS:
+        return
+    for name, value in headers:
+        if name == "transfer-encoding" or (name == "content-length" and value.strip() != "0"):
+            raise BadRequest(f"a {method} request carries no body", reason="body_not_allowed")
 
 
 def host_name(host: str) -> str:
