@@ -107,9 +107,10 @@ class Exchange:
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def _send(self, message: Message) -> None:
-        """One ASGI send, which waits while the client takes nothing (HTTP/2 flow control,
-        a full socket buffer): past the deadline the stream ends, and with it whatever
-        upstream connection fed it."""
+        """One ASGI send, which waits while the client takes nothing (an HTTP/2 window it
+        keeps shut): past the deadline the stream ends, and with it whatever upstream
+        connection fed it. Over HTTP/1.1 Hypercorn's socket write cannot be interrupted
+        from here; the connection's stall timeout (`hypercorn_patches`) ends that one."""
         with trio.move_on_after(self.send_timeout) as deadline:
             await self.send(message)
         if deadline.cancelled_caught:

@@ -547,8 +547,8 @@ class LimitsConfig:
     streams_per_ip: int = _option(0, _limit, "blob downloads at once per client IP")
     ipv6_prefix_length: int = _option(64, _ipv6_prefix, "IPv6 clients share per-IP limits per /N")
     stream_bytes_per_second: int = _option(0, _size, "bandwidth cap per blob download")
-    # A client that stops reading (an HTTP/2 window it never opens, a full TCP buffer) would
-    # otherwise hold its stream, and the upstream connection behind it, for good.
+    # An HTTP/2 client that never opens its window would otherwise hold its stream, and the
+    # upstream connection behind it, for good (HTTP/1.1: server.stall_timeout).
     send_timeout: float = _option(
         60.0, _seconds, "seconds a client may take to accept a piece of a response"
     )
