@@ -12,11 +12,9 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import trio
@@ -27,16 +25,19 @@ from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
-from vpsrelay.errors import (
-    ClientError,
-    ClientTooSlow,
-    Denied,
-    NotFound,
-    RelayError,
-    RequestTooLarge,
-    UpstreamProtocolError,
+from vpsrelay.errors import ClientError, Denied, NotFound, RelayError
+from vpsrelay.exchange import (
+    API_VERSION_HEADER,
+    Exchange,
+    Receive,
+    Scope,
+    Send,
+    content_length,
+    read_request_body,
+    serve_lifespan,
+    watch_disconnect,
 )
-from vpsrelay.guard import DownloadMeter, Guard
+from vpsrelay.guard import Guard
 from vpsrelay.health import Health
 from vpsrelay.metrics import Metrics
 from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, Upstream, read_body
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
     from vpsrelay.cache.store import BlobStore
     from vpsrelay.config import RegistryConfig, Settings
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 # Sees the upstream's answer before the client does; True: it answered the client itself.
 RelayHook = Callable[["httpx.Response", header_policy.Headers], Awaitable[bool]]
 
@@ -59,77 +56,6 @@ access_log = logging.getLogger("vpsrelay.access")
 log = logging.getLogger("vpsrelay.app")
 
 MAX_TOKEN_FORM_BYTES = 64 * 1024
-API_VERSION_HEADER = ("docker-distribution-api-version", "registry/2.0")
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One client request and what the relay did with it (for the access log)."""
-
-    method: str
-    path: str
-    query: str
-    headers: tuple[tuple[str, str], ...]
-    view: forwarding.ClientView
-    receive: Receive
-    send: Send
-    peer: str = ""
-    started: float = field(default_factory=time.monotonic)
-    status: int = 0
-    bytes_sent: int = 0
-    upstream_seconds: float | None = None
-    disconnected: bool = False
-    aborted: bool = False
-    route: routing.Route | None = None
-    user: str | None = None  # who authenticated (the relay token's user), with access control
-    cache: str | None = None  # "hit" / "miss", set by the blob cache
-    upstream_status: int | None = None
-    extra_headers: list[tuple[str, str]] = field(default_factory=list)
-    raw_path: str = "/"  # the request target as sent, for the guard's checks
-    meter: DownloadMeter | None = None  # a blob download's budget hold and bandwidth cap
-    # How long one send may wait for the client to take it (`limits.send_timeout`).
-    send_timeout: float = math.inf
-
-    async def start(self, status: int, headers: header_policy.Headers) -> None:
-        if self.meter is not None:
-            # Before the head goes out: a download the budget cannot take is a clean 429.
-            self.meter.start(status, _content_length(header_policy.get(headers, "content-length")))
-        self.status = status
-        raw = [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in (*headers, *self.extra_headers)
-        ]
-        await self._send({"type": "http.response.start", "status": status, "headers": raw})
-
-    async def body(self, chunk: bytes, *, more: bool) -> None:
-        if self.meter is not None and chunk:
-            await self.meter.sent(len(chunk))  # first: a piece the budget refuses is not sent
-        self.bytes_sent += len(chunk)
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
-
-    async def _send(self, message: Message) -> None:
-        """One ASGI send, which waits while the client takes nothing (an HTTP/2 window it
-        keeps shut): past the deadline the stream ends, and with it whatever upstream
-        connection fed it. Over HTTP/1.1 Hypercorn's socket write cannot be interrupted
-        from here; the connection's stall timeout (`hypercorn_patches`) ends that one."""
-        with trio.move_on_after(self.send_timeout) as deadline:
-            await self.send(message)
-        if deadline.cancelled_caught:
-            raise ClientTooSlow(
-                f"the client accepted nothing for {self.send_timeout:g} s", reason="send_timeout"
-            )
-
-    async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
-        length = ("content-length", str(len(body)))
-        await self.start(status, (*headers, length, API_VERSION_HEADER))
-        await self.body(b"" if self.method == "HEAD" else body, more=False)
-
-    async def respond_error(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
-        """`respond` with an error; a client that takes not even that is left (aborted)."""
-        try:
-            await self.respond(status, headers, body)
-        except ClientTooSlow as exc:
-            self.aborted = True
-            log.info("%s %s: no error answer either: %s", self.method, self.path, exc)
 
 
 class RelayApp:
@@ -368,7 +294,7 @@ class RelayApp:
             if exchange.meter is not None and 200 <= response.status_code < 300:
                 # Admitted before the hook, where a cache fill would begin for a download
                 # the budget then refused.
-                exchange.meter.admit(_content_length(response.headers.get("content-length")))
+                exchange.meter.admit(content_length(response.headers.get("content-length")))
             # What a redirect target (a CDN) says about authentication is not the
             # registry's word: only the registry's own answers teach the relay its realm.
             own_answer = self.upstream.is_own_origin(registry.name, str(response.url))
@@ -493,7 +419,9 @@ class RelayApp:
     async def _token(self, exchange: Exchange, route: routing.Route) -> None:
         if exchange.method == "POST":
             # A form is sent with its head: it gets the time a head gets.
-            form = await _read_body(exchange, self.settings.server.head_timeout)
+            form = await read_request_body(
+                exchange, self.settings.server.head_timeout, MAX_TOKEN_FORM_BYTES
+            )
             raw = form.decode("utf-8", "replace")
             params = parse_qsl(raw, keep_blank_values=True)
         else:
@@ -597,10 +525,6 @@ def registry_table(settings: Settings) -> RegistryTable:
     return RegistryTable(registries, [d for d in base_domains if d])
 
 
-def _content_length(value: str | None) -> int | None:
-    return int(value) if value is not None and value.strip().isdigit() else None
-
-
 # What an open relay's `/token` answers instead of a token: for a registry that needs none
 # (`anonymous`), and for one the relay holds the operator's credentials for (the relay
 # attaches its own token upstream). Never sent upstream.
@@ -650,30 +574,6 @@ def _upstream_query(query: str, route: routing.Route) -> str:
     return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowed])
 
 
-async def _read_body(exchange: Exchange, seconds: float) -> bytes:
-    """The request body (the `/token` form): at most `MAX_TOKEN_FORM_BYTES`, all of it
-    within `seconds`. A form left unfinished (HTTP/2 PINGs, a byte now and then
-    over HTTP/1.1) kept its stream busy and its connection open for good.
-
-    Raises:
-        RequestTooLarge: over `MAX_TOKEN_FORM_BYTES` (413).
-        ClientTooSlow: not all there after `seconds` (408).
-    """
-    body = bytearray()
-    with trio.move_on_after(seconds):
-        while True:
-            message = await exchange.receive()
-            if message["type"] == "http.disconnect":
-                exchange.disconnected = True
-                raise UpstreamProtocolError("client went away")
-            body += message.get("body", b"")
-            if len(body) > MAX_TOKEN_FORM_BYTES:
-                raise RequestTooLarge(f"request body over {MAX_TOKEN_FORM_BYTES} bytes")
-            if not message.get("more_body", False):
-                return bytes(body)
-    raise ClientTooSlow(f"request body not complete within {seconds:g} s", reason="body_timeout")
-
-
 async def upstream_chunks(
     response: httpx.Response, what: str, app: RelayApp, exchange: Exchange
 ) -> AsyncGenerator[bytes]:
@@ -682,24 +582,3 @@ async def upstream_chunks(
     async for chunk in response.aiter_raw():
         observe.upstream_read(app, exchange, chunk)
         yield chunk
-
-
-async def watch_disconnect(exchange: Exchange, cancel_scope: trio.CancelScope) -> None:
-    """Cancel the stream when the client goes away, so the upstream request is dropped."""
-    while True:
-        message = await exchange.receive()
-        if message["type"] == "http.disconnect":
-            exchange.disconnected = True
-            cancel_scope.cancel()
-            return
-
-
-async def serve_lifespan(receive: Receive, send: Send) -> None:
-    """Answer the ASGI lifespan protocol (Hypercorn's trio worker needs an answer)."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 from vpsrelay import landing
 from vpsrelay.core import forwarding, headers as header_policy, logline, ratelimit, routing
 from vpsrelay.errors import RelayError, UpstreamError
+from vpsrelay.exchange import Exchange, serve_lifespan
 from vpsrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, NO_REGISTRY
 
 if TYPE_CHECKING:
     import httpx
 
-    from vpsrelay.app import Exchange, Receive, RelayApp, Scope, Send
+    from vpsrelay.app import RelayApp
+    from vpsrelay.exchange import Receive, Scope, Send
 
 access = logging.getLogger("vpsrelay.access")
 log = logging.getLogger("vpsrelay.observe")
@@ -232,8 +234,6 @@ class OperatorApp:
         self.relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from vpsrelay.app import Exchange, serve_lifespan
-
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send)
             return

@@ -40,14 +40,14 @@ from cryptography.x509.oid import NameOID
 
 from vpsrelay import certs
 from vpsrelay.core import acme_http, clienthello
+from vpsrelay.exchange import serve_lifespan
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
     from pathlib import Path
 
-    Message = MutableMapping[str, Any]
-    Receive = Callable[[], Awaitable[Message]]
-    Send = Callable[[Message], Awaitable[None]]
+    from vpsrelay.exchange import Message, Receive, Send
+
     ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("vpsrelay.tls")
@@ -297,8 +297,6 @@ class PlainPort:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            from vpsrelay.app import serve_lifespan  # late: the app module is the larger one
-
             await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":

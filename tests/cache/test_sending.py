@@ -17,7 +17,7 @@ from vpsrelay.errors import UpstreamError
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from vpsrelay.app import Exchange
+    from vpsrelay.exchange import Exchange
 
 BODY = b"0123456789" * 100
 DIGEST = "sha256:" + "0" * 64  # never verified here: the store's pump is not run

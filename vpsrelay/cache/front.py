@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import trio
 
 from vpsrelay import observe
-from vpsrelay.app import upstream_chunks, watch_disconnect
+from vpsrelay.app import upstream_chunks
 from vpsrelay.cache.sending import (
     READ_CHUNK,
     READ_THREADS,
@@ -39,16 +39,17 @@ from vpsrelay.core import cachepolicy as policy, headers as header_policy, routi
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
+from vpsrelay.exchange import API_VERSION_HEADER, watch_disconnect
 from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
 
 if TYPE_CHECKING:
     import httpx
 
-    from vpsrelay.app import Exchange, RelayApp
+    from vpsrelay.app import RelayApp
+    from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
 
-API_VERSION_HEADER = ("docker-distribution-api-version", "registry/2.0")
 STALE_WARNING = ("warning", '110 vpsrelay "Response is Stale"')
 CACHE_HEADER = "x-vpsrelay-cache"
 PROBE_TIMEOUT = 10.0

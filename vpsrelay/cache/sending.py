@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.app import watch_disconnect
 from vpsrelay.cache.store import FillState
 from vpsrelay.core.digest import held_back
 from vpsrelay.errors import RelayError, UpstreamError
+from vpsrelay.exchange import watch_disconnect
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from vpsrelay.app import Exchange
     from vpsrelay.cache.store import DiskSpill, Fill
     from vpsrelay.core.digest import Verifier
+    from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
 
