@@ -22,6 +22,7 @@ from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
 from vpsrelay.core.connslots import ConnectionSlots
+from vpsrelay.operator_paths import OperatorApp
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -100,14 +101,12 @@ async def _serve_operator(
     nursery: trio.Nursery, settings: Settings, app: RelayApp, stop: trio.Event
 ) -> None:
     """`/metrics` (and /readyz, /healthz) on their own address: `metrics.listen`."""
-    from vpsrelay.observe import OperatorApp
-
     assert settings.metrics.listen is not None
     config = hypercorn_config(settings)
     config.bind = [_bind(settings.metrics.listen)]
     serve = partial(
         hypercorn.trio.serve,
-        OperatorApp(app),  # type: ignore[arg-type]
+        OperatorApp(app.operator),  # type: ignore[arg-type]
         config,
         shutdown_trigger=stop.wait,
     )

@@ -1,7 +1,7 @@
 """The cache between the app and the upstream: hits, fills, manifests, authorization.
 
-`RelayApp` hands manifest and blob requests here. A hit is answered from disk;
-a miss goes upstream through `RelayApp._relay` with a hook that sees the
+`RelayApp` hands manifest and blob requests here. A hit is answered from the store;
+a miss goes upstream through `Forwarder.relay` with a hook that sees the
 upstream's answer before the client does: a blob's 200 becomes a `Fill` that
 every concurrent client reads, a manifest's 200 is stored and tagged.
 The decisions (authorization, freshness, ranges, eviction) are in
@@ -24,8 +24,6 @@ from urllib.parse import urlencode
 
 import trio
 
-from vpsrelay import observe
-from vpsrelay.app import upstream_chunks
 from vpsrelay.cache.sending import (
     READ_CHUNK,
     READ_THREADS,
@@ -45,8 +43,9 @@ from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
 if TYPE_CHECKING:
     import httpx
 
-    from vpsrelay.app import RelayApp
+    from vpsrelay.cache.index import Tag
     from vpsrelay.exchange import Exchange
+    from vpsrelay.forward import Forwarder, RelayHook
 
 log = logging.getLogger("vpsrelay.cache")
 
@@ -59,8 +58,12 @@ JOIN_ATTEMPTS = 3
 class CacheFront:
     """Serves manifests and blobs from the `BlobStore`, filling it from the upstream."""
 
-    def __init__(self, app: RelayApp, store: BlobStore) -> None:
-        self.app = app
+    def __init__(self, forwarder: Forwarder, store: BlobStore) -> None:
+        self.forwarder = forwarder
+        self.upstream = forwarder.upstream
+        self.observer = forwarder.observer
+        self.metrics = forwarder.metrics
+        self.registries = forwarder.registries
         self.store = store
         self.config = store.config
         self.grants = policy.Grants(ttl=self.config.auth_ttl)
@@ -69,7 +72,7 @@ class CacheFront:
         # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
         self._sender = BlobSender(trio.CapacityLimiter(READ_THREADS), self.config.finish_abandoned)
 
-    # --- entry points, called by RelayApp._dispatch
+    # --- entry points, called by RelayApp._serve
 
     async def serve(self, exchange: Exchange, route: routing.Route) -> None:
         if route.kind is routing.Kind.BLOB:
@@ -81,7 +84,9 @@ class CacheFront:
         """`/v2/`: relayed; when the upstream is down, answered here so that cached
         public images still pull (clients then ask without a token)."""
         try:
-            await self.app._relay(exchange, route, "/v2/", hook=partial(self._base_hook, exchange))
+            await self.forwarder.relay(
+                exchange, route, "/v2/", hook=partial(self._base_hook, exchange)
+            )
         except UpstreamError as exc:
             if exchange.status or not self.store.index.tags:
                 raise  # nothing cached to offer
@@ -134,7 +139,7 @@ class CacheFront:
         return (route.registry, route.upstream_name) in self.store.index.public
 
     def _url(self, route: routing.Route, path: str) -> str:
-        return f"{self.app.settings.registry(route.registry).url}{path}"
+        return f"{self.registries[route.registry].url}{path}"
 
     async def _head(self, exchange: Exchange, route: routing.Route) -> tuple[int, str | None]:
         """HEAD the client's object upstream with the client's credentials (no redirects):
@@ -143,18 +148,20 @@ class CacheFront:
         Raises:
             UpstreamError: the upstream could not be asked.
         """
-        registry = self.app.registries[route.registry]
+        registry = self.registries[route.registry]
         request = UpstreamRequest(
             "HEAD",
             self._url(route, route.upstream_path),
-            await self.app.upstream_headers(exchange, registry, route),
+            await self.forwarder.upstream_headers(exchange, registry, route),
         )
-        async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
-            observe.upstream_answered(self.app, exchange, response)
+        async with self.upstream.open(request, what=route.registry, follow=False) as response:
+            self.observer.upstream_answered(exchange, response)
             return response.status_code, response.headers.get("docker-content-digest")
 
-    async def _relay(self, exchange: Exchange, route: routing.Route, hook: object = None) -> None:
-        await self.app._relay(exchange, route, route.upstream_path, hook=hook)  # type: ignore[arg-type]
+    async def _relay(
+        self, exchange: Exchange, route: routing.Route, hook: RelayHook | None = None
+    ) -> None:
+        await self.forwarder.relay(exchange, route, hook=hook)
 
     # --- blobs
 
@@ -336,16 +343,16 @@ class CacheFront:
         while offset < written:
             data = await self._sender.read(fd, min(written - offset, READ_CHUNK), offset, verifier)
             offset += len(data)
-        registry = self.app.registries[route.registry]
-        headers = await self.app.upstream_headers(exchange, registry, route)
+        registry = self.registries[route.registry]
+        headers = await self.forwarder.upstream_headers(exchange, registry, route)
         request = UpstreamRequest(
             "GET",
             self._url(route, route.upstream_path),
             (*headers, ("range", f"bytes={written}-")),
         )
         log.info("cache: resuming %s for a joined client at byte %d", fill.digest, written)
-        async with self.app.upstream.open(request, what=route.registry) as response:
-            observe.upstream_answered(self.app, exchange, response)
+        async with self.upstream.open(request, what=route.registry) as response:
+            self.observer.upstream_answered(exchange, response)
             ranged = response.status_code == 206 and response.headers.get(
                 "content-range", ""
             ).startswith(f"bytes {written}-")
@@ -360,7 +367,7 @@ class CacheFront:
                     await exchange.body(data, more=True)
             else:  # the whole body again: hash it from its first byte
                 verifier, offset = Verifier(Digest.parse(fill.digest)), 0
-            chunks = upstream_chunks(response, route.registry, self.app, exchange)
+            chunks = self.forwarder.chunks(response, exchange)
             async with contextlib.aclosing(held_back(chunks, verifier)) as body:
                 async for chunk in body:
                     start, offset = offset, offset + len(chunk)
@@ -371,7 +378,7 @@ class CacheFront:
     def _observe(self, exchange: Exchange, registry: str, result: str) -> None:
         """The cache's part of the access log and metrics: hit, join (of a fill) or miss."""
         exchange.cache = result
-        metrics = self.app.metrics
+        metrics = self.metrics
         if result == "miss":
             metrics.cache_miss(registry)
         else:
@@ -439,7 +446,7 @@ class CacheFront:
             async with rest_send:
                 with fill.pump_scope, contextlib.suppress(RelayError):
                     # The fill is marked failed inside; the readers report it.
-                    chunks_read = upstream_chunks(response, route.registry, self.app, exchange)
+                    chunks_read = self.forwarder.chunks(response, exchange)
                     async with contextlib.aclosing(chunks_read) as chunks:
                         try:
                             await self.store.pump(fill, chunks)
@@ -536,19 +543,17 @@ class CacheFront:
         exchange: Exchange,
         route: routing.Route,
         digest: str,
-        tag: object,
+        tag: Tag | None,
         granted: bool,
         why: str,
     ) -> bool:
-        from vpsrelay.cache.index import Tag
-
         public = self._public(route)
         if not policy.offline_access(granted=granted, public=public, holds_object=True):
             return False
         obj = self.store.get(digest)
         if obj is None:
             return False
-        if isinstance(tag, Tag) and not policy.may_serve_stale(
+        if tag is not None and not policy.may_serve_stale(
             checked_at=tag.checked_at, now=time.time(), max_stale=self.config.max_stale
         ):
             return False
@@ -683,8 +688,8 @@ class CacheFront:
                 log.info("cache: could not ask whether %s is public: %s", key, exc.message)
 
     async def _anonymous_head(self, route: routing.Route, digest: str, media_type: str) -> bool:
-        registry = self.app.settings.registry(route.registry)
-        challenge = await self.app.upstream.challenge(registry)
+        registry = self.registries[route.registry]
+        challenge = await self.upstream.challenge(registry)
         # Distribution answers 404 for an OCI manifest the Accept header does not admit.
         headers: list[tuple[str, str]] = [("user-agent", USER_AGENT), ("accept", media_type)]
         if challenge is not None and challenge.realm:
@@ -696,7 +701,7 @@ class CacheFront:
                 "GET", f"{challenge.realm}{separator}{urlencode(params)}", tuple(headers[:1])
             )
             what = f"{route.registry} token"
-            async with self.app.upstream.open(request, what=what) as response:
+            async with self.upstream.open(request, what=what) as response:
                 if response.status_code != 200:
                     return False
                 raw = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES)
@@ -713,7 +718,7 @@ class CacheFront:
             self._url(route, f"/v2/{route.upstream_name}/manifests/{digest}"),
             tuple(headers),
         )
-        async with self.app.upstream.open(request, what=route.registry, follow=False) as response:
+        async with self.upstream.open(request, what=route.registry, follow=False) as response:
             return response.status_code == 200
 
 

@@ -13,6 +13,7 @@ import enum
 import re
 import typing
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
 
 from vpsrelay.core import grammar
 from vpsrelay.core.digest import Digest
@@ -184,3 +185,26 @@ def _check_reference(kind: Kind, reference: str) -> None:
             raise TagInvalid(f"invalid tag: {reference!r}")
     else:
         Digest.parse(reference)  # also refuses algorithms the relay cannot verify
+
+
+# The query parameters each kind passes upstream (`ns` and anything else stay here).
+_PASSED_QUERY = {
+    Kind.TAGS: frozenset({"n", "last"}),
+    Kind.REFERRERS: frozenset({"artifactType"}),
+    Kind.SEARCH: frozenset({"q", "n", "page"}),
+}
+
+
+def upstream_query(query: str, kind: Kind) -> str:
+    """The query passed upstream: pagination, referrer filters and search terms only."""
+    allowed = _PASSED_QUERY.get(kind)
+    if not allowed:
+        return ""
+    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowed])
+
+
+def relay_realm(base_url: str, registry: str) -> str:
+    """The relay's token endpoint for `registry` (Docker Hub keeps the plain `/token`)."""
+    if registry == DOCKER_HUB:
+        return f"{base_url}/token"
+    return f"{base_url}/token/{registry}"

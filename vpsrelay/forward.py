@@ -1,0 +1,247 @@
+"""Relaying one request to its registry and streaming the answer back.
+
+`Forwarder.relay` is the pass-through: the client's request goes upstream with the
+right credentials (`upstream_headers`), the answer's headers are rewritten for the
+client (realm, links), and its body streams as it arrives: `send` waits for the
+client (backpressure), and a client that disconnects cancels the upstream request.
+The cache front calls it with a hook that sees the answer before the client does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from vpsrelay.clientauth import basic
+from vpsrelay.core import auth, headers as header_policy, placeholders, routing
+from vpsrelay.core.digest import Verifier, held_back
+from vpsrelay.core.redirects import UpstreamRequest
+from vpsrelay.errors import NotFound, RelayError
+from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
+from vpsrelay.upstream import USER_AGENT
+
+if TYPE_CHECKING:
+    import httpx
+
+    from vpsrelay.clientauth import ClientAuth
+    from vpsrelay.config import RegistryConfig, Settings
+    from vpsrelay.guard import Guard
+    from vpsrelay.metrics import Metrics
+    from vpsrelay.observe import Observer
+    from vpsrelay.upstream import Upstream
+
+# Sees the upstream's answer (and the headers the client would get) before the client
+# does; True: it answered the client itself.
+RelayHook = Callable[["httpx.Response", header_policy.Headers], Awaitable[bool]]
+
+
+class Forwarder:
+    """Sends a client's request to its registry and streams the answer to the client."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream,
+        clientauth: ClientAuth,
+        guard: Guard,
+        observer: Observer,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.clientauth = clientauth
+        self.guard = guard
+        self.observer = observer
+        self.metrics = metrics
+        self.registries = {registry.name: registry for registry in settings.registries}
+
+    async def upstream_headers(
+        self, exchange: Exchange, registry: RegistryConfig, route: routing.Route
+    ) -> header_policy.Headers:
+        """The client's headers for the registry; its credentials win over the operator's.
+
+        With client authentication on, the client holds a relay token, and the upstream
+        gets the upstream token the relay keeps for it. Otherwise a client that brought
+        no credentials of its own holds a placeholder from the relay's `/token`: the
+        relay swaps it for its own pull token (or the operator's Basic credentials, for
+        a registry that asks for them directly), which never reach the client.
+        """
+        if self.clientauth.enabled:
+            return await self.clientauth.upstream_headers(
+                exchange.headers, registry, route.upstream_name
+            )
+        headers = header_policy.upstream_request_headers(exchange.headers, USER_AGENT)
+        client_auth = header_policy.get(headers, "authorization")
+        if client_auth is not None and placeholders.is_placeholder(client_auth):
+            headers = tuple((k, v) for k, v in headers if k != "authorization")
+            if registry.has_credentials:
+                return (*headers, *await self._operator_credentials(registry, route))
+            return headers
+        if client_auth is None and registry.has_credentials:
+            await self.upstream.challenge(registry)  # learn (or recall) its scheme
+            if self.upstream.known_scheme(registry.name) == "basic":
+                return (*headers, ("authorization", basic(registry)))
+        elif client_auth is not None and self.upstream.known_scheme(registry.name) == "none":
+            return tuple((k, v) for k, v in headers if k != "authorization")
+        return headers
+
+    async def _operator_credentials(
+        self, registry: RegistryConfig, route: routing.Route
+    ) -> header_policy.Headers:
+        """The relay's own authorization for `route`, earned with the operator's credentials:
+        a pull token for the route's repository (kept server-side), or Basic credentials."""
+        challenge = await self.upstream.challenge(registry)
+        if challenge is not None:
+            if route.upstream_name or route.kind is routing.Kind.BASE:
+                names = [route.upstream_name] if route.upstream_name else []
+                token = await self.clientauth.upstream_token(registry, names)
+                if token:
+                    return (("authorization", f"Bearer {token}"),)
+            return ()
+        if self.upstream.known_scheme(registry.name) == "basic":
+            return (("authorization", basic(registry)),)
+        return ()
+
+    def _sent_own_token(self, exchange: Exchange, registry: RegistryConfig) -> bool:
+        """Whether the upstream request carried a token of the relay's own (not the
+        client's): always with client authentication, else for a placeholder."""
+        if self.clientauth.enabled:
+            return True
+        client_auth = header_policy.get(exchange.headers, "authorization")
+        return (
+            registry.has_credentials
+            and client_auth is not None
+            and placeholders.is_placeholder(client_auth)
+        )
+
+    async def relay(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        path: str | None = None,
+        hook: RelayHook | None = None,
+    ) -> None:
+        """Relay `exchange` to `route`'s registry (at `path`, by default the route's).
+
+        Raises:
+            RelayError: the upstream failed; the exchange may have begun its answer.
+        """
+        # Each holds an upstream connection while its client reads: capped per client IP.
+        with self.guard.upstream_stream(exchange.view.client_ip):
+            await self._relay(exchange, route, path or route.upstream_path, hook)
+
+    async def _relay(
+        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None
+    ) -> None:
+        registry = self.registries[route.registry]
+        query = routing.upstream_query(exchange.query, route.kind)
+        base = registry.search_url if route.kind is routing.Kind.SEARCH else registry.url
+        if base is None:
+            raise NotFound(f"{registry.name} has no search endpoint configured")
+        url = f"{base}{path}{'?' + query if query else ''}"
+        request = UpstreamRequest(
+            exchange.method, url, await self.upstream_headers(exchange, registry, route)
+        )
+        began = time.monotonic()
+        async with self.upstream.open(
+            request, what=registry.name, registry=registry.name
+        ) as response:
+            exchange.upstream_seconds = time.monotonic() - began
+            self.observer.upstream_answered(exchange, response)
+            if response.status_code == 429:
+                await self.observer.too_many_requests(exchange, response)
+                return
+            if exchange.meter is not None and 200 <= response.status_code < 300:
+                # Admitted before the hook, where a cache fill would begin for a download
+                # the budget then refused.
+                exchange.meter.admit(content_length(response.headers.get("content-length")))
+            headers = self._client_headers(exchange, registry, route, response)
+            checked, verifier = header_policy.checked_digest(
+                route, exchange.method, response.status_code, tuple(headers)
+            )
+            if hook is not None and await hook(response, checked):
+                return
+            await self._stream(exchange, response, checked, verifier)
+
+    def _client_headers(
+        self,
+        exchange: Exchange,
+        registry: RegistryConfig,
+        route: routing.Route,
+        response: httpx.Response,
+    ) -> list[tuple[str, str]]:
+        """The upstream answer's headers as the client gets them, learning the realm."""
+        # What a redirect target (a CDN) says about authentication is not the
+        # registry's word: only the registry's own answers teach the relay its realm.
+        own_answer = self.upstream.is_own_origin(registry.name, str(response.url))
+        realm = routing.relay_realm(exchange.view.base_url, registry.name)
+        headers = list(header_policy.client_response_headers(response.headers.multi_items()))
+        for challenge in response.headers.get_list("www-authenticate"):
+            parsed = auth.parse_challenge(challenge)
+            if parsed.is_bearer and own_answer:
+                self.upstream.remember_challenge(registry.name, parsed)
+            if self.clientauth.enabled:
+                continue
+            headers.append(("www-authenticate", auth.rewrite_challenge(parsed, realm).format()))
+        if response.status_code == 401 and self._sent_own_token(exchange, registry):
+            # The relay's own upstream token did not do (revoked, or the operator's
+            # rights changed): forget it, so the client's next try fetches a fresh one.
+            self.clientauth.forget_upstream_token(registry.name, route.upstream_name)
+        if self.clientauth.enabled and response.status_code == 401:
+            # The client comes back through the relay's /token.
+            scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
+            headers.append(("www-authenticate", self.clientauth.challenge(realm, scope)))
+        if route.kind is routing.Kind.BASE and response.status_code == 200 and own_answer:
+            self.upstream.remember_challenge(registry.name, None)
+        headers.extend(
+            ("link", header_policy.rewrite_link(link, route.upstream_name, route.name))
+            for link in response.headers.get_list("link")
+        )
+        headers.append(API_VERSION_HEADER)
+        return headers
+
+    async def _stream(
+        self,
+        exchange: Exchange,
+        response: httpx.Response,
+        headers: header_policy.Headers,
+        verifier: Verifier | None,
+    ) -> None:
+        await exchange.start(response.status_code, headers)
+        if exchange.method == "HEAD":
+            await exchange.body(b"", more=False)
+            return
+        failure: RelayError | None = None
+        streams = self.metrics.active_streams
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
+            try:
+                with streams.track_inprogress():
+                    await self._pump(exchange, response, verifier)
+            except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _pump(
+        self, exchange: Exchange, response: httpx.Response, verifier: Verifier | None
+    ) -> None:
+        # Both generators are closed here: `held_back` does not close the one it reads.
+        async with contextlib.aclosing(self.chunks(response, exchange)) as read:
+            chunks = held_back(read, verifier) if verifier is not None else read
+            async with contextlib.aclosing(chunks) as body:
+                async for chunk in body:
+                    await exchange.body(chunk, more=True)
+        await exchange.body(b"", more=False)
+
+    async def chunks(self, response: httpx.Response, exchange: Exchange) -> AsyncGenerator[bytes]:
+        """The upstream body as it arrives, counted in the metrics; a response from
+        `Upstream.open` raises only `RelayError`s while it is read."""
+        async for chunk in response.aiter_raw():
+            self.observer.upstream_read(exchange, chunk)
+            yield chunk
