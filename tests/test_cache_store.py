@@ -10,7 +10,8 @@ import trio
 import trio.lowlevel
 
 from tests.infra.tmpfs import fill_up, mounted_tmpfs
-from vpsrelay.cache.store import BlobStore, DiskSpill, FillState
+from vpsrelay.cache.storage import DiskSpill, FillState
+from vpsrelay.cache.store import DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import DigestMismatch, UpstreamError
 
@@ -29,7 +30,7 @@ async def chunks(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
 
 
 async def test_verified_fill_is_committed_and_indexed(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig())
+    store = DiskStore.open_dir(tmp_path, CacheConfig())
     fill, lead = store.claim(DIGEST)
     assert lead
     assert store.claim(DIGEST) == (fill, False)  # a second client joins
@@ -41,7 +42,7 @@ async def test_verified_fill_is_committed_and_indexed(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
     assert store.reserved == 0
     await store.aclose()
-    reopened = BlobStore.open(tmp_path, CacheConfig())
+    reopened = DiskStore.open_dir(tmp_path, CacheConfig())
     obj = reopened.get(DIGEST)
     assert obj is not None
     assert obj.size == len(BODY)
@@ -50,7 +51,7 @@ async def test_verified_fill_is_committed_and_indexed(tmp_path: Path) -> None:
 
 
 async def test_mismatch_is_never_committed(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig())
+    store = DiskStore.open_dir(tmp_path, CacheConfig())
     fill, _ = store.claim(DIGEST)
     assert await store.begin(fill, len(BODY), ())
     bad = bytes([BODY[0] ^ 1]) + BODY[1:]
@@ -65,7 +66,7 @@ async def test_mismatch_is_never_committed(tmp_path: Path) -> None:
 
 
 async def test_short_body_is_never_committed(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig())
+    store = DiskStore.open_dir(tmp_path, CacheConfig())
     fill, _ = store.claim(DIGEST)
     assert await store.begin(fill, len(BODY) + 1, ())
     with pytest.raises(UpstreamError):
@@ -75,7 +76,7 @@ async def test_short_body_is_never_committed(tmp_path: Path) -> None:
 
 
 async def test_cancelled_fill_leaves_nothing(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig())
+    store = DiskStore.open_dir(tmp_path, CacheConfig())
     fill, _ = store.claim(DIGEST)
     assert await store.begin(fill, len(BODY), ())
 
@@ -92,25 +93,25 @@ async def test_cancelled_fill_leaves_nothing(tmp_path: Path) -> None:
 
 
 async def test_open_removes_partials_and_reconciles(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig())
+    store = DiskStore.open_dir(tmp_path, CacheConfig())
     await store.aclose()
     (tmp_path / "tmp" / "deadbeef.1.1").write_bytes(b"partial")
     # A verified file whose index row was lost (crash between rename and index write).
     path = store.path(DIGEST)
     path.parent.mkdir(parents=True)
     path.write_bytes(BODY)
-    reopened = BlobStore.open(tmp_path, CacheConfig())
+    reopened = DiskStore.open_dir(tmp_path, CacheConfig())
     assert list((tmp_path / "tmp").iterdir()) == []
     assert reopened.get(DIGEST) is not None
     await reopened.aclose()
     path.unlink()  # and the other way round: a row whose file is gone
-    again = BlobStore.open(tmp_path, CacheConfig())
+    again = DiskStore.open_dir(tmp_path, CacheConfig())
     assert again.get(DIGEST) is None
     await again.aclose()
 
 
 async def test_no_room_means_pass_through(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig(max_size=1024))
+    store = DiskStore.open_dir(tmp_path, CacheConfig(max_size=1024))
     fill, _ = store.claim(DIGEST)
     assert not await store.begin(fill, len(BODY), ())
     assert fill.state is FillState.DROPPED
@@ -120,7 +121,7 @@ async def test_no_room_means_pass_through(tmp_path: Path) -> None:
 
 
 async def test_small_objects_and_eviction(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig(max_size=100, min_free=0))
+    store = DiskStore.open_dir(tmp_path, CacheConfig(max_size=100, min_free=0))
     bodies = [bytes([i]) * 40 for i in range(3)]
     digests = ["sha256:" + hashlib.sha256(b).hexdigest() for b in bodies]
     for digest, body in zip(digests, bodies, strict=True):
@@ -158,7 +159,7 @@ async def test_a_full_disk_mid_fill_hands_the_rest_back(tmp_path: Path) -> None:
     """A real ENOSPC (a tmpfs filled by another writer mid-fill): nothing is committed, and
     what the disk did not take comes back to be passed through, in order, hashed."""
     with mounted_tmpfs(tmp_path / "small", "6m") as root:
-        store = BlobStore.open(root, CacheConfig(min_free=0))
+        store = DiskStore.open_dir(root, CacheConfig(min_free=0))
         fill, _ = store.claim(DIGEST)
         assert await store.begin(fill, len(BODY), ())
         rest = BODY[:]

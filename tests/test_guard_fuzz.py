@@ -31,7 +31,7 @@ from hypothesis import (
 from tests.test_app import reply
 from vpsrelay import config
 from vpsrelay.app import RelayApp
-from vpsrelay.cache.store import BlobStore
+from vpsrelay.cache.store import DiskStore
 from vpsrelay.core import grammar
 from vpsrelay.upstream import Upstream
 
@@ -194,7 +194,7 @@ def build(
     settings = config.load(None, {}, overrides, upstreams={"docker.io": HUB})
     seen: list[httpx.Request] = []
     # The store is kept across examples (one tmp_path): later examples hit what earlier filled.
-    store = BlobStore.open(data_dir, settings.cache) if cache else None
+    store = DiskStore.open_dir(data_dir, settings.cache) if cache else None
     upstream = Upstream(settings, transport=upstream_handler(seen, images=cache))
     return RelayApp(settings, upstream, store), seen
 

@@ -26,7 +26,7 @@ from vpsrelay.operator_paths import OperatorPaths
 from vpsrelay.token_endpoint import TokenEndpoint
 
 if TYPE_CHECKING:
-    from vpsrelay.cache.store import BlobStore
+    from vpsrelay.cache.storage import BlobStore
     from vpsrelay.config import Settings
     from vpsrelay.upstream import Upstream
 

@@ -26,7 +26,7 @@ from vpsrelay.operator_paths import OperatorApp
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
-    from vpsrelay.cache.store import BlobStore
+    from vpsrelay.cache.storage import BlobStore
 
 log = logging.getLogger("vpsrelay")
 

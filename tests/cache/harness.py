@@ -20,7 +20,7 @@ import trio
 from tests.test_app import HUB, Chunks, reply, split
 from vpsrelay import config
 from vpsrelay.app import RelayApp
-from vpsrelay.cache.store import BlobStore
+from vpsrelay.cache.store import DiskStore
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ class CachedRelay:
     transport: ClientSide
     client: httpx.AsyncClient
     app: RelayApp
-    store: BlobStore
+    store: DiskStore
     registry: FakeRegistry
 
 
@@ -247,7 +247,7 @@ async def cached_relay(
     registry: FakeRegistry | None = None,
     overrides: dict[str, object] | None = None,
     *,
-    store_class: Callable[[Path, config.CacheConfig], BlobStore] = BlobStore.open,
+    store_class: Callable[[Path, config.CacheConfig], DiskStore] = DiskStore.open_dir,
 ) -> AsyncIterator[CachedRelay]:
     """The relay app with its cache on `tmp_path`, in front of `registry`."""
     registry = registry or FakeRegistry()

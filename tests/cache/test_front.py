@@ -26,7 +26,8 @@ from tests.cache.harness import (
     sha256,
 )
 from tests.test_app import Chunks
-from vpsrelay.cache.store import BlobStore, Fill, FillState
+from vpsrelay.cache.storage import Fill, FillState
+from vpsrelay.cache.store import DiskStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -308,7 +309,7 @@ async def wait_for_fill(r: CachedRelay, state: FillState) -> Fill:
 # --- a disk that fails during a fill
 
 
-class FailingDiskStore(BlobStore):
+class FailingDiskStore(DiskStore):
     """A store whose disk takes the first write batch of a fill, then is full: the
     second batch is written to `/dev/full` (a real ENOSPC, after the batch was hashed)."""
 
@@ -329,8 +330,8 @@ class FailingDiskStore(BlobStore):
             os.close(full)
 
 
-def failing_disk(root: Path, cache: CacheConfig) -> BlobStore:
-    store = FailingDiskStore.open(root, cache)
+def failing_disk(root: Path, cache: CacheConfig) -> DiskStore:
+    store = FailingDiskStore.open_dir(root, cache)
     assert isinstance(store, FailingDiskStore)
     return store
 

@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from vpsrelay.cache.sending import BlobSender, Source
-from vpsrelay.cache.store import BlobStore, FillState
+from vpsrelay.cache.storage import FillState
+from vpsrelay.cache.store import DiskReader, DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import UpstreamError
 
@@ -46,19 +47,19 @@ class Client:
 
 
 async def test_the_last_byte_of_a_fill_waits_for_its_verification(tmp_path: Path) -> None:
-    store = BlobStore.open(tmp_path, CacheConfig(min_free=0))
+    store = DiskStore.open_dir(tmp_path, CacheConfig(min_free=0))
     fill, _ = store.claim(DIGEST)
     assert await store.begin(fill, len(BODY), ())
     os.pwrite(fill.fd, BODY, 0)
     fill.written = len(BODY)  # every byte on disk, the digest not checked yet
     fill.changed()
     client = Client()
-    sender = BlobSender(trio.CapacityLimiter(1), finish_abandoned=True)
+    sender = BlobSender(finish_abandoned=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             sender.send_watched,
             cast("Exchange", client),
-            Source(os.dup(fill.fd), 0, fill.size, fill),
+            Source(store.open_fill(fill), 0, fill.size, fill),
         )
         with trio.fail_after(5):
             while len(client.received) < len(BODY) - 1:  # noqa: ASYNC110 - no event to wait on
@@ -75,9 +76,9 @@ async def test_the_last_byte_of_a_fill_waits_for_its_verification(tmp_path: Path
 
 
 async def test_an_unreadable_cached_file_is_an_upstream_error() -> None:
-    sender = BlobSender(trio.CapacityLimiter(1), finish_abandoned=True)
     read_end, write_end = os.pipe()
     os.close(write_end)
     os.close(read_end)  # a descriptor that no longer names a file: EBADF
+    reader = DiskReader(read_end, trio.CapacityLimiter(1))
     with pytest.raises(UpstreamError, match="could not read its cache"):
-        await sender.read(read_end, 10, 0)
+        await reader.read(0, 10)

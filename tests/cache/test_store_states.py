@@ -22,7 +22,8 @@ import trio.lowlevel
 from hypothesis import HealthCheck, event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vpsrelay.cache.store import BlobStore, Fill, FillState
+from vpsrelay.cache.storage import Fill, FillState
+from vpsrelay.cache.store import DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import DigestMismatch, UpstreamError
 
@@ -48,7 +49,7 @@ class StoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="vpsrelay-store-"))
         self.config = CacheConfig(max_size=CAP, min_free=0)
-        self.store = BlobStore.open(self.root, self.config)
+        self.store = DiskStore.open_dir(self.root, self.config)
         self.contents: dict[str, bytes] = {sha256(b): b for b in [*BLOBS, *MANIFESTS]}
         self.claimed: dict[str, Fill] = {}
 
@@ -177,19 +178,19 @@ class StoreMachine(RuleBasedStateMachine):
         digest = sha256(body)
         obj = self.store.get(digest)
         if obj is None:
-            assert self.store.open_fd(digest) is None or digest in self.store.index.objects
+            assert self.store.open(digest) is None or digest in self.store.index.objects
             return
         assert obj.size == len(body)
         self.store.index.touch(digest, obj.last_used + 1)
         if obj.kind == "manifest":
             assert trio.run(self.store.read_small, digest) == body
             return
-        fd = self.store.open_fd(digest)
-        assert fd is not None
+        reader = self.store.open(digest)
+        assert reader is not None
         try:
-            assert os.pread(fd, len(body) + 1, 0) == body
+            assert trio.run(reader.read, 0, len(body) + 1) == body
         finally:
-            os.close(fd)
+            reader.close()
 
     @rule(n=st.integers(0, len(BLOBS) + len(MANIFESTS) - 1))
     def remove(self, n: int) -> None:
@@ -204,7 +205,7 @@ class StoreMachine(RuleBasedStateMachine):
     def reopen(self) -> None:
         before = {d: o.size for d, o in self.store.index.objects.items()}
         trio.run(self.store.aclose)
-        self.store = BlobStore.open(self.root, self.config)
+        self.store = DiskStore.open_dir(self.root, self.config)
         assert {d: o.size for d, o in self.store.index.objects.items()} == before
 
     # --- invariants

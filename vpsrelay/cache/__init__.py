@@ -1,6 +1,7 @@
 """The verified blob cache: content-addressed store, fills, manifests, eviction.
 
-`store` owns files and fills, `index` what is stored (in memory, kept in SQLite),
+`storage` is the seam (the `BlobStore` interface the front uses), `store` its disk
+implementation (files and fills), `index` what is stored (in memory, kept in SQLite),
 `front` the HTTP side (hits, authorization, manifests), `sending` a blob's bytes to
 a client; the decisions are in `vpsrelay.core.cachepolicy`.
 """
@@ -12,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.store import BlobStore
+from vpsrelay.cache.store import DiskStore
 
 if TYPE_CHECKING:
+    from vpsrelay.cache.storage import BlobStore
     from vpsrelay.config import Settings
 
 log = logging.getLogger("vpsrelay.cache")
@@ -25,7 +27,7 @@ async def open_store(settings: Settings) -> BlobStore | None:
     if not settings.cache.enabled:
         log.info("cache disabled: every pull passes through")
         return None
-    store = await trio.to_thread.run_sync(BlobStore.open, settings.data_dir, settings.cache)
+    store = await trio.to_thread.run_sync(DiskStore.open_dir, settings.data_dir, settings.cache)
     log.info(
         "cache: %d objects, %d bytes in %s (cap %d bytes)",
         len(store.index.objects),
@@ -36,4 +38,4 @@ async def open_store(settings: Settings) -> BlobStore | None:
     return store
 
 
-__all__ = ["BlobStore", "open_store"]
+__all__ = ["DiskStore", "open_store"]

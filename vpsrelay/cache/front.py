@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from functools import partial
 from typing import TYPE_CHECKING
@@ -24,15 +23,8 @@ from urllib.parse import urlencode
 
 import trio
 
-from vpsrelay.cache.sending import (
-    READ_CHUNK,
-    READ_THREADS,
-    BlobSender,
-    Outcome,
-    Source,
-    pass_rest,
-)
-from vpsrelay.cache.store import BlobStore, DiskSpill, Fill, FillState
+from vpsrelay.cache.sending import READ_CHUNK, BlobSender, Outcome, Source, pass_rest
+from vpsrelay.cache.storage import DiskSpill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -44,6 +36,7 @@ if TYPE_CHECKING:
     import httpx
 
     from vpsrelay.cache.index import Tag
+    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill
     from vpsrelay.exchange import Exchange
     from vpsrelay.forward import Forwarder, RelayHook
 
@@ -68,9 +61,7 @@ class CacheFront:
         self.config = store.config
         self.grants = policy.Grants(ttl=self.config.auth_ttl)
         self._tag_ttls = dict(self.config.registry_tag_ttl)
-        # Few threads read cached files: each thread that allocates gets its own malloc
-        # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
-        self._sender = BlobSender(trio.CapacityLimiter(READ_THREADS), self.config.finish_abandoned)
+        self._sender = BlobSender(self.config.finish_abandoned)
 
     # --- entry points, called by RelayApp._serve
 
@@ -267,15 +258,15 @@ class CacheFront:
                 await exchange.start(status, tuple(headers))
                 await exchange.body(b"", more=False)
                 return
-            fd = self.store.open_fd(digest)
-            if fd is None:
+            reader = self.store.open(digest)
+            if reader is None:
                 await self._relay(exchange, route)
                 return
             try:
                 await exchange.start(status, tuple(headers))
-                outcome = await self._sender.send_watched(exchange, Source(fd, first, end))
+                outcome = await self._sender.send_watched(exchange, Source(reader, first, end))
             finally:
-                os.close(fd)
+                reader.close()
                 # Counted here: a client that hangs up right after the last byte has its
                 # task cancelled (by Hypercorn) before anything after this would run.
                 index.count("bytes_from_cache", exchange.bytes_sent)
@@ -285,7 +276,7 @@ class CacheFront:
             raise outcome.error
 
     async def _serve_fill(self, exchange: Exchange, fill: Fill) -> None:
-        fd = os.dup(fill.fd)
+        reader = self.store.open_fill(fill)
         try:
             headers = [
                 *self._blob_headers(fill.digest, fill.size),
@@ -293,7 +284,7 @@ class CacheFront:
                 (CACHE_HEADER, "join"),
             ]
             await exchange.start(200, tuple(headers))
-            outcome = await self._sender.send_watched(exchange, Source(fd, 0, fill.size, fill))
+            outcome = await self._sender.send_watched(exchange, Source(reader, 0, fill.size, fill))
             route = exchange.route
             if (
                 outcome.error is not None
@@ -302,30 +293,30 @@ class CacheFront:
                 and not exchange.disconnected
             ):
                 # The disk failed under the fill: finish this client from the upstream.
-                outcome.error = await self._resume_watched(exchange, route, fd, fill)
+                outcome.error = await self._resume_watched(exchange, route, reader, fill)
         finally:
-            os.close(fd)
+            reader.close()
             if exchange.route is not None:  # here for the reason given in `_serve_file`
                 self._observe(exchange, exchange.route.registry, "join")
         if outcome.error is not None:
             raise outcome.error
 
     async def _resume_watched(
-        self, exchange: Exchange, route: routing.Route, fd: int, fill: Fill
+        self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
     ) -> RelayError | None:
         """`_resume_from_upstream` until done or the client leaves; its error, if any."""
         error: RelayError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
             try:
-                await self._resume_from_upstream(exchange, route, fd, fill)
+                await self._resume_from_upstream(exchange, route, reader, fill)
             except RelayError as exc:  # returned, so it is not wrapped in a group
                 error = exc
             nursery.cancel_scope.cancel()
         return error
 
     async def _resume_from_upstream(
-        self, exchange: Exchange, route: routing.Route, fd: int, fill: Fill
+        self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
     ) -> None:
         """Send a joined client the rest of a fill whose disk failed: what the disk took,
         then `Range: bytes=<written>-` from the upstream, all of it hashed again and the
@@ -341,7 +332,7 @@ class CacheFront:
         verifier = Verifier(Digest.parse(fill.digest))
         offset = 0
         while offset < written:
-            data = await self._sender.read(fd, min(written - offset, READ_CHUNK), offset, verifier)
+            data = await reader.read(offset, min(written - offset, READ_CHUNK), verifier)
             offset += len(data)
         registry = self.registries[route.registry]
         headers = await self.forwarder.upstream_headers(exchange, registry, route)
@@ -360,9 +351,7 @@ class CacheFront:
                 raise UpstreamError(f"the upstream answered {response.status_code} to a resume")
             if ranged:  # the disk's bytes this client lacks, then the upstream's
                 while position < written:
-                    data = await self._sender.read(
-                        fd, min(written - position, READ_CHUNK), position
-                    )
+                    data = await reader.read(position, min(written - position, READ_CHUNK))
                     position += len(data)
                     await exchange.body(data, more=True)
             else:  # the whole body again: hash it from its first byte
@@ -410,16 +399,16 @@ class CacheFront:
         if header_policy.get(headers, "docker-content-digest") is None:
             headers = (*headers, ("docker-content-digest", fill.digest))
         await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
-        fd = os.dup(fill.fd)
+        reader = self.store.open_fill(fill)
         outcome = Outcome()
         try:
             # Shielded: when this client hangs up, Hypercorn cancels its task, but the fill
             # belongs to every reader (and, by default, finishes without any: see
             # `finish_abandoned`); the upstream read timeout still bounds it.
             with trio.CancelScope(shield=True):
-                await self._pump_and_read(exchange, route, fill, response, fd, outcome)
+                await self._pump_and_read(exchange, route, fill, response, reader, outcome)
         finally:
-            os.close(fd)
+            reader.close()
         if outcome.error is not None:
             raise outcome.error
         return True
@@ -430,7 +419,7 @@ class CacheFront:
         route: routing.Route,
         fill: Fill,
         response: httpx.Response,
-        fd: int,
+        reader: BlobReader,
         outcome: Outcome,
     ) -> None:
         """Fill from the upstream while the first client reads the fill as it grows.
@@ -442,7 +431,7 @@ class CacheFront:
         """
         rest_send, rest = trio.open_memory_channel[bytes](0)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_for_leader, exchange, fd, fill, outcome, rest)
+            nursery.start_soon(self._read_for_leader, exchange, reader, fill, outcome, rest)
             async with rest_send:
                 with fill.pump_scope, contextlib.suppress(RelayError):
                     # The fill is marked failed inside; the readers report it.
@@ -456,13 +445,14 @@ class CacheFront:
     async def _read_for_leader(
         self,
         exchange: Exchange,
-        fd: int,
+        reader: BlobReader,
         fill: Fill,
         outcome: Outcome,
         rest: trio.MemoryReceiveChannel[bytes],
     ) -> None:
         async with rest:  # closed when this client is done: `pass_rest` then stops
-            result = await self._sender.send_watched(exchange, Source(fd, 0, fill.size, fill, rest))
+            source = Source(reader, 0, fill.size, fill, rest)
+            result = await self._sender.send_watched(exchange, source)
         outcome.error = result.error
 
     # --- manifests

@@ -1,7 +1,7 @@
 """Sending a blob to a client: a committed file, or a fill as it grows.
 
-`BlobSender` reads the bytes through a descriptor, one chunk ahead of the client, in
-a small thread limiter, and stops an abandoned fill unless `finish_abandoned`; after
+`BlobSender` reads the bytes through the store's `BlobReader`, one chunk ahead of the
+client, and stops an abandoned fill unless `finish_abandoned`; after
 a disk failure it hands the first client the rest of the body through `pass_rest`.
 Which client gets what, and from where, is decided in `vpsrelay.cache.front`.
 """
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.store import FillState
+from vpsrelay.cache.storage import FillState
 from vpsrelay.core.digest import held_back
 from vpsrelay.errors import RelayError, UpstreamError
 from vpsrelay.exchange import watch_disconnect
@@ -24,14 +23,12 @@ from vpsrelay.exchange import watch_disconnect
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from vpsrelay.cache.store import DiskSpill, Fill
-    from vpsrelay.core.digest import Verifier
+    from vpsrelay.cache.storage import BlobReader, DiskSpill, Fill
     from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
 
 READ_CHUNK = 1024 * 1024
-READ_THREADS = 2
 
 
 @dataclass(slots=True)
@@ -43,10 +40,10 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """Where a client's bytes come from: `first..end` of `fd`, a committed file or the
-    growing `fill`; after a disk failure the first client gets the rest through `rest`."""
+    """Where a client's bytes come from: `first..end` of `reader`, a committed object or
+    the growing `fill`; after a store failure the first client gets the rest through `rest`."""
 
-    fd: int
+    reader: BlobReader
     first: int
     end: int
     fill: Fill | None = None
@@ -56,30 +53,8 @@ class Source:
 class BlobSender:
     """Sends byte ranges of a cached file or of a growing fill to clients."""
 
-    def __init__(self, read_limiter: trio.CapacityLimiter, finish_abandoned: bool) -> None:
-        self._read_limiter = read_limiter
+    def __init__(self, finish_abandoned: bool) -> None:
         self._finish_abandoned = finish_abandoned
-
-    async def read(
-        self, fd: int, count: int, offset: int, verifier: Verifier | None = None
-    ) -> bytes:
-        """Up to `count` bytes of `fd` at `offset`, read (and hashed, with a verifier) in a
-        worker thread.
-
-        Raises:
-            UpstreamError: the file ended early or could not be read (the cache's disk
-            failing is the upstream's stream failing, as far as the client can tell).
-        """
-        try:
-            data = await trio.to_thread.run_sync(
-                _read_blocking, fd, count, offset, verifier, limiter=self._read_limiter
-            )
-        except OSError as exc:
-            log.warning("cache: cannot read a cached file: %s", exc)
-            raise UpstreamError("the relay could not read its cache") from exc
-        if not data:
-            raise UpstreamError("the cached file ended early")
-        return data
 
     async def send_watched(self, exchange: Exchange, source: Source) -> Outcome:
         """Send `source` to the client until done or it leaves."""
@@ -145,14 +120,14 @@ class BlobSender:
                 failure.append(exc)
 
     async def _read_chunks(self, send: trio.MemorySendChannel[bytes], source: Source) -> None:
-        fd, position, end, fill = source.fd, source.first, source.end, source.fill
+        reader, position, end, fill = source.reader, source.first, source.end, source.fill
         size = fill.size if fill is not None else end
         while position < end:
             limit = end
             if fill is not None and fill.state is not FillState.COMMITTED:
                 if fill.state is FillState.FAILED:
                     if fill.spilled and source.rest is not None:
-                        await self._read_spilled(send, fd, position, end, fill, source.rest)
+                        await self._read_spilled(send, reader, position, end, fill, source.rest)
                         return
                     raise fill.error or UpstreamError("the fill failed")
                 # The last byte waits for the digest check: a bad body ends short.
@@ -160,14 +135,14 @@ class BlobSender:
                 if position >= limit:
                     await fill.wait_changed()
                     continue
-            data = await self.read(fd, min(limit - position, READ_CHUNK), position)
+            data = await reader.read(position, min(limit - position, READ_CHUNK))
             position += len(data)
             await send.send(data)
 
     async def _read_spilled(
         self,
         send: trio.MemorySendChannel[bytes],
-        fd: int,
+        reader: BlobReader,
         position: int,
         end: int,
         fill: Fill,
@@ -176,7 +151,7 @@ class BlobSender:
         """The first client's read after the disk failed: what the disk holds (every
         byte before `fill.written` was written whole), then the rest from the upstream."""
         while position < min(end, fill.written):
-            data = await self.read(fd, min(fill.written - position, READ_CHUNK), position)
+            data = await reader.read(position, min(fill.written - position, READ_CHUNK))
             position += len(data)
             await send.send(data)
         async for data in rest:
@@ -205,10 +180,3 @@ async def pass_rest(
     except RelayError as exc:  # a digest mismatch, the upstream broke off
         fill.error = exc
         log.warning("cache: pass-through after a disk error failed: %s", exc.message)
-
-
-def _read_blocking(fd: int, count: int, offset: int, verifier: Verifier | None) -> bytes:
-    data = os.pread(fd, count, offset)
-    if verifier is not None:
-        verifier.update(data)
-    return data

@@ -1,0 +1,156 @@
+"""The seam between the cache front and where verified blobs live.
+
+`BlobStore` is what the front asks of a store: look an object up, open it for reading,
+claim a fill (single-flight: one leader, the others join), pump the upstream body into
+it (appended, verified against the digest, committed only if it matched), abandon it,
+evict, and keep small objects (manifests). `DiskStore` (`store.py`) is the first
+implementation; a store on an object bucket plugs in here without touching the front.
+What is stored and for which repositories (`Index`: origins, tags, public repositories,
+counters) is the sibling seam, shared by every implementation.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    import contextlib
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from vpsrelay.cache.index import Index, Obj
+    from vpsrelay.config import CacheConfig
+    from vpsrelay.core.digest import Verifier
+    from vpsrelay.errors import RelayError
+
+
+class FillState(enum.Enum):
+    PENDING = "pending"  # a client is asking the upstream; others wait for its answer
+    STREAMING = "streaming"
+    COMMITTED = "committed"
+    FAILED = "failed"  # digest mismatch, upstream broke off, write error
+    DROPPED = "dropped"  # not cached after all (not a 200, no room): others ask themselves
+
+
+@dataclass(eq=False)
+class Fill:
+    """One upstream download into the store, read by every client that wants the blob."""
+
+    digest: str
+    state: FillState = FillState.PENDING
+    size: int = 0
+    written: int = 0  # bytes the store holds so far, readable by `open_fill`
+    readers: int = 0
+    error: RelayError | None = None
+    spilled: bool = False  # the store failed mid-fill: readers finish from the upstream
+    headers: tuple[tuple[str, str], ...] = ()
+    pump_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # The implementation's handle on the bytes being written (a file for `DiskStore`).
+    fd: int = -1
+    tmp_path: Path | None = None
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    @property
+    def settled(self) -> bool:
+        return self.state is not FillState.PENDING
+
+
+class DiskSpill(Exception):
+    """The store failed during a fill: nothing is cached, and what it did not take goes
+    to the first client from memory and the upstream instead (`Fill.spilled`).
+
+    `pieces` were read from the upstream and hashed (in order) but not written; the rest
+    of the body is still in the upstream stream the pump was reading.
+    """
+
+    def __init__(self, verifier: Verifier, pieces: list[bytes]) -> None:
+        super().__init__("the cache store failed during a fill")
+        self.verifier = verifier
+        self.pieces = pieces
+
+
+class BlobReader(Protocol):
+    """Reads one stored object, or a fill as it grows, at any offset."""
+
+    async def read(self, offset: int, count: int, verifier: Verifier | None = None) -> bytes:
+        """Up to `count` bytes at `offset` (hashed into `verifier` if given).
+
+        Raises:
+            UpstreamError: the object ended early or could not be read.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """A content-addressed store of verified objects, with single-flight fills."""
+
+    config: CacheConfig
+    index: Index
+
+    def get(self, digest: str) -> Obj | None:
+        """What is stored under `digest`, if anything (from the index; no IO)."""
+        ...
+
+    def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:
+        """Keep `digest` from eviction while it is read."""
+        ...
+
+    def open(self, digest: str) -> BlobReader | None:
+        """A reader of a committed object; None if it is gone (then forgotten)."""
+        ...
+
+    def claim(self, digest: str) -> tuple[Fill, bool]:
+        """The fill for `digest`: an existing one to join, or a new one to lead (True)."""
+        ...
+
+    async def begin(self, fill: Fill, size: int, headers: tuple[tuple[str, str], ...]) -> bool:
+        """Reserve room for a led fill; False (the fill dropped): pass through instead."""
+        ...
+
+    def open_fill(self, fill: Fill) -> BlobReader:
+        """A reader of a streaming fill: bytes up to `fill.written` are there."""
+        ...
+
+    async def pump(self, fill: Fill, chunks: AsyncIterator[bytes]) -> None:
+        """Append the upstream body, verify it, commit it only if it matched its digest.
+
+        Raises:
+            RelayError: the fill failed (marked failed; nothing readable is left).
+            DiskSpill: the store failed; what the first client still needs is in it.
+        """
+        ...
+
+    def drop(self, fill: Fill) -> None:
+        """Abandon a fill that never began; whoever waits asks the upstream itself."""
+        ...
+
+    async def remove(self, digest: str) -> bool:
+        """Evict one object; False while it is read or filled."""
+        ...
+
+    async def put_small(self, digest: str, body: bytes, kind: str, media_type: str) -> None:
+        """Keep a verified small object (a manifest); failures only log."""
+        ...
+
+    async def read_small(self, digest: str) -> bytes | None:
+        """A small object's bytes; None if it is gone."""
+        ...
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Write the index's pending changes (at most every few seconds unless forced)."""
+        ...
+
+    async def aclose(self) -> None: ...
