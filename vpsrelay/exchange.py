@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -20,7 +20,15 @@ from vpsrelay.errors import ClientTooSlow, RequestTooLarge, UpstreamProtocolErro
 
 if TYPE_CHECKING:
     from vpsrelay.core import routing
-    from vpsrelay.guard import DownloadMeter
+
+
+class Meter(Protocol):
+    """What an exchange asks of a download's meter (the guard's `DownloadMeter`)."""
+
+    def start(self, status: int, length: int | None) -> None: ...
+    def admit(self, length: int | None) -> None: ...
+    async def sent(self, size: int) -> None: ...
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,7 +65,7 @@ class Exchange:
     upstream_status: int | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     raw_path: str = "/"  # the request target as sent, for the guard's checks
-    meter: DownloadMeter | None = None  # a blob download's budget hold and bandwidth cap
+    meter: Meter | None = None  # a blob download's budget hold and bandwidth cap
     # How long one send may wait for the client to take it (`limits.send_timeout`).
     send_timeout: float = math.inf
 
