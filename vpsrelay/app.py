@@ -40,7 +40,8 @@ from vpsrelay.exchange import (
 from vpsrelay.guard import Guard
 from vpsrelay.health import Health
 from vpsrelay.metrics import Metrics
-from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, Upstream, read_body
+from vpsrelay.upstream import USER_AGENT, Upstream
+from vpsrelay.upstream.tokens import TokenClient
 
 if TYPE_CHECKING:
     import httpx
@@ -72,7 +73,9 @@ class RelayApp:
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
         self.guard = Guard(settings)
-        self.clientauth = ClientAuth(settings, upstream)
+        # The relay's own upstream tokens, one keeper for the relay, the cache, client auth.
+        self.tokens = TokenClient(upstream)
+        self.clientauth = ClientAuth(settings, upstream, self.tokens)
         self.cache: CacheFront | None = None
         if store is not None:
             from vpsrelay.cache.front import CacheFront
@@ -247,7 +250,7 @@ class RelayApp:
         if challenge is not None:
             if route.upstream_name or route.kind is routing.Kind.BASE:
                 names = [route.upstream_name] if route.upstream_name else []
-                token = await self.clientauth.upstream_token(registry, names)
+                token = await self.tokens.pull_token(registry, names, operator=True)
                 if token:
                     return (("authorization", f"Bearer {token}"),)
             return ()
@@ -310,7 +313,7 @@ class RelayApp:
             if response.status_code == 401 and self._sent_own_token(exchange, registry):
                 # The relay's own upstream token did not do (revoked, or the operator's
                 # rights changed): forget it, so the client's next try fetches a fresh one.
-                self.clientauth.forget_upstream_token(registry.name, route.upstream_name)
+                self.tokens.forget(registry.name, [route.upstream_name])
             if self.clientauth.enabled and response.status_code == 401:
                 # The client comes back through the relay's /token.
                 scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None
@@ -482,30 +485,22 @@ class RelayApp:
         if any(_is_placeholder(v) for k, v in forwarded if k == "authorization"):
             forwarded = tuple((k, v) for k, v in forwarded if k != "authorization")
         agent = ("user-agent", header_policy.get(exchange.headers, "user-agent") or USER_AGENT)
-        content = None
-        if exchange.method == "POST":
-            content = urlencode(params).encode()
-            forwarded += (("content-type", "application/x-www-form-urlencoded"),)
-            url = realm
-        else:
-            separator = "&" if "?" in realm else "?"
-            url = f"{realm}{separator}{urlencode(params)}" if params else realm
-        request = UpstreamRequest(exchange.method, url, (*forwarded, agent))
         began = time.monotonic()
-        what = f"{registry.name} token"
-        async with self.upstream.open(request, what=what, content=content) as response:
+
+        def answered(response: httpx.Response) -> None:
             exchange.upstream_seconds = time.monotonic() - began
             observe.upstream_answered(self, exchange, response)
-            # Read whole before answering (a token is small): a token service that fails
-            # mid-body is then a clean 504 or 502, not a 200 cut short.
-            body = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES, raw=True)
-            observe.upstream_read(self, exchange, body)
+
+        relayed = await self.tokens.relay_request(
+            registry, challenge, exchange.method, params, (*forwarded, agent), answered=answered
+        )
+        observe.upstream_read(self, exchange, relayed.body)
         headers = [
             (k, v)
-            for k, v in header_policy.client_response_headers(response.headers.multi_items())
+            for k, v in header_policy.client_response_headers(relayed.headers)
             if k not in ("www-authenticate", "content-length")  # `respond` counts the body
         ]
-        await exchange.respond(response.status_code, tuple(headers), body)
+        await exchange.respond(relayed.status, tuple(headers), relayed.body)
 
 
 # The query parameters each kind passes upstream (`ns` and anything else stay here).
