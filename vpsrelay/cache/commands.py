@@ -22,6 +22,7 @@ import httpx
 
 from vpsrelay.core import auth, cachepolicy, grammar
 from vpsrelay.errors import RelayError
+from vpsrelay.settings_loading import load_settings
 from vpsrelay.upstream import USER_AGENT
 from vpsrelay.upstream.tokens import fetch_token_blocking
 
@@ -48,12 +49,10 @@ INDEX_TYPES = MANIFEST_TYPES[:2]
 
 
 def _settings(config_path: Path | None, data_dir: Path | None) -> Settings:
-    from vpsrelay import cli
-
     overrides: dict[str, object] = {}
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)
-    return cli._load(config_path, overrides, ())
+    return load_settings(config_path, overrides, ())
 
 
 def _db(settings: Settings) -> sqlite3.Connection:
