@@ -114,6 +114,8 @@ def test_open_relay_anonymous_pull_keeps_the_realm_query(hub_q: Hub, tmp_path: P
 def test_open_relay_passes_the_clients_own_credentials_with_the_realm_query(
     hub_q: Hub, tmp_path: Path
 ) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     with RelayProcess(tmp_path / "relay", "--upstream", f"docker.io={hub_q.registry_url}") as relay:
         anonymous = skopeo_copy(tmp_path / "a", f"{host(relay)}/{PRIVATE}", check=False)
         assert anonymous.returncode != 0
@@ -147,21 +149,43 @@ def test_operator_credentials_keep_the_realm_query(hub_q: Hub, tmp_path: Path) -
         assert ALICE[1] not in relay.log_text()
 
 
-# --- warm and check, as the relay's clients (pointed at the registry itself, whose realm
-# carries the query: a relay announces its own /token, which has none)
+# --- warm and check, as the relay's clients (pointed at a registry whose realm carries the
+# query: a relay announces its own /token, which has none)
 
 
-def test_warm_keeps_the_realm_query(hub_q: Hub) -> None:
-    done = vpsrelay("warm", "--relay", hub_q.registry_url, PUBLIC)
+@pytest.fixture(scope="module")
+def direct(qhub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """Distribution on the hub's storage with the same token auth, serving blobs itself
+    (`warm` talks to a relay, which never sends a client to a CDN)."""
+    auth = {
+        "token": {
+            "realm": qhub.tokens.realm,
+            "service": "registry.docker.io",
+            "issuer": qhub.tokens.issuer,
+            "rootcertbundle": str(qhub.tokens.cert_path),
+        }
+    }
+    registry = start_registry(
+        require_binary("docker-registry"),
+        tmp_path_factory.mktemp("direct"),
+        "direct",
+        _registry_config(qhub.storage_dir, auth=auth),
+    )
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+def test_warm_keeps_the_realm_query(hub_q: Hub, direct: RegistryProcess) -> None:
+    done = vpsrelay("warm", "--relay", direct.url, PUBLIC)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert_token_requests_kept_the_query(hub_q)
 
 
-def test_check_gets_a_token_from_a_realm_with_a_query(hub_q: Hub) -> None:
-    done = vpsrelay(
-        "check", "--url", hub_q.registry_url, "--image", f"docker.io={PUBLIC}", "--json"
-    )
+def test_check_gets_a_token_from_a_realm_with_a_query(hub_q: Hub, direct: RegistryProcess) -> None:
+    done = vpsrelay("check", "--url", direct.url, "--image", f"docker.io={PUBLIC}", "--json")
     assert "Traceback" not in done.stderr
     rows = {row["check"]: row for row in json.loads(done.stdout)["rows"]}
     assert rows["token docker.io"]["result"] == "ok", rows
