@@ -32,6 +32,7 @@ ALL_ERRORS = [
         (errors.UpstreamUnavailable, 502, "UNAVAILABLE"),
         (errors.UpstreamTimeout, 504, "UNAVAILABLE"),
         (errors.UpstreamProtocolError, 502, "UNAVAILABLE"),
+        (errors.TokenRefused, 502, "UNAVAILABLE"),
         (errors.TooManyRedirects, 502, "UNAVAILABLE"),
         (errors.RedirectRefused, 502, "UNAVAILABLE"),
         (errors.DigestMismatch, 502, "DIGEST_INVALID"),
@@ -53,7 +54,7 @@ def test_status_and_code(error, status, code):
 
 
 def test_table_lists_every_error():
-    assert len(ALL_ERRORS) == 24
+    assert len(ALL_ERRORS) == 25
 
 
 @pytest.mark.parametrize("error", ALL_ERRORS)

@@ -136,6 +136,19 @@ async def test_readyz_unready_when_the_upstream_fails(tmp_path):
     assert response.json()["checks"]["upstream"].startswith("no upstream answered: docker.io, ")
 
 
+async def test_readyz_probes_go_through_the_upstream_boundary(tmp_path):
+    """Issue 13: an error httpx raises outside its HTTPError tree (a URL it cannot use)
+    is a failed probe, not a 500 from /readyz."""
+
+    def unusable(request: httpx.Request) -> httpx.Response:
+        raise httpx.InvalidURL("cannot use this URL")
+
+    async with relay(unusable, {"data_dir": str(tmp_path)}) as r:
+        response = await r.client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["upstream"].startswith("no upstream answered: docker.io")
+
+
 async def test_readyz_unready_with_tls_on_and_no_certificate(tmp_path):
     async with relay(lambda request: challenge_401(), {"data_dir": str(tmp_path)}) as r:
         r.app.health.tls.enabled = True

@@ -24,6 +24,7 @@ from vpsrelay.metrics import Metrics
 from vpsrelay.observe import Observer, access_log
 from vpsrelay.operator_paths import OperatorPaths
 from vpsrelay.token_endpoint import TokenEndpoint
+from vpsrelay.upstream.tokens import TokenClient
 
 if TYPE_CHECKING:
     from vpsrelay.cache.storage import BlobStore
@@ -46,14 +47,17 @@ class RelayApp:
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
         self.guard = Guard(settings)
-        self.clientauth = ClientAuth(settings, upstream)
+        # The relay's own upstream tokens: one keeper for the relay, the cache, client auth.
+        self.token_client = TokenClient(upstream)
+        self.clientauth = ClientAuth(settings, upstream, self.token_client)
         self.observer = Observer(self.metrics, self.health)
         self.operator = OperatorPaths(settings, self.metrics, self.health, upstream)
         self.forwarder = Forwarder(
-            settings, upstream, self.clientauth, self.guard, self.observer, self.metrics
-        )
-        self.tokens = TokenEndpoint(
-            settings, self.table, upstream, self.clientauth, self.guard, self.observer
+            settings, upstream, self.token_client, self.clientauth, self.guard, self.observer,
+            self.metrics,
+        )  # fmt: skip
+        self.token_endpoint = TokenEndpoint(
+            settings, self.table, self.token_client, self.clientauth, self.guard, self.observer
         )
         self.cache: CacheFront | None = None
         if store is not None:
@@ -144,7 +148,7 @@ class RelayApp:
         exchange.route = route
         self.guard.check_route(route)
         if route.kind is routing.Kind.TOKEN:
-            await self.tokens.serve(exchange, route)
+            await self.token_endpoint.serve(exchange, route)
             return
         if self.clientauth.enabled:
             realm = routing.relay_realm(exchange.view.base_url, route.registry)

@@ -24,6 +24,8 @@ import httpx
 
 from vpsrelay import __version__
 from vpsrelay.core import auth, ratelimit
+from vpsrelay.errors import RelayError
+from vpsrelay.upstream.tokens import fetch_token_blocking
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -255,7 +257,11 @@ class Checker:
         if challenge is None or not challenge.is_bearer or not challenge.realm:
             self.add("/v2/", FAIL, f"401 without a Bearer realm: {header!r}", "")
             return None
-        realm = urlsplit(challenge.realm)
+        try:
+            realm = urlsplit(auth.token_url(challenge.realm, ()))
+        except ValueError as exc:
+            self.add("/v2/", FAIL, str(exc), "set server.public_url to the relay's http(s) URL")
+            return None
         if (realm.scheme, realm.netloc) != (self.scheme, urlsplit(self.url).netloc):
             self.add(
                 "/v2/",
@@ -271,31 +277,16 @@ class Checker:
         if challenge is None or not challenge.realm:
             return None
         repository = image.partition(":")[0].partition("@")[0]
-        params = {"scope": f"repository:{repository}:pull"}
-        if challenge.service:
-            params["service"] = challenge.service
         check = f"token {registry}"
+        scopes = [f"repository:{repository}:pull"]
         try:
-            response = self.client.get(challenge.realm, params=params, auth=self.credentials)
-        except httpx.HTTPError as exc:
-            self.add(check, FAIL, f"token request failed: {exc}", "")
-            return None
-        self._note_date(response)
-        if response.status_code != 200:
-            self.add(
-                check,
-                FAIL,
-                f"{response.status_code}: {_error_message(response)}",
-                _status_fix(response.status_code),
-            )
-            return None
-        try:
-            body = response.json()
-            token = str(body.get("token") or body.get("access_token") or "")
-        except (ValueError, AttributeError):
-            token = ""
-        if not token:
-            self.add(check, WARN, "token service answered without a token", "")
+            token = fetch_token_blocking(self.client, challenge, scopes, self.credentials)
+        except RelayError as exc:
+            status = exc.detail.get("status") if isinstance(exc.detail, dict) else None
+            if status == 200:
+                self.add(check, WARN, "token service answered without a token", "")
+            else:
+                self.add(check, FAIL, exc.message, _status_fix(status) if status else "")
             return None
         self.add(check, PASS, f"pull token for {repository}")
         return token

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,8 @@ import click
 import trio
 
 from vpsrelay import __version__, config, private_files
-from vpsrelay.errors import ConfigError
+from vpsrelay.cache.commands import cache_group, warm
+from vpsrelay.settings_loading import load_settings as _load
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,24 +34,6 @@ config_option = click.option(
 )
 
 
-# The flag behind each dotted key, so errors name what the user typed.
-FLAG_NAMES = {
-    "server.listen": "--listen",
-    "server.public_url": "--public-url",
-    "data_dir": "--data-dir",
-    "upstream.ca_bundle": "--upstream-ca",
-    "server.trusted_proxies": "--trusted-proxy",
-    "log.level": "--log-level",
-    "tls.domains": "--domain",
-    "tls.email": "--email",
-    "tls.acme_directory": "--acme-directory",
-    "tls.challenge": "--challenge",
-    "tls.cert_file": "--cert",
-    "tls.key_file": "--key",
-    "tls.https_listen": "--https-listen",
-    "tls.http_listen": "--http-listen",
-    "tls.acme_ca_bundle": "--acme-ca-bundle",
-}
 # TLS flag -> (dotted key, repeatable)
 TLS_FLAGS = {
     "domain": ("tls.domains", True),
@@ -104,17 +86,6 @@ def _tls_overrides(values: dict[str, Any]) -> dict[str, object]:
         elif not repeatable and value is not None:
             overrides[key] = value
     return overrides
-
-
-def _load(
-    config_path: Path | None, overrides: dict[str, object], upstreams: tuple[str, ...]
-) -> config.Settings:
-    try:
-        parsed = config.parse_upstreams(list(upstreams), "--upstream")
-        return config.load(config_path, os.environ, overrides, parsed, FLAG_NAMES)
-    except ConfigError as exc:
-        click.echo(f"vpsrelay: config error: {exc.message}", err=True)
-        sys.exit(2)
 
 
 def _setup_logging(level: str, style: str = "logfmt") -> None:
@@ -561,9 +532,6 @@ def user_add(
         sys.exit(2)
     click.echo(f"{'added' if new else 'updated'} user {name!r} in {path}")
 
-
-# The cache's commands live beside the cache (imported last: they use `_load`).
-from vpsrelay.cache.commands import cache_group, warm  # noqa: E402
 
 main.add_command(cache_group)
 main.add_command(warm)

@@ -25,7 +25,6 @@ and sends them along; clients never see them.
 
 from __future__ import annotations
 
-import base64
 import collections
 import datetime as dt
 import hashlib
@@ -33,21 +32,19 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import urlencode
 
 import bcrypt
 import trio
 
 from vpsrelay import private_files
 from vpsrelay.core import auth, headers as header_policy, tokens
-from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import ConfigError, TooManyRequests, Unauthorized, UpstreamProtocolError
-from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
+from vpsrelay.errors import ConfigError, TooManyRequests, Unauthorized
+from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream.tokens import TokenClient, basic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,23 +59,16 @@ log = logging.getLogger("vpsrelay.auth")
 KEY_FILE = "token.key"
 # Good credentials are remembered this long, so a pull's many /token calls cost one bcrypt.
 CREDENTIAL_CACHE_SECONDS = 60.0
-# An upstream token is used until this many seconds before it expires.
-UPSTREAM_TOKEN_MARGIN = 10.0
-DEFAULT_UPSTREAM_TOKEN_SECONDS = 60.0
 # The bcrypt cost `vpsrelay user add` hashes with.
 BCRYPT_ROUNDS = 12
 # bcrypt reads no more of a password than this.
 BCRYPT_MAX_PASSWORD_BYTES = 72
-# The relay's own upstream tokens kept at most (one per repository; least recently used go).
-MAX_UPSTREAM_TOKENS = 1024
 # Good credentials remembered at most.
 MAX_GOOD_CREDENTIALS = 10_000
 # Password checks that may wait for a busy slot, per slot; past them the answer is 429.
 PASSWORD_QUEUE_PER_SLOT = 4
 # The users and pull tokens files are looked at (stat) at most this often.
 RELOAD_CHECK_SECONDS = 1.0
-# RFC 9110 §11.2 token68: what a Bearer credential may hold.
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +189,15 @@ class _PasswordChecks:
 class ClientAuth:
     """Users, the signing key, the relay's `/token`, and the relay's own upstream tokens."""
 
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, upstream: Upstream, tokens_client: TokenClient | None = None
+    ) -> None:
         cfg = settings.auth
         self.enabled = cfg.enabled
         self.settings = settings
         self.upstream = upstream
+        # The relay's own upstream tokens (shared with the app and the cache).
+        self.tokens = tokens_client if tokens_client is not None else TokenClient(upstream)
         self.service = cfg.service
         self.key_path = settings.data_dir / KEY_FILE
         self._key: bytes | None = None
@@ -227,10 +221,6 @@ class ClientAuth:
             free=cfg.failures_before_backoff, cap=cfg.max_backoff,
             per_minute=cfg.guesses_per_minute, ipv6_prefix=settings.limits.ipv6_prefix_length,
         )  # fmt: skip
-        # (registry, repository) -> (token, good until): least recently used first.
-        self._upstream_tokens: collections.OrderedDict[tuple[str, str], tuple[str, float]] = (
-            collections.OrderedDict()
-        )
         self._lock = trio.Lock()
 
     # -- start-up state ------------------------------------------------------------------------
@@ -512,66 +502,13 @@ class ClientAuth:
         )
         challenge = await self.upstream.challenge(registry)
         if challenge is not None and name:
-            token = await self.upstream_token(registry, [name])
-            return (*headers, ("authorization", f"Bearer {token}"))
+            token = await self.tokens.pull_token(registry, [name], operator=True)
+            if token is not None:
+                return (*headers, ("authorization", f"Bearer {token}"))
+            return headers
         if self.upstream.known_scheme(registry.name) == "basic" and registry.has_credentials:
             return (*headers, ("authorization", basic(registry)))
         return headers
-
-    def forget_upstream_token(self, registry: str, name: str) -> None:
-        self._upstream_tokens.pop((registry, name), None)
-
-    async def upstream_token(self, registry: RegistryConfig, names: list[str]) -> str:
-        """A token from the registry's token service that covers `names` (pull).
-
-        Raises:
-            RelayError: the token service failed or answered no token, or `names` make
-                a URL the relay cannot send (502).
-        """
-        now = trio.current_time()
-        keys = names or [""]  # no repository: a token for the base endpoint
-        cached = {self._upstream_tokens.get((registry.name, n)) for n in keys}
-        if len(cached) == 1 and (known := cached.pop()) is not None and known[1] > now:
-            for name in keys:
-                self._upstream_tokens.move_to_end((registry.name, name))
-            return known[0]
-        challenge = await self.upstream.challenge(registry)
-        if challenge is None or not challenge.realm:
-            return ""
-        query: list[tuple[str, str]] = []
-        if challenge.service:
-            query.append(("service", challenge.service))
-        query += [("scope", f"repository:{n}:pull") for n in sorted(set(names))]
-        separator = "&" if "?" in challenge.realm else "?"
-        url = f"{challenge.realm}{separator}{urlencode(query)}"
-        request_headers: list[tuple[str, str]] = [("user-agent", USER_AGENT)]
-        if registry.has_credentials:
-            request_headers.append(("authorization", basic(registry)))
-        request = UpstreamRequest("GET", url, tuple(request_headers))
-        what = f"{registry.name} token"
-        async with self.upstream.open(request, what=what) as response:
-            body = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES)
-        if response.status_code != 200:
-            log.warning("%s token service answered %d", registry.name, response.status_code)
-            raise UpstreamProtocolError(
-                f"{registry.name}: token service answered {response.status_code}"
-            )
-        try:
-            document = json.loads(body)
-            token = document.get("token") or document.get("access_token")
-            lifetime = float(document.get("expires_in") or DEFAULT_UPSTREAM_TOKEN_SECONDS)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-            lifetime = 0.0
-        if not isinstance(token, str) or not token or not _TOKEN68.fullmatch(token):
-            raise UpstreamProtocolError(f"{registry.name}: token service answered no token")
-        until = now + max(1.0, lifetime - UPSTREAM_TOKEN_MARGIN)
-        for name in keys:
-            self._upstream_tokens[(registry.name, name)] = (token, until)
-            self._upstream_tokens.move_to_end((registry.name, name))
-        while len(self._upstream_tokens) > MAX_UPSTREAM_TOKENS:
-            self._upstream_tokens.popitem(last=False)  # expired or not: the least used
-        return token
 
 
 def _too_many_failures(retry: float) -> TooManyRequests:
@@ -583,13 +520,6 @@ def _too_many_failures(retry: float) -> TooManyRequests:
 
 def _any(name: str) -> bool:
     return True
-
-
-def basic(registry: RegistryConfig) -> str:
-    assert registry.username is not None
-    assert registry.password is not None
-    pair = f"{registry.username}:{registry.password.reveal()}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def load_or_create_key(path: Path) -> bytes:

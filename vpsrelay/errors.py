@@ -147,6 +147,11 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream answered something a registry should not."""
 
 
+class TokenRefused(UpstreamProtocolError):
+    """The token service answered 401 or 403: it will not give these credentials (or
+    anonymous callers) a token for these repositories."""
+
+
 class TooManyRedirects(UpstreamError):
     pass
 

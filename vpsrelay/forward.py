@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.clientauth import basic
 from vpsrelay.core import auth, headers as header_policy, placeholders, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import NotFound, RelayError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream.tokens import basic
 
 if TYPE_CHECKING:
     import httpx
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from vpsrelay.metrics import Metrics
     from vpsrelay.observe import Observer
     from vpsrelay.upstream import Upstream
+    from vpsrelay.upstream.tokens import TokenClient
 
 # Sees the upstream's answer (and the headers the client would get) before the client
 # does; True: it answered the client itself.
@@ -46,6 +47,7 @@ class Forwarder:
         self,
         settings: Settings,
         upstream: Upstream,
+        tokens: TokenClient,
         clientauth: ClientAuth,
         guard: Guard,
         observer: Observer,
@@ -53,6 +55,7 @@ class Forwarder:
     ) -> None:
         self.settings = settings
         self.upstream = upstream
+        self.tokens = tokens
         self.clientauth = clientauth
         self.guard = guard
         self.observer = observer
@@ -98,7 +101,7 @@ class Forwarder:
         if challenge is not None:
             if route.upstream_name or route.kind is routing.Kind.BASE:
                 names = [route.upstream_name] if route.upstream_name else []
-                token = await self.clientauth.upstream_token(registry, names)
+                token = await self.tokens.pull_token(registry, names, operator=True)
                 if token:
                     return (("authorization", f"Bearer {token}"),)
             return ()
@@ -190,7 +193,7 @@ class Forwarder:
         if response.status_code == 401 and self._sent_own_token(exchange, registry):
             # The relay's own upstream token did not do (revoked, or the operator's
             # rights changed): forget it, so the client's next try fetches a fresh one.
-            self.clientauth.forget_upstream_token(registry.name, route.upstream_name)
+            self.tokens.forget(registry.name, [route.upstream_name])
         if self.clientauth.enabled and response.status_code == 401:
             # The client comes back through the relay's /token.
             scope = f"repository:{route.upstream_name}:pull" if route.upstream_name else None

@@ -18,10 +18,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from vpsrelay import private_files
+from vpsrelay.core.redirects import UpstreamRequest
+from vpsrelay.errors import RelayError
 from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
@@ -153,16 +154,18 @@ class Health:
         answered: list[str] = []
 
         async def probe(registry: RegistryConfig) -> None:
+            request = UpstreamRequest("GET", f"{registry.url}/v2/", (("user-agent", USER_AGENT),))
             with trio.move_on_after(PROBE_TIMEOUT):
                 try:
-                    response = await upstream.client.get(
-                        f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
-                    )
-                except httpx.HTTPError:
+                    async with upstream.open(
+                        request, what=registry.name, follow=False, registry=registry.name
+                    ) as response:
+                        status, date = response.status_code, response.headers.get("date")
+                except RelayError:
                     self.failed(registry.name)
                     return
-                if response.status_code < 500:
-                    self.answered(registry.name, response.headers.get("date"))
+                if status < 500:
+                    self.answered(registry.name, date)
                     answered.append(registry.name)
                 else:
                     self.failed(registry.name)

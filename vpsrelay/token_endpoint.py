@@ -11,23 +11,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from vpsrelay.core import auth, headers as header_policy, placeholders, routing
-from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import ClientError, Denied, NotFound
 from vpsrelay.exchange import Exchange, read_request_body
-from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
+from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    import httpx
 
     from vpsrelay.clientauth import ClientAuth
     from vpsrelay.config import RegistryConfig, Settings
     from vpsrelay.core.registries import RegistryTable
     from vpsrelay.guard import Guard
     from vpsrelay.observe import Observer
-    from vpsrelay.upstream import Upstream
+    from vpsrelay.upstream.tokens import TokenClient
 
 MAX_TOKEN_FORM_BYTES = 64 * 1024
 
@@ -39,14 +40,15 @@ class TokenEndpoint:
         self,
         settings: Settings,
         table: RegistryTable,
-        upstream: Upstream,
+        tokens: TokenClient,
         clientauth: ClientAuth,
         guard: Guard,
         observer: Observer,
     ) -> None:
         self.settings = settings
         self.table = table
-        self.upstream = upstream
+        self.tokens = tokens
+        self.upstream = tokens.upstream
         self.clientauth = clientauth
         self.guard = guard
         self.observer = observer
@@ -172,27 +174,19 @@ class TokenEndpoint:
         forwarded = header_policy.select(exchange.headers, frozenset({"authorization", "accept"}))
         forwarded = placeholders.without_placeholder(forwarded)
         agent = ("user-agent", header_policy.get(exchange.headers, "user-agent") or USER_AGENT)
-        content = None
-        if exchange.method == "POST":
-            content = urlencode(params).encode()
-            forwarded += (("content-type", "application/x-www-form-urlencoded"),)
-            url = realm
-        else:
-            separator = "&" if "?" in realm else "?"
-            url = f"{realm}{separator}{urlencode(params)}" if params else realm
-        request = UpstreamRequest(exchange.method, url, (*forwarded, agent))
         began = time.monotonic()
-        what = f"{registry.name} token"
-        async with self.upstream.open(request, what=what, content=content) as response:
+
+        def answered(response: httpx.Response) -> None:
             exchange.upstream_seconds = time.monotonic() - began
             self.observer.upstream_answered(exchange, response)
-            # Read whole before answering (a token is small): a token service that fails
-            # mid-body is then a clean 504 or 502, not a 200 cut short.
-            body = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES, raw=True)
-            self.observer.upstream_read(exchange, body)
+
+        relayed = await self.tokens.relay_request(
+            registry, challenge, exchange.method, params, (*forwarded, agent), answered=answered
+        )
+        self.observer.upstream_read(exchange, relayed.body)
         headers = [
             (k, v)
-            for k, v in header_policy.client_response_headers(response.headers.multi_items())
+            for k, v in header_policy.client_response_headers(relayed.headers)
             if k not in ("www-authenticate", "content-length")  # `respond` counts the body
         ]
-        await exchange.respond(response.status_code, tuple(headers), body)
+        await exchange.respond(relayed.status, tuple(headers), relayed.body)

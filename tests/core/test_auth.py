@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -380,3 +382,125 @@ def test_scope_parse_format_round_trip_on_text(text):
 def test_scope_format_parse_round_trip(resource_type, name, actions):
     scope = Scope(resource_type, name, actions)
     assert Scope.parse(scope.format()) == scope
+
+
+# --- token request URLs and answers
+
+
+def test_token_url_appends_params_to_a_plain_realm() -> None:
+    url = auth.token_url(
+        "https://auth.example/token",
+        [("service", "registry.example"), ("scope", "repository:library/a b:pull")],
+    )
+    assert url == (
+        "https://auth.example/token?service=registry.example"
+        "&scope=repository%3Alibrary%2Fa+b%3Apull"
+    )
+
+
+def test_token_url_keeps_the_query_a_realm_already_has() -> None:
+    url = auth.token_url("http://127.0.0.1:5001/token?account=x&a=%2F", [("scope", "s")])
+    assert url == "http://127.0.0.1:5001/token?account=x&a=%2F&scope=s"
+
+
+def test_token_url_without_params_is_the_realm_without_its_fragment() -> None:
+    assert auth.token_url("https://a.example/t?x=1#frag", []) == "https://a.example/t?x=1"
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "",
+        "/token",
+        "auth.example/token",
+        "ftp://auth.example/token",
+        "file:///etc/passwd",
+        "https:///token",
+        "http://[::1/token",
+        "http://a.example:port/token",
+        "http://a.example/to ken",
+        "http://a.example/\ntoken",
+    ],
+)
+def test_token_url_refuses_a_realm_that_is_not_an_absolute_http_url(realm: str) -> None:
+    with pytest.raises(ValueError, match="realm") as caught:
+        auth.token_url(realm, [("scope", "x")])
+    assert repr(realm) in str(caught.value)
+
+
+_QUERY_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=20)
+
+
+@given(
+    existing=st.lists(st.tuples(_QUERY_TEXT, _QUERY_TEXT), max_size=3),
+    params=st.lists(st.tuples(_QUERY_TEXT, _QUERY_TEXT), max_size=4),
+)
+def test_token_url_round_trips_both_queries_in_order(
+    existing: list[tuple[str, str]], params: list[tuple[str, str]]
+) -> None:
+    realm = (
+        f"https://auth.example/token?{urlencode(existing)}"
+        if existing
+        else ("https://auth.example/token")
+    )
+    url = auth.token_url(realm, params)
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "auth.example", "/token")
+    assert parse_qsl(parts.query, keep_blank_values=True) == [
+        (k, v) for k, v in [*existing, *params]
+    ]
+
+
+def test_token_form_encodes_the_params_and_names_its_type() -> None:
+    body, header = auth.token_form([("grant_type", "password"), ("password", "p&q=r")])
+    assert body == b"grant_type=password&password=p%26q%3Dr"
+    assert header == ("content-type", "application/x-www-form-urlencoded")
+
+
+def test_parse_token_answer_reads_token_lifetime_and_issue_time() -> None:
+    answer = auth.parse_token_answer(
+        b'{"token": "abc.def", "expires_in": 300, "issued_at": "2026-01-01T00:00:00Z"}'
+    )
+    assert answer == auth.TokenAnswer("abc.def", 300.0, "2026-01-01T00:00:00Z")
+
+
+def test_parse_token_answer_falls_back_to_access_token_and_default_lifetime() -> None:
+    answer = auth.parse_token_answer(b'{"access_token": "xyz=="}')
+    assert answer == auth.TokenAnswer("xyz==", auth.DEFAULT_TOKEN_SECONDS, None)
+
+
+@pytest.mark.parametrize("lifetime", ['"soon"', "0", "-5", "true", "null", "[]", "1e999"])
+def test_parse_token_answer_odd_lifetimes_mean_the_default(lifetime: str) -> None:
+    body = f'{{"token": "t", "expires_in": {lifetime}}}'.encode()
+    assert auth.parse_token_answer(body).expires_in == auth.DEFAULT_TOKEN_SECONDS
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        b'"token"',
+        b"{}",
+        b'{"token": ""}',
+        b'{"token": 5}',
+        b'{"token": "a b"}',
+        b'{"token": "a\\r\\nx-injected: 1"}',
+        b'{"token": "=abc"}',
+    ],
+)
+def test_parse_token_answer_refuses_an_answer_without_a_usable_token(body: bytes) -> None:
+    with pytest.raises(ValueError, match="token service answered"):
+        auth.parse_token_answer(body)
+
+
+@given(st.binary(max_size=200))
+def test_parse_token_answer_raises_only_value_error(body: bytes) -> None:
+    try:
+        answer = auth.parse_token_answer(body)
+    except ValueError:
+        return
+    assert auth.TOKEN68.fullmatch(answer.token)
+    assert answer.expires_in > 0

@@ -433,13 +433,15 @@ def start_hub(
     service: str = SERVICE,
     images: Sequence[tuple[str, dict[str, bytes]]] | None = None,
     relative_redirects: bool = False,
+    realm_query: str = "",
 ) -> Hub:
     """Start token server, CDN and both registries under ``workdir``; seed the images.
 
     ``service`` is the token service name (another registry than Docker Hub has its own);
     ``images`` replaces the default image set with ``(ref, files)`` pairs; with
     ``relative_redirects`` blob redirects carry a relative Location to the front itself, as
-    Google's registries send, and the front fetches from the CDN.
+    Google's registries send, and the front fetches from the CDN; ``realm_query`` is a
+    query the token realm carries (``account=x``), which the token server then requires.
 
     Raises ``HubStartError`` (with the registry logs) if anything fails; everything that was
     started is stopped again first."""
@@ -449,7 +451,7 @@ def start_hub(
     try:
         hub.storage_dir.mkdir(parents=True, exist_ok=True)
         hub.log_dir.mkdir(parents=True, exist_ok=True)
-        hub.tokens = TokenServer(workdir / "certs")
+        hub.tokens = TokenServer(workdir / "certs", realm_query=realm_query)
         hub.cdn = CDN(hub.storage_dir)
         hub.push_registry = start_registry(
             registry_binary,

@@ -100,8 +100,11 @@ class TokenServer:
         users: dict[str, str] | None = None,
         issuer: str = ISSUER,
         expires_in: int = 300,
+        realm_query: str = "",
     ) -> None:
         self.issuer = issuer
+        # A query the realm carries (``account=x``): every token request must bring it back.
+        self.realm_query = realm_query
         self.expires_in = expires_in
         self.users: dict[str, str] = dict(
             users if users is not None else {ALICE_USER: ALICE_PASSWORD}
@@ -132,7 +135,7 @@ class TokenServer:
         self._server = QuietThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port: int = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.realm = f"{self.url}/token"
+        self.realm = f"{self.url}/token" + (f"?{realm_query}" if realm_query else "")
         self._thread = serve_in_thread(self._server, "tokenserver")
 
     # -- public helpers -------------------------------------------------------------------
@@ -223,6 +226,11 @@ class TokenServer:
         if url.path != "/token":
             _send_json(h, 404, {"details": "not found"})
             return
+        sent = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
+        for pair in urllib.parse.parse_qsl(self.realm_query, keep_blank_values=True):
+            if pair not in sent:  # the realm's own query was dropped or mangled
+                _send_json(h, 400, {"details": f"realm query parameter missing: {pair[0]}"})
+                return
         if method == "GET":
             self._handle_get(h, urllib.parse.parse_qs(url.query))
         else:

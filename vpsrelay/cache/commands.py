@@ -16,13 +16,15 @@ import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
 
 import click
 import httpx
 
 from vpsrelay.core import auth, cachepolicy, grammar
+from vpsrelay.errors import RelayError
+from vpsrelay.settings_loading import load_settings
 from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream.tokens import fetch_token_blocking
 
 if TYPE_CHECKING:
     from vpsrelay.config import Settings
@@ -47,12 +49,10 @@ INDEX_TYPES = MANIFEST_TYPES[:2]
 
 
 def _settings(config_path: Path | None, data_dir: Path | None) -> Settings:
-    from vpsrelay import cli
-
     overrides: dict[str, object] = {}
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)
-    return cli._load(config_path, overrides, ())
+    return load_settings(config_path, overrides, ())
 
 
 def _db(settings: Settings) -> sqlite3.Connection:
@@ -258,16 +258,9 @@ class Warmer:
         if self.challenge is None or not self.challenge.realm:
             return {}
         if name not in self.tokens:
-            params = {"scope": f"repository:{name}:pull"}
-            if self.challenge.service:
-                params["service"] = self.challenge.service
-            response = self.client.get(
-                f"{self.challenge.realm}?{urlencode(params)}",
-                auth=self.creds,
+            self.tokens[name] = fetch_token_blocking(
+                self.client, self.challenge, [f"repository:{name}:pull"], self.creds
             )
-            response.raise_for_status()
-            answer = response.json()
-            self.tokens[name] = answer.get("token") or answer.get("access_token") or ""
         return {"authorization": f"Bearer {self.tokens[name]}"}
 
     def start(self) -> None:
@@ -339,11 +332,18 @@ def warm(
         for image in images:
             try:
                 _warm_one(warmer, image, platforms)
+            except RelayError as exc:
+                click.echo(f"vpsrelay: warm {image}: {exc.message}", err=True)
+                failed += 1
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 click.echo(f"vpsrelay: warm {image}: {exc}", err=True)
                 failed += 1
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         click.echo(f"vpsrelay: cannot reach the relay at {relay_url}: {exc}", err=True)
+        sys.exit(1)
+    except (RelayError, KeyError) as exc:
+        message = exc.message if isinstance(exc, RelayError) else f"no {exc} header"
+        click.echo(f"vpsrelay: the relay at {relay_url} answered /v2/ badly: {message}", err=True)
         sys.exit(1)
     finally:
         warmer.close()

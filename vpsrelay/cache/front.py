@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from functools import partial
 from typing import TYPE_CHECKING
-from urllib.parse import urlencode
 
 import trio
 
@@ -28,9 +26,9 @@ from vpsrelay.cache.storage import DiskSpill, FillState
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
+from vpsrelay.errors import DigestMismatch, RelayError, TokenRefused, UpstreamError
 from vpsrelay.exchange import API_VERSION_HEADER, watch_disconnect
-from vpsrelay.upstream import MAX_TOKEN_ANSWER_BYTES, USER_AGENT, read_body
+from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
     import httpx
@@ -679,29 +677,15 @@ class CacheFront:
 
     async def _anonymous_head(self, route: routing.Route, digest: str, media_type: str) -> bool:
         registry = self.registries[route.registry]
-        challenge = await self.upstream.challenge(registry)
         # Distribution answers 404 for an OCI manifest the Accept header does not admit.
         headers: list[tuple[str, str]] = [("user-agent", USER_AGENT), ("accept", media_type)]
-        if challenge is not None and challenge.realm:
-            params = [("scope", f"repository:{route.upstream_name}:pull")]
-            if challenge.service:
-                params.insert(0, ("service", challenge.service))
-            separator = "&" if "?" in challenge.realm else "?"
-            request = UpstreamRequest(
-                "GET", f"{challenge.realm}{separator}{urlencode(params)}", tuple(headers[:1])
+        try:
+            token = await self.forwarder.tokens.pull_token(
+                registry, [route.upstream_name], operator=False
             )
-            what = f"{route.registry} token"
-            async with self.upstream.open(request, what=what) as response:
-                if response.status_code != 200:
-                    return False
-                raw = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES)
-            try:
-                answer = json.loads(raw)
-                token = answer.get("token") or answer.get("access_token")
-            except (ValueError, AttributeError):
-                return False
-            if not isinstance(token, str) or not token:
-                return False
+        except TokenRefused:
+            return False  # no token for anonymous callers: not public
+        if token is not None:
             headers.append(("authorization", f"Bearer {token}"))
         request = UpstreamRequest(
             "HEAD",

@@ -8,14 +8,18 @@ clients use (`alpine`) and the upstream's (`library/alpine`).
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from vpsrelay.core import grammar
 from vpsrelay.errors import BadRequest, UpstreamProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,3 +215,82 @@ def token_request_params(
     upstream_service = service or next((v for k, v in params if k == "service"), None)
     head = [("service", upstream_service)] if upstream_service else []
     return [*head, *others, *(("scope", f"repository:{name}:pull") for name in names)]
+
+
+# RFC 9110 §11.2 token68: what a Bearer credential may hold.
+TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# A token answer without `expires_in` is good this long (the token spec's minimum).
+DEFAULT_TOKEN_SECONDS = 60.0
+_FORM_TYPE = ("content-type", "application/x-www-form-urlencoded")
+
+
+def token_url(realm: str, params: Sequence[tuple[str, str]]) -> str:
+    """The URL of a token request to `realm`: its own query kept, `params` appended.
+
+    The one place a token request URL is built (a realm may already carry a query,
+    such as `?account=x`, which must survive). The fragment, never sent, is dropped.
+
+    Raises:
+        ValueError: `realm` is not an absolute http(s) URL (the message names it).
+    """
+    problem = f"token realm {realm!r} is not an absolute http(s) URL"
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in realm):
+        raise ValueError(problem)
+    try:
+        parts = urlsplit(realm)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number
+        raise ValueError(problem) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(problem)
+    query = "&".join(q for q in (parts.query, urlencode(list(params))) if q)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+def token_form(params: Sequence[tuple[str, str]]) -> tuple[bytes, tuple[str, str]]:
+    """The body of an OAuth2 POST token request, and its content-type header."""
+    return urlencode(list(params)).encode("ascii"), _FORM_TYPE
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAnswer:
+    """What a token service answered: the token, how long it lasts, when it was issued."""
+
+    token: str
+    expires_in: float
+    issued_at: str | None = None
+
+
+def parse_token_answer(body: bytes) -> TokenAnswer:
+    """Parse a token service's JSON answer (`token`, or OAuth2's `access_token`).
+
+    A missing, non-numeric or non-positive `expires_in` means `DEFAULT_TOKEN_SECONDS`.
+
+    Raises:
+        ValueError: no JSON object, or no token that may travel as a Bearer credential.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("token service answered no JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError("token service answered no JSON object")
+    token = document.get("token") or document.get("access_token")
+    if not isinstance(token, str) or not TOKEN68.fullmatch(token):
+        raise ValueError("token service answered no token")
+    issued_at = document.get("issued_at")
+    return TokenAnswer(
+        token,
+        _lifetime(document.get("expires_in")),
+        issued_at if isinstance(issued_at, str) else None,
+    )
+
+
+def _lifetime(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return DEFAULT_TOKEN_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        return DEFAULT_TOKEN_SECONDS
+    return seconds if math.isfinite(seconds) and seconds > 0 else DEFAULT_TOKEN_SECONDS

@@ -48,27 +48,35 @@ MAX_TOKEN_ANSWER_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
-def map_httpx_errors(what: str) -> Iterator[None]:
-    """Translate httpx's exceptions into the relay's, without leaking addresses."""
+def map_httpx_errors(what: str, *, quiet: bool = False) -> Iterator[None]:
+    """Translate httpx's exceptions into the relay's, without leaking addresses.
+
+    `quiet`: log nothing (a CLI tool prints the error itself, on one line).
+    """
+    warn = _ignore if quiet else log.warning
     try:
         yield
     except httpx.TimeoutException as exc:
-        log.warning("upstream timeout: %s: %s", what, type(exc).__name__)
+        warn("upstream timeout: %s: %s", what, type(exc).__name__)
         raise UpstreamTimeout(f"{what}: upstream timed out") from exc
     except (httpx.ConnectError, httpx.NetworkError) as exc:
-        log.warning("upstream unreachable: %s: %s", what, exc)
+        warn("upstream unreachable: %s: %s", what, exc)
         raise UpstreamUnavailable(f"{what}: upstream unreachable") from exc
     except (httpx.RemoteProtocolError, httpx.DecodingError) as exc:
-        log.warning("upstream protocol error: %s: %s", what, exc)
+        warn("upstream protocol error: %s: %s", what, exc)
         raise UpstreamProtocolError(f"{what}: upstream broke the protocol") from exc
     except httpx.HTTPError as exc:
-        log.warning("upstream error: %s: %r", what, exc)
+        warn("upstream error: %s: %r", what, exc)
         raise UpstreamError(f"{what}: upstream request failed") from exc
     except (httpx.InvalidURL, UnicodeError) as exc:
         # A Location httpx cannot parse (a backslash in the port, a bad IDNA label):
         # httpx raises these outside its HTTPError tree.
-        log.warning("upstream gave an invalid URL: %s: %s", what, exc)
+        warn("upstream gave an invalid URL: %s: %s", what, exc)
         raise UpstreamProtocolError(f"{what}: upstream sent a URL the relay cannot use") from exc
+
+
+def _ignore(*args: object) -> None:
+    pass
 
 
 class _MappedStream(httpx.AsyncByteStream):
