@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from vpsrelay import cli, httpcore_patches, hypercorn_patches
+from vpsrelay import cli
+from vpsrelay.patches import httpcore as httpcore_patches, hypercorn as hypercorn_patches
 
 
 def main() -> None:

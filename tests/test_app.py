@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from vpsrelay import config, errors
+from vpsrelay.access.guard import Guard
 from vpsrelay.app import RelayApp
 from vpsrelay.core import auth
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.guard import Guard
 from vpsrelay.upstream import Upstream, read_body
 
 HUB = "http://hub.test"

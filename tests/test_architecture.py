@@ -121,3 +121,12 @@ def test_a_shell_import_in_the_core_breaks_the_allow_list(tmp_path: Path) -> Non
     result = _lint_imports(tree)
     assert result.returncode != 0
     assert "vpsrelay.cache" in result.stdout
+
+
+def test_an_upward_import_breaks_the_layers(tmp_path: Path) -> None:
+    tree = _copy_tree(tmp_path)
+    with (tree / "vpsrelay" / "cache" / "store.py").open("a") as module:
+        module.write("\nfrom vpsrelay import app  # noqa\n")
+    result = _lint_imports(tree)
+    assert result.returncode != 0
+    assert "vpsrelay.cache.store -> vpsrelay.app" in result.stdout

@@ -13,8 +13,10 @@ import trio
 import trustme
 
 from tests.test_app import manifest_handler, token_handler
-from vpsrelay import check, config, hypercorn_patches
+from vpsrelay import config
 from vpsrelay.app import RelayApp
+from vpsrelay.ops import check
+from vpsrelay.patches import hypercorn as hypercorn_patches
 from vpsrelay.upstream import Upstream
 
 

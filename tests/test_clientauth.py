@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from vpsrelay import config
-from vpsrelay.clientauth import ClientAuth, _PasswordChecks, add_user
+from vpsrelay.access.clientauth import ClientAuth, _PasswordChecks, add_user
 from vpsrelay.core import routing, tokens
 from vpsrelay.errors import TooManyRequests, Unauthorized
 from vpsrelay.upstream import Upstream

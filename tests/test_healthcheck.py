@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from vpsrelay import config
-from vpsrelay.healthcheck import local_url
+from vpsrelay.ops.healthcheck import local_url
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -7,7 +7,7 @@ import inspect
 
 from httpcore._async.http11 import AsyncHTTP11Connection
 
-from vpsrelay import httpcore_patches
+from vpsrelay.patches import httpcore as httpcore_patches
 
 # sha256 of the source of the function that reads `READ_NUM_BYTES`, as of httpcore 1.0.9.
 RECEIVE_EVENT_SHA256 = "1edfeb771f851df227ee68e76565ba6f794b57706b146d481038533663eb8f3f"
@@ -15,7 +15,7 @@ RECEIVE_EVENT_SHA256 = "1edfeb771f851df227ee68e76565ba6f794b57706b146d4810385336
 
 def test_pinned_versions_are_installed() -> None:
     assert httpcore_patches.versions_match(), (
-        f"re-check vpsrelay/httpcore_patches.py: pinned {httpcore_patches.PINNED}"
+        f"re-check vpsrelay/patches/httpcore.py: pinned {httpcore_patches.PINNED}"
     )
 
 

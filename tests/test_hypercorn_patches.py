@@ -26,8 +26,8 @@ from hypercorn.trio.worker_context import EventWrapper
 from hypothesis import given, settings, strategies as st
 from priority.priority import PriorityTree
 
-from vpsrelay import hypercorn_patches
 from vpsrelay.core.connslots import ConnectionSlots
+from vpsrelay.patches import hypercorn as hypercorn_patches
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -60,7 +60,7 @@ FRAME = 16384
 
 def test_pinned_versions_are_installed() -> None:
     assert hypercorn_patches.versions_match(), (
-        f"re-check vpsrelay/hypercorn_patches.py: pinned {hypercorn_patches.PINNED}"
+        f"re-check vpsrelay/patches/hypercorn.py: pinned {hypercorn_patches.PINNED}"
     )
 
 
@@ -179,7 +179,7 @@ def test_the_tls_listeners_share_the_connection_policy() -> None:
     """HTTPS and port 80 copy the main config: the same slots, deadline and catch-all."""
     import hypercorn.config
 
-    from vpsrelay import tlsserver
+    from vpsrelay.tls import serving as tlsserver
 
     base = hypercorn.config.Config()
     policy = _policy()
@@ -586,7 +586,7 @@ def test_serve_refuses_to_start_without_the_safety_patches(
     """Other hypercorn/h2 versions: one line naming them, exit status 1, nothing served."""
     from click.testing import CliRunner
 
-    from vpsrelay import library_patches
+    from vpsrelay import patches as library_patches
     from vpsrelay.cli import main
 
     monkeypatch.setattr(H2Protocol, "_vpsrelay_patched", False)

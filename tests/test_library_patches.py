@@ -20,17 +20,11 @@ from click.testing import CliRunner
 from hypercorn.protocol.h2 import H2Protocol
 
 from tests.test_app import challenge_401, relay
-from vpsrelay import (
-    check,
-    cli,
-    config,
-    httpcore_patches,
-    hypercorn_patches,
-    library_patches,
-    netguard,
-    tls,
-)
-from vpsrelay.library_patches import Degraded
+from vpsrelay import cli, config, patches as library_patches
+from vpsrelay.ops import check
+from vpsrelay.patches import Degraded, httpcore as httpcore_patches, hypercorn as hypercorn_patches
+from vpsrelay.tls import contexts as tls
+from vpsrelay.upstream import netguard
 
 REPO = Path(__file__).resolve().parents[1]
 

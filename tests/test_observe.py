@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_app import HUB, challenge_401, manifest_handler, never, relay, reply
-from vpsrelay import cli, logs
+from vpsrelay import cli
+from vpsrelay.ops import logs
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -62,7 +63,7 @@ async def test_metrics_can_be_switched_off():
 
 
 def test_cache_interface_only_counts():
-    from vpsrelay.metrics import Metrics
+    from vpsrelay.ops.metrics import Metrics
 
     metrics = Metrics()
     metrics.cache_hit("docker.io", 10)
@@ -77,8 +78,8 @@ def test_cache_interface_only_counts():
 
 
 def test_certificate_expiry_appears_only_with_a_certificate():
-    from vpsrelay.health import TlsStatus
-    from vpsrelay.metrics import Metrics
+    from vpsrelay.ops.health import TlsStatus
+    from vpsrelay.ops.metrics import Metrics
 
     tls = TlsStatus(enabled=True)
     metrics = Metrics(certificate_not_after=tls.expiry)
@@ -92,7 +93,7 @@ def test_certificate_expiry_appears_only_with_a_certificate():
 
 def test_ratelimit_source_label_follows_the_latest():
     from vpsrelay.core.ratelimit import RateLimit
-    from vpsrelay.metrics import Metrics
+    from vpsrelay.ops.metrics import Metrics
 
     metrics = Metrics()
     metrics.ratelimit("docker.io", RateLimit(100, 5, 60, "a"))

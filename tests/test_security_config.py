@@ -16,10 +16,10 @@ import trio
 from click.testing import CliRunner
 
 from vpsrelay import config
+from vpsrelay.access.clientauth import add_user, load_or_create_key
+from vpsrelay.access.guard import Guard
 from vpsrelay.cli import main
-from vpsrelay.clientauth import add_user, load_or_create_key
 from vpsrelay.errors import ConfigError, TooManyRequests
-from vpsrelay.guard import Guard
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -10,7 +10,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from vpsrelay import tls
+from vpsrelay.tls import contexts as tls
 
 if TYPE_CHECKING:
     from pathlib import Path

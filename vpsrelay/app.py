@@ -11,18 +11,18 @@ import logging
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
+from vpsrelay.access.clientauth import ClientAuth
+from vpsrelay.access.guard import Guard
 from vpsrelay.cache.front import CacheFront
-from vpsrelay.clientauth import ClientAuth
 from vpsrelay.core import forwarding, routing
 from vpsrelay.core.registries import Registry, RegistryTable
 from vpsrelay.errors import RelayError
 from vpsrelay.exchange import Exchange, Receive, Scope, Send, serve_lifespan
 from vpsrelay.forward import Forwarder
-from vpsrelay.guard import Guard
-from vpsrelay.health import Health
-from vpsrelay.metrics import Metrics
-from vpsrelay.observe import Observer, access_log
-from vpsrelay.operator_paths import OperatorPaths
+from vpsrelay.ops.health import Health
+from vpsrelay.ops.metrics import Metrics
+from vpsrelay.ops.observe import Observer, access_log
+from vpsrelay.ops.operator_paths import OperatorPaths
 from vpsrelay.token_endpoint import TokenEndpoint
 from vpsrelay.upstream.tokens import TokenClient
 

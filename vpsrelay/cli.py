@@ -89,7 +89,7 @@ def _tls_overrides(values: dict[str, Any]) -> dict[str, object]:
 
 
 def _setup_logging(level: str, style: str = "logfmt") -> None:
-    from vpsrelay import logs
+    from vpsrelay.ops import logs
 
     logs.setup(level, style)
 
@@ -183,7 +183,8 @@ def serve(
             f"vpsrelay: cannot create data_dir {str(settings.data_dir)!r}: {exc.strerror}", err=True
         )
         sys.exit(2)
-    from vpsrelay import hypercorn_patches, server  # late: `config check` needs no server stack
+    from vpsrelay import server  # late: `config check` needs no server stack
+    from vpsrelay.patches import hypercorn as hypercorn_patches
 
     if settings.tls.enabled:
         _tls_preflight(settings)
@@ -217,7 +218,7 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 def _tls_preflight(settings: config.Settings) -> None:
     """Your own certificate files must load before anything listens."""
-    from vpsrelay import tls
+    from vpsrelay.tls import contexts as tls
 
     cert_file, key_file = settings.tls.cert_file, settings.tls.key_file
     if cert_file is None or key_file is None:
@@ -253,8 +254,8 @@ def cert_status(config_path: Path | None, data_dir: str | None, **flags: Any) ->
     """Show the certificate: issuer, names, not-after, days left, when renewal is due."""
     import datetime
 
-    from vpsrelay import certs
     from vpsrelay.core import renewal
+    from vpsrelay.tls import certs
 
     settings = _cert_settings(config_path, data_dir, flags)
     tls_config = settings.tls
@@ -298,7 +299,7 @@ def cert_renew(config_path: Path | None, data_dir: str | None, force: bool, **fl
         click.echo("vpsrelay: the certificate is your own file (tls.cert_file); nothing to renew")
         sys.exit(2)
     _setup_logging(settings.log.level)
-    from vpsrelay import tlsserver
+    from vpsrelay.tls import serving as tlsserver
 
     reply = tlsserver.request_renewal(settings.data_dir, force=force)
     if reply is None:
@@ -329,7 +330,7 @@ def healthcheck(config_path: Path | None, url: str | None, timeout: float) -> No
       vpsrelay healthcheck
       vpsrelay healthcheck --url http://127.0.0.1:5000/healthz
     """
-    from vpsrelay import healthcheck as probe  # imported late, like the server stack
+    from vpsrelay.ops import healthcheck as probe  # imported late, like the server stack
 
     settings = _load(config_path, {}, ())
     healthy, line = probe.probe(url or probe.local_url(settings), timeout)
@@ -418,8 +419,8 @@ def snippets(config_path: Path | None, formats: tuple[str, ...], url: str | None
       vpsrelay snippets --format containerd --url https://relay.example.com
       vpsrelay snippets                      # docker, containerd, k3s, podman, NAS
     """
-    from vpsrelay import landing
     from vpsrelay.core import snippets as snippet_core
+    from vpsrelay.ops import landing
 
     settings = _load(config_path, {}, ())
     target = landing.target(settings, (url or _relay_url(settings)).rstrip("/"))
@@ -472,7 +473,7 @@ def check(
       vpsrelay check --url https://relay.example.com --image docker.io=library/alpine:3
       VPSRELAY_CHECK_PASSWORD=... vpsrelay check --user me --image docker.io=me/private:1
     """
-    from vpsrelay import check as diagnosis
+    from vpsrelay.ops import check as diagnosis
 
     settings = _load(config_path, {}, ())
     try:
@@ -515,7 +516,7 @@ def user_add(
       vpsrelay user add alice --config /etc/vpsrelay/config.toml
       echo "$PASSWORD" | vpsrelay user add ci --password-stdin --file /etc/vpsrelay/htpasswd
     """
-    from vpsrelay.clientauth import add_user  # late: bcrypt is not needed elsewhere here
+    from vpsrelay.access.clientauth import add_user  # late: bcrypt is not needed elsewhere here
 
     path = users_file or _load(config_path, {}, ()).auth.users_file
     if path is None:

@@ -27,11 +27,11 @@ from vpsrelay.upstream.tokens import basic
 if TYPE_CHECKING:
     import httpx
 
-    from vpsrelay.clientauth import ClientAuth
+    from vpsrelay.access.clientauth import ClientAuth
+    from vpsrelay.access.guard import Guard
     from vpsrelay.config import RegistryConfig, Settings
-    from vpsrelay.guard import Guard
-    from vpsrelay.metrics import Metrics
-    from vpsrelay.observe import Observer
+    from vpsrelay.ops.metrics import Metrics
+    from vpsrelay.ops.observe import Observer
     from vpsrelay.upstream import Upstream
     from vpsrelay.upstream.tokens import TokenClient
 

@@ -17,12 +17,13 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, hypercorn_patches, library_patches, shutdown
+from vpsrelay import __version__, patches as library_patches, shutdown
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
 from vpsrelay.core.connslots import ConnectionSlots
-from vpsrelay.operator_paths import OperatorApp
+from vpsrelay.ops.operator_paths import OperatorApp
+from vpsrelay.patches import hypercorn as hypercorn_patches
 from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -168,7 +169,9 @@ async def _serve(
         )
         binds: list[str] = await nursery.start(serve)
         if settings.tls.enabled:
-            from vpsrelay import tlsserver  # imported late: plain mode needs no ACME stack
+            from vpsrelay.tls import (
+                serving as tlsserver,  # imported late: plain mode needs no ACME stack
+            )
 
             https = await tlsserver.start(nursery, settings, app, stop, config)
             binds = [*https, *binds]

@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
     import httpx
 
-    from vpsrelay.clientauth import ClientAuth
+    from vpsrelay.access.clientauth import ClientAuth
+    from vpsrelay.access.guard import Guard
     from vpsrelay.config import RegistryConfig, Settings
     from vpsrelay.core.registries import RegistryTable
-    from vpsrelay.guard import Guard
-    from vpsrelay.observe import Observer
+    from vpsrelay.ops.observe import Observer
     from vpsrelay.upstream.tokens import TokenClient
 
 MAX_TOKEN_FORM_BYTES = 64 * 1024

@@ -38,7 +38,8 @@ from tests.infra.clients import DockerDaemon
 from tests.infra.oci import BuiltImage
 from tests.infra.pebble import Pebble, free_port
 from tests.infra.relay import REPO_ROOT, RelayProcess
-from vpsrelay import config, tls, tlsserver
+from vpsrelay import config
+from vpsrelay.tls import contexts as tls, serving as tlsserver
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

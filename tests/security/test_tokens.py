@@ -25,7 +25,7 @@ import pytest
 
 from tests.infra.oci import BuiltImage
 from tests.infra.relay import RelayProcess
-from vpsrelay.clientauth import add_user
+from vpsrelay.access.clientauth import add_user
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -2,7 +2,7 @@
 
 Pure decisions, each a small class or function that takes the facts (an address,
 a name, `now`) and either returns or raises a `ClientError` whose `reason` names
-the rule; `vpsrelay.guard` applies them per request and counts the refusals.
+the rule; `vpsrelay.access.guard` applies them per request and counts the refusals.
 
 * IP allow/deny lists (CIDR), on the real client address.
 * Repository allow/deny globs per registry: `*` is one path segment, `**` any number.

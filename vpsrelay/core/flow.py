@@ -2,7 +2,7 @@
 
 The flow yields each `UpstreamRequest` to send and is sent back the
 `UpstreamHead` that answered it; it returns the head whose body goes to the
-client. The shell (`vpsrelay.upstream.run_flow`) does the IO, so the decisions
+client. The shell (`vpsrelay.upstream.client.Upstream.open`) does the IO, so the decisions
 here are tested by feeding heads in by hand.
 """
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from vpsrelay import __version__, netguard
+from vpsrelay import __version__
 from vpsrelay.core import auth, flow
 from vpsrelay.core.redirects import RedirectPolicy, UpstreamRequest
 from vpsrelay.errors import (
@@ -33,6 +33,7 @@ from vpsrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from vpsrelay.upstream import netguard
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator

@@ -20,9 +20,9 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import certs, tls
 from vpsrelay.config import parse_listen
 from vpsrelay.core import renewal
+from vpsrelay.tls import certs, contexts as tls
 
 if TYPE_CHECKING:
     import ssl

@@ -35,7 +35,7 @@ NOT_FOUND = b"404 page not found\n"
 
 @cache
 def _template() -> Template:
-    text = resources.files("vpsrelay").joinpath("templates/landing.html").read_text("utf-8")
+    text = resources.files("vpsrelay.ops").joinpath("templates/landing.html").read_text("utf-8")
     return Template(text)
 
 

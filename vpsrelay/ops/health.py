@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from vpsrelay.config import RegistryConfig
     from vpsrelay.core.ratelimit import RateLimit
-    from vpsrelay.library_patches import Degraded
+    from vpsrelay.patches import Degraded
     from vpsrelay.upstream import Upstream
 
 # An upstream answer this recent (and no failure after it) makes the relay ready.

@@ -13,16 +13,17 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from vpsrelay import __version__, landing
+from vpsrelay import __version__
 from vpsrelay.core import forwarding, headers as header_policy
 from vpsrelay.exchange import Exchange, serve_lifespan
-from vpsrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vpsrelay.ops import landing
+from vpsrelay.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from vpsrelay.config import Settings
     from vpsrelay.exchange import Receive, Scope, Send
-    from vpsrelay.health import Health
-    from vpsrelay.metrics import Metrics
+    from vpsrelay.ops.health import Health
+    from vpsrelay.ops.metrics import Metrics
     from vpsrelay.upstream import Upstream
 
 JSON = (("content-type", "application/json"),)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Literal
 
-from vpsrelay import httpcore_patches, hypercorn_patches, netguard
+from vpsrelay.patches import httpcore as httpcore_patches, hypercorn as hypercorn_patches
+from vpsrelay.upstream import netguard
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -83,7 +84,7 @@ def version_problem(pinned: dict[str, str]) -> str | None:
 
 
 def _client_hello_problem() -> str | None:
-    from vpsrelay import tls  # late: plain mode needs no TLS stack
+    from vpsrelay.tls import contexts as tls  # late: plain mode needs no TLS stack
 
     if tls.client_hello_hook_available():
         return None

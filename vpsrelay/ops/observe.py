@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from vpsrelay.core import headers as header_policy, logline, ratelimit, routing
 from vpsrelay.errors import RelayError, UpstreamError
-from vpsrelay.metrics import NO_REGISTRY
+from vpsrelay.ops.metrics import NO_REGISTRY
 
 if TYPE_CHECKING:
     import httpx
 
     from vpsrelay.exchange import Exchange
-    from vpsrelay.health import Health
-    from vpsrelay.metrics import Metrics
+    from vpsrelay.ops.health import Health
+    from vpsrelay.ops.metrics import Metrics
 
 access = logging.getLogger("vpsrelay.access")
 log = logging.getLogger("vpsrelay.observe")

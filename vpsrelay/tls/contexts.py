@@ -38,9 +38,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from vpsrelay import certs
 from vpsrelay.core import acme_http, clienthello
 from vpsrelay.exchange import serve_lifespan
+from vpsrelay.tls import certs
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
