@@ -71,6 +71,8 @@ class FakeRegistry:
     token_service: str | None = "hub"  # the challenge's service (None: it names none)
     token_answer: tuple[int, bytes] = (200, b'{"token": "anon-token"}')  # the realm's
     gate: trio.Event | None = None  # a blob body stops after its first chunk until set
+    manifest_digest_header: bool = True  # manifests come with `Docker-Content-Digest`
+    manifest_type: str | None = MANIFEST_TYPE  # their `Content-Type` (None: none sent)
     seen: list[httpx.Request] = field(default_factory=list)
 
     def requests(self, method: str | None = None, path_part: str = "") -> list[httpx.Request]:
@@ -115,11 +117,11 @@ class FakeRegistry:
         body = self.manifests.get(digest)
         if name not in self.repositories or body is None:
             return reply(404, {"content-type": "application/json"}, b'{"errors":[]}')
-        headers = {
-            "content-type": MANIFEST_TYPE,
-            "docker-content-digest": digest,
-            "content-length": str(len(body)),
-        }
+        headers = {"content-length": str(len(body))}
+        if self.manifest_type is not None:
+            headers["content-type"] = self.manifest_type
+        if self.manifest_digest_header:
+            headers["docker-content-digest"] = digest
         return reply(200, headers, b"" if request.method == "HEAD" else body)
 
     def _blob(self, request: httpx.Request, body: bytes) -> httpx.Response:

@@ -757,3 +757,55 @@ async def test_a_cached_manifest_whose_file_vanished_is_an_error_to_retry(
         again = await r.client.get(TAG_PATH, headers=ACCEPT)
         assert again.headers["x-vpsrelay-cache"] == "miss"
         assert again.content == MANIFEST
+
+
+# --- what an upstream leaves out
+
+
+async def test_a_manifest_without_a_digest_header_is_kept_under_the_digest_of_its_bytes(
+    tmp_path: Path,
+) -> None:
+    registry = FakeRegistry(manifest_digest_header=False)
+    async with cached_relay(tmp_path, registry) as r:
+        response = await r.client.get(TAG_PATH, headers=ACCEPT)
+        assert response.status_code == 200
+        assert response.content == MANIFEST
+        assert r.store.get(MANIFEST_DIGEST) is not None
+        assert r.store.index.tags[("docker.io", REPO, "latest")].digest == MANIFEST_DIGEST
+
+
+async def test_a_manifest_without_a_content_type_is_relayed_but_not_kept(tmp_path: Path) -> None:
+    registry = FakeRegistry(manifest_type=None)
+    async with cached_relay(tmp_path, registry) as r:
+        response = await r.client.get(TAG_PATH, headers=ACCEPT)
+        assert response.status_code == 200
+        assert response.content == MANIFEST
+        assert r.store.get(MANIFEST_DIGEST) is None
+        assert ("docker.io", REPO, "latest") not in r.store.index.tags
+
+
+async def test_a_head_of_an_uncached_tag_records_nothing(tmp_path: Path) -> None:
+    async with cached_relay(tmp_path) as r:
+        response = await r.client.head(TAG_PATH, headers=ACCEPT)
+        assert response.status_code == 200
+        assert response.headers["docker-content-digest"] == MANIFEST_DIGEST
+        assert r.store.index.tags == {}
+        assert r.store.get(MANIFEST_DIGEST) is None
+
+
+async def test_a_registry_without_tokens_is_asked_anonymously_whether_a_repository_is_public(
+    tmp_path: Path,
+) -> None:
+    async with cached_relay(tmp_path) as r:
+        response = await r.client.get(
+            TAG_PATH, headers={**ACCEPT, "authorization": "Bearer the-clients-own-token"}
+        )
+        assert response.status_code == 200
+        probes = [
+            request
+            for request in r.registry.requests("HEAD", "/manifests/")
+            if "authorization" not in request.headers
+        ]
+        assert len(probes) == 1  # the probe, without anyone's credentials
+        assert r.registry.requests(path_part="/token") == []
+        assert ("docker.io", REPO) in r.store.index.public
