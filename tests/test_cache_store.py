@@ -10,7 +10,7 @@ import trio
 import trio.lowlevel
 
 from tests.infra.tmpfs import fill_up, mounted_tmpfs
-from vpsrelay.cache.storage import DiskSpill, FillState
+from vpsrelay.cache.storage import FillState, StoreSpill
 from vpsrelay.cache.store import DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import DigestMismatch, UpstreamError
@@ -173,7 +173,7 @@ async def test_a_full_disk_mid_fill_hands_the_rest_back(tmp_path: Path) -> None:
                     fill_up(root)  # another process takes the disk
 
         source = body_then_disk_full()
-        with pytest.raises(DiskSpill) as spilled:
+        with pytest.raises(StoreSpill) as spilled:
             await store.pump(fill, source)
         assert fill.state is FillState.FAILED
         assert fill.spilled

@@ -18,6 +18,7 @@ from vpsrelay.access.clientauth import ClientAuth, _PasswordChecks, add_user
 from vpsrelay.core import routing, tokens
 from vpsrelay.errors import TooManyRequests, Unauthorized
 from vpsrelay.upstream import Upstream
+from vpsrelay.upstream.tokens import TokenClient
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,7 +33,9 @@ def never(request: httpx.Request) -> httpx.Response:
 def client_auth(tmp_path: Path, **auth: object) -> ClientAuth:
     overrides = {"auth.enabled": True, **{f"auth.{k}": v for k, v in auth.items()}}
     settings = config.load(None, {}, {"data_dir": str(tmp_path / "data"), **overrides})
-    return ClientAuth(settings, Upstream(settings, transport=httpx.MockTransport(never)))
+    return ClientAuth(
+        settings, TokenClient(Upstream(settings, transport=httpx.MockTransport(never)))
+    )
 
 
 async def test_a_full_queue_of_password_checks_is_refused_at_once(

@@ -89,7 +89,7 @@ class Exchange:
         """One ASGI send, which waits while the client takes nothing (an HTTP/2 window it
         keeps shut): past the deadline the stream ends, and with it whatever upstream
         connection fed it. Over HTTP/1.1 Hypercorn's socket write cannot be interrupted
-        from here; the connection's stall timeout (`hypercorn_patches`) ends that one."""
+        from here; the connection's stall timeout (`patches.hypercorn`) ends that one."""
         with trio.move_on_after(self.send_timeout) as deadline:
             await self.send(message)
         if deadline.cancelled_caught:

@@ -53,7 +53,6 @@ class Forwarder:
         observer: Observer,
         metrics: Metrics,
     ) -> None:
-        self.settings = settings
         self.upstream = upstream
         self.tokens = tokens
         self.clientauth = clientauth

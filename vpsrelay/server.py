@@ -173,7 +173,7 @@ async def _serve(
                 serving as tlsserver,  # imported late: plain mode needs no ACME stack
             )
 
-            https = await tlsserver.start(nursery, settings, app, stop, config)
+            https = await tlsserver.start(nursery, settings, app, app.health.tls, stop, config)
             binds = [*https, *binds]
         for bind in binds:
             log.info("vpsrelay %s listening on %s", __version__, bind)

@@ -154,7 +154,7 @@ class TokenEndpoint:
         realm = challenge.realm if challenge is not None else None
         if realm is None or (registry.has_credentials and not own_credentials):
             # Checked (and refused past `auth.MAX_SCOPES`), but nothing is fetched: the
-            # relay gets its own token when the client pulls (`_operator_credentials`), so
+            # relay gets its own token when the client pulls (`Forwarder.upstream_headers`), so
             # an anonymous client's scopes cost no request with the operator's credentials.
             auth.pull_scopes(
                 [v for k, v in params if k == "scope"], to_upstream, self._serves(registry)

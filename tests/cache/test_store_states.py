@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vpsrelay.cache.storage import Fill, FillState
-from vpsrelay.cache.store import DiskStore
+from vpsrelay.cache.store import DiskFill, DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import DigestMismatch, UpstreamError
 
@@ -51,7 +51,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.config = CacheConfig(max_size=CAP, min_free=0)
         self.store = DiskStore.open_dir(self.root, self.config)
         self.contents: dict[str, bytes] = {sha256(b): b for b in [*BLOBS, *MANIFESTS]}
-        self.claimed: dict[str, Fill] = {}
+        self.claimed: dict[str, DiskFill] = {}
 
     def teardown(self) -> None:
         for fill in self.claimed.values():

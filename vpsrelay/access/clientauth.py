@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
     from vpsrelay.config import RegistryConfig, Settings
     from vpsrelay.core import routing
-    from vpsrelay.upstream import Upstream
 
 log = logging.getLogger("vpsrelay.auth")
 
@@ -189,15 +188,13 @@ class _PasswordChecks:
 class ClientAuth:
     """Users, the signing key, the relay's `/token`, and the relay's own upstream tokens."""
 
-    def __init__(
-        self, settings: Settings, upstream: Upstream, tokens_client: TokenClient | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, token_client: TokenClient) -> None:
         cfg = settings.auth
         self.enabled = cfg.enabled
         self.settings = settings
-        self.upstream = upstream
+        self.upstream = token_client.upstream
         # The relay's own upstream tokens (shared with the app and the cache).
-        self.tokens = tokens_client if tokens_client is not None else TokenClient(upstream)
+        self.token_client = token_client  # the relay's own upstream tokens, shared
         self.service = cfg.service
         self.key_path = settings.data_dir / KEY_FILE
         self._key: bytes | None = None
@@ -502,7 +499,7 @@ class ClientAuth:
         )
         challenge = await self.upstream.challenge(registry)
         if challenge is not None and name:
-            token = await self.tokens.pull_token(registry, [name], operator=True)
+            token = await self.token_client.pull_token(registry, [name], operator=True)
             if token is not None:
                 return (*headers, ("authorization", f"Bearer {token}"))
             return headers

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from vpsrelay.cache.sending import READ_CHUNK, BlobSender, Outcome, Source, pass_rest
-from vpsrelay.cache.storage import DiskSpill, FillState
+from vpsrelay.cache.storage import FillState, StoreSpill
 from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import DigestMismatch, RelayError, TokenRefused, UpstreamError
+from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError, UpstreamProtocolError
 from vpsrelay.exchange import API_VERSION_HEADER, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 
@@ -370,7 +370,7 @@ class CacheFront:
             metrics.cache_miss(registry)
         else:
             metrics.cache_hit(registry, exchange.bytes_sent)
-        metrics.cache_size(self.store.index.used)
+        metrics.cache_size(self.store.stats().used_bytes)
 
     async def _lead(
         self,
@@ -389,7 +389,7 @@ class CacheFront:
         self._grant(exchange, route)
         size = int(length)
         if not await self.store.begin(fill, size, headers):
-            return False  # no room: the app streams it through, verified as before
+            return False  # no room: the forwarder streams it through, verified as before
         index = self.store.index
         index.add_origin(fill.digest, route.registry, route.upstream_name)
         index.count("misses")
@@ -437,7 +437,7 @@ class CacheFront:
                     async with contextlib.aclosing(chunks_read) as chunks:
                         try:
                             await self.store.pump(fill, chunks)
-                        except DiskSpill as spill:
+                        except StoreSpill as spill:
                             await pass_rest(spill, chunks, rest_send, fill)
 
     async def _read_for_leader(
@@ -683,7 +683,7 @@ class CacheFront:
             token = await self.forwarder.tokens.pull_token(
                 registry, [route.upstream_name], operator=False
             )
-        except TokenRefused:
+        except UpstreamProtocolError:  # refused, or no token in the answer
             return False  # no token for anonymous callers: not public
         if token is not None:
             headers.append(("authorization", f"Bearer {token}"))

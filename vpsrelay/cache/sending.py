@@ -23,7 +23,7 @@ from vpsrelay.exchange import watch_disconnect
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from vpsrelay.cache.storage import BlobReader, DiskSpill, Fill
+    from vpsrelay.cache.storage import BlobReader, Fill, StoreSpill
     from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
@@ -162,7 +162,7 @@ class BlobSender:
 
 
 async def pass_rest(
-    spill: DiskSpill,
+    spill: StoreSpill,
     chunks: AsyncIterator[bytes],
     send: trio.MemorySendChannel[bytes],
     fill: Fill,

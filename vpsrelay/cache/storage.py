@@ -20,7 +20,6 @@ import trio
 if TYPE_CHECKING:
     import contextlib
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     from vpsrelay.cache.index import Index, Obj
     from vpsrelay.config import CacheConfig
@@ -49,9 +48,6 @@ class Fill:
     spilled: bool = False  # the store failed mid-fill: readers finish from the upstream
     headers: tuple[tuple[str, str], ...] = ()
     pump_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    # The implementation's handle on the bytes being written (a file for `DiskStore`).
-    fd: int = -1
-    tmp_path: Path | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def changed(self) -> None:
@@ -66,7 +62,16 @@ class Fill:
         return self.state is not FillState.PENDING
 
 
-class DiskSpill(Exception):
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """How full a store is: for metrics, `/readyz` and the `cache stats` command."""
+
+    objects: int
+    used_bytes: int
+    fills: int  # in progress
+
+
+class StoreSpill(Exception):
     """The store failed during a fill: nothing is cached, and what it did not take goes
     to the first client from memory and the upstream instead (`Fill.spilled`).
 
@@ -129,7 +134,7 @@ class BlobStore(Protocol):
 
         Raises:
             RelayError: the fill failed (marked failed; nothing readable is left).
-            DiskSpill: the store failed; what the first client still needs is in it.
+            StoreSpill: the store failed; what the first client still needs is in it.
         """
         ...
 
@@ -148,6 +153,8 @@ class BlobStore(Protocol):
     async def read_small(self, digest: str) -> bytes | None:
         """A small object's bytes; None if it is gone."""
         ...
+
+    def stats(self) -> StoreStats: ...
 
     async def flush(self, *, force: bool = False) -> None:
         """Write the index's pending changes (at most every few seconds unless forced)."""

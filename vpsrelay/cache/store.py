@@ -18,13 +18,14 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 from vpsrelay import private_files
 from vpsrelay.cache.index import Database, Index, Obj
-from vpsrelay.cache.storage import DiskSpill, Fill, FillState
+from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.core import cachepolicy
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
@@ -48,6 +49,20 @@ class DiskError(Exception):
 
 
 READ_THREADS = 2
+
+
+@dataclass(eq=False)
+class DiskFill(Fill):
+    """A fill written to a temporary file under `tmp/`, renamed into place when verified."""
+
+    fd: int = -1
+    tmp_path: Path | None = None
+
+
+def _on_disk(fill: Fill) -> DiskFill:
+    """`fill` as this store made it (`claim` makes only `DiskFill`s)."""
+    assert isinstance(fill, DiskFill), "a fill from another store"
+    return fill
 
 
 class DiskReader:
@@ -82,7 +97,7 @@ class DiskReader:
 
 
 class DiskStore:
-    """Files, fills, the index and eviction (a `BlobStore`). Build it with `DiskStore.open`
+    """Files, fills, the index and eviction (a `BlobStore`). Build it with `DiskStore.open_dir`
     (blocking)."""
 
     def __init__(self, root: Path, config: CacheConfig, db: Database, index: Index) -> None:
@@ -92,7 +107,7 @@ class DiskStore:
         self.tmp = root / "tmp"
         self.db = db
         self.index = index
-        self.fills: dict[str, Fill] = {}
+        self.fills: dict[str, DiskFill] = {}
         self.pins: dict[str, int] = {}
         self.reserved = 0
         self._flushed_at = time.monotonic()
@@ -198,7 +213,10 @@ class DiskStore:
     def open_fill(self, fill: Fill) -> DiskReader:
         """A reader of a streaming fill's temporary file (its own descriptor: the fill's
         may be closed when it commits while this one still reads)."""
-        return DiskReader(os.dup(fill.fd), self._limiter())
+        return DiskReader(os.dup(_on_disk(fill).fd), self._limiter())
+
+    def stats(self) -> StoreStats:
+        return StoreStats(len(self.index.objects), self.index.used, len(self.fills))
 
     def _limiter(self) -> trio.CapacityLimiter:
         if self._read_limiter is None:  # made in Trio: `open_dir` runs in a thread
@@ -265,12 +283,12 @@ class DiskStore:
 
     # --- fills
 
-    def claim(self, digest: str) -> tuple[Fill, bool]:
+    def claim(self, digest: str) -> tuple[DiskFill, bool]:
         """The fill for `digest`: an existing one to join, or a new one to lead (True)."""
         fill = self.fills.get(digest)
         if fill is not None:
             return fill, False
-        fill = Fill(digest)
+        fill = DiskFill(digest)
         self.fills[digest] = fill
         return fill, True
 
@@ -303,7 +321,8 @@ class DiskStore:
             self.reserved -= size
             self.drop(fill)
             return False
-        fill.fd, fill.tmp_path, fill.size, fill.headers = fd, tmp_path, size, headers
+        disk = _on_disk(fill)
+        disk.fd, disk.tmp_path, fill.size, fill.headers = fd, tmp_path, size, headers
         fill.state = FillState.STREAMING
         fill.changed()
         return True
@@ -314,10 +333,11 @@ class DiskStore:
         Raises:
             RelayError: the fill failed (digest mismatch, upstream broke off); the fill
             is already marked failed and its file removed.
-            DiskSpill: the disk failed; the fill is marked failed and spilled, and the
+            StoreSpill: the disk failed; the fill is marked failed and spilled, and the
             exception holds what the first client still needs before the rest of `chunks`.
         """
         verifier = Verifier(Digest.parse(fill.digest))
+        disk = _on_disk(fill)
 
         def write(data: list[bytes]) -> None:
             for piece in data:  # hashed first: a batch the disk refuses is hashed whole
@@ -325,7 +345,7 @@ class DiskStore:
             for piece in data:
                 view = memoryview(piece)
                 while view:
-                    view = view[os.write(fill.fd, view) :]
+                    view = view[os.write(disk.fd, view) :]
 
         try:
             try:
@@ -336,14 +356,14 @@ class DiskStore:
                         verifier.update(piece)
                     fill.spilled = True
                     await self._fail(fill, UpstreamError("the relay's cache disk failed"))
-                    raise DiskSpill(verifier, [*refused, *held])
+                    raise StoreSpill(verifier, [*refused, *held])
                 verifier.finish()  # DigestMismatch
                 if fill.written != fill.size:
                     raise UpstreamError(
                         f"upstream sent {fill.written} of {fill.size} bytes of {fill.digest}"
                     )
                 await self._commit(fill)
-            except DiskSpill:
+            except StoreSpill:
                 raise
             except BaseException as exc:
                 error = (
@@ -426,9 +446,10 @@ class DiskStore:
             raise DiskError(str(exc)) from exc
 
     async def _commit(self, fill: Fill) -> None:
-        assert fill.tmp_path is not None
+        disk = _on_disk(fill)
+        assert disk.tmp_path is not None
         final = self.path(fill.digest)
-        tmp_path, fd = fill.tmp_path, fill.fd
+        tmp_path, fd = disk.tmp_path, disk.fd
 
         def durable_rename() -> None:
             os.fsync(fd)
@@ -444,7 +465,7 @@ class DiskStore:
             await trio.to_thread.run_sync(durable_rename)
         # Closed here, not in the thread: while the fill is STREAMING a joining reader may
         # `dup` its fd, and a number closed early could meanwhile name another file.
-        fill.fd = -1
+        disk.fd = -1
         os.close(fd)
         self.index.add(fill.digest, Obj(fill.size, time.time(), "blob"))
         self.index.count("bytes_from_upstream", fill.size)
@@ -461,8 +482,9 @@ class DiskStore:
             log.warning("cache: digest mismatch, not cached: %s", error.message)
         else:
             log.warning("cache: fill of %s failed: %s", fill.digest, error.message)
-        fd, tmp_path = fill.fd, fill.tmp_path
-        fill.fd = -1
+        disk = _on_disk(fill)
+        fd, tmp_path = disk.fd, disk.tmp_path
+        disk.fd = -1
 
         def cleanup() -> None:
             if fd >= 0:

@@ -39,7 +39,7 @@ class Route:
     """What a request is for. `name` is the client's, `upstream_name` the upstream's."""
 
     kind: Kind
-    registry: str = DOCKER_HUB  # "" on a token route: the app decides from the scopes
+    registry: str = DOCKER_HUB  # "" on a token route: the token endpoint decides from the scopes
     name: str = ""
     upstream_name: str = ""
     reference: str = ""

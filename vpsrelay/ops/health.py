@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from vpsrelay import private_files
-from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import RelayError
-from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -73,7 +71,7 @@ class Health:
     data_dir: Path
     tls: TlsStatus = field(default_factory=TlsStatus)
     upstreams: dict[str, UpstreamState] = field(default_factory=dict)
-    # The library patches that did not apply (`library_patches.apply_all`).
+    # The library patches that did not apply (`vpsrelay.patches.apply_all`).
     degraded: tuple[Degraded, ...] = ()
 
     def state(self, registry: str) -> UpstreamState:
@@ -154,13 +152,9 @@ class Health:
         answered: list[str] = []
 
         async def probe(registry: RegistryConfig) -> None:
-            request = UpstreamRequest("GET", f"{registry.url}/v2/", (("user-agent", USER_AGENT),))
             with trio.move_on_after(PROBE_TIMEOUT):
                 try:
-                    async with upstream.open(
-                        request, what=registry.name, follow=False, registry=registry.name
-                    ) as response:
-                        status, date = response.status_code, response.headers.get("date")
+                    status, date = await upstream.probe(f"{registry.url}/v2/", what=registry.name)
                 except RelayError:
                     self.failed(registry.name)
                     return

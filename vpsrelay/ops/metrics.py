@@ -162,7 +162,7 @@ class Metrics:
         r.register(_CertificateCollector(certificate_not_after))
         self._sources: dict[str, str] = {}
 
-    # --- what the app calls
+    # --- what the observer (`ops/observe.py`) and the cache call
 
     def request_done(self, registry: str, kind: str, status: int, served: int) -> None:
         self.requests.labels(registry, kind, str(status)).inc()

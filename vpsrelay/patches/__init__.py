@@ -1,13 +1,13 @@
 """Every reach into a library's internals, its version gate, and what happens when a gate
 does not open.
 
-| reach                                   | where                | kind        |
-|-----------------------------------------|----------------------|-------------|
-| HTTP/2 buffer bound, stream reset,      | hypercorn_patches.py | safety      |
-| write coalescing, connection caps       |                      |             |
-| redirect-target guard (`_pool` swap)    | netguard.py          | safety      |
-| upstream read size                      | httpcore_patches.py  | performance |
-| ClientHello hook (`_msg_callback`)      | tls.py               | function    |
+| reach                                   | where                  | kind        |
+|-----------------------------------------|------------------------|-------------|
+| HTTP/2 buffer bound, stream reset,      | patches/hypercorn.py   | safety      |
+| write coalescing, connection caps       |                        |             |
+| redirect-target guard (`_pool` swap)    | upstream/netguard.py   | safety      |
+| upstream read size                      | patches/httpcore.py    | performance |
+| ClientHello hook (`_msg_callback`)      | tls/contexts.py        | function    |
 
 A safety reach that cannot apply (another hypercorn, h2 or httpx than the pinned one) stops
 the relay before it listens, with one line naming the library and its version; with

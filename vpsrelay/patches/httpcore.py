@@ -1,6 +1,6 @@
 """The one place where vpsrelay tunes httpcore's internals, pinned to the versions it was
 measured on (`tests/test_httpcore_patches.py` fails when they change). A performance reach:
-on other versions `library_patches` leaves httpcore alone and the relay runs with a warning.
+on other versions `vpsrelay.patches` leaves httpcore alone and the relay runs with a warning.
 
 Upstream read size: httpcore's HTTP/1.1 connection reads the socket 64 KiB at a time,
 and every read then crosses h11, httpcore, httpx, the digest and one ASGI send. A blob

@@ -2,7 +2,7 @@
 versions it was written against (`tests/test_hypercorn_patches.py` fails when they change;
 pyproject pins them exactly, and `apply` refuses other versions: the relay does not start
 without these patches, some of which are what keeps it safe, unless `server.allow_unpatched`
-has it run degraded without any of them; see `library_patches`).
+has it run degraded without any of them; see `vpsrelay.patches`).
 
 Connections (the second half of this file): no error in one connection ends the server,
 caps per address and in all, a deadline for request heads, a stall timeout.

@@ -69,7 +69,7 @@ HANDSHAKE = 22  # TLS ContentType
 def client_hello_hook_available() -> bool:
     """CPython's private TLS message hook, `SSLContext._msg_callback` (a property over the C
     context's own since 3.8): the one reach into CPython's internals, gated in
-    `library_patches` and its source pinned by tests/test_library_patches.py."""
+    `vpsrelay.patches` and its source pinned by tests/test_library_patches.py."""
     hook = inspect.getattr_static(ssl.SSLContext, "_msg_callback", None)
     return isinstance(hook, property) and hook.fset is not None
 

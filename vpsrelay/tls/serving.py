@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import hypercorn.config
 import hypercorn.trio
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from vpsrelay.config import Settings
+    from vpsrelay.exchange import Receive, Scope, Send
+
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("vpsrelay.tls")
 
@@ -204,10 +207,19 @@ async def _until(stop: trio.Event, function: Callable[[], Awaitable[None]]) -> N
         nursery.cancel_scope.cancel()
 
 
+class CertificateWatch(Protocol):
+    """Who hears which certificate is in service (readiness: `ops.health.TlsStatus`)."""
+
+    enabled: bool
+
+    def loaded(self, not_after: float) -> None: ...
+
+
 async def start(
     nursery: trio.Nursery,
     settings: Settings,
-    app: Any,
+    app: ASGIApp,
+    watch: CertificateWatch,
     stop: trio.Event,
     base: hypercorn.config.Config,
 ) -> list[str]:
@@ -218,8 +230,8 @@ async def start(
     """
     config = settings.tls
     state = tls.TLSState()
-    app.health.tls.enabled = True  # unready until a certificate is in service
-    state.on_install = app.health.tls.loaded
+    watch.enabled = True  # unready until a certificate is in service
+    state.on_install = watch.loaded
     renewer: Renewer | None = None
     if config.acme:
         renewer = Renewer(settings, state)

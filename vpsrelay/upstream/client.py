@@ -46,6 +46,8 @@ USER_AGENT = f"vpsrelay/{__version__}"
 CHALLENGE_TTL = 600.0
 # The most a token answer (or a token service's error) may hold; tokens are a few KiB.
 MAX_TOKEN_ANSWER_BYTES = 1 << 20
+# The most a health probe reads of an answer (a registry's `/v2/` says `{}`).
+MAX_PROBE_BYTES = 64 * 1024
 
 
 @contextlib.contextmanager
@@ -252,6 +254,23 @@ class Upstream:
             for link in self.links.values():
                 await link.client.aclose()
                 await link.redirected.aclose()
+
+    async def probe(self, url: str, *, what: str) -> tuple[int, str | None]:
+        """GET `url` without redirects over the probes' pool (never a registry's own,
+        which its downloads may hold): the status and `Date`. The body is read (at most
+        `MAX_PROBE_BYTES`), so the connection stays reusable.
+
+        Raises:
+            RelayError: the upstream could not be reached or broke off.
+        """
+        with map_httpx_errors(what):
+            outgoing = self.client.build_request("GET", url, headers={"user-agent": USER_AGENT})
+            response = _map_body_errors(await self.client.send(outgoing, stream=True), what)
+        try:
+            await read_body(response, what=what, limit=MAX_PROBE_BYTES)
+        finally:
+            await response.aclose()
+        return response.status_code, response.headers.get("date")
 
     def is_own_origin(self, registry: str, url: str) -> bool:
         """Whether `url` is on `registry`'s configured origins (an answer it gave itself)."""

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpsrelay.netguard")
 
 # `GuardedTransport` replaces httpx's private `_pool`: pinned exactly (pyproject.toml), gated
-# in `library_patches`, its httpx methods pinned by tests/test_netguard_pins.py.
+# in `vpsrelay.patches`, its httpx methods pinned by tests/test_netguard_pins.py.
 PINNED = {"httpx": "0.29.0"}
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -172,7 +172,7 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     The one reach into httpx: its own pool, `_pool`, which every request of the transport
     goes through, is replaced by one on the guarded backend. Another httpx may not use
     `_pool` so: the guard would be silently gone, so the relay starts only on the pinned
-    version unless told to run degraded (`library_patches`).
+    version unless told to run degraded (`vpsrelay.patches`).
     """
 
     def __init__(

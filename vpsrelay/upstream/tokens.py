@@ -18,6 +18,7 @@ import base64
 import collections
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ import trio
 
 from vpsrelay.core import auth
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import TokenRefused, UpstreamProtocolError
+from vpsrelay.errors import TokenRefused, UpstreamError, UpstreamProtocolError
 from vpsrelay.upstream.client import (
     MAX_TOKEN_ANSWER_BYTES,
     USER_AGENT,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from vpsrelay.config import RegistryConfig
     from vpsrelay.core.headers import Headers
     from vpsrelay.upstream.client import Upstream
+
+log = logging.getLogger("vpsrelay.upstream")
 
 # A token is used until this many seconds before it expires.
 TOKEN_MARGIN = 10.0
@@ -108,7 +111,11 @@ class TokenClient:
         request = UpstreamRequest("GET", _url(what, challenge.realm, params), tuple(headers))
         async with self.upstream.open(request, what=what, registry=registry.name) as response:
             body = await read_body(response, what=what, limit=MAX_TOKEN_ANSWER_BYTES)
-        answer = _answer(what, response.status_code, body)
+        try:
+            answer = _answer(what, response.status_code, body)
+        except UpstreamError as exc:  # the client sees a 502; the operator, why
+            log.warning("%s", exc.message)
+            raise
         until = now + max(1.0, answer.expires_in - TOKEN_MARGIN)
         for key in keys:
             self._tokens[key] = (answer.token, until)
