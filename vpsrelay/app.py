@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import trio
 
-from vpsrelay import __version__, observe
+from vpsrelay import __version__, download, observe
 from vpsrelay.clientauth import ClientAuth
 from vpsrelay.core import auth, forwarding, headers as header_policy, routing
 from vpsrelay.core.digest import Verifier, held_back
@@ -165,6 +165,9 @@ class RelayApp:
         self.guard.check_route(route)
         if route.kind is routing.Kind.TOKEN:
             await self._token(exchange, route)
+            return
+        if route.kind is routing.Kind.DOWNLOAD:  # built of subrequests to this app
+            await download.serve(self, exchange)
             return
         if self.clientauth.enabled:
             realm = self._relay_realm(exchange, self.registries[route.registry])

@@ -91,13 +91,15 @@ def test_the_whole_tar_reads_back_with_every_file() -> None:
         ]  # fmt: skip
         assert len(names) == len(set(names))  # the shared layer is there once
         for digest, data in blobs.items():
-            member = tar.extractfile(archive.blob_path(digest))
-            assert member is not None and member.read() == data
+            extracted = tar.extractfile(archive.blob_path(digest))
+            assert extracted is not None
+            assert extracted.read() == data
         for member in tar.getmembers():
             assert (member.mtime, member.uid, member.gid, member.uname) == (0, 0, 0, "")
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
         index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
-    assert manifest[0]["RepoTags"] == ["demo:1"] and manifest[1]["RepoTags"] == []
+    assert manifest[0]["RepoTags"] == ["demo:1"]
+    assert manifest[1]["RepoTags"] == []
     assert manifest[0]["Config"] == archive.blob_path(images[0].config.digest)
     assert [m["digest"] for m in index["manifests"]] == [str(i.manifest.digest) for i in images]
     assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "1"
@@ -111,7 +113,8 @@ def test_same_images_same_bytes_and_etag_other_images_other_etag() -> None:
     renamed = archive.build_layout((_image(blobs, [b"a"], tag="demo:2"),))
     assert one == again
     assert len({one.etag, other.etag, renamed.etag}) == 3
-    assert one.etag.startswith('"') and one.etag.endswith('"')
+    assert one.etag.startswith('"')
+    assert one.etag.endswith('"')
 
 
 def test_a_blob_of_8_gib_or_more_gets_a_pax_size() -> None:

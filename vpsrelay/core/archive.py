@@ -176,10 +176,11 @@ def build_layout(images: tuple[ArchiveImage, ...]) -> Layout:
     small: list[tuple[str, bytes | None, Descriptor | None]] = []
     large: list[tuple[str, bytes | None, Descriptor | None]] = []
     for image in images:
-        for descriptor, data in ((image.manifest, image.manifest_bytes), (image.config, image.config_bytes)):  # fmt: skip
+        held = ((image.manifest, image.manifest_bytes), (image.config, image.config_bytes))
+        for descriptor, content in held:
             if descriptor.digest not in seen:
                 seen.add(descriptor.digest)
-                small.append((blob_path(descriptor.digest), data, None))
+                small.append((blob_path(descriptor.digest), content, None))
         for layer in image.layers:
             if layer.digest not in seen:
                 seen.add(layer.digest)
@@ -201,7 +202,9 @@ def build_layout(images: tuple[ArchiveImage, ...]) -> Layout:
         members.append(member)
         offset = member.end
         fingerprint.update(header)
-        fingerprint.update(hashlib.sha256(data).digest() if data is not None else str(blob).encode())
+        fingerprint.update(
+            hashlib.sha256(data).digest() if data is not None else str(blob).encode()
+        )
     size = offset + 2 * BLOCK  # the end-of-archive marker: two zero blocks
     return Layout(tuple(members), size, f'"{fingerprint.hexdigest()[:40]}"')
 

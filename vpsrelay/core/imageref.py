@@ -212,7 +212,9 @@ def select_platform(body: bytes, platform: Platform) -> Descriptor:
         offered.append((Platform(os_name, arch, variant), _descriptor(entry, f"index[{number}]")))
     exact = [d for p, d in offered if p == platform]
     if not exact and not platform.variant:
-        same = [d for p, d in offered if (p.os, p.architecture) == (platform.os, platform.architecture)]
+        same = [
+            d for p, d in offered if (p.os, p.architecture) == (platform.os, platform.architecture)
+        ]
         exact = same[:1]
     if not exact or exact[0].media_type not in IMAGE_TYPES:
         names = sorted({str(p) for p, _ in offered})
