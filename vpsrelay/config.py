@@ -625,6 +625,7 @@ NOT_SETTINGS_ENV = "VPSRELAY_NOT_SETTINGS"
 NON_SETTING_VARIABLES = frozenset({
     "VPSRELAY_CONFIG",  # --config
     "VPSRELAY_CHECK_PASSWORD",  # vpsrelay check --password
+    "VPSRELAY_SAVE_PASSWORD",  # vpsrelay save --password
     UPSTREAMS_ENV,
     NOT_SETTINGS_ENV,
     # docker-compose.yml, Caddyfile.alt and the Ansible role's .env
