@@ -98,7 +98,7 @@ def test_the_whole_tar_reads_back_with_every_file() -> None:
             assert (member.mtime, member.uid, member.gid, member.uname) == (0, 0, 0, "")
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
         index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
-    assert manifest[0]["RepoTags"] == ["demo:1"]
+    assert manifest[0]["RepoTags"] == ["docker.io/library/demo:1"]
     assert manifest[1]["RepoTags"] == []
     assert manifest[0]["Config"] == archive.blob_path(images[0].config.digest)
     assert [m["digest"] for m in index["manifests"]] == [str(i.manifest.digest) for i in images]
@@ -175,3 +175,16 @@ def test_file_names_are_safe() -> None:
     )
     header = archive.content_disposition('x";\r\nSet-Cookie: a=b.tar')
     assert header == 'attachment; filename="x_Set-Cookie_a_b.tar"'
+
+
+@pytest.mark.parametrize(
+    ("short", "qualified"),
+    [
+        ("alpine:3", "docker.io/library/alpine:3"),
+        ("someuser/tool:1", "docker.io/someuser/tool:1"),
+        ("ghcr.io/owner/app:1", "ghcr.io/owner/app:1"),
+        ("localhost/x:1", "localhost/x:1"),
+    ],
+)
+def test_qualified_names(short: str, qualified: str) -> None:
+    assert archive.qualified_name(short) == qualified

@@ -131,18 +131,27 @@ def _index(images: tuple[ArchiveImage, ...]) -> bytes:
         }
         if image.repo_tag is not None:
             entry["annotations"] = {
-                "io.containerd.image.name": image.repo_tag,
+                "io.containerd.image.name": qualified_name(image.repo_tag),
                 "org.opencontainers.image.ref.name": image.repo_tag.rpartition(":")[2],
             }
         manifests.append(entry)
     return _json({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests})
 
 
+def qualified_name(repo_tag: str) -> str:
+    """`alpine:3` -> `docker.io/library/alpine:3`: podman takes a short name for a local
+    image (`localhost/alpine:3`); docker shows the qualified one short again."""
+    first, slash, _ = repo_tag.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return repo_tag
+    return f"docker.io/{repo_tag}" if slash else f"docker.io/library/{repo_tag}"
+
+
 def _docker_manifest(images: tuple[ArchiveImage, ...]) -> bytes:
     return _json([
         {
             "Config": blob_path(image.config.digest),
-            "RepoTags": [image.repo_tag] if image.repo_tag is not None else [],
+            "RepoTags": [qualified_name(image.repo_tag)] if image.repo_tag is not None else [],
             "Layers": [blob_path(layer.digest) for layer in image.layers],
         }
         for image in images

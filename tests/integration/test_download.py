@@ -1,0 +1,258 @@
+"""Issue 17: images as files. The relay's tar loads in dockerd and podman, reproduces the
+image for skopeo, picks platforms, holds several images, and resumes byte-exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.infra import require_binary
+from tests.infra.clients import DeadPort, DockerDaemon, Podman
+from tests.infra.oci import BuiltImage, BuiltIndex
+from tests.infra.relay import RelayProcess
+from tests.infra.tmpfs import mounted_tmpfs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from tests.infra.hub import Hub
+
+pytestmark = [pytest.mark.integration]
+
+TIMEOUT = httpx.Timeout(60.0)
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def relay(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    with RelayProcess(
+        tmp_path_factory.mktemp("relay"), "--upstream", f"docker.io={hub.registry_url}"
+    ) as process:
+        yield process
+
+
+def _image(hub: Hub, ref: str) -> BuiltImage:
+    image = hub.images[ref]
+    assert isinstance(image, BuiltImage)
+    return image
+
+
+def _arm64(hub: Hub) -> BuiltImage:
+    index = hub.images["library/multi:latest"]
+    assert isinstance(index, BuiltIndex)
+    (arm,) = [i for i in index.images if json.loads(_config(i))["architecture"] == "arm64"]
+    return arm
+
+
+def _config(image: BuiltImage) -> bytes:
+    return (image.layout / "blobs" / "sha256" / image.config.digest.split(":")[1]).read_bytes()
+
+
+def download(url: str, path: Path, **kwargs: object) -> httpx.Response:
+    """GET `url` into `path` (streamed); the response, its body read."""
+    with (
+        httpx.stream("GET", url, timeout=TIMEOUT, **kwargs) as response,  # type: ignore[arg-type]
+        path.open("wb") as file,
+    ):
+        if response.status_code in (200, 206):
+            for chunk in response.iter_raw():
+                file.write(chunk)
+        else:
+            response.read()
+    return response
+
+
+def test_the_tar_loads_in_dockerd_single_multi_arch_and_two_images(
+    relay: RelayProcess, hub: Hub, tmp_path: Path
+) -> None:
+    alpine, tool, arm = (
+        _image(hub, "library/alpine:latest"),
+        _image(hub, "someuser/tool:1.0"),
+        _arm64(hub),
+    )
+    single, multi, both = tmp_path / "alpine.tar", tmp_path / "multi.tar", tmp_path / "both.tar"
+    response = download(f"{relay.url}/download/alpine:latest", single)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-disposition"] == (
+        'attachment; filename="alpine_latest_linux-amd64.tar"'
+    )
+    assert int(response.headers["content-length"]) == single.stat().st_size
+    response = download(f"{relay.url}/download/multi?platform=linux/arm64", multi)
+    assert response.status_code == 200, response.text
+    response = download(f"{relay.url}/download?image=alpine&image=someuser/tool:1.0", both)
+    assert response.status_code == 200, response.text
+    with DockerDaemon(tmp_path / "dockerd", forward_ports=[]) as dockerd:
+        assert dockerd.netns_interfaces() == ["lo"]
+        loaded = dockerd.docker("load", "-i", str(single), timeout=120).stdout
+        assert "Loaded image: alpine:latest" in loaded
+        inspect = ("image", "inspect", "--format", "{{.Id}} {{.Architecture}}")
+        assert dockerd.docker(*inspect, "alpine:latest").stdout.split() == [
+            alpine.config.digest, "amd64",
+        ]  # fmt: skip
+        dockerd.docker("rmi", "alpine:latest")
+        assert "Loaded image: multi:latest" in dockerd.docker("load", "-i", str(multi)).stdout
+        assert dockerd.docker(*inspect, "multi:latest").stdout.split() == [
+            arm.config.digest, "arm64",
+        ]  # fmt: skip
+        loaded = dockerd.docker("load", "-i", str(both)).stdout
+        assert "Loaded image: alpine:latest" in loaded
+        assert "Loaded image: someuser/tool:1.0" in loaded
+        assert dockerd.docker(*inspect, "someuser/tool:1.0").stdout.split()[0] == tool.config.digest
+        assert dockerd.docker(*inspect, "alpine:latest").stdout.split()[0] == alpine.config.digest
+
+
+def test_the_tar_loads_in_podman(relay: RelayProcess, hub: Hub, tmp_path: Path) -> None:
+    alpine, tool = _image(hub, "library/alpine:latest"), _image(hub, "someuser/tool:1.0")
+    single, both = tmp_path / "alpine.tar", tmp_path / "both.tar"
+    response = download(f"{relay.url}/download?image=alpine&image=someuser/tool:1.0", both)
+    assert response.status_code == 200, response.text
+    assert download(f"{relay.url}/download/someuser/tool:1.0", single).status_code == 200
+    with (
+        DeadPort() as dead,
+        Podman(tmp_path / "podman", mirror=relay.url, dead_location=dead.url) as podman,
+    ):
+        loaded = podman.podman("load", "-i", str(single), timeout=120).stdout
+        assert "docker.io/someuser/tool:1.0" in loaded, loaded
+        podman.podman("rmi", "docker.io/someuser/tool:1.0")
+        loaded = podman.podman("load", "-i", str(both), timeout=120).stdout
+        assert "docker.io/library/alpine:latest" in loaded, loaded
+        assert "docker.io/someuser/tool:1.0" in loaded, loaded
+        ids = podman.podman(
+            "image", "inspect", "--format", "{{.Id}}",
+            "docker.io/library/alpine:latest", "docker.io/someuser/tool:1.0",
+        ).stdout.split()  # fmt: skip
+    assert ids == [alpine.config.digest.split(":")[1], tool.config.digest.split(":")[1]]
+
+
+def test_skopeo_reproduces_the_image_from_both_layouts(
+    relay: RelayProcess, hub: Hub, tmp_path: Path
+) -> None:
+    skopeo = require_binary("skopeo")
+    alpine = _image(hub, "library/alpine:latest")
+    tar = tmp_path / "alpine.tar"
+    assert download(f"{relay.url}/download/alpine:latest", tar).status_code == 200
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    run = {"check": True, "capture_output": True, "text": True, "timeout": 120, "env": env}
+    # The OCI layout in the tar: the very manifest, config and layers of the registry.
+    subprocess.run([skopeo, "copy", f"oci-archive:{tar}:latest", f"dir:{tmp_path / 'oci'}"], **run)  # type: ignore[call-overload]
+    copied = json.loads((tmp_path / "oci" / "manifest.json").read_text())
+    assert (tmp_path / "oci" / "manifest.json").read_bytes() == alpine.manifest_bytes
+    assert [layer["digest"] for layer in copied["layers"]] == [b.digest for b in alpine.layers]
+    for layer in alpine.layers:
+        data = (tmp_path / "oci" / layer.digest.split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
+    # The docker-archive layout: the same config, so the same image ID and layer diff IDs.
+    subprocess.run([skopeo, "copy", f"docker-archive:{tar}", f"dir:{tmp_path / 'docker'}"], **run)  # type: ignore[call-overload]
+    manifest = json.loads((tmp_path / "docker" / "manifest.json").read_text())
+    assert manifest["config"]["digest"] == alpine.config.digest
+    diff_ids = json.loads(_config(alpine))["rootfs"]["diff_ids"]
+    digests = [layer["digest"] for layer in manifest["layers"]]
+    assert len(digests) == len(alpine.layers)
+    # skopeo keeps each layer as the tar has it (compressed: the registry's digest) or
+    # names it by its uncompressed digest: both are the image's own.
+    for digest, layer, diff_id in zip(digests, alpine.layers, diff_ids, strict=True):
+        assert digest in (layer.digest, diff_id)
+
+
+def test_range_requests_are_slices_of_the_whole(relay: RelayProcess, tmp_path: Path) -> None:
+    url = f"{relay.url}/download/multi?platform=linux/arm64"
+    whole = httpx.get(url, timeout=TIMEOUT)
+    assert whole.status_code == 200
+    etag, size = whole.headers["etag"], len(whole.content)
+    assert whole.headers["accept-ranges"] == "bytes"
+    with tarfile.open(fileobj=io.BytesIO(whole.content)) as tar:
+        assert {"manifest.json", "index.json", "oci-layout", "repositories"} <= set(tar.getnames())
+    for start, end in [(0, 10), (511, 513), (1000, size - 1), (size - 1, size - 1)]:
+        part = httpx.get(url, headers={"range": f"bytes={start}-{end}"}, timeout=TIMEOUT)
+        assert part.status_code == 206
+        assert part.headers["content-range"] == f"bytes {start}-{end}/{size}"
+        assert part.content == whole.content[start : end + 1]
+        assert part.headers["etag"] == etag
+    # A browser's resume names the tar it has: another tar's ETag gets the whole one.
+    stale = httpx.get(url, headers={"range": "bytes=10-", "if-range": '"old"'}, timeout=TIMEOUT)
+    assert stale.status_code == 200
+    assert stale.content == whole.content
+    head = httpx.head(url, timeout=TIMEOUT)
+    assert (head.status_code, head.headers["content-length"]) == (200, str(size))
+
+
+def test_errors_come_before_the_first_byte(relay: RelayProcess) -> None:
+    missing = httpx.get(f"{relay.url}/download/nosuchimage:1", timeout=TIMEOUT)
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("text/plain")
+    assert "manifest unknown" in missing.text
+    platform = httpx.get(
+        f"{relay.url}/download/multi?platform=linux/s390x",
+        headers={"accept": "application/json"},
+        timeout=TIMEOUT,
+    )
+    assert platform.status_code == 404
+    error = platform.json()["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "linux/amd64" in error["message"]
+    assert "linux/arm64" in error["message"]
+    bad = httpx.get(f"{relay.url}/download/alpine?platform=linux", timeout=TIMEOUT)
+    assert bad.status_code == 400
+
+
+# --- 300 MiB: cut, resumed with curl -C -, stable, bounded memory ------------------------------
+
+
+def test_big_image_resumes_with_curl_and_is_stable(hub: Hub, tmp_path: Path) -> None:
+    curl = require_binary("curl")
+    big = _image(hub, "library/big:latest")
+    with mounted_tmpfs(tmp_path / "tmpfs", "1400m") as fast:
+        with RelayProcess(fast / "relay", "--upstream", f"docker.io={hub.registry_url}") as relay:
+            url = f"{relay.url}/download/big:latest"
+            before = relay.rss_bytes()
+            whole = fast / "whole.tar"
+            subprocess.run([curl, "-sS", "-f", "-o", str(whole), url], check=True, timeout=300)
+            size = whole.stat().st_size
+            assert size > sum(layer.size for layer in big.layers)
+            whole_sha = _sha256(whole)
+            whole.unlink()
+            # Cut after 100 MiB: curl's output is taken until then, and curl is killed.
+            partial = fast / "resumed.tar"
+            with (
+                subprocess.Popen([curl, "-sS", url], stdout=subprocess.PIPE) as cut,
+                partial.open("wb") as file,
+            ):
+                assert cut.stdout is not None
+                left = 100 * MiB
+                while left:
+                    chunk = cut.stdout.read(min(left, MiB))
+                    assert chunk, "curl ended before 100 MiB"
+                    file.write(chunk)
+                    left -= len(chunk)
+                cut.kill()
+            assert partial.stat().st_size == 100 * MiB
+            subprocess.run(
+                [curl, "-sS", "-f", "-C", "-", "-o", str(partial), url], check=True, timeout=300
+            )
+            assert partial.stat().st_size == size
+            assert _sha256(partial) == whole_sha
+            partial.unlink()
+            again = fast / "again.tar"
+            subprocess.run([curl, "-sS", "-f", "-o", str(again), url], check=True, timeout=300)
+            assert _sha256(again) == whole_sha
+            growth = relay.peak_rss_bytes() - before
+        assert growth < 64 * MiB, f"relay RSS grew by {growth / MiB:.1f} MiB"
+        with tarfile.open(again) as tar:
+            names = tar.getnames()
+        assert f"blobs/sha256/{big.layers[-1].digest.split(':')[1]}" in names
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
