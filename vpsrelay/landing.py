@@ -114,6 +114,8 @@ def render(settings: Settings, base_url: str, budgets: dict[str, RateLimit]) -> 
             )
             parts.append("</div>")
         sections.append("\n".join(parts))
+    if settings.download.enabled:
+        nav.append('<a href="#download">Download as a file</a>')
     login = ""
     if where.login_required:
         login = (

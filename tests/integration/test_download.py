@@ -256,3 +256,113 @@ def _sha256(path: Path) -> str:
         while chunk := file.read(4 * MiB):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- access control and budgets ---------------------------------------------------------------
+
+
+def test_private_repository_needs_credentials(relay: RelayProcess, hub: Hub) -> None:
+    url = f"{relay.url}/download/private/secret:1.0"
+    anonymous = httpx.get(url, timeout=TIMEOUT)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Basic ")
+    assert b"the cake" not in anonymous.content
+    wrong = httpx.get(url, auth=(hub.creds[0], "wrong password"), timeout=TIMEOUT)
+    assert wrong.status_code == 401
+    owner = httpx.get(url, auth=hub.creds, timeout=TIMEOUT)
+    assert owner.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(owner.content)) as tar:
+        assert json.load(tar.extractfile("manifest.json"))[0]["RepoTags"] == [  # type: ignore[arg-type]
+            "docker.io/private/secret:1.0"
+        ]
+
+
+def test_relay_with_access_control(hub: Hub, tmp_path: Path) -> None:
+    import bcrypt
+
+    user_hash = bcrypt.hashpw(b"bob's password", bcrypt.gensalt(rounds=4)).decode()
+    env = {"VPSRELAY_AUTH__ENABLED": "true", "VPSRELAY_AUTH__USERS": f"bob:{user_hash}"}
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hub.registry_url}", env=env) as relay:
+        url = f"{relay.url}/download/alpine:latest"
+        assert httpx.get(url, timeout=TIMEOUT).status_code == 401
+        assert httpx.get(url, auth=("bob", "nope"), timeout=TIMEOUT).status_code == 401
+        allowed = httpx.get(url, auth=("bob", "bob's password"), timeout=TIMEOUT)
+        assert allowed.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(allowed.content)) as tar:
+            assert "manifest.json" in tar.getnames()
+
+
+def test_budgets_count_the_tar_bytes(hub: Hub, tmp_path: Path) -> None:
+    alpine = _image(hub, "library/alpine:latest")
+    blob_bytes = alpine.config.size + sum(layer.size for layer in alpine.layers)
+    args = ("--upstream", f"docker.io={hub.registry_url}")
+    env = {"VPSRELAY_LIMITS__BUDGET_DAILY": "10MiB"}
+    with RelayProcess(tmp_path / "a", *args, env=env) as relay:
+        assert httpx.get(f"{relay.url}/download/alpine", timeout=TIMEOUT).status_code == 200
+    counters = json.loads((tmp_path / "a" / "data" / "budget.json").read_text())["counters"]
+    assert sorted(counters.values()) == [blob_bytes, blob_bytes]  # the day's, the month's
+    # A budget the image does not fit in: refused before the first byte.
+    env = {"VPSRELAY_LIMITS__BUDGET_DAILY": str(alpine.config.size - 1)}
+    with RelayProcess(tmp_path / "b", *args, env=env) as relay:
+        refused = httpx.get(f"{relay.url}/download/alpine", timeout=TIMEOUT)
+        assert refused.status_code == 429
+        assert "retry-after" in refused.headers
+
+
+def test_downloads_can_be_disabled(hub: Hub, tmp_path: Path) -> None:
+    env = {"VPSRELAY_DOWNLOAD__ENABLED": "false"}
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hub.registry_url}", env=env) as relay:
+        assert httpx.get(f"{relay.url}/download/alpine", timeout=TIMEOUT).status_code == 404
+        page = httpx.get(f"{relay.url}/", timeout=TIMEOUT)
+        assert 'action="/download"' not in page.text
+        assert "form-action 'none'" in page.headers["content-security-policy"]
+
+
+# --- the landing page form, in Chromium ---------------------------------------------------------
+
+
+def test_the_landing_page_form_downloads_in_chromium(
+    relay: RelayProcess, hub: Hub, tmp_path: Path
+) -> None:
+    from tests.infra.cdp import chromium
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with chromium() as (browser, page):
+        browser.call(
+            "Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads),
+            eventsEnabled=True,
+        )  # fmt: skip
+        page.call("Page.enable")
+        page.call("Page.navigate", url=f"{relay.url}/")
+        page.wait_event("Page.loadEventFired")
+        page.evaluate(
+            "(() => { const image = document.getElementById('download-image');"
+            " image.value = 'multi:latest'; image.dispatchEvent(new Event('input'));"
+            " const platform = document.getElementById('download-platform');"
+            " platform.value = 'linux/arm64'; platform.dispatchEvent(new Event('input')); })()"
+        )
+        curl = page.evaluate("document.getElementById('download-curl').textContent")
+        page.evaluate("document.getElementById('download').scrollIntoView()")
+        page.screenshot(tmp_path / "download-form.png")
+        page.evaluate("document.getElementById('download-button').click()")
+        done = browser.wait_event("Browser.downloadWillBegin")
+        assert done["suggestedFilename"] == "multi_latest_linux-arm64.tar"
+        for _ in range(600):  # at most 60 s
+            progress = browser.wait_event("Browser.downloadProgress")
+            if progress["state"] != "inProgress":
+                break
+        assert progress["state"] == "completed"
+    saved = downloads / "multi_latest_linux-arm64.tar"
+    expected = httpx.get(f"{relay.url}/download/multi?platform=linux/arm64", timeout=TIMEOUT)
+    assert saved.read_bytes() == expected.content
+    assert (tmp_path / "download-form.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert curl == (
+        f"curl -C - -o multi_latest.tar '{relay.url}/download?image=multi%3Alatest"
+        "&platform=linux%2Farm64'"
+    )
+    # The command the page shows gives the same bytes.
+    shown = tmp_path / "from-curl.tar"
+    command = [require_binary("curl"), "-sS", "-f", "-C", "-", "-o", str(shown)]
+    subprocess.run([*command, curl.split("'")[1]], check=True, timeout=60)
+    assert shown.read_bytes() == expected.content
