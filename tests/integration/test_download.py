@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
+import time
 from typing import TYPE_CHECKING
 
 import httpx
@@ -15,8 +18,8 @@ import pytest
 
 from tests.infra import require_binary
 from tests.infra.clients import DeadPort, DockerDaemon, Podman
-from tests.infra.oci import BuiltImage, BuiltIndex
-from tests.infra.relay import RelayProcess
+from tests.infra.oci import BuiltImage, BuiltIndex, build_image
+from tests.infra.relay import REPO_ROOT, RelayProcess
 from tests.infra.tmpfs import mounted_tmpfs
 
 if TYPE_CHECKING:
@@ -366,3 +369,58 @@ def test_the_landing_page_form_downloads_in_chromium(
     command = [require_binary("curl"), "-sS", "-f", "-C", "-", "-o", str(shown)]
     subprocess.run([*command, curl.split("'")[1]], check=True, timeout=60)
     assert shown.read_bytes() == expected.content
+
+
+# --- vpsrelay save: interrupted, resumed, loaded ------------------------------------------------
+
+SAVE_LAYER_BYTES = 40 * MiB
+
+
+def _save(relay: RelayProcess, out: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    command = [sys.executable, "-m", "vpsrelay", "save", "saveme:1", "-o", str(out)]
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [*command, "--relay", relay.url, *extra], stdout=sink, stderr=sink, env=env
+        )
+
+
+def test_vpsrelay_save_resumes_after_a_kill_and_the_tar_loads(hub: Hub, tmp_path: Path) -> None:
+    image = build_image(
+        tmp_path / "oci", "1", files={"etc/save": b"save me\n"}, extra_layer_bytes=SAVE_LAYER_BYTES
+    )
+    hub.push_image(image, "library/saveme:1")
+    # Slow enough (8 MiB/s per blob) to be killed halfway.
+    env = {"VPSRELAY_LIMITS__STREAM_BYTES_PER_SECOND": "8MiB"}
+    with RelayProcess(
+        tmp_path / "relay", "--upstream", f"docker.io={hub.registry_url}", env=env
+    ) as relay:
+        out, log = tmp_path / "saveme.tar", tmp_path / "save.log"
+        first = _save(relay, out, log)
+        for _ in range(600):  # at most 60 s
+            if out.exists() and out.stat().st_size > 8 * MiB:
+                break
+            time.sleep(0.1)
+        first.kill()
+        first.wait(10)
+        cut = out.stat().st_size
+        assert 8 * MiB < cut < SAVE_LAYER_BYTES
+        assert (tmp_path / "saveme.tar.etag").exists()
+        second = _save(relay, out, log)
+        assert second.wait(120) == 0, log.read_text()
+        assert not (tmp_path / "saveme.tar.etag").exists()
+        access = [line for line in relay.log_text().splitlines() if 'path="/download?' in line]
+        assert any("status=206" in line for line in access), access
+    assert "MiB/s" in log.read_text()
+    assert f"{out}: {out.stat().st_size} bytes" in log.read_text()
+    with (
+        DeadPort() as dead,
+        Podman(tmp_path / "podman", mirror=relay.url, dead_location=dead.url) as podman,
+    ):
+        loaded = podman.podman("load", "-i", str(out), timeout=120).stdout
+        assert "docker.io/library/saveme:1" in loaded, loaded
+        found = podman.podman(
+            "image", "inspect", "--format", "{{.Id}}", "docker.io/library/saveme:1"
+        )
+    assert found.stdout.strip() == image.config.digest.split(":")[1]
