@@ -130,7 +130,7 @@ def test_several_ranges_are_refused(relay: RelayProcess) -> None:
 def test_more_images_than_the_cap_are_refused_before_any_request(
     relay: RelayProcess, clean_hub: Hub
 ) -> None:
-    params = [("image", f"someuser/tool:{n}") for n in range(4)]
+    params = {"image": [f"someuser/tool:{n}" for n in range(4)]}
     response = httpx.get(
         f"{relay.url}/download", params=params, headers={"accept": "application/json"},
         timeout=TIMEOUT,
