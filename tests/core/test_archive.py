@@ -53,6 +53,7 @@ def _materialize(blobs: dict[Digest, bytes], layout: archive.Layout, start: int,
     for piece in archive.pieces(layout, start, end):
         if isinstance(piece, BlobPiece):
             assert piece.length > 0
+            assert piece.whole == (piece.length == piece.descriptor.size)
             out += blobs[piece.descriptor.digest][piece.start : piece.start + piece.length]
         else:
             out += piece

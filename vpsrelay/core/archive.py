@@ -84,10 +84,6 @@ class Layout:
     size: int
     etag: str
 
-    @property
-    def blobs(self) -> tuple[Descriptor, ...]:
-        return tuple(m.blob for m in self.members if m.blob is not None)
-
 
 def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
