@@ -73,6 +73,7 @@ def download(url: str, path: Path, **kwargs: object) -> httpx.Response:
     return response
 
 
+@pytest.mark.clients
 def test_the_tar_loads_in_dockerd_single_multi_arch_and_two_images(
     relay: RelayProcess, hub: Hub, tmp_path: Path
 ) -> None:
@@ -112,6 +113,7 @@ def test_the_tar_loads_in_dockerd_single_multi_arch_and_two_images(
         assert dockerd.docker(*inspect, "alpine:latest").stdout.split()[0] == alpine.config.digest
 
 
+@pytest.mark.clients
 def test_the_tar_loads_in_podman(relay: RelayProcess, hub: Hub, tmp_path: Path) -> None:
     alpine, tool = _image(hub, "library/alpine:latest"), _image(hub, "someuser/tool:1.0")
     single, both = tmp_path / "alpine.tar", tmp_path / "both.tar"
@@ -387,6 +389,7 @@ def _save(relay: RelayProcess, out: Path, log: Path, *extra: str) -> subprocess.
         )
 
 
+@pytest.mark.clients
 def test_vpsrelay_save_resumes_after_a_kill_and_the_tar_loads(hub: Hub, tmp_path: Path) -> None:
     image = build_image(
         tmp_path / "oci", "1", files={"etc/save": b"save me\n"}, extra_layer_bytes=SAVE_LAYER_BYTES

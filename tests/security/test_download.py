@@ -297,3 +297,32 @@ def test_a_hostile_upstream_cannot_complete_a_download(tmp_path: Path, cache: st
             assert "bug while serving" not in relay.log_text()  # refused, not crashed
     finally:
         liar.close()
+
+
+def test_downloads_hold_the_clients_stream_slots(hub: Hub, tmp_path: Path) -> None:
+    """One client, one stream (`limits.streams_per_ip = 1`): while its tar streams, its
+    next download is refused before the first byte, and another client is unaffected."""
+    env = {
+        "VPSRELAY_LIMITS__STREAMS_PER_IP": "1",
+        "VPSRELAY_LIMITS__STREAM_BYTES_PER_SECOND": "4MiB",
+    }
+    with (
+        RelayProcess(
+            tmp_path, "--upstream", f"docker.io={hub.registry_url}", "--trusted-proxy",
+            "127.0.0.1/32", env=env,
+        ) as relay,
+        httpx.stream("GET", f"{relay.url}/download/big:latest", timeout=TIMEOUT) as slow,
+    ):  # fmt: skip
+        assert slow.status_code == 200
+        chunks = slow.iter_raw()
+        received = 0
+        while received < 2 * 1024 * 1024:  # into the big layer (bounded: 300 MiB)
+            received += len(next(chunks))
+        second = httpx.get(f"{relay.url}/download/alpine", timeout=TIMEOUT)
+        assert second.status_code == 429, second.text
+        other = httpx.get(
+            f"{relay.url}/download/alpine", headers={"x-forwarded-for": "203.0.113.9"},
+            timeout=TIMEOUT,
+        )  # fmt: skip
+        assert other.status_code == 200
+        _alive(relay)
