@@ -100,8 +100,8 @@ class Answer:
         """The whole body, at most `limit` bytes.
 
         Raises:
-            RequestTooLarge: more than that (a manifest or config no image has).
-            UpstreamProtocolError: the body was broken off.
+            UpstreamProtocolError: more than that (a manifest or config no image has),
+                or the body was broken off.
         """
         body = bytearray()
         async for chunk in self.chunks():

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from vpsrelay.core import archive
 from vpsrelay.core.archive import ArchiveImage, BlobPiece, RangeNotSatisfiable
 from vpsrelay.core.digest import Digest
-from vpsrelay.core.imageref import MT_OCI_MANIFEST, Descriptor, Platform
+from vpsrelay.core.imageref import MT_DOCKER_MANIFEST, MT_OCI_MANIFEST, Descriptor, Platform
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -189,3 +189,37 @@ def test_file_names_are_safe() -> None:
 )
 def test_qualified_names(short: str, qualified: str) -> None:
     assert archive.qualified_name(short) == qualified
+
+
+def test_a_docker_schema_2_image_is_listed_as_its_oci_equal() -> None:
+    blobs: dict[Digest, bytes] = {}
+    image = _image(blobs, [b"layer"])
+    docker_layer = Descriptor(
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        image.layers[0].digest,
+        image.layers[0].size,
+    )
+    config = Descriptor(
+        "application/vnd.docker.container.image.v1+json", image.config.digest, image.config.size
+    )
+    docker = ArchiveImage(
+        image.repo_tag, Descriptor(MT_DOCKER_MANIFEST, image.manifest.digest, 9), b"{...}",
+        config, image.config_bytes, (docker_layer,), image.platform,
+    )  # fmt: skip
+    listed, body = archive.oci_manifest(docker)
+    manifest = json.loads(body)
+    assert listed.media_type == manifest["mediaType"] == MT_OCI_MANIFEST
+    assert listed.digest.hex == hashlib.sha256(body).hexdigest()
+    assert manifest["config"] == {
+        "mediaType": CONFIG, "digest": str(config.digest), "size": config.size,
+    }  # fmt: skip
+    assert manifest["layers"][0]["mediaType"] == LAYER
+    assert archive.oci_manifest(image) == (image.manifest, image.manifest_bytes)
+    layout = archive.build_layout((docker,))
+    whole = _materialize(blobs, layout, 0, layout.size)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        member = tar.extractfile(archive.blob_path(listed.digest))
+        assert member is not None
+        assert member.read() == body
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+    assert index["manifests"][0]["digest"] == str(listed.digest)

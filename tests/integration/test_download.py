@@ -208,6 +208,41 @@ def test_errors_come_before_the_first_byte(relay: RelayProcess) -> None:
     assert bad.status_code == 400
 
 
+def test_a_docker_v2s2_image_in_both_layouts(relay: RelayProcess, hub: Hub, tmp_path: Path) -> None:
+    """OCI layout readers take OCI manifests only: a Docker schema 2 image is listed in
+    `index.json` as its OCI equal, with the very config and layers."""
+    skopeo = require_binary("skopeo")
+    v2s2 = _image(hub, "library/alpine:v2s2")
+    tar = tmp_path / "v2s2.tar"
+    assert download(f"{relay.url}/download/alpine:v2s2", tar).status_code == 200
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    for source, out in ((f"oci-archive:{tar}:v2s2", "oci"), (f"docker-archive:{tar}", "docker")):
+        subprocess.run(
+            [skopeo, "copy", source, f"dir:{tmp_path / out}"],
+            check=True, capture_output=True, timeout=120, env=env,
+        )  # fmt: skip
+    copied = json.loads((tmp_path / "oci" / "manifest.json").read_text())
+    original = json.loads(v2s2.manifest_bytes)
+    assert copied["config"]["digest"] == original["config"]["digest"]
+    assert [d["digest"] for d in copied["layers"]] == [d["digest"] for d in original["layers"]]
+    docker = json.loads((tmp_path / "docker" / "manifest.json").read_text())
+    assert docker["config"]["digest"] == original["config"]["digest"]
+
+
+def test_vpsrelay_save_says_what_went_wrong(relay: RelayProcess, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "vpsrelay", "save", "nosuchimage:1", "-o", str(tmp_path / "x.tar"),
+         "--relay", relay.url],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "the relay answered 404: manifest unknown" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "x.tar").exists()
+
+
 # --- 300 MiB: cut, resumed with curl -C -, stable, bounded memory ------------------------------
 
 

@@ -19,13 +19,18 @@ import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vpsrelay.core.imageref import MT_OCI_INDEX, Descriptor, Platform
+from vpsrelay.core.digest import Digest
+from vpsrelay.core.imageref import (
+    MT_DOCKER_MANIFEST,
+    MT_OCI_INDEX,
+    MT_OCI_MANIFEST,
+    Descriptor,
+    Platform,
+)
 from vpsrelay.errors import ClientError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-    from vpsrelay.core.digest import Digest
 
 BLOCK = 512
 FORMAT_VERSION = b"vpsrelay-archive-1"
@@ -108,13 +113,44 @@ def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+# Docker schema 2 types and their OCI equals (the same bytes under another name).
+_DOCKER, _OCI = "application/vnd.docker.", "application/vnd.oci.image."
+_OCI_TYPES = {
+    f"{_DOCKER}container.image.v1+json": f"{_OCI}config.v1+json",
+    f"{_DOCKER}image.rootfs.diff.tar.gzip": f"{_OCI}layer.v1.tar+gzip",
+    f"{_DOCKER}image.rootfs.diff.tar": f"{_OCI}layer.v1.tar",
+}
+
+
+def oci_manifest(image: ArchiveImage) -> tuple[Descriptor, bytes]:
+    """The manifest the OCI layout lists: the registry's own, or for a Docker schema 2
+    image its OCI equal (same config and layers), as `skopeo copy --format oci` makes it;
+    OCI layout readers look for OCI manifests only."""
+    if image.manifest.media_type != MT_DOCKER_MANIFEST:
+        return image.manifest, image.manifest_bytes
+
+    def descriptor(d: Descriptor) -> dict[str, object]:
+        media_type = _OCI_TYPES.get(d.media_type, d.media_type)
+        return {"mediaType": media_type, "digest": str(d.digest), "size": d.size}
+
+    converted = _json({
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": descriptor(image.config),
+        "layers": [descriptor(layer) for layer in image.layers],
+    })  # fmt: skip
+    digest = Digest("sha256", hashlib.sha256(converted).hexdigest())
+    return Descriptor(MT_OCI_MANIFEST, digest, len(converted)), converted
+
+
 def _index(images: tuple[ArchiveImage, ...]) -> bytes:
     manifests = []
     for image in images:
+        listed, _ = oci_manifest(image)
         entry: dict[str, object] = {
-            "mediaType": image.manifest.media_type,
-            "digest": str(image.manifest.digest),
-            "size": image.manifest.size,
+            "mediaType": listed.media_type,
+            "digest": str(listed.digest),
+            "size": listed.size,
             "platform": {
                 k: v
                 for k, v in (
@@ -181,7 +217,7 @@ def build_layout(images: tuple[ArchiveImage, ...]) -> Layout:
     small: list[tuple[str, bytes | None, Descriptor | None]] = []
     large: list[tuple[str, bytes | None, Descriptor | None]] = []
     for image in images:
-        held = ((image.manifest, image.manifest_bytes), (image.config, image.config_bytes))
+        held = (oci_manifest(image), (image.config, image.config_bytes))
         for descriptor, content in held:
             if descriptor.digest not in seen:
                 seen.add(descriptor.digest)
