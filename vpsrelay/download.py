@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # Distribution refuses larger manifests too
-MAX_CONFIG_BYTES = 8 * 1024 * 1024
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# Manifests and configs are held for the whole download: bounded in all, whatever the
+# upstream says (real ones are a few KiB each).
+MAX_HELD_BYTES = 16 * 1024 * 1024
 # Held bytes (headers, JSON files, padding) are sent in pieces of about this much.
 FLUSH_BYTES = 64 * 1024
 
@@ -147,6 +150,11 @@ async def _serve(app: RelayApp, exchange: Exchange) -> None:
     images = []
     for ref, name in zip(request.refs, names, strict=True):
         images.append(await resolve(sub, ref, name, request))
+        held = sum(len(i.manifest_bytes) + len(i.config_bytes) for i in images)
+        if held > MAX_HELD_BYTES:
+            raise UpstreamProtocolError(
+                f"the images' manifests and configs are over {MAX_HELD_BYTES} bytes"
+            )
     layout = archive.build_layout(tuple(images))
     if config.max_bytes and layout.size > config.max_bytes:
         raise RequestTooLarge(
