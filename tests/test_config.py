@@ -806,3 +806,23 @@ def test_short_tokens_in_the_pull_tokens_file_are_refused_by_line(tmp_path):
     assert "weak-token" not in message
     tokens_file.write_text("ci-token-0123456789ab\nanother-token-0123456789\n")
     assert config.load(path, {}).auth.pull_tokens_file == tokens_file
+
+
+def test_download_settings(tmp_path):
+    assert config.Settings().download == config.DownloadConfig(
+        enabled=True, max_images=8, max_bytes=20 * 1024**3
+    )
+    path = write(
+        tmp_path,
+        """
+        [download]
+        max_images = 2
+        max_bytes = "5GiB"
+    """,
+    )
+    settings = config.load(path, {"VPSRELAY_DOWNLOAD__ENABLED": "false"})
+    assert settings.download == config.DownloadConfig(
+        enabled=False, max_images=2, max_bytes=5 * 1024**3
+    )
+    with pytest.raises(ConfigError, match=r"relay.toml: download.max_images"):
+        config.load(write(tmp_path, "[download]\nmax_images = 0\n"), {})

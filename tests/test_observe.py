@@ -333,3 +333,17 @@ async def test_prefer_ipv4_never_connects_over_ipv6():
                 await upstream.aclose()
     finally:
         stop_server(server, thread)
+
+
+async def test_landing_page_has_the_download_form():
+    async with relay(never, {"server.public_url": "https://relay.example.com"}) as r:
+        response = await r.client.get("/")
+    assert "form-action 'self'" in response.headers["content-security-policy"]
+    assert '<form class="download" method="get" action="/download">' in response.text
+    assert "curl -C - -o alpine_latest.tar 'https://relay.example.com/download?image=" in (
+        response.text
+    )
+    async with relay(never, {"download.enabled": False}) as r:
+        response = await r.client.get("/")
+    assert "form-action 'none'" in response.headers["content-security-policy"]
+    assert "<form" not in response.text

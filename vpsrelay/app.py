@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
+from vpsrelay import download
 from vpsrelay.access.clientauth import ClientAuth
 from vpsrelay.access.guard import Guard
 from vpsrelay.cache.front import CacheFront
@@ -149,6 +150,9 @@ class RelayApp:
         self.guard.check_route(route)
         if route.kind is routing.Kind.TOKEN:
             await self.token_endpoint.serve(exchange, route)
+            return
+        if route.kind is routing.Kind.DOWNLOAD:  # built of subrequests to this app
+            await download.serve(self, exchange)
             return
         if self.clientauth.enabled:
             realm = routing.relay_realm(exchange.view.base_url, route.registry)

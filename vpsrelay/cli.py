@@ -106,6 +106,7 @@ def main() -> None:
       vpsrelay config check /etc/vpsrelay/config.toml
       vpsrelay snippets --format containerd
       vpsrelay check --url https://relay.example.com
+      vpsrelay save alpine:latest -o alpine.tar --relay https://relay.example.com
     """
 
 
@@ -432,6 +433,62 @@ def snippets(config_path: Path | None, formats: tuple[str, ...], url: str | None
         click.echo(chosen[0].text, nl=False)
         return
     click.echo(snippet_core.as_text(chosen), nl=False)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+    help="The tar to write; a partial one is resumed.",
+)  # fmt: skip
+@click.option("--relay", required=True, help="The relay's URL, e.g. https://relay.example.com.")
+@click.option(
+    "--platform", help="os/arch[/variant] of multi-platform images (default linux/amd64)."
+)
+@click.option("--user", help="Log in as this user (a relay with access control).")
+@click.option(
+    "--password",
+    envvar="VPSRELAY_SAVE_PASSWORD",
+    help="The user's password (better: the VPSRELAY_SAVE_PASSWORD variable; else asked).",
+)
+@click.option("--ca", "ca_file", type=click.Path(exists=True), help="CA to trust for TLS.")
+def save(
+    images: tuple[str, ...],
+    output: Path,
+    relay: str,
+    platform: str | None,
+    user: str | None,
+    password: str | None,
+    ca_file: str | None,
+) -> None:
+    """Download IMAGES from a relay as one tar for `docker load` / `podman load`.
+
+    Run it again after an interruption: it finishes the partial file.
+
+    \b
+    Examples:
+      vpsrelay save alpine:3.19 -o alpine.tar --relay https://relay.example.com
+      vpsrelay save nginx redis -o web.tar --relay https://relay.example.com --platform linux/arm64
+      docker load -i alpine.tar
+    """
+    from vpsrelay import save as saving
+
+    auth = None
+    if user:
+        if password is None:
+            password = click.prompt(f"password for {user}", hide_input=True, err=True)
+        auth = (user, password or "")
+    try:
+        size = saving.save(
+            relay, images, output, platform=platform, auth=auth, verify=ca_file or True
+        )
+    except saving.SaveError as exc:
+        click.echo(f"vpsrelay: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("\nvpsrelay: interrupted: run the same command to resume", err=True)
+        sys.exit(130)
+    click.echo(f"{output}: {size} bytes")
 
 
 @main.command()

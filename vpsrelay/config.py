@@ -497,6 +497,13 @@ class UiConfig:
     landing_page: bool = _option(True, _bool, "serve the landing page at / (else 404)")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DownloadConfig:
+    enabled: bool = _option(True, _bool, "serve images as tar files at /download (else 404)")
+    max_images: int = _option(8, _count, "images one download may hold")
+    max_bytes: int = _option(20 * 1024**3, _size, "largest tar a download may be (0: no limit)")
+
+
 # Scanners that have no business on a registry relay (searched case-insensitively).
 DEFAULT_DENY_USER_AGENTS = ("zgrab", "masscan", "nikto", "sqlmap", "nmap scripting engine")
 
@@ -578,6 +585,7 @@ class Settings:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
@@ -598,6 +606,7 @@ SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "ui": UiConfig,
+    "download": DownloadConfig,
     "tls": TLSConfig,
     "cache": CacheConfig,
     "access": AccessConfig,
@@ -616,6 +625,7 @@ NOT_SETTINGS_ENV = "VPSRELAY_NOT_SETTINGS"
 NON_SETTING_VARIABLES = frozenset({
     "VPSRELAY_CONFIG",  # --config
     "VPSRELAY_CHECK_PASSWORD",  # vpsrelay check --password
+    "VPSRELAY_SAVE_PASSWORD",  # vpsrelay save --password
     UPSTREAMS_ENV,
     NOT_SETTINGS_ENV,
     # docker-compose.yml, Caddyfile.alt and the Ansible role's .env

@@ -269,3 +269,16 @@ def test_route_raises_only_relay_errors_and_names_are_valid(method, path):
         assert grammar.is_valid_tag(result.reference)
     else:
         assert grammar.is_valid_digest(result.reference)
+
+
+@pytest.mark.parametrize("path", ["/download", "/download/alpine:3", "/download/a/b@sha256:x"])
+def test_downloads_route_to_their_handler(path):
+    assert routing.route("GET", path) == Route(Kind.DOWNLOAD, "")
+    assert routing.route("HEAD", path).upstream_path == ""
+
+
+def test_downloads_are_read_only():
+    with pytest.raises(errors.Unsupported):
+        routing.route("POST", "/download/alpine")
+    with pytest.raises(errors.NotFound):
+        routing.route("GET", "/downloads/alpine")

@@ -32,6 +32,7 @@ class Kind(enum.StrEnum):
     REFERRERS = "referrers"
     TOKEN = "token"
     SEARCH = "search"
+    DOWNLOAD = "download"  # an image as a tar file (`vpsrelay.download`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,7 @@ class Route:
                 return f"/v2/{self.upstream_name}/tags/list"
             case Kind.REFERRERS:
                 return f"/v2/{self.upstream_name}/referrers/{self.reference}"
-            case Kind.TOKEN:
+            case Kind.TOKEN | Kind.DOWNLOAD:
                 return ""
             case Kind.SEARCH:
                 return "/v1/search"
@@ -128,6 +129,10 @@ def route(
         explicit = token["registry"]
         registry = _chosen(table, host, ns) if explicit is None else table.by_ns(explicit).name
         return Route(Kind.TOKEN, registry or "")
+    if path == "/download" or path.startswith("/download/"):
+        if method not in READ_METHODS:
+            raise Unsupported(f"{method} is not supported on /download")
+        return Route(Kind.DOWNLOAD, "")
     if path == "/v1/search":  # Docker Hub's search, which NAS registry UIs use
         if method not in READ_METHODS:
             raise Unsupported(f"{method} is not supported on /v1/search")

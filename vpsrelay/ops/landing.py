@@ -39,12 +39,43 @@ def _template() -> Template:
     return Template(text)
 
 
-def content_security_policy(nonce: str) -> str:
+def content_security_policy(nonce: str, *, download_form: bool = False) -> str:
+    # The download form is the page's only form, and it submits to this relay.
+    form_action = "'self'" if download_form else "'none'"
     return (
         f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
-        "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        f"img-src 'self'; connect-src 'self'; base-uri 'none'; form-action {form_action}; "
         "frame-ancestors 'none'"
     )
+
+
+def download_form(settings: Settings, where: snippets.Target) -> str:
+    """The form that downloads an image as a tar (empty when downloads are off)."""
+    if not settings.download.enabled:
+        return ""
+    e = html.escape
+    user = " -u USER" if where.login_required else ""
+    example = f"{where.url}/download?image=alpine%3Alatest&platform=linux%2Famd64"
+    return f"""<h2 id="download">Download an image as a file</h2>
+<p>For machines that cannot use a mirror: a tar that <code>docker load</code> and
+<code>podman load</code> take. Interrupted downloads resume.</p>
+<form class="download" method="get" action="/download">
+<label>Image <input name="image" id="download-image" value="alpine:latest" required
+ maxlength="400" autocomplete="off" spellcheck="false"></label>
+<label>Platform <input name="platform" id="download-platform" value="linux/amd64"
+ maxlength="60" autocomplete="off" spellcheck="false"></label>
+<button type="submit" id="download-button">Download</button>
+</form>
+<div class="snippet">
+<div class="path">the same with curl (<code>-C -</code> resumes)</div>
+<button class="copy" type="button" data-copy="download-curl" hidden>Copy</button>
+<pre id="download-curl" data-url="{e(where.url)}" data-user="{e(user)}">\
+curl{e(user)} -C - -o alpine_latest.tar '{e(example)}'</pre>
+</div>
+<p class="muted">Or from a client machine with vpsrelay installed:
+<code>vpsrelay save alpine:latest -o alpine.tar --relay {e(where.url)}</code>
+(progress bar, resumes a partial file). At most {settings.download.max_images} images a
+tar.</p>"""
 
 
 def login_required(settings: Settings) -> bool:
@@ -83,6 +114,8 @@ def render(settings: Settings, base_url: str, budgets: dict[str, RateLimit]) -> 
             )
             parts.append("</div>")
         sections.append("\n".join(parts))
+    if settings.download.enabled:
+        nav.append('<a href="#download">Download as a file</a>')
     login = ""
     if where.login_required:
         login = (
@@ -115,5 +148,7 @@ def render(settings: Settings, base_url: str, budgets: dict[str, RateLimit]) -> 
         nav="".join(nav),
         sections="\n".join(sections),
         version=e(__version__),
+        download=download_form(settings, where),
     )
-    return page.encode("utf-8"), content_security_policy(nonce)
+    csp = content_security_policy(nonce, download_form=settings.download.enabled)
+    return page.encode("utf-8"), csp
