@@ -180,6 +180,7 @@ class Forwarder:
                     and not refreshed
                     and sent.lower().startswith("bearer ")
                     and self._sent_own_token(exchange, registry)
+                    and auth.fresh_token_may_help(response.headers.get_list("www-authenticate"))
                 ):
                     # The registry refused a token of the relay's own (revoked, expired
                     # early): a fresh one, once; a second 401 is the client's answer.

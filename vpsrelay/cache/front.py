@@ -23,7 +23,7 @@ import trio
 
 from vpsrelay.cache.sending import READ_CHUNK, BlobSender, Outcome, Source, pass_rest
 from vpsrelay.cache.storage import DiskSpill, FillState
-from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
+from vpsrelay.core import auth, cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, TokenRefused, UpstreamError
@@ -695,9 +695,15 @@ class CacheFront:
                 tuple(headers),
             )
             async with self.upstream.open(request, what=route.registry, follow=False) as response:
-                if response.status_code == 401 and token is not None and attempt == 0:
-                    # The relay's anonymous token was refused: a fresh one, once.
-                    tokens.forget(registry.name, [route.upstream_name])
+                if (
+                    response.status_code == 401
+                    and token is not None
+                    and attempt == 0
+                    and auth.fresh_token_may_help(response.headers.get_list("www-authenticate"))
+                ):
+                    # The relay's anonymous token was refused (not merely short of the
+                    # rights, as for a private repository): a fresh one, once.
+                    tokens.forget(registry.name, [route.upstream_name], anonymous_only=True)
                     continue
                 return response.status_code == 200
         return False

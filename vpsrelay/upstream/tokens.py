@@ -177,11 +177,13 @@ class TokenClient:
             self._tokens.popitem(last=False)  # expired or not: the least used
         return answer.token
 
-    def forget(self, registry: str, names: Sequence[str]) -> None:
-        """Drop the tokens kept for `names` (any credential): the upstream refused one."""
+    def forget(self, registry: str, names: Sequence[str], *, anonymous_only: bool = False) -> None:
+        """Drop the tokens kept for `names` (any credential, or only the anonymous one):
+        the upstream refused one."""
         dropped = set(names or [""])
         for key in [k for k in self._tokens if k[0] == registry and k[1] in dropped]:
-            del self._tokens[key]
+            if not anonymous_only or key[2] == ANONYMOUS:
+                del self._tokens[key]
 
     async def relay_request(
         self,
