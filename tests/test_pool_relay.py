@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from tests.test_app import HUB, challenge_401, reply
+from tests.cache.harness import FakeRegistry, cached_relay
+from tests.cache.test_front import ACCEPT, TAG_PATH
+from tests.test_app import HUB, HUB_CHALLENGE, challenge_401, reply
 from vpsrelay import config
 from vpsrelay.app import RelayApp
 from vpsrelay.upstream import Upstream
@@ -137,3 +139,31 @@ async def test_every_account_spent_gives_the_client_the_429(tmp_path):
     assert response.headers["retry-after"] == "120"
     assert again.status_code == 429
     assert len(registry.manifests) == 2  # once per pull: no retry without another account
+
+
+async def test_a_token_short_of_the_rights_is_not_refreshed(tmp_path):
+    def short(token: str) -> httpx.Response:
+        insufficient = f'{HUB_CHALLENGE},error="insufficient_scope"'
+        return reply(401, {"www-authenticate": insufficient}, b'{"errors":[]}')
+
+    registry = Registry(short)
+    async with pool_relay(tmp_path, registry, ("alice",)) as client:
+        response = await pull(client)
+    assert response.status_code == 401
+    assert len(registry.manifests) == 1
+    assert registry.tokens == ["alice"]
+
+
+async def test_the_public_probes_refused_token_is_fetched_again_once(tmp_path):
+    """After caching a manifest the relay asks, anonymously, whether the repository is
+    public; a refused anonymous token is fetched again once, never in a loop."""
+    registry = FakeRegistry(token_realm=True, refused={"Bearer anon-token"})
+    async with cached_relay(tmp_path, registry) as r:
+        response = await r.client.get(
+            TAG_PATH, headers={"authorization": "Bearer user-token", **ACCEPT}
+        )
+        assert response.status_code == 200
+        probes = registry.requests("HEAD", "/manifests/")
+        assert [p.headers["authorization"] for p in probes] == ["Bearer anon-token"] * 2
+        assert len([q for q in registry.seen if q.url.host == "auth.test"]) == 2
+        assert r.store.index.public == {}
