@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner
 
+from tests.test_config import write
 from vpsrelay import config
 from vpsrelay.cli import main
 from vpsrelay.errors import ConfigError
@@ -16,15 +16,6 @@ from vpsrelay.registry_config import Credential, Secret
 # A pool entry's `password_env` may name a VPSRELAY_* variable (built here, so the scan
 # for unknown variable names in tests/test_config.py does not take it for a setting).
 BOB_VARIABLE = "VPSRELAY_" + "POOL_BOB"
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "relay.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def test_the_single_form_and_the_list_make_one_pool_in_order(tmp_path):
