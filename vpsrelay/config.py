@@ -715,6 +715,14 @@ def _check_variables(environ: Mapping[str, str], registry_inputs: RegistryInputs
         for keys in registry_inputs.values()
         if isinstance(value := keys.get("password_env", (None, ""))[0], str)
     }
+    # ... and so may each entry of its `credentials` list.
+    password_variables |= {
+        value
+        for keys in registry_inputs.values()
+        if isinstance(pool := keys.get("credentials", (None, ""))[0], list)
+        for entry in pool
+        if isinstance(entry, dict) and isinstance(value := entry.get("password_env"), str)
+    }
     known = settings | NON_SETTING_VARIABLES | password_variables
     patterns = _not_settings(environ, settings)
     for name in sorted(environ):

@@ -10,8 +10,9 @@ The cache front calls it with a hook that sees the answer before the client does
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -19,7 +20,7 @@ import trio
 from vpsrelay.core import auth, headers as header_policy, placeholders, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import NotFound, RelayError
+from vpsrelay.errors import NotFound, RelayError, UpstreamError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 from vpsrelay.upstream.tokens import basic
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from vpsrelay.ops.observe import Observer
     from vpsrelay.upstream import Upstream
     from vpsrelay.upstream.tokens import TokenClient
+
+log = logging.getLogger("vpsrelay.forward")
 
 # Sees the upstream's answer (and the headers the client would get) before the client
 # does; True: it answered the client itself.
@@ -72,41 +75,130 @@ class Forwarder:
         relay swaps it for its own pull token (or the operator's Basic credentials, for
         a registry that asks for them directly), which never reach the client.
         """
+        headers, _ = await self.upstream_headers_as(exchange, registry, route)
+        return headers
+
+    async def upstream_headers_as(
+        self,
+        exchange: Exchange,
+        registry: RegistryConfig,
+        route: routing.Route,
+        avoid: Sequence[str] = (),
+    ) -> tuple[header_policy.Headers, str | None]:
+        """`upstream_headers`, and the operator credential (username) they carry, if
+        any: from the pool, not one of `avoid` (those this request already tried)."""
         if self.clientauth.enabled:
-            return await self.clientauth.upstream_headers(
+            headers = await self.clientauth.upstream_headers(
                 exchange.headers, registry, route.upstream_name
+            )
+            return headers, self.tokens.holder(
+                registry, header_policy.get(headers, "authorization")
             )
         headers = header_policy.upstream_request_headers(exchange.headers, USER_AGENT)
         client_auth = header_policy.get(headers, "authorization")
         if client_auth is not None and placeholders.is_placeholder(client_auth):
             headers = tuple((k, v) for k, v in headers if k != "authorization")
             if registry.has_credentials:
-                return (*headers, *await self._operator_credentials(registry, route))
-            return headers
+                username = self.tokens.choose_credential(registry, avoid)
+                own = await self._operator_credentials(registry, route, username)
+                return (*headers, *own), username if own else None
+            return headers, None
         if client_auth is None and registry.has_credentials:
             await self.upstream.challenge(registry)  # learn (or recall) its scheme
             if self.upstream.known_scheme(registry.name) == "basic":
-                return (*headers, ("authorization", basic(registry)))
+                username = self.tokens.choose_credential(registry, avoid)
+                return (*headers, ("authorization", basic(registry, username))), username
         elif client_auth is not None and self.upstream.known_scheme(registry.name) == "none":
-            return tuple((k, v) for k, v in headers if k != "authorization")
-        return headers
+            return tuple((k, v) for k, v in headers if k != "authorization"), None
+        return headers, None
 
     async def _operator_credentials(
-        self, registry: RegistryConfig, route: routing.Route
+        self, registry: RegistryConfig, route: routing.Route, username: str
     ) -> header_policy.Headers:
-        """The relay's own authorization for `route`, earned with the operator's credentials:
-        a pull token for the route's repository (kept server-side), or Basic credentials."""
+        """The relay's own authorization for `route`, earned with the operator's
+        credential `username`: a pull token for the route's repository (kept
+        server-side), or Basic credentials."""
         challenge = await self.upstream.challenge(registry)
         if challenge is not None:
             if route.upstream_name or route.kind is routing.Kind.BASE:
                 names = [route.upstream_name] if route.upstream_name else []
-                token = await self.tokens.pull_token(registry, names, operator=True)
+                token = await self.tokens.pull_token(
+                    registry, names, operator=True, username=username
+                )
                 if token:
                     return (("authorization", f"Bearer {token}"),)
             return ()
         if self.upstream.known_scheme(registry.name) == "basic":
-            return (("authorization", basic(registry)),)
+            return (("authorization", basic(registry, username)),)
         return ()
+
+    @contextlib.asynccontextmanager
+    async def open_upstream(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        method: str,
+        url: str,
+        *,
+        follow: bool = True,
+    ) -> AsyncIterator[httpx.Response]:
+        """Send the client's request upstream with `upstream_headers`; yield the answer.
+
+        What the relay can heal, it heals here, each at most once per credential: an
+        upstream token of the relay's own that the registry refuses (401) is dropped
+        and fetched again, and the request retried once; an operator credential that
+        answered 429 rests (`core.credpool`) and the request is retried with another
+        that is not resting. A client's own credentials are never retried, nor
+        swapped for the operator's.
+
+        Raises:
+            RelayError: the upstream could not be reached, or redirected badly.
+        """
+        registry = self.registries[route.registry]
+        tried: list[str] = []
+        refreshed = False
+        for _ in range(len(registry.credentials) + 2):  # each credential, and one refresh
+            headers, username = await self.upstream_headers_as(exchange, registry, route, tried)
+            request = UpstreamRequest(method, url, headers)
+            async with self.upstream.open(
+                request, what=registry.name, follow=follow, registry=registry.name
+            ) as response:
+                status = response.status_code
+                if username is not None:
+                    self._credential_answered(registry, username, response)
+                    if status == 429:
+                        tried.append(username)
+                        if self.tokens.may_retry_elsewhere(registry, tried):
+                            log.info(
+                                "%s: %s answered 429: another credential", registry.name, username
+                            )
+                            continue
+                sent = header_policy.get(headers, "authorization") or ""
+                if (
+                    status == 401
+                    and not refreshed
+                    and sent.lower().startswith("bearer ")
+                    and self._sent_own_token(exchange, registry)
+                    and auth.fresh_token_may_help(response.headers.get_list("www-authenticate"))
+                ):
+                    # The registry refused a token of the relay's own (revoked, expired
+                    # early): a fresh one, once; a second 401 is the client's answer.
+                    refreshed = True
+                    self.tokens.forget(registry.name, [route.upstream_name])
+                    log.info(
+                        "%s: the relay's token was refused (401): fetching a new one", registry.name
+                    )
+                    continue
+                yield response
+                return
+        raise UpstreamError(f"{registry.name}: no usable answer")  # pragma: no cover
+
+    def _credential_answered(
+        self, registry: RegistryConfig, username: str, response: httpx.Response
+    ) -> None:
+        state = self.tokens.credential_answered(registry, username, response)
+        if state is not None:
+            self.observer.credential_state(registry.name, state)
 
     def _sent_own_token(self, exchange: Exchange, registry: RegistryConfig) -> bool:
         """Whether the upstream request carried a token of the relay's own (not the
@@ -126,18 +218,28 @@ class Forwarder:
         route: routing.Route,
         path: str | None = None,
         hook: RelayHook | None = None,
+        refused: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """Relay `exchange` to `route`'s registry (at `path`, by default the route's).
+
+        `refused` is asked when the upstream answers 429 (every operator credential
+        spent): True, it answered the client itself (a cached copy); else the 429 and
+        its `Retry-After` go to the client.
 
         Raises:
             RelayError: the upstream failed; the exchange may have begun its answer.
         """
         # Each holds an upstream connection while its client reads: capped per client IP.
         with self.guard.upstream_stream(exchange.view.client_ip):
-            await self._relay(exchange, route, path or route.upstream_path, hook)
+            await self._relay(exchange, route, path or route.upstream_path, hook, refused)
 
     async def _relay(
-        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        path: str,
+        hook: RelayHook | None,
+        refused: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         registry = self.registries[route.registry]
         query = routing.upstream_query(exchange.query, route.kind)
@@ -145,16 +247,13 @@ class Forwarder:
         if base is None:
             raise NotFound(f"{registry.name} has no search endpoint configured")
         url = f"{base}{path}{'?' + query if query else ''}"
-        request = UpstreamRequest(
-            exchange.method, url, await self.upstream_headers(exchange, registry, route)
-        )
         began = time.monotonic()
-        async with self.upstream.open(
-            request, what=registry.name, registry=registry.name
-        ) as response:
+        async with self.open_upstream(exchange, route, exchange.method, url) as response:
             exchange.upstream_seconds = time.monotonic() - began
             self.observer.upstream_answered(exchange, response)
             if response.status_code == 429:
+                if refused is not None and await refused():
+                    return
                 await self.observer.too_many_requests(exchange, response)
                 return
             if exchange.meter is not None and 200 <= response.status_code < 300:

@@ -25,8 +25,9 @@ DOCKER_HUB_SEARCH_URL = "https://index.docker.io"
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 REGISTRY_KEYS = (
     "url", "aliases", "subdomain", "enabled", "username", "password", "password_file",
-    "password_env", "search_url", "allow", "deny",
+    "password_env", "search_url", "allow", "deny", "credentials",
 )  # fmt: skip
+CREDENTIAL_KEYS = ("username", "password", "password_file", "password_env")
 
 
 class Secret:
@@ -53,6 +54,14 @@ class Secret:
         return hash(self._value)
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One of the operator's accounts at a registry."""
+
+    username: str
+    password: Secret
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryConfig:
     name: str
@@ -65,10 +74,22 @@ class RegistryConfig:
     search_url: str | None = None
     allow: tuple[str, ...] = ()  # repository globs (upstream names: `library/*`)
     deny: tuple[str, ...] = ()
+    # More of the operator's accounts (`credentials = [{...}, ...]`): the pool.
+    pool: tuple[Credential, ...] = ()
 
     @property
     def has_credentials(self) -> bool:
-        return self.username is not None and self.password is not None
+        return bool(self.credentials)
+
+    @property
+    def credentials(self) -> tuple[Credential, ...]:
+        """Every operator credential: the single `username`/`password` first, then the list."""
+        single = (
+            (Credential(self.username, self.password),)
+            if self.username is not None and self.password is not None
+            else ()
+        )
+        return single + self.pool
 
 
 def _builtin(name: str, url: str, subdomain: str, *aliases: str) -> RegistryConfig:
@@ -150,17 +171,71 @@ def _apply(
             elif key == "password_file":
                 changes["password"] = Secret(_read_secret_file(_text(value)))
             elif key == "password_env":
-                variable = _text(value)
-                if variable not in environ:
-                    raise ValueError(f"environment variable {variable!r} is not set")
-                changes["password"] = Secret(environ[variable])
+                changes["password"] = Secret(_password_from_env(value, environ))
+            elif key == "credentials":
+                changes["pool"] = _credentials(where, value, environ)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     result = replace(base, **changes)  # type: ignore[arg-type]
     if (result.username is None) != (result.password is None):
         source = next(iter(keys.values()))[1]
         raise ConfigError(f"{source}: registries.{name}: username and password go together")
+    names = [credential.username for credential in result.credentials]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        source = keys["credentials"][1] if "credentials" in keys else "config"
+        raise ConfigError(
+            f"{source}: registries.{name}.credentials: username {twice!r} is listed twice"
+        )
     return result
+
+
+def _password_from_env(value: object, environ: Mapping[str, str]) -> str:
+    variable = _text(value)
+    if variable not in environ:
+        raise ValueError(f"environment variable {variable!r} is not set")
+    return environ[variable]
+
+
+def _credentials(where: str, value: object, environ: Mapping[str, str]) -> tuple[Credential, ...]:
+    """`credentials = [{username = "a", password_file = "..."}, ...]`: the pool.
+
+    Raises:
+        ConfigError: naming `credentials[i].key` (never quoting a secret).
+    """
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of tables (username, password...)")
+    pool = []
+    for i, entry in enumerate(value):
+        here = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{here}: expected a table with username and a password setting")
+        for key in entry:
+            if key not in CREDENTIAL_KEYS:
+                raise ConfigError(
+                    f"{here}.{key}: unknown key (expected one of {', '.join(CREDENTIAL_KEYS)})"
+                )
+        secrets = [k for k in CREDENTIAL_KEYS[1:] if k in entry]
+        if len(secrets) != 1:
+            raise ConfigError(f"{here}: set exactly one of password, password_file, password_env")
+        if "username" not in entry:
+            raise ConfigError(f"{here}.username: missing")
+        key = secrets[0]
+        try:
+            username = _text(entry["username"])
+        except ValueError as exc:
+            raise ConfigError(f"{here}.username: {exc}") from None
+        try:
+            if key == "password":
+                password = _secret_text(entry[key])
+            elif key == "password_file":
+                password = _read_secret_file(_text(entry[key]))
+            else:
+                password = _password_from_env(entry[key], environ)
+        except ValueError as exc:
+            raise ConfigError(f"{here}.{key}: {exc}") from None
+        pool.append(Credential(username, Secret(password)))
+    return tuple(pool)
 
 
 def _check_unique(registries: tuple[RegistryConfig, ...], inputs: RegistryInputs) -> None:

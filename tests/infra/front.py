@@ -8,13 +8,19 @@ registry, and only rewrites successful ``tags/list`` bodies.  Responses are stre
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
 import re
+import threading
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 _TAGS_RE = re.compile(r"^/v2/(.+)/tags/list$")
 _MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
@@ -59,6 +65,69 @@ def paginate_tags(
     return {"name": name, "tags": ordered}, link
 
 
+# The window Docker Hub states for its pull limit (6 h), and so does `HubFront.limit_pulls`.
+PULL_WINDOW = 21600
+
+
+def token_subject(authorization: str | None) -> str | None:
+    """Whose pull token a Bearer `Authorization` carries (the JWT's `sub`; "" anonymous),
+    read without checking the signature (Distribution checks it); None: no Bearer token."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or token.count(".") != 2:
+        return None
+    payload = token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) else None
+
+
+class PullLimits:
+    """Docker Hub's pull limit, per account: a manifest GET with a token for `subject`
+    is a pull, a HEAD is free (as on Docker Hub); a spent account gets 429 with
+    `Retry-After` and `ratelimit-*` headers. Accounts not limited pass untouched."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.left: dict[str, int] = {}  # subject -> pulls left
+        self.limit: dict[str, int] = {}
+        self.pulls: dict[str, int] = {}  # subject -> manifest GETs that counted
+        self.refused: dict[str, int] = {}  # subject -> 429s sent
+        self.retry_after = 1234
+
+    def set(self, limits: Mapping[str, int]) -> None:
+        with self._lock:
+            self.left = dict(limits)
+            self.limit = dict(limits)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.left.clear()
+            self.limit.clear()
+            self.pulls.clear()
+            self.refused.clear()
+
+    def take(self, subject: str | None, method: str) -> tuple[bool, list[tuple[str, str]]]:
+        """(refused, headers to add) for a manifest request by `subject`."""
+        with self._lock:
+            if subject is None or subject not in self.left:
+                return False, []
+            refused = method == "GET" and self.left[subject] <= 0
+            if refused:
+                self.refused[subject] = self.refused.get(subject, 0) + 1
+            elif method == "GET":
+                self.left[subject] -= 1
+                self.pulls[subject] = self.pulls.get(subject, 0) + 1
+            headers = [
+                ("ratelimit-limit", f"{self.limit[subject]};w={PULL_WINDOW}"),
+                ("ratelimit-remaining", f"{self.left[subject]};w={PULL_WINDOW}"),
+                ("docker-ratelimit-source", subject or "127.0.0.1"),
+            ]
+            return refused, headers
+
+
 class HubFront:
     """Threaded forwarder on 127.0.0.1:<ephemeral> -> ``127.0.0.1:backend_port``."""
 
@@ -73,6 +142,13 @@ class HubFront:
         # Headers added to every manifest answer, as Docker Hub adds its ratelimit-*;
         # None (the default) adds nothing. `Hub.clear()` resets it.
         self.ratelimit: tuple[tuple[str, str], ...] | None = None
+        # Per-account pull limits (`PullLimits`); `Hub.clear()` resets them.
+        self.limits = PullLimits()
+        # The next N requests with a Bearer token are answered 401 (the registry's own
+        # challenge), as for a revoked token; -1: every one. Counted in `rejected`.
+        self.reject_tokens = 0
+        self.rejected = 0
+        self._reject_lock = threading.Lock()
         owner = self
 
         class Handler(BaseHandler):
@@ -90,15 +166,53 @@ class HubFront:
     def close(self) -> None:
         stop_server(self._server, self._thread)
 
+    def _reject(self) -> bool:
+        with self._reject_lock:
+            if self.reject_tokens == 0:
+                return False
+            if self.reject_tokens > 0:
+                self.reject_tokens -= 1
+            self.rejected += 1
+            return True
+
     def _forward(self, h: BaseHandler) -> None:
         if self.cdn_url is not None and h.path.startswith(RELATIVE_PREFIX + "/"):
             cdn = urllib.parse.urlsplit(self.cdn_url)
             port = cdn.port or 80
             self._forward_to(h, port, h.path[len(RELATIVE_PREFIX) :], drop={"authorization"})
             return
-        self._forward_to(h, self.backend_port, h.path, drop=set())
+        authorization = h.headers.get("Authorization")
+        subject = token_subject(authorization)
+        if subject is not None and self._reject():
+            # Without the token, Distribution answers 401 with its own challenge.
+            self._forward_to(h, self.backend_port, h.path, drop={"authorization"})
+            return
+        extra: list[tuple[str, str]] = []
+        if _MANIFEST_RE.match(urllib.parse.urlsplit(h.path).path):
+            refused, extra = self.limits.take(subject, h.command)
+            if refused:
+                body = json.dumps(
+                    {"errors": [{"code": "TOOMANYREQUESTS", "message": "pull rate limit"}]}
+                ).encode()
+                h.send_response(429)
+                for k, v in [*extra, ("Retry-After", str(self.limits.retry_after))]:
+                    h.send_header(k, v)
+                h.send_header("Content-Type", "application/json")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+                return
+        self._forward_to(h, self.backend_port, h.path, drop=set(), extra=extra)
 
-    def _forward_to(self, h: BaseHandler, port: int, path: str, *, drop: set[str]) -> None:
+    def _forward_to(
+        self,
+        h: BaseHandler,
+        port: int,
+        path: str,
+        *,
+        drop: set[str],
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length > 0 else None
         # A list, not a dict: clients (skopeo, containerd) send several Accept lines.
@@ -151,6 +265,8 @@ class HubFront:
             if self.ratelimit is not None and _MANIFEST_RE.match(split.path):
                 for k, v in self.ratelimit:
                     h.send_header(k, v)
+            for k, v in extra or ():
+                h.send_header(k, v)
             if h.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
                 if clen is not None:
                     h.send_header("Content-Length", clen)

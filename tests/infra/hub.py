@@ -271,6 +271,9 @@ class Hub:
         self.cdn.clear()
         self.cdn.corrupt = False
         self.front.ratelimit = None
+        self.front.limits.clear()
+        self.front.reject_tokens = 0
+        self.front.rejected = 0
         self.cdn.chunk_delay = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import trio
 
 from vpsrelay.cache.sending import READ_CHUNK, BlobSender, Outcome, Source, pass_rest
 from vpsrelay.cache.storage import FillState, StoreSpill
-from vpsrelay.core import cachepolicy as policy, headers as header_policy, routing
+from vpsrelay.core import auth, cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError, UpstreamProtocolError
@@ -137,13 +137,10 @@ class CacheFront:
         Raises:
             UpstreamError: the upstream could not be asked.
         """
-        registry = self.registries[route.registry]
-        request = UpstreamRequest(
-            "HEAD",
-            self._url(route, route.upstream_path),
-            await self.forwarder.upstream_headers(exchange, registry, route),
-        )
-        async with self.upstream.open(request, what=route.registry, follow=False) as response:
+        url = self._url(route, route.upstream_path)
+        async with self.forwarder.open_upstream(
+            exchange, route, "HEAD", url, follow=False
+        ) as response:
             self.observer.upstream_answered(exchange, response)
             return response.status_code, response.headers.get("docker-content-digest")
 
@@ -524,7 +521,12 @@ class CacheFront:
                 )
             await self._send_manifest(exchange, upstream_digest, new.media_type, new.size, "hit")
             return
-        await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
+        # Docker Hub's HEAD is free, its GET a pull: when the pulls are spent (429), the
+        # copy the client's tag named until now is served, stale.
+        stale = partial(self._serve_stale, exchange, route, digest, tag, True, "upstream 429")
+        await self.forwarder.relay(
+            exchange, route, hook=partial(self._store_manifest, exchange, route), refused=stale
+        )
 
     async def _serve_stale(
         self,
@@ -678,22 +680,33 @@ class CacheFront:
     async def _anonymous_head(self, route: routing.Route, digest: str, media_type: str) -> bool:
         registry = self.registries[route.registry]
         # Distribution answers 404 for an OCI manifest the Accept header does not admit.
-        headers: list[tuple[str, str]] = [("user-agent", USER_AGENT), ("accept", media_type)]
-        try:
-            token = await self.forwarder.tokens.pull_token(
-                registry, [route.upstream_name], operator=False
+        tokens = self.forwarder.tokens
+        for attempt in range(2):
+            headers = [("user-agent", USER_AGENT), ("accept", media_type)]
+            try:
+                token = await tokens.pull_token(registry, [route.upstream_name], operator=False)
+            except UpstreamProtocolError:  # refused, or no token in the answer
+                return False  # no token for anonymous callers: not public
+            if token is not None:
+                headers.append(("authorization", f"Bearer {token}"))
+            request = UpstreamRequest(
+                "HEAD",
+                self._url(route, f"/v2/{route.upstream_name}/manifests/{digest}"),
+                tuple(headers),
             )
-        except UpstreamProtocolError:  # refused, or no token in the answer
-            return False  # no token for anonymous callers: not public
-        if token is not None:
-            headers.append(("authorization", f"Bearer {token}"))
-        request = UpstreamRequest(
-            "HEAD",
-            self._url(route, f"/v2/{route.upstream_name}/manifests/{digest}"),
-            tuple(headers),
-        )
-        async with self.upstream.open(request, what=route.registry, follow=False) as response:
-            return response.status_code == 200
+            async with self.upstream.open(request, what=route.registry, follow=False) as response:
+                if (
+                    response.status_code == 401
+                    and token is not None
+                    and attempt == 0
+                    and auth.fresh_token_may_help(response.headers.get_list("www-authenticate"))
+                ):
+                    # The relay's anonymous token was refused (not merely short of the
+                    # rights, as for a private repository): a fresh one, once.
+                    tokens.forget(registry.name, [route.upstream_name], anonymous_only=True)
+                    continue
+                return response.status_code == 200
+        return False
 
 
 def _accept(exchange: Exchange) -> str:

@@ -19,7 +19,7 @@ from vpsrelay.core import grammar
 from vpsrelay.errors import BadRequest, UpstreamProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,3 +294,21 @@ def _lifetime(value: object) -> float:
     except ValueError:
         return DEFAULT_TOKEN_SECONDS
     return seconds if math.isfinite(seconds) and seconds > 0 else DEFAULT_TOKEN_SECONDS
+
+
+def fresh_token_may_help(challenges: Iterable[str]) -> bool:
+    """Whether a 401 to a token the relay holds may be healed by fetching a new one.
+
+    RFC 6750 section 3.1: `invalid_token` is a token "expired, revoked, malformed, or
+    invalid", which a new one fixes; `insufficient_scope` is a good token without the
+    rights, and a new one for the same credential gets the same rights (a private
+    repository): not worth a token request. Without an `error`, it may help.
+    """
+    for text in challenges:
+        try:
+            challenge = parse_challenge(text)
+        except UpstreamProtocolError:
+            continue  # says nothing either way
+        if challenge.is_bearer and challenge.get("error") == "insufficient_scope":
+            return False
+    return True

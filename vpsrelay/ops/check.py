@@ -399,6 +399,7 @@ class Checker:
         self._degraded_patches(body.get("degraded") if isinstance(body, dict) else None)
         for name, entry in (body.get("upstreams") or {}).items() if isinstance(body, dict) else ():
             self._budget_from_report(name, entry)
+            self._credentials_from_report(name, entry)
             skew = entry.get("clock_skew_seconds") if isinstance(entry, dict) else None
             if isinstance(skew, int | float) and abs(skew) > CLOCK_SKEW_LIMIT:
                 self.add(
@@ -421,6 +422,23 @@ class Checker:
                 "install the pinned versions (pip install -c constraints.txt vpsrelay) "
                 "and restart without --allow-unpatched",
             )
+
+    def _credentials_from_report(self, registry: str, entry: object) -> None:
+        """One row per operator credential of a pool the relay reported (by username)."""
+        pool = entry.get("credentials") if isinstance(entry, dict) else None
+        for name, seen in pool.items() if isinstance(pool, dict) else ():
+            if not isinstance(seen, dict):
+                continue
+            remaining, limit = seen.get("remaining"), seen.get("limit")
+            left = "?" if remaining is None else remaining
+            detail = f"{left} of {'?' if limit is None else limit} pulls left"
+            resting = seen.get("resting_seconds")
+            if isinstance(resting, int) and resting > 0:
+                detail += f"; resting {resting} s after a 429 or an empty budget"
+                fix = "the pool's other credentials serve meanwhile; add another account"
+                self.add(f"credential {registry} {name}", WARN, detail, fix)
+            else:
+                self.add(f"credential {registry} {name}", PASS, detail)
 
     def _budget_from_report(self, registry: str, entry: object) -> None:
         """The budget the relay last saw upstream, when our own requests were answered from

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from vpsrelay.config import RegistryConfig
+    from vpsrelay.core.credpool import CredentialState
     from vpsrelay.core.ratelimit import RateLimit
     from vpsrelay.patches import Degraded
     from vpsrelay.upstream import Upstream
@@ -62,6 +63,8 @@ class UpstreamState:
     failed_at: float | None = None  # monotonic
     clock_skew: float | None = None  # upstream Date minus our clock, seconds
     ratelimit: RateLimit | None = None
+    # The operator's credentials by username: their budgets (the pool's live states).
+    credentials: dict[str, CredentialState] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -139,6 +142,8 @@ class Health:
                     "window_seconds": state.ratelimit.window_seconds,
                     "source": state.ratelimit.source,
                 }
+            if state.credentials:
+                entry["credentials"] = _credentials_report(state.credentials)
             upstreams[registry.name] = entry
         if upstreams:
             report["upstreams"] = upstreams
@@ -170,6 +175,23 @@ class Health:
         if answered:
             return "ok"
         return "no upstream answered: " + ", ".join(r.name for r in registries)
+
+
+def _credentials_report(states: dict[str, CredentialState]) -> dict[str, object]:
+    """Each operator credential's budget by username (never its secret)."""
+    now = trio.current_time()
+    return {
+        name: {
+            "limit": state.limit,
+            "remaining": state.remaining,
+            "window_seconds": state.window_seconds,
+            "resting_seconds": round(max(0.0, state.rest_until - now))
+            if state.rest_until is not None and state.resting(now)
+            else 0,
+            "refusals": state.refusals,
+        }
+        for name, state in sorted(states.items())
+    }
 
 
 def _probe_writable(directory: Path) -> str:

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from vpsrelay.core.credpool import CredentialState
     from vpsrelay.core.ratelimit import RateLimit
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -147,6 +148,30 @@ class Metrics:
             ["registry", "source"],
             registry=r,
         )
+        self.credential_limit = Gauge(
+            "vpsrelay_upstream_credential_ratelimit_limit",
+            "Pull limit per window of one operator credential (by username), as last stated.",
+            ["registry", "credential"],
+            registry=r,
+        )
+        self.credential_remaining = Gauge(
+            "vpsrelay_upstream_credential_ratelimit_remaining",
+            "Pulls left in the window for one operator credential (0 after a 429).",
+            ["registry", "credential"],
+            registry=r,
+        )
+        self.credential_rest_until = Gauge(
+            "vpsrelay_upstream_credential_rest_until_timestamp_seconds",
+            "Until when the credential rests after a 429 or an empty budget (Unix time; 0: not).",
+            ["registry", "credential"],
+            registry=r,
+        )
+        self.credential_refusals = Gauge(
+            "vpsrelay_upstream_credential_refusals",
+            "429 answers to the credential since the relay started.",
+            ["registry", "credential"],
+            registry=r,
+        )
         self.upstream_last_answer = Gauge(
             "vpsrelay_upstream_last_answer_timestamp_seconds",
             "When the upstream last answered (Unix time).",
@@ -199,6 +224,16 @@ class Metrics:
                 self.ratelimit_source.remove(registry, old)
             self._sources[registry] = budget.source
             self.ratelimit_source.labels(registry, budget.source).set(1)
+
+    def credential(self, registry: str, state: CredentialState, rest_until: float | None) -> None:
+        """One operator credential's budget; `rest_until` in Unix time, if it rests."""
+        labels = (registry, state.name)
+        if state.limit is not None:
+            self.credential_limit.labels(*labels).set(state.limit)
+        if state.remaining is not None:
+            self.credential_remaining.labels(*labels).set(state.remaining)
+        self.credential_rest_until.labels(*labels).set(rest_until or 0)
+        self.credential_refusals.labels(*labels).set(state.refusals)
 
     def clock_skew(self, registry: str, seconds: float) -> None:
         self.upstream_clock_skew.labels(registry).set(seconds)

@@ -12,6 +12,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from vpsrelay.core import headers as header_policy, logline, ratelimit, routing
 from vpsrelay.errors import RelayError, UpstreamError
 from vpsrelay.ops.metrics import NO_REGISTRY
@@ -19,6 +21,7 @@ from vpsrelay.ops.metrics import NO_REGISTRY
 if TYPE_CHECKING:
     import httpx
 
+    from vpsrelay.core.credpool import CredentialState
     from vpsrelay.exchange import Exchange
     from vpsrelay.ops.health import Health
     from vpsrelay.ops.metrics import Metrics
@@ -96,6 +99,15 @@ class Observer:
         if budget is not None:
             self.health.state(registry).ratelimit = budget
             self.metrics.ratelimit(registry, budget)
+
+    def credential_state(self, registry: str, state: CredentialState) -> None:
+        """The registry answered a request made with one of the operator's credentials:
+        its budget (and rest) as now known, for `/metrics` and `/readyz`."""
+        self.health.state(registry).credentials[state.name] = state
+        rest = None
+        if state.rest_until is not None:
+            rest = time.time() + max(0.0, state.rest_until - trio.current_time())
+        self.metrics.credential(registry, state, rest)
 
     def upstream_read(self, exchange: Exchange, chunk: bytes) -> None:
         self.metrics.upstream_read(registry_of(exchange), kind_of(exchange), len(chunk))

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.core import auth
+from vpsrelay.core import auth, ratelimit
+from vpsrelay.core.credpool import CredentialPool
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import TokenRefused, UpstreamError, UpstreamProtocolError
 from vpsrelay.upstream.client import (
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import httpx
 
     from vpsrelay.config import RegistryConfig
+    from vpsrelay.core.credpool import CredentialState
     from vpsrelay.core.headers import Headers
     from vpsrelay.upstream.client import Upstream
 
@@ -71,17 +73,72 @@ class TokenClient:
         self._tokens: collections.OrderedDict[tuple[str, str, str], tuple[str, float]] = (
             collections.OrderedDict()
         )
+        # The operator's credentials per registry, chosen in turn (`core.credpool`).
+        self.pools = {
+            registry.name: CredentialPool([c.username for c in registry.credentials])
+            for registry in upstream.settings.registries
+            if registry.has_credentials
+        }
+
+    def choose_credential(self, registry: RegistryConfig, avoid: Sequence[str] = ()) -> str:
+        """The operator credential (its username) the next request to `registry` uses.
+        The registry has credentials: the caller checked."""
+        return self.pools[registry.name].choose(trio.current_time(), avoid)
+
+    def holder(self, registry: RegistryConfig, authorization: str | None) -> str | None:
+        """Which operator credential an `Authorization` the relay sent stands for: a
+        Bearer token it fetched with it, or its Basic pair; None for anything else."""
+        if authorization is None or registry.name not in self.pools:
+            return None
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            for (name, _, credential), (token, _) in self._tokens.items():
+                if name == registry.name and token == value and credential.startswith(OPERATOR):
+                    return credential.removeprefix(OPERATOR + ":")
+            return None
+        for pair in registry.credentials:
+            if authorization == basic(registry, pair.username):
+                return pair.username
+        return None
+
+    def credential_answered(
+        self, registry: RegistryConfig, username: str, response: httpx.Response
+    ) -> CredentialState | None:
+        """Record the registry's answer to a request made with `username`'s credential
+        (429, `ratelimit-*`): a spent credential rests until its window passes."""
+        pool = self.pools.get(registry.name)
+        if pool is None:
+            return None
+        retry = response.headers.get("retry-after")
+        return pool.answered(
+            username,
+            trio.current_time(),
+            status=response.status_code,
+            budget=ratelimit.parse((k.lower(), v) for k, v in response.headers.multi_items()),
+            retry_after=ratelimit.retry_after(retry) if retry is not None else None,
+        )
+
+    def may_retry_elsewhere(self, registry: RegistryConfig, tried: Sequence[str]) -> bool:
+        """Whether another operator credential, not yet `tried`, is not resting."""
+        pool = self.pools.get(registry.name)
+        return pool is not None and pool.has_ready(trio.current_time(), tried)
 
     def __len__(self) -> int:
         return len(self._tokens)
 
     async def pull_token(
-        self, registry: RegistryConfig, names: Sequence[str], *, operator: bool
+        self,
+        registry: RegistryConfig,
+        names: Sequence[str],
+        *,
+        operator: bool,
+        username: str | None = None,
     ) -> str | None:
         """A token from `registry`'s token service that may pull `names`.
 
-        `operator`: ask with the operator's Basic credentials when they are configured;
-        otherwise anonymously. No names: a token for the base endpoint (`/v2/`).
+        `operator`: ask with the operator's Basic credentials when they are configured
+        (`username`'s, else the pool's next: `choose_credential`); otherwise
+        anonymously. No names: a token for the base endpoint (`/v2/`).
 
         Returns:
             The token, or None when the registry wants no Bearer token.
@@ -92,7 +149,10 @@ class TokenClient:
                 answered something other than a token, or announced a realm that is not
                 an http(s) URL (502).
         """
-        credential = OPERATOR if operator and registry.has_credentials else ANONYMOUS
+        credential = ANONYMOUS
+        if operator and registry.has_credentials:
+            username = username or self.choose_credential(registry)
+            credential = f"{OPERATOR}:{username}"
         keys = [(registry.name, name, credential) for name in (sorted(set(names)) or [""])]
         now = trio.current_time()
         cached = {self._tokens.get(key) for key in keys}
@@ -105,8 +165,8 @@ class TokenClient:
             return None
         params = pull_params(challenge, names)
         headers: list[tuple[str, str]] = [("user-agent", USER_AGENT)]
-        if credential == OPERATOR:
-            headers.append(("authorization", basic(registry)))
+        if credential != ANONYMOUS:
+            headers.append(("authorization", basic(registry, username)))
         what = f"{registry.name} token"
         request = UpstreamRequest("GET", _url(what, challenge.realm, params), tuple(headers))
         async with self.upstream.open(request, what=what, registry=registry.name) as response:
@@ -124,11 +184,13 @@ class TokenClient:
             self._tokens.popitem(last=False)  # expired or not: the least used
         return answer.token
 
-    def forget(self, registry: str, names: Sequence[str]) -> None:
-        """Drop the tokens kept for `names` (any credential): the upstream refused one."""
-        for name in names or [""]:
-            for credential in (ANONYMOUS, OPERATOR):
-                self._tokens.pop((registry, name, credential), None)
+    def forget(self, registry: str, names: Sequence[str], *, anonymous_only: bool = False) -> None:
+        """Drop the tokens kept for `names` (any credential, or only the anonymous one):
+        the upstream refused one."""
+        dropped = set(names or [""])
+        for key in [k for k in self._tokens if k[0] == registry and k[1] in dropped]:
+            if not anonymous_only or key[2] == ANONYMOUS:
+                del self._tokens[key]
 
     async def relay_request(
         self,
@@ -238,11 +300,11 @@ def _said(body: bytes) -> str:
     return " ".join(text.split())[:200]
 
 
-def basic(registry: RegistryConfig) -> str:
-    """The operator's Basic credentials for `registry` (configured: the caller checked)."""
-    assert registry.username is not None
-    assert registry.password is not None
-    pair = f"{registry.username}:{registry.password.reveal()}".encode()
+def basic(registry: RegistryConfig, username: str | None = None) -> str:
+    """The operator's Basic credentials for `registry` (configured: the caller checked):
+    `username`'s, or the first configured."""
+    credential = next(c for c in registry.credentials if username in (None, c.username))
+    pair = f"{credential.username}:{credential.password.reveal()}".encode()
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 

@@ -1,0 +1,169 @@
+"""The relay's healing of its own upstream credentials, without sockets (the ASGI app in
+front, a MockTransport behind): a refused token of its own is fetched again once, a spent
+pool account is left for another, a client's own credentials are never retried."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+
+from tests.cache.harness import FakeRegistry, cached_relay
+from tests.cache.test_front import ACCEPT, TAG_PATH
+from tests.test_app import HUB, HUB_CHALLENGE, challenge_401, reply
+from vpsrelay import config
+from vpsrelay.app import RelayApp
+from vpsrelay.upstream import Upstream
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+MANIFEST = b'{"schemaVersion":2}'
+MANIFEST_PATH = "/v2/library/alpine/manifests/latest"
+SCOPE = {"service": "registry.docker.io", "scope": "repository:library/alpine:pull"}
+
+
+@dataclass
+class Registry:
+    """The registry and its token service: tokens name their account (`alice-1`)."""
+
+    manifest: Callable[[str], httpx.Response]  # token -> the manifest answer
+    tokens: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)  # the Authorization of each ask
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return challenge_401()
+        if request.url.host == "auth.test":
+            basic = request.headers.get("authorization", "").removeprefix("Basic ")
+            user = base64.b64decode(basic).decode().partition(":")[0] or "anonymous"
+            self.tokens.append(user)
+            return reply(200, body=f'{{"token": "{user}-{len(self.tokens)}"}}'.encode())
+        assert request.url.path == MANIFEST_PATH
+        authorization = request.headers.get("authorization", "")
+        self.manifests.append(authorization)
+        return self.manifest(authorization.removeprefix("Bearer "))
+
+
+def ok(token: str) -> httpx.Response:
+    headers = {"content-type": "application/vnd.oci.image.index.v1+json"}
+    return reply(200, headers, MANIFEST)
+
+
+@contextlib.asynccontextmanager
+async def pool_relay(
+    tmp_path: Path, registry: Registry, accounts: tuple[str, ...] = ("alice", "bob")
+) -> AsyncIterator[httpx.AsyncClient]:
+    path = tmp_path / "relay.toml"
+    entries = ", ".join(f'{{ username = "{a}", password = "pw-{a}" }}' for a in accounts)
+    path.write_text(f'[registries."docker.io"]\ncredentials = [{entries}]\n')
+    overrides = {"cache.enabled": False, "data_dir": str(tmp_path / "data")}
+    settings = config.load(path, {}, overrides, upstreams={"docker.io": HUB})
+    upstream = Upstream(settings, transport=httpx.MockTransport(registry))
+    transport = httpx.ASGITransport(app=RelayApp(settings, upstream))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://relay.test") as client:
+            yield client
+    finally:
+        await upstream.aclose()
+
+
+async def pull(client: httpx.AsyncClient) -> httpx.Response:
+    placeholder = (await client.get("/token", params=SCOPE)).json()["token"]
+    return await client.get(
+        "/v2/alpine/manifests/latest", headers={"authorization": f"Bearer {placeholder}"}
+    )
+
+
+async def test_a_refused_own_token_is_fetched_again_once(tmp_path):
+    refused = {"alice-1"}  # revoked after it was issued
+    registry = Registry(lambda token: challenge_401() if token in refused else ok(token))
+    async with pool_relay(tmp_path, registry, ("alice",)) as client:
+        response = await pull(client)
+    assert response.status_code == 200
+    assert response.content == MANIFEST
+    assert registry.tokens == ["alice", "alice"]
+    assert registry.manifests == ["Bearer alice-1", "Bearer alice-2"]
+
+
+async def test_a_registry_refusing_every_token_gets_one_refresh(tmp_path):
+    registry = Registry(lambda token: challenge_401())
+    async with pool_relay(tmp_path, registry, ("alice",)) as client:
+        response = await pull(client)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith('Bearer realm="http://relay.test/')
+    assert len(registry.manifests) == 2
+    assert len(registry.tokens) == 2
+
+
+async def test_a_clients_own_token_is_not_retried(tmp_path):
+    registry = Registry(lambda token: challenge_401())
+    async with pool_relay(tmp_path, registry) as client:
+        response = await client.get(
+            "/v2/alpine/manifests/latest", headers={"authorization": "Bearer its-own"}
+        )
+    assert response.status_code == 401
+    assert registry.manifests == ["Bearer its-own"]
+    assert registry.tokens == []
+
+
+def spent(token: str) -> httpx.Response:
+    if token.startswith("alice"):
+        headers = {"retry-after": "120", "ratelimit-remaining": "0;w=21600"}
+        return reply(429, headers, b'{"errors":[{"code":"TOOMANYREQUESTS"}]}')
+    return ok(token)
+
+
+async def test_a_spent_account_is_left_for_another_and_rests(tmp_path):
+    registry = Registry(spent)
+    async with pool_relay(tmp_path, registry) as client:
+        first = await pull(client)
+        second = await pull(client)
+    assert first.status_code == 200
+    assert second.status_code == 200
+    # alice answered 429 once; the retry and the next pull went to bob.
+    accounts = [m.removeprefix("Bearer ").split("-")[0] for m in registry.manifests]
+    assert accounts == ["alice", "bob", "bob"]
+
+
+async def test_every_account_spent_gives_the_client_the_429(tmp_path):
+    registry = Registry(spent)
+    async with pool_relay(tmp_path, registry, ("alice",)) as client:
+        response = await pull(client)
+        again = await pull(client)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "120"
+    assert again.status_code == 429
+    assert len(registry.manifests) == 2  # once per pull: no retry without another account
+
+
+async def test_a_token_short_of_the_rights_is_not_refreshed(tmp_path):
+    def short(token: str) -> httpx.Response:
+        insufficient = f'{HUB_CHALLENGE},error="insufficient_scope"'
+        return reply(401, {"www-authenticate": insufficient}, b'{"errors":[]}')
+
+    registry = Registry(short)
+    async with pool_relay(tmp_path, registry, ("alice",)) as client:
+        response = await pull(client)
+    assert response.status_code == 401
+    assert len(registry.manifests) == 1
+    assert registry.tokens == ["alice"]
+
+
+async def test_the_public_probes_refused_token_is_fetched_again_once(tmp_path):
+    """After caching a manifest the relay asks, anonymously, whether the repository is
+    public; a refused anonymous token is fetched again once, never in a loop."""
+    registry = FakeRegistry(token_realm=True, refused={"Bearer anon-token"})
+    async with cached_relay(tmp_path, registry) as r:
+        response = await r.client.get(
+            TAG_PATH, headers={"authorization": "Bearer user-token", **ACCEPT}
+        )
+        assert response.status_code == 200
+        probes = registry.requests("HEAD", "/manifests/")
+        assert [p.headers["authorization"] for p in probes] == ["Bearer anon-token"] * 2
+        assert len([q for q in registry.seen if q.url.host == "auth.test"]) == 2
+        assert r.store.index.public == {}
