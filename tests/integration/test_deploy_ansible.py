@@ -80,7 +80,7 @@ def test_role_unit_template_is_the_shipped_unit() -> None:
     import yaml
 
     defaults = yaml.safe_load((ANSIBLE_DIR / "roles/vpsrelay/defaults/main.yml").read_text())
-    template = (ANSIBLE_DIR / "roles/vpsrelay/ops/templates/vpsrelay.service.j2").read_text()
+    template = (ANSIBLE_DIR / "roles/vpsrelay/templates/vpsrelay.service.j2").read_text()
     rendered = jinja2.Template(template, trim_blocks=True).render(
         **defaults, ansible_managed="managed"
     )
