@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.infra import require_binary
+from tests.infra.deployhost import DOMAIN
 from tests.infra.hub import iter_blobs
 from tests.infra.oci import BuiltImage
 from tests.infra.pebble import free_port
@@ -32,6 +33,7 @@ from tests.infra.relay import REPO_ROOT
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from tests.infra.deployhost import DeployHost
     from tests.infra.hub import Hub
 
 pytestmark = pytest.mark.integration
@@ -111,12 +113,13 @@ def base() -> Iterator[Path]:
 
 
 def _play(
-    base: Path, extra_vars: Path, *args: str
+    base: Path, extra_vars: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], tuple[int, ...]]:
     playbook = require_binary("ansible-playbook")
     result = subprocess.run(
         [playbook, "-i", "localhost,", "-c", "local", "-e", f"@{extra_vars}", *args, "site.yml"],
-        cwd=ANSIBLE_DIR, env=_ansible_env(base), capture_output=True, text=True, timeout=600,
+        cwd=ANSIBLE_DIR, env={**_ansible_env(base), **(env or {})}, capture_output=True,
+        text=True, timeout=600,
         check=False,
     )  # fmt: skip
     match = RECAP.search(result.stdout)
@@ -157,6 +160,8 @@ def test_playbook_venv_mode_runs_serves_and_is_idempotent(
                 # The test CDN is on loopback, which redirect protection refuses by default.
                 "vpsrelay_extra_env": {"VPSRELAY_ACCESS__REDIRECT_ALLOW": clean_hub.cdn.url},
                 "vpsrelay_graceful_timeout": 5,
+                # This machine's kernel settings are not the test's to change.
+                "vpsrelay_tune_kernel": False,
             }
         )
     )
@@ -194,3 +199,116 @@ def test_playbook_venv_mode_runs_serves_and_is_idempotent(
     checked, (_, changed_check, _, failed_check) = _play(base, extra_vars, "--check", "--diff")
     assert (changed_check, failed_check) == (0, 0), checked.stdout[-6000:]
     print(f"first run: ok={ok} changed={changed}; second and --check: changed=0")
+
+
+# --- docker mode, onto the session's dockerd ---------------------------------------------
+
+TRUST = "/run/test-trust"
+_PORTS = re.compile(r"^ +ports:\n(?: +- .*\n)+", re.M)
+
+
+def _source_for_host_networking(directory: Path) -> Path:
+    """This checkout's deploy files, as the role copies them, with the compose file's `ports`
+    taken out: the test dockerd has host networking only, where compose v1 (docker-py)
+    refuses published ports. Everything else is the shipped file."""
+    directory.mkdir()
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    stripped, removed = _PORTS.subn("", compose)
+    assert removed == 2, "expected the relay's and Caddy's ports"
+    (directory / "docker-compose.yml").write_text(stripped)
+    for name in ("Caddyfile.alt", "Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, directory / name)
+    shutil.copytree(
+        REPO_ROOT / "vpsrelay", directory / "vpsrelay", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return directory
+
+
+@pytest.mark.clients
+def test_playbook_docker_mode_deploys_the_stack_onto_dockerd_and_is_idempotent(
+    deploy_host: DeployHost, clean_hub: Hub, base: Path
+) -> None:
+    image = deploy_host.relay_image()
+    deploy_host.trust_pebble()  # dockerd trusts the relay's certificate
+    trust = base / "trust"
+    trust.mkdir()
+    shutil.copy(deploy_host.acme.wfe_ca, trust / "acme-api-ca.pem")
+    trust.chmod(0o755)
+    (trust / "acme-api-ca.pem").chmod(0o644)
+    project = base / "project"
+    extra_vars = base / "vars.json"
+    extra_vars.write_text(
+        json.dumps(
+            {
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "vpsrelay_install_method": "docker",
+                # No systemd here: the role's "Start Docker" is skipped; dockerd is the test's.
+                "vpsrelay_service_manager": "process",
+                "vpsrelay_install_docker": False,
+                "vpsrelay_tune_kernel": False,
+                "vpsrelay_firewall_ports": [],
+                "vpsrelay_domain": DOMAIN,
+                "vpsrelay_email": "ops@relay.test",
+                "vpsrelay_acme_directory": deploy_host.acme.directory_url,
+                "vpsrelay_extra_env": {
+                    "VPSRELAY_TLS__ACME_CA_BUNDLE": f"{TRUST}/acme-api-ca.pem",
+                    "VPSRELAY_UPSTREAMS": f"docker.io={clean_hub.registry_url}",
+                    "VPSRELAY_ACCESS__REDIRECT_ALLOW": clean_hub.cdn.url,
+                },
+                "vpsrelay_image": image,
+                "vpsrelay_project_dir": str(project),
+                "vpsrelay_source_dir": str(_source_for_host_networking(base / "source")),
+                "vpsrelay_compose_override": {
+                    "services": {
+                        "relay": {
+                            "network_mode": "host",
+                            "volumes": [f"{trust}:{TRUST}:ro"],
+                            "healthcheck": {"interval": "1s"},
+                        }
+                    }
+                },
+                "vpsrelay_health_delay": 1,
+            }
+        )
+    )
+    docker_env = {
+        "DOCKER_HOST": deploy_host.docker.host,
+        "DOCKER_CONFIG": str(deploy_host.docker.docker_config_dir),
+        "COMPOSE_PROJECT_NAME": "vrans",
+    }
+    try:
+        _, (ok, changed, _, _) = _play(base, extra_vars, env=docker_env)
+        assert changed > 0
+        container = deploy_host.docker.docker(
+            "ps", "-q", "--filter", "label=com.docker.compose.project=vrans"
+        ).stdout.split()
+        assert len(container) == 1, container
+        assert deploy_host.probe()["status"] == 401  # HTTPS with pebble's certificate
+
+        pulled = clean_hub.images["library/alpine:latest"]
+        assert isinstance(pulled, BuiltImage)
+        docker = deploy_host.docker
+        docker.docker("rmi", "--force", "alpine:latest", check=False)
+        docker.docker("pull", "alpine:latest", timeout=300)
+        image_id = docker.docker("image", "inspect", "--format", "{{.Id}}", "alpine:latest")
+        assert image_id.stdout.strip() == pulled.config.digest
+        docker.docker("rmi", "--force", "alpine:latest")
+
+        second, (_, changed_again, _, _) = _play(base, extra_vars, env=docker_env)
+        assert changed_again == 0, second.stdout[-6000:]
+        checked, (_, changed_check, _, _) = _play(
+            base, extra_vars, "--check", "--diff", env=docker_env
+        )
+        assert changed_check == 0, checked.stdout[-6000:]
+        still = deploy_host.docker.docker(
+            "ps", "-q", "--filter", "label=com.docker.compose.project=vrans"
+        ).stdout.split()
+        assert still == container, "the second run recreated the container"
+        print(f"docker mode, first run: ok={ok} changed={changed}; second and --check: changed=0")
+    finally:
+        if project.exists():
+            subprocess.run(
+                [require_binary("docker-compose"), "down", "--volumes", "--timeout", "30"],
+                cwd=project, env={**os.environ, **docker_env}, capture_output=True,
+                timeout=180, check=False,
+            )  # fmt: skip
