@@ -55,6 +55,14 @@ CMD ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile
 """
 
 
+class _OverlayDockerDaemon(DockerDaemon):
+    """``DockerDaemon`` on overlay2: vfs copies the whole root filesystem for every layer and
+    every container, which made one image build take minutes (here: 260 s against 60 s)."""
+
+    def _config(self) -> dict[str, object]:
+        return {**super()._config(), "storage-driver": "overlay2"}
+
+
 def _port(url: str) -> int:
     return int(url.rstrip("/").rsplit(":", 1)[1].split("/", 1)[0])
 
@@ -151,7 +159,7 @@ class DeployHost:
         self.pebble = Pebble(
             self.workdir / "pebble", http_port=self.http_port, tls_port=self.tls_port
         )
-        self.dockerd = DockerDaemon(
+        self.dockerd = _OverlayDockerDaemon(
             self.workdir / "dockerd",
             forward_ports=[*self._forward_ports, self.pebble.port],
             mirrors=[f"https://{DOMAIN}"],
@@ -175,7 +183,7 @@ class DeployHost:
         self._inward.clear()
         if self.dockerd is not None:
             self.dockerd.__exit__(None, None, None)
-            # vfs keeps a full copy of the root filesystem per layer; logs stay.
+            # The images and containers (~1 GiB); logs stay.
             shutil.rmtree(self.dockerd.data_root, ignore_errors=True)
             self.dockerd = None
         if self.pebble is not None:

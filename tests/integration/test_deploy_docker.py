@@ -1,10 +1,11 @@
 """Issue 7: the Dockerfile and docker-compose.yml, built and run for real.
 
-A dockerd started here (loopback-only network namespace, vfs, no bridge) builds the shipped
-Dockerfile from a debootstrap'd Debian base and host-built wheels (no registry, no PyPI), runs
-the image with host networking (the namespace's loopback), and skopeo, run inside the same
-namespace, pulls through the container from the Docker Hub stand-in (its ports forwarded in).
-The container binds port 80 as its non-root user: that needs the image's file capability.
+The session's dockerd (loopback-only network namespace, overlay2, no bridge; shared by the
+deploy tests, tests/infra/deployhost.py) builds the shipped Dockerfile from a debootstrap'd
+Debian base and host-built wheels (no registry, no PyPI), runs the image with host networking
+(the namespace's loopback), and skopeo, run inside the same namespace, pulls through the
+container from the Docker Hub stand-in (its ports forwarded in). The container binds port 80
+as its non-root user: that needs the image's file capability.
 """
 
 from __future__ import annotations

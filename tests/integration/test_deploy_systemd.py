@@ -9,15 +9,26 @@ item something a public relay needs.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from tests.infra import require_binary
-from tests.infra.relay import REPO_ROOT
+from tests.infra.hub import iter_blobs
+from tests.infra.oci import BuiltImage
+from tests.infra.pebble import free_port
+from tests.infra.relay import REPO_ROOT, _dead_upstreams
+
+if TYPE_CHECKING:
+    from tests.infra.hub import Hub
 
 pytestmark = pytest.mark.integration
 UNIT = REPO_ROOT / "deploy" / "systemd" / "vpsrelay.service"
@@ -91,3 +102,65 @@ def test_unit_hardening_exposure(tmp_path: Path) -> None:
     assert directives["ProtectSystem"] == "strict"
     assert directives["ReadWritePaths"] == "/var/lib/vpsrelay"
     assert directives["User"] == "vpsrelay"
+
+
+def test_relay_serves_a_pull_with_the_units_view_of_proc(hub: Hub, tmp_path: Path) -> None:
+    """`ProcSubset=pid` with `ProtectProc=invisible` cannot be tried without systemd as PID 1;
+    the same /proc is: a private mount and PID namespace whose /proc is mounted with
+    `subset=pid,hidepid=invisible`. The relay starts there and serves a skopeo pull."""
+    port = free_port()
+    data = tmp_path / "data"
+    listing = tmp_path / "proc-listing"
+    script = (
+        'mount -t proc -o subset=pid,hidepid=invisible proc /proc && ls /proc > "$0" && exec "$@"'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
+    env |= {"PYTHONPATH": str(REPO_ROOT), "VPSRELAY_ACCESS__REDIRECT_ALLOW": "127.0.0.1/32"}
+    upstreams = ("--upstream", f"docker.io={hub.registry_url}")
+    log = tmp_path / "relay.log"
+    with log.open("wb") as out:
+        relay = subprocess.Popen(
+            [require_binary("unshare"), "--mount", "--pid", "--fork", "--propagation", "private",
+             "sh", "-c", script, str(listing),
+             sys.executable, "-m", "vpsrelay", "serve", "--listen", f"127.0.0.1:{port}",
+             "--data-dir", str(data), *upstreams, *_dead_upstreams(upstreams)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert relay.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        # The emulation holds: no system-wide /proc file is visible, only processes.
+        names = listing.read_text().split()
+        assert "meminfo" not in names
+        assert "sys" not in names
+        assert "self" in names
+
+        image = hub.images["library/alpine:latest"]
+        assert isinstance(image, BuiltImage)
+        conf = tmp_path / "registries.conf"
+        conf.write_text("# no mirrors\n")
+        subprocess.run(
+            [require_binary("skopeo"), "copy", "--src-tls-verify=false", "--preserve-digests",
+             f"docker://127.0.0.1:{port}/library/alpine:latest", f"oci:{tmp_path / 'out'}:x"],
+            check=True, capture_output=True, timeout=120,
+            env={**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)},
+        )  # fmt: skip
+        for blob in iter_blobs(image):
+            path = tmp_path / "out" / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
+            assert path.stat().st_size == blob.size
+        assert "Traceback" not in log.read_text()
+    finally:
+        os.killpg(relay.pid, signal.SIGTERM)
+        try:
+            relay.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(relay.pid, signal.SIGKILL)
+            relay.wait(5)
