@@ -10,10 +10,13 @@ through the `import` the Caddyfile offers for site-local global options.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import subprocess
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.infra import require_binary
 from tests.infra.compose import ComposeProject
 from tests.infra.deployhost import DOMAIN
 from tests.infra.oci import BuiltImage
@@ -26,6 +29,28 @@ if TYPE_CHECKING:
     from tests.infra.hub import Hub
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
+
+
+def _caddy_transports(host: DeployHost) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [require_binary("nsenter"), f"--net={host.docker.netns_path}", "--",
+         require_binary("curl"), "-sf", "--max-time", "10", "http://127.0.0.1:2019/config/"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    found: list[dict[str, Any]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("handler") == "reverse_proxy":
+                found.append(node.get("transport", {}))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(proc.stdout))
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +114,13 @@ def test_caddy_profile_gets_a_certificate_and_dockerd_pulls_through_caddy(
     # The relay built the realm from Caddy's X-Forwarded-Host/-Proto: the public name.
     assert f'realm="https://{DOMAIN}/token"' in str(answer["www_authenticate"])
 
-    caddy = caddy_stack.container("caddy")
-    upstream = deploy_host.docker.docker(
-        "inspect", "--format", "{{range .Config.Env}}{{println .}}{{end}}", caddy
-    ).stdout
-    assert "VPSRELAY_UPSTREAM=h2c://127.0.0.1:5000" in upstream  # Caddy -> relay is HTTP/2
+    # Caddy -> relay is HTTP/2 only: the transport Caddy runs (its admin API, on the
+    # namespace's loopback) allows h2c and no HTTP/1.1.
+    transports = _caddy_transports(deploy_host)
+    assert transports, "no reverse_proxy transport in Caddy's running configuration"
+    for transport in transports:
+        assert "h2c" in transport["versions"], transport
+        assert "1.1" not in transport["versions"], transport
 
     image = clean_hub.images["library/alpine:latest"]
     assert isinstance(image, BuiltImage)
