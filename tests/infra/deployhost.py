@@ -121,7 +121,6 @@ class DeployHost:
     """The session's deploy target: ``dockerd``, ``pebble``, and images built on demand."""
 
     def __init__(self, workdir: Path, forward_ports: Sequence[int]) -> None:
-        require_binary("caddy")  # the Caddy image is made from its package
         self.workdir = workdir
         self._forward_ports = list(forward_ports)
         self.http_port, self.tls_port = free_port(), free_port()
@@ -196,7 +195,9 @@ class DeployHost:
         self.docker.add_registry_ca(DOMAIN, root)
         return root
 
-    def probe(self, path: str = "/v2/", timeout: float = 90) -> dict[str, object]:
+    def probe(
+        self, path: str = "/v2/", timeout: float = 90, headers: dict[str, str] | None = None
+    ) -> dict[str, object]:
         """A verified HTTPS GET of ``https://DOMAIN/path`` from inside the namespace (trusting
         pebble's root only), retried until it answers or ``timeout`` passes."""
         root = self.workdir / "pebble-root.pem"
@@ -205,7 +206,7 @@ class DeployHost:
             proc = subprocess.run(
                 [require_binary("nsenter"), f"--net={self.docker.netns_path}", "--",
                  sys.executable, "-m", "tests.infra.netprobe", PUBLIC_ADDRESS, DOMAIN,
-                 str(root), path],
+                 str(root), path, json.dumps(headers or {})],
                 capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT,
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             )  # fmt: skip
@@ -233,6 +234,7 @@ class DeployHost:
 
     def caddy_image(self) -> str:
         if CADDY_IMAGE not in self._built:
+            require_binary("caddy")  # the image is made from the installed package
             context = self.workdir / "caddy-context"
             context.mkdir(exist_ok=True)
             shutil.copy2(caddy_deb(self.workdir / "debs"), context / "caddy.deb")

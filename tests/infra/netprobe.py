@@ -1,8 +1,9 @@
 """One verified HTTPS request, run inside a test network namespace (by ``DeployHost.probe``).
 
-``python -m tests.infra.netprobe ADDRESS NAME CA PATH`` connects to ADDRESS:443 with SNI and
-Host NAME, verifies the certificate against CA only, sends GET PATH over HTTP/2 if offered,
-and prints JSON: the leaf's SHA-256, the HTTP version, the status and the challenge header.
+``python -m tests.infra.netprobe ADDRESS NAME CA PATH [HEADERS-JSON]`` connects to
+ADDRESS:443 with SNI and Host NAME, verifies the certificate against CA only, sends GET PATH
+(with HEADERS) over HTTP/2 if offered, and prints JSON: the leaf's SHA-256, the HTTP
+version, the status and the challenge header.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import httpx
 
 
-def probe(address: str, name: str, ca: str, path: str) -> dict[str, object]:
+def probe(address: str, name: str, ca: str, path: str, headers: str = "{}") -> dict[str, object]:
     context = ssl.create_default_context(cafile=ca)
     with (
         socket.create_connection((address, 443), timeout=10) as raw,
@@ -26,7 +27,7 @@ def probe(address: str, name: str, ca: str, path: str) -> dict[str, object]:
     with httpx.Client(http2=True, verify=context, timeout=20, trust_env=False) as client:
         response = client.get(
             f"https://{address}{path}",
-            headers={"host": name},
+            headers={**json.loads(headers), "host": name},
             extensions={"sni_hostname": name},
         )
     return {
@@ -38,4 +39,4 @@ def probe(address: str, name: str, ca: str, path: str) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(probe(*sys.argv[1:5])))
+    print(json.dumps(probe(*sys.argv[1:6])))

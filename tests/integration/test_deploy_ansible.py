@@ -208,19 +208,15 @@ _PORTS = re.compile(r"^ +ports:\n(?: +- .*\n)+", re.M)
 
 
 def _source_for_host_networking(directory: Path) -> Path:
-    """This checkout's deploy files, as the role copies them, with the compose file's `ports`
-    taken out: the test dockerd has host networking only, where compose v1 (docker-py)
-    refuses published ports. Everything else is the shipped file."""
+    """This checkout's compose files, as the role copies them with a prebuilt image, with the
+    compose file's `ports` taken out: the test dockerd has host networking only, where compose
+    v1 (docker-py) refuses published ports. Everything else is the shipped file."""
     directory.mkdir()
     compose = (REPO_ROOT / "docker-compose.yml").read_text()
     stripped, removed = _PORTS.subn("", compose)
     assert removed == 2, "expected the relay's and Caddy's ports"
     (directory / "docker-compose.yml").write_text(stripped)
-    for name in ("Caddyfile.alt", "Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
-        shutil.copy2(REPO_ROOT / name, directory / name)
-    shutil.copytree(
-        REPO_ROOT / "vpsrelay", directory / "vpsrelay", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    shutil.copy2(REPO_ROOT / "Caddyfile.alt", directory / "Caddyfile.alt")
     return directory
 
 

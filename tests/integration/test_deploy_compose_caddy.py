@@ -114,6 +114,11 @@ def test_caddy_profile_gets_a_certificate_and_dockerd_pulls_through_caddy(
     # The relay built the realm from Caddy's X-Forwarded-Host/-Proto: the public name.
     assert f'realm="https://{DOMAIN}/token"' in str(answer["www_authenticate"])
 
+    # A client's own X-Forwarded-* do not reach the relay through Caddy: the realm stays.
+    hostile = {"x-forwarded-host": "evil.example", "x-forwarded-proto": "http"}
+    steered = deploy_host.probe(headers=hostile)["www_authenticate"]
+    assert f'realm="https://{DOMAIN}/token"' in str(steered), steered
+
     # Caddy -> relay is HTTP/2 only: the transport Caddy runs (its admin API, on the
     # namespace's loopback) allows h2c and no HTTP/1.1.
     transports = _caddy_transports(deploy_host)
