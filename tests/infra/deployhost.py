@@ -201,6 +201,8 @@ class DeployHost:
         """A verified HTTPS GET of ``https://DOMAIN/path`` from inside the namespace (trusting
         pebble's root only), retried until it answers or ``timeout`` passes."""
         root = self.workdir / "pebble-root.pem"
+        if not root.exists():
+            self.trust_pebble()
         deadline = time.monotonic() + timeout
         while True:
             proc = subprocess.run(
