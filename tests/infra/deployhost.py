@@ -35,9 +35,14 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
 
+    from tests.infra.hub import Hub
+    from tests.infra.oci import BuiltImage
+
 DOMAIN = "relay.test"
 # Not loopback, so dockerd verifies TLS for DOMAIN; it exists only on the namespace's lo.
 PUBLIC_ADDRESS = "192.0.2.10"
+# Where containers see DeployHost.trust_dir().
+TRUST = "/run/test-trust"
 RELAY_IMAGE = "vpsrelay:test"
 CADDY_IMAGE = "vpsrelay-caddy:test"
 _CADDY_DOCKERFILE = """\
@@ -219,6 +224,32 @@ class DeployHost:
                 raise AssertionError(f"no verified HTTPS answer from {DOMAIN}:\n{proc.stderr}")
             time.sleep(1)
 
+    def trust_dir(self, directory: Path) -> Path:
+        """A directory to mount at ``TRUST`` in containers: pebble's API CA (for an ACME
+        client, ``acme-api-ca.pem``) and its issuing root (``root.pem``)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.acme.wfe_ca, directory / "acme-api-ca.pem")
+        shutil.copy(self.trust_pebble(), directory / "root.pem")
+        directory.chmod(0o755)
+        for file in directory.iterdir():
+            file.chmod(0o644)
+        return directory
+
+    def pull_through_mirror(self, image: BuiltImage, name: str = "alpine:latest") -> None:
+        """``docker pull NAME`` (Docker Hub's name: dockerd goes to its only mirror,
+        ``https://DOMAIN``); the image is ``image``, byte for byte: dockerd checks every blob
+        against its digest, and the ids below are the manifest's and the config's."""
+        self.docker.docker("rmi", "--force", name, check=False)
+        self.docker.docker("pull", name, timeout=300)
+        inspect = self.docker.docker(
+            "image", "inspect", "--format", "{{.Id}} {{json .RepoDigests}}", name
+        ).stdout
+        image_id, digests = inspect.split(" ", 1)
+        assert image_id == image.config.digest, inspect
+        repository = name.rsplit(":", 1)[0]
+        assert f"{repository}@{image.manifest_digest}" in digests, inspect
+        self.docker.docker("rmi", "--force", name)
+
     def order_count(self) -> int:
         """New-order requests pebble has answered so far."""
         return self.acme.log_path.read_text(errors="replace").count("POST /order-plz")
@@ -248,3 +279,12 @@ class DeployHost:
 
 def hub_ports(urls: Sequence[str]) -> list[int]:
     return [_port(url) for url in urls]
+
+
+def upstream_env(hub: Hub) -> dict[str, str]:
+    """A containerised relay's settings for the Docker Hub stand-in."""
+    return {
+        "VPSRELAY_UPSTREAMS": f"docker.io={hub.registry_url}",
+        # The test CDN is on loopback, which redirect protection refuses by default.
+        "VPSRELAY_ACCESS__REDIRECT_ALLOW": hub.cdn.url,
+    }

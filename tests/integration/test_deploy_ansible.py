@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from tests.infra import require_binary
-from tests.infra.deployhost import DOMAIN
+from tests.infra.ansible import ANSIBLE_DIR, RECAP, ansible_env
+from tests.infra.deployhost import DOMAIN, TRUST, upstream_env
 from tests.infra.hub import iter_blobs
 from tests.infra.oci import BuiltImage
 from tests.infra.pebble import free_port
@@ -37,29 +38,12 @@ if TYPE_CHECKING:
     from tests.infra.hub import Hub
 
 pytestmark = pytest.mark.integration
-ANSIBLE_DIR = REPO_ROOT / "deploy" / "ansible"
-DEBIAN_COLLECTIONS = "/usr/lib/python3/dist-packages/ansible_collections"
 USER = "vpsrelay-test"
-RECAP = re.compile(
-    r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
-)
-
-
-def _ansible_env(base: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VPSRELAY_"))},
-        "ANSIBLE_HOME": str(base / "ansible-home"),
-        "ANSIBLE_LOCAL_TEMP": str(base / "ansible-tmp"),
-        "ANSIBLE_REMOTE_TEMP": str(base / "ansible-tmp"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_COLLECTIONS_PATH": DEBIAN_COLLECTIONS,
-    }
 
 
 def test_syntax_check_and_lint_production_profile(tmp_path: Path) -> None:
     playbook = require_binary("ansible-playbook")
-    env = _ansible_env(tmp_path)
+    env = ansible_env(tmp_path)
     subprocess.run(
         [playbook, "--syntax-check", "-i", "localhost,", "site.yml"],
         cwd=ANSIBLE_DIR, env=env, check=True, capture_output=True, timeout=120,
@@ -118,7 +102,7 @@ def _play(
     playbook = require_binary("ansible-playbook")
     result = subprocess.run(
         [playbook, "-i", "localhost,", "-c", "local", "-e", f"@{extra_vars}", *args, "site.yml"],
-        cwd=ANSIBLE_DIR, env={**_ansible_env(base), **(env or {})}, capture_output=True,
+        cwd=ANSIBLE_DIR, env={**ansible_env(base), **(env or {})}, capture_output=True,
         text=True, timeout=600,
         check=False,
     )  # fmt: skip
@@ -203,7 +187,6 @@ def test_playbook_venv_mode_runs_serves_and_is_idempotent(
 
 # --- docker mode, onto the session's dockerd ---------------------------------------------
 
-TRUST = "/run/test-trust"
 _PORTS = re.compile(r"^ +ports:\n(?: +- .*\n)+", re.M)
 
 
@@ -225,12 +208,7 @@ def test_playbook_docker_mode_deploys_the_stack_onto_dockerd_and_is_idempotent(
     deploy_host: DeployHost, clean_hub: Hub, base: Path
 ) -> None:
     image = deploy_host.relay_image()
-    deploy_host.trust_pebble()  # dockerd trusts the relay's certificate
-    trust = base / "trust"
-    trust.mkdir()
-    shutil.copy(deploy_host.acme.wfe_ca, trust / "acme-api-ca.pem")
-    trust.chmod(0o755)
-    (trust / "acme-api-ca.pem").chmod(0o644)
+    trust = deploy_host.trust_dir(base / "trust")
     project = base / "project"
     extra_vars = base / "vars.json"
     extra_vars.write_text(
@@ -248,8 +226,7 @@ def test_playbook_docker_mode_deploys_the_stack_onto_dockerd_and_is_idempotent(
                 "vpsrelay_acme_directory": deploy_host.acme.directory_url,
                 "vpsrelay_extra_env": {
                     "VPSRELAY_TLS__ACME_CA_BUNDLE": f"{TRUST}/acme-api-ca.pem",
-                    "VPSRELAY_UPSTREAMS": f"docker.io={clean_hub.registry_url}",
-                    "VPSRELAY_ACCESS__REDIRECT_ALLOW": clean_hub.cdn.url,
+                    **upstream_env(clean_hub),
                 },
                 "vpsrelay_image": image,
                 "vpsrelay_project_dir": str(project),
@@ -283,12 +260,7 @@ def test_playbook_docker_mode_deploys_the_stack_onto_dockerd_and_is_idempotent(
 
         pulled = clean_hub.images["library/alpine:latest"]
         assert isinstance(pulled, BuiltImage)
-        docker = deploy_host.docker
-        docker.docker("rmi", "--force", "alpine:latest", check=False)
-        docker.docker("pull", "alpine:latest", timeout=300)
-        image_id = docker.docker("image", "inspect", "--format", "{{.Id}}", "alpine:latest")
-        assert image_id.stdout.strip() == pulled.config.digest
-        docker.docker("rmi", "--force", "alpine:latest")
+        deploy_host.pull_through_mirror(pulled)
 
         second, (_, changed_again, _, _) = _play(base, extra_vars, env=docker_env)
         assert changed_again == 0, second.stdout[-6000:]

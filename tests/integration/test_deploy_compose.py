@@ -11,13 +11,12 @@ trusts pebble's root for it and nothing else, pulls through it.
 
 from __future__ import annotations
 
-import shutil
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.infra.compose import ComposeProject
-from tests.infra.deployhost import DOMAIN
+from tests.infra.deployhost import DOMAIN, TRUST, upstream_env
 from tests.infra.oci import BuiltImage, build_image
 
 if TYPE_CHECKING:
@@ -29,26 +28,6 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 EMAIL = "ops@relay.test"
-TRUST = "/run/test-trust"  # pebble's CA files inside the containers
-
-
-def _trust_dir(host: DeployHost, directory: Path) -> Path:
-    """pebble's API CA (for the ACME client) and its issuing root (for `vpsrelay check`)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(host.acme.wfe_ca, directory / "acme-api-ca.pem")
-    shutil.copy(host.trust_pebble(), directory / "root.pem")
-    directory.chmod(0o755)
-    for file in directory.iterdir():
-        file.chmod(0o644)
-    return directory
-
-
-def _upstream_env(hub: Hub) -> dict[str, str]:
-    return {
-        "VPSRELAY_UPSTREAMS": f"docker.io={hub.registry_url}",
-        # The test CDN is on loopback, which redirect protection refuses by default.
-        "VPSRELAY_ACCESS__REDIRECT_ALLOW": hub.cdn.url,
-    }
 
 
 def _hello_world(hub: Hub, directory: Path) -> None:
@@ -57,27 +36,12 @@ def _hello_world(hub: Hub, directory: Path) -> None:
     hub.push_image(image, "library/hello-world:latest")
 
 
-def _docker_pull(host: DeployHost, image: BuiltImage) -> None:
-    """`docker pull alpine` through the mirror; the image is the hub's, byte for byte (dockerd
-    checks every blob against its digest; the ids below are the manifest's and config's)."""
-    docker = host.docker
-    docker.docker("rmi", "--force", "alpine:latest", check=False)
-    docker.docker("pull", "alpine:latest", timeout=300)
-    image_id = docker.docker("image", "inspect", "--format", "{{.Id}}", "alpine:latest").stdout
-    assert image_id.strip() == image.config.digest
-    digests = docker.docker(
-        "image", "inspect", "--format", "{{json .RepoDigests}}", "alpine:latest"
-    ).stdout
-    assert f"alpine@{image.manifest_digest}" in digests, digests
-    docker.docker("rmi", "--force", "alpine:latest")
-
-
 @pytest.fixture(scope="module")
 def tls_stack(
     deploy_host: DeployHost, hub: Hub, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ComposeProject]:
     workdir = tmp_path_factory.mktemp("compose-tls")
-    trust = _trust_dir(deploy_host, workdir / "trust")
+    trust = deploy_host.trust_dir(workdir / "trust")
     _hello_world(hub, workdir)
     project = ComposeProject(
         workdir / "project",
@@ -94,7 +58,7 @@ def tls_stack(
                 "relay": {
                     "image": deploy_host.relay_image(),
                     "network_mode": "host",
-                    "environment": _upstream_env(hub),
+                    "environment": upstream_env(hub),
                     "volumes": [f"{trust}:{TRUST}:ro"],
                     "healthcheck": {"interval": "1s"},
                 }
@@ -125,7 +89,7 @@ def test_compose_up_gets_a_certificate_and_dockerd_pulls_over_verified_https(
 
     image = clean_hub.images["library/alpine:latest"]
     assert isinstance(image, BuiltImage)
-    _docker_pull(deploy_host, image)
+    deploy_host.pull_through_mirror(image)
     assert clean_hub.cdn.requests(), "blobs should have come through the CDN hop"
 
 
@@ -161,4 +125,4 @@ def test_restart_and_down_up_reuse_the_certificate_from_the_volume(
 
     image = clean_hub.images["library/alpine:latest"]
     assert isinstance(image, BuiltImage)
-    _docker_pull(deploy_host, image)
+    deploy_host.pull_through_mirror(image)

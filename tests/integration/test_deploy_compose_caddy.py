@@ -18,9 +18,8 @@ import pytest
 
 from tests.infra import require_binary
 from tests.infra.compose import ComposeProject
-from tests.infra.deployhost import DOMAIN
+from tests.infra.deployhost import DOMAIN, TRUST, upstream_env
 from tests.infra.oci import BuiltImage
-from tests.integration.test_deploy_compose import TRUST, _docker_pull, _trust_dir, _upstream_env
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -58,7 +57,7 @@ def caddy_stack(
     deploy_host: DeployHost, hub: Hub, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ComposeProject]:
     workdir = tmp_path_factory.mktemp("compose-caddy")
-    trust = _trust_dir(deploy_host, workdir / "trust")
+    trust = deploy_host.trust_dir(workdir / "trust")
     globals_file = trust / "test-globals.caddy"
     globals_file.write_text(
         f"acme_ca {deploy_host.acme.directory_url}\nacme_ca_root {TRUST}/acme-api-ca.pem\n"
@@ -74,7 +73,7 @@ def caddy_stack(
                     "image": deploy_host.relay_image(),
                     "network_mode": "host",
                     "environment": {
-                        **_upstream_env(hub),
+                        **upstream_env(hub),
                         "VPSRELAY_SERVER__LISTEN": "127.0.0.1:5000",
                         "VPSRELAY_SERVER__TRUSTED_PROXIES": "127.0.0.1/32",
                     },
@@ -129,7 +128,7 @@ def test_caddy_profile_gets_a_certificate_and_dockerd_pulls_through_caddy(
 
     image = clean_hub.images["library/alpine:latest"]
     assert isinstance(image, BuiltImage)
-    _docker_pull(deploy_host, image)
+    deploy_host.pull_through_mirror(image)
     relay_log = caddy_stack.logs("relay-plain")
     assert f'path="/v2/library/alpine/manifests/{image.manifest_digest}"' in relay_log or (
         'path="/v2/library/alpine/manifests/latest"' in relay_log

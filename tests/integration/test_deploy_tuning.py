@@ -12,7 +12,6 @@ the role skips them with its message. The effect on a long, lossy path cannot be
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -21,16 +20,12 @@ import pytest
 import yaml
 
 from tests.infra import require_binary
+from tests.infra.ansible import ANSIBLE_DIR, RECAP, ansible_env
 from tests.infra.relay import REPO_ROOT
 
 pytestmark = pytest.mark.integration
-ANSIBLE_DIR = REPO_ROOT / "deploy" / "ansible"
 ROLE = ANSIBLE_DIR / "roles" / "vpsrelay"
 SHIPPED = REPO_ROOT / "deploy" / "sysctl" / "90-vpsrelay.conf"
-DEBIAN_COLLECTIONS = "/usr/lib/python3/dist-packages/ansible_collections"
-RECAP = re.compile(
-    r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
-)
 # Every key of the plan; which of them are per network namespace depends on the kernel.
 PLAN = {
     "net.core.default_qdisc": "fq",
@@ -66,17 +61,6 @@ def _playbook_argv(sysctl_file: Path, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _env(base: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VPSRELAY_"))},
-        "ANSIBLE_HOME": str(base / "ansible-home"),
-        "ANSIBLE_LOCAL_TEMP": str(base / "ansible-tmp"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_COLLECTIONS_PATH": DEBIAN_COLLECTIONS,
-    }
-
-
 def _recap(output: str) -> tuple[int, int]:
     match = RECAP.search(output)
     assert match, output[-4000:]
@@ -110,8 +94,8 @@ def test_check_diff_on_this_host_shows_the_plan_and_changes_nothing(tmp_path: Pa
     before = _host_values()
     sysctl_file = tmp_path / "90-vpsrelay.conf"
     result = subprocess.run(
-        _playbook_argv(sysctl_file, "--check", "--diff"), cwd=ANSIBLE_DIR, env=_env(tmp_path),
-        capture_output=True, text=True, timeout=300, check=False,
+        _playbook_argv(sysctl_file, "--check", "--diff"), cwd=ANSIBLE_DIR,
+        env=ansible_env(tmp_path), capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     _, changed = _recap(result.stdout)
@@ -148,7 +132,7 @@ def test_role_applies_the_per_namespace_options_in_a_private_netns(tmp_path: Pat
         f'"/proc/sys", *k.split(".")).read_text().split()) for k in sys.argv[1:] '
         f'if pathlib.Path("/proc/sys", *k.split(".")).exists()}}))\' {keys} > {values}'
     )
-    env = {**_env(tmp_path), "IP": require_binary("ip"), "PY": "/usr/bin/python3"}
+    env = {**ansible_env(tmp_path), "IP": require_binary("ip"), "PY": "/usr/bin/python3"}
     proc = subprocess.run(
         [require_binary("unshare"), "--net", "--", "sh", "-c", script, "sh",
          *_playbook_argv(sysctl_file)],
