@@ -24,6 +24,8 @@ import httpx
 import pytest
 
 from tests.infra import require_binary
+from tests.infra.ansible import ANSIBLE_DIR, RECAP, ansible_env
+from tests.infra.deployhost import DOMAIN, TRUST, upstream_env
 from tests.infra.hub import iter_blobs
 from tests.infra.oci import BuiltImage
 from tests.infra.pebble import free_port
@@ -32,32 +34,16 @@ from tests.infra.relay import REPO_ROOT
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from tests.infra.deployhost import DeployHost
     from tests.infra.hub import Hub
 
 pytestmark = pytest.mark.integration
-ANSIBLE_DIR = REPO_ROOT / "deploy" / "ansible"
-DEBIAN_COLLECTIONS = "/usr/lib/python3/dist-packages/ansible_collections"
 USER = "vpsrelay-test"
-RECAP = re.compile(
-    r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
-)
-
-
-def _ansible_env(base: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VPSRELAY_"))},
-        "ANSIBLE_HOME": str(base / "ansible-home"),
-        "ANSIBLE_LOCAL_TEMP": str(base / "ansible-tmp"),
-        "ANSIBLE_REMOTE_TEMP": str(base / "ansible-tmp"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_COLLECTIONS_PATH": DEBIAN_COLLECTIONS,
-    }
 
 
 def test_syntax_check_and_lint_production_profile(tmp_path: Path) -> None:
     playbook = require_binary("ansible-playbook")
-    env = _ansible_env(tmp_path)
+    env = ansible_env(tmp_path)
     subprocess.run(
         [playbook, "--syntax-check", "-i", "localhost,", "site.yml"],
         cwd=ANSIBLE_DIR, env=env, check=True, capture_output=True, timeout=120,
@@ -111,12 +97,13 @@ def base() -> Iterator[Path]:
 
 
 def _play(
-    base: Path, extra_vars: Path, *args: str
+    base: Path, extra_vars: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], tuple[int, ...]]:
     playbook = require_binary("ansible-playbook")
     result = subprocess.run(
         [playbook, "-i", "localhost,", "-c", "local", "-e", f"@{extra_vars}", *args, "site.yml"],
-        cwd=ANSIBLE_DIR, env=_ansible_env(base), capture_output=True, text=True, timeout=600,
+        cwd=ANSIBLE_DIR, env={**ansible_env(base), **(env or {})}, capture_output=True,
+        text=True, timeout=600,
         check=False,
     )  # fmt: skip
     match = RECAP.search(result.stdout)
@@ -157,6 +144,8 @@ def test_playbook_venv_mode_runs_serves_and_is_idempotent(
                 # The test CDN is on loopback, which redirect protection refuses by default.
                 "vpsrelay_extra_env": {"VPSRELAY_ACCESS__REDIRECT_ALLOW": clean_hub.cdn.url},
                 "vpsrelay_graceful_timeout": 5,
+                # This machine's kernel settings are not the test's to change.
+                "vpsrelay_tune_kernel": False,
             }
         )
     )
@@ -194,3 +183,100 @@ def test_playbook_venv_mode_runs_serves_and_is_idempotent(
     checked, (_, changed_check, _, failed_check) = _play(base, extra_vars, "--check", "--diff")
     assert (changed_check, failed_check) == (0, 0), checked.stdout[-6000:]
     print(f"first run: ok={ok} changed={changed}; second and --check: changed=0")
+
+
+# --- docker mode, onto the session's dockerd ---------------------------------------------
+
+_PORTS = re.compile(r"^ +ports:\n(?: +- .*\n)+", re.M)
+
+
+def _source_for_host_networking(directory: Path) -> Path:
+    """This checkout's compose files, as the role copies them with a prebuilt image, with the
+    compose file's `ports` taken out: the test dockerd has host networking only, where compose
+    v1 (docker-py) refuses published ports. Everything else is the shipped file."""
+    directory.mkdir()
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    stripped, removed = _PORTS.subn("", compose)
+    assert removed == 2, "expected the relay's and Caddy's ports"
+    (directory / "docker-compose.yml").write_text(stripped)
+    shutil.copy2(REPO_ROOT / "Caddyfile.alt", directory / "Caddyfile.alt")
+    return directory
+
+
+@pytest.mark.clients
+def test_playbook_docker_mode_deploys_the_stack_onto_dockerd_and_is_idempotent(
+    deploy_host: DeployHost, clean_hub: Hub, base: Path
+) -> None:
+    image = deploy_host.relay_image()
+    trust = deploy_host.trust_dir(base / "trust")
+    project = base / "project"
+    extra_vars = base / "vars.json"
+    extra_vars.write_text(
+        json.dumps(
+            {
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "vpsrelay_install_method": "docker",
+                # No systemd here: the role's "Start Docker" is skipped; dockerd is the test's.
+                "vpsrelay_service_manager": "process",
+                "vpsrelay_install_docker": False,
+                "vpsrelay_tune_kernel": False,
+                "vpsrelay_firewall_ports": [],
+                "vpsrelay_domain": DOMAIN,
+                "vpsrelay_email": "ops@relay.test",
+                "vpsrelay_acme_directory": deploy_host.acme.directory_url,
+                "vpsrelay_extra_env": {
+                    "VPSRELAY_TLS__ACME_CA_BUNDLE": f"{TRUST}/acme-api-ca.pem",
+                    **upstream_env(clean_hub),
+                },
+                "vpsrelay_image": image,
+                "vpsrelay_project_dir": str(project),
+                "vpsrelay_source_dir": str(_source_for_host_networking(base / "source")),
+                "vpsrelay_compose_override": {
+                    "services": {
+                        "relay": {
+                            "network_mode": "host",
+                            "volumes": [f"{trust}:{TRUST}:ro"],
+                            "healthcheck": {"interval": "1s"},
+                        }
+                    }
+                },
+                "vpsrelay_health_delay": 1,
+            }
+        )
+    )
+    docker_env = {
+        "DOCKER_HOST": deploy_host.docker.host,
+        "DOCKER_CONFIG": str(deploy_host.docker.docker_config_dir),
+        "COMPOSE_PROJECT_NAME": "vrans",
+    }
+    try:
+        _, (ok, changed, _, _) = _play(base, extra_vars, env=docker_env)
+        assert changed > 0
+        container = deploy_host.docker.docker(
+            "ps", "-q", "--filter", "label=com.docker.compose.project=vrans"
+        ).stdout.split()
+        assert len(container) == 1, container
+        assert deploy_host.probe()["status"] == 401  # HTTPS with pebble's certificate
+
+        pulled = clean_hub.images["library/alpine:latest"]
+        assert isinstance(pulled, BuiltImage)
+        deploy_host.pull_through_mirror(pulled)
+
+        second, (_, changed_again, _, _) = _play(base, extra_vars, env=docker_env)
+        assert changed_again == 0, second.stdout[-6000:]
+        checked, (_, changed_check, _, _) = _play(
+            base, extra_vars, "--check", "--diff", env=docker_env
+        )
+        assert changed_check == 0, checked.stdout[-6000:]
+        still = deploy_host.docker.docker(
+            "ps", "-q", "--filter", "label=com.docker.compose.project=vrans"
+        ).stdout.split()
+        assert still == container, "the second run recreated the container"
+        print(f"docker mode, first run: ok={ok} changed={changed}; second and --check: changed=0")
+    finally:
+        if project.exists():
+            subprocess.run(
+                [require_binary("docker-compose"), "down", "--volumes", "--timeout", "30"],
+                cwd=project, env={**os.environ, **docker_env}, capture_output=True,
+                timeout=180, check=False,
+            )  # fmt: skip

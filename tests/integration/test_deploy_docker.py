@@ -1,10 +1,11 @@
 """Issue 7: the Dockerfile and docker-compose.yml, built and run for real.
 
-A dockerd started here (loopback-only network namespace, vfs, no bridge) builds the shipped
-Dockerfile from a debootstrap'd Debian base and host-built wheels (no registry, no PyPI), runs
-the image with host networking (the namespace's loopback), and skopeo, run inside the same
-namespace, pulls through the container from the Docker Hub stand-in (its ports forwarded in).
-The container binds port 80 as its non-root user: that needs the image's file capability.
+The session's dockerd (loopback-only network namespace, overlay2, no bridge; shared by the
+deploy tests, tests/infra/deployhost.py) builds the shipped Dockerfile from a debootstrap'd
+Debian base and host-built wheels (no registry, no PyPI), runs the image with host networking
+(the namespace's loopback), and skopeo, run inside the same namespace, pulls through the
+container from the Docker Hub stand-in (its ports forwarded in). The container binds port 80
+as its non-root user: that needs the image's file capability.
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ import pytest
 import yaml
 
 from tests.infra import require_binary
-from tests.infra.clients import DockerDaemon
 from tests.infra.hub import iter_blobs
-from tests.infra.image import build_image
 from tests.infra.oci import BuiltImage
 from tests.infra.relay import REPO_ROOT
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
+    from tests.infra.clients import DockerDaemon
+    from tests.infra.deployhost import DeployHost
     from tests.infra.hub import Hub
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
@@ -38,23 +37,11 @@ CAP_NET_BIND_SERVICE = 1 << 10
 UID = 10001
 
 
-def _port(url: str) -> int:
-    return int(url.rstrip("/").rsplit(":", 1)[1].split("/", 1)[0])
-
-
 @pytest.fixture(scope="module")
-def dockerd(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerDaemon]:
-    """A dockerd with the image built; the hub's front, token server and CDN forwarded in."""
-    workdir = tmp_path_factory.mktemp("deploy-docker")
-    ports = [_port(hub.registry_url), _port(hub.token_url), _port(hub.cdn_url)]
-    try:
-        with DockerDaemon(workdir / "dockerd", forward_ports=ports) as daemon:
-            build_image(daemon, workdir)
-            yield daemon
-    finally:
-        # vfs keeps a full copy of the root filesystem per layer: ~1.5 GiB. Logs stay.
-        shutil.rmtree(workdir / "dockerd" / "data-root", ignore_errors=True)
-        shutil.rmtree(workdir / "context", ignore_errors=True)
+def dockerd(deploy_host: DeployHost) -> DockerDaemon:
+    """The session's dockerd (the hub's ports forwarded in) with the image built."""
+    deploy_host.relay_image()
+    return deploy_host.docker
 
 
 def _inspect(dockerd: DockerDaemon, name: str) -> dict[str, object]:
@@ -292,6 +279,7 @@ def test_compose_up_brings_the_relay_up_and_it_serves_a_pull(
                             "VPSRELAY_ACCESS__REDIRECT_ALLOW": clean_hub.cdn.url,
                             "VPSRELAY_TLS__DOMAINS": "",
                             "VPSRELAY_TLS__EMAIL": "",
+                            "VPSRELAY_SERVER__PUBLIC_URL": "",
                         },
                         "healthcheck": {"interval": "1s"},
                     }
