@@ -24,7 +24,7 @@ ALL_ERRORS = [
         (errors.NameInvalid, 400, "NAME_INVALID"),
         (errors.NameUnknown, 404, "NAME_UNKNOWN"),
         (errors.DigestInvalid, 400, "DIGEST_INVALID"),
-        (errors.TagInvalid, 400, "TAG_INVALID"),
+        (errors.ManifestUnknown, 404, "MANIFEST_UNKNOWN"),
         (errors.Unsupported, 405, "UNSUPPORTED"),
         (errors.NotFound, 404, "UNSUPPORTED"),
         (errors.RequestTooLarge, 413, "SIZE_INVALID"),

@@ -64,8 +64,12 @@ class DigestInvalid(ClientError):
     code = "DIGEST_INVALID"
 
 
-class TagInvalid(ClientError):
-    code = "TAG_INVALID"
+class ManifestUnknown(ClientError):
+    """A manifest that does not exist: also one whose tag no registry can hold (a
+    malformed tag), as the distribution spec answers for a nonexistent manifest."""
+
+    status = 404
+    code = "MANIFEST_UNKNOWN"
 
 
 class Unsupported(ClientError):
