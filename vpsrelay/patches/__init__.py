@@ -6,6 +6,7 @@ does not open.
 | HTTP/2 buffer bound, stream reset,      | hypercorn_patches.py | safety      |
 | write coalescing, connection caps       |                      |             |
 | redirect-target guard (`_pool` swap)    | netguard.py          | safety      |
+| proxy and address family (`_pool` swap) | upstream/routes.py   | safety      |
 | upstream read size                      | httpcore_patches.py  | performance |
 | ClientHello hook (`_msg_callback`)      | tls.py               | function    |
 
