@@ -71,7 +71,10 @@ class FamilyBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         version = 4 if self.family == "ipv4" else 6
-        addresses = await netguard.resolve(host, port, timeout, FAMILIES[self.family])
+        try:
+            addresses = await netguard.resolve(host, port, timeout, FAMILIES[self.family])
+        except httpcore.ConnectError as exc:
+            raise httpcore.ConnectError(f"no IPv{version} address for {host}: {exc}") from exc
         wanted = [a for a in addresses if a.version == version]
         if not wanted:
             raise httpcore.ConnectError(f"{host} has no IPv{version} address")
