@@ -216,3 +216,49 @@ async def test_a_redirect_hop_is_retried_too():
         "https://cdn.test/blob",
     ]
     await upstream.aclose()
+
+
+# --- an HTTP proxy, on a real loopback socket
+
+
+async def test_an_http_proxy_gets_absolute_requests_with_its_credentials(tmp_path):
+    import base64
+    import threading
+
+    from tests.infra._http import (
+        BaseHandler,
+        QuietThreadingHTTPServer,
+        serve_in_thread,
+        stop_server,
+    )
+
+    seen: list[tuple[str, str | None]] = []
+    lock = threading.Lock()
+
+    class ForwardProxy(BaseHandler):
+        def do_GET(self) -> None:
+            with lock:
+                seen.append((self.path, self.headers.get("proxy-authorization")))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = QuietThreadingHTTPServer(("127.0.0.1", 0), ForwardProxy)
+    thread = serve_in_thread(server, "forward-proxy")
+    try:
+        port = server.server_address[1]
+        settings = load(
+            tmp_path,
+            f'url = "http://registry.behind-proxy.test"\n'
+            f'proxy = "http://relay:{PASSWORD}@127.0.0.1:{port}"\n',
+        )
+        upstream = Upstream(settings)
+        try:
+            assert await upstream.challenge(settings.registry("docker.io")) is None
+        finally:
+            await upstream.aclose()
+    finally:
+        stop_server(server, thread)
+    expected = "Basic " + base64.b64encode(f"relay:{PASSWORD}".encode()).decode()
+    assert seen == [("http://registry.behind-proxy.test/v2/", expected)]

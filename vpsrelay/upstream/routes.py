@@ -143,7 +143,8 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
             self._pool = httpcore.AsyncHTTPProxy(
                 proxy_url=proxy.url,
                 proxy_auth=auth,
-                proxy_ssl_context=ssl_context,
+                # httpcore refuses a TLS context for a plain-HTTP proxy.
+                proxy_ssl_context=ssl_context if proxy.scheme == "https" else None,
                 network_backend=backend,
                 **pool,  # type: ignore[arg-type]
             )
