@@ -87,29 +87,23 @@ class Targets:
         return key in self.trusted or self.announces(key)
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's trio backend, with the address check in front of every TCP connect."""
+class TcpOnlyBackend(httpcore.AsyncNetworkBackend):
+    """A backend in front of another (httpcore's trio one) that connects to addresses it
+    chose itself; no unix sockets."""
 
-    def __init__(
-        self, targets: Targets, *, inner: httpcore.AsyncNetworkBackend | None = None
-    ) -> None:
-        self.targets = targets
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
         self.inner = inner or httpcore.TrioBackend()
 
-    async def connect_tcp(
+    async def connect_first(
         self,
         host: str,
+        addresses: list[Address],
         port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+        timeout: float | None,  # noqa: ASYNC109
+        local_address: str | None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
     ) -> httpcore.AsyncNetworkStream:
-        if self.targets.is_trusted(host, port):
-            return await self.inner.connect_tcp(
-                host, port, timeout=timeout, local_address=local_address,
-                socket_options=socket_options,
-            )  # fmt: skip
-        addresses = await checked_addresses(self.targets, host, port, timeout)
+        """A connection to the first of `addresses` that takes one (`host` names them)."""
         last: Exception | None = None
         for address in addresses:
             try:
@@ -131,6 +125,34 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self.inner.sleep(seconds)
+
+
+class GuardedBackend(TcpOnlyBackend):
+    """httpcore's trio backend, with the address check in front of every TCP connect."""
+
+    def __init__(
+        self, targets: Targets, *, inner: httpcore.AsyncNetworkBackend | None = None
+    ) -> None:
+        super().__init__(inner)
+        self.targets = targets
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        if self.targets.is_trusted(host, port):
+            return await self.inner.connect_tcp(
+                host, port, timeout=timeout, local_address=local_address,
+                socket_options=socket_options,
+            )  # fmt: skip
+        addresses = await checked_addresses(self.targets, host, port, timeout)
+        return await self.connect_first(
+            host, addresses, port, timeout, local_address, socket_options
+        )
 
 
 async def checked_addresses(

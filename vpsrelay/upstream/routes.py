@@ -54,13 +54,13 @@ def needs_route(registry: RegistryConfig | None) -> bool:
     )
 
 
-class FamilyBackend(httpcore.AsyncNetworkBackend):
+class FamilyBackend(netguard.TcpOnlyBackend):
     """Connects over one address family only: names resolve to that family's addresses,
     and an address literal of the other family is refused."""
 
     def __init__(self, family: str, inner: httpcore.AsyncNetworkBackend) -> None:
+        super().__init__(inner)
         self.family = family
-        self.inner = inner
 
     async def connect_tcp(
         self,
@@ -78,27 +78,7 @@ class FamilyBackend(httpcore.AsyncNetworkBackend):
         wanted = [a for a in addresses if a.version == version]
         if not wanted:
             raise httpcore.ConnectError(f"{host} has no IPv{version} address")
-        last: Exception | None = None
-        for address in wanted:
-            try:
-                return await self.inner.connect_tcp(
-                    str(address), port, timeout=timeout, local_address=local_address,
-                    socket_options=socket_options,
-                )  # fmt: skip
-            except httpcore.ConnectError as exc:
-                last = exc
-        raise last or httpcore.ConnectError(f"no address for {host}")
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("the relay does not connect to unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
+        return await self.connect_first(host, wanted, port, timeout, local_address, socket_options)
 
 
 class RoutedTransport(httpx.AsyncHTTPTransport):
