@@ -50,16 +50,25 @@ def alpine(hub: Hub) -> BuiltImage:
 # --- a registry reached only through a SOCKS5 proxy ----------------------------------------
 
 
-@pytest.mark.parametrize(("scheme", "cache"), [("socks5", False), ("socks5h", True)])
+@pytest.mark.parametrize(
+    ("scheme", "host", "cache"),
+    [
+        # socks5h: the proxy resolves; the relay could not (a name only the proxy knows).
+        ("socks5h", PROXY_ONLY_NAME, False),
+        # socks5: the relay resolves (over IPv4 here) and hands the proxy addresses only.
+        ("socks5", "localhost", True),
+    ],
+)
 def test_a_registry_behind_a_socks5_proxy_pulls_byte_exact(
-    hub: Hub, tmp_path: Path, scheme: str, cache: bool
+    hub: Hub, tmp_path: Path, scheme: str, host: str, cache: bool
 ) -> None:
     front_port = int(hub.registry_url.rsplit(":", 1)[1])
     with SocksProxy(username="relay", password="proxy-pass-1", names={PROXY_ONLY_NAME}) as proxy:
         lines = [
             '[registries."docker.io"]',
-            f'url = "http://{PROXY_ONLY_NAME}:{front_port}"',
+            f'url = "http://{host}:{front_port}"',
             f'proxy = "{proxy.url(scheme)}"',
+            'address_family = "ipv4"',
         ]
         with relay_with(tmp_path, lines, env=None if cache else PASS_THROUGH) as relay:
             hub.clear()
@@ -67,10 +76,12 @@ def test_a_registry_behind_a_socks5_proxy_pulls_byte_exact(
             assert_pulled(tmp_path, alpine(hub))
         # The registry, its token service and the CDN it redirected to: all through the proxy.
         asked = {port for _, port in proxy.targets}
-        assert (PROXY_ONLY_NAME, front_port) in proxy.targets
+        assert (host if scheme == "socks5h" else "127.0.0.1", front_port) in proxy.targets
         assert int(hub.token_url.split(":")[2].split("/")[0]) in asked
         assert int(hub.cdn_url.rsplit(":", 1)[1]) in asked
         assert proxy.auth_failures == 0
+        if scheme == "socks5":
+            assert {name for name, _ in proxy.targets} == {"127.0.0.1"}
 
 
 def test_with_its_proxy_down_a_registry_answers_a_clear_502(hub: Hub, tmp_path: Path) -> None:
@@ -79,7 +90,7 @@ def test_with_its_proxy_down_a_registry_answers_a_clear_502(hub: Hub, tmp_path: 
         lines = [
             '[registries."docker.io"]',
             f'url = "http://{PROXY_ONLY_NAME}:{front_port}"',
-            f'proxy = "socks5://{dead.address}"',
+            f'proxy = "socks5h://{dead.address}"',
         ]
         with relay_with(tmp_path, lines, env=PASS_THROUGH) as relay:
             for path in ("/v2/", "/v2/library/alpine/manifests/latest", "/token?scope=x"):
@@ -89,7 +100,7 @@ def test_with_its_proxy_down_a_registry_answers_a_clear_502(hub: Hub, tmp_path: 
                 assert error["code"] == "UNAVAILABLE"
                 assert "proxy" in error["message"]
             assert httpx.get(f"{relay.url}/healthz").status_code == 200
-            assert "unreachable through the proxy socks5://" in relay.log_text()
+            assert "unreachable through the proxy socks5h://" in relay.log_text()
 
 
 # --- stale pooled connections ---------------------------------------------------------------

@@ -210,8 +210,9 @@ def scripted() -> Iterator[Callable[[str, Answer], Scripted]]:
         server.close()
 
 
+@pytest.mark.parametrize("scheme", ["socks5", "socks5h"])
 def test_through_a_proxy_a_redirect_to_an_internal_address_is_refused_before_the_proxy(
-    scripted: Callable[[str, Answer], Scripted], tmp_path: Path
+    scripted: Callable[[str, Answer], Scripted], tmp_path: Path, scheme: str
 ) -> None:
     internal = scripted(INTERNAL_HOST, lambda method, path, headers: (200, [], b"secret"))
     blob = "sha256:" + "0" * 64
@@ -226,7 +227,7 @@ def test_through_a_proxy_a_redirect_to_an_internal_address_is_refused_before_the
         lines = [
             '[registries."docker.io"]',
             f'url = "{upstream.url}"',
-            f'proxy = "{proxy.url("socks5h")}"',
+            f'proxy = "{proxy.url(scheme)}"',
         ]
         with relay_with(tmp_path, lines, PASS_THROUGH) as relay:
             response = httpx.get(f"{relay.url}/v2/library/x/blobs/{blob}", timeout=TIMEOUT)

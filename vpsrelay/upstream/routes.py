@@ -10,14 +10,17 @@ Through a proxy the relay cannot check the address the proxy finally connects to
 `netguard`'s rule is kept one step earlier: the proxy itself is the operator's choice
 and trusted (it is the only host a proxied pool connects to), and every other host a
 request names (a redirect target, a realm nobody configured) must resolve, *here*, to
-allowed addresses only, or the request is refused before it reaches the proxy. The
-proxy then resolves the name again; a name that resolves to a public address here and to
-a private one at the proxy is the proxy's network to police. The address family applies
-to the connection to the proxy.
+allowed addresses only, or the request is refused before it reaches the proxy. With
+`socks5://` the relay resolves every name itself (as curl does) and the proxy gets the
+checked address; with `socks5h://` and HTTP(S) proxies the proxy resolves the name again,
+and a name that is public here and private at the proxy is the proxy's network to police.
+The address family applies to the connection to the proxy (and, with `socks5://`, to the
+addresses the proxy is given).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from typing import TYPE_CHECKING
@@ -102,6 +105,7 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
         super().__init__(limits=limits, trust_env=False)
         self.registry = registry
         self.proxy = proxy
+        self.family = family
         self._targets = targets
         ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
         backend: httpcore.AsyncNetworkBackend = httpcore.TrioBackend()
@@ -128,7 +132,7 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
                 network_backend=backend,
                 **pool,  # type: ignore[arg-type]
             )
-        else:  # socks5, socks5h: httpcore hands the name to the proxy either way
+        else:  # socks5h: the name goes to the proxy; socks5: `_through_proxy` resolved it
             self._pool = httpcore.AsyncSOCKSProxy(
                 proxy_url=proxy.url,
                 proxy_auth=auth,
@@ -139,14 +143,10 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.proxy is None:
             return await super().handle_async_request(request)
-        if self._targets is not None:
-            host, port = request.url.host, request.url.port or _PORTS[request.url.scheme]
-            if not self._targets.is_trusted(host, port):
-                timeout = request.extensions.get("timeout", {}).get("connect")
-                try:
-                    await netguard.checked_addresses(self._targets, host, port, timeout)
-                except httpcore.ConnectError as exc:  # a name that does not resolve here
-                    raise httpx.ConnectError(str(exc), request=request) from exc
+        try:
+            request = await self._through_proxy(request)
+        except httpcore.ConnectError as exc:  # a name that does not resolve here
+            raise httpx.ConnectError(str(exc), request=request) from exc
         try:
             return await super().handle_async_request(request)
         except (httpx.ConnectError, httpx.ProxyError) as exc:
@@ -158,6 +158,45 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
             raise UpstreamUnavailable(
                 f"{self.registry}: upstream unreachable through the relay's proxy"
             ) from exc
+
+    async def _through_proxy(self, request: httpx.Request) -> httpx.Request:
+        """`request` as the proxy gets it, once its host passed the address check.
+
+        A host nobody configured must resolve here to allowed addresses only. With
+        `socks5://` (not `socks5h://`) the relay resolves every name itself, as curl
+        does, and the proxy gets the address (of the chosen family): the one that was
+        checked. TLS still verifies the name (`sni_hostname`); `Host` is unchanged, and
+        the caller's request (and so `response.request`) keeps its URL.
+        """
+        host, port = request.url.host, request.url.port or _PORTS[request.url.scheme]
+        timeout = request.extensions.get("timeout", {}).get("connect")
+        addresses = None
+        if self._targets is not None and not self._targets.is_trusted(host, port):
+            addresses = await netguard.checked_addresses(self._targets, host, port, timeout)
+        if self.proxy is None or self.proxy.scheme != "socks5" or _is_literal(host):
+            return request
+        if addresses is None:
+            family = FAMILIES.get(self.family or "", 0)
+            addresses = await netguard.resolve(host, port, timeout, family)
+        version = {"ipv4": 4, "ipv6": 6}.get(self.family or "")
+        wanted = [a for a in addresses if version is None or a.version == version]
+        if not wanted:
+            raise httpcore.ConnectError(f"{host} has no address of the registry's family")
+        return httpx.Request(
+            request.method,
+            request.url.copy_with(host=str(wanted[0])),
+            headers=request.headers,
+            stream=request.stream,
+            extensions={**request.extensions, "sni_hostname": host},
+        )
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 _PORTS = {"http": 80, "https": 443}
