@@ -620,7 +620,7 @@ async def test_unverifiable_blob_digest_is_400():
         ("GET", "/index.php", 404, "UNSUPPORTED"),  # "/" is the landing page
         ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
         ("GET", "/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/alpine/manifests/.bad", 400, "TAG_INVALID"),
+        ("GET", "/v2/alpine/manifests/.bad", 404, "MANIFEST_UNKNOWN"),
         ("GET", "/v2/alpine/blobs/sha256:abc", 400, "DIGEST_INVALID"),
     ],
 )

@@ -24,6 +24,7 @@ ALL_ERRORS = [
         (errors.NameInvalid, 400, "NAME_INVALID"),
         (errors.NameUnknown, 404, "NAME_UNKNOWN"),
         (errors.DigestInvalid, 400, "DIGEST_INVALID"),
+        (errors.ManifestUnknown, 404, "MANIFEST_UNKNOWN"),
         (errors.TagInvalid, 400, "TAG_INVALID"),
         (errors.Unsupported, 405, "UNSUPPORTED"),
         (errors.NotFound, 404, "UNSUPPORTED"),
@@ -54,7 +55,7 @@ def test_status_and_code(error, status, code):
 
 
 def test_table_lists_every_error():
-    assert len(ALL_ERRORS) == 25
+    assert len(ALL_ERRORS) == 26
 
 
 @pytest.mark.parametrize("error", ALL_ERRORS)

@@ -64,7 +64,18 @@ class DigestInvalid(ClientError):
     code = "DIGEST_INVALID"
 
 
+class ManifestUnknown(ClientError):
+    """A manifest that does not exist: also one whose tag no registry can hold (a
+    malformed tag), as the distribution spec answers for a nonexistent manifest."""
+
+    status = 404
+    code = "MANIFEST_UNKNOWN"
+
+
 class TagInvalid(ClientError):
+    """A tag that breaks the grammar where a name is typed, not looked up (`/download`);
+    the registry API answers a malformed tag as a missing manifest (`ManifestUnknown`)."""
+
     code = "TAG_INVALID"
 
 

@@ -99,7 +99,8 @@ class Exchange:
 
     async def respond(self, status: int, headers: header_policy.Headers, body: bytes) -> None:
         length = ("content-length", str(len(body)))
-        await self.start(status, (*headers, length, API_VERSION_HEADER))
+        version = () if header_policy.get(headers, API_VERSION_HEADER[0]) else (API_VERSION_HEADER,)
+        await self.start(status, (*headers, length, *version))
         await self.body(b"" if self.method == "HEAD" else body, more=False)
 
     async def respond_error(self, status: int, headers: header_policy.Headers, body: bytes) -> None:

@@ -302,6 +302,8 @@ class Forwarder:
             ("link", header_policy.rewrite_link(link, route.upstream_name, route.name))
             for link in response.headers.get_list("link")
         )
+        # The relay's own version header, once: the upstream's copy is not passed too.
+        headers = [h for h in headers if h[0] != API_VERSION_HEADER[0]]
         headers.append(API_VERSION_HEADER)
         return headers
 

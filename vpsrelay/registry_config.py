@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from vpsrelay.core.access import compile_glob
 from vpsrelay.errors import ConfigError
@@ -25,9 +25,11 @@ DOCKER_HUB_SEARCH_URL = "https://index.docker.io"
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 REGISTRY_KEYS = (
     "url", "aliases", "subdomain", "enabled", "username", "password", "password_file",
-    "password_env", "search_url", "allow", "deny", "credentials",
+    "password_env", "search_url", "allow", "deny", "credentials", "proxy", "address_family",
 )  # fmt: skip
 CREDENTIAL_KEYS = ("username", "password", "password_file", "password_env")
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+ADDRESS_FAMILIES = ("ipv4", "ipv6", "both")
 
 
 class Secret:
@@ -63,6 +65,19 @@ class Credential:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Proxy:
+    """An outbound proxy: its URL without credentials (shown), and the credentials (secret)."""
+
+    url: str  # scheme://host:port
+    username: Secret | None = None
+    password: Secret | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition("://")[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryConfig:
     name: str
     url: str
@@ -76,6 +91,9 @@ class RegistryConfig:
     deny: tuple[str, ...] = ()
     # More of the operator's accounts (`credentials = [{...}, ...]`): the pool.
     pool: tuple[Credential, ...] = ()
+    proxy: Proxy | None = None  # every connection to it (and its redirects) goes through this
+    # "ipv4" or "ipv6": connect over that family only; "both"; None: `upstream.prefer_ipv4`.
+    address_family: str | None = None
 
     @property
     def has_credentials(self) -> bool:
@@ -174,6 +192,13 @@ def _apply(
                 changes["password"] = Secret(_password_from_env(value, environ))
             elif key == "credentials":
                 changes["pool"] = _credentials(where, value, environ)
+            elif key == "proxy":
+                changes["proxy"] = parse_proxy(value)
+            elif key == "address_family":
+                if value not in ADDRESS_FAMILIES:
+                    choices = ", ".join(ADDRESS_FAMILIES)
+                    raise ValueError(f"expected one of {choices}, got {value!r}")
+                changes["address_family"] = value
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     result = replace(base, **changes)  # type: ignore[arg-type]
@@ -298,6 +323,41 @@ def parse_http_url(value: object) -> str:
     if not valid:
         raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
     return text
+
+
+def parse_proxy(value: object) -> Proxy | None:
+    """`scheme://[user:password@]host:port` (http, https, socks5, socks5h); "" for none.
+
+    Errors never quote the value: it may hold the proxy's password.
+    """
+    if value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a proxy URL string (the value is not shown)")
+    try:
+        parts = urlsplit(value)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError("not a URL the relay can use (the value is not shown)") from None
+    if parts.scheme not in PROXY_SCHEMES:
+        raise ValueError(
+            f"expected a {', '.join(PROXY_SCHEMES)} URL (scheme://host:port; the value is "
+            "not shown)"
+        )
+    if not host or port is None:
+        raise ValueError("expected scheme://host:port, with the port (the value is not shown)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("a proxy URL has no path, query or fragment (the value is not shown)")
+    shown_host = f"[{host}]" if ":" in host else host
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if password is not None and not username:
+        raise ValueError("a proxy password needs a user name (the value is not shown)")
+    return Proxy(
+        url=f"{parts.scheme}://{shown_host}:{port}",
+        username=Secret(username) if username else None,
+        password=Secret(password or "") if username else None,
+    )
 
 
 def _aliases(value: object) -> tuple[str, ...]:

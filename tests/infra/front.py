@@ -149,9 +149,26 @@ class HubFront:
         self.reject_tokens = 0
         self.rejected = 0
         self._reject_lock = threading.Lock()
+        # True: a kept-alive connection's second request is read and the connection
+        # closed without an answer, as an upstream that drops idle connections just
+        # as they are reused (`dropped` counts them).
+        self.one_response_per_connection = False
+        self.dropped = 0
         owner = self
 
         class Handler(BaseHandler):
+            answered = False
+
+            def handle_one_request(self) -> None:
+                if not (owner.one_response_per_connection and self.answered):
+                    super().handle_one_request()
+                    self.answered = True
+                    return
+                self.raw_requestline = self.rfile.readline(65537)
+                if self.raw_requestline and self.parse_request():  # reads the headers
+                    owner.dropped += 1
+                self.close_connection = True
+
             def _any(self) -> None:
                 owner._forward(self)
 

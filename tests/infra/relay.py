@@ -59,12 +59,15 @@ class RelayProcess:
         *args: str,
         env: dict[str, str] | None = None,
         startup_timeout: float = 20.0,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.log_path = workdir / "relay.log"
         self._log: IO[bytes] = self.log_path.open("ab")
-        command = [sys.executable, "-m", "vpsrelay", "serve", *args, *_dead_upstreams(args)]
+        # `prefix`: a wrapper that execs the relay (a mount namespace with its own hosts).
+        command = [*prefix, sys.executable, "-m", "vpsrelay", "serve", *args]
+        command += _dead_upstreams(args)
         if not any(a.startswith("--listen") for a in args):
             command += ["--listen", "127.0.0.1:0"]
         if not any(a.startswith("--data-dir") for a in args):

@@ -239,7 +239,6 @@ def test_writes_are_refused_and_reach_no_upstream(
         ("/v2/alpine/blobs/sha256:..%2Fx", "DIGEST_INVALID"),
         ("/v2/alpine/blobs/sha256:abc", "DIGEST_INVALID"),
         ("/v2/alpine/manifests/sha256:zz", "DIGEST_INVALID"),
-        ("/v2/alpine/manifests/-bad-tag", "TAG_INVALID"),
     ],
 )
 def test_malformed_names_get_400_and_reach_no_upstream(
@@ -249,6 +248,34 @@ def test_malformed_names_get_400_and_reach_no_upstream(
     assert response.status_code == 400
     assert response.json()["errors"][0]["code"] == code
     assert clean_hub.registry_requests() == []
+
+
+@pytest.mark.parametrize("tag", ["-bad-tag", ".hidden", "a" * 129])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_malformed_tag_is_404_manifest_unknown_and_reaches_no_upstream(
+    relay: RelayProcess, clean_hub: Hub, method: str, tag: str
+) -> None:
+    # distribution-spec: a nonexistent manifest is 404 MANIFEST_UNKNOWN; a malformed tag
+    # can name none, so the relay answers that itself.
+    response = httpx.request(method, f"{relay.url}/v2/alpine/manifests/{tag}")
+    assert response.status_code == 404
+    assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+    if method == "GET":
+        assert response.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert clean_hub.registry_requests() == []
+    assert clean_hub.tokens.requests() == []
+
+
+@pytest.mark.parametrize("path", ["/v2/", "/v2/alpine/manifests/latest"])
+def test_relayed_401_carries_the_api_version_header_once(
+    relay: RelayProcess, clean_hub: Hub, path: str
+) -> None:
+    # Distribution sends its own Docker-Distribution-API-Version on the 401: the client
+    # gets one, not the upstream's and the relay's.
+    response = httpx.get(f"{relay.url}{path}")
+    assert response.status_code == 401
+    assert response.headers.get_list("docker-distribution-api-version") == ["registry/2.0"]
+    assert clean_hub.registry_requests(), "the 401 came from the upstream"
 
 
 def test_unknown_path_is_404(relay: RelayProcess, clean_hub: Hub) -> None:

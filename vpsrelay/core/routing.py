@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 from vpsrelay.core import grammar
 from vpsrelay.core.digest import Digest
 from vpsrelay.core.registries import DOCKER_HUB, Registry, RegistryTable
-from vpsrelay.errors import NameInvalid, NotFound, TagInvalid, Unsupported
+from vpsrelay.errors import ManifestUnknown, NameInvalid, NotFound, Unsupported
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 TOKEN_METHODS = frozenset({"GET", "POST"})
@@ -121,7 +121,8 @@ def route(
         Unsupported: a method a read-only mirror refuses (405).
         NotFound: a path that is no registry API the relay serves (404).
         NameUnknown: a registry the relay does not serve (404).
-        NameInvalid, TagInvalid, DigestInvalid: a malformed name or reference (400).
+        NameInvalid, DigestInvalid: a malformed name or digest (400).
+        ManifestUnknown: a malformed tag, which can name no manifest (404).
     """
     if token := _TOKEN_PATH.fullmatch(path):
         if method not in TOKEN_METHODS:
@@ -187,7 +188,9 @@ def _named(
 def _check_reference(kind: Kind, reference: str) -> None:
     if kind is Kind.MANIFEST and ":" not in reference:
         if not grammar.is_valid_tag(reference):
-            raise TagInvalid(f"invalid tag: {reference!r}")
+            # distribution-spec: a manifest that does not exist is 404 MANIFEST_UNKNOWN,
+            # and a malformed tag names one that can never exist (no upstream is asked).
+            raise ManifestUnknown(f"no such manifest: {reference!r} is not a valid tag")
     else:
         Digest.parse(reference)  # also refuses algorithms the relay cannot verify
 

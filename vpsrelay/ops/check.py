@@ -352,7 +352,8 @@ class Checker:
         if budget.source and ":" in budget.source:
             fix = (
                 "the budget is counted for an IPv6 /64 that neighbours may share: "
-                "set upstream.prefer_ipv4 = true"
+                "set upstream.prefer_ipv4 = true (or, for Docker Hub alone, "
+                'registries."docker.io".address_family = "ipv4")'
             )
         if budget.remaining == 0:
             self.add(

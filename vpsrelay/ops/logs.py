@@ -77,3 +77,6 @@ def setup(level: str, style: str = "logfmt") -> None:
     root.setLevel(level.upper())
     # httpx logs every request at INFO; the access log already has them.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpcore's proxy traces print a proxy's credentials at DEBUG: never below INFO.
+    for name in ("httpcore.socks", "httpcore.proxy"):
+        logging.getLogger(name).setLevel(logging.INFO)

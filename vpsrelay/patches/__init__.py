@@ -6,6 +6,7 @@ does not open.
 | HTTP/2 buffer bound, stream reset,      | patches/hypercorn.py   | safety      |
 | write coalescing, connection caps       |                        |             |
 | redirect-target guard (`_pool` swap)    | upstream/netguard.py   | safety      |
+| proxy and address family (`_pool` swap) | upstream/routes.py     | safety      |
 | upstream read size                      | patches/httpcore.py    | performance |
 | ClientHello hook (`_msg_callback`)      | tls/contexts.py        | function    |
 

@@ -33,7 +33,7 @@ from vpsrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from vpsrelay.upstream import netguard
+from vpsrelay.upstream import netguard, routes
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -48,6 +48,10 @@ CHALLENGE_TTL = 600.0
 MAX_TOKEN_ANSWER_BYTES = 1 << 20
 # The most a health probe reads of an answer (a registry's `/v2/` says `{}`).
 MAX_PROBE_BYTES = 64 * 1024
+# What a kept-alive connection the upstream closed as the relay reused it raises
+# ("Server disconnected without sending a response", a reset, a broken pipe).
+STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD"})
 
 
 @contextlib.contextmanager
@@ -199,28 +203,56 @@ class Upstream:
         configured = [u for r in settings.registries for u in (r.url, r.search_url) if u]
         # Health probes and requests for an origin no registry claims: every configured
         # registry URL is trusted, nothing any registry announced.
+        # Each client's targets and registry, to open its fresh-connection twin with.
+        self._made: dict[httpx.AsyncClient, tuple[netguard.Targets, RegistryConfig | None]] = {}
+        self._fresh: dict[httpx.AsyncClient, httpx.AsyncClient] = {}
         self.client = self._client(netguard.Targets(configured, settings.access.redirect_allow))
         self.links: dict[str, RegistryLink] = {}
         for registry in settings.registries:
             own = [u for u in (registry.url, registry.search_url) if u]
             targets = netguard.Targets(own, settings.access.redirect_allow)
+            redirect_targets = netguard.Targets(own, settings.access.redirect_allow)
             self.links[registry.name] = RegistryLink(
                 name=registry.name,
                 origins=frozenset(k for k in map(netguard.origin_key, own) if k is not None),
                 targets=targets,
-                client=self._client(targets),
-                redirected=self._client(netguard.Targets(own, settings.access.redirect_allow)),
+                client=self._client(targets, registry),
+                redirected=self._client(redirect_targets, registry),
             )
         self._discovered: dict[str, Discovered] = {}
         self._discovery_locks: dict[str, trio.Lock] = {}
+        self.stale_retries = 0  # requests sent again after a stale pooled connection
 
-    def _client(self, targets: netguard.Targets) -> httpx.AsyncClient:
-        """A client with its own pool, connecting only where `targets` allows."""
+    def _client(
+        self,
+        targets: netguard.Targets,
+        registry: RegistryConfig | None = None,
+        *,
+        fresh: bool = False,
+    ) -> httpx.AsyncClient:
+        """A client with its own pool, connecting only where `targets` allows, over
+        `registry`'s route (its proxy, its address family).
+
+        `fresh`: a pool that keeps no connection alive, so each request it sends goes
+        over a new connection (the one retry after a stale pooled connection).
+        """
         cfg = self.settings.upstream
-        limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=32)
+        limits = httpx.Limits(
+            max_connections=cfg.max_connections, max_keepalive_connections=0 if fresh else 32
+        )
         # Binding the local side to 0.0.0.0 makes every upstream connection IPv4.
         local_address = "0.0.0.0" if cfg.prefer_ipv4 else None
         transport = self._transport
+        if transport is None and registry is not None and routes.needs_route(registry):
+            guarded = not self.settings.access.allow_private_redirects
+            transport = routes.RoutedTransport(
+                registry=registry.name,
+                proxy=registry.proxy,
+                family=routes.family_of(registry, cfg.prefer_ipv4),
+                targets=targets if guarded else None,
+                verify=self._verify,
+                limits=limits,
+            )
         if transport is None and not self.settings.access.allow_private_redirects:
             # Redirect targets may reach only public addresses (issue 5); see `netguard`.
             transport = netguard.GuardedTransport(
@@ -233,7 +265,7 @@ class Upstream:
             transport = httpx.AsyncHTTPTransport(
                 verify=self._verify, limits=limits, local_address=local_address, trust_env=False
             )
-        return httpx.AsyncClient(
+        client = httpx.AsyncClient(
             # No total deadline: a 10 GiB layer on a slow link must finish; `read` is idle time.
             timeout=httpx.Timeout(
                 connect=cfg.connect_timeout,
@@ -247,6 +279,35 @@ class Upstream:
             trust_env=False,
             transport=transport,
         )
+        self._made[client] = (targets, registry)
+        return client
+
+    def _fresh_twin(self, client: httpx.AsyncClient) -> httpx.AsyncClient:
+        """`client`'s twin that keeps no connection alive, made on first use."""
+        twin = self._fresh.get(client)
+        if twin is None:
+            targets, registry = self._made[client]
+            twin = self._fresh[client] = self._client(targets, registry, fresh=True)
+        return twin
+
+    async def _send(
+        self, client: httpx.AsyncClient, outgoing: httpx.Request, what: str
+    ) -> httpx.Response:
+        """`client.send`, streaming; a GET or HEAD that met a stale pooled connection
+        (the upstream closed it as the relay reused it, before any answer) is sent once
+        more, over a fresh connection, as Go's and curl's clients do. Only the head is
+        awaited here, so no byte of an answer has reached a client when it is retried.
+        """
+        with map_httpx_errors(what):
+            try:
+                return await client.send(outgoing, stream=True)
+            except STALE_CONNECTION_ERRORS as exc:
+                if outgoing.method not in IDEMPOTENT_METHODS:
+                    raise
+                log.info("upstream closed a connection before answering: %s: %s; "
+                         "once more on a fresh connection", what, exc)  # fmt: skip
+                self.stale_retries += 1
+            return await self._fresh_twin(client).send(outgoing, stream=True)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -254,6 +315,8 @@ class Upstream:
             for link in self.links.values():
                 await link.client.aclose()
                 await link.redirected.aclose()
+            for twin in self._fresh.values():
+                await twin.aclose()
 
     async def probe(self, url: str, *, what: str) -> tuple[int, str | None]:
         """GET `url` without redirects over the probes' pool (never a registry's own,
@@ -314,9 +377,16 @@ class Upstream:
                 return known.challenge if known.scheme == "bearer" else None
             client = self.links[registry.name].client
             with map_httpx_errors(registry.name):
-                response = await client.get(
-                    f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
+                probe = client.build_request(
+                    "GET", f"{registry.url}/v2/", headers={"user-agent": USER_AGENT}
                 )
+            response = _map_body_errors(
+                await self._send(client, probe, registry.name), registry.name
+            )
+            try:
+                await read_body(response, what=registry.name, limit=MAX_TOKEN_ANSWER_BYTES)
+            finally:
+                await response.aclose()
             challenge = None
             if response.status_code == 401:
                 headers = response.headers.get_list("www-authenticate")
@@ -377,7 +447,7 @@ class Upstream:
                 outgoing = client.build_request(
                     hop.method, hop.url, headers=list(hop.headers), content=content
                 )
-                response = _map_body_errors(await client.send(outgoing, stream=True), what)
+            response = _map_body_errors(await self._send(client, outgoing, what), what)
             try:
                 head = flow.UpstreamHead(
                     response.status_code,

@@ -87,14 +87,54 @@ class Targets:
         return key in self.trusted or self.announces(key)
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
+class TcpOnlyBackend(httpcore.AsyncNetworkBackend):
+    """A backend in front of another (httpcore's trio one) that connects to addresses it
+    chose itself; no unix sockets."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.inner = inner or httpcore.TrioBackend()
+
+    async def connect_first(
+        self,
+        host: str,
+        addresses: list[Address],
+        port: int,
+        timeout: float | None,  # noqa: ASYNC109
+        local_address: str | None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+    ) -> httpcore.AsyncNetworkStream:
+        """A connection to the first of `addresses` that takes one (`host` names them)."""
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                return await self.inner.connect_tcp(
+                    str(address), port, timeout=timeout, local_address=local_address,
+                    socket_options=socket_options,
+                )  # fmt: skip
+            except httpcore.ConnectError as exc:
+                last = exc
+        raise last or httpcore.ConnectError(f"no address for {host}")
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("the relay does not connect to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class GuardedBackend(TcpOnlyBackend):
     """httpcore's trio backend, with the address check in front of every TCP connect."""
 
     def __init__(
         self, targets: Targets, *, inner: httpcore.AsyncNetworkBackend | None = None
     ) -> None:
+        super().__init__(inner)
         self.targets = targets
-        self.inner = inner or httpcore.TrioBackend()
 
     async def connect_tcp(
         self,
@@ -109,61 +149,63 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                 host, port, timeout=timeout, local_address=local_address,
                 socket_options=socket_options,
             )  # fmt: skip
-        addresses = await self._resolve(host, port, timeout)
-        for address in addresses:
-            reason = address_refusal(address, self.targets.networks)
-            if reason is not None:
-                log.warning("refused to connect to %s:%s: %s (%s)", host, port, reason, address)
-                raise RedirectTargetDenied(
-                    f"the upstream redirected to a {reason} address; the relay does not go there",
-                    reason="redirect_target",
-                )
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                return await self.inner.connect_tcp(
-                    str(address), port, timeout=timeout, local_address=local_address,
-                    socket_options=socket_options,
-                )  # fmt: skip
-            except httpcore.ConnectError as exc:
-                last = exc
-        raise last or httpcore.ConnectError(f"no address for {host}")
+        addresses = await checked_addresses(self.targets, host, port, timeout)
+        return await self.connect_first(
+            host, addresses, port, timeout, local_address, socket_options
+        )
 
-    async def _resolve(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None,  # noqa: ASYNC109
-    ) -> list[Address]:
-        literal = host.strip("[]")
-        try:
-            return [ipaddress.ip_address(literal)]
-        except ValueError:
-            pass
-        try:
-            with trio.fail_after(timeout if timeout is not None else float("inf")):
-                infos = await trio.socket.getaddrinfo(literal, port, type=trio.socket.SOCK_STREAM)
-        except (OSError, trio.TooSlowError) as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        found: list[Address] = []
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
-            if address not in found:
-                found.append(address)
-        if not found:
-            raise httpcore.ConnectError(f"no address for {host}")
-        return found
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("the relay does not connect to unix sockets")
+async def checked_addresses(
+    targets: Targets,
+    host: str,
+    port: int,
+    timeout: float | None,  # noqa: ASYNC109
+) -> list[Address]:
+    """`host`'s addresses, every one of them allowed by `targets`' networks.
 
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
+    Raises:
+        RedirectTargetDenied: one of them is loopback, private, link-local, ...
+        httpcore.ConnectError: `host` does not resolve.
+    """
+    addresses = await resolve(host, port, timeout)
+    for address in addresses:
+        reason = address_refusal(address, targets.networks)
+        if reason is not None:
+            log.warning("refused to connect to %s:%s: %s (%s)", host, port, reason, address)
+            raise RedirectTargetDenied(
+                f"the upstream redirected to a {reason} address; the relay does not go there",
+                reason="redirect_target",
+            )
+    return addresses
+
+
+async def resolve(
+    host: str,
+    port: int,
+    timeout: float | None,  # noqa: ASYNC109
+    family: int = 0,
+) -> list[Address]:
+    """`host`'s addresses (itself, for an IP literal), of `family` (0: any), in order."""
+    literal = host.strip("[]")
+    try:
+        return [ipaddress.ip_address(literal)]
+    except ValueError:
+        pass
+    try:
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
+            infos = await trio.socket.getaddrinfo(
+                literal, port, family=family, type=trio.socket.SOCK_STREAM
+            )
+    except (OSError, trio.TooSlowError) as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+    found: list[Address] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
+        if address not in found:
+            found.append(address)
+    if not found:
+        raise httpcore.ConnectError(f"no address for {host}")
+    return found
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
