@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.core import auth, headers as header_policy, placeholders, routing
+from vpsrelay.core import auth, headers as header_policy, placeholders, resume, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import NotFound, RelayError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream.resume import Ask, ResumingStream, headers_of
 from vpsrelay.upstream.tokens import basic
 
 if TYPE_CHECKING:
@@ -158,6 +160,7 @@ class Forwarder:
             if response.status_code == 429:
                 await self.observer.too_many_requests(exchange, response)
                 return
+            self._resumable(exchange, route, registry, url, response)
             if exchange.meter is not None and 200 <= response.status_code < 300:
                 # Admitted before the hook, where a cache fill would begin for a download
                 # the budget then refused.
@@ -169,6 +172,72 @@ class Forwarder:
             if hook is not None and await hook(response, checked):
                 return
             await self._stream(exchange, response, checked, verifier)
+
+    def _resumable(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        registry: RegistryConfig,
+        url: str,
+        response: httpx.Response,
+    ) -> None:
+        """Make a blob's body resume itself when it breaks off (`upstream/resume.py`):
+        the pass-through and a cache fill read the same response, so both heal."""
+        attempts = self.settings.upstream.resume_attempts
+        if route.kind is not routing.Kind.BLOB or exchange.method != "GET" or attempts == 0:
+            return
+        window = resume.window_of(response.status_code, headers_of(response))
+        if window is None:
+            return
+        response.stream = ResumingStream(
+            response,
+            window,
+            partial(self._reopen, exchange, route, registry, url),
+            resume.Attempts(attempts, self.settings.upstream.resume_backoff),
+            own_origin=partial(self.upstream.is_own_origin, registry.name),
+            what=registry.name,
+            resumed=partial(self.observer.upstream_resumed, exchange),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _reopen(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        registry: RegistryConfig,
+        url: str,
+        ask: Ask,
+    ) -> AsyncIterator[httpx.Response]:
+        """One resume request: at the redirect target the body came from (no
+        credentials go there), or at the registry with fresh headers (a fresh token when
+        it refused the last one), following its redirect to a fresh signed URL."""
+        if ask.direct_url is not None:
+            request = UpstreamRequest(
+                "GET", ask.direct_url, (("user-agent", USER_AGENT), *ask.headers)
+            )
+            async with self.upstream.open(
+                request, what=registry.name, registry=registry.name, redirected=True
+            ) as response:
+                yield response
+            return
+        names = [route.upstream_name]
+        if ask.fresh_token:
+            self.tokens.forget(registry.name, names)
+        headers = await self.upstream_headers(exchange, registry, route)
+        if ask.fresh_token and not self._sent_own_token(exchange, registry):
+            # The client's own token expired during a body it was allowed to read: the
+            # rest is asked for with the relay's anonymous token (never the operator's,
+            # which is never mixed with a client's credentials).
+            token = await self.tokens.pull_token(registry, names, operator=False)
+            headers = tuple(h for h in headers if h[0] != "authorization")
+            if token is not None:
+                headers = (*headers, ("authorization", f"Bearer {token}"))
+        kept = tuple(h for h in headers if h[0] not in ("range", "if-range"))
+        request = UpstreamRequest("GET", url, (*kept, *ask.headers))
+        async with self.upstream.open(
+            request, what=registry.name, registry=registry.name
+        ) as response:
+            yield response
 
     def _client_headers(
         self,

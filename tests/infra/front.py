@@ -12,9 +12,12 @@ import http.client
 import json
 import re
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _TAGS_RE = re.compile(r"^/v2/(.+)/tags/list$")
 _MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
@@ -73,6 +76,8 @@ class HubFront:
         # Headers added to every manifest answer, as Docker Hub adds its ratelimit-*;
         # None (the default) adds nothing. `Hub.clear()` resets it.
         self.ratelimit: tuple[tuple[str, str], ...] | None = None
+        # Rewrites every Location (the hub signs its CDN redirects with `CDN.sign`).
+        self.sign_location: Callable[[str], str] | None = None
         owner = self
 
         class Handler(BaseHandler):
@@ -144,6 +149,8 @@ class HubFront:
             h.send_response_only(resp.status, resp.reason)
             clen = resp.getheader("Content-Length")
             for k, v in resp.getheaders():
+                if k.lower() == "location" and self.sign_location is not None:
+                    v = self.sign_location(v)
                 if k.lower() == "location" and self.cdn_url and v.startswith(self.cdn_url):
                     v = RELATIVE_PREFIX + v[len(self.cdn_url) :]
                 if k.lower() not in _HOP:
