@@ -105,6 +105,13 @@ def _whole(value: object) -> int:
     return value
 
 
+def _parallel(value: object) -> int:
+    count = _count(value)
+    if count > 16:
+        raise ValueError(f"expected at most 16 connections, got {count}")
+    return count
+
+
 def _list(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -423,6 +430,12 @@ class UpstreamConfig:
         5, _whole, "failed resumes in a row of a blob body that broke off (0: never resume)"
     )
     resume_backoff: float = _option(0.5, _seconds, "first wait between resumes; doubles")
+    parallel_connections: int = _option(
+        1, _parallel, "ranged connections to the CDN per big blob, 1-16 (1: one stream, off)"
+    )
+    parallel_min_size: int = _option(
+        64 * 1024 * 1024, parse_size, "smallest blob fetched in parallel ranges, e.g. 64MiB"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,7 @@ from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import NotFound, RelayError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream.parallel import ParallelStream, fetch_piece
 from vpsrelay.upstream.resume import Ask, ResumingStream, headers_of
 from vpsrelay.upstream.tokens import basic
 
@@ -137,10 +138,26 @@ class Forwarder:
         """
         # Each holds an upstream connection while its client reads: capped per client IP.
         with self.guard.upstream_stream(exchange.view.client_ip):
-            await self._relay(exchange, route, path or route.upstream_path, hook)
+            if self.settings.upstream.parallel_connections == 1:
+                await self._relay(exchange, route, path or route.upstream_path, hook)
+                return
+            # A nursery for the piece fetchers of a parallel ranged fetch (`_resumable`).
+            failure: RelayError | None = None
+            async with trio.open_nursery() as helpers:
+                try:
+                    await self._relay(exchange, route, path or route.upstream_path, hook, helpers)
+                except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
+                    failure = exc
+            if failure is not None:
+                raise failure
 
     async def _relay(
-        self, exchange: Exchange, route: routing.Route, path: str, hook: RelayHook | None
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        path: str,
+        hook: RelayHook | None,
+        helpers: trio.Nursery | None = None,
     ) -> None:
         registry = self.registries[route.registry]
         query = routing.upstream_query(exchange.query, route.kind)
@@ -160,7 +177,7 @@ class Forwarder:
             if response.status_code == 429:
                 await self.observer.too_many_requests(exchange, response)
                 return
-            self._resumable(exchange, route, registry, url, response)
+            self._resumable(exchange, route, registry, url, response, helpers)
             if exchange.meter is not None and 200 <= response.status_code < 300:
                 # Admitted before the hook, where a cache fill would begin for a download
                 # the budget then refused.
@@ -180,24 +197,48 @@ class Forwarder:
         registry: RegistryConfig,
         url: str,
         response: httpx.Response,
+        helpers: trio.Nursery | None = None,
     ) -> None:
         """Make a blob's body resume itself when it breaks off (`upstream/resume.py`):
-        the pass-through and a cache fill read the same response, so both heal."""
-        attempts = self.settings.upstream.resume_attempts
-        if route.kind is not routing.Kind.BLOB or exchange.method != "GET" or attempts == 0:
+        the pass-through and a cache fill read the same response, so both heal. A big
+        whole body from a CDN is fetched over several connections when that is on
+        (`upstream/parallel.py`)."""
+        cfg = self.settings.upstream
+        if route.kind is not routing.Kind.BLOB or exchange.method != "GET":
             return
         window = resume.window_of(response.status_code, headers_of(response))
         if window is None:
             return
-        response.stream = ResumingStream(
-            response,
-            window,
-            partial(self._reopen, exchange, route, registry, url),
-            resume.Attempts(attempts, self.settings.upstream.resume_backoff),
-            own_origin=partial(self.upstream.is_own_origin, registry.name),
-            what=registry.name,
-            resumed=partial(self.observer.upstream_resumed, exchange),
-        )
+        reopen = partial(self._reopen, exchange, route, registry, url)
+        own_origin = partial(self.upstream.is_own_origin, registry.name)
+        resumed = partial(self.observer.upstream_resumed, exchange)
+
+        def attempts() -> resume.Attempts:
+            return resume.Attempts(cfg.resume_attempts, cfg.resume_backoff)
+
+        if cfg.resume_attempts > 0:
+            response.stream = ResumingStream(
+                response, window, reopen, attempts(), own_origin=own_origin,
+                what=registry.name, resumed=resumed,
+            )  # fmt: skip
+        direct = str(response.url)
+        if (
+            helpers is not None
+            and response.status_code == 200
+            and window.end >= cfg.parallel_min_size
+            and not own_origin(direct)  # ranges go to the CDN, not to the registry
+        ):
+            fetch = partial(
+                fetch_piece, reopen, direct_url=direct, attempts=attempts,
+                own_origin=own_origin, what=registry.name, resumed=resumed,
+            )  # fmt: skip
+            response.stream = ParallelStream(
+                response.stream,  # type: ignore[arg-type]
+                window,
+                fetch,
+                helpers,
+                connections=cfg.parallel_connections,
+            )
 
     @contextlib.asynccontextmanager
     async def _reopen(

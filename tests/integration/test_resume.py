@@ -211,3 +211,34 @@ def test_tokens_that_live_5_s_do_not_end_a_long_pull(
         refused = [s for m, p, s in faulty_hub.registry_log() if p.endswith(layer) and s == 401]
         assert refused, "the registry never refused an expired token: the test proves nothing"
         assert resumes_logged(relay, layer) >= 2
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_parallel_ranged_fetch_is_byte_exact_over_k_connections(
+    faulty_hub: Hub, big: BuiltImage, tmp_path: Path, cache: bool
+) -> None:
+    """4 ranged connections to a CDN that throttles each one: skopeo gets the exact bytes;
+    the CDN saw at most 5 connections for the layer (the first response and 4 ranges)
+    and ranged requests on more than one of them. The speed-up is measured in bench/."""
+    layer = layer_of(big)
+    faulty_hub.cdn.throttle = 100 * MiB
+    env = {
+        "VPSRELAY_CACHE__ENABLED": "true" if cache else "false",
+        "VPSRELAY_UPSTREAM__PARALLEL_CONNECTIONS": "4",
+        "VPSRELAY_UPSTREAM__PARALLEL_MIN_SIZE": "64MiB",
+    }
+    relay_dir = tmp_path / "relay"
+    with RelayProcess(
+        relay_dir, "--upstream", f"docker.io={faulty_hub.registry_url}", env=env
+    ) as relay:
+        skopeo_copy(tmp_path, f"{relay.url.removeprefix('http://')}/{REPO}:1")
+        assert_blobs_pulled(tmp_path, big)
+        assert "ranges over 4 connections" in relay.log_text()
+    hexpart = layer.removeprefix("sha256:")
+    seen = [r for r in faulty_hub.cdn.requests() if hexpart in r.path and r.method == "GET"]
+    connections = {r.client for r in seen}
+    ranged = {r.client for r in seen if r.header("range")}
+    assert len(ranged) >= 2, connections
+    assert len(connections) <= 5, connections
+    # Every byte was fetched once (plus what the first response sent before it closed).
+    assert faulty_hub.cdn.bytes_sent < layer_size(big) + 16 * MiB
