@@ -67,6 +67,10 @@ class CDN:
         owner = self
 
         class Handler(BaseHandler):
+            # As a real CDN edge: without it, a keep-alive request's answer (head, then
+            # body) waits on the client's delayed ACK, 40 ms each (Nagle).
+            disable_nagle_algorithm = True
+
             def do_GET(self) -> None:
                 owner._handle(self, head=False)
 

@@ -147,9 +147,7 @@ class ParallelStream(httpx.AsyncByteStream):
         chunk = chunk[: self._left_in_first]
         self._left_in_first -= len(chunk)
         if self._left_in_first == 0:
-            first, self._first, self._chunks = self._first, None, None
-            with contextlib.suppress(UpstreamError):
-                await first.aclose()  # its connection is dropped: the rest is ranged
+            await self._close_first()  # its connection is dropped: the rest is ranged
             self._next_to_read = 1
             if self._connections > 1:
                 self._nursery.start_soon(self._worker)  # the first one's connection is free
@@ -185,7 +183,14 @@ class ParallelStream(httpx.AsyncByteStream):
         for scope in self._workers:
             scope.cancel()
         self._done.clear()
+        await self._close_first()
+
+    async def _close_first(self) -> None:
         first, self._first = self._first, None
-        if first is not None:
-            with contextlib.suppress(UpstreamError):
+        chunks, self._chunks = self._chunks, None
+        close = getattr(chunks, "aclose", None)
+        with contextlib.suppress(UpstreamError):
+            if close is not None and id(chunks) != id(first):  # not the stream itself
+                await close()
+            if first is not None:
                 await first.aclose()
