@@ -30,6 +30,8 @@ MiB = 1024 * 1024
 BLOB = random.Random(16).randbytes(2 * MiB)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 CUT = MiB  # the first body ends here, with a reset
+BIG = random.Random(17).randbytes(24 * MiB)  # fetched in parallel ranges
+BIG_DIGEST = "sha256:" + hashlib.sha256(BIG).hexdigest()
 ATTEMPTS = 3  # upstream.resume_attempts for these relays
 TIMEOUT = 30.0
 
@@ -57,6 +59,12 @@ class HostileCDN:
                 with lock:
                     owner.gets.append(asked)
                     first = len(owner.gets) == 1
+                if owner.mode == "ranges-wrong":  # whole bodies fine, every range wrong
+                    if asked is None:
+                        self._send(200, [], BIG)
+                    else:
+                        self._send(206, [("Content-Range", f"bytes 0-99/{len(BIG)}")], BIG[:100])
+                    return
                 if first or asked is None:
                     self._send(200, [], BLOB, cut=CUT)
                     return
@@ -109,7 +117,8 @@ class Registry:
                     self.end_headers()
                     self.wfile.write(b"{}")
                     return
-                self.send_response(307 if self.path.endswith(DIGEST) else 404)
+                blob = self.path.endswith((DIGEST, BIG_DIGEST))
+                self.send_response(307 if blob else 404)
                 self.send_header("Location", f"{cdn_url}/blob")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -168,6 +177,44 @@ def test_a_hostile_cdn_cannot_make_a_resume_complete_wrong_or_loop(
     assert body == BLOB[: len(body)] or cdn.mode == "other-bytes"
     # The first GET and at most ATTEMPTS resumes: bounded, however the CDN answers.
     assert 2 <= len(cdn.gets) <= 1 + ATTEMPTS, cdn.gets
+    assert alive.status_code == 200
+    assert "Traceback" not in log
+    blobs = tmp_path / "relay" / "data" / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file()], "a wrong blob was cached"
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_cdn_that_answers_ranges_wrongly_breaks_a_parallel_fetch_off_cleanly(
+    cache: bool, tmp_path: Path
+) -> None:
+    """With 4 parallel connections, every ranged answer names other bytes: the body is
+    broken off after a bounded number of requests, nothing is cached, the relay serves on."""
+    cdn = HostileCDN("ranges-wrong")
+    registry = Registry(cdn.url)
+    env = {
+        "VPSRELAY_CACHE__ENABLED": "true" if cache else "false",
+        "VPSRELAY_UPSTREAM__RESUME_ATTEMPTS": str(ATTEMPTS),
+        "VPSRELAY_UPSTREAM__RESUME_BACKOFF": "0.05",
+        "VPSRELAY_UPSTREAM__PARALLEL_CONNECTIONS": "4",
+        "VPSRELAY_UPSTREAM__PARALLEL_MIN_SIZE": "8MiB",
+    }
+    try:
+        with RelayProcess(
+            tmp_path / "relay", "--upstream", f"docker.io={registry.url}", env=env
+        ) as relay:
+            status, body = pull(f"{relay.url}/v2/library/app/blobs/{BIG_DIGEST}")
+            alive = httpx.get(f"{relay.url}/healthz", timeout=TIMEOUT)
+            log = relay.log_text()
+    finally:
+        registry.close()
+        cdn.close()
+    assert status == 200
+    assert len(body) < len(BIG)
+    assert body == BIG[: len(body)]  # only the first answer's bytes, never a wrong range's
+    ranged = [r for r in cdn.gets if r is not None]
+    # Each of the 4 workers asks the CDN, then the registry for a fresh URL, and stops.
+    assert 1 <= len(ranged) <= 2 * 4, cdn.gets
+    assert "ranges over 4 connections" in log
     assert alive.status_code == 200
     assert "Traceback" not in log
     blobs = tmp_path / "relay" / "data" / "blobs"
