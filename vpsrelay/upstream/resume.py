@@ -154,6 +154,7 @@ class ResumingStream(httpx.AsyncByteStream):
                 self._direct = None
             elif verdict is resume.Verdict.FRESH_TOKEN:
                 self._fresh_token = True
+                self._direct = None  # a token is the registry's business, never a CDN's
             failure = UpstreamProtocolError(
                 f"{self._what}: upstream answered {response.status_code} to a resume"
             )
