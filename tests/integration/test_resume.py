@@ -34,6 +34,11 @@ BIG = 300 * MiB
 CUT = 64 * MiB
 REPO = "someuser/resume-big"
 SMALL_REPO = "someuser/resume-slow"
+SMALL = 32 * MiB
+# The slow client: the relay may read ahead of it by the socket buffers (a few MiB), so with
+# a cut every 6 MiB the later resumes come well after 5 s.
+SLOW_RATE = 1.5 * MiB
+SLOW_CUT = 6 * MiB
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def small(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
         tmp / "oci",
         "1",
         files={"etc/marker": uuid.uuid4().hex.encode()},
-        extra_layer_bytes=24 * MiB,
+        extra_layer_bytes=SMALL,
     )
     hub.push_image(image, f"{SMALL_REPO}:1")
     return image
@@ -72,7 +77,6 @@ def faulty_hub(hub: Hub) -> Iterator[Hub]:
 
 def start_relay(tmp: Path, hub: Hub, *, cache: bool) -> RelayProcess:
     env = {"VPSRELAY_CACHE__ENABLED": "true" if cache else "false"}
-    # tmpfs-free: the cache dir is the test's tmp dir; one 300 MiB blob fits anywhere.
     return RelayProcess(tmp, "--upstream", f"docker.io={hub.registry_url}", env=env)
 
 
@@ -94,6 +98,10 @@ def metric(relay: RelayProcess, name: str) -> float:
 
 def layer_of(image: BuiltImage) -> str:
     return max(image.layers, key=lambda blob: blob.size).digest
+
+
+def layer_size(image: BuiltImage) -> int:
+    return max(blob.size for blob in image.layers)
 
 
 def anonymous_token(relay: RelayProcess, repo: str) -> str:
@@ -173,20 +181,16 @@ def test_cache_fill_resumes_and_a_joined_client_gets_the_exact_bytes(
         assert any(p.name == layer.removeprefix("sha256:") for p in cached.glob("*/*"))
 
 
-def layer_size(image: BuiltImage) -> int:
-    return max(blob.size for blob in image.layers)
-
-
 def test_expired_cdn_urls_are_fetched_again_for_a_slow_client(
     faulty_hub: Hub, small: BuiltImage, tmp_path: Path
 ) -> None:
-    """URLs live 5 s, the body is cut every 8 MiB, the client reads 2 MiB/s: each resume
-    finds its URL expired (403) and goes back to the registry for a fresh redirect."""
+    """URLs live 5 s, the body is cut every 6 MiB, the client reads 1.5 MiB/s: the later
+    resumes find their URL expired (403) and go back to the registry for a fresh redirect."""
     layer = layer_of(small)
-    faulty_hub.cdn.reset_after = 8 * MiB
+    faulty_hub.cdn.reset_after = SLOW_CUT
     faulty_hub.cdn.url_ttl = 5.0
     with start_relay(tmp_path / "relay", faulty_hub, cache=False) as relay:
-        digest, _, size = read_blob(relay, SMALL_REPO, layer, rate=2 * MiB)
+        digest, _, size = read_blob(relay, SMALL_REPO, layer, rate=SLOW_RATE)
         assert (digest, size) == (layer, layer_size(small))
         assert resumes_logged(relay, layer) >= 2
         # A resume found its URL expired and went back to the registry for a fresh one.
@@ -203,10 +207,10 @@ def test_tokens_that_live_5_s_do_not_end_a_long_pull(
     fresh one of its own."""
     layer = layer_of(small)
     faulty_hub.tokens.expires_in, faulty_hub.tokens.leeway = 5, 60
-    faulty_hub.cdn.reset_after = 8 * MiB
+    faulty_hub.cdn.reset_after = SLOW_CUT
     faulty_hub.cdn.url_ttl = 2.0
     with start_relay(tmp_path / "relay", faulty_hub, cache=False) as relay:
-        digest, _, size = read_blob(relay, SMALL_REPO, layer, rate=2 * MiB)
+        digest, _, size = read_blob(relay, SMALL_REPO, layer, rate=SLOW_RATE)
         assert (digest, size) == (layer, layer_size(small))
         refused = [s for m, p, s in faulty_hub.registry_log() if p.endswith(layer) and s == 401]
         assert refused, "the registry never refused an expired token: the test proves nothing"
