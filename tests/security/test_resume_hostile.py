@@ -14,6 +14,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import httpx
@@ -33,6 +34,7 @@ CUT = MiB  # the first body ends here, with a reset
 BIG = random.Random(17).randbytes(24 * MiB)  # fetched in parallel ranges
 BIG_DIGEST = "sha256:" + hashlib.sha256(BIG).hexdigest()
 ATTEMPTS = 3  # upstream.resume_attempts for these relays
+STALL = 4.0  # seconds the "stall" CDN goes silent mid-body; the relays' read timeout is 1 s
 TIMEOUT = 30.0
 
 
@@ -65,6 +67,9 @@ class HostileCDN:
                     else:
                         self._send(206, [("Content-Range", f"bytes 0-99/{len(BIG)}")], BIG[:100])
                     return
+                if owner.mode == "stall" and first:  # half the body, then silence
+                    self._send(200, [], BLOB, cut=CUT, stall=STALL)
+                    return
                 if first or asked is None:
                     self._send(200, [], BLOB, cut=CUT)
                     return
@@ -79,12 +84,20 @@ class HostileCDN:
                     self._send(
                         206, [("Content-Range", f"bytes 0-{rest - 1}/{len(BLOB)}")], BLOB[:rest]
                     )
+                elif owner.mode == "stall":  # then an honest resume
+                    header = ("Content-Range", f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}")
+                    self._send(206, [header], BLOB[start:])
                 else:  # "short": the right answer, cut after a few bytes, every time
                     header = ("Content-Range", f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}")
                     self._send(206, [header], BLOB[start:], cut=16)
 
             def _send(
-                self, status: int, extra: list[tuple[str, str]], body: bytes, cut: int | None = None
+                self,
+                status: int,
+                extra: list[tuple[str, str]],
+                body: bytes,
+                cut: int | None = None,
+                stall: float = 0.0,
             ) -> None:
                 self.send_response(status)
                 for name, value in [*extra, ("ETag", '"blob"'), ("Accept-Ranges", "bytes")]:
@@ -95,6 +108,9 @@ class HostileCDN:
                     self.wfile.write(body)
                     return
                 self.wfile.write(body[:cut])
+                if stall:
+                    time.sleep(stall)  # the relay's read timeout ends it first
+                    return
                 reset(self)
 
         self.server = QuietThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -219,3 +235,24 @@ def test_a_cdn_that_answers_ranges_wrongly_breaks_a_parallel_fetch_off_cleanly(
     assert "Traceback" not in log
     blobs = tmp_path / "relay" / "data" / "blobs"
     assert not [p for p in blobs.rglob("*") if p.is_file()], "a wrong blob was cached"
+
+
+def test_a_body_that_stalls_past_the_read_timeout_is_resumed(tmp_path: Path) -> None:
+    """The CDN sends half the blob and goes silent: after `upstream.read_timeout` the relay
+    asks for the rest, and the client gets every byte, none twice."""
+    cdn = HostileCDN("stall")
+    registry = Registry(cdn.url)
+    env = {"VPSRELAY_CACHE__ENABLED": "false", "VPSRELAY_UPSTREAM__READ_TIMEOUT": "1"}
+    try:
+        with RelayProcess(
+            tmp_path / "relay", "--upstream", f"docker.io={registry.url}", env=env
+        ) as relay:
+            status, body = pull(f"{relay.url}/v2/library/app/blobs/{DIGEST}")
+            log = relay.log_text()
+    finally:
+        registry.close()
+        cdn.close()
+    assert status == 200
+    assert body == BLOB
+    assert cdn.gets == [None, f"bytes={CUT}-{len(BLOB) - 1}"]
+    assert "resumes=1" in log
