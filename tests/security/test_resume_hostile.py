@@ -248,6 +248,9 @@ def test_a_body_that_stalls_past_the_read_timeout_is_resumed(tmp_path: Path) -> 
             tmp_path / "relay", "--upstream", f"docker.io={registry.url}", env=env
         ) as relay:
             status, body = pull(f"{relay.url}/v2/library/app/blobs/{DIGEST}")
+            deadline = time.monotonic() + 5  # the access line follows the last byte
+            while "resumes=" not in relay.log_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
             log = relay.log_text()
     finally:
         registry.close()
