@@ -253,3 +253,21 @@ def test_parallel_ranged_fetch_is_byte_exact_over_k_connections(
     assert len(connections) <= 5, connections
     # Every byte was fetched once (plus what the first response sent before it closed).
     assert faulty_hub.cdn.bytes_sent < layer_size(big) + 16 * MiB
+
+
+def test_a_cdn_that_cuts_only_the_first_response_costs_one_resume(
+    faulty_hub: Hub, small: BuiltImage, tmp_path: Path
+) -> None:
+    layer = layer_of(small)
+    faulty_hub.cdn.reset_after = SLOW_CUT
+    faulty_hub.cdn.reset_first_only = True
+    with start_relay(tmp_path / "relay", faulty_hub, cache=False) as relay:
+        assert read_blob(relay, SMALL_REPO, layer)[::2] == (layer, layer_size(small))
+        assert resumes_logged(relay, layer, 1) == 1
+    assert faulty_hub.cdn.resets == 1
+    ranged = [r.header("range") or "" for r in faulty_hub.cdn.requests() if r.header("range")]
+    assert len(ranged) == 1, ranged
+    # From the byte the relay had read: a reset drops what the kernel held unread.
+    first, _, last = ranged[0].removeprefix("bytes=").partition("-")
+    assert 0 < int(first) <= SLOW_CUT
+    assert int(last) == layer_size(small) - 1
