@@ -265,7 +265,7 @@ class Forwarder:
         if ask.fresh_token:
             self.tokens.forget(registry.name, names)
         headers = await self.upstream_headers(exchange, registry, route)
-        if ask.fresh_token and not self._sent_own_token(exchange, registry):
+        if ask.relay_token and not self._sent_own_token(exchange, registry):
             # The client's own token expired during a body it was allowed to read: the
             # rest is asked for with the relay's anonymous token (never the operator's,
             # which is never mixed with a client's credentials).

@@ -34,7 +34,9 @@ class Ask:
 
     headers: resume.Headers  # `Range` and `If-Range`
     direct_url: str | None  # the redirect target to ask again; None: ask the registry
-    fresh_token: bool  # the registry refused the token it was given
+    fresh_token: bool  # the registry refused the token it was given: get a new one
+    # The client's own token was refused once: ask with the relay's own from then on.
+    relay_token: bool = False
 
 
 Reopen = Callable[[Ask], "AbstractAsyncContextManager[httpx.Response]"]
@@ -75,6 +77,7 @@ class ResumingStream(httpx.AsyncByteStream):
         url = str(response.url)
         self._direct: str | None = None if own_origin(url) else url
         self._fresh_token = False
+        self._relay_token = False
         self._what = what
         self._resumed = resumed
         self._current = contextlib.AsyncExitStack()
@@ -124,7 +127,10 @@ class ResumingStream(httpx.AsyncByteStream):
             await self._drop_current()
             await trio.sleep(self._attempts.delay())
             ask = Ask(
-                resume.ask_headers(self._window, self._position), self._direct, self._fresh_token
+                resume.ask_headers(self._window, self._position),
+                self._direct,
+                self._fresh_token,
+                self._relay_token,
             )
             log.info(
                 "resuming %s at byte %d (%s): %s",
@@ -153,7 +159,7 @@ class ResumingStream(httpx.AsyncByteStream):
             if verdict is resume.Verdict.FRESH_URL and ask.direct_url is not None:
                 self._direct = None
             elif verdict is resume.Verdict.FRESH_TOKEN:
-                self._fresh_token = True
+                self._fresh_token = self._relay_token = True
                 self._direct = None  # a token is the registry's business, never a CDN's
             failure = UpstreamProtocolError(
                 f"{self._what}: upstream answered {response.status_code} to a resume"
