@@ -826,3 +826,38 @@ def test_download_settings(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"relay.toml: download.max_images"):
         config.load(write(tmp_path, "[download]\nmax_images = 0\n"), {})
+
+
+# --- issue 16: resume and parallel ranged fetch
+
+
+def test_resume_and_parallel_settings(tmp_path):
+    settings = config.load(None, {})
+    assert settings.upstream.resume_attempts == 5
+    assert settings.upstream.parallel_connections == 1
+    env = {
+        "VPSRELAY_UPSTREAM__RESUME_ATTEMPTS": "0",
+        "VPSRELAY_UPSTREAM__PARALLEL_CONNECTIONS": "4",
+        "VPSRELAY_UPSTREAM__PARALLEL_MIN_SIZE": "128MiB",
+    }
+    settings = config.load(None, env)
+    assert settings.upstream.resume_attempts == 0  # off
+    assert settings.upstream.parallel_connections == 4
+    assert settings.upstream.parallel_min_size == 128 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[upstream]\nresume_attempts = -1\n",
+         "upstream.resume_attempts: expected a whole number (0 or more), got -1"),
+        ("[upstream]\nresume_backoff = 0\n",
+         "upstream.resume_backoff: expected a positive number of seconds, got 0"),
+        ("[upstream]\nparallel_connections = 17\n",
+         "upstream.parallel_connections: expected at most 16 connections, got 17"),
+        ("[upstream]\nparallel_connections = 0\n",
+         "upstream.parallel_connections: expected a positive whole number, got 0"),
+    ],
+)  # fmt: skip
+def test_resume_and_parallel_errors(tmp_path, text, message):
+    assert file_error(tmp_path, text).startswith(message)

@@ -97,6 +97,21 @@ def _count(value: object) -> int:
     return value
 
 
+def _whole(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number (0 or more), got {value!r}")
+    return value
+
+
+def _parallel(value: object) -> int:
+    count = _count(value)
+    if count > 16:
+        raise ValueError(f"expected at most 16 connections, got {count}")
+    return count
+
+
 def _list(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -411,6 +426,16 @@ class UpstreamConfig:
     # Docker Hub counts anonymous pulls per IPv4 address but per IPv6 /64, which VPS
     # neighbours often share: IPv4 keeps the relay's budget its own.
     prefer_ipv4: bool = _option(False, _bool, "connect to upstreams over IPv4 only")
+    resume_attempts: int = _option(
+        5, _whole, "failed resumes in a row of a blob body that broke off (0: never resume)"
+    )
+    resume_backoff: float = _option(0.5, _seconds, "first wait between resumes; doubles")
+    parallel_connections: int = _option(
+        1, _parallel, "ranged connections to the CDN per big blob, 1-16 (1: one stream, off)"
+    )
+    parallel_min_size: int = _option(
+        64 * 1024 * 1024, parse_size, "smallest blob fetched in parallel ranges, e.g. 64MiB"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -68,6 +68,7 @@ class Exchange:
     meter: Meter | None = None  # a blob download's budget hold and bandwidth cap
     # How long one send may wait for the client to take it (`limits.send_timeout`).
     send_timeout: float = math.inf
+    resumes: int = 0  # upstream bodies resumed after breaking off
 
     async def start(self, status: int, headers: header_policy.Headers) -> None:
         if self.meter is not None:

@@ -13,16 +13,19 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.core import auth, headers as header_policy, placeholders, routing
+from vpsrelay.core import auth, headers as header_policy, placeholders, resume, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
 from vpsrelay.errors import NotFound, RelayError, UpstreamError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
+from vpsrelay.upstream.parallel import ParallelStream, fetch_piece
+from vpsrelay.upstream.resume import Ask, ResumingStream, headers_of
 from vpsrelay.upstream.tokens import basic
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ class Forwarder:
         observer: Observer,
         metrics: Metrics,
     ) -> None:
+        self.settings = settings
         self.upstream = upstream
         self.tokens = tokens
         self.clientauth = clientauth
@@ -231,7 +235,20 @@ class Forwarder:
         """
         # Each holds an upstream connection while its client reads: capped per client IP.
         with self.guard.upstream_stream(exchange.view.client_ip):
-            await self._relay(exchange, route, path or route.upstream_path, hook, refused)
+            if self.settings.upstream.parallel_connections == 1:
+                await self._relay(exchange, route, path or route.upstream_path, hook, refused)
+                return
+            # A nursery for the piece fetchers of a parallel ranged fetch (`_resumable`).
+            failure: RelayError | None = None
+            async with trio.open_nursery() as helpers:
+                try:
+                    await self._relay(
+                        exchange, route, path or route.upstream_path, hook, refused, helpers
+                    )
+                except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
+                    failure = exc
+            if failure is not None:
+                raise failure
 
     async def _relay(
         self,
@@ -240,6 +257,7 @@ class Forwarder:
         path: str,
         hook: RelayHook | None,
         refused: Callable[[], Awaitable[bool]] | None = None,
+        helpers: trio.Nursery | None = None,
     ) -> None:
         registry = self.registries[route.registry]
         query = routing.upstream_query(exchange.query, route.kind)
@@ -256,6 +274,7 @@ class Forwarder:
                     return
                 await self.observer.too_many_requests(exchange, response)
                 return
+            self._resumable(exchange, route, registry, url, response, helpers)
             if exchange.meter is not None and 200 <= response.status_code < 300:
                 # Admitted before the hook, where a cache fill would begin for a download
                 # the budget then refused.
@@ -267,6 +286,96 @@ class Forwarder:
             if hook is not None and await hook(response, checked):
                 return
             await self._stream(exchange, response, checked, verifier)
+
+    def _resumable(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        registry: RegistryConfig,
+        url: str,
+        response: httpx.Response,
+        helpers: trio.Nursery | None = None,
+    ) -> None:
+        """Make a blob's body resume itself when it breaks off (`upstream/resume.py`):
+        the pass-through and a cache fill read the same response, so both heal. A big
+        whole body from a CDN is fetched over several connections when that is on
+        (`upstream/parallel.py`)."""
+        cfg = self.settings.upstream
+        if route.kind is not routing.Kind.BLOB or exchange.method != "GET":
+            return
+        window = resume.window_of(response.status_code, headers_of(response))
+        if window is None:
+            return
+        reopen = partial(self._reopen, exchange, route, registry, url)
+        own_origin = partial(self.upstream.is_own_origin, registry.name)
+        resumed = partial(self.observer.upstream_resumed, exchange)
+
+        def attempts() -> resume.Attempts:
+            return resume.Attempts(cfg.resume_attempts, cfg.resume_backoff)
+
+        if cfg.resume_attempts > 0:
+            response.stream = ResumingStream(
+                response, window, reopen, attempts(), own_origin=own_origin,
+                what=registry.name, resumed=resumed,
+            )  # fmt: skip
+        direct = str(response.url)
+        if (
+            helpers is not None
+            and response.status_code == 200
+            and window.end >= cfg.parallel_min_size
+            and not own_origin(direct)  # ranges go to the CDN, not to the registry
+        ):
+            fetch = partial(
+                fetch_piece, reopen, direct_url=direct, attempts=attempts,
+                own_origin=own_origin, what=registry.name, resumed=resumed,
+            )  # fmt: skip
+            response.stream = ParallelStream(
+                response.stream,  # type: ignore[arg-type]
+                window,
+                fetch,
+                helpers,
+                connections=cfg.parallel_connections,
+            )
+
+    @contextlib.asynccontextmanager
+    async def _reopen(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        registry: RegistryConfig,
+        url: str,
+        ask: Ask,
+    ) -> AsyncIterator[httpx.Response]:
+        """One resume request: at the redirect target the body came from (no
+        credentials go there), or at the registry with fresh headers (a fresh token when
+        it refused the last one), following its redirect to a fresh signed URL."""
+        if ask.direct_url is not None:
+            request = UpstreamRequest(
+                "GET", ask.direct_url, (("user-agent", USER_AGENT), *ask.headers)
+            )
+            async with self.upstream.open(
+                request, what=registry.name, registry=registry.name, redirected=True
+            ) as response:
+                yield response
+            return
+        names = [route.upstream_name]
+        if ask.fresh_token:
+            self.tokens.forget(registry.name, names)
+        headers = await self.upstream_headers(exchange, registry, route)
+        if ask.relay_token and not self._sent_own_token(exchange, registry):
+            # The client's own token expired during a body it was allowed to read: the
+            # rest is asked for with the relay's anonymous token (never the operator's,
+            # which is never mixed with a client's credentials).
+            token = await self.tokens.pull_token(registry, names, operator=False)
+            headers = tuple(h for h in headers if h[0] != "authorization")
+            if token is not None:
+                headers = (*headers, ("authorization", f"Bearer {token}"))
+        kept = tuple(h for h in headers if h[0] not in ("range", "if-range"))
+        request = UpstreamRequest("GET", url, (*kept, *ask.headers))
+        async with self.upstream.open(
+            request, what=registry.name, registry=registry.name
+        ) as response:
+            yield response
 
     def _client_headers(
         self,

@@ -9,13 +9,22 @@ Behaviour: GET/HEAD only; ``Range: bytes=a-b | a- | -n`` -> 206 + Content-Range;
 carrying an ``Authorization`` header gets 400**, as Docker Hub's storage does.  Bodies are
 streamed in chunks.  ``corrupt = True`` flips the first byte of every chunk sent;
 ``chunk_delay = s`` sleeps ``s`` seconds before each chunk (a slow link, for mid-transfer tests).
+
+Fault knobs (issue 16): ``reset_after = N`` cuts every body with a TCP reset after N bytes
+(``reset_first_only = True``: only the first response per blob); ``url_ttl = T`` makes URLs
+signed by ``sign`` (the hub front signs its redirects with it) expire after T seconds (403, as
+S3 answers an expired presigned URL; an unsigned URL is refused too); ``throttle = B`` paces
+each response to B bytes/s. ``resets`` counts the bodies cut.
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from tests.infra._http import (
@@ -45,6 +54,12 @@ class CDN:
         self.chunk_size = chunk_size
         self.corrupt = False
         self.chunk_delay = 0.0
+        self.reset_after: int | None = None
+        self.reset_first_only = False
+        self.url_ttl: float | None = None
+        self.throttle: int | None = None
+        self.resets = 0
+        self._cut: set[str] = set()  # blobs whose first response was cut
         self.log = RequestLog()
         self._lock = threading.Lock()
         self._bytes_sent = 0
@@ -52,6 +67,10 @@ class CDN:
         owner = self
 
         class Handler(BaseHandler):
+            # As a real CDN edge: without it, a keep-alive request's answer (head, then
+            # body) waits on the client's delayed ACK, 40 ms each (Nagle).
+            disable_nagle_algorithm = True
+
             def do_GET(self) -> None:
                 owner._handle(self, head=False)
 
@@ -84,6 +103,17 @@ class CDN:
         self.log.clear()
         with self._lock:
             self._bytes_sent = 0
+            self.resets = 0
+            self._cut.clear()
+        self.reset_after = self.url_ttl = self.throttle = None
+        self.reset_first_only = False
+
+    def sign(self, url: str) -> str:
+        """``url`` valid for ``url_ttl`` seconds from now (unchanged when URLs never expire)."""
+        if self.url_ttl is None or not url.startswith(self.url):
+            return url
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}expires={time.time() + self.url_ttl:.3f}"
 
     def url_for(self, digest: str) -> str:
         hexpart = digest.removeprefix("sha256:")
@@ -130,9 +160,13 @@ class CDN:
         if "Authorization" in h.headers:
             self._simple(h, 400, _R2_400, head=head, ctype="application/xml")
             return
-        m = BLOB_PATH_RE.match(h.path.split("?", 1)[0])
+        path_part, _, query = h.path.partition("?")
+        m = BLOB_PATH_RE.match(path_part)
         if m is None or m.group(1) != m.group(2)[:2]:
             self._simple(h, 404, b"not found", head=head)
+            return
+        if self.url_ttl is not None and not _signed_and_fresh(query):
+            self._simple(h, 403, b"Request has expired", head=head, ctype="application/xml")
             return
         path = self.root / "docker/registry/v2/blobs/sha256" / m.group(1) / m.group(2) / "data"
         try:
@@ -170,8 +204,21 @@ class CDN:
                 return
             fh.seek(start)
             left = length
+            cut_at = self._cut_at(m.group(2))
+            throttle = self.throttle
+            chunk_size = (
+                self.chunk_size
+                if throttle is None
+                else max(1, min(self.chunk_size, throttle // 50))
+            )
+            began, sent = time.monotonic(), 0
             while left > 0:
-                chunk = fh.read(min(self.chunk_size, left))
+                want = min(chunk_size, left)
+                if cut_at is not None:
+                    want = min(want, cut_at - sent)
+                    if want <= 0:
+                        self._reset(h)
+                chunk = fh.read(want)
                 if not chunk:
                     break  # file shrank under us; the client sees a short body
                 if self.chunk_delay:
@@ -181,6 +228,40 @@ class CDN:
                 h.wfile.write(chunk)
                 self._add_sent(len(chunk))
                 left -= len(chunk)
+                sent += len(chunk)
+                if throttle is not None:
+                    ahead = began + sent / throttle - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+
+    def _cut_at(self, blob: str) -> int | None:
+        """How many body bytes this response gets before its reset, if it is cut."""
+        if self.reset_after is None:
+            return None
+        with self._lock:
+            if self.reset_first_only:
+                if blob in self._cut:
+                    return None
+                self._cut.add(blob)
+            return self.reset_after
+
+    def _reset(self, h: BaseHandler) -> None:
+        """End the connection with a TCP reset (SO_LINGER 0), as a failing edge does."""
+        with self._lock:
+            self.resets += 1
+        sock = h.connection
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        h.rfile.close()  # the socket closes (with the reset) once nothing else holds it
+        sock.close()
+        raise ConnectionResetError("reset by the CDN stand-in's fault knob")
+
+
+def _signed_and_fresh(query: str) -> bool:
+    values = urllib.parse.parse_qs(query).get("expires", [])
+    try:
+        return len(values) == 1 and float(values[0]) > time.time()
+    except ValueError:
+        return False
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:

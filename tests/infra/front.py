@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 _TAGS_RE = re.compile(r"^/v2/(.+)/tags/list$")
 _MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
@@ -154,6 +154,8 @@ class HubFront:
         # as they are reused (`dropped` counts them).
         self.one_response_per_connection = False
         self.dropped = 0
+        # Rewrites every Location (the hub signs its CDN redirects with `CDN.sign`).
+        self.sign_location: Callable[[str], str] | None = None
         owner = self
 
         class Handler(BaseHandler):
@@ -275,6 +277,8 @@ class HubFront:
             h.send_response_only(resp.status, resp.reason)
             clen = resp.getheader("Content-Length")
             for k, v in resp.getheaders():
+                if k.lower() == "location" and self.sign_location is not None:
+                    v = self.sign_location(v)
                 if k.lower() == "location" and self.cdn_url and v.startswith(self.cdn_url):
                     v = RELATIVE_PREFIX + v[len(self.cdn_url) :]
                 if k.lower() not in _HOP:

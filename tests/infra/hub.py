@@ -487,6 +487,7 @@ def start_hub(
         hub.front = HubFront(
             hub.hub_registry.port, cdn_url=hub.cdn.url if relative_redirects else None
         )
+        hub.front.sign_location = hub.cdn.sign  # a no-op until `cdn.url_ttl` is set
         if seed and images is not None:
             hub._seed_only(images)
         elif seed:

@@ -106,6 +106,9 @@ class TokenServer:
         # A query the realm carries (``account=x``): every token request must bring it back.
         self.realm_query = realm_query
         self.expires_in = expires_in
+        # Distribution accepts a token until 60 s past its `exp` (its clock-skew leeway);
+        # `leeway = 60` makes `expires_in` the lifetime the registry really grants.
+        self.leeway = 0
         self.users: dict[str, str] = dict(
             users if users is not None else {ALICE_USER: ALICE_PASSWORD}
         )
@@ -169,7 +172,7 @@ class TokenServer:
             "iss": self.issuer,
             "sub": subject,
             "aud": service,
-            "exp": now + self.expires_in,
+            "exp": now + self.expires_in - self.leeway,
             "nbf": now - 5,
             "iat": now,
             "jti": secrets.token_hex(16),

@@ -184,6 +184,12 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        self.upstream_resumes = Counter(
+            "vpsrelay_upstream_resumes",
+            "Upstream blob bodies that broke off and were resumed with a range request.",
+            ["registry"],
+            registry=r,
+        )
         r.register(_CertificateCollector(certificate_not_after))
         self._sources: dict[str, str] = {}
 
@@ -201,6 +207,9 @@ class Metrics:
 
     def upstream_read(self, registry: str, kind: str, nbytes: int) -> None:
         self.upstream_bytes.labels(registry, kind).inc(nbytes)
+
+    def upstream_resumed(self, registry: str) -> None:
+        self.upstream_resumes.labels(registry).inc()
 
     def token_request(self, registry: str, status: int) -> None:
         self.token_requests.labels(registry, str(status)).inc()

@@ -112,6 +112,11 @@ class Observer:
     def upstream_read(self, exchange: Exchange, chunk: bytes) -> None:
         self.metrics.upstream_read(registry_of(exchange), kind_of(exchange), len(chunk))
 
+    def upstream_resumed(self, exchange: Exchange) -> None:
+        """An upstream body that broke off was resumed for this exchange."""
+        exchange.resumes += 1
+        self.metrics.upstream_resumed(registry_of(exchange))
+
     async def too_many_requests(self, exchange: Exchange, response: httpx.Response) -> None:
         """Pass the upstream's 429 on with `Retry-After` and a message naming whose limit it is."""
         registry = registry_of(exchange)
@@ -157,6 +162,7 @@ def access_log(exchange: Exchange) -> None:
         ("cache", exchange.cache),
         ("disconnected", True if exchange.disconnected else None),
         ("aborted", True if exchange.aborted else None),
+        ("resumes", exchange.resumes or None),
     ]
     access.info(logline.logfmt(fields), extra={"fields": fields})
 

@@ -426,6 +426,7 @@ class Upstream:
         follow: bool = True,
         content: bytes | None = None,
         registry: str | None = None,
+        redirected: bool = False,
     ) -> AsyncIterator[httpx.Response]:
         """Send `request`, following redirects per the policy; yield the final response.
 
@@ -436,10 +437,15 @@ class Upstream:
         (`read_body`), and either raises only `RelayError`s. Leaving the context closes
         the response, which closes its connection if the body was not read to the end.
 
+        `redirected`: the first hop is itself a redirect target `registry` named before
+        (a body resumed at its CDN URL), sent over the redirect pool.
+
         Raises:
             RelayError: the upstream could not be reached, or redirected badly.
         """
-        client, redirected = self._clients_for(request.url, registry)
+        client, hops = self._clients_for(request.url, registry)
+        if redirected:
+            client = hops
         conversation = flow.pull_flow(request, self.policy, follow=follow)
         hop = next(conversation)
         while True:
@@ -462,7 +468,7 @@ class Upstream:
                 raise
             await response.aclose()
             content = None
-            client = redirected
+            client = hops
         try:
             yield response
         finally:
