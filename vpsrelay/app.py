@@ -48,6 +48,7 @@ class RelayApp:
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
         self.guard = Guard(settings)
+        self.downloads = download.Limits(settings.download)
         # The relay's own upstream tokens: one keeper for the relay, the cache, client auth.
         self.token_client = TokenClient(upstream)
         self.clientauth = ClientAuth(settings, self.token_client)
@@ -152,7 +153,7 @@ class RelayApp:
             await self.token_endpoint.serve(exchange, route)
             return
         if route.kind is routing.Kind.DOWNLOAD:  # built of subrequests to this app
-            await download.serve(self, exchange)
+            await download.serve(self, exchange, self.downloads)
             return
         if self.clientauth.enabled:
             realm = routing.relay_realm(exchange.view.base_url, route.registry)

@@ -502,6 +502,14 @@ class DownloadConfig:
     enabled: bool = _option(True, _bool, "serve images as tar files at /download (else 404)")
     max_images: int = _option(8, _count, "images one download may hold")
     max_bytes: int = _option(20 * 1024**3, _size, "largest tar a download may be (0: no limit)")
+    downloads_per_client: int = _option(
+        2, _limit, "downloads one client (IP, IPv6 /N) may run at once (0: no limit)"
+    )
+    held_bytes: int = _option(
+        64 * 1024**2,
+        _size,
+        "manifest and config bytes all downloads may hold at once (0: no limit)",
+    )
 
 
 # Scanners that have no business on a registry relay (searched case-insensitively).
