@@ -293,30 +293,39 @@ async def _answer(
         await exchange.body(b"", more=False)
         return
     await _admit_budget(app, exchange, end - start)
-    async with contextlib.AsyncExitStack() as stack:
-        # The first blob is asked for before the head goes out: a refusal of it (a stream
-        # or rate limit, the budget, a 403 or 404) is a clean error, not a broken tar.
-        first = next(
-            (p for p in archive.pieces(layout, start, end) if not isinstance(p, bytes)), None
-        )
-        opened = None
-        if first is not None:
-            path = f"/v2/{sources[first.descriptor.digest]}/blobs/{first.descriptor.digest}"
-            answer = await stack.enter_async_context(
-                sub.get(sources[first.descriptor.digest], path)
-            )
-            opened = (first, answer)
-        await exchange.start(status, tuple(headers))
-        failure: RelayError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
-            try:
-                await _stream(sub, exchange, layout, sources, start, end, opened)
-            except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
-                failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+    failure: RelayError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
+        try:
+            async with contextlib.AsyncExitStack() as first_blob:
+                # The first blob is asked for before the head goes out: its refusal (a
+                # stream or rate limit, the budget, a 403 or 404) is a clean error, not a
+                # broken tar.
+                opened = await _open_first_blob(sub, layout, sources, start, end, first_blob)
+                await exchange.start(status, tuple(headers))
+                await _stream(sub, exchange, layout, sources, start, end, opened, first_blob)
+        except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _open_first_blob(
+    sub: Subrequests,
+    layout: archive.Layout,
+    sources: dict[Digest, str],
+    start: int,
+    end: int,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[archive.BlobPiece, Answer] | None:
+    """The subrequest of the range's first blob piece, open on `stack`; None: no blob."""
+    for piece in archive.pieces(layout, start, end):
+        if not isinstance(piece, bytes):
+            repository = sources[piece.descriptor.digest]
+            path = f"/v2/{repository}/blobs/{piece.descriptor.digest}"
+            return piece, await stack.enter_async_context(sub.get(repository, path))
+    return None
 
 
 async def _admit_budget(app: RelayApp, exchange: Exchange, length: int) -> None:
@@ -474,7 +483,10 @@ async def _stream(
     start: int,
     end: int,
     opened: tuple[archive.BlobPiece, Answer] | None = None,
+    first_blob: contextlib.AsyncExitStack | None = None,
 ) -> None:
+    """Send bytes `start` to `end` of the tar; `opened` is the first blob piece's answer,
+    open on `first_blob` (closed once sent: it holds one of the client's streams)."""
     held = bytearray()
     for piece in archive.pieces(layout, start, end):
         if isinstance(piece, bytes):
@@ -486,10 +498,13 @@ async def _stream(
         if held:
             await exchange.body(bytes(held), more=True)
             held.clear()
-        answer = None
-        if opened is not None and opened[0] is piece:
-            answer, opened = opened[1], None
-        await _stream_blob(sub, exchange, piece, sources[piece.descriptor.digest], answer)
+        if opened is not None:
+            await _stream_blob(sub, exchange, piece, sources[piece.descriptor.digest], opened[1])
+            opened = None
+            if first_blob is not None:
+                await first_blob.aclose()
+            continue
+        await _stream_blob(sub, exchange, piece, sources[piece.descriptor.digest])
     if held:
         await exchange.body(bytes(held), more=True)
     await exchange.body(b"", more=False)
