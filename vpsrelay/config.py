@@ -175,6 +175,13 @@ def _limit(value: object) -> int:
     return value
 
 
+def _held_bytes(value: object) -> int:
+    size = _size(value)
+    if 0 < size < 8 * 1024**2:  # room to read one manifest (4 MiB) and one config (1 MiB)
+        raise ValueError(f"expected 0 (no limit) or at least 8MiB, got {value!r}")
+    return size
+
+
 def _ipv6_prefix(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
@@ -507,7 +514,7 @@ class DownloadConfig:
     )
     held_bytes: int = _option(
         64 * 1024**2,
-        _size,
+        _held_bytes,
         "manifest and config bytes all downloads may hold at once (0: no limit)",
     )
 

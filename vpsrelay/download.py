@@ -56,10 +56,6 @@ MAX_CONFIG_BYTES = 1024 * 1024  # real configs are a few KiB; a few hundred with
 MAX_HELD_BYTES = 16 * 1024 * 1024
 # Held bytes (headers, JSON files, padding) are sent in pieces of at most this much.
 FLUSH_BYTES = 64 * 1024
-# JSON bodies larger than this are parsed in a worker thread, a few at a time, so that a
-# large index does not stall every other request.
-THREAD_PARSE_BYTES = 64 * 1024
-PARSE_THREADS = 2
 
 
 class TooManyImages(ClientError):
@@ -80,7 +76,6 @@ class Limits:
         self.running: dict[str, int] = {}
         self.held_cap = config.held_bytes
         self.held = 0
-        self._parse_limiter: trio.CapacityLimiter | None = None
 
     @contextlib.contextmanager
     def running_for(self, client: str) -> Iterator[None]:
@@ -117,16 +112,6 @@ class Limits:
 
     def release(self, size: int) -> None:
         self.held -= size
-
-    async def parse(self, body: bytes, what: str) -> imageref.Document:
-        """`body` as a JSON object; a large one in a worker thread, a few at once."""
-        if len(body) <= THREAD_PARSE_BYTES:
-            return imageref.load_document(body, what)
-        if self._parse_limiter is None:
-            self._parse_limiter = trio.CapacityLimiter(PARSE_THREADS)
-        return await trio.to_thread.run_sync(
-            imageref.load_document, body, what, limiter=self._parse_limiter
-        )
 
 
 class Held:
@@ -242,7 +227,7 @@ async def _serve(app: RelayApp, exchange: Exchange, limits: Limits) -> None:
     sub = Subrequests(app, exchange)
     held = Held(limits)
     try:
-        resolver = Resolver(sub, request, held, limits)
+        resolver = Resolver(sub, request, held)
         images = tuple(
             [
                 await resolver.resolve(ref, name)
@@ -359,10 +344,10 @@ def _wanted_range(exchange: Exchange, layout: archive.Layout) -> archive.ByteRan
 
 class Resolver:
     """Resolves a download's images: each (name, reference) once, each manifest and
-    config held once per digest, large JSON parsed off the event loop."""
+    config held once per digest (JSON bounded before parsing: `imageref`)."""
 
-    def __init__(self, sub: Subrequests, request: Request, held: Held, limits: Limits) -> None:
-        self.sub, self.request, self.held, self.limits = sub, request, held, limits
+    def __init__(self, sub: Subrequests, request: Request, held: Held) -> None:
+        self.sub, self.request, self.held = sub, request, held
         self.images: dict[tuple[str, str], archive.ArchiveImage] = {}
         self.blobs: dict[Digest, bytes] = {}  # manifests and configs by digest
 
@@ -404,7 +389,7 @@ class Resolver:
         )
         if ref.digest is not None:
             _check(ref.digest, body, "manifest")
-        document = await self.limits.parse(body, "manifest")
+        document = imageref.load_document(body, "manifest")
         media_type = imageref.media_type_of(document, content_type)
         digest = Digest("sha256", _sha256(body))
         if media_type in imageref.INDEX_TYPES:
@@ -414,7 +399,7 @@ class Resolver:
             path = f"/v2/{ref.name}/manifests/{chosen.digest}"
             body, content_type = await self._read(ref.name, path, MAX_MANIFEST_BYTES, chosen.digest)
             _check(chosen.digest, body, "manifest")
-            document = await self.limits.parse(body, "manifest")
+            document = imageref.load_document(body, "manifest")
             media_type = imageref.media_type_of(document, content_type)
             if media_type not in imageref.IMAGE_TYPES:
                 raise imageref.ManifestUnsupported("an index inside an index is not downloadable")
@@ -431,7 +416,7 @@ class Resolver:
         if len(config) != manifest.config.size:
             raise DigestMismatch("the config's size is not the manifest's")
         config = self._keep(manifest.config.digest, config)
-        platform = imageref.config_platform(await self.limits.parse(config, "config"))
+        platform = imageref.config_platform(imageref.load_document(config, "config"))
         if request.platform_given and not imageref.same_platform(request.platform, platform):
             raise imageref.PlatformUnknown(
                 f"no image for {request.platform} (this one is {platform})"

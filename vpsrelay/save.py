@@ -4,7 +4,8 @@ The relay's tar is a pure function of the images, so a partial file is finished 
 `Range` request. The tar's ETag is kept beside the file (`FILE.etag`) while it is
 partial and sent as `If-Range`: should the images have changed meanwhile (a tag moved),
 the relay answers the whole new tar and the file starts over, instead of being
-finished with the bytes of another tar.
+finished with the bytes of another tar. A file without that stored ETag (another tool's,
+or finished earlier) is downloaded again: nothing else tells which tar it is.
 """
 
 from __future__ import annotations

@@ -215,3 +215,12 @@ def test_json_nested_too_deep_is_an_upstream_error() -> None:
         imageref.config_platform(deep)
     document = imageref.load_document(b'{"manifests": []}', "index")
     assert imageref.load_document(document, "index") is document  # parsed once, shared
+
+
+def test_json_of_too_many_values_is_refused_before_parsing() -> None:
+    junk = b'{"manifests":[' + b",".join([b"[]"] * (imageref.MAX_JSON_VALUES + 2)) + b"]}"
+    with pytest.raises(UpstreamProtocolError, match="JSON values"):
+        imageref.select_platform(junk, Platform("linux", "amd64"))
+    many = b'{"manifests":[' + b",".join([b"[]"] * 1000) + b"]}"
+    with pytest.raises(imageref.PlatformUnknown):
+        imageref.select_platform(many, Platform("linux", "amd64"))

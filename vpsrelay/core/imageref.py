@@ -41,6 +41,9 @@ DEFAULT_TAG = "latest"
 # JSON's safe integers: a size past this is a lie, whatever the manifest says.
 MAX_SIZE = 2**53 - 1
 MAX_LAYERS = 1000  # Distribution's own limit is lower; this bounds the tar's layout
+# Values in one manifest or config: real ones have a few thousand at most (1000 layers
+# of 5 fields); a 4 MiB body of `[],[],...` has over a million and takes a second to parse.
+MAX_JSON_VALUES = 50_000
 
 # An os or architecture name, as Go's GOOS/GOARCH values and OCI variants spell them.
 _PLATFORM_PART = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
@@ -198,10 +201,14 @@ def load_document(body: bytes | Document, what: str) -> Document:
     """A JSON object (a document parsed already is passed through: parse once, share).
 
     Raises:
-        UpstreamProtocolError: not JSON, nested too deep, or not an object.
+        UpstreamProtocolError: not JSON, too many values, nested too deep, not an object.
     """
     if isinstance(body, dict):
         return body
+    # Parsing costs time in proportion to the values, on the event loop: bound them
+    # first (each value but the last of a list or object is followed by a comma).
+    if body.count(b",") > MAX_JSON_VALUES:
+        raise UpstreamProtocolError(f"{what}: over {MAX_JSON_VALUES} JSON values")
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
