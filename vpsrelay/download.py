@@ -350,6 +350,7 @@ class Resolver:
         self.sub, self.request, self.held = sub, request, held
         self.images: dict[tuple[str, str], archive.ArchiveImage] = {}
         self.blobs: dict[Digest, bytes] = {}  # manifests and configs by digest
+        self.types: dict[Digest, str | None] = {}  # their Content-Types
 
     async def resolve(self, ref: imageref.ImageRef, name: str) -> archive.ArchiveImage:
         """Raises:
@@ -365,14 +366,24 @@ class Resolver:
     async def _read(
         self, repository: str, path: str, limit: int, digest: Digest | None
     ) -> tuple[bytes, str | None]:
+        """The body (at most `limit` bytes), held: reserved before it is read, by its
+        Content-Length when it says one (real manifests are a few KiB), else `limit`."""
         if digest is not None and digest in self.blobs:
-            return self.blobs[digest], None
-        self.held.reserve(limit)
-        try:
-            body, content_type = await _read(self.sub, repository, path, limit)
-        finally:
-            self.held.give_back(limit)
+            return self.blobs[digest], self.types.get(digest)
+        accept = (("accept", imageref.MANIFEST_ACCEPT),) if "/manifests/" in path else ()
+        async with self.sub.get(repository, path, accept) as answer:
+            length = answer.header("content-length")
+            if length is not None and length.isdigit() and len(length) < 19:
+                limit = min(limit, int(length))
+            self.held.reserve(limit)
+            try:
+                body = await answer.read(limit)
+            finally:
+                self.held.give_back(limit)
+            content_type = answer.header("content-type")
         self.held.reserve(len(body))
+        if digest is not None:
+            self.types[digest] = content_type
         return body, content_type
 
     def _keep(self, digest: Digest, body: bytes) -> bytes:
@@ -434,14 +445,6 @@ class Resolver:
             layers=manifest.layers,
             platform=platform,
         )
-
-
-async def _read(
-    sub: Subrequests, repository: str, path: str, limit: int = MAX_MANIFEST_BYTES
-) -> tuple[bytes, str | None]:
-    accept = (("accept", imageref.MANIFEST_ACCEPT),) if "/manifests/" in path else ()
-    async with sub.get(repository, path, accept) as answer:
-        return await answer.read(limit), answer.header("content-type")
 
 
 def _sha256(body: bytes) -> str:

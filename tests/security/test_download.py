@@ -478,6 +478,8 @@ def test_a_large_index_named_many_times_does_not_stall_the_relay(
     event loop: now it is read once and refused before parsing."""
     with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
         target = relay.url + "/download?" + "&".join(["image=fat:1"] * 8)
+        # The cache's first fill of a 4 MiB manifest is a pull's cost, not the download's.
+        assert httpx.head(target, timeout=TIMEOUT).status_code == 502
         latencies: list[float] = []
         done = threading.Event()
 
@@ -492,15 +494,17 @@ def test_a_large_index_named_many_times_does_not_stall_the_relay(
         prober.start()
         began = time.monotonic()
         try:
-            for _ in range(3):
+            for _ in range(10):
                 answer = httpx.head(target, timeout=TIMEOUT)
                 assert answer.status_code == 502  # over the values one index may have
+                time.sleep(0.05)
         finally:
             took = time.monotonic() - began
             done.set()
             prober.join(30)
-        assert took < 6.0, f"3 requests took {took:.1f} s"
-        assert sorted(latencies)[len(latencies) // 2] < 0.5, latencies
+        assert took < 8.0, f"10 requests took {took:.1f} s"  # each took 8-11 s
+        assert latencies, "/healthz was never answered"
+        assert max(latencies) < 1.0, latencies  # 2.1 s median before
         _alive(relay)
 
 
