@@ -309,7 +309,9 @@ async def _open_first_blob(
         if not isinstance(piece, bytes):
             repository = sources[piece.descriptor.digest]
             path = f"/v2/{repository}/blobs/{piece.descriptor.digest}"
-            return piece, await stack.enter_async_context(sub.get(repository, path))
+            answer = await stack.enter_async_context(sub.get(repository, path))
+            _check_answer(piece.descriptor, answer)
+            return piece, answer
     return None
 
 
@@ -317,7 +319,8 @@ async def _admit_budget(app: RelayApp, exchange: Exchange, length: int) -> None:
     """A download must fit in what is left of the traffic budget to start (docs/security.md).
 
     Raises:
-        TooManyRequests: it does not (the blob subrequests charge what is really sent).
+        TooManyRequests: it does not (the blob subrequests then charge what they read:
+            whole blobs, also for a range that needs only part of one).
     """
     async with app.guard.download(exchange.view.client_ip, exchange.user, lambda: 0) as meter:
         if meter is not None:
@@ -498,6 +501,20 @@ async def _stream(
     await exchange.body(b"", more=False)
 
 
+def _check_answer(descriptor: imageref.Descriptor, answer: Answer) -> None:
+    """Raises:
+    UpstreamProtocolError: not the whole blob, or not of the size its manifest said.
+    """
+    length = answer.header("content-length")
+    if answer.status != 200 or (
+        length is not None and length.isdigit() and int(length) != descriptor.size
+    ):
+        raise UpstreamProtocolError(
+            f"blob {descriptor.digest} is {length} bytes, not the {descriptor.size} its"
+            " manifest said: the download is broken off"
+        )
+
+
 async def _stream_blob(
     sub: Subrequests,
     exchange: Exchange,
@@ -520,14 +537,7 @@ async def _stream_blob(
     async with contextlib.AsyncExitStack() as stack:
         if answer is None:
             answer = await stack.enter_async_context(sub.get(repository, path))
-        length = header_policy.get(answer.headers, "content-length")
-        if answer.status != 200 or (
-            length is not None and length.isdigit() and int(length) != descriptor.size
-        ):
-            raise UpstreamProtocolError(
-                f"blob {descriptor.digest} is {length} bytes, not the {descriptor.size} its"
-                " manifest said: the download is broken off"
-            )
+        _check_answer(descriptor, answer)
         verifier = Verifier(descriptor.digest)
         begin, stop = piece.start, piece.start + piece.length
         position = 0
