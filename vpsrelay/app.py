@@ -18,7 +18,7 @@ from vpsrelay.cache.front import CacheFront
 from vpsrelay.core import forwarding, routing
 from vpsrelay.core.registries import Registry, RegistryTable
 from vpsrelay.errors import RelayError
-from vpsrelay.exchange import Exchange, Receive, Scope, Send, serve_lifespan
+from vpsrelay.exchange import SUBREQUEST, Exchange, Receive, Scope, Send, serve_lifespan
 from vpsrelay.forward import Forwarder
 from vpsrelay.ops.health import Health
 from vpsrelay.ops.metrics import Metrics
@@ -96,6 +96,7 @@ class RelayApp:
             peer=(scope.get("client") or ("", 0))[0],
             raw_path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
             send_timeout=self.settings.limits.send_timeout,
+            subrequest=SUBREQUEST in (scope.get("extensions") or {}),
         )
         try:
             await self._dispatch(exchange)
@@ -163,7 +164,8 @@ class RelayApp:
             if route.kind is routing.Kind.BASE:  # the relay answers for itself
                 await exchange.respond(200, (("content-type", "application/json"),), b"{}")
                 return
-        if route.kind is routing.Kind.BLOB and exchange.method == "GET":
+        # A download's blob subrequests are metered as the download (what it sends).
+        if route.kind is routing.Kind.BLOB and exchange.method == "GET" and not exchange.subrequest:
             client_ip = exchange.view.client_ip
             sent = lambda: exchange.bytes_sent  # noqa: E731
             async with self.guard.download(client_ip, exchange.user, sent) as meter:

@@ -277,7 +277,26 @@ async def _answer(
         await exchange.start(status, tuple(headers))
         await exchange.body(b"", more=False)
         return
-    await _admit_budget(app, exchange, end - start)
+    # The download is metered as one blob download is: one of the client's streams for
+    # its whole life, its bandwidth cap, and the budget charged what it sends (its blob
+    # subrequests are not metered again). The whole answer must fit in what is left.
+    sent = lambda: exchange.bytes_sent  # noqa: E731
+    async with app.guard.download(exchange.view.client_ip, exchange.user, sent) as meter:
+        if meter is not None:
+            meter.admit(end - start)
+        exchange.meter = meter
+        await _send(sub, exchange, layout, sources, (status, start, end), tuple(headers))
+
+
+async def _send(
+    sub: Subrequests,
+    exchange: Exchange,
+    layout: archive.Layout,
+    sources: dict[Digest, str],
+    answer: tuple[int, int, int],
+    headers: header_policy.Headers,
+) -> None:
+    status, start, end = answer
     failure: RelayError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
@@ -287,7 +306,7 @@ async def _answer(
                 # stream or rate limit, the budget, a 403 or 404) is a clean error, not a
                 # broken tar.
                 opened = await _open_first_blob(sub, layout, sources, start, end, first_blob)
-                await exchange.start(status, tuple(headers))
+                await exchange.start(status, headers)
                 await _stream(sub, exchange, layout, sources, start, end, opened, first_blob)
         except RelayError as exc:  # re-raised outside, so it is not wrapped in a group
             failure = exc
@@ -313,18 +332,6 @@ async def _open_first_blob(
             _check_answer(piece.descriptor, answer)
             return piece, answer
     return None
-
-
-async def _admit_budget(app: RelayApp, exchange: Exchange, length: int) -> None:
-    """A download must fit in what is left of the traffic budget to start (docs/security.md).
-
-    Raises:
-        TooManyRequests: it does not (the blob subrequests then charge what they read:
-            whole blobs, also for a range that needs only part of one).
-    """
-    async with app.guard.download(exchange.view.client_ip, exchange.user, lambda: 0) as meter:
-        if meter is not None:
-            meter.admit(length)
 
 
 def _wanted_range(exchange: Exchange, layout: archive.Layout) -> archive.ByteRange | None:

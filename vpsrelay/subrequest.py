@@ -30,6 +30,7 @@ from vpsrelay.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from vpsrelay.exchange import SUBREQUEST
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -139,6 +140,7 @@ class Subrequests:
             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
             "client": (self.exchange.peer, 0),
             "server": None,
+            "extensions": {SUBREQUEST: {}},  # the server's own mark: no client can set it
         }
 
     @contextlib.asynccontextmanager

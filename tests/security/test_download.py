@@ -595,3 +595,26 @@ def test_save_finishes_only_a_file_of_the_same_tar(
         out.write_bytes(whole[:1_000_000])
         save.save(relay.url, ["forge:1"], out, out=sink)
         assert out.read_bytes() == whole
+
+
+def test_a_range_is_charged_only_the_bytes_it_sends(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 10: a range inside a layer reads (and checks) the whole layer, but the
+    traffic budget is charged what the client got: twenty 100-byte ranges of a 3 MB layer
+    fit in a budget of 4 MiB, and the whole tar does not."""
+    env = {"VPSRELAY_LIMITS__BUDGET_DAILY": "4MiB"}
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}", env=env) as relay:
+        url = f"{relay.url}/download/forge:1"
+        for n in range(20):
+            first = 1_000_000 + n * 100_000
+            answer = httpx.get(
+                url, headers={"range": f"bytes={first}-{first + 99}"}, timeout=TIMEOUT
+            )
+            assert answer.status_code == 206, (n, answer.text)
+            assert len(answer.content) == 100
+        whole = httpx.get(url, timeout=TIMEOUT)
+        assert whole.status_code == 200  # 3 MB of the 4 MiB: it fits once
+        again = httpx.get(url, timeout=TIMEOUT)
+        assert again.status_code == 429, again.text  # not twice
+        _alive(relay)
