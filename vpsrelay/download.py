@@ -2,17 +2,20 @@
 
 The tar is built as it streams (`core.archive`), of manifests and blobs fetched with
 subrequests through the relay's own ASGI app, made as the downloading client (its
-address, Host and credentials): authentication, repository lists, per-client streams
-and rate limits, budgets, the cache and its single-flight fill, digest checks and
-redirect guards all apply exactly as they do to a pull, and nothing of them is
-duplicated here. A 401 from a subrequest is answered the way a docker client answers
-it: a token from the relay's own `/token`, with the client's credentials.
+address, Host; its credentials only to the relay's `/token` without access control):
+authentication, repository lists, rate limits, the cache and its single-flight fill,
+digest checks and redirect guards all apply as they do to a pull. The download itself
+is metered as one blob download (`Guard.download`: one of the client's streams, the
+bandwidth cap, the budget charged what it sends); its subrequests are not metered again.
+Each download also counts against `download.downloads_per_client` for its whole life,
+and its manifests and configs against the process-wide `download.held_bytes`.
 
 Manifests and configs are small and fetched (and checked) before the first byte, so a
-missing image, an unknown platform or a tar over the size cap is a clean error; each
-layer is then streamed in pieces of at most a few chunks, its digest checked on the
-way, and a mismatch breaks the download off (the last chunk is held back until the
-blob matched, as the relay does for blob pulls).
+missing image, an unknown platform or a tar over the size cap is a clean error; so is a
+refusal of the first layer, asked for before the head. Each layer is read whole (no
+Range: an upstream's answer to one could not be checked), its digest checked on the
+way, the bytes outside the range dropped, and the range's last bytes held back until
+the blob matched: a mismatch breaks the download off.
 """
 
 from __future__ import annotations
