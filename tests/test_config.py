@@ -861,3 +861,19 @@ def test_resume_and_parallel_settings(tmp_path):
 )  # fmt: skip
 def test_resume_and_parallel_errors(tmp_path, text, message):
     assert file_error(tmp_path, text).startswith(message)
+
+
+def test_download_limits_settings(tmp_path):
+    defaults = config.Settings().download
+    assert (defaults.downloads_per_client, defaults.held_bytes) == (2, 64 * 1024**2)
+    path = write(tmp_path, '[download]\ndownloads_per_client = 0\nheld_bytes = "32MiB"\n')
+    settings = config.load(path, {})
+    assert (settings.download.downloads_per_client, settings.download.held_bytes) == (
+        0, 32 * 1024**2,
+    )  # fmt: skip
+    env = {"VPSRELAY_DOWNLOAD__HELD_BYTES": "0"}
+    assert config.load(write(tmp_path, ""), env).download.held_bytes == 0
+    with pytest.raises(ConfigError, match=r"relay.toml: download.held_bytes: .*at least 8MiB"):
+        config.load(write(tmp_path, '[download]\nheld_bytes = "1MiB"\n'), {})
+    with pytest.raises(ConfigError, match=r"relay.toml: download.downloads_per_client"):
+        config.load(write(tmp_path, "[download]\ndownloads_per_client = -1\n"), {})

@@ -6,7 +6,7 @@ import pytest
 
 from vpsrelay import config, download, save
 from vpsrelay.core.imageref import DEFAULT_PLATFORM, Platform
-from vpsrelay.errors import ClientError, NameUnknown
+from vpsrelay.errors import ClientError, NameUnknown, TooManyRequests
 
 
 def test_parse_request_path_and_query() -> None:
@@ -48,3 +48,25 @@ def test_save_url() -> None:
         "https://relay.example.com/download?image=alpine%3A3&image=a%2Fb%40sha256%3Ax"
         "&platform=linux%2Farm64"
     )
+
+
+def test_limits_count_downloads_per_client_and_bytes_held() -> None:
+    limits = download.Limits(config.DownloadConfig(downloads_per_client=2, held_bytes=8 * 2**20))
+    with limits.running_for("a"), limits.running_for("a"):
+        with pytest.raises(TooManyRequests, match="at most 2 per client"):
+            limits.running_for("a").__enter__()
+        with limits.running_for("b"):
+            assert limits.running == {"a": 2, "b": 1}
+    assert limits.running == {}
+    held, other = download.Held(limits), download.Held(limits)
+    held.reserve(5 * 2**20)
+    with pytest.raises(TooManyRequests, match="busy"):
+        other.reserve(4 * 2**20)
+    other.reserve(3 * 2**20)
+    held.give_back(held.size)
+    other.give_back(other.size)
+    assert limits.held == 0
+    unlimited = download.Limits(config.DownloadConfig(downloads_per_client=0, held_bytes=0))
+    for _ in range(100):
+        unlimited.running_for("a").__enter__()
+    download.Held(unlimited).reserve(2**40)

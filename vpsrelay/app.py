@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-from vpsrelay import download
+from vpsrelay import config, download
 from vpsrelay.access.clientauth import ClientAuth
 from vpsrelay.access.guard import Guard
 from vpsrelay.cache.front import CacheFront
 from vpsrelay.core import forwarding, routing
-from vpsrelay.core.registries import Registry, RegistryTable
 from vpsrelay.errors import RelayError
-from vpsrelay.exchange import Exchange, Receive, Scope, Send, serve_lifespan
+from vpsrelay.exchange import SUBREQUEST, Exchange, Receive, Scope, Send, serve_lifespan
 from vpsrelay.forward import Forwarder
 from vpsrelay.ops.health import Health
 from vpsrelay.ops.metrics import Metrics
@@ -44,10 +43,11 @@ class RelayApp:
         self.settings = settings
         self.upstream = upstream
         self.registries = {registry.name: registry for registry in settings.registries}
-        self.table = registry_table(settings)
+        self.table = config.registry_table(settings)
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
         self.guard = Guard(settings)
+        self.downloads = download.Limits(settings.download)
         # The relay's own upstream tokens: one keeper for the relay, the cache, client auth.
         self.token_client = TokenClient(upstream)
         self.clientauth = ClientAuth(settings, self.token_client)
@@ -95,6 +95,7 @@ class RelayApp:
             peer=(scope.get("client") or ("", 0))[0],
             raw_path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
             send_timeout=self.settings.limits.send_timeout,
+            subrequest=SUBREQUEST in (scope.get("extensions") or {}),
         )
         try:
             await self._dispatch(exchange)
@@ -152,7 +153,7 @@ class RelayApp:
             await self.token_endpoint.serve(exchange, route)
             return
         if route.kind is routing.Kind.DOWNLOAD:  # built of subrequests to this app
-            await download.serve(self, exchange)
+            await download.serve(self, exchange, self.downloads)
             return
         if self.clientauth.enabled:
             realm = routing.relay_realm(exchange.view.base_url, route.registry)
@@ -162,7 +163,8 @@ class RelayApp:
             if route.kind is routing.Kind.BASE:  # the relay answers for itself
                 await exchange.respond(200, (("content-type", "application/json"),), b"{}")
                 return
-        if route.kind is routing.Kind.BLOB and exchange.method == "GET":
+        # A download's blob subrequests are metered as the download (what it sends).
+        if route.kind is routing.Kind.BLOB and exchange.method == "GET" and not exchange.subrequest:
             client_ip = exchange.view.client_ip
             sent = lambda: exchange.bytes_sent  # noqa: E731
             async with self.guard.download(client_ip, exchange.user, sent) as meter:
@@ -179,12 +181,3 @@ class RelayApp:
             await self.cache.serve(exchange, route)
         else:
             await self.forwarder.relay(exchange, route)
-
-
-def registry_table(settings: Settings) -> RegistryTable:
-    """The router's view of the configured registries."""
-    base_domains = list(settings.server.base_domains)
-    if settings.server.public_url:
-        base_domains.append(urlsplit(settings.server.public_url).hostname or "")
-    registries = (Registry(r.name, r.url, r.aliases, r.subdomain) for r in settings.registries)
-    return RegistryTable(registries, [d for d in base_domains if d])

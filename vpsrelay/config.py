@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from vpsrelay.core.access import AHEAD_PER_CLIENT
 from vpsrelay.core.cachepolicy import GiB, parse_size
+from vpsrelay.core.registries import Registry, RegistryTable
 from vpsrelay.core.tokens import parse_htpasswd, parse_pull_tokens, weak_pull_token
 from vpsrelay.errors import ConfigError
 from vpsrelay.registry_config import (
@@ -37,7 +38,7 @@ from vpsrelay.registry_config import (
     parse_http_url,
 )
 
-__all__ = ["DOCKER_HUB_URL", "RegistryConfig", "Secret", "Settings", "load"]
+__all__ = ["DOCKER_HUB_URL", "RegistryConfig", "Secret", "Settings", "load", "registry_table"]
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -188,6 +189,13 @@ def _limit(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number >= 0 (0 for no limit), got {value!r}")
     return value
+
+
+def _held_bytes(value: object) -> int:
+    size = _size(value)
+    if 0 < size < 8 * 1024**2:  # room to read one manifest (4 MiB) and one config (1 MiB)
+        raise ValueError(f"expected 0 (no limit) or at least 8MiB, got {value!r}")
+    return size
 
 
 def _ipv6_prefix(value: object) -> int:
@@ -527,6 +535,14 @@ class DownloadConfig:
     enabled: bool = _option(True, _bool, "serve images as tar files at /download (else 404)")
     max_images: int = _option(8, _count, "images one download may hold")
     max_bytes: int = _option(20 * 1024**3, _size, "largest tar a download may be (0: no limit)")
+    downloads_per_client: int = _option(
+        2, _limit, "downloads one client (IP, IPv6 /N) may run at once (0: no limit)"
+    )
+    held_bytes: int = _option(
+        64 * 1024**2,
+        _held_bytes,
+        "manifest and config bytes all downloads may hold at once (0: no limit)",
+    )
 
 
 # Scanners that have no business on a registry relay (searched case-insensitively).
@@ -870,3 +886,12 @@ def _check_tls(tls: TLSConfig, raw: dict[str, tuple[object, str]]) -> None:
         key = "eab_kid" if tls.eab_kid is not None else "eab_hmac_key"
         other = "eab_hmac_key" if key == "eab_kid" else "eab_kid"
         raise ConfigError(f"{where(key)}: tls.{key}: needs tls.{other} too")
+
+
+def registry_table(settings: Settings) -> RegistryTable:
+    """The router's view of the configured registries (the app's, and `/download`'s)."""
+    base_domains = list(settings.server.base_domains)
+    if settings.server.public_url:
+        base_domains.append(urlsplit(settings.server.public_url).hostname or "")
+    registries = (Registry(r.name, r.url, r.aliases, r.subdomain) for r in settings.registries)
+    return RegistryTable(registries, [d for d in base_domains if d])

@@ -38,6 +38,9 @@ Send = Callable[[Message], Awaitable[None]]
 # The app's logger: these lines were the app's before the move, and log filters name it.
 log = logging.getLogger("vpsrelay.app")
 
+# The ASGI scope extension that marks a `/download`'s subrequest (set by the relay only).
+SUBREQUEST = "vpsrelay.subrequest"
+
 API_VERSION_HEADER = ("docker-distribution-api-version", "registry/2.0")
 
 
@@ -66,6 +69,8 @@ class Exchange:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     raw_path: str = "/"  # the request target as sent, for the guard's checks
     meter: Meter | None = None  # a blob download's budget hold and bandwidth cap
+    # A request a `/download` makes through the app: metered as part of that download.
+    subrequest: bool = False
     # How long one send may wait for the client to take it (`limits.send_timeout`).
     send_timeout: float = math.inf
     resumes: int = 0  # upstream bodies resumed after breaking off

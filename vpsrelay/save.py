@@ -4,7 +4,8 @@ The relay's tar is a pure function of the images, so a partial file is finished 
 `Range` request. The tar's ETag is kept beside the file (`FILE.etag`) while it is
 partial and sent as `If-Range`: should the images have changed meanwhile (a tag moved),
 the relay answers the whole new tar and the file starts over, instead of being
-finished with the bytes of another tar.
+finished with the bytes of another tar. A file without that stored ETag (another tool's,
+or finished earlier) is downloaded again: nothing else tells which tar it is.
 """
 
 from __future__ import annotations
@@ -126,12 +127,16 @@ def save(
         target = _probe(client, url)
         have = output.stat().st_size if output.exists() else 0
         known = etag_file.read_text().strip() if etag_file.exists() else None
-        if have == target.length and known in (None, target.etag):
+        # A partial file is finished only when its stored ETag says it is of this tar; a
+        # file without one (another tool's, or a finished file of another tar) starts over.
+        if have and known != target.etag:
+            have = 0
+        if have == target.length:
             etag_file.unlink(missing_ok=True)
             out.write(f"{output}: complete already ({have} bytes)\n")
             return have
-        if have > target.length or (known is not None and known != target.etag):
-            have = 0  # another tar: start over
+        if have > target.length:
+            have = 0
         etag_file.write_text(target.etag + "\n")
         request_headers = {}
         if have:

@@ -30,6 +30,7 @@ from vpsrelay.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from vpsrelay.exchange import SUBREQUEST
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -119,6 +120,9 @@ class Subrequests:
         self.exchange = exchange
         self.headers = tuple((k, v) for k, v in exchange.headers if k in _KEPT_HEADERS)
         self.client_authorization = header_policy.get(exchange.headers, "authorization")
+        # Without access control the relay passes a client's Authorization on to the
+        # upstream's /v2: a download sends it only to the relay's /token, as a pull does.
+        self.direct_authorization = self.client_authorization if app.settings.auth.enabled else None
         self.tokens: dict[str, str] = {}  # repository -> "Bearer ..." earned at /token
         self.scheme = urlsplit(exchange.view.base_url).scheme or "http"
 
@@ -136,6 +140,7 @@ class Subrequests:
             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
             "client": (self.exchange.peer, 0),
             "server": None,
+            "extensions": {SUBREQUEST: {}},  # the server's own mark: no client can set it
         }
 
     @contextlib.asynccontextmanager
@@ -200,7 +205,7 @@ class Subrequests:
         """
         challenge: str | None = None
         for attempt in range(2):
-            authorization = self.tokens.get(repository) or self.client_authorization
+            authorization = self.tokens.get(repository) or self.direct_authorization
             headers = (*self.headers, *extra)
             if authorization:
                 headers = (*headers, ("authorization", authorization))

@@ -357,3 +357,10 @@ def test_manifest_children() -> None:
     assert policy.manifest_children(json.dumps(index).encode()) == ["sha256:m1"]
     assert policy.manifest_children(b"not json") == []
     assert policy.manifest_children(b"[1]") == []
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "9" * 5000]
+)
+def test_parse_range_of_thousands_of_digits_is_ignored(header: str) -> None:
+    assert policy.parse_range(header, 1000) is None  # int() of it would raise ValueError

@@ -159,3 +159,68 @@ def test_config_platform() -> None:
     assert imageref.config_platform(config) == Platform("linux", "arm", "v7")
     with pytest.raises(UpstreamProtocolError):
         imageref.config_platform(b'{"os": "linux"}')
+
+
+# -- the security review of issue 17 ------------------------------------------------------------
+
+
+def test_platforms_are_matched_as_containerd_normalises_them() -> None:
+    body = _index(
+        _entry("linux", "arm64", digest="2" * 64),
+        _entry("linux", "arm", "v7", digest="4" * 64),
+        _entry("linux", "arm", "v6", digest="6" * 64),
+        _entry("linux", "amd64", digest="1" * 64),
+    )
+    assert imageref.select_platform(body, Platform("linux", "arm64", "v8")).digest.hex == "2" * 64
+    # `linux/arm` is v7, not whichever arm entry comes first.
+    assert imageref.select_platform(body, Platform("linux", "arm")).digest.hex == "4" * 64
+    assert imageref.select_platform(body, Platform("linux", "x86_64")).digest.hex == "1" * 64
+    assert imageref.normalize(Platform("linux", "aarch64")) == Platform("linux", "arm64")
+    assert imageref.normalize(Platform("linux", "armhf")) == Platform("linux", "arm", "v7")
+    assert imageref.normalize(Platform("linux", "amd64", "v1")) == Platform("linux", "amd64")
+    assert imageref.normalize(Platform("linux", "amd64", "v3")) == Platform("linux", "amd64", "v3")
+
+
+def test_an_image_configs_variant_is_checked() -> None:
+    arm_v6 = Platform("linux", "arm", "v6")
+    assert imageref.same_platform(Platform("linux", "arm", "v7"), Platform("linux", "arm", "7"))
+    assert not imageref.same_platform(Platform("linux", "arm", "v7"), arm_v6)
+    assert not imageref.same_platform(Platform("linux", "arm"), arm_v6)
+    assert imageref.same_platform(Platform("linux", "arm64", "v8"), Platform("linux", "arm64"))
+    assert not imageref.same_platform(Platform("linux", "amd64"), Platform("linux", "arm64"))
+
+
+def test_one_unparsable_entry_does_not_spoil_the_index() -> None:
+    foreign = {**_entry("windows", "amd64", digest="9" * 64), "urls": ["https://x.invalid/"]}
+    bad_size = {**_entry("linux", "s390x", digest="8" * 64), "size": -1}
+    body = _index(foreign, bad_size, _entry("linux", "amd64", digest="1" * 64))
+    assert imageref.select_platform(body, Platform("linux", "amd64")).digest.hex == "1" * 64
+    with pytest.raises(imageref.PlatformUnknown):
+        imageref.select_platform(body, Platform("windows", "amd64"))
+
+
+def test_a_layer_of_size_0_must_be_the_empty_blob() -> None:
+    def manifest(layer: dict[str, object]) -> bytes:
+        return json.dumps({"config": _desc(CONFIG), "layers": [layer]}).encode()
+
+    empty = f"sha256:{imageref.EMPTY_SHA256.hex}"
+    assert imageref.parse_image_manifest(manifest(_desc(size=0, digest=empty))).layers[0].size == 0
+    with pytest.raises(UpstreamProtocolError, match="size 0"):
+        imageref.parse_image_manifest(manifest(_desc(size=0)))
+
+
+def test_json_nested_too_deep_is_an_upstream_error() -> None:
+    deep = b'{"os":"linux","architecture":"amd64","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(UpstreamProtocolError, match="too deep"):
+        imageref.config_platform(deep)
+    document = imageref.load_document(b'{"manifests": []}', "index")
+    assert imageref.load_document(document, "index") is document  # parsed once, shared
+
+
+def test_json_of_too_many_values_is_refused_before_parsing() -> None:
+    junk = b'{"manifests":[' + b",".join([b"[]"] * (imageref.MAX_JSON_VALUES + 2)) + b"]}"
+    with pytest.raises(UpstreamProtocolError, match="JSON values"):
+        imageref.select_platform(junk, Platform("linux", "amd64"))
+    many = b'{"manifests":[' + b",".join([b"[]"] * 1000) + b"]}"
+    with pytest.raises(imageref.PlatformUnknown):
+        imageref.select_platform(many, Platform("linux", "amd64"))

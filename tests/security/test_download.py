@@ -20,18 +20,24 @@ import hashlib
 import io
 import json
 import random
+import socket
 import tarfile
+import threading
+import time
 from typing import TYPE_CHECKING
 
+import h2.events
 import httpx
 import pytest
 
 from tests.infra._http import BaseHandler, QuietThreadingHTTPServer, serve_in_thread, stop_server
 from tests.infra.oci import MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST
 from tests.infra.relay import RelayProcess
+from tests.security.hostile_registry import HostileRegistry
+from tests.security.wire import H2Client
+from vpsrelay import save
 
 if TYPE_CHECKING:
-    import threading
     from collections.abc import Iterator
     from pathlib import Path
 
@@ -263,10 +269,14 @@ class Liar:
 
 
 def _download_never_completes(url: str) -> int:
-    """GET `url`; asserts the body ends short of its Content-Length; the bytes received."""
+    """GET `url`; asserts it is refused before its head (a size the first layer's answer
+    contradicts) or its body ends short of its Content-Length; the bytes received."""
     received = 0
     try:
         with httpx.stream("GET", url, timeout=TIMEOUT) as response:
+            if response.status_code == 502:
+                assert "application/x-tar" not in response.headers["content-type"]
+                return 0
             assert response.status_code == 200
             length = int(response.headers["content-length"])
             for chunk in response.iter_raw():
@@ -325,4 +335,286 @@ def test_downloads_hold_the_clients_stream_slots(hub: Hub, tmp_path: Path) -> No
             timeout=TIMEOUT,
         )  # fmt: skip
         assert other.status_code == 200
+        _alive(relay)
+
+
+# --- the security review of issue 17: a hostile upstream, greedy clients -----------------------
+
+STALL_SECONDS = 3.0  # how long the stalled readers are given to take the relay's memory
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[HostileRegistry]:
+    registry = HostileRegistry()
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def _stalled(relay: RelayProcess, target: str, headers: str = "") -> socket.socket:
+    """A connection that asks for `target` and reads nothing (a 4 KiB receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", relay.port))
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+    return sock
+
+
+def _status(sock: socket.socket) -> int:
+    head = sock.recv(12)  # `HTTP/1.1 200`
+    return int(head[9:12])
+
+
+REPEATED_BIG = "/download?" + "&".join(["image=big:1"] * 4)
+
+
+def test_one_client_runs_few_downloads_however_many_connections(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 1: 30 connections of one client that read nothing held ~768 MiB; now the
+    client's third download at once is a 429 and memory stays flat."""
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
+        assert httpx.get(relay.url + REPEATED_BIG, timeout=TIMEOUT).status_code == 200
+        base = relay.rss_bytes()
+        sockets = [_stalled(relay, REPEATED_BIG) for _ in range(30)]
+        try:
+            statuses = [_status(sock) for sock in sockets]
+            time.sleep(STALL_SECONDS)
+            grown = relay.rss_bytes() - base
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert statuses.count(200) == 2, statuses
+        assert statuses.count(429) == 28, statuses
+        assert grown < 64 * 1024 * 1024, f"+{grown >> 20} MiB"
+        _alive(relay)
+
+
+def test_http2_streams_count_against_the_download_cap(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 1 over h2c: 40 streams on one connection (+1195 MiB) are 2 downloads."""
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
+        base = relay.rss_bytes()
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            client = H2Client(sock, f"127.0.0.1:{relay.port}")
+            for _ in range(40):
+                client.get(REPEATED_BIG)
+            events = client.read(timeout=10, want_data=10**9)  # never a WINDOW_UPDATE
+            grown = relay.rss_bytes() - base
+        statuses = [
+            dict(event.headers).get(b":status")
+            for event in events
+            if isinstance(event, h2.events.ResponseReceived)
+        ]
+        assert statuses.count(b"200") <= 2, statuses
+        assert statuses.count(b"429") >= 38, statuses
+        assert grown < 64 * 1024 * 1024, f"+{grown >> 20} MiB"
+        _alive(relay)
+
+
+def test_all_downloads_hold_a_bounded_number_of_bytes(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 1: many clients each stalling a download of a large config meet
+    `download.held_bytes` (a 429), and a config over 1 MiB is refused outright."""
+    env = {"VPSRELAY_DOWNLOAD__HELD_BYTES": "8MiB", "VPSRELAY_DOWNLOAD__DOWNLOADS_PER_CLIENT": "0"}
+    with RelayProcess(
+        tmp_path, "--upstream", f"docker.io={hostile.url}", "--trusted-proxy", "127.0.0.1/32",
+        env=env,
+    ) as relay:  # fmt: skip
+        sockets = [
+            _stalled(relay, "/download/big:1", f"X-Forwarded-For: 203.0.113.{n}\r\n")
+            for n in range(1, 13)
+        ]
+        try:
+            statuses = [_status(sock) for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert 200 in statuses, statuses
+        assert 429 in statuses, statuses  # 12 x 900 KiB + a 4 MiB read in flight > 8 MiB
+        huge = httpx.get(f"{relay.url}/download/huge:1", timeout=TIMEOUT)
+        assert huge.status_code == 502, huge.text
+        assert "not an image's" in huge.text  # over the 1 MiB a config may be
+        _alive(relay)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_a_resumed_download_holds_only_verified_bytes(
+    hostile: HostileRegistry, tmp_path: Path, cache: str
+) -> None:
+    """Findings 2 and 10: a range inside a layer, from an upstream that answers ranges with
+    zeros (or ignores them), is the verified tar's bytes; no Range reaches the upstream."""
+    env = {"VPSRELAY_CACHE__ENABLED": cache}
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}", env=env) as relay:
+        url = f"{relay.url}/download/forge:1"
+        etag = httpx.head(url, timeout=TIMEOUT).headers["etag"]
+        before = hostile.forge_ranges
+        resumed = httpx.get(
+            url, headers={"range": "bytes=1500000-", "if-range": etag}, timeout=TIMEOUT
+        )
+        bounded = httpx.get(url, headers={"range": "bytes=1500000-1600000"}, timeout=TIMEOUT)
+        hostile.ignore_range = True
+        try:
+            ignored = httpx.get(url, headers={"range": "bytes=2000000-2000099"}, timeout=TIMEOUT)
+        finally:
+            hostile.ignore_range = False
+        assert hostile.forge_ranges == before
+        whole = httpx.get(url, timeout=TIMEOUT).content
+        assert (resumed.status_code, bounded.status_code, ignored.status_code) == (206, 206, 206)
+        assert resumed.content == whole[1_500_000:]
+        assert bounded.content == whole[1_500_000:1_600_001]
+        assert ignored.content == whole[2_000_000:2_000_100]
+        with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+            member = tar.extractfile("blobs/sha256/" + hostile.forge_digest.split(":")[1])
+            assert member is not None
+            assert _digest(member.read()) == hostile.forge_digest
+        _alive(relay)
+
+
+def test_a_large_index_named_many_times_does_not_stall_the_relay(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 3: a HEAD naming a 4 MiB index of a million values 8 times took 8-11 s of
+    event loop: now it is read once and refused before parsing."""
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
+        target = relay.url + "/download?" + "&".join(["image=fat:1"] * 8)
+        # The cache's first fill of a 4 MiB manifest is a pull's cost, not the download's.
+        assert httpx.head(target, timeout=TIMEOUT).status_code == 502
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            while not done.is_set() and len(latencies) < 1000:
+                began = time.monotonic()
+                httpx.get(f"{relay.url}/healthz", timeout=TIMEOUT)
+                latencies.append(time.monotonic() - began)
+                time.sleep(0.05)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        began = time.monotonic()
+        try:
+            for _ in range(10):
+                answer = httpx.head(target, timeout=TIMEOUT)
+                assert answer.status_code == 502  # over the values one index may have
+                time.sleep(0.05)
+        finally:
+            took = time.monotonic() - began
+            done.set()
+            prober.join(30)
+        assert took < 8.0, f"10 requests took {took:.1f} s"  # each took 8-11 s
+        assert latencies, "/healthz was never answered"
+        assert max(latencies) < 1.0, latencies  # 2.1 s median before
+        _alive(relay)
+
+
+def test_lies_in_manifests_and_huge_numbers_are_clean_errors(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Findings 4 and 6: a size-0 layer naming a non-empty blob, a config nested 100 000
+    deep, a Range of 5000 digits: refused or ignored, never a 500 or a completed lie."""
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
+        zero = httpx.get(f"{relay.url}/download/zero:1", timeout=TIMEOUT)
+        assert zero.status_code == 502, zero.text
+        assert "size 0" in zero.text
+        deep = httpx.get(f"{relay.url}/download/deep:1", timeout=TIMEOUT)
+        assert deep.status_code == 502, deep.text
+        digits = {"range": "bytes=" + "9" * 5000 + "-"}
+        ranged = httpx.get(f"{relay.url}/download/forge:1", headers=digits, timeout=TIMEOUT)
+        assert ranged.status_code == 200  # a malformed range is ignored
+        blob = f"{relay.url}/v2/library/forge/blobs/{hostile.forge_digest}"
+        assert httpx.get(blob, headers=digits, timeout=TIMEOUT).status_code == 200
+        assert "bug while serving" not in relay.log_text()
+        _alive(relay)
+
+
+def test_refusals_come_before_the_head(hostile: HostileRegistry, tmp_path: Path) -> None:
+    """Finding 5: a tar over what is left of the budget, or whose layer is missing, is a
+    clean 429 or 404, not a 200 cut off."""
+    env = {"VPSRELAY_LIMITS__BUDGET_DAILY": "2MiB"}
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}", env=env) as relay:
+        over = httpx.get(f"{relay.url}/download/forge:1", timeout=TIMEOUT)
+        assert over.status_code == 429, over.text
+        assert "retry-after" in over.headers
+        missing = httpx.get(f"{relay.url}/download/missing:1", timeout=TIMEOUT)
+        assert missing.status_code == 404, missing.text
+        assert "application/x-tar" not in missing.headers.get("content-type", "")
+        _alive(relay)
+
+
+def test_plain_text_errors_are_never_a_page(hostile: HostileRegistry, tmp_path: Path) -> None:
+    """Finding 9: an error that names what was asked for is neither sniffed nor run."""
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
+        for params in (
+            {"image": "<html><script>alert(1)</script>"},
+            {"image": "alpine", "platform": "<b>x</b>/y"},
+        ):
+            answer = httpx.get(f"{relay.url}/download", params=params, timeout=TIMEOUT)
+            assert answer.status_code == 400
+            assert answer.headers["content-type"].startswith("text/plain")
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["content-security-policy"] == "default-src 'none'"
+
+
+def test_a_clients_credentials_reach_only_the_relays_token_endpoint(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Info: without access control, a browser's Basic credentials sent with a download
+    went to the upstream's /v2; a pull sends them only to /token."""
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}") as relay:
+        hostile.authorizations.clear()
+        answer = httpx.get(
+            f"{relay.url}/download/big:1", auth=("alice", "browser-password"), timeout=TIMEOUT
+        )
+        assert answer.status_code == 200
+        seen = list(hostile.authorizations)
+    assert seen, "the upstream was asked nothing"
+    assert not any(value and value.startswith("Basic") for value in seen), seen
+
+
+def test_save_finishes_only_a_file_of_the_same_tar(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 8: a file without its stored ETag (another tar's, another tool's) is not
+    declared complete nor resumed: it is downloaded again."""
+    out = tmp_path / "forge.tar"
+    with RelayProcess(tmp_path / "relay", "--upstream", f"docker.io={hostile.url}") as relay:
+        whole = httpx.get(f"{relay.url}/download/forge:1", timeout=TIMEOUT).content
+        sink = io.StringIO()
+        out.write_bytes(bytes(len(whole)))  # same length, other bytes, no .etag
+        save.save(relay.url, ["forge:1"], out, out=sink)
+        assert out.read_bytes() == whole
+        out.write_bytes(b"\xff" * 1_000_000)  # a partial file of unknown origin
+        save.save(relay.url, ["forge:1"], out, out=sink)
+        assert out.read_bytes() == whole
+        (tmp_path / "forge.tar.etag").write_text('"another-tar"\n')
+        out.write_bytes(whole[:1_000_000])
+        save.save(relay.url, ["forge:1"], out, out=sink)
+        assert out.read_bytes() == whole
+
+
+def test_a_range_is_charged_only_the_bytes_it_sends(
+    hostile: HostileRegistry, tmp_path: Path
+) -> None:
+    """Finding 10: a range inside a layer reads (and checks) the whole layer, but the
+    traffic budget is charged what the client got: twenty 100-byte ranges of a 3 MB layer
+    fit in a budget of 4 MiB, and the whole tar does not."""
+    env = {"VPSRELAY_LIMITS__BUDGET_DAILY": "4MiB"}
+    with RelayProcess(tmp_path, "--upstream", f"docker.io={hostile.url}", env=env) as relay:
+        url = f"{relay.url}/download/forge:1"
+        for n in range(20):
+            first = 1_000_000 + n * 100_000
+            answer = httpx.get(
+                url, headers={"range": f"bytes={first}-{first + 99}"}, timeout=TIMEOUT
+            )
+            assert answer.status_code == 206, (n, answer.text)
+            assert len(answer.content) == 100
+        whole = httpx.get(url, timeout=TIMEOUT)
+        assert whole.status_code == 200  # 3 MB of the 4 MiB: it fits once
+        again = httpx.get(url, timeout=TIMEOUT)
+        assert again.status_code == 429, again.text  # not twice
         _alive(relay)

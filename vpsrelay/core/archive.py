@@ -293,7 +293,8 @@ class ByteRange:
         return f"bytes {self.start}-{self.end - 1}/{size}"
 
 
-_RANGE = re.compile(r"bytes=\s*(\d*)\s*-\s*(\d*)\s*")
+# At most 19 digits: int() of thousands of digits raises (a malformed range: ignored).
+_RANGE = re.compile(r"bytes=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")
 
 
 def parse_range(value: str | None, size: int) -> ByteRange | None:

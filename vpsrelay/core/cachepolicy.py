@@ -33,7 +33,9 @@ _UNITS = {
     "t": 1000**4, "tb": 1000**4, "tib": TiB,
 }  # fmt: skip
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# At most 19 digits: longer numbers are no real offset, and int() of thousands of
+# digits raises (and costs time).
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
 
 def parse_size(value: object) -> int:

@@ -41,6 +41,9 @@ DEFAULT_TAG = "latest"
 # JSON's safe integers: a size past this is a lie, whatever the manifest says.
 MAX_SIZE = 2**53 - 1
 MAX_LAYERS = 1000  # Distribution's own limit is lower; this bounds the tar's layout
+# Values in one manifest or config: real ones have a few thousand at most (1000 layers
+# of 5 fields); a 4 MiB body of `[],[],...` has over a million and takes a second to parse.
+MAX_JSON_VALUES = 50_000
 
 # An os or architecture name, as Go's GOOS/GOARCH values and OCI variants spell them.
 _PLATFORM_PART = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
@@ -121,6 +124,36 @@ class Platform:
 
 DEFAULT_PLATFORM = Platform("linux", "amd64")
 
+# containerd's normalisation (platforms.Normalize): other spellings of one platform.
+_ARCH_ALIASES = {"i386": "386", "x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
+_ARM_NAMES = {"armhf": "v7", "armel": "v6"}
+_DEFAULT_VARIANTS = {("amd64", "v1"), ("arm64", "8"), ("arm64", "v8"), ("arm64", "v8.0")}
+
+
+def normalize(platform: Platform) -> Platform:
+    """`linux/arm64/v8` is `linux/arm64`, `linux/arm` is `linux/arm/v7`, `x86_64` is
+    `amd64`: as containerd matches them."""
+    os_name, arch, variant = platform.os.lower(), platform.architecture, platform.variant
+    arch = _ARCH_ALIASES.get(arch, arch)
+    if arch in _ARM_NAMES:
+        arch, variant = "arm", _ARM_NAMES[arch]
+    if (arch, variant) in _DEFAULT_VARIANTS:
+        variant = ""
+    elif arch == "arm" and variant in ("", "7"):
+        variant = "v7"
+    elif arch == "arm" and variant in ("5", "6", "8"):
+        variant = f"v{variant}"
+    return Platform(os_name, arch, variant)
+
+
+def same_platform(asked: Platform, described: Platform) -> bool:
+    """Whether an image config's platform is the one asked for; a config without a
+    variant (most say none) matches on os and architecture."""
+    asked, normal = normalize(asked), normalize(described)
+    if not described.variant:
+        return (asked.os, asked.architecture) == (normal.os, normal.architecture)
+    return asked == normal
+
 
 def parse_platform(text: str) -> Platform:
     """`os/arch[/variant]`, as `docker pull --platform` takes it.
@@ -158,24 +191,41 @@ def _descriptor(value: object, what: str) -> Descriptor:
     return Descriptor(media_type, parsed, size)
 
 
-def _document(body: bytes, what: str) -> dict[str, object]:
+# The sha256 of no bytes: the only digest a blob of size 0 may have.
+EMPTY_SHA256 = Digest("sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+
+Document = dict[str, object]
+
+
+def load_document(body: bytes | Document, what: str) -> Document:
+    """A JSON object (a document parsed already is passed through: parse once, share).
+
+    Raises:
+        UpstreamProtocolError: not JSON, too many values, nested too deep, not an object.
+    """
+    if isinstance(body, dict):
+        return body
+    # Parsing costs time in proportion to the values, on the event loop: bound them
+    # first (each value but the last of a list or object is followed by a comma).
+    if body.count(b",") > MAX_JSON_VALUES:
+        raise UpstreamProtocolError(f"{what}: over {MAX_JSON_VALUES} JSON values")
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise UpstreamProtocolError(f"{what}: not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise UpstreamProtocolError(f"{what}: not JSON (or nested too deep)") from None
     if not isinstance(document, dict):
         raise UpstreamProtocolError(f"{what}: not a JSON object")
     return document
 
 
-def media_type_of(body: bytes, content_type: str | None) -> str:
+def media_type_of(body: bytes | Document, content_type: str | None) -> str:
     """The manifest's media type: its own `mediaType`, else the Content-Type it came with.
 
     Raises:
         UpstreamProtocolError: not a JSON object.
         ManifestUnsupported: neither an index nor an image manifest.
     """
-    document = _document(body, "manifest")
+    document = load_document(body, "manifest")
     declared = document.get("mediaType")
     media_type = declared if isinstance(declared, str) else (content_type or "")
     media_type = media_type.split(";")[0].strip()
@@ -188,7 +238,7 @@ def media_type_of(body: bytes, content_type: str | None) -> str:
     raise ManifestUnsupported(f"not an image manifest or index: {media_type[:100]!r}")
 
 
-def select_platform(body: bytes, platform: Platform) -> Descriptor:
+def select_platform(body: bytes | Document, platform: Platform) -> Descriptor:
     """The index entry for `platform` (an entry without a variant matches any variant
     asked for only when it is the only one of its os/arch).
 
@@ -196,7 +246,7 @@ def select_platform(body: bytes, platform: Platform) -> Descriptor:
         PlatformUnknown: no entry for it (the message lists the ones there are).
         UpstreamProtocolError: a malformed index.
     """
-    document = _document(body, "index")
+    document = load_document(body, "index")
     entries = document.get("manifests")
     if not isinstance(entries, list):
         raise UpstreamProtocolError("index: no manifests list")
@@ -209,7 +259,14 @@ def select_platform(body: bytes, platform: Platform) -> Descriptor:
         variant = described.get("variant") or ""
         if not all(isinstance(p, str) for p in (os_name, arch, variant)):
             continue
-        offered.append((Platform(os_name, arch, variant), _descriptor(entry, f"index[{number}]")))
+        try:
+            descriptor = _descriptor(entry, f"index[{number}]")
+        except (UpstreamProtocolError, ManifestUnsupported):
+            continue  # another platform's odd entry (windows with urls) spoils nothing
+        offered.append((Platform(os_name, arch, variant), descriptor))
+    listed = sorted({str(p) for p, _ in offered})  # as the index spells them
+    offered = [(normalize(p), d) for p, d in offered]
+    platform = normalize(platform)
     exact = [d for p, d in offered if p == platform]
     if not exact and not platform.variant:
         same = [
@@ -217,9 +274,8 @@ def select_platform(body: bytes, platform: Platform) -> Descriptor:
         ]
         exact = same[:1]
     if not exact or exact[0].media_type not in IMAGE_TYPES:
-        names = sorted({str(p) for p, _ in offered})
         raise PlatformUnknown(
-            f"no image for {platform} (this image has: {', '.join(names) or 'none'})"
+            f"no image for {platform} (this image has: {', '.join(listed) or 'none'})"
         )
     return exact[0]
 
@@ -230,14 +286,14 @@ class ImageManifest:
     layers: tuple[Descriptor, ...]
 
 
-def parse_image_manifest(body: bytes) -> ImageManifest:
+def parse_image_manifest(body: bytes | Document) -> ImageManifest:
     """The config and layers of an image manifest, each checked.
 
     Raises:
         ManifestUnsupported: an artifact (a config or layer that is no image's).
         UpstreamProtocolError: malformed.
     """
-    document = _document(body, "manifest")
+    document = load_document(body, "manifest")
     config = _descriptor(document.get("config"), "config")
     if config.media_type not in CONFIG_TYPES:
         raise ManifestUnsupported(f"not a container image: config type {config.media_type!r}")
@@ -246,18 +302,21 @@ def parse_image_manifest(body: bytes) -> ImageManifest:
         raise UpstreamProtocolError("manifest: no layers list, or too many layers")
     parsed = tuple(_descriptor(layer, f"layers[{n}]") for n, layer in enumerate(layers))
     for layer in parsed:
+        # A blob of size 0 is never fetched (nothing to check): only the empty one has it.
+        if layer.size == 0 and layer.digest != EMPTY_SHA256:
+            raise UpstreamProtocolError(f"layer {layer.digest} of size 0 is not the empty blob")
         if layer.media_type not in LAYER_TYPES:
             raise ManifestUnsupported(f"layer type {layer.media_type[:100]!r} cannot be loaded")
     return ImageManifest(config, parsed)
 
 
-def config_platform(body: bytes) -> Platform:
+def config_platform(body: bytes | Document) -> Platform:
     """The platform an image config says it is for.
 
     Raises:
         UpstreamProtocolError: not a JSON object, or no os/architecture.
     """
-    document = _document(body, "config")
+    document = load_document(body, "config")
     os_name, arch = document.get("os"), document.get("architecture")
     variant = document.get("variant") or ""
     if not isinstance(os_name, str) or not isinstance(arch, str) or not isinstance(variant, str):

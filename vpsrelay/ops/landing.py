@@ -67,7 +67,8 @@ def download_form(settings: Settings, where: snippets.Target) -> str:
 <button type="submit" id="download-button">Download</button>
 </form>
 <div class="snippet">
-<div class="path">the same with curl (<code>-C -</code> resumes)</div>
+<div class="path">the same with curl (<code>-C -</code> resumes, but cannot tell whether
+ the tag moved meanwhile: name a digest, or use <code>vpsrelay save</code>)</div>
 <button class="copy" type="button" data-copy="download-curl" hidden>Copy</button>
 <pre id="download-curl" data-url="{e(where.url)}" data-user="{e(user)}">\
 curl{e(user)} -C - -o alpine_latest.tar '{e(example)}'</pre>
