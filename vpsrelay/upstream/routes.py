@@ -12,8 +12,10 @@ and trusted (it is the only host a proxied pool connects to), and every other ho
 request names (a redirect target, a realm nobody configured) must resolve, *here*, to
 allowed addresses only, or the request is refused before it reaches the proxy. With
 `socks5://` the relay resolves every name itself (as curl does) and the proxy gets the
-checked address; with `socks5h://` and HTTP(S) proxies the proxy resolves the name again,
-and a name that is public here and private at the proxy is the proxy's network to police.
+checked address (over a connection kept for that one request: the pool would key it by
+the address, not the name); with `socks5h://` and HTTP(S) proxies the proxy resolves the
+name again, and a name that is public here and private at the proxy is the proxy's
+network to police.
 The address family applies to the connection to the proxy (and, with `socks5://`, to the
 addresses the proxy is given).
 """
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import httpcore
 import httpx
+import socksio
 
 from vpsrelay.errors import UpstreamUnavailable
 from vpsrelay.upstream import netguard
@@ -102,7 +105,8 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
         verify: ssl.SSLContext,
         limits: httpx.Limits,
     ) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        # `verify`: else httpx loads certifi's CA bundle again for each transport.
+        super().__init__(verify=verify, limits=limits, trust_env=False)
         self.registry = registry
         self.proxy = proxy
         self.family = family
@@ -149,7 +153,9 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
             raise httpx.ConnectError(str(exc), request=request) from exc
         try:
             return await super().handle_async_request(request)
-        except (httpx.ConnectError, httpx.ProxyError) as exc:
+        # A proxy that answers garbage to the SOCKS handshake raises socksio's own
+        # error, outside httpx's and httpcore's trees: it is as dead as a refusing one.
+        except (httpx.ConnectError, httpx.ProxyError, socksio.ProtocolError) as exc:
             # Never the proxy's credentials: `proxy.url` has none, httpcore's text neither.
             log.warning(
                 "upstream unreachable through the proxy %s: %s: %s", self.proxy.url,
@@ -182,10 +188,15 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
         wanted = [a for a in addresses if version is None or a.version == version]
         if not wanted:
             raise httpcore.ConnectError(f"{host} has no address of the registry's family")
+        # httpcore keys its pooled connections by the URL's host, here the address: a
+        # connection whose TLS named one host must not carry another name's request
+        # (an anycast CDN address serves many), so a rewritten request keeps none alive.
+        headers = request.headers.copy()
+        headers["connection"] = "close"
         return httpx.Request(
             request.method,
             request.url.copy_with(host=str(wanted[0])),
-            headers=request.headers,
+            headers=headers,
             stream=request.stream,
             extensions={**request.extensions, "sni_hostname": host},
         )
