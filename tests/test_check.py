@@ -135,3 +135,21 @@ def test_budget_rows():
 def test_parse_images():
     assert check.parse_images((), ("docker.io",)) == {"docker.io": "library/hello-world:latest"}
     assert check.parse_images(("docker.io=alpine:3",), ("docker.io",)) == {"docker.io": "alpine:3"}
+
+
+def test_credential_rows_from_a_public_readyz_and_an_operators():
+    checker = check.Checker("http://127.0.0.1:1", {})
+    # What /readyz shows a client /metrics does not answer: counts, no names.
+    checker._credentials_from_report("docker.io", {"credential_counts": {"ready": 1, "resting": 1}})
+    assert [(r.check, r.result) for r in checker.rows] == [("credentials docker.io", check.WARN)]
+    assert "1 ready, 1 resting" in checker.rows[-1].detail
+    checker.rows.clear()
+    entry = {
+        "credential_counts": {"ready": 1, "resting": 0},
+        "credentials": {"alice": {"limit": 100, "remaining": 90, "resting_seconds": 0}},
+    }
+    checker._credentials_from_report("docker.io", entry)
+    assert [(r.check, r.result) for r in checker.rows] == [
+        ("credential docker.io alice", check.PASS)
+    ]
+    checker.client.close()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import httpx
+import trio
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_app import HUB, challenge_401, manifest_handler, never, relay, reply
-from vpsrelay import cli
+from vpsrelay import cli, config
 from vpsrelay.ops import logs
 
 
@@ -347,3 +349,23 @@ async def test_landing_page_has_the_download_form():
         response = await r.client.get("/")
     assert "form-action 'none'" in response.headers["content-security-policy"]
     assert "<form" not in response.text
+
+
+async def test_readyz_shows_the_pools_names_only_when_detailed(tmp_path):
+    from vpsrelay.core.credpool import CredentialState
+    from vpsrelay.ops.health import Health
+
+    health = Health(tmp_path)
+    state = health.state("docker.io")
+    state.answered_at = time.monotonic()
+    state.credentials = {"alice": CredentialState("alice"), "bob": CredentialState("bob")}
+    state.credentials["bob"].rest_until = trio.current_time() + 600
+    registries = config.load(None, {}, upstreams={"docker.io": "http://r.test"}).registries
+    registries = tuple(r for r in registries if r.name == "docker.io")
+    _, public = await health.readiness(registries, None, detailed=False)  # type: ignore[arg-type]
+    entry = public["upstreams"]["docker.io"]  # type: ignore[index]
+    assert entry["credential_counts"] == {"ready": 1, "resting": 1}
+    assert "credentials" not in entry
+    assert "alice" not in json.dumps(public)
+    _, operator = await health.readiness(registries, None, detailed=True)  # type: ignore[arg-type]
+    assert sorted(operator["upstreams"]["docker.io"]["credentials"]) == ["alice", "bob"]  # type: ignore[index]

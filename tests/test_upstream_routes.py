@@ -262,3 +262,115 @@ async def test_an_http_proxy_gets_absolute_requests_with_its_credentials(tmp_pat
         stop_server(server, thread)
     expected = "Basic " + base64.b64encode(f"relay:{PASSWORD}".encode()).decode()
     assert seen == [("http://registry.behind-proxy.test/v2/", expected)]
+
+
+# --- socks5:// hands the proxy an address: no kept-alive connection for another name
+
+
+@pytest.mark.parametrize(("scheme", "connections"), [("socks5", 2), ("socks5h", 1)])
+async def test_a_socks5_rewritten_request_keeps_no_connection(tmp_path, scheme, connections):
+    """With `socks5://` httpcore would key the pooled connection by the address the relay
+    put in the URL, so a connection (and its TLS, named for one host) could carry a request
+    for another name on the same address: each rewritten request gets its own."""
+    from tests.infra._http import (
+        BaseHandler,
+        QuietThreadingHTTPServer,
+        serve_in_thread,
+        stop_server,
+    )
+    from tests.infra.socks import SocksProxy
+
+    class Registry(BaseHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = QuietThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    thread = serve_in_thread(server, "registry")
+    try:
+        with SocksProxy(names={"localhost"}) as proxy:
+            port = server.server_address[1]
+            settings = load(
+                tmp_path,
+                f'url = "http://localhost:{port}"\n'
+                f'proxy = "{proxy.url(scheme)}"\naddress_family = "ipv4"\n',
+            )
+            upstream = Upstream(settings)
+            try:
+                for _ in range(2):
+                    request = UpstreamRequest("GET", f"http://localhost:{port}/v2/", ())
+                    async with upstream.open(request, what="t", registry="docker.io") as answer:
+                        assert answer.status_code == 200
+                        await answer.aread()
+            finally:
+                await upstream.aclose()
+            assert len(proxy.targets) == connections  # one CONNECT per connection
+    finally:
+        stop_server(server, thread)
+
+
+# --- the retry after a stale pooled connection is counted in /metrics
+
+
+async def test_a_stale_retry_is_counted_in_metrics():
+    from vpsrelay.ops.metrics import Metrics
+
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, content=b"ok")
+
+    upstream = _upstream(handler)
+    metrics = Metrics()
+    upstream.on_stale_retry = metrics.upstream_stale_retry
+    request = UpstreamRequest("GET", "http://registry.test/v2/x/manifests/latest", ())
+    async with upstream.open(request, what="docker.io", registry="docker.io") as response:
+        assert response.status_code == 200
+    assert b"vpsrelay_upstream_stale_retries_total 1.0" in metrics.render()
+    await upstream.aclose()
+
+
+# --- a proxy that answers garbage is a dead proxy, and /readyz's probe takes the route
+
+
+async def test_a_garbled_socks_reply_is_upstream_unavailable(tmp_path):
+    import functools
+    import gc
+    import warnings
+
+    import trio
+
+    from vpsrelay.errors import UpstreamUnavailable
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(2):
+            await stream.receive_some(4096)
+            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, garbage, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        settings = load(
+            tmp_path, f'url = "http://127.0.0.1:9"\nproxy = "socks5h://127.0.0.1:{port}"\n'
+        )
+        upstream = Upstream(settings)
+        # The proxy connection of a failed handshake is closed (httpcore would leave it
+        # to the garbage collector): no unclosed socket is left for a later test to see.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            with trio.fail_after(10):
+                with pytest.raises(UpstreamUnavailable, match="through the relay's proxy"):
+                    await upstream.challenge(settings.registry("docker.io"))
+                with pytest.raises(UpstreamUnavailable, match="through the relay's proxy"):
+                    await upstream.probe("http://127.0.0.1:9/v2/", what="d", registry="docker.io")
+            await upstream.aclose()
+            gc.collect()
+        nursery.cancel_scope.cancel()

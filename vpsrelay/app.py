@@ -46,6 +46,7 @@ class RelayApp:
         self.table = config.registry_table(settings)
         self.health = Health(settings.data_dir)
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
+        upstream.on_stale_retry = self.metrics.upstream_stale_retry
         self.guard = Guard(settings)
         self.downloads = download.Limits(settings.download)
         # The relay's own upstream tokens: one keeper for the relay, the cache, client auth.

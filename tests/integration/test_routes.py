@@ -84,6 +84,23 @@ def test_a_registry_behind_a_socks5_proxy_pulls_byte_exact(
             assert {name for name, _ in proxy.targets} == {"127.0.0.1"}
 
 
+def test_readyz_probes_a_registry_through_its_proxy(hub: Hub, tmp_path: Path) -> None:
+    """A fresh relay asks each registry's `/v2/` for /readyz: over the registry's route, so
+    a registry only its proxy reaches is ready, and the VPS never talks to it directly."""
+    front_port = int(hub.registry_url.rsplit(":", 1)[1])
+    with SocksProxy(names={PROXY_ONLY_NAME}) as proxy:
+        lines = [
+            '[registries."docker.io"]',
+            f'url = "http://{PROXY_ONLY_NAME}:{front_port}"',
+            f'proxy = "{proxy.url("socks5h")}"',
+        ]
+        with relay_with(tmp_path, lines, env=PASS_THROUGH) as relay:
+            response = httpx.get(f"{relay.url}/readyz", timeout=30)
+            assert response.status_code == 200, response.text
+            assert response.json()["checks"]["upstream"] == "ok"
+        assert (PROXY_ONLY_NAME, front_port) in proxy.targets
+
+
 def test_with_its_proxy_down_a_registry_answers_a_clear_502(hub: Hub, tmp_path: Path) -> None:
     front_port = int(hub.registry_url.rsplit(":", 1)[1])
     with DeadPort() as dead:

@@ -238,3 +238,68 @@ def test_through_a_proxy_a_redirect_to_an_internal_address_is_refused_before_the
         assert ("127.0.0.1", upstream.port) in proxy.targets
     assert internal.seen == []
     assert json.dumps(response.json()).count("redirect") >= 1
+
+
+# --- a proxy that answers garbage ---------------------------------------------------------
+
+
+class Garbage:
+    """A 'SOCKS5 proxy' on loopback that answers every handshake with an HTTP error."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("scheme", ["socks5", "socks5h"])
+def test_a_proxy_answering_garbage_is_a_502_like_a_dead_one(tmp_path: Path, scheme: str) -> None:
+    garbage = Garbage()
+    try:
+        lines = [
+            '[registries."docker.io"]',
+            'url = "http://127.0.0.1:9"',  # never reached: every connection is the proxy's
+            f'proxy = "{scheme}://127.0.0.1:{garbage.port}"',
+        ]
+        with relay_with(tmp_path, lines, PASS_THROUGH) as relay:
+            for path in ("/v2/", "/v2/library/x/manifests/latest", "/token?scope=x"):
+                response = httpx.get(f"{relay.url}{path}", timeout=TIMEOUT)
+                assert_oci_error(response, 502)
+                error = response.json()["errors"][0]
+                assert error["code"] == "UNAVAILABLE", (path, error)
+                assert "proxy" in error["message"]
+            assert httpx.get(f"{relay.url}/readyz", timeout=TIMEOUT).status_code == 503
+            assert httpx.get(f"{relay.url}/healthz").status_code == 200
+            assert relay.process.poll() is None
+            log = relay.log_text()
+            assert "bug while serving" not in log
+            assert "unreachable through the proxy" in log
+        assert 0 < garbage.connections <= 12  # no retry storm: a try or two per request
+    finally:
+        garbage.close()

@@ -4,7 +4,7 @@ Docker Hub sends `ratelimit-limit: 100;w=21600` (pulls per window of seconds),
 `ratelimit-remaining: 76;w=21600` and `docker-ratelimit-source: <ip or user>`
 on manifest answers (the IETF RateLimit header draft's "quota;w=window" form).
 The relay reads them to show the budget, and words a 429 so a user knows whose
-limit was hit: the relay's address (or account) at Docker Hub, not the relay's own.
+limit was hit: the relay's (its address, its accounts, or a CDN's), not the user's.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def retry_after(value: str | None) -> int:
 def too_many_requests_message(registry: str, budget: RateLimit | None, retry: int) -> str:
     """The message a client sees when the upstream answered 429.
 
-    It says whose limit it is: the relay's own address or account at the upstream,
-    so a user does not blame (or log in to) the wrong thing.
+    It says whose limit it is: the upstream's on the relay (its address, the operator's
+    accounts, a CDN's), so a user does not blame (or log in to) the wrong thing.
     """
     who = f" for {budget.source}" if budget is not None and budget.source else ""
     parts = [f"{registry} refused the relay: its pull rate limit{who} was hit"]
@@ -92,8 +92,9 @@ def too_many_requests_message(registry: str, budget: RateLimit | None, retry: in
         window = f" per {_duration(budget.window_seconds)}" if budget.window_seconds else ""
         parts.append(f"(limit {budget.limit} pulls{window})")
     parts.append(
-        f"; this is the upstream's limit on the relay's address, not yours; retry in {retry} s,"
-        " or ask the relay's operator to log the relay in to raise the limit"
+        # Whose limit: the relay's address, the operator's accounts or the CDN the
+        # registry sent the pull to; never the client's own, whatever the operator set up.
+        f"; this is a limit the upstream puts on the relay, not on you; retry in {retry} s"
     )
     return " ".join(parts[:-1]) + parts[-1]
 

@@ -425,8 +425,19 @@ class Checker:
             )
 
     def _credentials_from_report(self, registry: str, entry: object) -> None:
-        """One row per operator credential of a pool the relay reported (by username)."""
+        """One row per operator credential of a pool the relay reported (by username), or
+        one row with how many rest when it shows this client counts only."""
         pool = entry.get("credentials") if isinstance(entry, dict) else None
+        counts = entry.get("credential_counts") if isinstance(entry, dict) else None
+        if not isinstance(pool, dict) and isinstance(counts, dict):
+            ready, resting = counts.get("ready"), counts.get("resting")
+            detail = f"{ready} ready, {resting} resting (names for an allowed address only)"
+            if isinstance(resting, int) and resting > 0:
+                fix = "the pool's other credentials serve meanwhile; add another account"
+                self.add(f"credentials {registry}", WARN, detail, fix)
+            else:
+                self.add(f"credentials {registry}", PASS, detail)
+            return
         for name, seen in pool.items() if isinstance(pool, dict) else ():
             if not isinstance(seen, dict):
                 continue

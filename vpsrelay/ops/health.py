@@ -102,9 +102,17 @@ class Health:
         return time.monotonic() - state.answered_at < RECENT_SECONDS
 
     async def readiness(
-        self, registries: tuple[RegistryConfig, ...], upstream: Upstream
+        self,
+        registries: tuple[RegistryConfig, ...],
+        upstream: Upstream,
+        *,
+        detailed: bool = False,
     ) -> tuple[bool, dict[str, object]]:
-        """(ready, a small JSON-able report)."""
+        """(ready, a small JSON-able report).
+
+        `detailed`: the operator's credentials by username and budget (an operator's
+        request, as for /metrics); otherwise only how many are ready and resting.
+        """
         checks: dict[str, str] = {}
         if not self.tls.enabled:
             checks["tls"] = "off"
@@ -143,7 +151,9 @@ class Health:
                     "source": state.ratelimit.source,
                 }
             if state.credentials:
-                entry["credentials"] = _credentials_report(state.credentials)
+                entry["credential_counts"] = _credential_counts(state.credentials)
+                if detailed:
+                    entry["credentials"] = _credentials_report(state.credentials)
             upstreams[registry.name] = entry
         if upstreams:
             report["upstreams"] = upstreams
@@ -159,7 +169,9 @@ class Health:
         async def probe(registry: RegistryConfig) -> None:
             with trio.move_on_after(PROBE_TIMEOUT):
                 try:
-                    status, date = await upstream.probe(f"{registry.url}/v2/", what=registry.name)
+                    status, date = await upstream.probe(
+                        f"{registry.url}/v2/", what=registry.name, registry=registry.name
+                    )
                 except RelayError:
                     self.failed(registry.name)
                     return
@@ -175,6 +187,13 @@ class Health:
         if answered:
             return "ok"
         return "no upstream answered: " + ", ".join(r.name for r in registries)
+
+
+def _credential_counts(states: dict[str, CredentialState]) -> dict[str, int]:
+    """How many of the operator's credentials serve and how many rest: no names."""
+    now = trio.current_time()
+    resting = sum(1 for state in states.values() if state.resting(now))
+    return {"ready": len(states) - resting, "resting": resting}
 
 
 def _credentials_report(states: dict[str, CredentialState]) -> dict[str, object]:

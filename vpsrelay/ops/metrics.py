@@ -190,6 +190,11 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        self.upstream_stale_retries = Counter(
+            "vpsrelay_upstream_stale_retries",
+            "GETs and HEADs sent again on a fresh connection after a stale pooled one.",
+            registry=r,
+        )
         r.register(_CertificateCollector(certificate_not_after))
         self._sources: dict[str, str] = {}
 
@@ -210,6 +215,9 @@ class Metrics:
 
     def upstream_resumed(self, registry: str) -> None:
         self.upstream_resumes.labels(registry).inc()
+
+    def upstream_stale_retry(self) -> None:
+        self.upstream_stale_retries.inc()
 
     def token_request(self, registry: str, status: int) -> None:
         self.token_requests.labels(registry, str(status)).inc()

@@ -83,7 +83,11 @@ class OperatorPaths:
             await self._metrics(exchange, operator_listener)
             return True
         if path == "/readyz":
-            ready, report = await self.health.readiness(self.settings.registries, self.upstream)
+            # The operator's account names and their state: for whom /metrics answers.
+            detailed = operator_listener or self.metrics_allowed(exchange)
+            ready, report = await self.health.readiness(
+                self.settings.registries, self.upstream, detailed=detailed
+            )
             await exchange.respond(200 if ready else 503, JSON, json.dumps(report).encode())
             return True
         if path == "/" and not operator_listener:

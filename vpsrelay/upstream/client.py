@@ -36,7 +36,7 @@ from vpsrelay.errors import (
 from vpsrelay.upstream import netguard, routes
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
     from vpsrelay.config import RegistryConfig, Settings
 
@@ -179,6 +179,9 @@ class RegistryLink:
     targets: netguard.Targets
     client: httpx.AsyncClient  # the requests the relay chooses: its API, its token realm
     redirected: httpx.AsyncClient  # redirect hops: never trusts an announced realm
+    # Health probes, over the registry's route but never its busy pools: downloads that
+    # hold every connection of `client` must not make the relay seem unready.
+    probes: httpx.AsyncClient
 
     def serves(self, url: str) -> bool:
         """Whether `url` is on one of this registry's configured origins."""
@@ -201,8 +204,8 @@ class Upstream:
         self.policy = RedirectPolicy(max_hops=cfg.max_redirects)
         self._transport = transport
         configured = [u for r in settings.registries for u in (r.url, r.search_url) if u]
-        # Health probes and requests for an origin no registry claims: every configured
-        # registry URL is trusted, nothing any registry announced.
+        # Requests for an origin no registry claims: every configured registry URL is
+        # trusted, nothing any registry announced.
         # Each client's targets and registry, to open its fresh-connection twin with.
         self._made: dict[httpx.AsyncClient, tuple[netguard.Targets, RegistryConfig | None]] = {}
         self._fresh: dict[httpx.AsyncClient, httpx.AsyncClient] = {}
@@ -210,18 +213,21 @@ class Upstream:
         self.links: dict[str, RegistryLink] = {}
         for registry in settings.registries:
             own = [u for u in (registry.url, registry.search_url) if u]
-            targets = netguard.Targets(own, settings.access.redirect_allow)
-            redirect_targets = netguard.Targets(own, settings.access.redirect_allow)
+            allowed = settings.access.redirect_allow
+            targets = netguard.Targets(own, allowed)
+            redirect_targets = netguard.Targets(own, allowed)
             self.links[registry.name] = RegistryLink(
                 name=registry.name,
                 origins=frozenset(k for k in map(netguard.origin_key, own) if k is not None),
                 targets=targets,
                 client=self._client(targets, registry),
                 redirected=self._client(redirect_targets, registry),
+                probes=self._client(netguard.Targets(own, allowed), registry),
             )
         self._discovered: dict[str, Discovered] = {}
         self._discovery_locks: dict[str, trio.Lock] = {}
         self.stale_retries = 0  # requests sent again after a stale pooled connection
+        self.on_stale_retry: Callable[[], None] | None = None  # the app's metrics
 
     def _client(
         self,
@@ -307,6 +313,8 @@ class Upstream:
                 log.info("upstream closed a connection before answering: %s: %s; "
                          "once more on a fresh connection", what, exc)  # fmt: skip
                 self.stale_retries += 1
+                if self.on_stale_retry is not None:
+                    self.on_stale_retry()
             return await self._fresh_twin(client).send(outgoing, stream=True)
 
     async def aclose(self) -> None:
@@ -315,20 +323,26 @@ class Upstream:
             for link in self.links.values():
                 await link.client.aclose()
                 await link.redirected.aclose()
+                await link.probes.aclose()
             for twin in self._fresh.values():
                 await twin.aclose()
 
-    async def probe(self, url: str, *, what: str) -> tuple[int, str | None]:
-        """GET `url` without redirects over the probes' pool (never a registry's own,
-        which its downloads may hold): the status and `Date`. The body is read (at most
-        `MAX_PROBE_BYTES`), so the connection stays reusable.
+    async def probe(
+        self, url: str, *, what: str, registry: str | None = None
+    ) -> tuple[int, str | None]:
+        """GET `url` without redirects over `registry`'s probe pool (its route, its proxy
+        and address family, never its busy pools, which its downloads may hold): the
+        status and `Date`. The body is read (at most `MAX_PROBE_BYTES`), so the
+        connection stays reusable.
 
         Raises:
             RelayError: the upstream could not be reached or broke off.
         """
+        link = self.links.get(registry) if registry is not None else None
+        client = link.probes if link is not None else self.client
         with map_httpx_errors(what):
-            outgoing = self.client.build_request("GET", url, headers={"user-agent": USER_AGENT})
-            response = _map_body_errors(await self.client.send(outgoing, stream=True), what)
+            outgoing = client.build_request("GET", url, headers={"user-agent": USER_AGENT})
+            response = _map_body_errors(await client.send(outgoing, stream=True), what)
         try:
             await read_body(response, what=what, limit=MAX_PROBE_BYTES)
         finally:

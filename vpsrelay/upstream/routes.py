@@ -12,14 +12,17 @@ and trusted (it is the only host a proxied pool connects to), and every other ho
 request names (a redirect target, a realm nobody configured) must resolve, *here*, to
 allowed addresses only, or the request is refused before it reaches the proxy. With
 `socks5://` the relay resolves every name itself (as curl does) and the proxy gets the
-checked address; with `socks5h://` and HTTP(S) proxies the proxy resolves the name again,
-and a name that is public here and private at the proxy is the proxy's network to police.
+checked address (over a connection kept for that one request: the pool would key it by
+the address, not the name); with `socks5h://` and HTTP(S) proxies the proxy resolves the
+name again, and a name that is public here and private at the proxy is the proxy's
+network to police.
 The address family applies to the connection to the proxy (and, with `socks5://`, to the
 addresses the proxy is given).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -27,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import httpcore
 import httpx
+import socksio
+import trio
 
 from vpsrelay.errors import UpstreamUnavailable
 from vpsrelay.upstream import netguard
@@ -84,6 +89,47 @@ class FamilyBackend(netguard.TcpOnlyBackend):
         return await self.connect_first(host, wanted, port, timeout, local_address, socket_options)
 
 
+class HandshakeStreams(httpcore.AsyncNetworkBackend):
+    """Remembers the connections to the proxy each task opened, so that those of a failed
+    proxy handshake can be closed: httpcore leaves them to the garbage collector."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self.inner = inner
+        self.opened: dict[object, list[httpcore.AsyncNetworkStream]] = {}
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self.inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address,
+            socket_options=socket_options,
+        )  # fmt: skip
+        self.opened.setdefault(trio.lowlevel.current_task(), []).append(stream)
+        return stream
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("no unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+    async def close_failed(self, task: object) -> None:
+        """Close what `task` opened while its request failed to reach the upstream."""
+        for stream in self.opened.pop(task, []):
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+
 class RoutedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over a registry's route: its proxy, its address family, and the
     address guard (`targets`; None when private redirects are allowed).
@@ -102,7 +148,8 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
         verify: ssl.SSLContext,
         limits: httpx.Limits,
     ) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        # `verify`: else httpx loads certifi's CA bundle again for each transport.
+        super().__init__(verify=verify, limits=limits, trust_env=False)
         self.registry = registry
         self.proxy = proxy
         self.family = family
@@ -123,6 +170,7 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
             self._pool = httpcore.AsyncConnectionPool(**pool, network_backend=backend)  # type: ignore[arg-type]
             return
         auth = _proxy_auth(proxy)
+        self._streams = backend = HandshakeStreams(backend)
         if proxy.scheme in ("http", "https"):
             self._pool = httpcore.AsyncHTTPProxy(
                 proxy_url=proxy.url,
@@ -147,9 +195,13 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
             request = await self._through_proxy(request)
         except httpcore.ConnectError as exc:  # a name that does not resolve here
             raise httpx.ConnectError(str(exc), request=request) from exc
+        task = trio.lowlevel.current_task()
         try:
             return await super().handle_async_request(request)
-        except (httpx.ConnectError, httpx.ProxyError) as exc:
+        # A proxy that answers garbage to the SOCKS handshake raises socksio's own
+        # error, outside httpx's and httpcore's trees: it is as dead as a refusing one.
+        except (httpx.ConnectError, httpx.ProxyError, socksio.ProtocolError) as exc:
+            await self._streams.close_failed(task)
             # Never the proxy's credentials: `proxy.url` has none, httpcore's text neither.
             log.warning(
                 "upstream unreachable through the proxy %s: %s: %s", self.proxy.url,
@@ -158,6 +210,8 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
             raise UpstreamUnavailable(
                 f"{self.registry}: upstream unreachable through the relay's proxy"
             ) from exc
+        finally:
+            self._streams.opened.pop(task, None)
 
     async def _through_proxy(self, request: httpx.Request) -> httpx.Request:
         """`request` as the proxy gets it, once its host passed the address check.
@@ -182,10 +236,15 @@ class RoutedTransport(httpx.AsyncHTTPTransport):
         wanted = [a for a in addresses if version is None or a.version == version]
         if not wanted:
             raise httpcore.ConnectError(f"{host} has no address of the registry's family")
+        # httpcore keys its pooled connections by the URL's host, here the address: a
+        # connection whose TLS named one host must not carry another name's request
+        # (an anycast CDN address serves many), so a rewritten request keeps none alive.
+        headers = request.headers.copy()
+        headers["connection"] = "close"
         return httpx.Request(
             request.method,
             request.url.copy_with(host=str(wanted[0])),
-            headers=request.headers,
+            headers=headers,
             stream=request.stream,
             extensions={**request.extensions, "sni_hostname": host},
         )
