@@ -168,7 +168,11 @@ class Forwarder:
                 request, what=registry.name, follow=follow, registry=registry.name
             ) as response:
                 status = response.status_code
-                if username is not None:
+                # A redirect target's (a CDN's) 429 is about this VPS, not the account:
+                # only the registry's own answers rest a credential or ask for another.
+                if username is not None and self.upstream.is_own_origin(
+                    registry.name, str(response.url)
+                ):
                     self._credential_answered(registry, username, response)
                     if status == 429:
                         tried.append(username)

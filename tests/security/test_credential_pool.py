@@ -158,3 +158,21 @@ def test_a_client_with_wrong_credentials_is_not_retried_with_the_operators(
     requests = clean_hub.wait_registry_requests(lambda log: len(log) >= 1)
     assert requests == [("GET", "/v2/library/alpine/manifests/latest")]  # asked once
     assert not clean_hub.front.limits.pulls
+
+
+def test_a_cdn_429_rests_no_pool_account(pool_relay: RelayProcess, clean_hub: Hub) -> None:
+    """A CDN (or a hostile redirect target) that throttles the VPS says nothing about the
+    operator's accounts: the client gets the 429, no account rests, none is tried in turn."""
+    layer = clean_hub.images["library/alpine:latest"].layers[0].digest  # type: ignore[union-attr]
+    token = pull_token(pool_relay.url, "library/alpine")
+    auth = {"authorization": f"Bearer {token}"}
+    clean_hub.clear()
+    clean_hub.cdn.too_many = 86400
+    with httpx.Client(base_url=pool_relay.url, timeout=TIMEOUT) as client:
+        throttled = client.get(f"/v2/alpine/blobs/{layer}", headers=auth)
+        assert throttled.status_code == 429
+        blob_asks = clean_hub.wait_registry_requests(lambda log: len(log) >= 1)
+        assert [p for _, p in blob_asks if "/blobs/" in p] == [f"/v2/library/alpine/blobs/{layer}"]
+        clean_hub.cdn.too_many = None
+        again = client.get(f"/v2/alpine/blobs/{layer}", headers=auth)
+        assert again.status_code == 200  # the accounts were not put to rest
