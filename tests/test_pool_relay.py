@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 MANIFEST = b'{"schemaVersion":2}'
 MANIFEST_PATH = "/v2/library/alpine/manifests/latest"
 SCOPE = {"service": "registry.docker.io", "scope": "repository:library/alpine:pull"}
+CI_TOKEN = "ci-token-0123456789abcdef"
 
 
 @dataclass
@@ -56,12 +57,17 @@ def ok(token: str) -> httpx.Response:
 
 @contextlib.asynccontextmanager
 async def pool_relay(
-    tmp_path: Path, registry: Registry, accounts: tuple[str, ...] = ("alice", "bob")
+    tmp_path: Path,
+    registry: Callable[[httpx.Request], httpx.Response],
+    accounts: tuple[str, ...] = ("alice", "bob"),
+    client_auth: bool = False,
 ) -> AsyncIterator[httpx.AsyncClient]:
     path = tmp_path / "relay.toml"
     entries = ", ".join(f'{{ username = "{a}", password = "pw-{a}" }}' for a in accounts)
     path.write_text(f'[registries."docker.io"]\ncredentials = [{entries}]\n')
-    overrides = {"cache.enabled": False, "data_dir": str(tmp_path / "data")}
+    overrides: dict[str, object] = {"cache.enabled": False, "data_dir": str(tmp_path / "data")}
+    if client_auth:
+        overrides |= {"auth.enabled": True, "auth.pull_tokens": [CI_TOKEN]}
     settings = config.load(path, {}, overrides, upstreams={"docker.io": HUB})
     upstream = Upstream(settings, transport=httpx.MockTransport(registry))
     transport = httpx.ASGITransport(app=RelayApp(settings, upstream))
@@ -167,3 +173,50 @@ async def test_the_public_probes_refused_token_is_fetched_again_once(tmp_path):
         assert [p.headers["authorization"] for p in probes] == ["Bearer anon-token"] * 2
         assert len([q for q in registry.seen if q.url.host == "auth.test"]) == 2
         assert r.store.index.public == {}
+
+
+async def relay_token_pull(client: httpx.AsyncClient) -> httpx.Response:
+    """A pull by a client of a relay with client authentication (a CI pull token)."""
+    answer = await client.get(
+        "/token", params={**SCOPE, "service": "vpsrelay"}, auth=("ci", CI_TOKEN)
+    )
+    token = answer.json()["token"]
+    return await client.get(
+        "/v2/alpine/manifests/latest", headers={"authorization": f"Bearer {token}"}
+    )
+
+
+async def test_client_auth_a_spent_bearer_account_is_left_for_another(tmp_path):
+    registry = Registry(spent)
+    async with pool_relay(tmp_path, registry, client_auth=True) as client:
+        first = await relay_token_pull(client)
+        second = await relay_token_pull(client)
+    assert (first.status_code, second.status_code) == (200, 200)
+    accounts = [m.removeprefix("Bearer ").split("-")[0] for m in registry.manifests]
+    assert accounts == ["alice", "bob", "bob"]
+
+
+async def test_client_auth_a_spent_basic_account_is_left_for_another(tmp_path):
+    """A registry that asks for Basic credentials: the pool still applies, and when
+    every account is spent the client gets the registry's 429, not a 502."""
+    seen: list[str] = []
+
+    def basic_registry(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return reply(401, {"www-authenticate": 'Basic realm="hub"'})
+        pair = request.headers.get("authorization", "").removeprefix("Basic ")
+        user = base64.b64decode(pair).decode().partition(":")[0]
+        seen.append(user)
+        return spent(user)
+
+    async with pool_relay(tmp_path, basic_registry, client_auth=True) as client:
+        first = await relay_token_pull(client)
+        second = await relay_token_pull(client)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert seen == ["alice", "bob", "bob"]
+    seen.clear()
+    async with pool_relay(tmp_path, basic_registry, ("alice",), client_auth=True) as client:
+        refused = await relay_token_pull(client)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "120"
+    assert seen == ["alice"]

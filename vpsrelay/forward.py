@@ -21,7 +21,7 @@ import trio
 from vpsrelay.core import auth, headers as header_policy, placeholders, resume, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import NotFound, RelayError, UpstreamError
+from vpsrelay.errors import NotFound, RelayError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 from vpsrelay.upstream.parallel import ParallelStream, fetch_piece
@@ -93,7 +93,7 @@ class Forwarder:
         any: from the pool, not one of `avoid` (those this request already tried)."""
         if self.clientauth.enabled:
             headers = await self.clientauth.upstream_headers(
-                exchange.headers, registry, route.upstream_name
+                exchange.headers, registry, route.upstream_name, avoid
             )
             return headers, self.tokens.holder(
                 registry, header_policy.get(headers, "authorization")
@@ -161,7 +161,9 @@ class Forwarder:
         registry = self.registries[route.registry]
         tried: list[str] = []
         refreshed = False
-        for _ in range(len(registry.credentials) + 2):  # each credential, and one refresh
+        attempts = len(registry.credentials) + 2  # each credential, and one refresh
+        for attempt in range(attempts):
+            final = attempt == attempts - 1  # its answer is the client's, whatever it is
             headers, username = await self.upstream_headers_as(exchange, registry, route, tried)
             request = UpstreamRequest(method, url, headers)
             async with self.upstream.open(
@@ -174,7 +176,7 @@ class Forwarder:
                     registry.name, str(response.url)
                 ):
                     self._credential_answered(registry, username, response)
-                    if status == 429:
+                    if status == 429 and not final:
                         tried.append(username)
                         if self.tokens.may_retry_elsewhere(registry, tried):
                             log.info(
@@ -184,6 +186,7 @@ class Forwarder:
                 sent = header_policy.get(headers, "authorization") or ""
                 if (
                     status == 401
+                    and not final
                     and not refreshed
                     and sent.lower().startswith("bearer ")
                     and self._sent_own_token(exchange, registry)
@@ -199,7 +202,6 @@ class Forwarder:
                     continue
                 yield response
                 return
-        raise UpstreamError(f"{registry.name}: no usable answer")  # pragma: no cover
 
     def _credential_answered(
         self, registry: RegistryConfig, username: str, response: httpx.Response
