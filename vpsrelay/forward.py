@@ -67,6 +67,7 @@ class Forwarder:
         self.observer = observer
         self.metrics = metrics
         self.registries = {registry.name: registry for registry in settings.registries}
+        self.parallel_fetches = 0  # running now, at most `upstream.parallel_max_fetches`
 
     async def upstream_headers(
         self, exchange: Exchange, registry: RegistryConfig, route: routing.Route
@@ -330,7 +331,10 @@ class Forwarder:
             and response.status_code == 200
             and window.end >= cfg.parallel_min_size
             and not own_origin(direct)  # ranges go to the CDN, not to the registry
+            and response.headers.get("accept-ranges", "").strip().lower() == "bytes"
+            and self.parallel_fetches < cfg.parallel_max_fetches  # else: one stream
         ):
+            self.parallel_fetches += 1
             fetch = partial(
                 fetch_piece, reopen, direct_url=direct, attempts=attempts,
                 own_origin=own_origin, what=registry.name, resumed=resumed,
@@ -341,7 +345,11 @@ class Forwarder:
                 fetch,
                 helpers,
                 connections=cfg.parallel_connections,
+                release=self._parallel_fetch_ended,
             )
+
+    def _parallel_fetch_ended(self) -> None:
+        self.parallel_fetches -= 1
 
     @contextlib.asynccontextmanager
     async def _reopen(

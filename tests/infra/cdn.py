@@ -15,8 +15,8 @@ Fault knobs (issue 16): ``reset_after = N`` cuts every body with a TCP reset aft
 signed by ``sign`` (the hub front signs its redirects with it) expire after T seconds (403, as
 S3 answers an expired presigned URL; an unsigned URL is refused too); ``throttle = B`` paces
 each response to B bytes/s. ``resets`` counts the bodies cut. ``too_many = S`` answers
-every GET 429 with ``Retry-After: S``; ``ignore_range = True`` answers a Range request
-with the whole body (200) and no ``Accept-Ranges``, as some CDNs do.
+every request 429 with ``Retry-After: S``; ``ignore_range = True`` answers a Range request
+with the whole body (200), though its ``Accept-Ranges`` says ``bytes``.
 """
 
 from __future__ import annotations
@@ -204,8 +204,7 @@ class CDN:
             h.send_response(status)
             h.send_header("Content-Type", "application/octet-stream")
             h.send_header("Content-Length", str(length))
-            if not self.ignore_range:
-                h.send_header("Accept-Ranges", "bytes")
+            h.send_header("Accept-Ranges", "bytes")  # even with `ignore_range`: it lies
             h.send_header("ETag", f'"{m.group(2)}"')
             h.send_header("Cache-Control", "public, max-age=14400")
             if status == 206:
