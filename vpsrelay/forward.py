@@ -375,7 +375,7 @@ class Forwarder:
         names = [route.upstream_name]
         if ask.fresh_token:
             self.tokens.forget(registry.name, names)
-        headers = await self.upstream_headers(exchange, registry, route)
+        headers, username = await self.upstream_headers_as(exchange, registry, route)
         if ask.relay_token and not self._sent_own_token(exchange, registry):
             # The client's own token expired during a body it was allowed to read: the
             # rest is asked for with the relay's anonymous token (never the operator's,
@@ -384,11 +384,18 @@ class Forwarder:
             headers = tuple(h for h in headers if h[0] != "authorization")
             if token is not None:
                 headers = (*headers, ("authorization", f"Bearer {token}"))
+            username = None
         kept = tuple(h for h in headers if h[0] not in ("range", "if-range"))
         request = UpstreamRequest("GET", url, (*kept, *ask.headers))
         async with self.upstream.open(
             request, what=registry.name, registry=registry.name
         ) as response:
+            # As in `open_upstream`: the registry's own 429 rests the account (the next
+            # resume asks with another); a CDN's says nothing about it.
+            if username is not None and self.upstream.is_own_origin(
+                registry.name, str(response.url)
+            ):
+                self._credential_answered(registry, username, response)
             yield response
 
     def _client_headers(
