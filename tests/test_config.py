@@ -835,15 +835,18 @@ def test_resume_and_parallel_settings(tmp_path):
     settings = config.load(None, {})
     assert settings.upstream.resume_attempts == 5
     assert settings.upstream.parallel_connections == 1
+    assert settings.upstream.parallel_max_fetches == 4
     env = {
         "VPSRELAY_UPSTREAM__RESUME_ATTEMPTS": "0",
         "VPSRELAY_UPSTREAM__PARALLEL_CONNECTIONS": "4",
         "VPSRELAY_UPSTREAM__PARALLEL_MIN_SIZE": "128MiB",
+        "VPSRELAY_UPSTREAM__PARALLEL_MAX_FETCHES": "2",
     }
     settings = config.load(None, env)
     assert settings.upstream.resume_attempts == 0  # off
     assert settings.upstream.parallel_connections == 4
     assert settings.upstream.parallel_min_size == 128 * 1024 * 1024
+    assert settings.upstream.parallel_max_fetches == 2
 
 
 @pytest.mark.parametrize(
@@ -857,6 +860,8 @@ def test_resume_and_parallel_settings(tmp_path):
          "upstream.parallel_connections: expected at most 16 connections, got 17"),
         ("[upstream]\nparallel_connections = 0\n",
          "upstream.parallel_connections: expected a positive whole number, got 0"),
+        ("[upstream]\nparallel_max_fetches = 0\n",
+         "upstream.parallel_max_fetches: expected a positive whole number, got 0"),
     ],
 )  # fmt: skip
 def test_resume_and_parallel_errors(tmp_path, text, message):

@@ -9,14 +9,15 @@ import pytest
 import trio
 
 from vpsrelay.core import resume
-from vpsrelay.errors import UpstreamTimeout
+from vpsrelay.errors import UpstreamProtocolError, UpstreamTimeout
 from vpsrelay.upstream.parallel import ParallelStream, pieces
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 PIECE = 1000
+MiB = 1024 * 1024
 
 
 class Chunks(httpx.AsyncByteStream):
@@ -89,3 +90,57 @@ async def test_the_reader_gets_every_byte_in_order_and_the_first_answer_is_close
 async def test_a_piece_that_cannot_be_had_ends_the_body_with_its_error() -> None:
     with pytest.raises(UpstreamTimeout):
         await read_all(4, fail_at=5000)
+
+
+async def read_with(
+    fetch: Callable[[resume.Window], Awaitable[bytes | bytearray]],
+    first: Chunks,
+    data: bytes,
+    piece: int,
+) -> tuple[list[bytes], int]:
+    window = resume.Window(0, len(data), len(data), '"x"')
+    released: list[int] = []
+    chunks: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        stream = ParallelStream(
+            first, window, fetch, nursery, connections=4, piece=piece,
+            release=lambda: released.append(1),
+        )  # fmt: skip
+        try:
+            chunks.extend([chunk async for chunk in stream])
+        finally:
+            await stream.aclose()
+            await stream.aclose()  # released once all the same
+    return chunks, len(released)
+
+
+@pytest.mark.trio
+async def test_a_cdn_that_ignores_ranges_leaves_the_whole_body_to_the_first_answer() -> None:
+    async def no_ranges(piece: resume.Window) -> bytes:
+        await trio.sleep(0.01)
+        raise UpstreamProtocolError("upstream answered 200 to a ranged request")
+
+    first = Chunks(DATA[:600], DATA[600:1500], DATA[1500:])  # the whole body, as a 200 sends it
+    chunks, released = await read_with(no_ranges, first, DATA, PIECE)
+    assert b"".join(chunks) == DATA
+    assert released == 1
+
+
+@pytest.mark.trio
+async def test_pieces_go_out_as_views_of_at_most_one_mib() -> None:
+    data = bytes(range(256)) * (9 * 4096)  # 9 MiB: two 4 MiB pieces and a short one
+    fetched: list[bytearray] = []
+
+    async def fetch(piece: resume.Window) -> bytearray:
+        fetched.append(bytearray(data[piece.first : piece.end]))
+        return fetched[-1]
+
+    first = Chunks(*(data[at : at + MiB] for at in range(0, 5 * MiB, MiB)))  # as a 200 sends
+    chunks, released = await read_with(fetch, first, data, 4 * MiB)
+    assert b"".join(chunks) == data
+    assert max(map(len, chunks)) <= MiB
+    handed: list[object] = list(chunks)  # typed bytes; views in fact
+    ranged = [c for c in handed if isinstance(c, memoryview)]
+    assert sum(map(len, ranged)) == len(data) - 4 * MiB  # every ranged byte, uncopied
+    assert {id(c.obj) for c in ranged} == {id(p) for p in fetched}
+    assert released == 1

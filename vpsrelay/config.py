@@ -444,6 +444,10 @@ class UpstreamConfig:
     parallel_min_size: int = _option(
         64 * 1024 * 1024, parse_size, "smallest blob fetched in parallel ranges, e.g. 64MiB"
     )
+    # Each holds up to K+1 pieces of 4 MiB: this bounds their memory in all.
+    parallel_max_fetches: int = _option(
+        4, _count, "parallel ranged fetches at once in the process; more use one stream"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

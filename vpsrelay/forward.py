@@ -21,7 +21,7 @@ import trio
 from vpsrelay.core import auth, headers as header_policy, placeholders, resume, routing
 from vpsrelay.core.digest import Verifier, held_back
 from vpsrelay.core.redirects import UpstreamRequest
-from vpsrelay.errors import NotFound, RelayError, UpstreamError
+from vpsrelay.errors import NotFound, RelayError
 from vpsrelay.exchange import API_VERSION_HEADER, Exchange, content_length, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 from vpsrelay.upstream.parallel import ParallelStream, fetch_piece
@@ -67,6 +67,7 @@ class Forwarder:
         self.observer = observer
         self.metrics = metrics
         self.registries = {registry.name: registry for registry in settings.registries}
+        self.parallel_fetches = 0  # running now, at most `upstream.parallel_max_fetches`
 
     async def upstream_headers(
         self, exchange: Exchange, registry: RegistryConfig, route: routing.Route
@@ -93,7 +94,7 @@ class Forwarder:
         any: from the pool, not one of `avoid` (those this request already tried)."""
         if self.clientauth.enabled:
             headers = await self.clientauth.upstream_headers(
-                exchange.headers, registry, route.upstream_name
+                exchange.headers, registry, route.upstream_name, avoid
             )
             return headers, self.tokens.holder(
                 registry, header_policy.get(headers, "authorization")
@@ -161,16 +162,22 @@ class Forwarder:
         registry = self.registries[route.registry]
         tried: list[str] = []
         refreshed = False
-        for _ in range(len(registry.credentials) + 2):  # each credential, and one refresh
+        attempts = len(registry.credentials) + 2  # each credential, and one refresh
+        for attempt in range(attempts):
+            final = attempt == attempts - 1  # its answer is the client's, whatever it is
             headers, username = await self.upstream_headers_as(exchange, registry, route, tried)
             request = UpstreamRequest(method, url, headers)
             async with self.upstream.open(
                 request, what=registry.name, follow=follow, registry=registry.name
             ) as response:
                 status = response.status_code
-                if username is not None:
+                # A redirect target's (a CDN's) 429 is about this VPS, not the account:
+                # only the registry's own answers rest a credential or ask for another.
+                if username is not None and self.upstream.is_own_origin(
+                    registry.name, str(response.url)
+                ):
                     self._credential_answered(registry, username, response)
-                    if status == 429:
+                    if status == 429 and not final:
                         tried.append(username)
                         if self.tokens.may_retry_elsewhere(registry, tried):
                             log.info(
@@ -180,6 +187,7 @@ class Forwarder:
                 sent = header_policy.get(headers, "authorization") or ""
                 if (
                     status == 401
+                    and not final
                     and not refreshed
                     and sent.lower().startswith("bearer ")
                     and self._sent_own_token(exchange, registry)
@@ -195,7 +203,6 @@ class Forwarder:
                     continue
                 yield response
                 return
-        raise UpstreamError(f"{registry.name}: no usable answer")  # pragma: no cover
 
     def _credential_answered(
         self, registry: RegistryConfig, username: str, response: httpx.Response
@@ -324,7 +331,10 @@ class Forwarder:
             and response.status_code == 200
             and window.end >= cfg.parallel_min_size
             and not own_origin(direct)  # ranges go to the CDN, not to the registry
+            and response.headers.get("accept-ranges", "").strip().lower() == "bytes"
+            and self.parallel_fetches < cfg.parallel_max_fetches  # else: one stream
         ):
+            self.parallel_fetches += 1
             fetch = partial(
                 fetch_piece, reopen, direct_url=direct, attempts=attempts,
                 own_origin=own_origin, what=registry.name, resumed=resumed,
@@ -335,7 +345,11 @@ class Forwarder:
                 fetch,
                 helpers,
                 connections=cfg.parallel_connections,
+                release=self._parallel_fetch_ended,
             )
+
+    def _parallel_fetch_ended(self) -> None:
+        self.parallel_fetches -= 1
 
     @contextlib.asynccontextmanager
     async def _reopen(
@@ -361,7 +375,7 @@ class Forwarder:
         names = [route.upstream_name]
         if ask.fresh_token:
             self.tokens.forget(registry.name, names)
-        headers = await self.upstream_headers(exchange, registry, route)
+        headers, username = await self.upstream_headers_as(exchange, registry, route)
         if ask.relay_token and not self._sent_own_token(exchange, registry):
             # The client's own token expired during a body it was allowed to read: the
             # rest is asked for with the relay's anonymous token (never the operator's,
@@ -370,11 +384,18 @@ class Forwarder:
             headers = tuple(h for h in headers if h[0] != "authorization")
             if token is not None:
                 headers = (*headers, ("authorization", f"Bearer {token}"))
+            username = None
         kept = tuple(h for h in headers if h[0] not in ("range", "if-range"))
         request = UpstreamRequest("GET", url, (*kept, *ask.headers))
         async with self.upstream.open(
             request, what=registry.name, registry=registry.name
         ) as response:
+            # As in `open_upstream`: the registry's own 429 rests the account (the next
+            # resume asks with another); a CDN's says nothing about it.
+            if username is not None and self.upstream.is_own_origin(
+                registry.name, str(response.url)
+            ):
+                self._credential_answered(registry, username, response)
             yield response
 
     def _client_headers(

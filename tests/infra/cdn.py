@@ -14,7 +14,9 @@ Fault knobs (issue 16): ``reset_after = N`` cuts every body with a TCP reset aft
 (``reset_first_only = True``: only the first response per blob); ``url_ttl = T`` makes URLs
 signed by ``sign`` (the hub front signs its redirects with it) expire after T seconds (403, as
 S3 answers an expired presigned URL; an unsigned URL is refused too); ``throttle = B`` paces
-each response to B bytes/s. ``resets`` counts the bodies cut.
+each response to B bytes/s. ``resets`` counts the bodies cut. ``too_many = S`` answers
+every request 429 with ``Retry-After: S``; ``ignore_range = True`` answers a Range request
+with the whole body (200), though its ``Accept-Ranges`` says ``bytes``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class CDN:
         self.reset_first_only = False
         self.url_ttl: float | None = None
         self.throttle: int | None = None
+        self.too_many: int | None = None
+        self.ignore_range = False
         self.resets = 0
         self._cut: set[str] = set()  # blobs whose first response was cut
         self.log = RequestLog()
@@ -105,8 +109,8 @@ class CDN:
             self._bytes_sent = 0
             self.resets = 0
             self._cut.clear()
-        self.reset_after = self.url_ttl = self.throttle = None
-        self.reset_first_only = False
+        self.reset_after = self.url_ttl = self.throttle = self.too_many = None
+        self.reset_first_only = self.ignore_range = False
 
     def sign(self, url: str) -> str:
         """``url`` valid for ``url_ttl`` seconds from now (unchanged when URLs never expire)."""
@@ -168,6 +172,12 @@ class CDN:
         if self.url_ttl is not None and not _signed_and_fresh(query):
             self._simple(h, 403, b"Request has expired", head=head, ctype="application/xml")
             return
+        if self.too_many is not None:
+            h.send_response(429)
+            h.send_header("Retry-After", str(self.too_many))
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         path = self.root / "docker/registry/v2/blobs/sha256" / m.group(1) / m.group(2) / "data"
         try:
             fh = path.open("rb")
@@ -178,7 +188,7 @@ class CDN:
             size = path.stat().st_size
             start, end = 0, size - 1
             status = 200
-            rng = h.headers.get("Range")
+            rng = None if self.ignore_range else h.headers.get("Range")
             if rng is not None:
                 parsed = _parse_range(rng, size)
                 if isinstance(parsed, str):
@@ -194,7 +204,7 @@ class CDN:
             h.send_response(status)
             h.send_header("Content-Type", "application/octet-stream")
             h.send_header("Content-Length", str(length))
-            h.send_header("Accept-Ranges", "bytes")
+            h.send_header("Accept-Ranges", "bytes")  # even with `ignore_range`: it lies
             h.send_header("ETag", f'"{m.group(2)}"')
             h.send_header("Cache-Control", "public, max-age=14400")
             if status == 206:

@@ -84,6 +84,18 @@ def token_subject(authorization: str | None) -> str | None:
     return subject if isinstance(subject, str) else None
 
 
+def basic_subject(authorization: str | None) -> str | None:
+    """The username a Basic `Authorization` carries (a registry that asks for Basic
+    credentials counts pulls per account too); None: no Basic credentials."""
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value).decode().partition(":")[0]
+    except (binascii.Error, ValueError):
+        return None
+
+
 class PullLimits:
     """Docker Hub's pull limit, per account: a manifest GET with a token for `subject`
     is a pull, a HEAD is free (as on Docker Hub); a spent account gets 429 with
@@ -208,7 +220,8 @@ class HubFront:
             return
         extra: list[tuple[str, str]] = []
         if _MANIFEST_RE.match(urllib.parse.urlsplit(h.path).path):
-            refused, extra = self.limits.take(subject, h.command)
+            account = subject if subject is not None else basic_subject(authorization)
+            refused, extra = self.limits.take(account, h.command)
             if refused:
                 body = json.dumps(
                     {"errors": [{"code": "TOOMANYREQUESTS", "message": "pull rate limit"}]}

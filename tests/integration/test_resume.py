@@ -271,3 +271,55 @@ def test_a_cdn_that_cuts_only_the_first_response_costs_one_resume(
     first, _, last = ranged[0].removeprefix("bytes=").partition("-")
     assert 0 < int(first) <= SLOW_CUT
     assert int(last) == layer_size(small) - 1
+
+
+PARALLEL_ENV = {
+    "VPSRELAY_CACHE__ENABLED": "false",
+    "VPSRELAY_UPSTREAM__PARALLEL_CONNECTIONS": "4",
+    "VPSRELAY_UPSTREAM__PARALLEL_MIN_SIZE": "8MiB",
+}
+
+
+def test_a_parallel_fetch_from_a_cdn_that_ignores_ranges_reads_on_over_one_stream(
+    faulty_hub: Hub, small: BuiltImage, tmp_path: Path
+) -> None:
+    """The CDN says it takes ranges but answers each with the whole body: the relay keeps
+    its first answer open until a range came, and reads the blob from it, byte-exact."""
+    layer = layer_of(small)
+    faulty_hub.cdn.ignore_range = True
+    with RelayProcess(
+        tmp_path / "relay", "--upstream", f"docker.io={faulty_hub.registry_url}", env=PARALLEL_ENV
+    ) as relay:
+        digest, _, size = read_blob(relay, SMALL_REPO, layer)
+        log = relay.log_text()
+    assert (digest, size) == (layer, layer_size(small))
+    assert "ranges over 4 connections" in log
+    assert "reading on over one connection" in log
+    hexpart = layer.removeprefix("sha256:")
+    ranged = [r for r in faulty_hub.cdn.requests() if hexpart in r.path and r.header("range")]
+    assert 1 <= len(ranged) <= 2 * 4, ranged  # the workers stopped
+
+
+def test_parallel_fetches_at_once_are_capped_for_the_process(
+    faulty_hub: Hub, small: BuiltImage, tmp_path: Path
+) -> None:
+    """With `parallel_max_fetches = 1`, of two big blob reads at once one goes parallel
+    and the other over one stream; both are byte-exact."""
+    layer = layer_of(small)
+    faulty_hub.cdn.throttle = 16 * MiB  # per connection: the reads overlap
+    env = {**PARALLEL_ENV, "VPSRELAY_UPSTREAM__PARALLEL_MAX_FETCHES": "1"}
+    results: list[tuple[str, str, int]] = []
+    with RelayProcess(
+        tmp_path / "relay", "--upstream", f"docker.io={faulty_hub.registry_url}", env=env
+    ) as relay:
+        readers = [
+            threading.Thread(target=lambda: results.append(read_blob(relay, SMALL_REPO, layer)))
+            for _ in range(2)
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=30)
+        log = relay.log_text()
+    assert [(d, s) for d, _, s in results] == [(layer, layer_size(small))] * 2
+    assert log.count("ranges over 4 connections") == 1

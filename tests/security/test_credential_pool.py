@@ -16,10 +16,14 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+import bcrypt
 import httpx
 import jwt
 import pytest
 
+from tests.infra import require_binary
+from tests.infra.front import HubFront
+from tests.infra.hub import _registry_config, start_registry
 from tests.infra.relay import RelayProcess, pull_token
 
 if TYPE_CHECKING:
@@ -158,3 +162,84 @@ def test_a_client_with_wrong_credentials_is_not_retried_with_the_operators(
     requests = clean_hub.wait_registry_requests(lambda log: len(log) >= 1)
     assert requests == [("GET", "/v2/library/alpine/manifests/latest")]  # asked once
     assert not clean_hub.front.limits.pulls
+
+
+def test_a_cdn_429_rests_no_pool_account(pool_relay: RelayProcess, clean_hub: Hub) -> None:
+    """A CDN (or a hostile redirect target) that throttles the VPS says nothing about the
+    operator's accounts: the client gets the 429, no account rests, none is tried in turn."""
+    layer = clean_hub.images["library/alpine:latest"].layers[0].digest  # type: ignore[union-attr]
+    token = pull_token(pool_relay.url, "library/alpine")
+    auth = {"authorization": f"Bearer {token}"}
+    clean_hub.clear()
+    clean_hub.cdn.too_many = 86400
+    with httpx.Client(base_url=pool_relay.url, timeout=TIMEOUT) as client:
+        throttled = client.get(f"/v2/alpine/blobs/{layer}", headers=auth)
+        assert throttled.status_code == 429
+        blob_asks = clean_hub.wait_registry_requests(lambda log: len(log) >= 1)
+        assert [p for _, p in blob_asks if "/blobs/" in p] == [f"/v2/library/alpine/blobs/{layer}"]
+        clean_hub.cdn.too_many = None
+        again = client.get(f"/v2/alpine/blobs/{layer}", headers=auth)
+        assert again.status_code == 200  # the accounts were not put to rest
+
+
+@pytest.fixture
+def basic_registry(clean_hub: Hub, tmp_path: Path) -> Iterator[HubFront]:
+    """The hub's images behind a registry that asks for Basic credentials (htpasswd:
+    alice and bob), with Docker Hub's per-account pull limits in front."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(
+        "".join(
+            f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}\n"
+            for user, password in (clean_hub.creds, BOB)
+        )
+    )
+    registry = start_registry(
+        require_binary("docker-registry"),
+        tmp_path / "logs",
+        "basic",
+        _registry_config(
+            clean_hub.storage_dir, auth={"htpasswd": {"realm": "basic", "path": str(htpasswd)}}
+        ),
+    )
+    front = HubFront(registry.port)
+    try:
+        yield front
+    finally:
+        front.close()
+        registry.stop()
+
+
+def test_client_auth_a_basic_registrys_pool_moves_on_after_a_429(
+    basic_registry: HubFront, clean_hub: Hub, tmp_path: Path
+) -> None:
+    """With client authentication, a registry asking for Basic credentials: the pull goes
+    on with bob when alice is spent; with both spent the client gets the registry's 429
+    (not a 502), after one ask per account."""
+    alice, password = clean_hub.creds
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[auth]\nenabled = true\npull_tokens = ["ci-token-0123456789abcdef"]\n'
+        f'[registries."docker.io"]\nurl = "{basic_registry.url}"\n'
+        f'credentials = [{{ username = "{alice}", password = "{password}" }},'
+        f' {{ username = "{BOB[0]}", password = "{BOB[1]}" }}]\n'
+    )
+    basic_registry.limits.set({alice: 0, BOB[0]: 1})
+    with (
+        RelayProcess(tmp_path / "relay", "--config", str(config)) as relay,
+        httpx.Client(base_url=relay.url, timeout=TIMEOUT) as client,
+    ):
+        token = client.get(
+            "/token",
+            params={"service": "vpsrelay", "scope": "repository:library/alpine:pull"},
+            auth=("ci", "ci-token-0123456789abcdef"),
+        ).json()["token"]
+        auth = {"authorization": f"Bearer {token}", "accept": OCI_MANIFEST}
+        first = client.get("/v2/alpine/manifests/latest", headers=auth)
+        spent = client.get("/v2/alpine/manifests/latest", headers=auth)
+        alive = client.get("/healthz")
+    assert first.status_code == 200, first.text
+    assert basic_registry.limits.pulls == {BOB[0]: 1}
+    assert spent.status_code == 429, spent.text
+    assert spent.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert sum(basic_registry.limits.refused.values()) <= 3  # bounded: no loop
+    assert alive.status_code == 200

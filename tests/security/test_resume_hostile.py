@@ -200,11 +200,12 @@ def test_a_hostile_cdn_cannot_make_a_resume_complete_wrong_or_loop(
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_a_cdn_that_answers_ranges_wrongly_breaks_a_parallel_fetch_off_cleanly(
+def test_a_cdn_that_answers_ranges_wrongly_leaves_a_parallel_fetch_to_one_stream(
     cache: bool, tmp_path: Path
 ) -> None:
-    """With 4 parallel connections, every ranged answer names other bytes: the body is
-    broken off after a bounded number of requests, nothing is cached, the relay serves on."""
+    """With 4 parallel connections, every ranged answer names other bytes: after a bounded
+    number of requests the relay reads on from its first answer, and no wrong range's
+    bytes reach the client; the relay serves on."""
     cdn = HostileCDN("ranges-wrong")
     registry = Registry(cdn.url)
     env = {
@@ -225,16 +226,14 @@ def test_a_cdn_that_answers_ranges_wrongly_breaks_a_parallel_fetch_off_cleanly(
         registry.close()
         cdn.close()
     assert status == 200
-    assert len(body) < len(BIG)
-    assert body == BIG[: len(body)]  # only the first answer's bytes, never a wrong range's
+    assert body == BIG  # the first answer's bytes, never a wrong range's
     ranged = [r for r in cdn.gets if r is not None]
     # Each of the 4 workers asks the CDN, then the registry for a fresh URL, and stops.
     assert 1 <= len(ranged) <= 2 * 4, cdn.gets
     assert "ranges over 4 connections" in log
+    assert "reading on over one connection" in log
     assert alive.status_code == 200
     assert "Traceback" not in log
-    blobs = tmp_path / "relay" / "data" / "blobs"
-    assert not [p for p in blobs.rglob("*") if p.is_file()], "a wrong blob was cached"
 
 
 def test_a_body_that_stalls_past_the_read_timeout_is_resumed(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from vpsrelay.upstream import USER_AGENT
 from vpsrelay.upstream.tokens import TokenClient, basic
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from vpsrelay.config import RegistryConfig, Settings
@@ -488,23 +488,35 @@ class ClientAuth:
     # -- upstream, as the relay itself ------------------------------------------------------------
 
     async def upstream_headers(
-        self, client_headers: header_policy.Headers, registry: RegistryConfig, name: str
+        self,
+        client_headers: header_policy.Headers,
+        registry: RegistryConfig,
+        name: str,
+        avoid: Sequence[str] = (),
     ) -> header_policy.Headers:
         """The headers for the upstream: the client's without its (relay) credentials, plus
-        the relay's own: a Bearer token it got, or the operator's Basic credentials."""
+        the relay's own: a Bearer token it got, or the operator's Basic credentials, with
+        a pool credential that is not one of `avoid` (those this request already tried)."""
         headers = tuple(
             (k, v)
             for k, v in header_policy.upstream_request_headers(client_headers, USER_AGENT)
             if k != "authorization"
         )
         challenge = await self.upstream.challenge(registry)
+        username = (
+            self.token_client.choose_credential(registry, avoid)
+            if registry.has_credentials
+            else None
+        )
         if challenge is not None and name:
-            token = await self.token_client.pull_token(registry, [name], operator=True)
+            token = await self.token_client.pull_token(
+                registry, [name], operator=True, username=username
+            )
             if token is not None:
                 return (*headers, ("authorization", f"Bearer {token}"))
             return headers
-        if self.upstream.known_scheme(registry.name) == "basic" and registry.has_credentials:
-            return (*headers, ("authorization", basic(registry)))
+        if self.upstream.known_scheme(registry.name) == "basic" and username is not None:
+            return (*headers, ("authorization", basic(registry, username)))
         return headers
 
 

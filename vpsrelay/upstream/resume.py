@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from vpsrelay.core import resume
+from vpsrelay.core import auth, resume
 from vpsrelay.errors import UpstreamError, UpstreamProtocolError
 
 if TYPE_CHECKING:
@@ -158,7 +158,9 @@ class ResumingStream(httpx.AsyncByteStream):
                 return
             if verdict is resume.Verdict.FRESH_URL and ask.direct_url is not None:
                 self._direct = None
-            elif verdict is resume.Verdict.FRESH_TOKEN:
+            elif verdict is resume.Verdict.FRESH_TOKEN and auth.fresh_token_may_help(
+                response.headers.get_list("www-authenticate")
+            ):  # not for `insufficient_scope`: a new token has the same rights
                 self._fresh_token = self._relay_token = True
                 self._direct = None  # a token is the registry's business, never a CDN's
             failure = UpstreamProtocolError(
