@@ -31,4 +31,4 @@ def worker_exited(data_dir: Path, number: int, pid: int) -> None:
     from prometheus_client import multiprocess  # the supervisor needs it only here
 
     with contextlib.suppress(OSError):
-        multiprocess.mark_process_dead(pid, str(worker_identity.metrics_dir(data_dir)))
+        multiprocess.mark_process_dead(pid, str(worker_identity.metrics_dir(data_dir)))  # type: ignore[no-untyped-call]
