@@ -195,6 +195,17 @@ def peak_rss(pid: int) -> int:
     return total
 
 
+def peak_rss_per_process(pid: int) -> int:
+    """The largest peak RSS of one process among `pid` and its descendants (per worker)."""
+    largest = 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    largest = max(largest, int(line.split()[1]) * 1024)
+    return largest
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None, limit: float = 20.0) -> None:
     import socket
 
@@ -268,7 +279,7 @@ class Bench:
         proc.scratch = storage
         return proc
 
-    def nginx(self, static: bool = False) -> Proc:
+    def nginx(self, static: bool = False, workers: int = 1) -> Proc:
         d = self.work / f"nginx-{time.monotonic_ns()}"
         d.mkdir()
         p1, p2 = free_port(), free_port()
@@ -293,7 +304,7 @@ class Bench:
         )
         conf = d / "nginx.conf"
         conf.write_text(
-            f"worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n"
+            f"worker_processes {workers}; pid {d}/nginx.pid; error_log {d}/error.log;\n"
             "events { worker_connections 1024; }\n"
             f"http {{ access_log off; sendfile on; client_body_temp_path {d}/b; proxy_temp_path {d}/p;"
             f" fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n"
@@ -343,7 +354,7 @@ class Bench:
             wait_port(pt, popen)
         return proc
 
-    def vpsrelay(self, name: str, cache: bool) -> Proc:
+    def vpsrelay(self, name: str, cache: bool, workers: int = 1) -> Proc:
         d = self.work / f"relay-{time.monotonic_ns()}"
         d.mkdir()
         port = free_port()
@@ -354,7 +365,8 @@ class Bench:
             VPSRELAY_LOG__LEVEL="warning",
         )
         args = [PY, str(ROOT / "bench" / "relay.py"), "--listen", f"127.0.0.1:{port}",
-                "--data-dir", str(d / "data"), "--upstream", f"docker.io={self.upstream.url}"]  # fmt: skip
+                "--data-dir", str(d / "data"), "--upstream", f"docker.io={self.upstream.url}",
+                "--workers", str(workers)]  # fmt: skip
         if os.environ.get("BENCH_NO_PATCHES"):
             args.append("--no-patches")
         tport = None
