@@ -13,6 +13,8 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+import trio
+
 from vpsrelay import __version__
 from vpsrelay.core import forwarding, headers as header_policy
 from vpsrelay.exchange import Exchange, serve_lifespan
@@ -105,9 +107,14 @@ class OperatorPaths:
             body = b"403 forbidden: /metrics needs an allowed address or the metrics token\n"
             await exchange.respond(403, TEXT, body)
         else:
-            await exchange.respond(
-                200, (("content-type", METRICS_CONTENT_TYPE),), self.metrics.render()
-            )
+            if self.metrics.multiprocess_dir is None:
+                body = self.metrics.render()
+            else:  # every worker's files and status: read off the event loop
+                body = await trio.to_thread.run_sync(self._render_fleet)
+            await exchange.respond(200, (("content-type", METRICS_CONTENT_TYPE),), body)
+
+    def _render_fleet(self) -> bytes:
+        return self.metrics.render(self.health.survey())
 
     async def _landing(self, exchange: Exchange) -> None:
         if not self.settings.ui.landing_page:
