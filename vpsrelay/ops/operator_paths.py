@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from vpsrelay.ops.metrics import Metrics
     from vpsrelay.upstream import Upstream
 
+log = logging.getLogger("vpsrelay.operator")
 JSON = (("content-type", "application/json"),)
 TEXT = (("content-type", "text/plain; charset=utf-8"),)
 
@@ -106,11 +108,17 @@ class OperatorPaths:
             self.metrics.refused("metrics_forbidden")
             body = b"403 forbidden: /metrics needs an allowed address or the metrics token\n"
             await exchange.respond(403, TEXT, body)
+        elif self.metrics.multiprocess_dir is None:
+            await exchange.respond(
+                200, (("content-type", METRICS_CONTENT_TYPE),), self.metrics.render()
+            )
         else:
-            if self.metrics.multiprocess_dir is None:
-                body = self.metrics.render()
-            else:  # every worker's files and status: read off the event loop
+            try:  # every worker's files and status: read off the event loop
                 body = await trio.to_thread.run_sync(self._render_fleet)
+            except (OSError, ValueError) as exc:  # the run directory was taken away
+                log.warning("cannot read the workers' metrics: %s", exc)
+                await exchange.respond(503, TEXT, b"503 the workers' metrics are unreadable\n")
+                return
             await exchange.respond(200, (("content-type", METRICS_CONTENT_TYPE),), body)
 
     def _render_fleet(self) -> bytes:
