@@ -53,6 +53,21 @@ class WorkerPair:
             time.sleep(0.05)
         raise AssertionError(f"workers not ready within {timeout}s: {body}")
 
+    def streaming_worker(self) -> int:
+        """The number of the one worker with a response body in flight (from its live
+        `vpsrelay_active_streams` file): whichever worker the kernel gave the connection."""
+        from prometheus_client.mmap_dict import MmapedDict
+
+        holders = []
+        for path in worker_identity.metrics_dir(self.data_dir).glob("gauge_livesum_*.db"):
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
+                if '"vpsrelay_active_streams"' in key and value > 0:
+                    holders.append(int(path.stem.rpartition("_")[2]))
+        assert len(holders) == 1, holders
+        numbers = [n for n, s in fleet.read_statuses(self.data_dir).items() if s.pid in holders]
+        assert len(numbers) == 1, numbers
+        return numbers[0]
+
     def kill(self, number: int) -> int:
         """SIGKILL worker `number`, reap it and tell the fleet files, as the supervisor
         does; returns its pid."""

@@ -100,7 +100,9 @@ def test_a_killed_workers_streams_leave_the_totals_and_readyz_shows_it_down(
         chunks = response.iter_bytes(1 << 20)
         next(chunks)  # then it stops reading: the stream stays open on worker 2
         assert sample(scrape(first), "vpsrelay_active_streams") == 1
-        pid = pair.kill(2)
+        streaming = pair.streaming_worker()
+        assert streaming == 2
+        pid = pair.kill(streaming)
         with pytest.raises(httpx.HTTPError):
             for _ in chunks:
                 pass
