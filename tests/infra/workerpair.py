@@ -11,6 +11,7 @@ both ways write.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -27,6 +28,24 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 COUNT = 2
+# Alone a relay says "listening on URL"; a supervised worker may say "worker w1 serving URL"
+# instead (the supervisor says "listening" for all): either line means it serves.
+_SERVING = re.compile(r'(?:listening on|serving) (https?://[^\s"]+)')
+
+
+class _Worker(RelayProcess):
+    def _wait_listening(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := _SERVING.findall(self.log_text()):
+                return found
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited with {self.process.returncode}:\n{self.log_text()}"
+                )
+            time.sleep(0.05)
+        self.close()
+        raise RuntimeError(f"worker did not start within {timeout}s:\n{self.log_text()}")
 
 
 @dataclass
@@ -96,9 +115,7 @@ def worker_pair(
                 "PROMETHEUS_MULTIPROC_DIR": str(worker_identity.metrics_dir(data_dir)),
             }
             processes.append(
-                RelayProcess(
-                    workdir / f"w{number}", *args, "--data-dir", str(data_dir), env=worker_env
-                )
+                _Worker(workdir / f"w{number}", *args, "--data-dir", str(data_dir), env=worker_env)
             )
         yield WorkerPair(data_dir, processes)
     finally:
