@@ -153,3 +153,29 @@ def test_credential_rows_from_a_public_readyz_and_an_operators():
         ("credential docker.io alice", check.PASS)
     ]
     checker.client.close()
+
+
+def test_worker_rows_from_readyz():
+    checker = check.Checker("http://127.0.0.1:1", {})
+    checker._worker_rows(
+        [
+            {"worker": "w1", "state": "ready", "pid": 12, "heartbeat_seconds_ago": 0.4,
+             "uptime_seconds": 61.2},
+            {"worker": "w2", "state": "stale", "heartbeat_seconds_ago": 12.0},
+            {"worker": "w3", "state": "exited"},
+            "not an entry",
+            {"worker": "w4", "state": "unready", "checks": {"tls": "no certificate loaded"}},
+        ]
+    )  # fmt: skip
+    rows = [(r.check, r.result, r.detail) for r in checker.rows]
+    assert rows == [
+        ("worker w1", check.PASS, "ready, pid 12, heartbeat 0.4 s ago, up 61 s"),
+        ("worker w2", check.FAIL, "stale, heartbeat 12.0 s ago"),
+        ("worker w3", check.WARN, "exited"),
+        ("worker w4", check.WARN, "unready, tls: no certificate loaded"),
+    ]
+    assert "hung" in checker.rows[1].fix
+    checker.rows.clear()
+    checker._worker_rows(None)  # a single-process relay: no rows
+    assert checker.rows == []
+    checker.client.close()

@@ -22,6 +22,7 @@ from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
 from vpsrelay.config import Settings, parse_listen
 from vpsrelay.core.connslots import ConnectionSlots
+from vpsrelay.ops import fleet
 from vpsrelay.ops.operator_paths import OperatorApp
 from vpsrelay.patches import hypercorn as hypercorn_patches
 from vpsrelay.upstream import Upstream
@@ -181,5 +182,7 @@ async def _serve(
             await _serve_operator(nursery, settings, app, stop)
         sys.stderr.flush()
         task_status.started(binds)
+        # A supervised worker's status file (for /readyz and /metrics in every worker).
+        nursery.start_soon(fleet.keep_status, settings.data_dir, app.health.own_status, stop)
         await stop.wait()
         # hypercorn returns once in-flight requests finish (or the grace period ends).

@@ -390,6 +390,7 @@ class Checker:
                 "upstream": "the relay cannot reach its upstream: check the VPS's outbound "
                 "network, DNS and the upstream URL",
                 "tls": "no certificate is loaded: check the relay's log for ACME errors",
+                "workers": "no worker is ready: see the worker rows and the relay's log",
             }
             self.add(
                 "readiness",
@@ -397,6 +398,7 @@ class Checker:
                 summary or f"{response.status_code}",
                 "; ".join(fix[k] for k in bad if k in fix),
             )
+        self._worker_rows(body.get("workers") if isinstance(body, dict) else None)
         self._degraded_patches(body.get("degraded") if isinstance(body, dict) else None)
         for name, entry in (body.get("upstreams") or {}).items() if isinstance(body, dict) else ():
             self._budget_from_report(name, entry)
@@ -409,6 +411,25 @@ class Checker:
                     f"the relay's clock is {-skew:+.0f} s off {name}'s",
                     "run an NTP client on the VPS (chrony or systemd-timesyncd)",
                 )
+
+    def _worker_rows(self, entries: object) -> None:
+        """One row per worker of a relay that runs several (`server.workers`)."""
+        for entry in entries if isinstance(entries, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            state = str(entry.get("state", "?"))
+            details = [state]
+            if isinstance(pid := entry.get("pid"), int):
+                details.append(f"pid {pid}")
+            if isinstance(age := entry.get("heartbeat_seconds_ago"), int | float):
+                details.append(f"heartbeat {age:.1f} s ago")
+            if isinstance(uptime := entry.get("uptime_seconds"), int | float):
+                details.append(f"up {uptime:.0f} s")
+            failing = entry.get("checks")
+            if isinstance(failing, dict):
+                details += [f"{key}: {value}" for key, value in failing.items()]
+            result, fix = _WORKER_STATES.get(state, (WARN, "see the relay's log"))
+            self.add(f"worker {entry.get('worker', '?')}", result, ", ".join(details), fix)
 
     def _degraded_patches(self, entries: object) -> None:
         """A relay started with `--allow-unpatched` whose library patches did not all apply:
@@ -490,6 +511,21 @@ class Checker:
             self.date_skews.append(parsedate_to_datetime(date).timestamp() - self.clock())
         except (TypeError, ValueError, IndexError):
             return
+
+
+# A worker's state in /readyz: the row's result and the fix.
+_WORKER_STATES = {
+    "ready": (PASS, ""),
+    "unready": (WARN, "its own checks fail (listed): see the relay's log"),
+    "draining": (WARN, "it is stopping (SIGTERM): its pulls finish, new ones go to the others"),
+    "starting": (WARN, "it has not served yet; if it stays so, see the relay's log"),
+    "exited": (WARN, "it ended and is restarted; if it keeps ending, see the relay's log"),
+    "stale": (
+        FAIL,
+        "its heartbeat stopped: the worker is hung and its connections stall; see the relay's "
+        "log and restart the relay",
+    ),
+}
 
 
 def _name(rdns: object) -> str:

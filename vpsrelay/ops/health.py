@@ -6,6 +6,11 @@ answered recently (if none did, each is asked for `/v2/` now, with a short
 timeout; a recorded failure since the last answer forces that probe). A relay started
 with `server.allow_unpatched` whose library patches did not all apply is ready but
 "degraded", and lists what it runs without.
+
+One of several workers (`server.workers` > 1) answers for the relay: the checks above,
+plus every worker's state from the status files they write (`ops/fleet.py`). The relay
+is ready while at least one worker is (`core/fleet.py` says why); "degraded" while some
+are not.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay import private_files
+from vpsrelay import private_files, worker_identity
+from vpsrelay.core.fleet import FleetView, WorkerStatus
 from vpsrelay.errors import RelayError
+from vpsrelay.ops import fleet
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from vpsrelay.core.ratelimit import RateLimit
     from vpsrelay.patches import Degraded
     from vpsrelay.upstream import Upstream
+    from vpsrelay.worker_identity import WorkerIdentity
 
 # An upstream answer this recent (and no failure after it) makes the relay ready.
 RECENT_SECONDS = 30.0
@@ -76,6 +84,8 @@ class Health:
     upstreams: dict[str, UpstreamState] = field(default_factory=dict)
     # The library patches that did not apply (`vpsrelay.patches.apply_all`).
     degraded: tuple[Degraded, ...] = ()
+    identity: WorkerIdentity = field(default_factory=worker_identity.current)
+    started: float = field(default_factory=time.monotonic)
 
     def state(self, registry: str) -> UpstreamState:
         return self.upstreams.setdefault(registry, UpstreamState())
@@ -113,21 +123,26 @@ class Health:
         `detailed`: the operator's credentials by username and budget (an operator's
         request, as for /metrics); otherwise only how many are ready and resting.
         """
-        checks: dict[str, str] = {}
-        if not self.tls.enabled:
-            checks["tls"] = "off"
-        else:
-            checks["tls"] = "ok" if self.tls.not_after is not None else "no certificate loaded"
+        checks: dict[str, str] = {"tls": self._tls_check()}
         checks["data_dir"] = await trio.to_thread.run_sync(_probe_writable, self.data_dir)
         checks["upstream"] = await self._upstream_check(registries, upstream)
         ready = all(value in ("ok", "off") for value in checks.values())
+        workers = await trio.to_thread.run_sync(self.survey) if self.identity.supervised else None
+        if workers is not None:
+            checks["workers"] = workers.summary()
+            ready = ready and workers.ready
         status = "ready" if ready else "unready"
+        if ready and workers is not None and not workers.all_ready:
+            status = "degraded"  # served, by fewer workers than configured
         if self.degraded:
             # The operator chose to serve without them: degraded, not unready.
             names = ", ".join(entry.reach for entry in self.degraded)
             checks["patches"] = f"degraded: without {names}"
             status = "degraded" if ready else status
         report: dict[str, object] = {"status": status, "checks": checks}
+        if workers is not None:
+            report["worker"] = self.identity.label  # the one that answered
+            report["workers"] = [view.report(detailed=detailed) for view in workers.workers]
         if self.degraded:
             report["degraded"] = [
                 {"reach": entry.reach, "kind": entry.kind, "detail": entry.detail}
@@ -158,6 +173,33 @@ class Health:
         if upstreams:
             report["upstreams"] = upstreams
         return ready, report
+
+    def _tls_check(self) -> str:
+        if not self.tls.enabled:
+            return "off"
+        return "ok" if self.tls.not_after is not None else "no certificate loaded"
+
+    def own_status(self) -> WorkerStatus | None:
+        """This worker's status for its file; None for the single process of `workers = 1`."""
+        if not self.identity.supervised:
+            return None
+        tls = self._tls_check()
+        return WorkerStatus(
+            number=self.identity.number,
+            pid=os.getpid(),
+            started=self.started,
+            heartbeat=time.monotonic(),
+            ready=tls in ("ok", "off"),
+            checks={"tls": tls},
+            certificate_not_after=self.tls.expiry(),
+        )
+
+    def survey(self) -> FleetView | None:
+        """Every worker's state (blocking: reads their status files); None unsupervised."""
+        own = self.own_status()
+        if own is None:
+            return None
+        return fleet.survey(self.data_dir, self.identity.count, own)
 
     async def _upstream_check(
         self, registries: tuple[RegistryConfig, ...], upstream: Upstream

@@ -4,11 +4,22 @@ Everything is a `prometheus_client` metric on a private `CollectorRegistry`; `/m
 renders it with `generate_latest`. The blob cache (and any other part) only calls
 the small methods here: `cache_hit`, `cache_miss`, `cache_size`; it never touches
 the metric objects or the registry.
+
+Under a supervisor (`server.workers` > 1) every worker's metrics are prometheus-client's
+multiprocess values (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor before the worker
+starts, so the library picks the file-backed value class at import), and `/metrics`,
+whichever worker answers, renders all workers' files: counters and histograms summed,
+each gauge merged the way its `multiprocess_mode` (below, with why) says. The collectors
+that compute at scrape time (certificate expiry, workers) read every worker's status
+file instead, since prometheus-client cannot merge them across processes.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -18,14 +29,24 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from vpsrelay import worker_identity
+from vpsrelay.core.fleet import State
+from vpsrelay.ops import fleet as fleet_files
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from vpsrelay.core.credpool import CredentialState
+    from vpsrelay.core.fleet import FleetView
     from vpsrelay.core.ratelimit import RateLimit
+    from vpsrelay.worker_identity import WorkerIdentity
+
+log = logging.getLogger("vpsrelay.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Time to the upstream's response headers (after any redirect hops), in seconds.
@@ -50,10 +71,49 @@ class _CertificateCollector:
         yield family
 
 
+class _WorkersCollector:
+    """`vpsrelay_workers{state}`: how many workers are in each state (supervised only)."""
+
+    def __init__(self, fleet: FleetView) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "vpsrelay_workers",
+            "Worker processes by state (ready, unready, draining, stale, exited, starting).",
+            labels=["state"],
+        )
+        for state in State:
+            family.add_metric([state.value], self._fleet.count(state))
+        yield family
+
+
+def _multiprocess_dir(identity: WorkerIdentity) -> Path | None:
+    """Where this worker's metrics files are, when it is one of several."""
+    if not identity.supervised:
+        return None  # the single process: its private registry, as always
+    # Not a setting: the supervisor sets it for the worker, prometheus-client reads it.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # noqa: TID251
+    if not directory or not getattr(values.ValueClass, "_multiprocess", False):
+        log.warning(
+            "worker %s has no PROMETHEUS_MULTIPROC_DIR at start: /metrics shows it alone",
+            identity.label,
+        )
+        return None
+    return Path(directory)
+
+
 class Metrics:
     """The relay's metrics. Methods are cheap and never raise."""
 
-    def __init__(self, *, certificate_not_after: Callable[[], float | None] = lambda: None) -> None:
+    def __init__(
+        self,
+        *,
+        certificate_not_after: Callable[[], float | None] = lambda: None,
+        identity: WorkerIdentity | None = None,
+    ) -> None:
+        self.multiprocess_dir = _multiprocess_dir(identity or worker_identity.current())
+        self._certificate_not_after = certificate_not_after
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -105,9 +165,13 @@ class Metrics:
             ["error"],
             registry=r,
         )
+        # Gauges' `multiprocess_mode` says how workers' values merge (ignored by the single
+        # process). `live*`: a dead worker's value leaves with it. In-flight streams are
+        # each worker's own: their sum, over live workers.
         self.active_streams = Gauge(
-            "vpsrelay_active_streams", "Response bodies being streamed now.", registry=r
-        )
+            "vpsrelay_active_streams", "Response bodies being streamed now.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.cache_hits = Counter(
             "vpsrelay_cache_hits", "Blob requests served from the cache.", ["registry"], registry=r
         )
@@ -121,68 +185,83 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        # One cache for all workers, measured by whichever served last: the latest value.
         self.cache_size_bytes = Gauge(
-            "vpsrelay_cache_size_bytes", "Bytes held in the blob cache.", registry=r
-        )
+            "vpsrelay_cache_size_bytes", "Bytes held in the blob cache.", registry=r,
+            multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        # What the upstream last stated, to any worker, is what holds now: the latest.
         self.ratelimit_limit = Gauge(
             "vpsrelay_upstream_ratelimit_limit",
             "The upstream's pull limit per window, from its last ratelimit-limit header.",
             ["registry"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_remaining = Gauge(
             "vpsrelay_upstream_ratelimit_remaining",
             "Pulls left in the window, from the upstream's last ratelimit-remaining header.",
             ["registry"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_window = Gauge(
             "vpsrelay_upstream_ratelimit_window_seconds",
             "The rate-limit window the upstream stated (w=).",
             ["registry"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_source = Gauge(
             "vpsrelay_upstream_ratelimit_source_info",
             "Whose budget it is (docker-ratelimit-source: an address or account); always 1.",
             ["registry", "source"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.credential_limit = Gauge(
             "vpsrelay_upstream_credential_ratelimit_limit",
             "Pull limit per window of one operator credential (by username), as last stated.",
             ["registry", "credential"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.credential_remaining = Gauge(
             "vpsrelay_upstream_credential_ratelimit_remaining",
             "Pulls left in the window for one operator credential (0 after a 429).",
             ["registry", "credential"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.credential_rest_until = Gauge(
             "vpsrelay_upstream_credential_rest_until_timestamp_seconds",
             "Until when the credential rests after a 429 or an empty budget (Unix time; 0: not).",
             ["registry", "credential"],
             registry=r,
+            # Each worker's pool rests it on its own: the longest rest of a live worker.
+            multiprocess_mode="livemax",
         )
         self.credential_refusals = Gauge(
             "vpsrelay_upstream_credential_refusals",
             "429 answers to the credential since the relay started.",
             ["registry", "credential"],
             registry=r,
+            # Each worker counts its own: the sum, a dead worker's count included.
+            multiprocess_mode="sum",
         )
         self.upstream_last_answer = Gauge(
             "vpsrelay_upstream_last_answer_timestamp_seconds",
             "When the upstream last answered (Unix time).",
             ["registry"],
             registry=r,
+            multiprocess_mode="max",  # the latest answer to any worker, dead ones included
         )
         self.upstream_clock_skew = Gauge(
             "vpsrelay_upstream_clock_skew_seconds",
             "The upstream's Date minus the relay's clock, at its last answer.",
             ["registry"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.upstream_resumes = Counter(
             "vpsrelay_upstream_resumes",
@@ -238,7 +317,11 @@ class Metrics:
             self.ratelimit_window.labels(registry).set(budget.window_seconds)
         if budget.source is not None and self._sources.get(registry) != budget.source:
             if (old := self._sources.get(registry)) is not None:
-                self.ratelimit_source.remove(registry, old)
+                if self.multiprocess_dir is not None:
+                    # Series cannot be removed from the shared files: the old one reads 0.
+                    self.ratelimit_source.labels(registry, old).set(0)
+                else:
+                    self.ratelimit_source.remove(registry, old)
             self._sources[registry] = budget.source
             self.ratelimit_source.labels(registry, budget.source).set(1)
 
@@ -273,5 +356,23 @@ class Metrics:
 
     # --- exposition
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, fleet: FleetView | None = None) -> bytes:
+        """The exposition; under a supervisor, every worker's (`fleet`: their states).
+
+        Raises:
+            OSError: a supervised worker cannot read the shared metrics directory.
+        """
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # A fresh registry with only the merged files and the scrape-time collectors: the
+        # metrics above are in the files already (registering them again would double them).
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        if fleet is not None:
+            oldest = fleet.oldest_certificate()
+            registry.register(_CertificateCollector(lambda: oldest))
+            registry.register(_WorkersCollector(fleet))
+        else:
+            registry.register(_CertificateCollector(self._certificate_not_after))
+        with fleet_files.metrics_lock(self.multiprocess_dir, exclusive=False):
+            return generate_latest(registry)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import time
 from typing import TYPE_CHECKING
+
+import trio
 
 from vpsrelay import __version__
 from vpsrelay.core import forwarding, headers as header_policy
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from vpsrelay.ops.metrics import Metrics
     from vpsrelay.upstream import Upstream
 
+log = logging.getLogger("vpsrelay.operator")
 JSON = (("content-type", "application/json"),)
 TEXT = (("content-type", "text/plain; charset=utf-8"),)
 
@@ -104,10 +108,21 @@ class OperatorPaths:
             self.metrics.refused("metrics_forbidden")
             body = b"403 forbidden: /metrics needs an allowed address or the metrics token\n"
             await exchange.respond(403, TEXT, body)
-        else:
+        elif self.metrics.multiprocess_dir is None:
             await exchange.respond(
                 200, (("content-type", METRICS_CONTENT_TYPE),), self.metrics.render()
             )
+        else:
+            try:  # every worker's files and status: read off the event loop
+                body = await trio.to_thread.run_sync(self._render_fleet)
+            except (OSError, ValueError) as exc:  # the run directory was taken away
+                log.warning("cannot read the workers' metrics: %s", exc)
+                await exchange.respond(503, TEXT, b"503 the workers' metrics are unreadable\n")
+                return
+            await exchange.respond(200, (("content-type", METRICS_CONTENT_TYPE),), body)
+
+    def _render_fleet(self) -> bytes:
+        return self.metrics.render(self.health.survey())
 
     async def _landing(self, exchange: Exchange) -> None:
         if not self.settings.ui.landing_page:
