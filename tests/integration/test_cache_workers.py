@@ -11,6 +11,7 @@ import hashlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
@@ -101,22 +102,29 @@ def test_ten_pulls_over_two_workers_fetch_the_layer_once(clean_hub: Hub, tmp_pat
     assert list((tmp_path / "data" / "tmp").iterdir()) == []
 
 
-def _stream(url: str, token: str, got: dict[str, object]) -> None:
-    """GET a blob; record how many bytes came and their hash, or the error."""
-    digest, size = hashlib.sha256(), 0
+@dataclass
+class Got:
+    """What one client received: the status, how many bytes and their hash, or the error."""
+
+    status: int = 0
+    size: int = 0
+    digest: str = ""
+    error: str = ""
+
+
+def _stream(url: str, token: str, got: Got) -> None:
+    digest = hashlib.sha256()
     try:
         with httpx.stream(
             "GET", url, headers={"authorization": f"Bearer {token}"}, timeout=30
         ) as response:
-            got["status"] = response.status_code
+            got.status = response.status_code
             for chunk in response.iter_raw():
                 digest.update(chunk)
-                size += len(chunk)
-                got["size"] = size
+                got.size += len(chunk)
     except httpx.HTTPError as exc:
-        got["error"] = repr(exc)
-    got["size"] = size
-    got["digest"] = "sha256:" + digest.hexdigest()
+        got.error = repr(exc)
+    got.digest = "sha256:" + digest.hexdigest()
 
 
 def test_a_leader_killed_mid_fill_is_taken_over_and_leaves_nothing_partial(
@@ -131,14 +139,14 @@ def test_a_leader_killed_mid_fill_is_taken_over_and_leaves_nothing_partial(
     with two_workers(tmp_path, clean_hub) as (a, b):
         token = pull_token(a.url, "someuser/killed")
         path = f"/v2/someuser/killed/blobs/{big.digest}"
-        results: list[dict[str, object]] = [{} for _ in range(3)]
+        results = [Got() for _ in range(3)]
         with ThreadPoolExecutor(max_workers=3) as pool:
             pool.submit(_stream, a.url + path, token, results[0])
             # The leader is whoever holds the claim: its note names a file with its pid.
             assert wait_until(lambda: claim.exists() and claim.read_text().strip() != "")
             assert f".{a.process.pid}." in claim.read_text()
             joiners = [pool.submit(_stream, b.url + path, token, r) for r in results[1:]]
-            assert wait_until(lambda: all(int(r.get("size", 0)) > MiB for r in results))
+            assert wait_until(lambda: all(r.size > MiB for r in results))
             dead_tmp = data / "tmp" / claim.read_text().split()[0]
             assert dead_tmp.exists()
             a.process.send_signal(signal.SIGKILL)
@@ -146,20 +154,16 @@ def test_a_leader_killed_mid_fill_is_taken_over_and_leaves_nothing_partial(
             for joiner in joiners:
                 joiner.result(timeout=60)
         for result in results[1:]:
-            # Took over (ranged from the upstream, hashed again) or broke off: never a
-            # complete length with wrong bytes.
-            if result["size"] == big.size:
-                assert result["digest"] == big.digest, result
-            else:
-                assert int(str(result["size"])) < big.size
-        assert results[0]["size"] != big.size or results[0]["digest"] == big.digest
+            # Taken over: what the dead leader wrote, then a ranged request to the
+            # upstream, all of it hashed again before the last byte.
+            assert (result.size, result.digest, result.error) == (big.size, big.digest, "")
+        assert results[0].size != big.size or results[0].digest == big.digest
         assert wait_until(lambda: not dead_tmp.exists())
         # A new pull through the survivor: byte-exact.
-        again: dict[str, object] = {}
+        again = Got()
         _stream(b.url + path, token, again)
-        assert again["status"] == 200
-        assert (again["size"], again["digest"]) == (big.size, big.digest)
-        assert "error" not in again
+        assert (again.status, again.size, again.digest) == (200, big.size, big.digest)
+        assert not again.error
     for stored in (data / "blobs" / "sha256").glob("*/*"):
         assert sha256_file(stored) == f"sha256:{stored.name}"
     assert list((data / "tmp").iterdir()) == []
