@@ -161,11 +161,20 @@ class DiskStore:
         for digest in list(self.index.objects):
             if on_disk.get(digest) != self.index.objects[digest].size:
                 self.index.remove(digest)
+        lost: list[tuple[str, tuple[object, ...]]] = []
         for digest, size in on_disk.items():
-            if digest not in self.index.objects:
-                # Renamed into place (verified) but the index write was lost: keep it.
-                self.index.add(digest, Obj(size, now, "blob"))
-        self.db.write(self.index.take_writes())
+            if digest in self.index.objects:
+                continue
+            stored = self.db.read_object(digest)  # another process committed it just now
+            if stored is not None and stored.size == size:
+                self.index.adopt(digest, stored)
+                continue
+            # Renamed into place (verified) but the index write was lost: keep it (unless
+            # another process's row, with the object's true kind, lands first).
+            self.index.adopt(digest, Obj(size, now, "blob"))
+            row = (digest, size, now, "blob", "")
+            lost.append(("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?)", row))
+        self.db.write(self.index.take_writes() + lost)
 
     async def aclose(self) -> None:
         await self.flush(force=True)
