@@ -299,3 +299,20 @@ async def test_one_revalidation_at_a_time_and_a_bounded_wait(
     assert order == ["b", "a in", "a out", "b in", "b out"]
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_followed_fill_no_one_reads_is_let_go_when_it_ends(tmp_path: Path) -> None:
+    a, b = two_stores(tmp_path)
+    fill, _ = a.claim(DIGEST)
+    joined, _ = b.claim(DIGEST)
+    assert isinstance(joined, RemoteFill)
+    assert await a.begin(fill, len(BODY), ())
+    await wait_for(joined, FillState.STREAMING)
+    # Its clients left; the leader fails: the joined file must not stay open here.
+    with pytest.raises(DigestMismatch):
+        await a.pump(fill, gated(b"x" * len(BODY), trio.Event(), len(BODY) + 1))
+    await b.flush()
+    assert b.fills == {}
+    assert joined.fd == -1  # closed when it was let go
+    await a.aclose()
+    await b.aclose()

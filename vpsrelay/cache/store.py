@@ -185,6 +185,7 @@ class DiskStore:
 
     async def flush(self, *, force: bool = False) -> None:
         """Write the index's changes to SQLite, at most every few seconds unless forced."""
+        self._sweep_remote_fills()
         if not self.index.pending():
             return
         if not force and time.monotonic() - self._flushed_at < FLUSH_INTERVAL:
@@ -196,6 +197,13 @@ class DiskStore:
                 await trio.to_thread.run_sync(self.db.write, ops)
             except Exception:
                 log.exception("cache: could not write the index")
+
+    def _sweep_remote_fills(self) -> None:
+        """Settle other processes' fills whose local readers all left: their descriptors
+        would otherwise keep a finished (or removed) temporary file open."""
+        for fill in list(self.fills.values()):
+            if isinstance(fill, RemoteFill) and fill.readers == 0:
+                fill.refresh()
 
     # --- lookups
 
@@ -402,6 +410,9 @@ class DiskStore:
         """The fill for `digest`: an existing one to join (this process's, or another's,
         followed on disk), or a new one to lead (True), claimed on disk."""
         fill = self.fills.get(digest)
+        if isinstance(fill, RemoteFill):
+            fill.refresh()  # it may have ended while no one here followed it
+            fill = self.fills.get(digest)
         if fill is not None:
             return fill, False
         path = self._claim_path(digest)
