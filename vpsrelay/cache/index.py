@@ -118,6 +118,14 @@ class Index:
         self._used += obj.size - (replaced.size if replaced is not None else 0)
         self.objects[digest] = obj
 
+    def forget(self, digest: str) -> None:
+        """Drop an object from memory only: its file is gone, and whoever removed it removed
+        its row (a row written since is another process's new copy: it stays)."""
+        removed = self.objects.pop(digest, None)
+        if removed is not None:
+            self._used -= removed.size
+        self._dirty_used.discard(digest)
+
     def remove(self, digest: str) -> None:
         removed = self.objects.pop(digest, None)
         if removed is not None:

@@ -287,7 +287,7 @@ class DiskStore:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             log.warning("cache: %s is indexed but its file is gone", digest)
-            self.index.remove(digest)
+            self.index.forget(digest)
             return None
         return DiskReader(fd, self._limiter())
 
@@ -380,7 +380,7 @@ class DiskStore:
 
     def _forget(self, digest: str) -> None:
         obj = self.index.objects.get(digest)
-        self.index.remove(digest)
+        self.index.forget(digest)  # its row is deleted already
         self._forget_manifest(digest)
         self.index.count("evictions")
         size = cachepolicy.format_size(obj.size) if obj is not None else "stored elsewhere"
@@ -708,7 +708,7 @@ class DiskStore:
         try:
             data = await trio.to_thread.run_sync(self.path(digest).read_bytes)
         except FileNotFoundError:
-            self.index.remove(digest)
+            self.index.forget(digest)
             return None
         self._remember_manifest(digest, data)
         return data
