@@ -78,6 +78,18 @@ def cdn_gets(hub: Hub, digest: str) -> list[str]:
     ]
 
 
+def cache_results(relay: RelayProcess, digest: str) -> list[str]:
+    """The `cache=` field of the relay's access-log lines for GETs of blob `digest`."""
+    return [
+        line.split(" cache=", 1)[1].split()[0]
+        for line in relay.log_text().splitlines()
+        if "logger=vpsrelay.access" in line
+        and "method=GET" in line
+        and f"/blobs/{digest}" in line
+        and " cache=" in line
+    ]
+
+
 def test_ten_pulls_over_two_workers_fetch_the_layer_once(clean_hub: Hub, tmp_path: Path) -> None:
     image = push_unique(clean_hub, tmp_path, "someuser/workers", 32 * MiB)
     clean_hub.clear()
@@ -93,9 +105,13 @@ def test_ten_pulls_over_two_workers_fetch_the_layer_once(clean_hub: Hub, tmp_pat
 
         with ThreadPoolExecutor(max_workers=10) as pool:
             list(pool.map(pull, range(10)))
+        big = max(image.layers, key=lambda blob: blob.size)
+        served = {relay.url: cache_results(relay, big.digest) for relay in (a, b)}
+    # Both processes served the layer; one of them asked the upstream, once.
+    assert all(served.values()), served
+    assert sum(results.count("miss") for results in served.values()) == 1, served
     for blob in [image.config, *image.layers]:
         assert len(cdn_gets(clean_hub, blob.digest)) == 1, blob
-    big = max(image.layers, key=lambda blob: blob.size)
     assert clean_hub.cdn.bytes_sent == sum(b.size for b in [image.config, *image.layers])
     stored = tmp_path / "data" / "blobs" / "sha256" / big.digest[7:9] / big.digest[7:]
     assert sha256_file(stored) == big.digest
