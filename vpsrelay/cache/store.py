@@ -415,6 +415,13 @@ class DiskStore:
             fill = self.fills.get(digest)
         if fill is not None:
             return fill, False
+        try:
+            return self._claim_on_disk(digest)
+        except OSError as exc:  # out of descriptors, the claims folder gone: pass through
+            log.warning("cache: cannot claim %s: %s", digest, exc)
+            return DiskFill(digest, FillState.DROPPED), False
+
+    def _claim_on_disk(self, digest: str) -> tuple[DiskFill, bool]:
         path = self._claim_path(digest)
         for _ in range(claims.ATTEMPTS):
             fd = claims.try_claim(path, self.tmp)
@@ -659,7 +666,11 @@ class DiskStore:
         if self.get(digest) is not None or digest in self.fills:
             return
         path = self._claim_path(digest)
-        claim = claims.try_claim(path, self.tmp)
+        try:
+            claim = claims.try_claim(path, self.tmp)
+        except OSError as exc:
+            log.warning("cache: cannot claim %s: %s", digest, exc)
+            return
         if claim is None:
             return  # another process of the relay is storing it
         try:
