@@ -216,6 +216,8 @@ async def test_the_size_cap_holds_across_processes(tmp_path: Path) -> None:
     d2 = "sha256:" + hashlib.sha256(two).hexdigest()
     fill, _ = a.claim(d1)
     assert await a.begin(fill, len(one), ())
+    joined, _ = b.claim(d1)  # B follows A's fill: still A's reservation, not B's
+    assert isinstance(joined, RemoteFill)
     other, _ = b.claim(d2)
     # A's fill in progress is reserved: B's does not fit beside it, nor may it evict it.
     assert not await b.begin(other, len(two), ())

@@ -320,8 +320,10 @@ class DiskStore:
         date first) and reserved (their claims), under a lock only one process holds.
         """
         async with self._space_lock, self._flush_lock:
+            self._sweep_remote_fills()  # one that ended pins nothing
             pinned = set(self.pins) | set(self.fills)
-            own = {self._claim_path(d).name for d in self.fills}
+            led = (d for d, fill in self.fills.items() if not isinstance(fill, RemoteFill))
+            own = {self._claim_path(d).name for d in led}  # counted in self.reserved
             plan = partial(self._plan_shared, self.index.take_writes(), incoming, pinned, own)
             try:
                 victims, fits, free = await trio.to_thread.run_sync(plan)
