@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.lowlevel
 
+from vpsrelay.cache import claims
 from vpsrelay.cache.fills import RemoteFill
 from vpsrelay.cache.index import Obj
 from vpsrelay.cache.storage import FillState
@@ -318,3 +319,21 @@ async def test_a_followed_fill_no_one_reads_is_let_go_when_it_ends(tmp_path: Pat
     assert joined.fd == -1  # closed when it was let go
     await a.aclose()
     await b.aclose()
+
+
+@pytest.mark.parametrize(
+    "note", [b"../../blobs/sha256/ab/x 5\n", b".hidden 5\n", b"name\n", b"name five\n", b""]
+)
+async def test_a_claim_note_names_only_a_file_in_tmp(tmp_path: Path, note: bytes) -> None:
+    """A torn or odd note is no note: nothing outside `tmp/` is ever removed for it."""
+    outside = tmp_path / "blobs" / "sha256" / "ab" / "x"
+    outside.parent.mkdir(parents=True)
+    outside.write_bytes(b"12345")
+    claims_dir, tmp = tmp_path / "claims", tmp_path / "tmp"
+    claims_dir.mkdir()
+    tmp.mkdir()
+    (claims_dir / ("ab" * 32)).write_bytes(note)
+    assert claims.ClaimNote.decode(note) is None
+    assert claims.remove_leftovers(claims_dir, tmp) == 0
+    assert outside.read_bytes() == b"12345"
+    assert list(claims_dir.iterdir()) == []  # the dead claim itself is gone
