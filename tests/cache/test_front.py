@@ -70,6 +70,8 @@ def forget_tag_check(r: CachedRelay) -> None:
     """Make the cached tag older than any ttl: the next pull asks the upstream."""
     tag = r.store.index.tags[("docker.io", REPO, "latest")]
     tag.checked_at = time.time() - 3600
+    # Where every worker reads it, too (a stale tag in memory is re-read from there).
+    r.store.db.write([("UPDATE tags SET checked_at = ?", (tag.checked_at,))])
 
 
 # --- blobs: miss, hit, HEAD, ranges

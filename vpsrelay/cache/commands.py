@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import httpx
 
+from vpsrelay.cache import claims
 from vpsrelay.core import auth, cachepolicy, grammar
 from vpsrelay.errors import RelayError
 from vpsrelay.settings_loading import load_settings
@@ -196,30 +197,14 @@ def cache_gc(config_path: Path | None, data_dir: Path | None) -> None:
             _blob_path(settings, digest).unlink()
         freed += sizes[digest]
     partials = 0
-    tmp = settings.data_dir / "tmp"
-    for leftover in tmp.iterdir() if tmp.is_dir() else ():
-        if not _pid_alive(leftover.name):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-                partials += 1
+    tmp, claimed = settings.data_dir / "tmp", settings.data_dir / "claims"
+    if tmp.is_dir() and claimed.is_dir():
+        # What no live relay process claims (running workers keep their fills).
+        partials = claims.remove_leftovers(claimed, tmp)
     click.echo(
         f"evicted {len(victims)} objects ({cachepolicy.format_size(freed)}),"
         f" dropped {len(gone)} stale index rows, removed {partials} partial files"
     )
-
-
-def _pid_alive(name: str) -> bool:
-    """Partial files are named `<hex>.<pid>.<n>`: is that relay still running?"""
-    parts = name.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- warm

@@ -119,13 +119,22 @@ class CacheFront:
             self.store.index.set_public(route.registry, route.upstream_name, time.time())
 
     def _holds(self, digest: str, route: routing.Route) -> bool:
+        if self._holds_known(digest, route):
+            return True
+        self.store.reread_origins(digest)  # another worker may have seen it held
+        return self._holds_known(digest, route)
+
+    def _holds_known(self, digest: str, route: routing.Route) -> bool:
         index = self.store.index
         if self.config.share_across_registries:
             return digest in index.origins
         return index.holds(digest, route.registry, route.upstream_name)
 
     def _public(self, route: routing.Route) -> bool:
-        return (route.registry, route.upstream_name) in self.store.index.public
+        key = (route.registry, route.upstream_name)
+        if key not in self.store.index.public:
+            self.store.reread_public(*key)
+        return key in self.store.index.public
 
     def _url(self, route: routing.Route, path: str) -> str:
         return f"{self.registries[route.registry].url}{path}"
@@ -455,14 +464,38 @@ class CacheFront:
     def _tag_ttl(self, registry: str) -> float:
         return self._tag_ttls.get(registry, self.config.tag_ttl)
 
+    def _fresh(self, tag: Tag, route: routing.Route) -> bool:
+        action = policy.tag_action(
+            checked_at=tag.checked_at, now=time.time(), ttl=self._tag_ttl(route.registry)
+        )
+        return action is policy.TagAction.SERVE
+
+    def _tag(self, route: routing.Route) -> Tag | None:
+        """The client's tag, from memory, or as another worker last checked it."""
+        key = (route.registry, route.upstream_name, route.reference)
+        tag = self.store.index.tags.get(key)
+        if tag is None or not self._fresh(tag, route):
+            tag = self.store.reread_tag(*key)
+        return tag
+
     async def _manifest(self, exchange: Exchange, route: routing.Route) -> None:
+        tag = None if route.reference_is_digest else self._tag(route)
+        if tag is not None and not self._fresh(tag, route):
+            # One worker revalidates a tag at a time; the others wait, then find it fresh.
+            key = (route.registry, route.upstream_name, route.reference)
+            async with self.store.revalidating(*key):
+                tag = self._tag(route)
+                await self._manifest_for(exchange, route, tag)
+            return
+        await self._manifest_for(exchange, route, tag)
+
+    async def _manifest_for(
+        self, exchange: Exchange, route: routing.Route, tag: Tag | None
+    ) -> None:
         index = self.store.index
-        tag = None
-        if route.reference_is_digest:
-            digest: str | None = route.reference
-        else:
-            tag = index.tags.get((route.registry, route.upstream_name, route.reference))
-            digest = tag.digest if tag is not None else None
+        digest: str | None = route.reference if route.reference_is_digest else None
+        if tag is not None:
+            digest = tag.digest
         obj = self.store.get(digest) if digest is not None else None
         accept = _accept(exchange)
         if (
@@ -475,13 +508,7 @@ class CacheFront:
             await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
             return
         granted = self._granted(exchange, route)
-        if granted and (
-            tag is None
-            or policy.tag_action(
-                checked_at=tag.checked_at, now=time.time(), ttl=self._tag_ttl(route.registry)
-            )
-            is policy.TagAction.SERVE
-        ):
+        if granted and (tag is None or self._fresh(tag, route)):
             await self._send_manifest(exchange, digest, obj.media_type, obj.size, "hit")
             return
         # Stale, or this credential is not known to be allowed: ask with a HEAD.
@@ -504,6 +531,7 @@ class CacheFront:
         if upstream_digest is None or upstream_digest == digest:
             if tag is not None and policy.records_tag(accept, obj.media_type):
                 index.set_tag(route.registry, route.upstream_name, route.reference, digest, now)
+                await self.store.flush(force=True)  # through at once: other workers read it
             await self._send_manifest(exchange, digest, obj.media_type, obj.size, "revalidated")
             return
         # The tag moved. The new manifest may be cached already (another tag, a rollback).
@@ -519,6 +547,7 @@ class CacheFront:
                 index.set_tag(
                     route.registry, route.upstream_name, route.reference, upstream_digest, now
                 )
+                await self.store.flush(force=True)
             await self._send_manifest(exchange, upstream_digest, new.media_type, new.size, "hit")
             return
         # Docker Hub's HEAD is free, its GET a pull: when the pulls are spent (429), the
@@ -657,7 +686,7 @@ class CacheFront:
             # task, even inside the last send; what follows matters for the next outage,
             # so it runs anyway, shielded (both steps are bounded).
             with trio.CancelScope(shield=True):
-                await self.store.flush()
+                await self.store.flush(force=True)  # through at once: other workers read it
                 await self._learn_public(route, digest, media_type)
         return True
 

@@ -8,6 +8,10 @@ repository membership and "public" marks are needed to serve a pull when the
 upstream is down right after a restart. The blob files stay the authority for
 *what exists*: at start the index is reconciled with the directory, so a file
 lost or added behind the index's back is noticed.
+
+Several processes of one relay (the workers) share the file: each keeps its own
+memory, writes only increments (counters) and monotonic times (last use), writes
+objects and tags through at once, and reads another's objects and tags on a miss.
 """
 
 from __future__ import annotations
@@ -108,6 +112,20 @@ class Index:
             )
         )
 
+    def adopt(self, digest: str, obj: Obj) -> None:
+        """Know an object another process stored (already in the database)."""
+        replaced = self.objects.get(digest)
+        self._used += obj.size - (replaced.size if replaced is not None else 0)
+        self.objects[digest] = obj
+
+    def forget(self, digest: str) -> None:
+        """Drop an object from memory only: its file is gone, and whoever removed it removed
+        its row (a row written since is another process's new copy: it stays)."""
+        removed = self.objects.pop(digest, None)
+        if removed is not None:
+            self._used -= removed.size
+        self._dirty_used.discard(digest)
+
     def remove(self, digest: str) -> None:
         removed = self.objects.pop(digest, None)
         if removed is not None:
@@ -160,7 +178,11 @@ class Index:
             obj = self.objects.get(digest)
             if obj is not None:
                 ops.append(
-                    ("UPDATE objects SET last_used = ? WHERE digest = ?", (obj.last_used, digest))
+                    (
+                        # Several processes: the latest use wins, whoever writes last.
+                        "UPDATE objects SET last_used = MAX(last_used, ?) WHERE digest = ?",
+                        (obj.last_used, digest),
+                    )
                 )
         self._dirty_used = set()
         for name, value in self.counters.items():
@@ -191,10 +213,60 @@ class Database:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        # Point reads from the event loop (another process's object or tag): a connection
+        # of their own, which a write in a worker thread never holds up (WAL).
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA busy_timeout=1000")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._reader.close()
+
+    def read_object(self, digest: str) -> Obj | None:
+        try:
+            row = self._reader.execute(
+                "SELECT size, last_used, kind, media_type FROM objects WHERE digest = ?",
+                (digest,),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row is None else Obj(*row)
+
+    def read_tag(self, key: tuple[str, str, str]) -> Tag | None:
+        try:
+            row = self._reader.execute(
+                "SELECT digest, checked_at FROM tags "
+                "WHERE registry = ? AND repository = ? AND tag = ?",
+                key,
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row is None else Tag(*row)
+
+    def read_origins(self, digest: str) -> set[tuple[str, str]]:
+        try:
+            rows = self._reader.execute(
+                "SELECT registry, repository FROM origins WHERE digest = ?", (digest,)
+            ).fetchall()
+        except sqlite3.Error:
+            return set()
+        return {(registry, repository) for registry, repository in rows}
+
+    def read_public(self, registry: str, repository: str) -> float | None:
+        try:
+            row = self._reader.execute(
+                "SELECT checked_at FROM public WHERE registry = ? AND repository = ?",
+                (registry, repository),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row is None else float(row[0])
+
+    def sizes(self) -> list[tuple[str, int, float]]:
+        """Every stored object's digest, size and last use (for eviction)."""
+        with self._lock:
+            return list(self._db.execute("SELECT digest, size, last_used FROM objects"))
 
     def write(self, ops: list[tuple[str, tuple[object, ...]]]) -> None:
         if not ops:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import contextlib
     from collections.abc import AsyncIterator
 
-    from vpsrelay.cache.index import Index, Obj
+    from vpsrelay.cache.index import Index, Obj, Tag
     from vpsrelay.config import CacheConfig
     from vpsrelay.core.digest import Verifier
     from vpsrelay.errors import RelayError
@@ -106,7 +106,26 @@ class BlobStore(Protocol):
     index: Index
 
     def get(self, digest: str) -> Obj | None:
-        """What is stored under `digest`, if anything (from the index; no IO)."""
+        """What is stored under `digest`, if anything (the index; on a miss, what other
+        processes of the relay stored: a point read, no waiting)."""
+        ...
+
+    def reread_tag(self, registry: str, repository: str, tag: str) -> Tag | None:
+        """A tag as another process of the relay last checked it, if more recently."""
+        ...
+
+    def reread_origins(self, digest: str) -> None:
+        """Learn the repositories other processes of the relay saw holding `digest`."""
+        ...
+
+    def reread_public(self, registry: str, repository: str) -> None:
+        """Learn a public mark another process of the relay set."""
+        ...
+
+    def revalidating(
+        self, registry: str, repository: str, tag: str
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the relay-wide claim to revalidate one tag (bounded wait)."""
         ...
 
     def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:

@@ -2,8 +2,13 @@
 
 A miss is written to `<data_dir>/tmp/` while it is hashed, and renamed into
 place (after fsync) only if it hashes to its digest: a file under `blobs/` is
-always complete and verified, and `tmp/` is emptied at every start, so a crash
-can never leave a partial blob where it would be served.
+always complete and verified, and what dead processes left in `tmp/` is removed
+at start, so a crash can never leave a partial blob where it would be served.
+
+Every process of one relay (the workers) shares the directory: a fill is claimed
+on disk (`claims.py`), so one process leads it and the others join it
+(`fills.RemoteFill`); the index's database is the authority for what the others
+stored, and eviction is planned by one process at a time over all of it.
 
 A `Fill` is one upstream download in progress. Readers (the client that caused
 it and every client that asked for the same blob meanwhile) read the temporary
@@ -14,17 +19,23 @@ until the digest is verified, so a wrong body ends short instead of completing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
+import secrets
+import sqlite3
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from vpsrelay import private_files
-from vpsrelay.cache.index import Database, Index, Obj
+from vpsrelay.cache import claims
+from vpsrelay.cache.fills import DiskFill, RemoteFill
+from vpsrelay.cache.index import Database, Index, Obj, Tag
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.core import cachepolicy
 from vpsrelay.core.digest import Digest, Verifier
@@ -35,6 +46,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from vpsrelay.config import CacheConfig
+
+__all__ = ["DiskFill", "DiskReader", "DiskStore"]
 
 log = logging.getLogger("vpsrelay.cache")
 
@@ -49,14 +62,8 @@ class DiskError(Exception):
 
 
 READ_THREADS = 2
-
-
-@dataclass(eq=False)
-class DiskFill(Fill):
-    """A fill written to a temporary file under `tmp/`, renamed into place when verified."""
-
-    fd: int = -1
-    tmp_path: Path | None = None
+TAG_WAIT = 10.0  # seconds a revalidation waits for another worker's of the same tag
+TAG_POLL = 0.05
 
 
 def _on_disk(fill: Fill) -> DiskFill:
@@ -105,6 +112,7 @@ class DiskStore:
         self.config = config
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
+        self.claims = root / "claims"
         self.db = db
         self.index = index
         self.fills: dict[str, DiskFill] = {}
@@ -115,10 +123,11 @@ class DiskStore:
         self._space_lock = trio.Lock()
         self._manifests: OrderedDict[str, bytes] = OrderedDict()
         self._manifest_bytes = 0
-        self._sequence = 0
         # Few threads read cached files: each thread that allocates gets its own malloc
         # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
         self._read_limiter: trio.CapacityLimiter | None = None
+        # One process of the relay at a time plans and carries out evictions.
+        self._evict_fd = private_files.open_file(root / "evict.lock", os.O_RDWR)
 
     # --- opening, reconciling, closing (blocking: run in a thread or at start)
 
@@ -128,11 +137,9 @@ class DiskStore:
         private_files.make_dir(root / "blobs" / "sha256")
         tmp = root / "tmp"
         private_files.make_dir(tmp)
-        removed = 0
-        for leftover in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-                removed += 1
+        private_files.make_dir(root / "claims")
+        # Other processes of this relay may be filling: only what no live one holds goes.
+        removed = claims.remove_leftovers(root / "claims", tmp)
         if removed:
             log.info("cache: removed %d partial file(s) left by an earlier run", removed)
         db = Database(root / "cache.db")
@@ -154,18 +161,31 @@ class DiskStore:
         for digest in list(self.index.objects):
             if on_disk.get(digest) != self.index.objects[digest].size:
                 self.index.remove(digest)
+        lost: list[tuple[str, tuple[object, ...]]] = []
         for digest, size in on_disk.items():
-            if digest not in self.index.objects:
-                # Renamed into place (verified) but the index write was lost: keep it.
-                self.index.add(digest, Obj(size, now, "blob"))
-        self.db.write(self.index.take_writes())
+            if digest in self.index.objects:
+                continue
+            stored = self.db.read_object(digest)  # another process committed it just now
+            if stored is not None and stored.size == size:
+                self.index.adopt(digest, stored)
+                continue
+            # Renamed into place (verified) but the index write was lost: keep it (unless
+            # another process's row, with the object's true kind, lands first).
+            self.index.adopt(digest, Obj(size, now, "blob"))
+            row = (digest, size, now, "blob", "")
+            lost.append(("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?)", row))
+        self.db.write(self.index.take_writes() + lost)
 
     async def aclose(self) -> None:
         await self.flush(force=True)
         await trio.to_thread.run_sync(self.db.close)
+        fd, self._evict_fd = self._evict_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     async def flush(self, *, force: bool = False) -> None:
         """Write the index's changes to SQLite, at most every few seconds unless forced."""
+        self._sweep_remote_fills()
         if not self.index.pending():
             return
         if not force and time.monotonic() - self._flushed_at < FLUSH_INTERVAL:
@@ -178,6 +198,13 @@ class DiskStore:
             except Exception:
                 log.exception("cache: could not write the index")
 
+    def _sweep_remote_fills(self) -> None:
+        """Settle other processes' fills whose local readers all left: their descriptors
+        would otherwise keep a finished (or removed) temporary file open."""
+        for fill in list(self.fills.values()):
+            if isinstance(fill, RemoteFill) and fill.readers == 0:
+                fill.refresh()
+
     # --- lookups
 
     def path(self, digest: str) -> Path:
@@ -185,7 +212,61 @@ class DiskStore:
         return self.blobs / algorithm / hexpart[:2] / hexpart
 
     def get(self, digest: str) -> Obj | None:
-        return self.index.objects.get(digest)
+        """What is stored under `digest`: in memory, else what another process of this relay
+        committed (its database row, and the file, which is the authority)."""
+        obj = self.index.objects.get(digest)
+        if obj is not None:
+            return obj
+        obj = self.db.read_object(digest)
+        if obj is None:
+            return None
+        try:
+            if os.stat(self.path(digest)).st_size != obj.size:
+                return None
+        except FileNotFoundError:
+            return None
+        self.index.adopt(digest, obj)
+        return obj
+
+    def reread_tag(self, registry: str, repository: str, tag: str) -> Tag | None:
+        """The tag as the database has it, if another process checked it more recently."""
+        key = (registry, repository, tag)
+        stored = self.db.read_tag(key)
+        known = self.index.tags.get(key)
+        if stored is not None and (known is None or stored.checked_at > known.checked_at):
+            self.index.tags[key] = stored
+            return stored
+        return known
+
+    def reread_origins(self, digest: str) -> None:
+        """Learn the repositories other processes saw holding `digest`."""
+        for registry, repository in self.db.read_origins(digest):
+            self.index.origins.setdefault(digest, set()).add((registry, repository))
+
+    def reread_public(self, registry: str, repository: str) -> None:
+        """Learn whether another process saw `registry/repository` served anonymously."""
+        checked_at = self.db.read_public(registry, repository)
+        if checked_at is not None and checked_at > self.index.public.get((registry, repository), 0):
+            self.index.public[(registry, repository)] = checked_at
+
+    @contextlib.asynccontextmanager
+    async def revalidating(self, registry: str, repository: str, tag: str) -> AsyncIterator[None]:
+        """Hold the claim to revalidate one tag (one process of the relay at a time); after
+        `TAG_WAIT` seconds without it, go on anyway (its holder may hang)."""
+        name = "tag-" + hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
+        path = self.claims / name
+        fd: int | None = None
+        # Polled: the holder is another process, whose release no trio.Event can signal.
+        for _ in range(int(TAG_WAIT / TAG_POLL)):
+            fd = claims.try_claim(path, self.tmp)
+            if fd is not None:
+                break
+            await trio.sleep(TAG_POLL)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                claims.release(fd, path)
 
     @contextlib.contextmanager
     def pinned(self, digest: str) -> Iterator[None]:
@@ -206,7 +287,7 @@ class DiskStore:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             log.warning("cache: %s is indexed but its file is gone", digest)
-            self.index.remove(digest)
+            self.index.forget(digest)
             return None
         return DiskReader(fd, self._limiter())
 
@@ -214,6 +295,13 @@ class DiskStore:
         """A reader of a streaming fill's temporary file (its own descriptor: the fill's
         may be closed when it commits while this one still reads)."""
         return DiskReader(os.dup(_on_disk(fill).fd), self._limiter())
+
+    def _claim_path(self, digest: str) -> Path:
+        return self.claims / digest.partition(":")[2]
+
+    def _tmp_name(self, digest: str) -> str:
+        # Unique among every process and run: a joiner opens it by this name.
+        return f"{digest.partition(':')[2]}.{os.getpid()}.{secrets.token_hex(6)}"
 
     def stats(self) -> StoreStats:
         return StoreStats(len(self.index.objects), self.index.used, len(self.fills))
@@ -225,30 +313,23 @@ class DiskStore:
 
     # --- space
 
-    def _entries(self) -> list[cachepolicy.Entry]:
-        return [
-            cachepolicy.Entry(
-                digest, obj.size, obj.last_used, digest in self.pins or digest in self.fills
-            )
-            for digest, obj in self.index.objects.items()
-        ]
-
     async def make_room(self, incoming: int) -> bool:
-        """Evict least recently used objects so `incoming` bytes fit; False: they do not."""
-        async with self._space_lock:
+        """Evict least recently used objects so `incoming` bytes fit; False: they do not.
+
+        Planned over what every process of the relay stored (the database, written up to
+        date first) and reserved (their claims), under a lock only one process holds.
+        """
+        async with self._space_lock, self._flush_lock:
+            self._sweep_remote_fills()  # one that ended pins nothing
+            pinned = set(self.pins) | set(self.fills)
+            led = (d for d, fill in self.fills.items() if not isinstance(fill, RemoteFill))
+            own = {self._claim_path(d).name for d in led}  # counted in self.reserved
+            plan = partial(self._plan_shared, self.index.take_writes(), incoming, pinned, own)
             try:
-                stat = await trio.to_thread.run_sync(os.statvfs, self.root)
-                free = stat.f_bavail * stat.f_frsize
-            except OSError:
+                victims, fits, free = await trio.to_thread.run_sync(plan)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("cache: cannot make room: %s", exc)
                 return False
-            victims, fits = cachepolicy.plan_eviction(
-                self._entries(),
-                used=self.index.used + self.reserved,
-                max_size=self.config.max_size,
-                free=free,
-                min_free=self.config.min_free,
-                incoming=incoming,
-            )
             if not fits:
                 self.index.count("passthrough_no_space")
                 log.warning(
@@ -258,10 +339,54 @@ class DiskStore:
                     cachepolicy.format_size(free),
                 )
                 return False
-            for digest in victims:
-                await self._evict(digest)
+            for digest in victims:  # their files and rows are gone already
+                self._forget(digest)
             self.reserved += incoming
             return True
+
+    def _plan_shared(
+        self,
+        ops: list[tuple[str, tuple[object, ...]]],
+        incoming: int,
+        pinned: set[str],
+        own: set[str],
+    ) -> tuple[list[str], bool, int]:
+        """`make_room`'s blocking part, under the relay-wide eviction lock."""
+        fcntl.flock(self._evict_fd, fcntl.LOCK_EX)
+        try:
+            self.db.write(ops)
+            stat = os.statvfs(self.root)
+            free = stat.f_bavail * stat.f_frsize
+            entries = [
+                cachepolicy.Entry(digest, size, last_used, digest in pinned)
+                for digest, size, last_used in self.db.sizes()
+            ]
+            used = sum(entry.size for entry in entries)
+            reserved = self.reserved + claims.reserved_by_others(self.claims, own)
+            victims, fits = cachepolicy.plan_eviction(
+                entries,
+                used=used + reserved,
+                max_size=self.config.max_size,
+                free=free,
+                min_free=self.config.min_free,
+                incoming=incoming,
+            )
+            if fits and victims:
+                for digest in victims:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path(digest).unlink()
+                self.db.write([("DELETE FROM objects WHERE digest = ?", (d,)) for d in victims])
+            return victims, fits, free
+        finally:
+            fcntl.flock(self._evict_fd, fcntl.LOCK_UN)
+
+    def _forget(self, digest: str) -> None:
+        obj = self.index.objects.get(digest)
+        self.index.forget(digest)  # its row is deleted already
+        self._forget_manifest(digest)
+        self.index.count("evictions")
+        size = cachepolicy.format_size(obj.size) if obj is not None else "stored elsewhere"
+        log.info("cache: evicted %s (%s)", digest, size)
 
     async def _evict(self, digest: str) -> None:
         obj = self.index.objects.get(digest)
@@ -284,13 +409,45 @@ class DiskStore:
     # --- fills
 
     def claim(self, digest: str) -> tuple[DiskFill, bool]:
-        """The fill for `digest`: an existing one to join, or a new one to lead (True)."""
+        """The fill for `digest`: an existing one to join (this process's, or another's,
+        followed on disk), or a new one to lead (True), claimed on disk."""
         fill = self.fills.get(digest)
+        if isinstance(fill, RemoteFill):
+            fill.refresh()  # it may have ended while no one here followed it
+            fill = self.fills.get(digest)
         if fill is not None:
             return fill, False
-        fill = DiskFill(digest)
-        self.fills[digest] = fill
-        return fill, True
+        try:
+            return self._claim_on_disk(digest)
+        except OSError as exc:  # out of descriptors, the claims folder gone: pass through
+            log.warning("cache: cannot claim %s: %s", digest, exc)
+            return DiskFill(digest, FillState.DROPPED), False
+
+    def _claim_on_disk(self, digest: str) -> tuple[DiskFill, bool]:
+        path = self._claim_path(digest)
+        for _ in range(claims.ATTEMPTS):
+            fd = claims.try_claim(path, self.tmp)
+            if fd is not None:
+                if self.path(digest).exists():  # another process committed it just now
+                    claims.release(fd, path)
+                    return DiskFill(digest, FillState.COMMITTED), False
+                fill = DiskFill(digest, claim_fd=fd)
+                self.fills[digest] = fill
+                return fill, True
+            watch = claims.open_held(path)
+            if watch is None:
+                continue  # let go meanwhile: try to take it again
+            remote = RemoteFill(
+                digest,
+                claim_fd=watch,
+                claim_path=path,
+                tmp_dir=self.tmp,
+                final_path=self.path(digest),
+                on_end=self._end,
+            )
+            self.fills[digest] = remote
+            return remote, False
+        return DiskFill(digest, FillState.DROPPED), False  # ask the upstream without the cache
 
     def drop(self, fill: Fill) -> None:
         """The leader will not fill after all; whoever waits asks the upstream itself."""
@@ -301,6 +458,10 @@ class DiskStore:
     def _end(self, fill: Fill) -> None:
         if self.fills.get(fill.digest) is fill:
             del self.fills[fill.digest]
+        if isinstance(fill, DiskFill) and not isinstance(fill, RemoteFill):
+            fd, fill.claim_fd = fill.claim_fd, -1
+            if fd >= 0:
+                claims.release(fd, self._claim_path(fill.digest))
         fill.changed()
 
     async def begin(self, fill: Fill, size: int, headers: tuple[tuple[str, str], ...]) -> bool:
@@ -308,20 +469,23 @@ class DiskStore:
         if not await self.make_room(size):
             self.drop(fill)
             return False
-        self._sequence += 1
-        hexpart = fill.digest.partition(":")[2]
-        tmp_path = self.tmp / f"{hexpart}.{os.getpid()}.{self._sequence}"
+        disk = _on_disk(fill)
+        name = self._tmp_name(fill.digest)
+        tmp_path = self.tmp / name
+
+        def create() -> int:
+            # Announced first: a file under tmp/ that no held claim names is a leftover.
+            claims.write_note(disk.claim_fd, claims.ClaimNote(name, size))
+            return private_files.open_file(tmp_path, os.O_RDWR | os.O_EXCL)
+
         try:
-            fd = await trio.to_thread.run_sync(
-                lambda: private_files.open_file(tmp_path, os.O_RDWR | os.O_EXCL)
-            )
+            fd = await trio.to_thread.run_sync(create)
         except OSError as exc:
             log.warning("cache: cannot create %s: %s: passing through", tmp_path, exc)
             self.index.count("write_errors")
             self.reserved -= size
             self.drop(fill)
             return False
-        disk = _on_disk(fill)
         disk.fd, disk.tmp_path, fill.size, fill.headers = fd, tmp_path, size, headers
         fill.state = FillState.STREAMING
         fill.changed()
@@ -469,9 +633,10 @@ class DiskStore:
         os.close(fd)
         self.index.add(fill.digest, Obj(fill.size, time.time(), "blob"))
         self.index.count("bytes_from_upstream", fill.size)
+        with trio.CancelScope(shield=True):  # written through: other processes look it up
+            await self.flush(force=True)
         fill.state = FillState.COMMITTED
         self._end(fill)
-        await self.flush()
 
     async def _fail(self, fill: Fill, error: RelayError) -> None:
         fill.error = error
@@ -500,15 +665,32 @@ class DiskStore:
 
     async def put_small(self, digest: str, body: bytes, kind: str, media_type: str) -> None:
         """Store a verified small body (a manifest) durably; errors only log."""
-        if digest in self.index.objects:
+        if self.get(digest) is not None or digest in self.fills:
             return
+        path = self._claim_path(digest)
+        try:
+            claim = claims.try_claim(path, self.tmp)
+        except OSError as exc:
+            log.warning("cache: cannot claim %s: %s", digest, exc)
+            return
+        if claim is None:
+            return  # another process of the relay is storing it
+        try:
+            await self._put_claimed(claim, digest, body, kind, media_type)
+        finally:
+            claims.release(claim, path)
+
+    async def _put_claimed(
+        self, claim: int, digest: str, body: bytes, kind: str, media_type: str
+    ) -> None:
         if not await self.make_room(len(body)):
             return
-        self._sequence += 1
-        tmp_path = self.tmp / f"{digest.partition(':')[2]}.{os.getpid()}.{self._sequence}"
+        name = self._tmp_name(digest)
+        tmp_path = self.tmp / name
         final = self.path(digest)
 
         def write() -> None:
+            claims.write_note(claim, claims.ClaimNote(name, len(body)))
             fd = private_files.open_file(tmp_path, os.O_WRONLY | os.O_EXCL)
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
@@ -529,6 +711,7 @@ class DiskStore:
             self.reserved -= len(body)
         self.index.add(digest, Obj(len(body), time.time(), kind, media_type))
         self._remember_manifest(digest, body)
+        await self.flush(force=True)  # written through: other processes look it up
 
     async def read_small(self, digest: str) -> bytes | None:
         body = self._manifests.get(digest)
@@ -538,7 +721,7 @@ class DiskStore:
         try:
             data = await trio.to_thread.run_sync(self.path(digest).read_bytes)
         except FileNotFoundError:
-            self.index.remove(digest)
+            self.index.forget(digest)
             return None
         self._remember_manifest(digest, data)
         return data

@@ -1,0 +1,110 @@
+"""Attacks on the cache that workers share (issue 14): two relay processes on one data dir.
+
+A hostile CDN sends wrong bytes while one process fills a blob and the other's clients
+join it: nothing is cached, no client gets the complete length, both processes serve on.
+A claim left by a process that died (its temporary file half-written with wrong bytes)
+never blocks the next pull, and its leftover is never served.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.infra.relay import pull_token
+from tests.integration.test_cache import MiB, push_unique, sha256_file, wait_until
+from tests.integration.test_cache_workers import Got, _stream, start_worker, two_workers
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.infra.hub import Hub
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 60.0
+
+# Takes a fill's claim as a relay process would, names a half-written temporary file of
+# wrong bytes, says so, and waits to be killed.
+CLAIMANT = """
+import fcntl, os, sys, time
+claim, tmp, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd = os.open(claim, os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"{os.path.basename(tmp)} {size}\\n".encode())
+with open(tmp, "wb") as f:
+    f.write(b"\\xff" * (size // 2))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_wrong_bytes_while_two_workers_fill_and_join_are_never_served_or_cached(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    image = push_unique(clean_hub, tmp_path, "someuser/hostile", 8 * MiB)
+    big = max(image.layers, key=lambda blob: blob.size)
+    clean_hub.clear()
+    clean_hub.cdn.throttle = 8 * MiB  # the joiners arrive while the leader fills
+    clean_hub.cdn.corrupt = True
+    data = tmp_path / "data"
+    claim = data / "claims" / big.digest.removeprefix("sha256:")
+    with two_workers(tmp_path, clean_hub) as (a, b):
+        token = pull_token(a.url, "someuser/hostile")
+        path = f"/v2/someuser/hostile/blobs/{big.digest}"
+        results = [Got() for _ in range(4)]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            first = pool.submit(_stream, a.url + path, token, results[0])
+            assert wait_until(lambda: claim.exists() and claim.read_text().strip() != "")
+            rest = [
+                pool.submit(_stream, relay.url + path, token, result)
+                for relay, result in zip([b, b, a], results[1:], strict=True)
+            ]
+            for future in [first, *rest]:
+                future.result(timeout=TIMEOUT)
+        for result in results:
+            assert result.size < big.size, result  # broken off before the last byte
+        assert not (data / "blobs" / "sha256" / big.digest[7:9] / big.digest[7:]).exists()
+        assert wait_until(lambda: list((data / "tmp").iterdir()) == [])
+        for relay in (a, b):
+            assert relay.process.poll() is None
+            assert httpx.get(relay.url + "/v2/", timeout=10).status_code in (200, 401)
+
+
+def test_a_claim_left_by_a_dead_process_never_blocks_the_next_pull(
+    clean_hub: Hub, tmp_path: Path
+) -> None:
+    image = push_unique(clean_hub, tmp_path, "someuser/deadclaim", 4 * MiB)
+    big = max(image.layers, key=lambda blob: blob.size)
+    data = tmp_path / "data"
+    with start_worker(tmp_path, "a", clean_hub, data) as relay:
+        hexpart = big.digest.removeprefix("sha256:")
+        leftover = data / "tmp" / f"{hexpart}.1.dead"
+        claim = str(data / "claims" / hexpart)
+        with subprocess.Popen(
+            [sys.executable, "-c", CLAIMANT, claim, str(leftover), str(big.size)],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as claimant:
+            try:
+                assert claimant.stdout is not None
+                assert claimant.stdout.readline().strip() == "holding"
+                assert leftover.exists()
+            finally:
+                claimant.send_signal(signal.SIGKILL)
+                claimant.wait(10)
+        token = pull_token(relay.url, "someuser/deadclaim")
+        started = time.monotonic()
+        got = Got()
+        _stream(relay.url + f"/v2/someuser/deadclaim/blobs/{big.digest}", token, got)
+        assert time.monotonic() - started < 10
+        assert (got.status, got.size, got.digest, got.error) == (200, big.size, big.digest, "")
+        assert not leftover.exists()
+        stored = data / "blobs" / "sha256" / hexpart[:2] / hexpart
+        assert sha256_file(stored) == big.digest
