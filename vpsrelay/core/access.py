@@ -287,6 +287,24 @@ class TokenBucket:
         return self.last + max(0.0, self.burst - self.tokens) / self.rate
 
 
+def rate_limited(rate: float, burst: float, wait: float) -> TooManyRequests:
+    """The refusal of a request over the rate; `wait`: seconds until one more may come."""
+    return TooManyRequests(
+        f"too many requests: at most {rate:g} a second (bursts of {burst:g})",
+        reason="rate_limited",
+        headers=(("retry-after", str(max(1, math.ceil(wait)))),),
+    )
+
+
+def too_many_at_once(limit: int) -> TooManyRequests:
+    """The refusal of a download over a client's count of streams at once."""
+    return TooManyRequests(
+        f"too many downloads at once: at most {limit} per client",
+        reason="concurrency_limited",
+        headers=(("retry-after", "1"),),
+    )
+
+
 class RateLimiter:
     """A token bucket per key (client IP): `rate` requests a second, bursts of `burst`."""
 
@@ -309,11 +327,7 @@ class RateLimiter:
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         wait = bucket.take(now)
         if wait > 0:
-            raise TooManyRequests(
-                f"too many requests: at most {self.rate:g} a second (bursts of {self.burst:g})",
-                reason="rate_limited",
-                headers=(("retry-after", str(max(1, math.ceil(wait)))),),
-            )
+            raise rate_limited(self.rate, self.burst, wait)
 
     def _prune(self, now: float) -> None:
         # A full bucket is the same as no bucket: forget those; if none is full, the oldest.
@@ -340,11 +354,7 @@ class ConcurrencyCounter:
         """
         current = self._open.get(key, 0)
         if current >= self.limit:
-            raise TooManyRequests(
-                f"too many downloads at once: at most {self.limit} per client",
-                reason="concurrency_limited",
-                headers=(("retry-after", "1"),),
-            )
+            raise too_many_at_once(self.limit)
         self._open[key] = current + 1
 
     def release(self, key: str) -> None:
@@ -626,6 +636,95 @@ class Budget:
 
     def used(self, key: str) -> int:
         return self.counters.get(key, 0)
+
+    def keys(self, user: str | None, now: float) -> tuple[str, ...]:
+        """The counters with a limit that a download by `user` at `now` falls under."""
+        return tuple(key for key, _, _ in self._limits(user, now))
+
+    def roll_over(self, hold: Hold, now: float) -> None:
+        """As `take` and `settle` do first: key `hold` by the periods of `now`."""
+        self._roll_over(hold, now)
+
+
+# How much a process asks the shared budget for at once: a few look-aheads, so that a
+# download's bytes reach the shared counters once per this many, not per chunk.
+GRANT = 2 * LOOKAHEAD
+
+
+class BudgetShare:
+    """One process's side of a budget that several processes share.
+
+    The shared store counts, per budget counter, the bytes *granted* to processes (what
+    they sent and what they may still send); no process sends a byte it was not granted,
+    so all of them together never pass a limit. This process keeps what it was granted
+    and has not charged (`unspent`), and keeps its `Budget`'s counters at the shared
+    total less that: the bytes every other process holds or sent, and the bytes this one
+    sent. Its `Budget` then decides as it does alone, holding only what was granted.
+
+    The shell calls `wants` before the `Budget` may grow a hold, asks the store for those
+    grants and passes the answers to `granted`; around every call that may charge bytes
+    it passes a copy of the counters from before to `charged`, and gives `idle` back.
+    """
+
+    def __init__(self, budget: Budget, *, grant: int = GRANT) -> None:
+        self.budget = budget
+        self.grant = grant
+        self.unspent: dict[str, int] = {}
+
+    def seen(self, key: str, total: int) -> None:
+        """The shared store's `total` for `key`, as read (or left by a grant)."""
+        self.budget.counters[key] = total - self.unspent.get(key, 0)
+
+    def wants(self, hold: Hold, more: int) -> list[tuple[str, int, int]]:
+        """(key, limit, bytes to ask) so `hold` may grow by `more` within its grants."""
+        wanted = []
+        for key, limit, _ in hold.limits:
+            need = self.budget.reserved.get(key, 0) + more - self.unspent.get(key, 0)
+            if need > 0:
+                wanted.append((key, limit, max(need, self.grant)))
+        return wanted
+
+    def granted(self, key: str, amount: int, total: int) -> None:
+        self.unspent[key] = self.unspent.get(key, 0) + amount
+        self.seen(key, total)
+
+    def charged(self, before: Mapping[str, int]) -> dict[str, int]:
+        """The counters moved from `before` (bytes charged): take them out of `unspent`.
+
+        Returns the bytes charged past what was granted (an error body, charged only
+        at its end), which the shell adds to the shared counters as they are.
+        """
+        over: dict[str, int] = {}
+        for key, value in self.budget.counters.items():
+            grown = value - before.get(key, 0)
+            if grown <= 0 or (key not in self.unspent and not self._limited(key)):
+                continue
+            left = self.unspent.get(key, 0) - grown
+            if left < 0:
+                over[key] = -left
+                left = 0
+            self.unspent[key] = left
+        for key in [k for k in self.unspent if k not in self.budget.counters and k in before]:
+            del self.unspent[key]  # its period ended
+        return over
+
+    def _limited(self, key: str) -> bool:
+        scope, _, period = key.partition("|")
+        limits, day = self.budget.limits, len(period) == len("YYYY-MM-DD")
+        if scope == "total":
+            return bool(limits.daily if day else limits.monthly)
+        return bool(limits.user_daily if day else limits.user_monthly)
+
+    def idle(self) -> list[tuple[str, int]]:
+        """(key, bytes) granted and unspent that no hold needs now: to give back."""
+        back = [
+            (key, amount)
+            for key, amount in self.unspent.items()
+            if amount > 0 and not self.budget.reserved.get(key, 0)
+        ]
+        for key, _ in back:
+            self.unspent[key] = 0
+        return back
 
 
 def _spent(key: str, retry: int, what: str) -> TooManyRequests:
