@@ -253,12 +253,13 @@ class SharedBudget:
     def admit(self, hold: access.Hold, length: int | None, now: float) -> None:
         self._roll_over(hold, now)
         self._refresh(key for key, _, _ in hold.limits)  # a fresh view to admit by
-        self._ensure(hold, self.budget.lookahead)
+        self._ensure(hold, hold.sent + self.budget.lookahead - hold.amount)
         self.budget.admit(hold, length, now)
 
     def take(self, hold: access.Hold, size: int, now: float) -> None:
         self._roll_over(hold, now)
-        self._ensure(hold, size + self.budget.lookahead)
+        if hold.sent + size > hold.amount:  # past the hold: it grows by a look-ahead
+            self._ensure(hold, hold.sent + size + self.budget.lookahead - hold.amount)
         self.budget.take(hold, size, now)
 
     def settle(self, hold: access.Hold, sent: int, now: float) -> None:
@@ -281,7 +282,9 @@ class SharedBudget:
             self.share.seen(key, totals.get(key, 0))
 
     def _ensure(self, hold: access.Hold, more: int) -> None:
-        """Ask for what `hold` may grow by `more` needs beyond this process's grants."""
+        """Ask for what `hold` growing by up to `more` needs beyond this process's grants."""
+        if more <= 0:
+            return
         for key, limit, ask in self.share.wants(hold, more):
             total, got = self.shared.grant(key, ask, limit)
             self.share.granted(key, got, total)
