@@ -180,7 +180,7 @@ async def test_guard_budget_is_shared_and_outlives_the_guard(tmp_path):
     async with guard.download("203.0.113.1", None, lambda: sent):
         sent = 100
     totals = guard.shared.budget_totals(["total|2027-01-15", "total|2027-01"])
-    assert totals == {"total|2027-01-15": 100}  # no monthly limit: not counted
+    assert totals == {"total|2027-01-15": 100, "total|2027-01": 100}  # counted with no limit too
     again = Guard(settings, clock=lambda: 1_800_000_000.0)  # another process, or a restart
     with pytest.raises(TooManyRequests):
         async with again.download("203.0.113.1", None, lambda: 0):

@@ -253,13 +253,15 @@ class SharedBudget:
     def admit(self, hold: access.Hold, length: int | None, now: float) -> None:
         self._roll_over(hold, now)
         self._refresh(key for key, _, _ in hold.limits)  # a fresh view to admit by
-        self._ensure(hold, hold.sent + self.budget.lookahead - hold.amount)
+        end = None if length is None else hold.sent + length
+        self._ensure(hold, self._ahead_to(hold, hold.sent, end) - hold.amount)
         self.budget.admit(hold, length, now)
 
     def take(self, hold: access.Hold, size: int, now: float) -> None:
         self._roll_over(hold, now)
-        if hold.sent + size > hold.amount:  # past the hold: it grows by a look-ahead
-            self._ensure(hold, hold.sent + size + self.budget.lookahead - hold.amount)
+        sent = hold.sent + size
+        if sent > hold.amount:  # past the hold: it grows by a look-ahead
+            self._ensure(hold, self._ahead_to(hold, sent, hold.end) - hold.amount)
         self.budget.take(hold, size, now)
 
     def settle(self, hold: access.Hold, sent: int, now: float) -> None:
@@ -281,12 +283,17 @@ class SharedBudget:
         for key in keys:
             self.share.seen(key, totals.get(key, 0))
 
+    def _ahead_to(self, hold: access.Hold, sent: int, end: int | None) -> int:
+        """The most `hold` may grow to once `sent` bytes are out (see `Budget._hold_ahead`)."""
+        target = sent + self.budget.lookahead
+        return target if end is None else max(sent, min(target, end))
+
     def _ensure(self, hold: access.Hold, more: int) -> None:
         """Ask for what `hold` growing by up to `more` needs beyond this process's grants."""
         if more <= 0:
             return
-        for key, limit, ask in self.share.wants(hold, more):
-            total, got = self.shared.grant(key, ask, limit)
+        for key, limit, need, extra in self.share.wants(hold, more):
+            total, got = self.shared.grant(key, need, limit, extra=extra)
             self.share.granted(key, got, total)
 
     def _charged(self, before: Mapping[str, int]) -> None:

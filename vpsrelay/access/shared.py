@@ -257,15 +257,21 @@ class SharedLimits:
             rows = db.execute(f"SELECT key, bytes FROM budget WHERE key IN ({marks})", keys)
             return {str(key): int(value) for key, value in rows}
 
-    def grant(self, key: str, ask: int, limit: int | None) -> tuple[int, int]:
-        """Grant up to `ask` bytes under `key`, never past `limit` (None: all of it, for
-        bytes already sent); (the key's total after, bytes granted)."""
+    def grant(self, key: str, need: int, limit: int | None, *, extra: int = 0) -> tuple[int, int]:
+        """Grant `need` bytes under `key` (fewer if `limit` has not that much left; None:
+        no limit, for bytes already sent) and up to `extra` more, at most a quarter of what
+        would be left, so that a nearly spent budget is not all granted to one process
+        that may not need it; (the key's total after, bytes granted)."""
         with self._write() as db:
             row = db.execute("SELECT bytes FROM budget WHERE key = ?", (key,)).fetchone()
             if row is None:  # a new period's first grant: forget the periods that ended
                 self._forget_older_periods(db, key.rpartition("|")[2])
             total = int(row[0]) if row is not None else 0
-            got = max(0, ask) if limit is None else max(0, min(ask, limit - total))
+            if limit is None:
+                got = max(0, need)
+            else:
+                left = max(0, limit - total)
+                got = min(need, left) + min(extra, max(0, left - need) // 4)
             if got:
                 total += got
                 db.execute(

@@ -675,13 +675,15 @@ class BudgetShare:
         """The shared store's `total` for `key`, as read (or left by a grant)."""
         self.budget.counters[key] = total - self.unspent.get(key, 0)
 
-    def wants(self, hold: Hold, more: int) -> list[tuple[str, int, int]]:
-        """(key, limit, bytes to ask) so `hold` may grow by `more` within its grants."""
+    def wants(self, hold: Hold, more: int) -> list[tuple[str, int, int, int]]:
+        """(key, limit, bytes needed, bytes more welcome) so `hold` may grow by `more`
+        within its grants; asking a few look-aheads at once keeps the store off the
+        per-chunk path."""
         wanted = []
         for key, limit, _ in hold.limits:
             need = self.budget.reserved.get(key, 0) + more - self.unspent.get(key, 0)
             if need > 0:
-                wanted.append((key, limit, max(need, self.grant)))
+                wanted.append((key, limit, need, max(0, self.grant - need)))
         return wanted
 
     def granted(self, key: str, amount: int, total: int) -> None:
@@ -692,12 +694,13 @@ class BudgetShare:
         """The counters moved from `before` (bytes charged): take them out of `unspent`.
 
         Returns the bytes charged past what was granted (an error body, charged only
-        at its end), which the shell adds to the shared counters as they are.
+        at its end; any bytes under a counter with no limit, kept for when one is set),
+        which the shell adds to the shared counters as they are.
         """
         over: dict[str, int] = {}
         for key, value in self.budget.counters.items():
             grown = value - before.get(key, 0)
-            if grown <= 0 or (key not in self.unspent and not self._limited(key)):
+            if grown <= 0:
                 continue
             left = self.unspent.get(key, 0) - grown
             if left < 0:
@@ -707,13 +710,6 @@ class BudgetShare:
         for key in [k for k in self.unspent if k not in self.budget.counters and k in before]:
             del self.unspent[key]  # its period ended
         return over
-
-    def _limited(self, key: str) -> bool:
-        scope, _, period = key.partition("|")
-        limits, day = self.budget.limits, len(period) == len("YYYY-MM-DD")
-        if scope == "total":
-            return bool(limits.daily if day else limits.monthly)
-        return bool(limits.user_daily if day else limits.user_monthly)
 
     def idle(self) -> list[tuple[str, int]]:
         """(key, bytes) granted and unspent that no hold needs now: to give back."""
