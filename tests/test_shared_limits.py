@@ -86,11 +86,40 @@ def test_a_killed_process_slot_is_free_at_once(tmp_path: Path) -> None:
         # No cleanup ran in the child: the kernel dropped its owner lock, and that is enough.
         assert here.acquire("streams", "c", 1)
         assert here.count("streams", "c") == 1
+        owners = [path.name for path in (tmp_path / "run" / "limits").iterdir()]
+        assert owners == [f"{here.owner}.lock"]  # the dead one's file went with its slot
     finally:
         child.kill()
         child.wait(10)
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_the_files_of_owners_gone_without_a_slot_are_removed_at_open(tmp_path: Path) -> None:
+    gone = SharedLimits(tmp_path)
+    gone.rate_wait("c", 1.0, 1, NOON)
+    os.close(gone._owner_fd)  # as the kernel does when the process ends: the lock is dropped
+    assert len(list((tmp_path / "run" / "limits").iterdir())) == 1
+    here = SharedLimits(tmp_path)
+    here.rate_wait("c", 1.0, 1, NOON)
+    owners = [path.name for path in (tmp_path / "run" / "limits").iterdir()]
+    assert owners == [f"{here.owner}.lock"]
+
+
+def test_a_child_forked_after_first_use_is_an_owner_of_its_own(tmp_path: Path) -> None:
+    shared = SharedLimits(tmp_path)
+    assert shared.acquire("streams", "c", 2)
+    parent_owner = shared.owner
+    pid = os.fork()
+    if pid == 0:  # the child: its own name and slot; exits without cleanup
+        ok = shared.acquire("streams", "c", 2) and shared.owner != parent_owner
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert shared.owner == parent_owner
+    # The child is dead: its slot is reaped, the parent's stays.
+    assert shared.acquire("streams", "c", 2)
+    assert not shared.acquire("streams", "c", 2)
 
 
 def test_an_owner_file_removed_under_a_live_slot_is_taken_for_dead(tmp_path: Path) -> None:

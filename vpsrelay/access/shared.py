@@ -75,7 +75,8 @@ class SharedLimits:
         self.data_dir = data_dir
         self.path = data_dir / DB_FILE
         self.owners_dir = worker_identity.run_dir(data_dir) / "limits"
-        self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.owner = ""  # named at first use, in the process that uses it
+        self._pid = 0
         self._db: sqlite3.Connection | None = None
         self._lock_fd = -1
         self._owner_fd = -1
@@ -84,8 +85,12 @@ class SharedLimits:
     # -- opening ---------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        if self._db is not None:
+        if self._db is not None and self._pid == os.getpid():
             return self._db
+        # First use, or first in a child forked after its parent opened the store: a
+        # child shares no connection, lock or owner name with its parent.
+        self._pid = os.getpid()
+        self.owner = f"{self._pid}-{secrets.token_hex(4)}"
         private_files.make_dir(self.owners_dir)
         # The owner's lock is taken before any slot is counted under its name.
         owner_fd = private_files.open_file(self.owners_dir / f"{self.owner}.lock", os.O_RDWR)
@@ -101,7 +106,15 @@ class SharedLimits:
             db.executescript(_SCHEMA)
             self._import_legacy_budget(db)
             self._reap(db, db.execute("SELECT DISTINCT owner FROM slots").fetchall())
+            self._forget_dead_owner_files()
         return db
+
+    def _forget_dead_owner_files(self) -> None:
+        """Owner files of processes gone that held no slot (a clean exit, say)."""
+        for path in self.owners_dir.glob("*.lock"):
+            owner = path.name.removesuffix(".lock")
+            if owner != self.owner:
+                self._alive(owner)  # unlinks a dead owner's file
 
     def close(self) -> None:
         """Give up this process's slots and its owner lock (a clean exit)."""
