@@ -6,14 +6,17 @@
 Part 1, in one process: microseconds per rate check, the in-memory token bucket (what one
 process used before) against the shared one (a write transaction on limits.db), and per
 stream slot taken and given back. Part 2, a real relay: `GET /` (the landing page, answered by the relay
-itself) under wrk, requests per second with `limits.requests_per_second` off and on (set
-high enough never to refuse, so every request pays the check); the two alternate in every
-round so that whatever else runs on the machine meets both alike.
+itself) under wrk, requests per second and relay CPU per request with
+`limits.requests_per_second` off, on in the only process (in memory) and on in a worker
+(`_VPSRELAY_WORKER=1/2`: shared); on is set high enough never to refuse, so every request
+pays the check. The three alternate in every round so that whatever else runs on the
+machine meets them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -63,7 +66,13 @@ def in_process(calls: int) -> None:
         print(f"{name:45s} {value:8.1f} us")
 
 
-def wrk_rps(url: str, seconds: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_rps(url: str, seconds: int) -> tuple[float, int]:
     run = subprocess.run(
         ["wrk", "-t1", "-c8", f"-d{seconds}s", url],
         capture_output=True, text=True, timeout=seconds + 30,
@@ -71,34 +80,47 @@ def wrk_rps(url: str, seconds: int) -> float:
     out = run.stdout
     assert run.returncode == 0, f"wrk: {run.stdout} {run.stderr}"
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     assert found is not None, out
+    assert count is not None, out
     assert non_2xx is None, f"the check refused requests: {out}"
-    return float(found[1])
+    return float(found[1]), int(count[1])
 
 
 def relay_rounds(rounds: int, seconds: int) -> None:
-    results: dict[str, list[float]] = {"off": [], "on (shared)": []}
-    settings = {"off": "0", "on (shared)": "1000000000"}
-    folders = {"off": "off", "on (shared)": "on"}
+    # (rate, worker identity): a worker of two shares its buckets; the only process does not.
+    settings = {
+        "off": ("0", ""),
+        "on, in memory": ("1000000000", ""),
+        "on, shared": ("1000000000", "1/2"),
+    }
+    results: dict[str, list[float]] = {name: [] for name in settings}
+    cpu: dict[str, list[float]] = {name: [] for name in settings}
     work = Path(tempfile.mkdtemp(prefix="limits-cost-"))
     try:
         for round_ in range(rounds):
-            for name, rate in settings.items():
+            for number, (name, (rate, worker)) in enumerate(settings.items()):
                 env = {
                     "VPSRELAY_LIMITS__REQUESTS_PER_SECOND": rate,
                     "VPSRELAY_LIMITS__BURST": "1000000000",
                     "VPSRELAY_LOG__ACCESS_LOG": "false",
+                    "_VPSRELAY_WORKER": worker,
                 }
-                with RelayProcess(work / f"{folders[name]}{round_}", env=env) as relay:
+                with RelayProcess(work / f"{number}-{round_}", env=env) as relay:
                     wrk_rps(f"{relay.url}/", 1)  # warm up
-                    results[name].append(wrk_rps(f"{relay.url}/", seconds))
+                    before = cpu_seconds(relay.process.pid)
+                    rate, count = wrk_rps(f"{relay.url}/", seconds)
+                    used = cpu_seconds(relay.process.pid) - before
+                    results[name].append(rate)
+                    cpu[name].append(used / count * 1e6)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for name, values in results.items():
         print(
-            f"GET /, wrk -c8, rate limit {name:12s} median {statistics.median(values):8.0f} "
-            f"req/s (range {min(values):.0f}-{max(values):.0f}, {rounds} rounds of {seconds} s)"
+            f"GET /, wrk -c8, rate limit {name:14s} median {statistics.median(values):8.0f} "
+            f"req/s (range {min(values):.0f}-{max(values):.0f}, {rounds} rounds of {seconds} s), "
+            f"relay CPU {statistics.median(cpu[name]):.0f} us per request"
         )
 
 

@@ -39,6 +39,34 @@ def test_one_rate_bucket_for_every_process(tmp_path: Path) -> None:
     assert one.rate_wait("198.51.100.7", 1.0, 3, NOON + 1.0) == 0.0  # refilled
 
 
+async def test_workers_share_the_rate_and_the_only_process_keeps_it_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpsrelay import config
+    from vpsrelay.access.guard import Guard
+
+    settings = config.load(
+        None, {}, {"data_dir": str(tmp_path), "limits.requests_per_second": 0.01, "limits.burst": 2}
+    )
+
+    def admit(guard: Guard) -> None:
+        guard.admit(method="GET", raw_path="/v2/", headers=(), client_ip="192.0.2.9", host="x")
+
+    alone = Guard(settings)
+    admit(alone)
+    admit(alone)
+    with pytest.raises(TooManyRequests):
+        admit(alone)
+    assert not (tmp_path / "limits.db").exists()  # counted in memory
+    monkeypatch.setenv("_VPSRELAY_WORKER", "1/2")
+    one, two = Guard(settings), Guard(settings)
+    admit(one)
+    admit(two)
+    with pytest.raises(TooManyRequests) as refused:
+        admit(one)  # the burst of 2 is spent by the two workers together
+    assert refused.value.reason == "rate_limited"
+
+
 def test_stream_slots_count_across_processes(tmp_path: Path) -> None:
     one, two = _pair(tmp_path)
     assert one.acquire("streams", "c", 2)
