@@ -291,3 +291,18 @@ def test_processes_starting_at_once_end_with_one_signing_key(tmp_path: Path) -> 
             keys.add(out.strip().decode())
         assert keys == {load_or_create_key(key_path).hex()}
         assert not list(key_path.parent.glob(".*.tmp"))
+
+
+def test_download_counts_hold_across_processes(tmp_path: Path) -> None:
+    from vpsrelay import config, download
+
+    settings = config.load(None, {}, {"download.downloads_per_client": 1})
+    one, two = (download.Limits(settings.download, shared) for shared in _pair(tmp_path))
+    with one.running_for("c"):
+        with pytest.raises(TooManyRequests) as refused, two.running_for("c"):
+            pass
+        assert refused.value.reason == "concurrency_limited"
+        with two.running_for("d"):  # another client
+            pass
+    with two.running_for("c"):  # given back
+        pass

@@ -180,10 +180,12 @@ class Guard:
             meter = DownloadMeter(budget, hold, throttle, self.record_reason, self.clock)
             yield meter if metered else None
         finally:
-            if self.streams_per_ip:
-                self.shared.release("streams", client)
-            if budget is not None and hold is not None:
-                budget.settle(hold, sent(), self.clock())
+            try:
+                if self.streams_per_ip:
+                    self.shared.release("streams", client)
+            finally:  # charged even when the slot could not be given back
+                if budget is not None and hold is not None:
+                    budget.settle(hold, sent(), self.clock())
 
     def _acquire(self, kind: str, client: str, limit: int) -> None:
         """Raises:
