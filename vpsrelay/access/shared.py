@@ -98,7 +98,8 @@ class SharedLimits:
         self._owner_fd = owner_fd
         self._lock_fd = private_files.open_file(self.data_dir / LOCK_FILE, os.O_RDWR)
         os.close(private_files.open_file(self.path, os.O_RDWR))  # 0600 before SQLite makes it
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Writers queue on the flock: SQLite waits only for a writer outside the relay.
+        db = sqlite3.connect(self.path, timeout=0.5, isolation_level=None, check_same_thread=False)
         self._db = db
         with self._locked():
             db.execute("PRAGMA journal_mode = WAL")
