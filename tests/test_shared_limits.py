@@ -23,7 +23,7 @@ from vpsrelay.core import access
 from vpsrelay.errors import TooManyRequests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NOON = 1_795_000_000.0  # 2026-11-18 12:26 UTC
+NOON = 1_795_000_000.0  # 2026-11-18 11:06 UTC
 
 
 def _pair(data_dir: Path) -> tuple[SharedLimits, SharedLimits]:
@@ -306,3 +306,26 @@ def test_download_counts_hold_across_processes(tmp_path: Path) -> None:
             pass
     with two.running_for("c"):  # given back
         pass
+
+
+def test_a_download_past_midnight_is_charged_to_each_day_in_the_shared_counters(
+    tmp_path: Path,
+) -> None:
+    limits = access.BudgetLimits(daily=1000)
+    one, two = (SharedBudget(limits, shared, 0) for shared in _pair(tmp_path))
+    one.budget.lookahead = 100
+    before, after = NOON, NOON + 14 * 3600  # 2026-11-18 and 01:06 on the 19th
+    hold = one.open(None, before, "c")
+    one.admit(hold, 500, before)
+    for _ in range(3):
+        one.take(hold, 100, before)
+    one.take(hold, 100, after)  # rolled over: held to the 19th from here
+    one.settle(hold, 400, after)
+    totals = one.shared.budget_totals(["total|2026-11-18", "total|2026-11-19", "total|2026-11"])
+    # The 19th's first grant forgot the 18th (it is over); the month has all 400.
+    assert totals == {"total|2026-11-19": 100, "total|2026-11": 400}
+    assert "total|2026-11-18" not in one.share.unspent  # the ended day's grants are gone
+    later = two.open(None, after, "c")
+    two.admit(later, 900, after)  # the 19th has 900 left, whoever asks
+    with pytest.raises(TooManyRequests):
+        two.admit(later, 901, after)

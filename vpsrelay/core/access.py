@@ -9,9 +9,10 @@ the rule; `vpsrelay.access.guard` applies them per request and counts the refusa
 * User-Agent deny patterns (regular expressions, case-insensitive).
 * Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts,
   a GET or HEAD with a body.
-* Limits: a token bucket per key (request rate, stream bandwidth), a concurrency
-  counter per key (`limit_key`: an IPv4 address, an IPv6 /64), and a traffic budget
-  per UTC day and month, total and per user.
+* Limits: a token bucket per key (request rate, stream bandwidth), the refusal of a
+  count per key over its limit (`limit_key`: an IPv4 address, an IPv6 /64; the counts
+  are in `access.shared`), and a traffic budget per UTC day and month, total and per
+  user, shared by processes through `BudgetShare`.
 * Redirect-target addresses: only globally routable ones, unless the operator allows.
 """
 
@@ -337,35 +338,6 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-class ConcurrencyCounter:
-    """How many things each key has open at once, with a limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: dict[str, int] = {}
-
-    def acquire(self, key: str) -> None:
-        """Count one more for `key`.
-
-        Raises:
-            TooManyRequests: `key` already has `limit` open (reason `concurrency_limited`).
-        """
-        current = self._open.get(key, 0)
-        if current >= self.limit:
-            raise too_many_at_once(self.limit)
-        self._open[key] = current + 1
-
-    def release(self, key: str) -> None:
-        current = self._open.get(key, 0)
-        if current <= 1:
-            self._open.pop(key, None)
-        else:
-            self._open[key] = current - 1
-
-    def count(self, key: str) -> int:
-        return self._open.get(key, 0)
 
 
 # --- how much: the traffic budget ------------------------------------------------------------
