@@ -329,3 +329,41 @@ def test_a_download_past_midnight_is_charged_to_each_day_in_the_shared_counters(
     two.admit(later, 900, after)  # the 19th has 900 left, whoever asks
     with pytest.raises(TooManyRequests):
         two.admit(later, 901, after)
+
+
+def test_the_key_is_whole_before_it_has_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that finds `token.key` reads a whole key: never one still being written."""
+    from vpsrelay.access.clientauth import load_or_create_key
+
+    path = tmp_path / "token.key"
+    named_when_synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        named_when_synced.append(path.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    key = load_or_create_key(path)
+    assert named_when_synced == [False]
+    assert path.read_text().strip() == key.hex()
+
+
+def test_a_key_made_by_another_process_meanwhile_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpsrelay.access.clientauth import load_or_create_key
+
+    path = tmp_path / "token.key"
+    theirs = "ab" * 32
+    real_link = os.link
+
+    def link(source: str | Path, target: str | Path) -> None:
+        path.write_text(theirs + "\n")  # the other process linked its key first
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    assert load_or_create_key(path).hex() == theirs
+    assert not list(tmp_path.glob(".*.tmp"))
