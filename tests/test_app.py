@@ -1123,7 +1123,7 @@ def test_upstream_streams_cap_has_a_default_and_zero_disables_it():
     assert config.load(None, {}).limits.upstream_streams_per_ip == 32
     assert config.load(None, {}).limits.send_timeout == 60.0
     guard = Guard(config.load(None, {}, {"limits.upstream_streams_per_ip": 0}))
-    assert guard.upstream_streams is None
+    assert guard.upstream_streams_per_ip == 0
 
 
 # --- issue 13: transport errors become RelayErrors at the upstream boundary, body reads too

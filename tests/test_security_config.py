@@ -173,19 +173,39 @@ def test_signing_key_is_made_once_and_private(tmp_path):
         load_or_create_key(path)
 
 
-async def test_guard_budget_is_saved_atomically_and_reloaded(tmp_path):
+async def test_guard_budget_is_shared_and_outlives_the_guard(tmp_path):
     settings = config.load(None, {}, {"data_dir": str(tmp_path), "limits.budget_daily": 100})
     guard = Guard(settings, clock=lambda: 1_800_000_000.0)
     sent = 0
     async with guard.download("203.0.113.1", None, lambda: sent):
         sent = 100
-    saved = json.loads((tmp_path / "budget.json").read_text())
-    assert saved == {"version": 1, "counters": {"total|2027-01-15": 100, "total|2027-01": 100}}
-    assert not list(tmp_path.glob(".*.tmp"))
-    again = Guard(settings, clock=lambda: 1_800_000_000.0)
+    totals = guard.shared.budget_totals(["total|2027-01-15", "total|2027-01"])
+    assert totals == {"total|2027-01-15": 100, "total|2027-01": 100}  # counted with no limit too
+    again = Guard(settings, clock=lambda: 1_800_000_000.0)  # another process, or a restart
     with pytest.raises(TooManyRequests):
         async with again.download("203.0.113.1", None, lambda: 0):
             pass
+
+
+async def test_guard_imports_the_legacy_budget_file_once(tmp_path):
+    legacy = {"version": 1, "counters": {"total|2027-01-15": 60}}
+    (tmp_path / "budget.json").write_text(json.dumps(legacy))
+    settings = config.load(None, {}, {"data_dir": str(tmp_path), "limits.budget_daily": 100})
+    guard = Guard(settings, clock=lambda: 1_800_000_000.0)
+    async with guard.download("203.0.113.1", None, lambda: 0) as meter:
+        assert meter is not None
+        with pytest.raises(TooManyRequests):
+            meter.admit(41)  # 60 of 100 spent before the upgrade
+        meter.admit(40)
+    (tmp_path / "budget.json").write_text(json.dumps({"counters": {"total|2027-01-15": 99}}))
+    later = Guard(settings, clock=lambda: 1_800_000_000.0)
+    async with later.download("203.0.113.1", None, lambda: 0) as meter:
+        assert meter is not None
+        meter.admit(40)  # imported once: the file's later contents are not read
+    for guard_ in (guard, later):
+        guard_.shared.close()
+    for name in ("limits.db", "limits.db-wal", "limits.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
     (tmp_path / "budget.json").write_text("{not json")
     fresh = Guard(settings, clock=lambda: 1_800_000_000.0)
     async with fresh.download("203.0.113.1", None, lambda: 0) as meter:

@@ -48,7 +48,7 @@ class RelayApp:
         self.metrics = Metrics(certificate_not_after=self.health.tls.expiry)
         upstream.on_stale_retry = self.metrics.upstream_stale_retry
         self.guard = Guard(settings)
-        self.downloads = download.Limits(settings.download)
+        self.downloads = download.Limits(settings.download, self.guard.shared)
         # The relay's own upstream tokens: one keeper for the relay, the cache, client auth.
         self.token_client = TokenClient(upstream)
         self.clientauth = ClientAuth(settings, self.token_client)

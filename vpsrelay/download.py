@@ -31,6 +31,7 @@ import trio
 
 from vpsrelay import config
 from vpsrelay.core import archive, headers as header_policy, imageref, routing
+from vpsrelay.core.access import too_many_at_once
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.registries import DOCKER_HUB
 from vpsrelay.errors import (
@@ -48,6 +49,7 @@ from vpsrelay.subrequest import Answer, Subrequests
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from vpsrelay.access.shared import SharedLimits
     from vpsrelay.config import DownloadConfig, Settings
     from vpsrelay.exchange import Exchange
     from vpsrelay.subrequest import RelayApp
@@ -75,9 +77,10 @@ class Limits:
     download's whole life, not only its blob subrequests), and the manifest and config
     bytes held by all of them."""
 
-    def __init__(self, config: DownloadConfig) -> None:
+    def __init__(self, config: DownloadConfig, shared: SharedLimits | None = None) -> None:
         self.per_client = config.downloads_per_client
-        self.running: dict[str, int] = {}
+        self.running: dict[str, int] = {}  # this process's
+        self.shared = shared  # the count in all of the relay's processes, when given
         self.held_cap = config.held_bytes
         self.held = 0
 
@@ -88,15 +91,16 @@ class Limits:
         """
         count = self.running.get(client, 0)
         if self.per_client and count >= self.per_client:
-            raise TooManyRequests(
-                f"too many downloads at once: at most {self.per_client} per client",
-                reason="concurrency_limited",
-                headers=(("retry-after", "1"),),
-            )
+            raise too_many_at_once(self.per_client)
+        shared = self.shared if self.per_client else None
+        if shared is not None and not shared.acquire("downloads", client, self.per_client):
+            raise too_many_at_once(self.per_client)
         self.running[client] = count + 1
         try:
             yield
         finally:
+            if shared is not None:
+                shared.release("downloads", client)
             if self.running[client] <= 1:
                 del self.running[client]
             else:

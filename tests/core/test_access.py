@@ -229,21 +229,11 @@ def test_rate_limiter_forgets_full_buckets_when_crowded():
     assert len(limiter) == 2
 
 
-def test_concurrency_counter():
-    counter = access.ConcurrencyCounter(2)
-    counter.acquire("a")
-    counter.acquire("a")
-    with pytest.raises(TooManyRequests) as caught:
-        counter.acquire("a")
-    assert caught.value.reason == "concurrency_limited"
-    counter.acquire("b")
-    counter.release("a")
-    assert counter.count("a") == 1
-    counter.acquire("a")
-    counter.release("a")
-    counter.release("a")
-    counter.release("a")  # more releases than acquires do not go negative
-    assert counter.count("a") == 0
+def test_too_many_at_once_is_a_429_with_retry_after():
+    refused = access.too_many_at_once(2)
+    assert refused.status == 429
+    assert refused.reason == "concurrency_limited"
+    assert dict(refused.headers) == {"retry-after": "1"}
 
 
 # --- the budget -------------------------------------------------------------------------------
@@ -719,3 +709,54 @@ def test_served_never_exceeds_the_budget_across_a_period_boundary(downloads, swi
     assert budget.used(key) == served["after"]
     assert budget.reserved == {}
     assert budget.ahead == {}
+
+
+# --- issue 14: one process's share of a budget several processes share ------------------------
+
+
+def test_a_share_asks_only_past_its_grants_and_gives_back_when_idle():
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    share = access.BudgetShare(budget, grant=150)
+    day = "total|2026-11-29"
+    share.seen(day, 400)  # the other processes hold or sent 400
+    hold = budget.open(None, NOON, "c")
+    assert share.wants(hold, 100) == [(day, 1000, 100, 50)]
+    share.granted(day, 150, 550)
+    assert budget.counters[day] == 400  # the shared total less this process's grant
+    budget.admit(hold, 300, NOON)
+    assert share.wants(hold, 50) == []  # within the grant: the store is not asked
+    assert share.wants(hold, 60) == [(day, 1000, 10, 140)]
+    _send(budget, hold, 100)
+    before = dict(budget.counters)
+    budget.settle(hold, hold.sent, NOON)
+    # The day's bytes were granted before they went out; the month has no limit (no
+    # grants) and is counted for all as it is.
+    assert share.charged(before) == {"total|2026-11": 100}
+    assert share.unspent[day] == 50
+    assert share.idle() == [(day, 50)]
+    assert share.idle() == []
+
+
+def test_a_share_reports_bytes_charged_past_its_grants():
+    budget = access.Budget(access.BudgetLimits(daily=1000))
+    share = access.BudgetShare(budget)
+    hold = budget.open(None, NOON, "c")
+    before = dict(budget.counters)
+    budget.settle(hold, 70, NOON)  # an error body: charged at its end, never held
+    # The day's counter has a limit, the month's none: both are counted for all.
+    assert share.charged(before) == {"total|2026-11-29": 70, "total|2026-11": 70}
+
+
+def test_a_share_gives_back_the_grants_of_a_period_that_ended():
+    budget = access.Budget(access.BudgetLimits(daily=1000), lookahead=100)
+    share = access.BudgetShare(budget)
+    old_day = "total|2026-11-29"
+    hold = budget.open(None, NOON, "c")
+    share.granted(old_day, 200, 200)
+    budget.admit(hold, None, NOON)
+    _send(budget, hold, 50)
+    before = dict(budget.counters)
+    budget.settle(hold, hold.sent, NOON + 86400)  # sent on the old day, settled the next
+    share.charged(before)
+    assert share.unspent[old_day] == 150
+    assert (old_day, 150) in share.idle()  # nothing of the old day stays granted

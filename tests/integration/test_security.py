@@ -11,7 +11,6 @@ log states, so no packet leaves the machine.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import resource
 import socket
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from tests.infra.clients import DockerDaemon
+from tests.infra.limitsdb import budget_counters
 from tests.infra.oci import BuiltImage
 from tests.infra.relay import RelayProcess, pull_token
 from tests.integration.test_registries import Sentinel, assert_pulled, skopeo_copy
@@ -398,8 +398,7 @@ def test_traffic_budget_trips_at_the_figure_and_survives_a_restart(
             f"{relay.url}/v2/alpine/manifests/latest", headers={**headers, "accept": OCI_MANIFEST}
         )
         assert manifest.status_code == 200  # manifests still answer
-    saved = json.loads((tmp_path / "data" / "budget.json").read_text())
-    assert sorted(saved["counters"].values()) == [layer.size] * 2
+    assert sorted(budget_counters(tmp_path / "data").values()) == [layer.size] * 2
     with RelayProcess(tmp_path / "restarted", *args) as relay:
         headers = {"authorization": f"Bearer {pull_token(relay.url, 'alpine')}"}
         after = httpx.get(f"{relay.url}/v2/alpine/blobs/{config_blob.digest}", headers=headers)

@@ -185,7 +185,7 @@ def test_data_dir_is_private_whatever_the_umask(hub: Hub, tmp_path: Path) -> Non
     names = {name for name, _, _ in found}
     # The walk saw what matters: cached blobs, the index, the key, the budget.
     assert kinds == {"dir", "file"}
-    assert {"cache.db", "token.key", "budget.json", "blobs/sha256"} <= names
+    assert {"cache.db", "token.key", "limits.db", "blobs/sha256"} <= names
     assert any(name.startswith("blobs/sha256/") and name.count("/") == 3 for name in names)
     exposed = [
         f"{name} {oct(mode)}"

@@ -26,6 +26,7 @@ and sends them along; clients never see them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -536,17 +537,8 @@ def load_or_create_key(path: Path) -> bytes:
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        private_files.make_dir(path.parent)
-        key = secrets.token_hex(32)
-        try:
-            fd = private_files.open_file(path, os.O_WRONLY | os.O_EXCL)
-        except FileExistsError:  # another process made it first
-            return load_or_create_key(path)
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(key + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        return bytes.fromhex(key)
+        _create_key(path)
+        text = path.read_text(encoding="ascii").strip()  # ours, or the one that won
     try:
         key_bytes = bytes.fromhex(text)
     except ValueError:
@@ -554,6 +546,27 @@ def load_or_create_key(path: Path) -> bytes:
     if len(key_bytes) < 32:
         raise ConfigError(f"{path}: token key too short (64 hex digits)")
     return key_bytes
+
+
+def _create_key(path: Path) -> None:
+    """Make the key file whole, or leave the one another process made.
+
+    Workers start at once: the key is written and fsynced under a name of its own, then
+    linked to `path`, which fails if `path` exists; so `path` is never seen empty or
+    half-written, and every process reads the one key that won.
+    """
+    private_files.make_dir(path.parent)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = private_files.open_file(temporary, os.O_WRONLY | os.O_EXCL)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def add_user(path: Path, user: str, password: str, *, rounds: int = BCRYPT_ROUNDS) -> bool:

@@ -4,8 +4,11 @@ Before routing reaches any upstream: request target, a GET or HEAD body, Host, c
 IP, User-Agent, header count and request rate. After routing: repository allow/deny
 lists. Around a blob download: streams per client (an IPv4 address, an IPv6 /64), the
 traffic budget (a download must fit in what is left to start, and holds a bounded
-look-ahead past what it has sent; counters in the data dir, written atomically after
-every download so they survive restarts) and the bandwidth cap.
+look-ahead past what it has sent) and the bandwidth cap.
+
+The request rate, the stream counts and the budget hold for the relay, not per process:
+their state is in `<data_dir>/limits.db`, shared by every worker (`access.shared`); the
+only process of a relay (`workers = 1`) keeps its request rate buckets in memory.
 
 Every refusal, here or anywhere else in the relay, passes `record`, which logs the
 reason and counts it in `refusals` (what the metrics endpoint reads).
@@ -17,20 +20,19 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay import private_files
+from vpsrelay import worker_identity
+from vpsrelay.access.shared import SharedLimits
 from vpsrelay.core import access, headers as header_policy
 from vpsrelay.errors import BadRequest, HeadersTooLarge, TooManyRequests
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-    from pathlib import Path
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
     from vpsrelay.config import Settings
     from vpsrelay.core import routing
@@ -38,12 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vpsrelay.guard")
 
-BUDGET_FILE = "budget.json"
 _BAD_FIELD = re.compile(r"[^\t\x20-\x7e]")
 
 
 class Guard:
-    """Per-process policy state: limiters, counters, the budget; `refusals` by reason."""
+    """Policy state: limiters, counters, the budget (shared by all of the relay's
+    processes through `shared`); `refusals` by reason (this process's)."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         server, acc, limits = settings.server, settings.access, settings.limits
@@ -64,29 +66,30 @@ class Guard:
         }
         self.max_headers = server.max_headers
         self.max_header_bytes = server.max_header_bytes
-        self.rate = (
-            access.RateLimiter(limits.requests_per_second, limits.burst)
-            if limits.requests_per_second > 0
+        self.shared = SharedLimits(settings.data_dir)
+        self.rate = limits.requests_per_second
+        self.burst = float(limits.burst)
+        # The rate check runs on every request: one write to limits.db costs about 20 us
+        # (and a cheap request ~14% more CPU, bench/limits_cost.py), so the only process
+        # of a relay keeps its buckets in memory; workers share theirs.
+        self.local_rate = (
+            access.RateLimiter(self.rate, limits.burst)
+            if self.rate > 0 and worker_identity.current().count == 1
             else None
         )
-        self.streams = (
-            access.ConcurrencyCounter(limits.streams_per_ip) if limits.streams_per_ip else None
-        )
+        self.streams_per_ip = limits.streams_per_ip
         self.stream_rate = limits.stream_bytes_per_second
         self.ipv6_prefix = limits.ipv6_prefix_length
-        self.upstream_streams = (
-            access.ConcurrencyCounter(limits.upstream_streams_per_ip)
-            if limits.upstream_streams_per_ip
-            else None
-        )
+        self.upstream_streams_per_ip = limits.upstream_streams_per_ip
         self.budget_limits = access.BudgetLimits(
             limits.budget_daily, limits.budget_monthly,
             limits.user_budget_daily, limits.user_budget_monthly,
         )  # fmt: skip
-        self.budget_ahead_per_client = limits.budget_ahead_per_client
-        self.budget_path = settings.data_dir / BUDGET_FILE
-        self._budget: access.Budget | None = None
-        self._budget_lock = trio.Lock()
+        self.budget = (
+            SharedBudget(self.budget_limits, self.shared, limits.budget_ahead_per_client)
+            if self.budget_limits.enabled
+            else None
+        )
 
     # -- before routing ----------------------------------------------------------------------
 
@@ -126,8 +129,14 @@ class Guard:
         self.hosts.check(host)
         self.ips.check(client_ip)
         self.user_agents.check(header_policy.get(headers, "user-agent") or "")
-        if self.rate is not None:
-            self.rate.check(self.limit_key(client_ip), trio.current_time())
+        if self.local_rate is not None:
+            self.local_rate.check(self.limit_key(client_ip), trio.current_time())
+        elif self.rate > 0:
+            wait = self.shared.rate_wait(
+                self.limit_key(client_ip), self.rate, self.burst, time.time()
+            )
+            if wait > 0:
+                raise access.rate_limited(self.rate, self.burst, wait)
 
     def limit_key(self, client_ip: str) -> str:
         """What per-client limits count under: the address, or the IPv6 /64 it is in."""
@@ -155,23 +164,35 @@ class Guard:
         Raises:
             TooManyRequests: too many downloads from this IP, or the budget is spent.
         """
-        budget = await self._load_budget() if self.budget_limits.enabled else None
+        budget = self.budget
         client = self.limit_key(client_ip)
         hold = budget.open(user, self.clock(), client) if budget is not None else None
-        if self.streams is not None:
-            self.streams.acquire(client)
+        try:
+            if self.streams_per_ip:
+                self._acquire("streams", client, self.streams_per_ip)
+        except BaseException:
+            if budget is not None and hold is not None:
+                budget.settle(hold, 0, self.clock())
+            raise
         try:
             throttle = self._throttle() if self.stream_rate else None
             metered = budget is not None or throttle is not None
             meter = DownloadMeter(budget, hold, throttle, self.record_reason, self.clock)
             yield meter if metered else None
         finally:
-            if self.streams is not None:
-                self.streams.release(client)
-            if budget is not None and hold is not None:
-                with trio.CancelScope(shield=True):
+            try:
+                if self.streams_per_ip:
+                    self.shared.release("streams", client)
+            finally:  # charged even when the slot could not be given back
+                if budget is not None and hold is not None:
                     budget.settle(hold, sent(), self.clock())
-                    await self._save_budget(budget)
+
+    def _acquire(self, kind: str, client: str, limit: int) -> None:
+        """Raises:
+        TooManyRequests: `client` has `limit` `kind` streams open in the relay's processes.
+        """
+        if not self.shared.acquire(kind, client, limit):
+            raise access.too_many_at_once(limit)
 
     @contextlib.contextmanager
     def upstream_stream(self, client_ip: str) -> Iterator[None]:
@@ -183,23 +204,21 @@ class Guard:
         Raises:
             TooManyRequests: this IP already has that many (reason `upstream_streams_limited`).
         """
-        counter = self.upstream_streams
-        if counter is None:
+        limit = self.upstream_streams_per_ip
+        if not limit:
             yield
             return
         client = self.limit_key(client_ip)
-        try:
-            counter.acquire(client)
-        except TooManyRequests as exc:
+        if not self.shared.acquire("upstream", client, limit):
             raise TooManyRequests(
-                f"too many upstream requests at once: at most {counter.limit} per client",
+                f"too many upstream requests at once: at most {limit} per client",
                 reason="upstream_streams_limited",
-                headers=exc.headers,
-            ) from None
+                headers=(("retry-after", "1"),),
+            )
         try:
             yield
         finally:
-            counter.release(client)
+            self.shared.release("upstream", client)
 
     def _throttle(self) -> Callable[[int], Awaitable[None]]:
         # One bucket per stream; a burst of one second's worth smooths small chunks.
@@ -209,26 +228,6 @@ class Guard:
             await trio.sleep(bucket.spend(trio.current_time(), size))
 
         return throttle
-
-    # -- the budget on disk ------------------------------------------------------------------
-
-    async def _load_budget(self) -> access.Budget:
-        if self._budget is None:
-            async with self._budget_lock:
-                if self._budget is None:
-                    counters = await trio.to_thread.run_sync(_read_budget, self.budget_path)
-                    self._budget = access.Budget(
-                        self.budget_limits, counters, ahead_per_client=self.budget_ahead_per_client
-                    )
-        return self._budget
-
-    async def _save_budget(self, budget: access.Budget) -> None:
-        async with self._budget_lock:
-            document = {"version": 1, "counters": dict(budget.counters)}
-            try:
-                await trio.to_thread.run_sync(_write_atomic, self.budget_path, document)
-            except OSError as exc:
-                log.error("cannot save the traffic budget to %s: %s", self.budget_path, exc)
 
     # -- refusals ----------------------------------------------------------------------------
 
@@ -247,6 +246,76 @@ class Guard:
         log.warning("refused reason=%s: %s", reason, detail)
 
 
+class SharedBudget:
+    """This process's traffic budget, kept within what the shared counters grant it
+    (`core.access.BudgetShare`); the calls of `core.access.Budget` a download makes."""
+
+    def __init__(
+        self, limits: access.BudgetLimits, shared: SharedLimits, ahead_per_client: int
+    ) -> None:
+        self.budget = access.Budget(limits, ahead_per_client=ahead_per_client)
+        self.share = access.BudgetShare(self.budget)
+        self.shared = shared
+
+    def open(self, user: str | None, now: float, client: str) -> access.Hold:
+        """Raises:
+        TooManyRequests: a budget `user` falls under is spent in all processes.
+        """
+        self._refresh(self.budget.keys(user, now))
+        return self.budget.open(user, now, client)
+
+    def admit(self, hold: access.Hold, length: int | None, now: float) -> None:
+        self._roll_over(hold, now)
+        self._refresh(key for key, _, _ in hold.limits)  # a fresh view to admit by
+        end = None if length is None else hold.sent + length
+        self._ensure(hold, self._ahead_to(hold, hold.sent, end) - hold.amount)
+        self.budget.admit(hold, length, now)
+
+    def take(self, hold: access.Hold, size: int, now: float) -> None:
+        self._roll_over(hold, now)
+        sent = hold.sent + size
+        if sent > hold.amount:  # past the hold: it grows by a look-ahead
+            self._ensure(hold, self._ahead_to(hold, sent, hold.end) - hold.amount)
+        self.budget.take(hold, size, now)
+
+    def settle(self, hold: access.Hold, sent: int, now: float) -> None:
+        before = dict(self.budget.counters)
+        self.budget.settle(hold, sent, now)
+        self._charged(before)
+        for key, amount in self.share.idle():
+            self.share.seen(key, self.shared.give_back(key, amount))
+
+    def _roll_over(self, hold: access.Hold, now: float) -> None:
+        if now >= hold.period_end:
+            before = dict(self.budget.counters)
+            self.budget.roll_over(hold, now)
+            self._charged(before)
+
+    def _refresh(self, keys: Iterator[str] | tuple[str, ...]) -> None:
+        keys = tuple(keys)
+        totals = self.shared.budget_totals(keys)
+        for key in keys:
+            self.share.seen(key, totals.get(key, 0))
+
+    def _ahead_to(self, hold: access.Hold, sent: int, end: int | None) -> int:
+        """The most `hold` may grow to once `sent` bytes are out (see `Budget._hold_ahead`)."""
+        target = sent + self.budget.lookahead
+        return target if end is None else max(sent, min(target, end))
+
+    def _ensure(self, hold: access.Hold, more: int) -> None:
+        """Ask for what `hold` growing by up to `more` needs beyond this process's grants."""
+        if more <= 0:
+            return
+        for key, limit, need, extra in self.share.wants(hold, more):
+            total, got = self.shared.grant(key, need, limit, extra=extra)
+            self.share.granted(key, got, total)
+
+    def _charged(self, before: Mapping[str, int]) -> None:
+        for key, amount in self.share.charged(before).items():
+            total, _ = self.shared.grant(key, amount, None)  # sent already: counted as is
+            self.share.seen(key, total)
+
+
 class DownloadMeter:
     """One blob download's share of the traffic budget, and its bandwidth cap.
 
@@ -259,7 +328,7 @@ class DownloadMeter:
 
     def __init__(
         self,
-        budget: access.Budget | None,
+        budget: SharedBudget | access.Budget | None,
         hold: access.Hold | None,
         throttle: Callable[[int], Awaitable[None]] | None,
         record_reason: Callable[[str, str], None] = lambda reason, detail: None,
@@ -317,27 +386,3 @@ def _url_host(url: str) -> str:
     from urllib.parse import urlsplit
 
     return urlsplit(url).netloc
-
-
-def _read_budget(path: Path) -> dict[str, int]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    try:
-        return access.parse_budget_state(json.loads(text))
-    except ValueError:
-        log.error("%s is not valid JSON; the traffic budget starts from zero", path)
-        return {}
-
-
-def _write_atomic(path: Path, document: object) -> None:
-    """Write, fsync, rename: a crash leaves the old file or the new one, never half."""
-    private_files.make_dir(path.parent)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = private_files.open_file(temporary, os.O_WRONLY | os.O_TRUNC)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(document, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

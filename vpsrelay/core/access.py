@@ -9,9 +9,10 @@ the rule; `vpsrelay.access.guard` applies them per request and counts the refusa
 * User-Agent deny patterns (regular expressions, case-insensitive).
 * Request-target checks: absolute-form targets, `CONNECT`, `OPTIONS *`, unknown Hosts,
   a GET or HEAD with a body.
-* Limits: a token bucket per key (request rate, stream bandwidth), a concurrency
-  counter per key (`limit_key`: an IPv4 address, an IPv6 /64), and a traffic budget
-  per UTC day and month, total and per user.
+* Limits: a token bucket per key (request rate, stream bandwidth), the refusal of a
+  count per key over its limit (`limit_key`: an IPv4 address, an IPv6 /64; the counts
+  are in `access.shared`), and a traffic budget per UTC day and month, total and per
+  user, shared by processes through `BudgetShare`.
 * Redirect-target addresses: only globally routable ones, unless the operator allows.
 """
 
@@ -287,6 +288,24 @@ class TokenBucket:
         return self.last + max(0.0, self.burst - self.tokens) / self.rate
 
 
+def rate_limited(rate: float, burst: float, wait: float) -> TooManyRequests:
+    """The refusal of a request over the rate; `wait`: seconds until one more may come."""
+    return TooManyRequests(
+        f"too many requests: at most {rate:g} a second (bursts of {burst:g})",
+        reason="rate_limited",
+        headers=(("retry-after", str(max(1, math.ceil(wait)))),),
+    )
+
+
+def too_many_at_once(limit: int) -> TooManyRequests:
+    """The refusal of a download over a client's count of streams at once."""
+    return TooManyRequests(
+        f"too many downloads at once: at most {limit} per client",
+        reason="concurrency_limited",
+        headers=(("retry-after", "1"),),
+    )
+
+
 class RateLimiter:
     """A token bucket per key (client IP): `rate` requests a second, bursts of `burst`."""
 
@@ -309,11 +328,7 @@ class RateLimiter:
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         wait = bucket.take(now)
         if wait > 0:
-            raise TooManyRequests(
-                f"too many requests: at most {self.rate:g} a second (bursts of {self.burst:g})",
-                reason="rate_limited",
-                headers=(("retry-after", str(max(1, math.ceil(wait)))),),
-            )
+            raise rate_limited(self.rate, self.burst, wait)
 
     def _prune(self, now: float) -> None:
         # A full bucket is the same as no bucket: forget those; if none is full, the oldest.
@@ -323,39 +338,6 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-class ConcurrencyCounter:
-    """How many things each key has open at once, with a limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: dict[str, int] = {}
-
-    def acquire(self, key: str) -> None:
-        """Count one more for `key`.
-
-        Raises:
-            TooManyRequests: `key` already has `limit` open (reason `concurrency_limited`).
-        """
-        current = self._open.get(key, 0)
-        if current >= self.limit:
-            raise TooManyRequests(
-                f"too many downloads at once: at most {self.limit} per client",
-                reason="concurrency_limited",
-                headers=(("retry-after", "1"),),
-            )
-        self._open[key] = current + 1
-
-    def release(self, key: str) -> None:
-        current = self._open.get(key, 0)
-        if current <= 1:
-            self._open.pop(key, None)
-        else:
-            self._open[key] = current - 1
-
-    def count(self, key: str) -> int:
-        return self._open.get(key, 0)
 
 
 # --- how much: the traffic budget ------------------------------------------------------------
@@ -626,6 +608,91 @@ class Budget:
 
     def used(self, key: str) -> int:
         return self.counters.get(key, 0)
+
+    def keys(self, user: str | None, now: float) -> tuple[str, ...]:
+        """The counters with a limit that a download by `user` at `now` falls under."""
+        return tuple(key for key, _, _ in self._limits(user, now))
+
+    def roll_over(self, hold: Hold, now: float) -> None:
+        """As `take` and `settle` do first: key `hold` by the periods of `now`."""
+        self._roll_over(hold, now)
+
+
+# How much a process asks the shared budget for at once: a few look-aheads, so that a
+# download's bytes reach the shared counters once per this many, not per chunk.
+GRANT = 2 * LOOKAHEAD
+
+
+class BudgetShare:
+    """One process's side of a budget that several processes share.
+
+    The shared store counts, per budget counter, the bytes *granted* to processes (what
+    they sent and what they may still send); no process sends a byte it was not granted,
+    so all of them together never pass a limit. This process keeps what it was granted
+    and has not charged (`unspent`), and keeps its `Budget`'s counters at the shared
+    total less that: the bytes every other process holds or sent, and the bytes this one
+    sent. Its `Budget` then decides as it does alone, holding only what was granted.
+
+    The shell calls `wants` before the `Budget` may grow a hold, asks the store for those
+    grants and passes the answers to `granted`; around every call that may charge bytes
+    it passes a copy of the counters from before to `charged`, and gives `idle` back.
+    """
+
+    def __init__(self, budget: Budget, *, grant: int = GRANT) -> None:
+        self.budget = budget
+        self.grant = grant
+        self.unspent: dict[str, int] = {}
+
+    def seen(self, key: str, total: int) -> None:
+        """The shared store's `total` for `key`, as read (or left by a grant)."""
+        self.budget.counters[key] = total - self.unspent.get(key, 0)
+
+    def wants(self, hold: Hold, more: int) -> list[tuple[str, int, int, int]]:
+        """(key, limit, bytes needed, bytes more welcome) so `hold` may grow by `more`
+        within its grants; asking a few look-aheads at once keeps the store off the
+        per-chunk path."""
+        wanted = []
+        for key, limit, _ in hold.limits:
+            need = self.budget.reserved.get(key, 0) + more - self.unspent.get(key, 0)
+            if need > 0:
+                wanted.append((key, limit, need, max(0, self.grant - need)))
+        return wanted
+
+    def granted(self, key: str, amount: int, total: int) -> None:
+        self.unspent[key] = self.unspent.get(key, 0) + amount
+        self.seen(key, total)
+
+    def charged(self, before: Mapping[str, int]) -> dict[str, int]:
+        """The counters moved from `before` (bytes charged): take them out of `unspent`.
+
+        Returns the bytes charged past what was granted (an error body, charged only
+        at its end; any bytes under a counter with no limit, kept for when one is set),
+        which the shell adds to the shared counters as they are.
+        """
+        over: dict[str, int] = {}
+        for key, value in self.budget.counters.items():
+            grown = value - before.get(key, 0)
+            if grown <= 0:
+                continue
+            left = self.unspent.get(key, 0) - grown
+            if left < 0:
+                over[key] = -left
+                left = 0
+            self.unspent[key] = left
+        for key in [k for k in self.unspent if k not in self.budget.counters and k in before]:
+            del self.unspent[key]  # its period ended
+        return over
+
+    def idle(self) -> list[tuple[str, int]]:
+        """(key, bytes) granted and unspent that no hold needs now: to give back."""
+        back = [
+            (key, amount)
+            for key, amount in self.unspent.items()
+            if amount > 0 and not self.budget.reserved.get(key, 0)
+        ]
+        for key, _ in back:
+            self.unspent[key] = 0
+        return back
 
 
 def _spent(key: str, retry: int, what: str) -> TooManyRequests:

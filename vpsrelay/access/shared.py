@@ -1,0 +1,328 @@
+"""Limit state every process of one relay shares: `<data_dir>/limits.db`.
+
+Workers of one relay (and any processes started on one data dir) must hold one client to
+one rate, one stream count and one traffic budget, so the state is on disk, in SQLite
+(WAL mode), not in a process's memory:
+
+* `rate`: a token bucket per client key (`core.access.TokenBucket` state, wall clock).
+* `slots`: streams open per (kind, client key, owner process). An owner holds an `flock`
+  on its file under `<data_dir>/run/limits/` for its whole life; the kernel drops that
+  lock when the process dies, however it dies, so a slot whose owner's file is missing
+  or unlocked is a dead process's and is reaped (when a count is at its limit, and when
+  a process opens the store).
+* `budget`: bytes per budget counter (`total|2026-12-07`, `user:alice|2026-12`) granted
+  to processes: what they sent and what they may still send (`core.access.BudgetShare`).
+  Persistent; a process that dies loses what it was granted and did not send (counted
+  as served, never handed out twice).
+
+Every write is one short `BEGIN IMMEDIATE` transaction, run synchronously (tens of
+microseconds: a thread hop would cost more) under an exclusive `flock` on
+`limits.lock`, so writers queue in the kernel, which wakes the next one at once, instead
+of in SQLite's busy handler, which sleeps in steps of milliseconds. Commits are not
+fsynced (`synchronous = NORMAL`): after a power loss the last moments of counting may be
+lost, never a half-written database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import sqlite3
+from typing import TYPE_CHECKING
+
+from vpsrelay import private_files, worker_identity
+from vpsrelay.core import access
+from vpsrelay.errors import RelayError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from pathlib import Path
+
+log = logging.getLogger("vpsrelay.guard")
+
+DB_FILE = "limits.db"
+LOCK_FILE = "limits.lock"
+LEGACY_BUDGET_FILE = "budget.json"  # one process's budget, before limits.db
+# Rate buckets that have refilled are the same as none: forgotten every this many checks.
+PRUNE_EVERY = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rate (key TEXT PRIMARY KEY, tokens REAL NOT NULL, last REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS slots (
+    kind TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (kind, key, owner)
+);
+CREATE TABLE IF NOT EXISTS budget (key TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class LimitsUnavailable(RelayError):
+    """The shared limit state cannot be read or written: refuse rather than not count."""
+
+    status = 503
+    code = "UNAVAILABLE"
+
+
+class SharedLimits:
+    """This process's handle on the shared limit state; opened at first use."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / DB_FILE
+        self.owners_dir = worker_identity.run_dir(data_dir) / "limits"
+        self.owner = ""  # named at first use, in the process that uses it
+        self._pid = 0
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd = -1
+        self._owner_fd = -1
+        self._rate_checks = 0
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is not None and self._pid == os.getpid():
+            return self._db
+        # First use, or first in a child forked after its parent opened the store: a
+        # child shares no connection, lock or owner name with its parent.
+        self._pid = os.getpid()
+        self.owner = f"{self._pid}-{secrets.token_hex(4)}"
+        private_files.make_dir(self.owners_dir)
+        # The owner's lock is taken before any slot is counted under its name.
+        owner_fd = private_files.open_file(self.owners_dir / f"{self.owner}.lock", os.O_RDWR)
+        fcntl.flock(owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._owner_fd = owner_fd
+        self._lock_fd = private_files.open_file(self.data_dir / LOCK_FILE, os.O_RDWR)
+        os.close(private_files.open_file(self.path, os.O_RDWR))  # 0600 before SQLite makes it
+        # Writers queue on the flock: SQLite waits only for a writer outside the relay.
+        db = sqlite3.connect(self.path, timeout=0.5, isolation_level=None, check_same_thread=False)
+        self._db = db
+        with self._locked():
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(_SCHEMA)
+            self._import_legacy_budget(db)
+            self._reap(db, db.execute("SELECT DISTINCT owner FROM slots").fetchall())
+            self._forget_dead_owner_files()
+        return db
+
+    def _forget_dead_owner_files(self) -> None:
+        """Owner files of processes gone that held no slot (a clean exit, say)."""
+        for path in self.owners_dir.glob("*.lock"):
+            owner = path.name.removesuffix(".lock")
+            if owner != self.owner:
+                self._alive(owner)  # unlinks a dead owner's file
+
+    def close(self) -> None:
+        """Give up this process's slots and its owner lock (a clean exit)."""
+        if self._db is None:
+            return
+        with self._write() as db:
+            db.execute("DELETE FROM slots WHERE owner = ?", (self.owner,))
+        self._db.close()
+        self._db = None
+        for fd in (self._lock_fd, self._owner_fd):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            (self.owners_dir / f"{self.owner}.lock").unlink()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, every other process's writes queued behind it.
+
+        Raises:
+            LimitsUnavailable: the database or its lock cannot be used.
+        """
+        with _unavailable_on_error(self.path):
+            db = self._open()
+            with self._locked():
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+
+    def _import_legacy_budget(self, db: sqlite3.Connection) -> None:
+        """Once per data dir: the counters of `budget.json` (kept, no longer written)."""
+        if db.execute("SELECT 1 FROM meta WHERE name = 'legacy_budget'").fetchone():
+            return
+        legacy = self.data_dir / LEGACY_BUDGET_FILE
+        counters: dict[str, int] = {}
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                counters = access.parse_budget_state(json.loads(legacy.read_text("utf-8")))
+            except ValueError:
+                log.error("%s is not valid JSON; its traffic counts are not imported", legacy)
+        db.execute("BEGIN IMMEDIATE")
+        for key, value in counters.items():
+            db.execute(
+                "INSERT INTO budget VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET bytes = max(bytes, excluded.bytes)",
+                (key, value),
+            )
+        db.execute("INSERT INTO meta VALUES ('legacy_budget', 'imported')")
+        db.execute("COMMIT")
+
+    # -- request rate ------------------------------------------------------------------------
+
+    def rate_wait(self, key: str, rate: float, burst: float, now: float) -> float:
+        """Take one request from `key`'s bucket: 0, or the seconds until there is one."""
+        with self._write() as db:
+            bucket = access.TokenBucket(rate, burst, now)
+            row = db.execute("SELECT tokens, last FROM rate WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                bucket.tokens, bucket.last = min(float(row[0]), burst), float(row[1])
+            wait = bucket.take(now)
+            db.execute(
+                "INSERT INTO rate VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET tokens = excluded.tokens, last = excluded.last",
+                (key, bucket.tokens, bucket.last),
+            )
+            self._rate_checks += 1
+            if self._rate_checks % PRUNE_EVERY == 0:
+                db.execute("DELETE FROM rate WHERE last < ?", (now - burst / rate,))
+        return wait
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def acquire(self, kind: str, key: str, limit: int) -> bool:
+        """One more `kind` stream for `key`, unless `key` has `limit` open in all processes."""
+        with self._write() as db:
+            if self._count(db, kind, key) >= limit:
+                owners = db.execute(
+                    "SELECT DISTINCT owner FROM slots WHERE kind = ? AND key = ?", (kind, key)
+                ).fetchall()
+                if not self._reap(db, owners) or self._count(db, kind, key) >= limit:
+                    return False
+            db.execute(
+                "INSERT INTO slots VALUES (?, ?, ?, 1) ON CONFLICT (kind, key, owner) "
+                "DO UPDATE SET n = n + 1",
+                (kind, key, self.owner),
+            )
+        return True
+
+    def release(self, kind: str, key: str) -> None:
+        with self._write() as db:
+            where = "kind = ? AND key = ? AND owner = ?"
+            db.execute(f"UPDATE slots SET n = n - 1 WHERE {where}", (kind, key, self.owner))
+            db.execute(f"DELETE FROM slots WHERE {where} AND n <= 0", (kind, key, self.owner))
+
+    def count(self, kind: str, key: str) -> int:
+        """Streams `key` has open in all live processes (dead ones' slots may still count)."""
+        with _unavailable_on_error(self.path):
+            return self._count(self._open(), kind, key)
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, kind: str, key: str) -> int:
+        row = db.execute(
+            "SELECT coalesce(sum(n), 0) FROM slots WHERE kind = ? AND key = ?", (kind, key)
+        ).fetchone()
+        return int(row[0])
+
+    def _reap(self, db: sqlite3.Connection, owners: Iterable[tuple[str]]) -> int:
+        """Delete the slots of the `owners` that are dead; how many were."""
+        dead = [owner for (owner,) in owners if owner != self.owner and not self._alive(owner)]
+        for owner in dead:
+            db.execute("DELETE FROM slots WHERE owner = ?", (owner,))
+            log.warning("released the stream slots of process %s, which ended", owner)
+        return len(dead)
+
+    def _alive(self, owner: str) -> bool:
+        path = self.owners_dir / f"{owner}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # its owner holds it
+        finally:
+            os.close(fd)  # closing drops the lock we may have taken
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
+
+    # -- traffic budget ----------------------------------------------------------------------
+
+    def budget_totals(self, keys: Iterable[str]) -> dict[str, int]:
+        """The bytes granted under each of `keys` (absent: none)."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        with _unavailable_on_error(self.path):
+            db = self._open()
+            rows = db.execute(f"SELECT key, bytes FROM budget WHERE key IN ({marks})", keys)
+            return {str(key): int(value) for key, value in rows}
+
+    def grant(self, key: str, need: int, limit: int | None, *, extra: int = 0) -> tuple[int, int]:
+        """Grant `need` bytes under `key` (fewer if `limit` has not that much left; None:
+        no limit, for bytes already sent) and up to `extra` more, at most a quarter of what
+        would be left, so that a nearly spent budget is not all granted to one process
+        that may not need it; (the key's total after, bytes granted)."""
+        with self._write() as db:
+            row = db.execute("SELECT bytes FROM budget WHERE key = ?", (key,)).fetchone()
+            if row is None:  # a new period's first grant: forget the periods that ended
+                self._forget_older_periods(db, key.rpartition("|")[2])
+            total = int(row[0]) if row is not None else 0
+            if limit is None:
+                got = max(0, need)
+            else:
+                left = max(0, limit - total)
+                got = min(need, left) + min(extra, max(0, left - need) // 4)
+            if got:
+                total += got
+                db.execute(
+                    "INSERT INTO budget VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                    "SET bytes = excluded.bytes",
+                    (key, total),
+                )
+        return total, got
+
+    def give_back(self, key: str, amount: int) -> int:
+        """Return `amount` granted and not sent; the key's total after."""
+        with self._write() as db:
+            row = db.execute("SELECT bytes FROM budget WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return 0
+            total = max(0, int(row[0]) - amount)
+            db.execute("UPDATE budget SET bytes = ? WHERE key = ?", (total, key))
+        return total
+
+    @staticmethod
+    def _forget_older_periods(db: sqlite3.Connection, period: str) -> None:
+        """Delete the counters of the days (or months, as `period` is) before `period`."""
+        pattern = "%|" + "_" * len(period)
+        db.execute(
+            "DELETE FROM budget WHERE key LIKE ? AND substr(key, -?) < ?",
+            (pattern, len(period), period),
+        )
+
+
+@contextlib.contextmanager
+def _unavailable_on_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        log.error("cannot use the shared limit state in %s: %s", path, exc)
+        raise LimitsUnavailable(
+            "the relay cannot count its limits now; try again later",
+            reason="limits_unavailable",
+            headers=(("retry-after", "5"),),
+        ) from exc
