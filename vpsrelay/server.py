@@ -17,10 +17,15 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, patches as library_patches, shutdown
+from vpsrelay import (
+    __version__,
+    listeners,
+    patches as library_patches,
+    shutdown,
+    worker_identity,
+)
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
-from vpsrelay.config import Settings, parse_listen
 from vpsrelay.core.connslots import ConnectionSlots
 from vpsrelay.ops.operator_paths import OperatorApp
 from vpsrelay.patches import hypercorn as hypercorn_patches
@@ -28,6 +33,7 @@ from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
     from vpsrelay.cache.storage import BlobStore
+    from vpsrelay.config import Settings
 
 log = logging.getLogger("vpsrelay")
 
@@ -51,8 +57,8 @@ def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
 
 
 def _bind(address: str) -> str:
-    host, port = parse_listen(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # A worker serves the socket its supervisor bound (`fd://N`); alone, it binds itself.
+    return listeners.bind_spec(address)
 
 
 def _check_descriptor_limit(max_connections: int) -> None:
@@ -112,8 +118,9 @@ async def _serve_operator(
         shutdown_trigger=stop.wait,
     )
     binds: list[str] = await nursery.start(serve)
-    for bind in binds:
-        log.info("metrics served at %s/metrics", bind)
+    if not worker_identity.current().supervised:  # the supervisor says it once
+        for bind in binds:
+            log.info("metrics served at %s/metrics", bind)
 
 
 async def run(
@@ -175,8 +182,12 @@ async def _serve(
 
             https = await tlsserver.start(nursery, settings, app, app.health.tls, stop, config)
             binds = [*https, *binds]
+        identity = worker_identity.current()
         for bind in binds:
-            log.info("vpsrelay %s listening on %s", __version__, bind)
+            if identity.supervised:  # the supervisor says "listening" once all are ready
+                log.info("worker %s serving %s", identity.label, bind)
+            else:
+                log.info("vpsrelay %s listening on %s", __version__, bind)
         if settings.metrics.enabled and settings.metrics.listen is not None:
             await _serve_operator(nursery, settings, app, stop)
         sys.stderr.flush()
