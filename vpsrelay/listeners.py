@@ -3,8 +3,9 @@
 With `server.workers` > 1 the supervising parent binds every address (plain, TLS, port 80,
 metrics) before any worker starts, and each worker inherits the same sockets: the kernel
 hands each new connection to whichever worker accepts first. The parent tells a worker
-which descriptor serves which configured address in `_VPSRELAY_LISTENERS` (JSON, address
--> descriptor); `bind_spec` turns an address into Hypercorn's `fd://N` for an inherited one.
+which descriptor serves which configured address in `_VPSRELAY_LISTENERS` (JSON, `ROLE
+ADDRESS` -> descriptor: one address string, `127.0.0.1:0` say, may name several listeners of
+different roles); `bind_spec` turns an address into Hypercorn's `fd://N` for an inherited one.
 """
 
 from __future__ import annotations
@@ -17,16 +18,26 @@ from vpsrelay.config import parse_listen
 
 ENVIRONMENT_NAME = "_VPSRELAY_LISTENERS"
 BACKLOG = 1024
+# The roles of listeners: what each serves.
+PLAIN = "plain"  # server.listen: the relay over plain HTTP and h2c
+HTTPS = "https"  # tls.https_listen
+PORT80 = "http"  # tls.http_listen: ACME HTTP-01 answers and redirects to https
+METRICS = "metrics"  # metrics.listen
+
+
+def key(role: str, address: str) -> str:
+    return f"{role} {address}"
 
 
 def inherited() -> dict[str, int]:
-    """Address -> descriptor the supervisor handed this worker (empty when unsupervised)."""
+    """`key(role, address)` -> descriptor the supervisor handed this worker (empty when
+    unsupervised)."""
     # Not a setting: the supervisor sets it for the process it starts.
     text = os.environ.get(ENVIRONMENT_NAME)  # noqa: TID251
     if not text:
         return {}
     table = json.loads(text)
-    return {str(address): int(fd) for address, fd in table.items()}
+    return {str(name): int(fd) for name, fd in table.items()}
 
 
 def encode(table: dict[str, int]) -> str:
@@ -38,9 +49,9 @@ def host_port(address: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_spec(address: str) -> str:
+def bind_spec(role: str, address: str) -> str:
     """Hypercorn's bind for `address`: the inherited socket's `fd://N`, else HOST:PORT."""
-    fd = inherited().get(address)
+    fd = inherited().get(key(role, address))
     return f"fd://{fd}" if fd is not None else host_port(address)
 
 

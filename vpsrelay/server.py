@@ -40,7 +40,7 @@ log = logging.getLogger("vpsrelay")
 
 def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
     config = hypercorn.config.Config()
-    config.bind = [_bind(address) for address in settings.server.listen]
+    config.bind = [_bind(listeners.PLAIN, address) for address in settings.server.listen]
     config.keep_alive_timeout = settings.server.keep_alive_timeout
     # Hypercorn annotates read_timeout `int` but uses it as seconds (`or inf`, a deadline):
     # int() made 0.5 into 0, which it reads as "no timeout".
@@ -56,9 +56,9 @@ def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
     return config
 
 
-def _bind(address: str) -> str:
+def _bind(role: str, address: str) -> str:
     # A worker serves the socket its supervisor bound (`fd://N`); alone, it binds itself.
-    return listeners.bind_spec(address)
+    return listeners.bind_spec(role, address)
 
 
 def _check_descriptor_limit(max_connections: int) -> None:
@@ -110,7 +110,7 @@ async def _serve_operator(
     """`/metrics` (and /readyz, /healthz) on their own address: `metrics.listen`."""
     assert settings.metrics.listen is not None
     config = hypercorn_config(settings)
-    config.bind = [_bind(settings.metrics.listen)]
+    config.bind = [_bind(listeners.METRICS, settings.metrics.listen)]
     serve = partial(
         hypercorn.trio.serve,
         OperatorApp(app.operator),  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ class StartError(Exception):
 class _Listener:
     address: str
     scheme: str
-    role: str  # "plain", "https", "http" (port 80: ACME and redirects), "metrics"
+    role: str  # listeners.PLAIN, HTTPS, PORT80, METRICS
     sock: socket.socket
 
 
@@ -100,11 +100,11 @@ class Supervisor:
         settings = self.settings
         wanted: list[tuple[str, str, str]] = []
         if settings.tls.enabled:
-            wanted += [(a, "https", "https") for a in settings.tls.https_listen]
-            wanted += [(a, "http", "http") for a in settings.tls.http_listen]
-        wanted += [(a, "http", "plain") for a in settings.server.listen]
+            wanted += [(a, "https", listeners.HTTPS) for a in settings.tls.https_listen]
+            wanted += [(a, "http", listeners.PORT80) for a in settings.tls.http_listen]
+        wanted += [(a, "http", listeners.PLAIN) for a in settings.server.listen]
         if settings.metrics.enabled and settings.metrics.listen is not None:
-            wanted.append((settings.metrics.listen, "http", "metrics"))
+            wanted.append((settings.metrics.listen, "http", listeners.METRICS))
         try:
             for address, scheme, role in wanted:
                 self.listeners.append(_Listener(address, scheme, role, listeners.bind(address)))
@@ -120,9 +120,9 @@ class Supervisor:
         """The lines `scripts/serve`, tests and operators wait for, once every worker serves."""
         for listener in self.listeners:
             url = listeners.url(listener.sock, listener.scheme)
-            if listener.role in ("https", "plain"):
+            if listener.role in (listeners.HTTPS, listeners.PLAIN):
                 log.info("vpsrelay %s listening on %s", __version__, url)
-            elif listener.role == "http":
+            elif listener.role == listeners.PORT80:
                 log.info("ACME HTTP-01 answers and https redirects on %s", url)
             else:
                 log.info("metrics served at %s/metrics", url)
@@ -138,7 +138,9 @@ class Supervisor:
         environment["PROMETHEUS_MULTIPROC_DIR"] = str(
             worker_identity.metrics_dir(self.settings.data_dir)
         )
-        table = {listener.address: listener.sock.fileno() for listener in self.listeners}
+        table = {
+            listeners.key(item.role, item.address): item.sock.fileno() for item in self.listeners
+        }
         environment[listeners.ENVIRONMENT_NAME] = listeners.encode(table)
         environment[READY_FD_ENVIRONMENT] = str(ready_fd)
         # The workers run the same code as this process, wherever it was imported from.
@@ -169,18 +171,18 @@ class Supervisor:
         answer = b""
         async with trio.lowlevel.FdStream(ready_read) as ready:
             assert process.stdin is not None
-            try:
-                # The pipe stays open for the worker's life: its EOF tells it we are gone.
-                await process.stdin.send_all(_settings_payload(self))
-                with trio.move_on_after(START_TIMEOUT):
+            with trio.move_on_after(START_TIMEOUT) as waiting:
+                try:
+                    # The pipe stays open for the worker's life: its EOF tells it we are gone.
+                    await process.stdin.send_all(_settings_payload(self))
                     while chunk := await ready.receive_some(64):
                         answer += chunk
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # it died before reading its settings
         if answer.startswith(b"ready"):
             log.info("worker w%d started, pid %d", number, process.pid)
             return True
-        if process.returncode is None:
+        if waiting.cancelled_caught:
             log.error("worker w%d (pid %d) did not start within %gs", number, process.pid,
                       START_TIMEOUT)  # fmt: skip
             process.kill()

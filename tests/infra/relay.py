@@ -104,11 +104,19 @@ class RelayProcess:
 
     def worker_pids(self) -> list[int]:
         """The live workers of a supervised relay (`--workers N`): the parent's children."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        try:
-            return [int(pid) for pid in children.read_text().split()]
-        except FileNotFoundError:
-            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if int(ppid) == self.process.pid and state != "Z":
+                found.append(int(entry.name))
+        return sorted(found)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

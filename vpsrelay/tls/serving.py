@@ -190,8 +190,8 @@ class _ManagedTLSConfig(hypercorn.config.Config):
         return self.front_context
 
 
-def _bind(address: str) -> str:
-    return listeners.bind_spec(address)
+def _bind(role: str, address: str) -> str:
+    return listeners.bind_spec(role, address)
 
 
 def _copy_config(
@@ -199,7 +199,8 @@ def _copy_config(
 ) -> Any:
     config = cls()
     config.__dict__.update(base.__dict__)
-    config.bind = [_bind(address) for address in binds]
+    role = listeners.HTTPS if issubclass(cls, _ManagedTLSConfig) else listeners.PORT80
+    config.bind = [_bind(role, address) for address in binds]
     config.insecure_bind = []
     return config
 
