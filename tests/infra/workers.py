@@ -170,6 +170,18 @@ def connection_owner(pids: dict[str, int], relay_port: int, client_port: int) ->
     return None
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the socket listening on `port` (a
+    listening socket's rx_queue in the kernel's TCP table)."""
+    waiting = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(name).read_text().splitlines()[1:]:
+            parts = line.split()
+            if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == TCP_LISTEN:
+                waiting += int(parts[4].split(":")[1], 16)
+    return waiting
+
+
 def tcp_states_of(pid: int) -> list[tuple[int, int, str]]:
     """(local port, remote port, state) of the TCP sockets process `pid` holds."""
     table = tcp_sockets()
