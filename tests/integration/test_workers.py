@@ -314,3 +314,37 @@ def test_acme_http01_issued_and_renewed_once_and_served_by_every_worker(
                 "w2": {new_serial},
             }
             assert relay.log_text().count("requesting a certificate for") == 2
+
+
+def test_acme_tls_alpn01_answered_by_the_workers(tmp_path: Path, short_dir: Path) -> None:
+    from tests.infra.pebble import free_port
+
+    tls_port = free_port()
+    # Nothing listens on pebble's HTTP-01 port: only TLS-ALPN-01, answered by a worker from
+    # the supervisor's challenge files, can succeed.
+    with Pebble(tmp_path / "pebble", tls_port=tls_port) as pebble:
+        acme = [
+            "--domain", DOMAIN, "--acme-directory", pebble.directory_url,
+            "--acme-ca-bundle", str(pebble.wfe_ca), "--challenge", "tls-alpn-01",
+            "--data-dir", str(short_dir),
+        ]  # fmt: skip
+        with RelayProcess(
+            tmp_path / "relay", "--workers", "2", *acme,
+            "--https-listen", f"127.0.0.1:{tls_port}", "--http-listen", "127.0.0.1:0",
+        ) as relay:  # fmt: skip
+            wait_for(
+                "both workers serving the certificate",
+                lambda: relay.log_text().count("serving certificate serial=") >= 3,
+                90,
+            )
+            root = pebble.write_root(tmp_path / "root.pem")
+            served = serials_by_worker(relay, tls_port, root, DOMAIN, PROBES)
+            assert set(served) == {"w1", "w2"}
+            assert len(set().union(*served.values())) == 1
+    log = relay.log_text()
+    assert log.count("requesting a certificate for") == 1
+    answered = [line for line in log.splitlines() if "answering a TLS-ALPN-01" in line]
+    assert answered
+    assert all(" worker=w1 " in line or " worker=w2 " in line for line in answered)
+    # The pending challenge files are gone once the order is done.
+    assert not any((short_dir / "run" / "acme" / "tls-alpn-01").iterdir())
