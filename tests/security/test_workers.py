@@ -196,3 +196,31 @@ def test_no_client_reaches_the_parent_over_tls(tmp_path: Path) -> None:
                 sock.close()
         assert relay.process.poll() is None
     assert "exited with" not in relay.log_text()
+
+
+def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    """SIGKILL to the parent (an OOM kill): its workers see their settings pipe close,
+    drain and exit; none keeps serving the port unsupervised."""
+    relay = RelayProcess(tmp_path / "relay", "--workers", "2")
+    try:
+        pids = relay.worker_pids()
+        assert len(pids) == 2
+        relay.process.kill()
+        relay.process.wait(5)
+        wait_for(
+            "the orphaned workers to exit",
+            lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids),
+            15,
+        )
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", relay.port), timeout=2).close()
+    finally:
+        relay.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
