@@ -95,6 +95,7 @@ class RelayProcess:
             if found:
                 return found
             if self.process.poll() is not None:
+                self._log.close()
                 raise RuntimeError(
                     f"relay exited with {self.process.returncode}:\n{self.log_text()}"
                 )

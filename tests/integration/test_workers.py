@@ -348,3 +348,17 @@ def test_acme_tls_alpn01_answered_by_the_workers(tmp_path: Path, short_dir: Path
     assert all(" worker=w1 " in line or " worker=w2 " in line for line in answered)
     # The pending challenge files are gone once the order is done.
     assert not any((short_dir / "run" / "acme" / "tls-alpn-01").iterdir())
+
+
+def test_a_taken_port_is_one_error_before_any_worker_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="relay exited with 1") as failed:
+            RelayProcess(tmp_path / "relay", "--workers", "2", "--listen", f"127.0.0.1:{port}")
+    message = str(failed.value)
+    assert "vpsrelay: cannot serve: [Errno 98] Address already in use" in message
+    assert "worker w" not in message
