@@ -171,6 +171,10 @@ def test_sigterm_drains_pulls_in_flight_on_both_workers(clean_hub: Hub, tmp_path
             assert owners == {"w1", "w2"}
             stopped_at = time.monotonic()
             relay.process.send_signal(signal.SIGTERM)
+            # Nobody accepts any more (the parent closed its copies of the listeners, the
+            # workers theirs), while the pulls still run ...
+            wait_for("new connections refused", lambda: _refused(relay.port), 5)
+            assert relay.process.poll() is None
             for stream in streams:
                 for chunk in stream.chunks:
                     stream.sha.update(chunk)
@@ -187,6 +191,14 @@ def test_sigterm_drains_pulls_in_flight_on_both_workers(clean_hub: Hub, tmp_path
     log = relay.log_text()
     assert "received SIGTERM, stopping every worker" in log
     assert log.count(f"status=200 bytes={size}") == len(streams)
+
+
+def _refused(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _grace(tmp_path: Path, seconds: int) -> Path:
