@@ -112,3 +112,19 @@ def test_a_shared_tls_state_publishes_to_files_another_process_reads(tmp_path: P
 def test_exit_descriptions() -> None:
     assert supervisor._exit_description(1) == "status 1"
     assert supervisor._exit_description(-signal.SIGKILL) == "signal SIGKILL"
+
+
+def test_zombie_children_finds_an_unreaped_child() -> None:
+    """What the parent reaps as PID 1 (in a container) besides its own workers."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while child.pid not in supervisor._zombie_children(os.getpid()):
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+    finally:
+        child.wait(5)
+    assert child.pid not in supervisor._zombie_children(os.getpid())
