@@ -88,6 +88,7 @@ class Supervisor:
         self.stopping = False
         self.failure: str | None = None
         self._payload = b""
+        self._exited: set[int] = set()
 
     # --- listeners
 
@@ -216,7 +217,7 @@ class Supervisor:
         while True:
             process = self.processes[number]
             status = await process.wait()
-            fleet.worker_exited(self.settings.data_dir, number, process.pid)
+            self._worker_exited(number, process.pid)
             if self.stopping:
                 return
             lived = trio.current_time() - self.started_at[number]
@@ -264,7 +265,13 @@ class Supervisor:
                             number, process.pid)  # fmt: skip
                 process.kill()
                 await process.wait()
-            fleet.worker_exited(self.settings.data_dir, number, process.pid)
+            self._worker_exited(number, process.pid)
+
+    def _worker_exited(self, number: int, pid: int) -> None:
+        """Tell the fleet files once per process (its metrics are folded into the totals)."""
+        if pid not in self._exited:
+            self._exited.add(pid)
+            fleet.worker_exited(self.settings.data_dir, number, pid)
 
     # --- signals, and children that are not ours (as PID 1 in a container)
 
