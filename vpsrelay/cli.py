@@ -138,6 +138,11 @@ def main() -> None:
     default=None,
     help="Serve degraded when library safety patches cannot apply (server.allow_unpatched).",
 )
+@click.option(
+    "--workers",
+    metavar="N",
+    help="Worker processes sharing the listeners (default: one per usable CPU; 1: no parent).",
+)
 @_tls_options
 def serve(
     config_path: Path | None,
@@ -149,6 +154,7 @@ def serve(
     trusted_proxies: tuple[str, ...],
     log_level: str | None,
     allow_unpatched: bool | None,
+    workers: str | None,
     **tls_flags: Any,
 ) -> None:
     """Run the relay.
@@ -175,6 +181,8 @@ def serve(
         overrides["log.level"] = log_level
     if allow_unpatched:
         overrides["server.allow_unpatched"] = True
+    if workers is not None:
+        overrides["server.workers"] = workers
     settings = _load(config_path, overrides, upstreams)
     _setup_logging(settings.log.level, settings.log.format)
     try:
@@ -190,6 +198,9 @@ def serve(
     if settings.tls.enabled:
         _tls_preflight(settings)
 
+    if settings.server.workers > 1:
+        _supervise(settings)
+        return
     try:
         trio.run(server.run, settings)
     except KeyboardInterrupt:
@@ -204,6 +215,22 @@ def serve(
             raise
         click.echo(f"vpsrelay: cannot serve: {cause}", err=True)
         sys.exit(1)
+
+
+def _supervise(settings: config.Settings) -> None:
+    """`server.workers` > 1: this process supervises; the workers serve."""
+    from vpsrelay import supervisor
+    from vpsrelay.patches import hypercorn as hypercorn_patches
+
+    try:
+        status = supervisor.run(settings)
+    except hypercorn_patches.PatchError as exc:
+        click.echo(f"vpsrelay: cannot serve: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"vpsrelay: cannot serve: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(status)
 
 
 def _os_error(exc: BaseException) -> OSError | None:

@@ -15,6 +15,7 @@ import difflib
 import fnmatch
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -104,6 +105,21 @@ def _whole(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number (0 or more), got {value!r}")
     return value
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int:
+    count = _count(value)
+    if count > MAX_WORKERS:
+        raise ValueError(f"expected 1 to {MAX_WORKERS} worker processes, got {count}")
+    return count
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a cgroup or `taskset` may allow fewer than exist)."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def _parallel(value: object) -> int:
@@ -394,6 +410,8 @@ class ServerConfig:
     keep_alive_timeout: float = _option(75.0, _seconds, "idle keep-alive seconds")
     read_timeout: float = _option(30.0, _seconds, "seconds to receive a request's headers")
     graceful_timeout: float = _option(30.0, _seconds, "seconds in-flight requests get at stop")
+    # One process per usable CPU: a supervising parent shares the listeners with them.
+    workers: int = _option(usable_cpus(), _workers, "worker processes (1: one process, no parent)")
     max_connections: int = _option(1000, _count, "client connections open at once")
     # One address (a scanner, a slowloris) must not take the slots everyone shares; a busy
     # NAT or CI host pulling in parallel (3-6 connections a pull) still fits. Addresses in

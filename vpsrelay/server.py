@@ -17,10 +17,15 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay import __version__, patches as library_patches, shutdown
+from vpsrelay import (
+    __version__,
+    listeners,
+    patches as library_patches,
+    shutdown,
+    worker_identity,
+)
 from vpsrelay.app import RelayApp
 from vpsrelay.cache import open_store
-from vpsrelay.config import Settings, parse_listen
 from vpsrelay.core.connslots import ConnectionSlots
 from vpsrelay.ops import fleet
 from vpsrelay.ops.operator_paths import OperatorApp
@@ -29,13 +34,14 @@ from vpsrelay.upstream import Upstream
 
 if TYPE_CHECKING:
     from vpsrelay.cache.storage import BlobStore
+    from vpsrelay.config import Settings
 
 log = logging.getLogger("vpsrelay")
 
 
 def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
     config = hypercorn.config.Config()
-    config.bind = [_bind(address) for address in settings.server.listen]
+    config.bind = [_bind(listeners.PLAIN, address) for address in settings.server.listen]
     config.keep_alive_timeout = settings.server.keep_alive_timeout
     # Hypercorn annotates read_timeout `int` but uses it as seconds (`or inf`, a deadline):
     # int() made 0.5 into 0, which it reads as "no timeout".
@@ -51,9 +57,9 @@ def hypercorn_config(settings: Settings) -> hypercorn.config.Config:
     return config
 
 
-def _bind(address: str) -> str:
-    host, port = parse_listen(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _bind(role: str, address: str) -> str:
+    # A worker serves the socket its supervisor bound (`fd://N`); alone, it binds itself.
+    return listeners.bind_spec(role, address)
 
 
 def _check_descriptor_limit(max_connections: int) -> None:
@@ -105,7 +111,7 @@ async def _serve_operator(
     """`/metrics` (and /readyz, /healthz) on their own address: `metrics.listen`."""
     assert settings.metrics.listen is not None
     config = hypercorn_config(settings)
-    config.bind = [_bind(settings.metrics.listen)]
+    config.bind = [_bind(listeners.METRICS, settings.metrics.listen)]
     serve = partial(
         hypercorn.trio.serve,
         OperatorApp(app.operator),  # type: ignore[arg-type]
@@ -113,8 +119,9 @@ async def _serve_operator(
         shutdown_trigger=stop.wait,
     )
     binds: list[str] = await nursery.start(serve)
-    for bind in binds:
-        log.info("metrics served at %s/metrics", bind)
+    if not worker_identity.current().supervised:  # the supervisor says it once
+        for bind in binds:
+            log.info("metrics served at %s/metrics", bind)
 
 
 async def run(
@@ -176,8 +183,12 @@ async def _serve(
 
             https = await tlsserver.start(nursery, settings, app, app.health.tls, stop, config)
             binds = [*https, *binds]
+        identity = worker_identity.current()
         for bind in binds:
-            log.info("vpsrelay %s listening on %s", __version__, bind)
+            if identity.supervised:  # the supervisor says "listening" once all are ready
+                log.info("worker %s serving %s", identity.label, bind)
+            else:
+                log.info("vpsrelay %s listening on %s", __version__, bind)
         if settings.metrics.enabled and settings.metrics.listen is not None:
             await _serve_operator(nursery, settings, app, stop)
         sys.stderr.flush()

@@ -72,6 +72,9 @@ class RelayProcess:
             command += ["--listen", "127.0.0.1:0"]
         if not any(a.startswith("--data-dir") for a in args):
             command += ["--data-dir", str(workdir / "data")]
+        # One process per relay unless the test asks for workers (the default is one per CPU).
+        if not any(a.startswith("--workers") for a in args):
+            command += ["--workers", "1"]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("VPSRELAY_")}
         full_env["PYTHONPATH"] = str(REPO_ROOT)
         # Every stand-in (CDN, token servers) lives on loopback, which redirect-target
@@ -92,12 +95,29 @@ class RelayProcess:
             if found:
                 return found
             if self.process.poll() is not None:
+                self._log.close()
                 raise RuntimeError(
                     f"relay exited with {self.process.returncode}:\n{self.log_text()}"
                 )
             time.sleep(0.05)
         self.close()
         raise RuntimeError(f"relay did not start within {timeout}s:\n{self.log_text()}")
+
+    def worker_pids(self) -> list[int]:
+        """The live workers of a supervised relay (`--workers N`): the parent's children."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if int(ppid) == self.process.pid and state != "Z":
+                found.append(int(entry.name))
+        return sorted(found)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -3,6 +3,8 @@
 Access-log records carry their fields (`record.fields`); other records are
 application logs with a message. Every field value passes `logline.redact`, so
 a credential that slipped into a message (an exception text, a URL) is masked.
+Every line names the process that wrote it (`worker=w1`, `w2`, ...; `main` for the
+single process of `workers = 1`, and for the supervisor of the workers).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import sys
 import time
 
+from vpsrelay import worker_identity
 from vpsrelay.core import logline
 
 FORMATS = ("logfmt", "json", "text")
@@ -27,12 +30,14 @@ class StructuredFormatter(logging.Formatter):
     def __init__(self, style: str = "logfmt") -> None:
         super().__init__()
         self.style_name = style
+        self.worker = worker_identity.current().label
 
     def format(self, record: logging.LogRecord) -> str:
         head: list[logline.Field] = [
             ("ts", _timestamp(record)),
             ("level", record.levelname.lower()),
             ("logger", record.name),
+            ("worker", self.worker),
         ]
         fields = getattr(record, "fields", None)
         if isinstance(fields, list):
@@ -62,7 +67,8 @@ class RedactingFormatter(logging.Formatter):
 
 def formatter(style: str) -> logging.Formatter:
     if style == "text":
-        return RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        worker = worker_identity.current().label
+        return RedactingFormatter(f"%(asctime)s %(levelname)s %(name)s [{worker}] %(message)s")
     return StructuredFormatter(style)
 
 

@@ -40,13 +40,14 @@ from cryptography.x509.oid import NameOID
 
 from vpsrelay.core import acme_http, clienthello
 from vpsrelay.exchange import serve_lifespan
-from vpsrelay.tls import certs
+from vpsrelay.tls import certs, challenge_files
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
     from pathlib import Path
 
     from vpsrelay.exchange import Message, Receive, Send
+    from vpsrelay.tls.challenge_files import ChallengeFiles
 
     ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
@@ -151,10 +152,13 @@ class TLSState:
     """The certificate being served and the pending ACME challenges (a `certs.ChallengeSink`).
 
     Challenges are added from the ACME worker thread; the SNI callback and the
-    port-80 app read them on the Trio thread.
+    port-80 app read them on the Trio thread. With `shared` (the workers of a supervised
+    relay, and their supervisor) they are files every process reads instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared: ChallengeFiles | None = None) -> None:
+        self.shared = shared
+        self._shared_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
         self._lock = threading.Lock()
         self._current: ssl.SSLContext | None = None
         self.loaded: Loaded | None = None
@@ -207,25 +211,56 @@ class TLSState:
     # --- the ChallengeSink protocol (called from the ACME thread)
 
     def add_http01(self, token: str, key_authorization: str) -> None:
+        if self.shared is not None:
+            self.shared.put(challenge_files.HTTP01, token, key_authorization)
+            return
         with self._lock:
             self._http01[token] = key_authorization
 
     def remove_http01(self, token: str) -> None:
+        if self.shared is not None:
+            self.shared.remove(challenge_files.HTTP01, token)
+            return
         with self._lock:
             self._http01.pop(token, None)
 
     def add_tls_alpn01(self, domain: str, key_authorization: str) -> None:
+        if self.shared is not None:
+            self.shared.put(challenge_files.TLS_ALPN01, domain.lower(), key_authorization)
+            return
         context = challenge_context(domain.lower(), key_authorization)
         with self._lock:
             self._tls_alpn01[domain.lower()] = context
 
     def remove_tls_alpn01(self, domain: str) -> None:
+        if self.shared is not None:
+            self.shared.remove(challenge_files.TLS_ALPN01, domain.lower())
+            return
         with self._lock:
             self._tls_alpn01.pop(domain.lower(), None)
 
     def http01_tokens(self) -> dict[str, str]:
+        if self.shared is not None:
+            return self.shared.pending(challenge_files.HTTP01)
         with self._lock:
             return dict(self._http01)
+
+    def _tls_alpn01_pending(self) -> bool:
+        if self.shared is not None:
+            return self.shared.any_pending(challenge_files.TLS_ALPN01)
+        return bool(self._tls_alpn01)
+
+    def _tls_alpn01_context(self, domain: str) -> ssl.SSLContext | None:
+        if self.shared is None:
+            return self._tls_alpn01.get(domain)
+        key_authorization = self.shared.get(challenge_files.TLS_ALPN01, domain)
+        if key_authorization is None:
+            return None
+        key = (domain, key_authorization)
+        if key not in self._shared_contexts:
+            self._shared_contexts.clear()  # one order at a time: older ones are done
+            self._shared_contexts[key] = challenge_context(domain, key_authorization)
+        return self._shared_contexts[key]
 
     # --- OpenSSL callbacks (Trio thread, inside the handshake)
 
@@ -242,7 +277,7 @@ class TLSState:
             direction == "read"
             and content_type == HANDSHAKE
             and data[:1] == b"\x01"
-            and self._tls_alpn01
+            and self._tls_alpn01_pending()
             and clienthello.wants_acme_challenge(data)
         ):
             self._acme_handshakes.add(connection)
@@ -251,7 +286,7 @@ class TLSState:
         self, connection: Any, server_name: str | None, _context: ssl.SSLContext
     ) -> int | None:
         if connection in self._acme_handshakes and server_name:
-            challenge = self._tls_alpn01.get(server_name.lower())
+            challenge = self._tls_alpn01_context(server_name.lower())
             if challenge is not None:
                 log.info("answering a TLS-ALPN-01 validation for %s", server_name)
                 connection.context = challenge

@@ -20,9 +20,9 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from vpsrelay.config import parse_listen
+from vpsrelay import listeners, worker_identity
 from vpsrelay.core import renewal
-from vpsrelay.tls import certs, contexts as tls
+from vpsrelay.tls import certs, challenge_files, contexts as tls
 
 if TYPE_CHECKING:
     import ssl
@@ -73,6 +73,8 @@ class Renewer:
         self.failures = 0
         self._lock = trio.Lock()
         self._client: certs.AcmeClient | None = None
+        # Told after a new certificate is stored and installed (the supervisor: tell workers).
+        self.on_renewed: Callable[[], None] | None = None
 
     @property
     def live(self) -> Path:
@@ -138,7 +140,10 @@ class Renewer:
                 )
 
             await trio.to_thread.run_sync(issue_and_store, abandon_on_cancel=True)
-            return self.state.install(self.live / "fullchain.pem", self.live / "privkey.pem")
+            info = self.state.install(self.live / "fullchain.pem", self.live / "privkey.pem")
+            if self.on_renewed is not None:
+                self.on_renewed()
+            return info
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check now and every 12 hours; after a failure retry with backoff (1, 2, 4 ... min)."""
@@ -185,9 +190,8 @@ class _ManagedTLSConfig(hypercorn.config.Config):
         return self.front_context
 
 
-def _bind(address: str) -> str:
-    host, port = parse_listen(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _bind(role: str, address: str) -> str:
+    return listeners.bind_spec(role, address)
 
 
 def _copy_config(
@@ -195,7 +199,8 @@ def _copy_config(
 ) -> Any:
     config = cls()
     config.__dict__.update(base.__dict__)
-    config.bind = [_bind(address) for address in binds]
+    role = listeners.HTTPS if issubclass(cls, _ManagedTLSConfig) else listeners.PORT80
+    config.bind = [_bind(role, address) for address in binds]
     config.insecure_bind = []
     return config
 
@@ -229,11 +234,17 @@ async def start(
         TLSSetupError: your own certificate files cannot be loaded.
     """
     config = settings.tls
-    state = tls.TLSState()
+    supervised = worker_identity.current().supervised
+    shared = challenge_files.ChallengeFiles(challenge_files.directory(settings.data_dir))
+    state = tls.TLSState(shared if supervised else None)
     watch.enabled = True  # unready until a certificate is in service
     state.on_install = watch.loaded
     renewer: Renewer | None = None
-    if config.acme:
+    live = certs.live_dir(settings.data_dir, config.domains) if config.acme else None
+    if config.acme and supervised:
+        # The supervisor orders and renews; this worker serves what it stores (`follow`).
+        _install_stored(state, settings)
+    elif config.acme:
         renewer = Renewer(settings, state)
         renewer.load_existing()
     elif config.cert_file is not None and config.key_file is not None:
@@ -269,11 +280,48 @@ async def start(
         nursery.start_soon(_until, stop, renewer.run)
         control = settings.data_dir / CONTROL_SOCKET
         nursery.start_soon(_until, stop, partial(serve_control, control, renewer))
+    elif live is not None:  # a worker: reload what the supervisor stores (it sends SIGHUP)
+        follow = partial(tls.watch_files, state, live / "fullchain.pem", live / "privkey.pem")
+        nursery.start_soon(_until, stop, follow)
     elif config.cert_file is not None and config.key_file is not None:
         nursery.start_soon(
             _until, stop, partial(tls.watch_files, state, config.cert_file, config.key_file)
         )
     return https_binds
+
+
+def _install_stored(state: tls.TLSState, settings: Settings) -> None:
+    """A worker's start: serve the stored ACME certificate, if there is one yet."""
+    live = certs.live_dir(settings.data_dir, settings.tls.domains)
+    if certs.load_live(settings.data_dir, settings.tls.domains) is None:
+        return
+    try:
+        state.install(live / "fullchain.pem", live / "privkey.pem")
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the stored certificate in %s: %s", live, exc)
+
+
+async def keep_certificate(
+    settings: Settings,
+    stop: trio.Event,
+    on_renewed: Callable[[], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The supervisor's part of ACME: order and renew for every worker, answer `cert renew`.
+
+    Challenges go to files the workers answer from; `on_renewed` tells them to reload.
+    """
+    shared = challenge_files.ChallengeFiles(challenge_files.directory(settings.data_dir))
+    shared.clear()
+    renewer = Renewer(settings, tls.TLSState(shared))
+    renewer.load_existing()
+    renewer.on_renewed = on_renewed
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_until, stop, renewer.run)
+        control = settings.data_dir / CONTROL_SOCKET
+        nursery.start_soon(_until, stop, partial(serve_control, control, renewer))
+        task_status.started()
 
 
 # --- control socket: `vpsrelay cert renew` asks the running relay
