@@ -109,6 +109,11 @@ class BlobStore(Protocol):
         """What is stored under `digest`, if anything (from the index; no IO)."""
         ...
 
+    async def locate(self, digest: str, *, fill: bool) -> Obj | None:
+        """`get`, asking a store shared with other nodes when this one does not know;
+        with `fill` it may wait for another node's fill of `digest` (bounded)."""
+        ...
+
     def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:
         """Keep `digest` from eviction while it is read."""
         ...
