@@ -159,8 +159,10 @@ class CacheFront:
         ranged = header_policy.get(exchange.headers, "range") is not None
         for _ in range(JOIN_ATTEMPTS):
             # A shared store may hold it (another node's fill) or be filling it elsewhere.
-            fills = exchange.method == "GET" and not ranged
-            obj = self.store.get(digest) or await self.store.locate(digest, fill=fills)
+            read = exchange.method == "GET"
+            obj = self.store.get(digest) or await self.store.locate(
+                digest, fill=read and not ranged, read=read
+            )
             if obj is not None and obj.kind == "blob":
                 if await self._may_serve_blob(exchange, route, digest):
                     await self._serve_file(exchange, route, digest, obj.size)

@@ -69,6 +69,7 @@ class StoreStats:
     objects: int
     used_bytes: int
     fills: int  # in progress
+    bucket: str | None = None  # a shared store's bucket: "ok" or why it is not used now
 
 
 class StoreSpill(Exception):
@@ -109,9 +110,10 @@ class BlobStore(Protocol):
         """What is stored under `digest`, if anything (from the index; no IO)."""
         ...
 
-    async def locate(self, digest: str, *, fill: bool) -> Obj | None:
-        """`get`, asking a store shared with other nodes when this one does not know;
-        with `fill` it may wait for another node's fill of `digest` (bounded)."""
+    async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
+        """`get`, asking a store shared with other nodes: whether it holds `digest`
+        (and, with `read`, that it can be read now); with `fill` it may wait for
+        another node's fill of `digest` (bounded)."""
         ...
 
     def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:

@@ -187,7 +187,7 @@ class DiskStore:
     def get(self, digest: str) -> Obj | None:
         return self.index.objects.get(digest)
 
-    async def locate(self, digest: str, *, fill: bool) -> Obj | None:
+    async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
         """`get`: this store is not shared with other nodes."""
         return self.get(digest)
 

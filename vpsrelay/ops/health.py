@@ -24,6 +24,7 @@ from vpsrelay import private_files
 from vpsrelay.errors import RelayError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from vpsrelay.config import RegistryConfig
@@ -76,6 +77,8 @@ class Health:
     upstreams: dict[str, UpstreamState] = field(default_factory=dict)
     # The library patches that did not apply (`vpsrelay.patches.apply_all`).
     degraded: tuple[Degraded, ...] = ()
+    # A shared cache bucket's state ("ok" or why not), when the cache has one.
+    cache_bucket: Callable[[], str | None] | None = None
 
     def state(self, registry: str) -> UpstreamState:
         return self.upstreams.setdefault(registry, UpstreamState())
@@ -127,6 +130,11 @@ class Health:
             names = ", ".join(entry.reach for entry in self.degraded)
             checks["patches"] = f"degraded: without {names}"
             status = "degraded" if ready else status
+        bucket = self.cache_bucket() if self.cache_bucket is not None else None
+        if bucket is not None:
+            # Pulls pass through while the bucket fails: degraded, not unready.
+            checks["cache_bucket"] = bucket
+            status = "degraded" if ready and bucket != "ok" else status
         report: dict[str, object] = {"status": status, "checks": checks}
         if self.degraded:
             report["degraded"] = [

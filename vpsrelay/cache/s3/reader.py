@@ -38,6 +38,7 @@ class S3Reader:
         size: int,
         on_bad: Callable[[str, str], Awaitable[None]],
         on_close: Callable[[httpx.Response], None],
+        response: httpx.Response | None = None,
     ) -> None:
         self._client = client
         self._key = key
@@ -45,8 +46,10 @@ class S3Reader:
         self._size = size
         self._on_bad = on_bad  # (digest, why): the object is wrong or gone
         self._on_close = on_close  # closes a response later, in Trio (`close` is sync)
-        self._response: httpx.Response | None = None
-        self._chunks: AsyncIterator[bytes] | None = None
+        self._response = response  # opened already (by the store's `locate`), or None
+        self._chunks: AsyncIterator[bytes] | None = (
+            None if response is None else response.aiter_raw()
+        )
         self._verifier = Verifier(Digest.parse(digest))
         self._received = 0  # bytes read from the bucket (and hashed)
         self._buffer = bytearray()  # received, not handed out; it starts at `_position`
@@ -100,6 +103,7 @@ class S3Reader:
 
     async def _open(self) -> None:
         self.close()
+        self._response = None
         self._response = await self._client.open_get(self._key)
         self._chunks = self._response.aiter_raw()
         self._verifier = Verifier(Digest.parse(self._digest))

@@ -60,6 +60,7 @@ POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
 MANIFEST_MEMORY = 32 * 1024 * 1024
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
+PREPARED_TTL = 30.0  # seconds a GET opened by `locate` waits for its reader
 
 
 @dataclass(eq=False)
@@ -103,6 +104,7 @@ class S3Store:
         self._flush_lock = trio.Lock()
         self._closing: list[httpx.Response] = []
         self._pending_releases: list[str] = []
+        self._prepared: dict[str, list[tuple[float, httpx.Response]]] = {}
         self._manifests: OrderedDict[str, bytes] = OrderedDict()
         self._manifest_bytes = 0
         self._sequence = 0
@@ -171,25 +173,42 @@ class S3Store:
     # --- lookups
 
     def get(self, digest: str) -> Obj | None:
-        if not self.bucket_ok:
+        """A manifest this node knows; blobs are looked up in the bucket (`locate`)."""
+        obj = self.index.objects.get(digest)
+        if obj is None or obj.kind == "blob" or not self.bucket_ok:
             return None
-        return self.index.objects.get(digest)
+        return obj
 
-    async def locate(self, digest: str, *, fill: bool) -> Obj | None:
-        """What the bucket holds under `digest` (asked, when this node does not know).
+    async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
+        """What the bucket holds under `digest`.
 
-        With `fill` (a GET that would fill on a miss): when another node holds the
-        lease, wait for its object, at most `lease_wait`; a lease that lapses (its
+        With `read`, the object's GET is opened here, before the client is answered (a
+        bucket that fails now means a pass-through, not a broken download); `open`
+        takes it. With `fill` (a GET that would fill on a miss): when another node holds
+        the lease, wait for its object, at most `lease_wait`; a lease that lapses (its
         node died) is taken over. None: fill (this node leads or joins its own fill)
         or pass through.
         """
-        obj = self.get(digest)
-        if obj is not None or not self.bucket_ok:
-            return obj
+        self._close_stale_prepared()
+        if not self.bucket_ok:
+            return None
+        known = self.index.objects.get(digest)
+        try:
+            if known is not None and known.kind == "blob":
+                if not read:
+                    return known
+                if await self._prepare(digest, known):
+                    return known
+        except S3Error as exc:
+            self._failed(exc)
+            return None
         lock = self._locks.setdefault(digest, trio.Lock())
         try:
             async with lock:
-                return await self._locate(digest, fill)
+                obj = await self._locate(digest, fill)
+                if obj is not None and read and not await self._prepare(digest, obj):
+                    return None
+                return obj
         except S3Error as exc:
             self._failed(exc)
             return None
@@ -222,6 +241,38 @@ class S3Store:
                     self.s3.lease_wait,
                 )
                 return None
+
+    async def _prepare(self, digest: str, obj: Obj) -> bool:
+        """Open the GET of `digest` for the `open` that follows; False (and forgotten)
+        when the bucket no longer has it (another node evicted it).
+
+        Raises:
+            S3Error: the bucket failed.
+        """
+        try:
+            response = await self.client.open_get(self.key(digest))
+        except S3Error as exc:
+            if exc.status != 404:
+                raise
+            self.index.remove(digest)
+            return False
+        self._answered()
+        if response.headers.get("content-length") != str(obj.size):
+            self._closing.append(response)
+            await self._bad(digest, "has the wrong size")
+            return False
+        self._prepared.setdefault(digest, []).append((trio.current_time(), response))
+        return True
+
+    def _close_stale_prepared(self) -> None:
+        """GETs opened for requests that did not read them after all (refused, HEAD)."""
+        now = trio.current_time()
+        for digest in list(self._prepared):
+            waiting = self._prepared[digest]
+            while waiting and now - waiting[0][0] > PREPARED_TTL:
+                self._closing.append(waiting.pop(0)[1])
+            if not waiting:
+                del self._prepared[digest]
 
     async def _look(self, digest: str) -> Obj | None:
         head = await self.client.head(self.key(digest))
@@ -259,8 +310,14 @@ class S3Store:
         obj = self.index.objects.get(digest)
         if obj is None or not self.bucket_ok:
             return None
+        waiting = self._prepared.get(digest)
+        response = waiting.pop(0)[1] if waiting else None
+        if waiting is not None and not waiting:
+            del self._prepared[digest]
         key = self.key(digest)
-        return S3Reader(self.client, key, digest, obj.size, self._bad, self._closing.append)
+        return S3Reader(
+            self.client, key, digest, obj.size, self._bad, self._closing.append, response
+        )
 
     async def _bad(self, digest: str, why: str) -> None:
         """An object read back was wrong or gone: forget it, and delete a wrong one."""
@@ -280,7 +337,9 @@ class S3Store:
         return DiskReader(os.dup(_staged(fill).fd), self._read_limiter)
 
     def stats(self) -> StoreStats:
-        return StoreStats(len(self.index.objects), self.index.used, len(self.fills))
+        return StoreStats(
+            len(self.index.objects), self.index.used, len(self.fills), self.bucket_state()
+        )
 
     async def flush(self, *, force: bool = False) -> None:
         closing, self._closing = self._closing, []
