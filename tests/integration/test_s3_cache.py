@@ -20,7 +20,6 @@ from tests.integration.test_cache import (
     push_unique,
     start_relay,
     sub,
-    wait_until,
 )
 from tests.integration.test_pull import (
     anonymous_token,
@@ -230,3 +229,44 @@ def test_pulls_pass_through_while_the_store_is_down(
         finally:
             seaweed.start()
         assert SECRET_KEY not in a.log_text()
+
+
+def test_presigned_redirects_send_clients_to_the_bucket(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """`cache.s3.redirect`: a cached blob's GET is a 307 to a presigned bucket URL that
+    skopeo follows (byte-exact); the URL needs no Authorization and takes a Range."""
+    image = push_unique(clean_hub, tmp_path, "someuser/redirected", 3 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    layer_bytes = (image.layout / "blobs/sha256" / layer.digest[7:]).read_bytes()
+    env = {"s3__redirect": "true", "s3__redirect_min_size": "1MiB"}
+    with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+        skopeo_copy(sub(tmp_path / "fill"), f"{host(a)}/someuser/redirected:1")
+        clean_hub.clear()
+        out = sub(tmp_path / "redirected")
+        skopeo_copy(out, f"{host(a)}/someuser/redirected:1")
+        assert_blobs_pulled(out, image)
+        assert clean_hub.cdn.requests() == []
+        token = anonymous_token(a, "someuser/redirected")
+        answer = httpx.get(
+            f"{a.url}/v2/someuser/redirected/blobs/{layer.digest}",
+            headers={"authorization": f"Bearer {token}"},
+        )
+        assert answer.status_code == 307
+        location = answer.headers["location"]
+        assert location.startswith(f"{seaweed.endpoint}/{bucket}/{blob_key(layer.digest)}?")
+        assert "X-Amz-Signature=" in location
+        assert "X-Amz-Expires=60" in location
+        direct = httpx.get(location)  # no Authorization header
+        assert direct.status_code == 200
+        assert direct.content == layer_bytes
+        ranged = httpx.get(location, headers={"range": "bytes=100-199"})
+        assert ranged.status_code == 206
+        assert ranged.content == layer_bytes[100:200]
+        # the small config blob is below redirect_min_size: sent by the relay
+        small = httpx.get(
+            f"{a.url}/v2/someuser/redirected/blobs/{image.config.digest}",
+            headers={"authorization": f"Bearer {token}"},
+        )
+        assert small.status_code == 200
+        assert small.headers["x-vpsrelay-cache"] == "hit"

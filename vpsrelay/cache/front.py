@@ -250,6 +250,21 @@ class CacheFront:
         headers.append(("content-length", str(end - first)))
         headers.append((CACHE_HEADER, "hit"))
         index = self.store.index
+        location = self.store.presigned(digest, size) if exchange.method == "GET" else None
+        if location is not None:  # the bucket sends it (Range included): authorized above
+            index.touch(digest, time.time())
+            index.count("hits")
+            redirect = (
+                ("location", location),
+                ("docker-content-digest", digest),
+                ("cache-control", "no-store"),
+                API_VERSION_HEADER,
+                (CACHE_HEADER, "redirect"),
+            )
+            await exchange.respond(307, redirect, b"")
+            self._observe(exchange, route.registry, "hit")
+            await self.store.flush()
+            return
         index.touch(digest, time.time())
         index.count("hits")
         with self.store.pinned(digest):

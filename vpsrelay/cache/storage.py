@@ -116,6 +116,11 @@ class BlobStore(Protocol):
         another node's fill of `digest` (bounded)."""
         ...
 
+    def presigned(self, digest: str, size: int) -> str | None:
+        """A short-lived URL from which a client may GET this one object itself (the
+        caller has authorized the pull), or None: the relay sends the bytes."""
+        ...
+
     def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:
         """Keep `digest` from eviction while it is read."""
         ...

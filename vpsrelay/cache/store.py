@@ -191,6 +191,10 @@ class DiskStore:
         """`get`: this store is not shared with other nodes."""
         return self.get(digest)
 
+    def presigned(self, digest: str, size: int) -> str | None:
+        """None: files on disk are sent by the relay."""
+        return None
+
     @contextlib.contextmanager
     def pinned(self, digest: str) -> Iterator[None]:
         """Keep `digest` from eviction while it is read."""

@@ -306,6 +306,20 @@ class S3Store:
             else:
                 del self.pins[digest]
 
+    def presigned(self, digest: str, size: int) -> str | None:
+        """With `cache.s3.redirect`: a GET-only URL for this one object, valid for
+        `redirect_expiry` seconds, signed for the public endpoint (no credential in it
+        but a signature). The GET `locate` opened showed the bucket serves it."""
+        if not self.s3.redirect or size < self.s3.redirect_min_size:
+            return None
+        waiting = self._prepared.get(digest)
+        if not waiting:
+            return None  # not seen in the bucket just now: the relay sends it
+        self._closing.append(waiting.pop(0)[1])
+        if not waiting:
+            del self._prepared[digest]
+        return self.client.presign(self.key(digest), int(self.s3.redirect_expiry))
+
     def open(self, digest: str) -> S3Reader | None:
         obj = self.index.objects.get(digest)
         if obj is None or not self.bucket_ok:
