@@ -542,6 +542,13 @@ class S3Config:
         60.0, _presign_seconds, "seconds a presigned URL is valid (at most 3600)"
     )
     redirect_min_size: int = _option(1024**2, _size, "smallest blob answered with a redirect")
+    max_size: int = _option(0, _size, "cap on the bucket's bytes under prefix (0: no cap)")
+    evict_interval: float = _option(
+        60.0, _seconds, "seconds between access-time batches and eviction passes"
+    )
+    evict_grace: float = _option(
+        3600.0, _seconds, "seconds after its last access an object may not be evicted"
+    )
 
     def secret(self) -> str:
         """The secret access key (from the file if one is named: read at each start)."""
@@ -1008,6 +1015,11 @@ def _check_s3(cache: CacheConfig, raw: dict[str, tuple[object, str]]) -> None:
         key_where = raw.get("cache.s3.secret_key_file", (None, "config"))[1]
         raise ConfigError(
             f"{key_where}: cache.s3.secret_key_file: set secret_key or this, not both"
+        )
+    if s3.redirect and s3.evict_grace <= s3.redirect_expiry:
+        key_where = raw.get("cache.s3.evict_grace", (None, "config"))[1]
+        raise ConfigError(
+            f"{key_where}: cache.s3.evict_grace: must be longer than cache.s3.redirect_expiry"
         )
     if s3.lease_wait < s3.lease_ttl:
         key_where = raw.get("cache.s3.lease_wait", (None, "config"))[1]

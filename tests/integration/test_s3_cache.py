@@ -20,6 +20,7 @@ from tests.integration.test_cache import (
     push_unique,
     start_relay,
     sub,
+    wait_until,
 )
 from tests.integration.test_pull import (
     anonymous_token,
@@ -270,3 +271,54 @@ def test_presigned_redirects_send_clients_to_the_bucket(
         )
         assert small.status_code == 200
         assert small.headers["x-vpsrelay-cache"] == "hit"
+
+
+def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Cap 20 MiB, grace 3 s: a 16 MiB blob read slowly through node B (recorded in
+    every access batch while it is read) survives, though the least recently fetched;
+    the two 7 MiB images pulled meanwhile through A and B are evicted instead."""
+    first = push_unique(clean_hub, tmp_path, "someuser/evict1", 16 * MiB)
+    second = push_unique(clean_hub, tmp_path, "someuser/evict2", 7 * MiB)
+    third = push_unique(clean_hub, tmp_path, "someuser/evict3", 7 * MiB)
+    env = {"s3__max_size": "20MiB", "s3__evict_grace": "3", "s3__evict_interval": "1"}
+    held = max(first.layers, key=lambda blob: blob.size)
+    held_bytes = (first.layout / "blobs/sha256" / held.digest[7:]).read_bytes()
+
+    def total() -> int:
+        return sum(seaweed.keys(bucket, f"{PREFIX}blobs/").values())
+
+    with (
+        node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a,
+        node(tmp_path / "b", clean_hub, seaweed, bucket, **env) as b,
+    ):
+        skopeo_copy(sub(tmp_path / "p1"), f"{host(a)}/someuser/evict1:1")
+        token = anonymous_token(b, "someuser/evict1")
+        got = bytearray()
+
+        def slow_read() -> None:
+            url = f"{b.url}/v2/someuser/evict1/blobs/{held.digest}"
+            with httpx.stream("GET", url, headers={"authorization": f"Bearer {token}"}) as r:
+                assert r.headers["x-vpsrelay-cache"] == "hit"
+                for chunk in r.iter_raw(64 * 1024):
+                    got.extend(chunk)
+                    time.sleep(0.03)  # ~2 MiB/s: about 8 s for 16 MiB
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reading = pool.submit(slow_read)
+            started = time.monotonic()
+            skopeo_copy(sub(tmp_path / "p2"), f"{host(a)}/someuser/evict2:1")
+            skopeo_copy(sub(tmp_path / "p3"), f"{host(b)}/someuser/evict3:1")
+            assert total() > 20 * MiB
+            time.sleep(max(0.0, started + 5.5 - time.monotonic()))  # past the grace
+            assert blob_key(held.digest) in seaweed.keys(bucket, f"{PREFIX}blobs/")
+            reading.result(timeout=60)
+        assert bytes(got) == held_bytes
+        assert wait_until(lambda: total() <= 20 * MiB, 15), total()
+        stored = seaweed.keys(bucket, f"{PREFIX}blobs/")
+        assert blob_key(held.digest) in stored
+        for image in (second, third):
+            layer = max(image.layers, key=lambda blob: blob.size)
+            assert blob_key(layer.digest) not in stored
+        assert "evicted" in a.log_text() + b.log_text()

@@ -168,6 +168,10 @@ class BlobStore(Protocol):
 
     def stats(self) -> StoreStats: ...
 
+    async def maintain(self) -> None:
+        """Background upkeep for as long as the relay runs (cancelled at the end)."""
+        ...
+
     async def flush(self, *, force: bool = False) -> None:
         """Write the index's pending changes (at most every few seconds unless forced)."""
         ...

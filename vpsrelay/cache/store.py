@@ -195,6 +195,10 @@ class DiskStore:
         """None: files on disk are sent by the relay."""
         return None
 
+    async def maintain(self) -> None:
+        """Nothing in the background: eviction happens as fills make room."""
+        await trio.sleep_forever()
+
     @contextlib.contextmanager
     def pinned(self, digest: str) -> Iterator[None]:
         """Keep `digest` from eviction while it is read."""

@@ -35,6 +35,7 @@ import trio
 from vpsrelay import private_files
 from vpsrelay.cache.index import Database, Index, Obj
 from vpsrelay.cache.s3.client import S3Client, S3Error
+from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
@@ -94,6 +95,7 @@ class S3Store:
         self.tmp = root / "s3-staging"
         self.node = secrets.token_hex(8)
         self.leases = Leases(client, self.s3.prefix, self.node, self.s3.lease_ttl)
+        self.evictor = Evictor(client, self.leases, self.s3, self.node)
         self.fills: dict[str, S3Fill] = {}
         self.pins: dict[str, int] = {}
         self.held: set[str] = set()  # digests whose lease this node holds
@@ -262,6 +264,7 @@ class S3Store:
             await self._bad(digest, "has the wrong size")
             return False
         self._prepared.setdefault(digest, []).append((trio.current_time(), response))
+        self.evictor.touch(digest)
         return True
 
     def _close_stale_prepared(self) -> None:
@@ -392,6 +395,24 @@ class S3Store:
             self._failed(exc)
             return False
         return True
+
+    # --- eviction across nodes
+
+    async def maintain(self) -> None:
+        """Forever: every `evict_interval`, write this node's access batch and, with
+        `max_size`, run an eviction pass if no other node is running one."""
+        while True:
+            await trio.sleep(self.s3.evict_interval)
+            if not self.bucket_ok:
+                continue
+            with trio.move_on_after(max(self.s3.evict_interval, self.s3.timeout * 4)):
+                try:
+                    await self.evictor.write_batch(set(self.pins))
+                    for digest in await self.evictor.run_pass():
+                        self.index.remove(digest)
+                        self._forget_manifest(digest)
+                except S3Error as exc:
+                    self._failed(exc)
 
     # --- fills
 
