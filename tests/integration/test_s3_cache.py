@@ -322,3 +322,27 @@ def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
             layer = max(image.layers, key=lambda blob: blob.size)
             assert blob_key(layer.digest) not in stored
         assert "evicted" in a.log_text() + b.log_text()
+
+
+def test_a_tag_one_node_fetched_is_fresh_for_the_other(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Node B serves the manifest node A fetched, from the bucket, after a free HEAD
+    (its own authorization of the client): no manifest GET reaches the upstream."""
+    image = push_unique(clean_hub, tmp_path, "someuser/tagged", 1 * MiB)
+    with (
+        node(tmp_path / "a", clean_hub, seaweed, bucket) as a,
+        node(tmp_path / "b", clean_hub, seaweed, bucket) as b,
+    ):
+        skopeo_copy(sub(tmp_path / "via-a"), f"{host(a)}/someuser/tagged:1")
+        tag = f"{PREFIX}tags/docker.io/someuser/tagged/1"
+        assert wait_until(lambda: tag in seaweed.keys(bucket, f"{PREFIX}tags/"), 10)
+        clean_hub.clear()
+        out = sub(tmp_path / "via-b")
+        skopeo_copy(out, f"{host(b)}/someuser/tagged:1")
+        assert pulled_manifest_digest(out) == image.manifest_digest
+        assert_blobs_pulled(out, image)
+        requests = clean_hub.registry_requests()
+        manifest_gets = [p for m, p in requests if m == "GET" and "/manifests/" in p]
+        assert manifest_gets == [], requests
+        assert clean_hub.cdn.requests() == []

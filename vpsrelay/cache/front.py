@@ -480,6 +480,7 @@ class CacheFront:
         if route.reference_is_digest:
             digest: str | None = route.reference
         else:
+            await self.store.refresh_tag(route.registry, route.upstream_name, route.reference)
             tag = index.tags.get((route.registry, route.upstream_name, route.reference))
             digest = tag.digest if tag is not None else None
         obj = self.store.get(digest) if digest is not None else None

@@ -116,6 +116,10 @@ class BlobStore(Protocol):
         another node's fill of `digest` (bounded)."""
         ...
 
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
+        """Bring a tag up to date from a store shared with other nodes (no-op if not)."""
+        ...
+
     def presigned(self, digest: str, size: int) -> str | None:
         """A short-lived URL from which a client may GET this one object itself (the
         caller has authorized the pull), or None: the relay sends the bytes."""

@@ -195,6 +195,9 @@ class DiskStore:
         """None: files on disk are sent by the relay."""
         return None
 
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
+        """Nothing: this node's tags are the only ones."""
+
     async def maintain(self) -> None:
         """Nothing in the background: eviction happens as fills make room."""
         await trio.sleep_forever()

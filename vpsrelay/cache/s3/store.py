@@ -38,6 +38,7 @@ from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
+from vpsrelay.cache.s3.tags import SharedIndex, decode, encode, tag_key
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.cache.store import DiskReader
 from vpsrelay.core import sigv4
@@ -90,7 +91,8 @@ class S3Store:
         self.config = config
         self.s3 = config.s3
         self.db = db
-        self.index = index
+        self.shared_index = SharedIndex.of(index)  # the same index: its tag writes
+        self.index: Index = self.shared_index
         self.client = client
         self.tmp = root / "s3-staging"
         self.node = secrets.token_hex(8)
@@ -358,7 +360,49 @@ class S3Store:
             len(self.index.objects), self.index.used, len(self.fills), self.bucket_state()
         )
 
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
+        """Take the bucket's copy of a tag when this node's is older than the tag TTL
+        (or missing) and the bucket's is newer."""
+        local = self.index.tags.get((registry, repository, tag))
+        ttl = dict(self.config.registry_tag_ttl).get(registry, self.config.tag_ttl)
+        if (local is not None and time.time() - local.checked_at < ttl) or not self.bucket_ok:
+            return
+        try:
+            body = await self.client.get_small(
+                tag_key(self.s3.prefix, registry, repository, tag), 64 * 1024
+            )
+        except S3Error as exc:
+            self._failed(exc)
+            return
+        shared = decode(body) if body is not None else None
+        if shared is None:
+            return
+        remote, obj = shared
+        if local is not None and local.checked_at >= remote.checked_at:
+            return
+        self.index.tags[(registry, repository, tag)] = remote
+        if remote.digest not in self.index.objects:
+            self.index.add(remote.digest, obj)
+        self.index.add_origin(remote.digest, registry, repository)
+
+    async def _write_tags(self) -> None:
+        writes, self.shared_index.tag_writes = self.shared_index.tag_writes, {}
+        for registry, repository, name in writes:
+            tag = self.index.tags.get((registry, repository, name))
+            obj = self.index.objects.get(tag.digest) if tag is not None else None
+            if tag is None or obj is None or obj.kind != "manifest":
+                continue
+            key = tag_key(self.s3.prefix, registry, repository, name)
+            try:
+                await self.client.put(key, encode(tag, obj), content_type="application/json")
+            except S3Error as exc:
+                self._failed(exc)
+                return
+
     async def flush(self, *, force: bool = False) -> None:
+        if self.shared_index.tag_writes and self.bucket_ok:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.s3.timeout):
+                await self._write_tags()
         closing, self._closing = self._closing, []
         releases, self._pending_releases = self._pending_releases, []
         with trio.CancelScope(shield=True):
