@@ -82,7 +82,7 @@ class Seaweed:
         args = [
             self.binary, "server", f"-ip={self.host}", f"-ip.bind={self.host}", f"-dir={data}",
             "-filer", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={config}",
-            "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-volume.max=20",
+            "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-volume.max=1000",
             f"-filer.localSocket={self.directory / 'filer.sock'}",
             *(f"-{name}={port}" for name, port in self._ports.items()),
         ]  # fmt: skip
@@ -109,7 +109,7 @@ class Seaweed:
             return
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(15)
+            process.wait(3)  # weed may take 15 s to stop its servers one by one
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(5)
