@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from tests.infra.clients import DockerDaemon
 from tests.infra.seaweed import ACCESS_KEY, SECRET_KEY, Seaweed
 from tests.integration.test_cache import (
     MiB,
@@ -346,3 +347,29 @@ def test_a_tag_one_node_fetched_is_fresh_for_the_other(
         manifest_gets = [p for m, p in requests if m == "GET" and "/manifests/" in p]
         assert manifest_gets == [], requests
         assert clean_hub.cdn.requests() == []
+
+
+@pytest.mark.clients
+def test_dockerd_follows_the_presigned_redirect_to_the_store(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """dockerd in its loopback-only network namespace (the relay's and the store's ports
+    forwarded in) pulls a cached image: its big layer comes from the bucket by redirect."""
+    image = push_unique(clean_hub, tmp_path, "someuser/dockerd", 3 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    env = {"s3__redirect": "true", "s3__redirect_min_size": "1MiB"}
+    with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+        skopeo_copy(sub(tmp_path / "fill"), f"{host(a)}/someuser/dockerd:1")
+        clean_hub.clear()
+        with DockerDaemon(tmp_path / "dockerd", forward_ports=[a.port, seaweed.s3_port]) as dockerd:
+            assert dockerd.netns_interfaces() == ["lo"]
+            name = f"{host(a)}/someuser/dockerd:1"
+            dockerd.docker("pull", name, timeout=120)
+            image_id = dockerd.docker("image", "inspect", "--format", "{{.Id}}", name).stdout
+            assert image_id.strip() == image.config.digest  # dockerd checked every blob
+        log = a.log_text()
+    assert clean_hub.cdn.requests() == []
+    redirected = [
+        line for line in log.splitlines() if layer.digest in line and "status=307" in line
+    ]
+    assert redirected, log[-3000:]
