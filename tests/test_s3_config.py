@@ -124,3 +124,9 @@ def test_the_bucket_compose_file_is_valid(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "VPSRELAY_CACHE__BACKEND: s3" in shown.stdout
     assert "/run/secrets/s3_secret_key" in shown.stdout
+
+
+def test_the_disk_cache_commands_say_the_cache_is_in_a_bucket(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["cache", "stats", "--config", str(write(tmp_path, GOOD))])
+    assert result.exit_code == 1
+    assert "the cache is in a bucket" in result.output
