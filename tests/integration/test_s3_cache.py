@@ -214,22 +214,36 @@ def test_a_node_killed_mid_fill_leaves_nothing_and_the_other_takes_over(
 def test_pulls_pass_through_while_the_store_is_down(
     clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
 ) -> None:
+    """The store stops in the middle of a fill (that pull completes, unpublished), then
+    stays down: a blob it held and a new one both pass through; /readyz and /metrics say so."""
     cached = push_unique(clean_hub, tmp_path, "someuser/before", 2 * MiB)
-    fresh = push_unique(clean_hub, tmp_path, "someuser/during", 6 * MiB)
+    during = push_unique(clean_hub, tmp_path, "someuser/during", 20 * MiB)
+    fresh = push_unique(clean_hub, tmp_path, "someuser/after", 6 * MiB)
     with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
         skopeo_copy(sub(tmp_path / "warm"), f"{host(a)}/someuser/before:1")
-        seaweed.stop()
+        clean_hub.cdn.chunk_delay = 0.05  # 5 MiB/s: the fill runs while the store stops
         try:
-            for name, image in (("before", cached), ("during", fresh)):
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pulling = pool.submit(
+                    skopeo_copy, sub(tmp_path / "mid-fill"), f"{host(a)}/someuser/during:1"
+                )
+                assert wait_until(lambda: bool(seaweed.uploads(bucket, PREFIX)), 20)
+                seaweed.stop()
+                pulling.result(timeout=120)
+            assert_blobs_pulled(tmp_path / "mid-fill", during)
+            clean_hub.cdn.chunk_delay = 0.0
+            for name, image in (("before", cached), ("after", fresh)):
                 out = sub(tmp_path / f"down-{name}")
                 skopeo_copy(out, f"{host(a)}/someuser/{name}:1")
                 assert_blobs_pulled(out, image)
             ready = httpx.get(f"{a.url}/readyz")
-            assert "bucket" in ready.text, ready.text
+            assert ready.json()["status"] == "degraded", ready.text
+            assert ready.json()["checks"]["cache_bucket"].startswith("failing: "), ready.text
             metrics = httpx.get(f"{a.url}/metrics").text
             assert "vpsrelay_cache_bucket_up 0.0" in metrics
         finally:
             seaweed.start()
+        assert "not published" in a.log_text()
         assert SECRET_KEY not in a.log_text()
 
 
