@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from vpsrelay.cache.s3.client import S3Error
+from vpsrelay.core.leases import lapsed, lease_age
 
 if TYPE_CHECKING:
     from vpsrelay.cache.s3.client import S3Client
@@ -60,15 +61,13 @@ class Leases:
             head = await self.client.head(key)
             if head is None:
                 continue
-            if head.date is None or head.last_modified is None:
-                return LeaseState.OTHER  # no clock to judge it by: wait for it to go
-            age = (head.date - head.last_modified).total_seconds()
-            if age <= self.ttl:
+            age = lease_age(head.date, head.last_modified)
+            if not lapsed(age, self.ttl):
                 return LeaseState.OTHER
             if await self.client.put(
                 key, self._body(digest), if_match=head.etag, content_type="application/json"
             ):
-                log.warning("cache: took over %s's lapsed lease (%.0f s old)", digest, age)
+                log.warning("cache: took over %s's lapsed lease (%.0f s old)", digest, age or 0)
                 return LeaseState.TAKEN_OVER
             return LeaseState.OTHER  # another node took it over first
         return LeaseState.OTHER
