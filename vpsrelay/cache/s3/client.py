@@ -78,6 +78,14 @@ def _iso_date(value: str | None) -> datetime.datetime | None:
         return None
 
 
+def _xml(content: bytes, what: str) -> ET.Element:
+    """An answer's XML (bounded by `MAX_LISTING_BYTES`; expat refuses entity bombs)."""
+    try:
+        return ET.fromstring(content)
+    except ET.ParseError:
+        raise S3Error(f"{what}: a malformed answer") from None
+
+
 class S3Client:
     """Requests to one bucket; path-style (`endpoint/bucket/key`) or virtual-host
     (`bucket.endpoint/key`) addressing."""
@@ -258,7 +266,7 @@ class S3Client:
         response = await self._send("POST", self.url(key, "uploads="))
         if response.status_code != 200:
             raise self._fail(f"create upload {key}", response)
-        upload = ET.fromstring(response.content).findtext("s3:UploadId", "", NS)
+        upload = _xml(response.content, "create upload").findtext("s3:UploadId", "", NS)
         if not upload:
             raise S3Error(f"create upload {key}: no upload id")
         return upload
@@ -302,7 +310,7 @@ class S3Client:
         response = await self._send("GET", self.url("", f"uploads=&prefix={quote(prefix)}"))
         if response.status_code != 200 or len(response.content) > MAX_LISTING_BYTES:
             raise self._fail("list uploads", response)
-        root = ET.fromstring(response.content)
+        root = _xml(response.content, "list uploads")
         return [
             (u.findtext("s3:Key", "", NS), u.findtext("s3:UploadId", "", NS))
             for u in root.findall("s3:Upload", NS)
@@ -316,15 +324,18 @@ class S3Client:
         response = await self._send("GET", self.url("", query))
         if response.status_code != 200 or len(response.content) > MAX_LISTING_BYTES:
             raise self._fail("list objects", response)
-        root = ET.fromstring(response.content)
-        listed = [
-            Listed(
-                c.findtext("s3:Key", "", NS),
-                int(c.findtext("s3:Size", "0", NS) or 0),
-                _iso_date(c.findtext("s3:LastModified", "", NS)),
-            )
-            for c in root.findall("s3:Contents", NS)
-        ]
+        root = _xml(response.content, "list objects")
+        try:
+            listed = [
+                Listed(
+                    c.findtext("s3:Key", "", NS),
+                    int(c.findtext("s3:Size", "0", NS) or 0),
+                    _iso_date(c.findtext("s3:LastModified", "", NS)),
+                )
+                for c in root.findall("s3:Contents", NS)
+            ]
+        except ValueError:
+            raise S3Error("list objects: a malformed answer") from None
         truncated = root.findtext("s3:IsTruncated", "", NS) == "true"
         token = root.findtext("s3:NextContinuationToken", "", NS)
         return listed, (token if truncated and token else None)

@@ -457,6 +457,8 @@ class S3Store:
                         self._forget_manifest(digest)
                 except S3Error as exc:
                     self._failed(exc)
+                except Exception:  # upkeep must never end the server
+                    log.exception("cache: the bucket's upkeep failed")
 
     # --- fills
 
