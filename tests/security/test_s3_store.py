@@ -78,6 +78,13 @@ def test_an_object_altered_in_the_bucket_is_never_served_complete(
         assert hashlib.sha256(body).hexdigest() != layer.digest[7:]
         assert wait_until(lambda: seaweed.request("HEAD", key).status_code == 404, 10)
         assert "deleting it" in b.log_text()
+        # altered again at once (a store that keeps a bad copy): pulls still succeed,
+        # from the upstream, and node B does not read that object back
+        assert seaweed.request("PUT", key, bytes(forged)).status_code == 200
+        out = sub(tmp_path / "again")
+        skopeo_copy(out, f"{host(b)}/someuser/tampered:1")
+        assert_blobs_pulled(out, image)
+        assert seaweed.request("DELETE", key).status_code == 204
         # the next pull is good again: fetched from the upstream and cached afresh
         out = sub(tmp_path / "after")
         skopeo_copy(out, f"{host(b)}/someuser/tampered:1")

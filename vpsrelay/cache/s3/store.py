@@ -63,6 +63,7 @@ MANIFEST_MEMORY = 32 * 1024 * 1024
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
 PREPARED_TTL = 30.0  # seconds a GET opened by `locate` waits for its reader
+DISTRUST_SECONDS = 3600.0  # an object that failed its check is not read back for this long
 
 
 @dataclass(eq=False)
@@ -109,6 +110,10 @@ class S3Store:
         self._closing: list[httpx.Response] = []
         self._pending_releases: list[str] = []
         self._prepared: dict[str, list[tuple[float, httpx.Response]]] = {}
+        # digest -> when its bucket copy failed the check: not read back until this node
+        # publishes a verified copy itself (a store that keeps serving a tampered object
+        # must not fail every pull of it)
+        self._distrusted: dict[str, float] = {}
         self._manifests: OrderedDict[str, bytes] = OrderedDict()
         self._manifest_bytes = 0
         self._sequence = 0
@@ -181,7 +186,7 @@ class S3Store:
         obj = self.index.objects.get(digest)
         if obj is None or obj.kind == "blob" or not self.bucket_ok:
             return None
-        return obj
+        return None if self._is_distrusted(digest) else obj
 
     async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
         """What the bucket holds under `digest`.
@@ -194,7 +199,7 @@ class S3Store:
         or pass through.
         """
         self._close_stale_prepared()
-        if not self.bucket_ok:
+        if not self.bucket_ok or self._is_distrusted(digest):
             return None
         known = self.index.objects.get(digest)
         try:
@@ -327,7 +332,7 @@ class S3Store:
 
     def open(self, digest: str) -> S3Reader | None:
         obj = self.index.objects.get(digest)
-        if obj is None or not self.bucket_ok:
+        if obj is None or not self.bucket_ok or self._is_distrusted(digest):
             return None
         waiting = self._prepared.get(digest)
         response = waiting.pop(0)[1] if waiting else None
@@ -338,12 +343,20 @@ class S3Store:
             self.client, key, digest, obj.size, self._bad, self._closing.append, response
         )
 
+    def _is_distrusted(self, digest: str) -> bool:
+        since = self._distrusted.get(digest)
+        if since is not None and time.monotonic() - since > DISTRUST_SECONDS:
+            del self._distrusted[digest]
+            return False
+        return since is not None
+
     async def _bad(self, digest: str, why: str) -> None:
         """An object read back was wrong or gone: forget it, and delete a wrong one."""
         self.index.remove(digest)
         self._forget_manifest(digest)
         if why == "gone":
             return
+        self._distrusted[digest] = time.monotonic()
         self.index.count("digest_mismatches")
         log.warning("cache: the bucket's %s %s: deleting it", digest, why)
         with trio.CancelScope(shield=True), trio.move_on_after(self.s3.timeout):
@@ -667,6 +680,8 @@ class S3Store:
             self._answered()
             if not created:
                 log.info("cache: %s was already in the bucket", staged.digest)
+            else:
+                self._distrusted.pop(staged.digest, None)
         except S3Error as exc:
             self._failed(exc)
             log.warning("cache: %s not published: %s", staged.digest, exc)
@@ -728,10 +743,16 @@ class S3Store:
         if digest in self.index.objects or not self.bucket_ok:
             return
         try:
-            await self.client.put(self.key(digest), body, if_none_match=self.s3.conditional_writes)
+            created = await self.client.put(
+                self.key(digest), body, if_none_match=self.s3.conditional_writes
+            )
         except S3Error as exc:
             self._failed(exc)
             return
+        if created:
+            self._distrusted.pop(digest, None)
+        elif self._is_distrusted(digest):
+            return  # the bucket keeps a copy that failed its check: not ours to serve
         self.index.add(digest, Obj(len(body), time.time(), kind, media_type))
         self._remember_manifest(digest, body)
 
