@@ -70,6 +70,30 @@ def test_an_object_altered_in_the_bucket_is_never_served_complete(
     key = f"/{bucket}/{blob_key(layer.digest)}"
     assert seaweed.request("PUT", key, bytes(forged)).status_code == 200
 
+    # A range around the altered byte: never its altered bytes, complete.
+    middle = len(original) // 2
+    with node(tmp_path / "r", clean_hub, seaweed, bucket) as r:
+        token = anonymous_token(r, "someuser/tampered")
+        got, ended = bytearray(), "complete"
+        try:
+            with httpx.stream(
+                "GET",
+                f"{r.url}/v2/someuser/tampered/blobs/{layer.digest}",
+                headers={
+                    "authorization": f"Bearer {token}",
+                    "range": f"bytes={middle - 8}-{middle + 8}",
+                },
+                timeout=30,
+            ) as ranged:
+                for chunk in ranged.iter_raw():
+                    got += chunk
+        except httpx.HTTPError as exc:
+            ended = type(exc).__name__
+        assert ended != "complete" or bytes(got) == original[middle - 8 : middle + 9]
+        assert bytes(got) != bytes(forged[middle - 8 : middle + 9]) or ended != "complete"
+    if seaweed.request("HEAD", key).status_code == 404:
+        assert seaweed.request("PUT", key, bytes(forged)).status_code == 200
+
     with node(tmp_path / "b", clean_hub, seaweed, bucket) as b:
         token = anonymous_token(b, "someuser/tampered")
         url = f"{b.url}/v2/someuser/tampered/blobs/{layer.digest}"

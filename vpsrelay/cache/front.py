@@ -276,6 +276,7 @@ class CacheFront:
             if reader is None:
                 await self._relay(exchange, route)
                 return
+            reader.set_end(end)
             try:
                 await exchange.start(status, tuple(headers))
                 outcome = await self._sender.send_watched(exchange, Source(reader, first, end))

@@ -97,6 +97,10 @@ class BlobReader(Protocol):
         """
         ...
 
+    def set_end(self, end: int) -> None:
+        """The caller reads no further than `end` (a ranged read)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -55,6 +55,12 @@ class S3Reader:
         self._buffer = bytearray()  # received, not handed out; it starts at `_position`
         self._position = 0
         self._ended = False
+        self._end = size  # the caller reads no further (`set_end`)
+
+    def set_end(self, end: int) -> None:
+        """The caller reads no further than `end` (a `Range`): the bytes that reach it
+        are handed out only once the rest of the object was read and the whole matched."""
+        self._end = min(end, self._size)
 
     async def read(self, offset: int, count: int, verifier: Verifier | None = None) -> bytes:
         """Up to `count` bytes at `offset`.
@@ -74,28 +80,30 @@ class S3Reader:
             if offset > self._position:
                 del self._buffer[: offset - self._position]
                 self._position = offset
-            want = min(count, self._size - offset)
+            want = min(count, self._end - offset)
             while len(self._buffer) < want and await self._pull():
                 pass
-            if offset + want >= self._size:  # the object's last bytes: the whole must match
-                while await self._pull():
-                    pass
-                if self._received == self._size:
-                    try:
-                        self._verifier.finish()
-                    except DigestMismatch:
-                        await self._bad("does not match its digest")
-                        raise
             if len(self._buffer) < want or want <= 0:
                 raise await self._bad("ended early")
+            data = bytes(self._buffer[:want])
+            del self._buffer[:want]
+            if offset + want >= self._end:  # the caller's last bytes: the whole must match
+                self._buffer.clear()  # past `end`: hashed, never handed out
+                while await self._pull():
+                    self._buffer.clear()
+                if self._received != self._size:
+                    raise await self._bad("ended early")
+                try:
+                    self._verifier.finish()
+                except DigestMismatch:
+                    await self._bad("does not match its digest")
+                    raise
         except S3Error as exc:
             self.close()
             raise UpstreamError(f"the relay's bucket failed: {exc}") from None
         except httpx.HTTPError as exc:
             self.close()
             raise UpstreamError(f"the relay's bucket failed: {type(exc).__name__}") from None
-        data = bytes(self._buffer[:want])
-        del self._buffer[:want]
         self._position += want
         if verifier is not None:
             verifier.update(data)
