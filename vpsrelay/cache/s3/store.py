@@ -504,12 +504,18 @@ class S3Store:
         """Take (or hold) the lease, open the staging file and the upload; False: pass
         through (the bucket fails, or another node fills it)."""
         staged = _staged(fill)
+        if not self.bucket_ok:
+            self.drop(fill)
+            return False
         try:
             if self.s3.conditional_writes and fill.digest not in self.held:
-                if not self.bucket_ok or await self.leases.take(fill.digest) is LeaseState.OTHER:
+                state = await self.leases.take(fill.digest)
+                if state is LeaseState.OTHER:
                     self.drop(fill)
                     return False
                 self.held.add(fill.digest)
+                if state is LeaseState.TAKEN_OVER:
+                    await self._abort_leftovers(fill.digest)
             if size > self.s3.part_size:
                 staged.upload = await self.client.create_upload(self.key(fill.digest))
         except S3Error as exc:
