@@ -64,6 +64,9 @@ class RelayApp:
         self.cache: CacheFront | None = None
         if store is not None:
             self.cache = CacheFront(self.forwarder, store)
+            if store.stats().bucket is not None:
+                self.health.cache_bucket = lambda: store.stats().bucket
+                self.metrics.watch_cache_bucket(lambda: store.stats().bucket == "ok")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

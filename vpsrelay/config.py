@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -496,6 +496,85 @@ class MetricsConfig:
     listen: str | None = _option(None, _optional_listen, "separate HOST:PORT for /metrics")
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+MIN_PART_SIZE = 5 * 1024**2  # S3's smallest part but the last
+
+
+def _bucket(value: object) -> str:
+    text = _str(value)
+    if text and not _BUCKET.fullmatch(text):
+        raise ValueError(f"expected an S3 bucket name (3-63 of a-z 0-9 . -), got {text!r}")
+    return text
+
+
+def _prefix(value: object) -> str:
+    text = _str(value).lstrip("/")
+    if text and not text.endswith("/"):
+        text += "/"
+    if not re.fullmatch(r"[A-Za-z0-9._/-]*", text) or "//" in text or ".." in text:
+        raise ValueError(f"expected a key prefix of A-Z a-z 0-9 . _ - /, got {value!r}")
+    return text
+
+
+def _part_size(value: object) -> int:
+    size = _size(value)
+    if not MIN_PART_SIZE <= size <= 512 * 1024**2:
+        raise ValueError(f"expected a part size from 5MiB to 512MiB, got {value!r}")
+    return size
+
+
+def _presign_seconds(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds > 3600:
+        raise ValueError(f"expected at most 3600 seconds (a short expiry), got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class S3Config:
+    """`[cache.s3]`: verified blobs in an S3-compatible bucket that several nodes share."""
+
+    endpoint: str | None = _option(None, _optional_url, "S3 endpoint URL, e.g. http://minio:9000")
+    bucket: str = _option("", _bucket, "the bucket (it must exist)")
+    region: str = _option("us-east-1", _str, "signing region (R2: auto)")
+    prefix: str = _option("vpsrelay/", _prefix, "key prefix inside the bucket")
+    addressing: str = _option("path", _choice("path", "virtual"), "path or virtual-host URLs")
+    access_key: str | None = _option(None, _optional_str, "access key id")
+    secret_key: Secret | None = _option(None, _optional_secret, "secret access key")
+    secret_key_file: Path | None = _option(None, _existing_file, "file with the secret key")
+    ca_bundle: Path | None = _option(None, _existing_file, "CA file for the endpoint")
+    conditional_writes: bool = _option(
+        True, _bool, "the store honours If-None-Match: * (false: single-flight per node)"
+    )
+    lease_ttl: float = _option(30.0, _seconds, "seconds a fill's lease lives unless renewed")
+    lease_wait: float = _option(
+        600.0, _seconds, "seconds to wait for another node's fill before fetching it too"
+    )
+    part_size: int = _option(8 * 1024**2, _part_size, "multipart upload part size")
+    timeout: float = _option(30.0, _seconds, "seconds without progress on a bucket request")
+    redirect: bool = _option(False, _bool, "answer cached blob GETs with a presigned URL")
+    public_endpoint: str | None = _option(
+        None, _optional_url, "endpoint clients reach for presigned URLs (default: endpoint)"
+    )
+    redirect_expiry: float = _option(
+        60.0, _presign_seconds, "seconds a presigned URL is valid (at most 3600)"
+    )
+    redirect_min_size: int = _option(1024**2, _size, "smallest blob answered with a redirect")
+    max_size: int = _option(0, _size, "cap on the bucket's bytes under prefix (0: no cap)")
+    evict_interval: float = _option(
+        60.0, _seconds, "seconds between access-time batches and eviction passes"
+    )
+    evict_grace: float = _option(
+        3600.0, _seconds, "seconds after its last access an object may not be evicted"
+    )
+
+    def secret(self) -> str:
+        """The secret access key (from the file if one is named: read at each start)."""
+        if self.secret_key_file is not None:
+            return self.secret_key_file.read_text(encoding="utf-8").strip()
+        return self.secret_key.reveal() if self.secret_key is not None else ""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheConfig:
     enabled: bool = _option(True, _bool, "keep blobs and manifests on disk")
@@ -516,6 +595,8 @@ class CacheConfig:
     share_across_registries: bool = _option(
         False, _bool, "serve a blob cached from one registry for another's repositories"
     )
+    backend: str = _option("disk", _choice("disk", "s3"), "where blobs live: disk or s3")
+    s3: S3Config = field(default_factory=S3Config)  # [cache.s3], its own section
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -672,6 +753,7 @@ SECTIONS: dict[str, type[Any]] = {
     "download": DownloadConfig,
     "tls": TLSConfig,
     "cache": CacheConfig,
+    "cache.s3": S3Config,
     "access": AccessConfig,
     "auth": AuthConfig,
     "limits": LimitsConfig,
@@ -708,7 +790,7 @@ def option_keys() -> list[str]:
     """Every scalar dotted key the config knows, for help and env lookup."""
     keys = [f.name for f in fields(Settings) if "parse" in f.metadata]
     for section, cls in SECTIONS.items():
-        keys += [f"{section}.{f.name}" for f in fields(cls)]
+        keys += [f"{section}.{f.name}" for f in fields(cls) if "parse" in f.metadata]
     return keys
 
 
@@ -835,17 +917,29 @@ def _read_file(path: Path, raw: dict[str, tuple[object, str]], registries: Regis
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: {key}: expected a table")
-            known = [f.name for f in fields(SECTIONS[key])]
-            for sub, sub_value in value.items():
-                if sub not in known:
-                    _unknown(f"{path}", f"{key}.{sub}", known, sub)
-                raw[f"{key}.{sub}"] = (sub_value, str(path))
+            _read_section(path, key, value, raw)
         elif key == "registries":
             _read_registries(path, value, registries)
         elif key in top_level:
             raw[key] = (value, str(path))
         else:
             _unknown(str(path), key, [*top_level, *SECTIONS, "registries"])
+
+
+def _read_section(
+    path: Path, key: str, value: dict[str, object], raw: dict[str, tuple[object, str]]
+) -> None:
+    """One `[key]` table into `raw`; a table inside it (`[cache.s3]`) is a section too."""
+    known = [f.name for f in fields(SECTIONS[key])]
+    for sub, sub_value in value.items():
+        if sub not in known:
+            _unknown(f"{path}", f"{key}.{sub}", known, sub)
+        if f"{key}.{sub}" in SECTIONS:
+            if not isinstance(sub_value, dict):
+                raise ConfigError(f"{path}: {key}.{sub}: expected a table")
+            _read_section(path, f"{key}.{sub}", sub_value, raw)
+        else:
+            raw[f"{key}.{sub}"] = (sub_value, str(path))
 
 
 def _read_registries(path: Path, value: object, registries: RegistryInputs) -> None:
@@ -883,8 +977,15 @@ def _parse(cls: type[Any], prefix: str, raw: dict[str, tuple[object, str]]) -> d
 def _build(
     raw: dict[str, tuple[object, str]], registries: RegistryInputs, environ: Mapping[str, str]
 ) -> Settings:
-    sections = {name: cls(**_parse(cls, f"{name}.", raw)) for name, cls in SECTIONS.items()}
+    sections = {
+        name: cls(**_parse(cls, f"{name}.", raw))
+        for name, cls in SECTIONS.items()
+        if "." not in name
+    }
+    s3 = S3Config(**_parse(S3Config, "cache.s3.", raw))
+    sections["cache"] = replace(sections["cache"], s3=s3)
     _check_tls(sections["tls"], raw)
+    _check_s3(sections["cache"], raw)
     return Settings(
         **_parse(Settings, "", raw), **sections, registries=build_registries(registries, environ)
     )
@@ -908,6 +1009,39 @@ def _check_tls(tls: TLSConfig, raw: dict[str, tuple[object, str]]) -> None:
         key = "eab_kid" if tls.eab_kid is not None else "eab_hmac_key"
         other = "eab_hmac_key" if key == "eab_kid" else "eab_kid"
         raise ConfigError(f"{where(key)}: tls.{key}: needs tls.{other} too")
+
+
+def _check_s3(cache: CacheConfig, raw: dict[str, tuple[object, str]]) -> None:
+    """`cache.backend = "s3"` needs a bucket and its credentials; the message names
+    where the setting that asked for it came from."""
+    if cache.backend != "s3":
+        return
+    s3 = cache.s3
+    where = raw.get("cache.backend", (None, "config"))[1]
+    if s3.endpoint is None:
+        raise ConfigError(f"{where}: cache.s3.endpoint: needed with cache.backend = 's3'")
+    if not s3.bucket:
+        raise ConfigError(f"{where}: cache.s3.bucket: needed with cache.backend = 's3'")
+    if not s3.access_key:
+        raise ConfigError(f"{where}: cache.s3.access_key: needed with cache.backend = 's3'")
+    if s3.secret_key is None and s3.secret_key_file is None:
+        raise ConfigError(
+            f"{where}: cache.s3.secret_key: needed with cache.backend = 's3' "
+            "(or cache.s3.secret_key_file, or VPSRELAY_CACHE__S3__SECRET_KEY)"
+        )
+    if s3.secret_key is not None and s3.secret_key_file is not None:
+        key_where = raw.get("cache.s3.secret_key_file", (None, "config"))[1]
+        raise ConfigError(
+            f"{key_where}: cache.s3.secret_key_file: set secret_key or this, not both"
+        )
+    if s3.redirect and s3.evict_grace <= s3.redirect_expiry:
+        key_where = raw.get("cache.s3.evict_grace", (None, "config"))[1]
+        raise ConfigError(
+            f"{key_where}: cache.s3.evict_grace: must be longer than cache.s3.redirect_expiry"
+        )
+    if s3.lease_wait < s3.lease_ttl:
+        key_where = raw.get("cache.s3.lease_wait", (None, "config"))[1]
+        raise ConfigError(f"{key_where}: cache.s3.lease_wait: must be at least cache.s3.lease_ttl")
 
 
 def registry_table(settings: Settings) -> RegistryTable:

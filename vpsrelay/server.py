@@ -139,6 +139,8 @@ async def run(
     try:
         async with trio.open_nursery() as watchdog:
             watchdog.start_soon(shutdown.exit_after_grace, stop, settings.server.graceful_timeout)
+            if store is not None:
+                watchdog.start_soon(store.maintain)
             await _serve(settings, upstream, store, stop, task_status, degraded)
             watchdog.cancel_scope.cancel()  # every server returned within the grace period
     finally:

@@ -27,6 +27,13 @@ async def open_store(settings: Settings) -> BlobStore | None:
     if not settings.cache.enabled:
         log.info("cache disabled: every pull passes through")
         return None
+    if settings.cache.backend == "s3":
+        from vpsrelay.cache.s3.store import S3Store
+
+        s3 = settings.cache.s3
+        shared = await S3Store.connect(settings.data_dir, settings.cache)
+        log.info("cache: bucket %s at %s, prefix %r", s3.bucket, s3.endpoint, s3.prefix)
+        return shared
     store = await trio.to_thread.run_sync(DiskStore.open_dir, settings.data_dir, settings.cache)
     log.info(
         "cache: %d objects, %d bytes in %s (cap %d bytes)",

@@ -57,6 +57,13 @@ def _settings(config_path: Path | None, data_dir: Path | None) -> Settings:
 
 
 def _db(settings: Settings) -> sqlite3.Connection:
+    if settings.cache.backend == "s3":
+        click.echo(
+            "vpsrelay: the cache is in a bucket (cache.backend = 's3'); these commands read a "
+            "disk cache (see docs/multinode.md)",
+            err=True,
+        )
+        sys.exit(1)
     path = settings.data_dir / "cache.db"
     if not path.exists():
         click.echo(f"vpsrelay: no cache in {str(settings.data_dir)!r}", err=True)

@@ -167,7 +167,11 @@ class CacheFront:
             return
         ranged = header_policy.get(exchange.headers, "range") is not None
         for _ in range(JOIN_ATTEMPTS):
-            obj = self.store.get(digest)
+            # A shared store may hold it (another node's fill) or be filling it elsewhere.
+            read = exchange.method == "GET"
+            obj = self.store.get(digest) or await self.store.locate(
+                digest, fill=read and not ranged, read=read
+            )
             if obj is not None and obj.kind == "blob":
                 if await self._may_serve_blob(exchange, route, digest):
                     await self._serve_file(exchange, route, digest, obj.size)
@@ -255,6 +259,21 @@ class CacheFront:
         headers.append(("content-length", str(end - first)))
         headers.append((CACHE_HEADER, "hit"))
         index = self.store.index
+        location = self.store.presigned(digest, size) if exchange.method == "GET" else None
+        if location is not None:  # the bucket sends it (Range included): authorized above
+            index.touch(digest, time.time())
+            index.count("hits")
+            redirect = (
+                ("location", location),
+                ("docker-content-digest", digest),
+                ("cache-control", "no-store"),
+                API_VERSION_HEADER,
+                (CACHE_HEADER, "redirect"),
+            )
+            await exchange.respond(307, redirect, b"")
+            self._observe(exchange, route.registry, "hit")
+            await self.store.flush()
+            return
         index.touch(digest, time.time())
         index.count("hits")
         with self.store.pinned(digest):
@@ -266,6 +285,7 @@ class CacheFront:
             if reader is None:
                 await self._relay(exchange, route)
                 return
+            reader.set_end(end)
             try:
                 await exchange.start(status, tuple(headers))
                 outcome = await self._sender.send_watched(exchange, Source(reader, first, end))
@@ -479,6 +499,9 @@ class CacheFront:
         return tag
 
     async def _manifest(self, exchange: Exchange, route: routing.Route) -> None:
+        if not route.reference_is_digest:
+            # A store shared with other nodes (a bucket) brings the tag up to date first.
+            await self.store.refresh_tag(route.registry, route.upstream_name, route.reference)
         tag = None if route.reference_is_digest else self._tag(route)
         if tag is not None and not self._fresh(tag, route):
             # One worker revalidates a tag at a time; the others wait, then find it fresh.

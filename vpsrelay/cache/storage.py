@@ -69,6 +69,7 @@ class StoreStats:
     objects: int
     used_bytes: int
     fills: int  # in progress
+    bucket: str | None = None  # a shared store's bucket: "ok" or why it is not used now
 
 
 class StoreSpill(Exception):
@@ -94,6 +95,10 @@ class BlobReader(Protocol):
         Raises:
             UpstreamError: the object ended early or could not be read.
         """
+        ...
+
+    def set_end(self, end: int) -> None:
+        """The caller reads no further than `end` (a ranged read)."""
         ...
 
     def close(self) -> None: ...
@@ -126,6 +131,21 @@ class BlobStore(Protocol):
         self, registry: str, repository: str, tag: str
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the relay-wide claim to revalidate one tag (bounded wait)."""
+        ...
+
+    async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
+        """`get`, asking a store shared with other nodes: whether it holds `digest`
+        (and, with `read`, that it can be read now); with `fill` it may wait for
+        another node's fill of `digest` (bounded)."""
+        ...
+
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
+        """Bring a tag up to date from a store shared with other nodes (no-op if not)."""
+        ...
+
+    def presigned(self, digest: str, size: int) -> str | None:
+        """A short-lived URL from which a client may GET this one object itself (the
+        caller has authorized the pull), or None: the relay sends the bytes."""
         ...
 
     def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:
@@ -174,6 +194,10 @@ class BlobStore(Protocol):
         ...
 
     def stats(self) -> StoreStats: ...
+
+    async def maintain(self) -> None:
+        """Background upkeep for as long as the relay runs (cancelled at the end)."""
+        ...
 
     async def flush(self, *, force: bool = False) -> None:
         """Write the index's pending changes (at most every few seconds unless forced)."""

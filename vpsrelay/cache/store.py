@@ -97,6 +97,9 @@ class DiskReader:
             raise UpstreamError("the cached file ended early")
         return data
 
+    def set_end(self, end: int) -> None:
+        """Nothing: a file on this disk was verified when it was written."""
+
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
@@ -267,6 +270,21 @@ class DiskStore:
         finally:
             if fd is not None:
                 claims.release(fd, path)
+
+    async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
+        """`get`: this store is not shared with other nodes."""
+        return self.get(digest)
+
+    def presigned(self, digest: str, size: int) -> str | None:
+        """None: files on disk are sent by the relay."""
+        return None
+
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
+        """Nothing: this node's tags are the only ones."""
+
+    async def maintain(self) -> None:
+        """Nothing in the background: eviction happens as fills make room."""
+        await trio.sleep_forever()
 
     @contextlib.contextmanager
     def pinned(self, digest: str) -> Iterator[None]:

@@ -31,6 +31,7 @@ from vpsrelay.errors import RelayError
 from vpsrelay.ops import fleet
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from vpsrelay.config import RegistryConfig
@@ -86,6 +87,8 @@ class Health:
     degraded: tuple[Degraded, ...] = ()
     identity: WorkerIdentity = field(default_factory=worker_identity.current)
     started: float = field(default_factory=time.monotonic)
+    # A shared cache bucket's state ("ok" or why not), when the cache has one.
+    cache_bucket: Callable[[], str | None] | None = None
 
     def state(self, registry: str) -> UpstreamState:
         return self.upstreams.setdefault(registry, UpstreamState())
@@ -139,6 +142,11 @@ class Health:
             names = ", ".join(entry.reach for entry in self.degraded)
             checks["patches"] = f"degraded: without {names}"
             status = "degraded" if ready else status
+        bucket = self.cache_bucket() if self.cache_bucket is not None else None
+        if bucket is not None:
+            # Pulls pass through while the bucket fails: degraded, not unready.
+            checks["cache_bucket"] = bucket
+            status = "degraded" if ready and bucket != "ok" else status
         report: dict[str, object] = {"status": status, "checks": checks}
         if workers is not None:
             report["worker"] = self.identity.label  # the one that answered

@@ -350,6 +350,15 @@ class Metrics:
         """A blob was not in the cache and goes to the upstream."""
         self.cache_misses.labels(registry).inc()
 
+    def watch_cache_bucket(self, up: Callable[[], bool]) -> None:
+        """Export `vpsrelay_cache_bucket_up` (1 or 0), read from `up` at each scrape."""
+        gauge = Gauge(
+            "vpsrelay_cache_bucket_up",
+            "1 while the shared cache bucket is used, 0 while pulls pass it by.",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: 1.0 if up() else 0.0)
+
     def cache_size(self, nbytes: int) -> None:
         """The cache now holds `nbytes` bytes."""
         self.cache_size_bytes.set(nbytes)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from vpsrelay.core.bucketeviction import Stored, merge, plan
+
+
+def test_oldest_first_until_under_the_cap() -> None:
+    objects = [Stored("a", 10, 100.0), Stored("b", 10, 50.0), Stored("c", 10, 200.0)]
+    assert plan(objects, max_size=20, now=1000.0, grace=10.0) == ["b"]
+    assert plan(objects, max_size=5, now=1000.0, grace=10.0) == ["b", "a", "c"]
+    assert plan(objects, max_size=30, now=1000.0, grace=10.0) == []
+
+
+def test_recently_accessed_objects_are_kept_even_over_the_cap() -> None:
+    objects = [Stored("old", 10, 0.0), Stored("busy", 10, 995.0), Stored("mid", 10, 500.0)]
+    assert plan(objects, max_size=0, now=1000.0, grace=10.0) == ["old", "mid"]
+
+
+def test_merge_keeps_the_latest_and_ignores_garbage() -> None:
+    into = {"sha256:a": 5.0}
+    merge(into, {"sha256:a": 3.0, "sha256:b": 7, "sha256:c": "x", "sha256:d": True})
+    assert into == {"sha256:a": 5.0, "sha256:b": 7.0}
+    merge(into, ["not", "a", "dict"])
+    merge(into, {"sha256:a": 9.5})
+    assert into["sha256:a"] == 9.5

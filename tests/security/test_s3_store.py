@@ -1,0 +1,205 @@
+"""The shared bucket is another trust domain (issue 15).
+
+Attacks, each against real relay processes on a real SeaweedFS bucket: an object altered
+behind the relays' back, a lease planted by a dead or hostile node, a client fishing for
+the bucket's credentials, and a client reusing a presigned URL for something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.infra.relay import REPO_ROOT
+from tests.infra.seaweed import SECRET_KEY
+from tests.integration.test_cache import MiB, host, push_unique, sub, wait_until
+from tests.integration.test_pull import anonymous_token, assert_blobs_pulled, skopeo_copy
+from tests.integration.test_s3_cache import (  # the fixtures, shared
+    PREFIX,
+    blob_key,
+    bucket,
+    cdn_gets,
+    node,
+    s3_env,
+    seaweed,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.infra.hub import Hub
+    from tests.infra.seaweed import Seaweed
+
+pytestmark = pytest.mark.integration
+__all__ = ["bucket", "seaweed"]  # fixtures
+
+
+def _read_all(url: str, token: str) -> tuple[int, bytes, str]:
+    """(status, the body bytes that arrived, how the body ended)."""
+    got = bytearray()
+    try:
+        with httpx.stream(
+            "GET", url, headers={"authorization": f"Bearer {token}"}, timeout=30
+        ) as answer:
+            for chunk in answer.iter_raw():
+                got += chunk
+            return answer.status_code, bytes(got), "complete"
+    except httpx.HTTPError as exc:
+        return 0, bytes(got), type(exc).__name__
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_an_object_altered_in_the_bucket_is_never_served_complete(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path, same_size: bool
+) -> None:
+    image = push_unique(clean_hub, tmp_path, "someuser/tampered", 6 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    original = (image.layout / "blobs/sha256" / layer.digest[7:]).read_bytes()
+    with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
+        skopeo_copy(sub(tmp_path / "fill"), f"{host(a)}/someuser/tampered:1")
+    forged = bytearray(original)
+    forged[len(forged) // 2] ^= 0xFF
+    if not same_size:
+        forged += b"trailing bytes"
+    key = f"/{bucket}/{blob_key(layer.digest)}"
+    assert seaweed.request("PUT", key, bytes(forged)).status_code == 200
+
+    # A range around the altered byte: never its altered bytes, complete.
+    middle = len(original) // 2
+    with node(tmp_path / "r", clean_hub, seaweed, bucket) as r:
+        token = anonymous_token(r, "someuser/tampered")
+        got, ended = bytearray(), "complete"
+        try:
+            with httpx.stream(
+                "GET",
+                f"{r.url}/v2/someuser/tampered/blobs/{layer.digest}",
+                headers={
+                    "authorization": f"Bearer {token}",
+                    "range": f"bytes={middle - 8}-{middle + 8}",
+                },
+                timeout=30,
+            ) as ranged:
+                for chunk in ranged.iter_raw():
+                    got += chunk
+        except httpx.HTTPError as exc:
+            ended = type(exc).__name__
+        assert ended != "complete" or bytes(got) == original[middle - 8 : middle + 9]
+        assert bytes(got) != bytes(forged[middle - 8 : middle + 9]) or ended != "complete"
+    if seaweed.request("HEAD", key).status_code == 404:
+        assert seaweed.request("PUT", key, bytes(forged)).status_code == 200
+
+    with node(tmp_path / "b", clean_hub, seaweed, bucket) as b:
+        token = anonymous_token(b, "someuser/tampered")
+        url = f"{b.url}/v2/someuser/tampered/blobs/{layer.digest}"
+        _, body, ended = _read_all(url, token)
+        assert len(body) < len(original) or ended != "complete"
+        assert hashlib.sha256(body).hexdigest() != layer.digest[7:]
+        assert wait_until(lambda: seaweed.request("HEAD", key).status_code == 404, 10)
+        assert "deleting it" in b.log_text()
+        # altered again at once (a store that keeps a bad copy): pulls still succeed,
+        # from the upstream, and node B does not read that object back
+        assert seaweed.request("PUT", key, bytes(forged)).status_code == 200
+        out = sub(tmp_path / "again")
+        skopeo_copy(out, f"{host(b)}/someuser/tampered:1")
+        assert_blobs_pulled(out, image)
+        assert seaweed.request("DELETE", key).status_code == 204
+        # the next pull is good again: fetched from the upstream and cached afresh
+        out = sub(tmp_path / "after")
+        skopeo_copy(out, f"{host(b)}/someuser/tampered:1")
+        assert_blobs_pulled(out, image)
+        assert seaweed.request("GET", key).content == original
+
+
+def test_a_planted_lease_delays_another_node_at_most_its_expiry(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A lease that is never renewed (a dead node, or a hostile one with bucket keys)
+    holds the blob back for `lease_ttl` (3 s here), then the node takes it over."""
+    image = push_unique(clean_hub, tmp_path, "someuser/leased", 2 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    lease = f"/{bucket}/{PREFIX}leases/sha256/{layer.digest[7:]}"
+    assert seaweed.request("PUT", lease, b'{"node": "ghost"}').status_code == 200
+    clean_hub.clear()
+    with node(tmp_path / "b", clean_hub, seaweed, bucket) as b:
+        started = time.monotonic()
+        skopeo_copy(sub(tmp_path / "pull"), f"{host(b)}/someuser/leased:1")
+        waited = time.monotonic() - started
+        assert_blobs_pulled(tmp_path / "pull", image)
+        assert "took over" in b.log_text()
+    assert waited < 3 + 1 + 6, waited  # lease_ttl, the store's 1 s clock, the pull
+    assert cdn_gets(clean_hub, layer.digest) == 1
+
+
+def test_bucket_credentials_never_reach_a_client_or_a_log(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    image = push_unique(clean_hub, tmp_path, "someuser/secretive", 2 * MiB)
+    env = {"s3__redirect": "true", "s3__redirect_min_size": "1"}
+    with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+        skopeo_copy(sub(tmp_path / "pull"), f"{host(a)}/someuser/secretive:1")
+        token = anonymous_token(a, "someuser/secretive")
+        answers = [
+            httpx.get(f"{a.url}/v2/someuser/secretive/blobs/{image.layers[0].digest}",
+                      headers={"authorization": f"Bearer {token}"}),
+            httpx.get(f"{a.url}/readyz"),
+            httpx.get(f"{a.url}/metrics"),
+            httpx.get(f"{a.url}/"),
+            httpx.get(f"{a.url}/v2/someuser/secretive/blobs/sha256:{'0' * 64}",
+                      headers={"authorization": f"Bearer {token}"}),
+        ]  # fmt: skip
+        seaweed.stop()
+        try:
+            answers.append(httpx.get(f"{a.url}/readyz"))
+            skopeo_copy(sub(tmp_path / "down"), f"{host(a)}/someuser/secretive:1")
+        finally:
+            seaweed.start()
+        log = a.log_text()
+    for answer in answers:
+        text = answer.text + "".join(f"{k}: {v}\n" for k, v in answer.headers.items())
+        assert SECRET_KEY not in text
+        assert "Credential=relaykey" not in text or "X-Amz-Signature" in text  # presigned only
+    assert SECRET_KEY not in log
+    assert "authorization" not in log.lower() or "x-amz" not in log.lower()
+    variables = {f"VPSRELAY_CACHE__{k.upper()}": v for k, v in s3_env(seaweed, bucket).items()}
+    shown = subprocess.run(
+        [sys.executable, "-m", "vpsrelay", "config", "show"],
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), **variables},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert SECRET_KEY not in shown.stdout + shown.stderr
+    assert '"secret_key": "***"' in shown.stdout
+
+
+def test_a_presigned_url_is_for_one_object_get_only_and_expires(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    image = push_unique(clean_hub, tmp_path, "someuser/scoped", 2 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    env = {"s3__redirect": "true", "s3__redirect_min_size": "1", "s3__redirect_expiry": "2"}
+    with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+        skopeo_copy(sub(tmp_path / "pull"), f"{host(a)}/someuser/scoped:1")
+        url = f"{a.url}/v2/someuser/scoped/blobs/{layer.digest}"
+        # no redirect before the pull's own authorization: anonymous, then a wrong token
+        assert httpx.get(url).status_code == 401
+        wrong = httpx.get(url, headers={"authorization": "Bearer not-a-token"})
+        assert wrong.status_code == 401
+        assert "location" not in wrong.headers
+        token = anonymous_token(a, "someuser/scoped")
+        redirected = httpx.get(url, headers={"authorization": f"Bearer {token}"})
+        assert redirected.status_code == 307, (redirected.headers, a.log_text()[-3000:])
+        location = redirected.headers["location"]
+    assert httpx.get(location).status_code == 200
+    other_key = blob_key(image.config.digest)
+    assert httpx.get(location.replace(blob_key(layer.digest), other_key)).status_code == 403
+    assert httpx.put(location, content=b"overwrite").status_code == 403
+    assert httpx.delete(location).status_code == 403
+    listing = location.replace(f"/{blob_key(layer.digest)}?", "?list-type=2&")
+    assert httpx.get(listing).status_code == 403
+    assert wait_until(lambda: httpx.get(location).status_code == 403, 6)  # expired

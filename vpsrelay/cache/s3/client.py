@@ -1,0 +1,341 @@
+"""A small S3 client on httpx (Trio through anyio), signed by `vpsrelay.core.sigv4`.
+
+Only what the blob store needs: HEAD, streamed GET, PUT (with `If-None-Match: *` or
+`If-Match`), DELETE, multipart uploads, listing and presigned GET URLs. Every failure is
+an `S3Error` (a network error, a timeout, an unexpected status), which the store turns
+into a pass-through; the credentials go into signatures only, never into a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from vpsrelay.core import sigv4
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+
+NS = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
+MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bounded
+
+
+class S3Error(Exception):
+    """The bucket could not be used for this request (the message names no secret)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A small answer, read whole."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    size: int
+    etag: str
+    last_modified: datetime.datetime | None
+    date: datetime.datetime | None  # the store's clock when it answered
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    key: str
+    size: int
+    last_modified: datetime.datetime | None
+
+
+def _http_date(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _iso_date(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _xml(content: bytes, what: str) -> ET.Element:
+    """An answer's XML (bounded by `MAX_LISTING_BYTES`; expat refuses entity bombs)."""
+    try:
+        return ET.fromstring(content)
+    except ET.ParseError:
+        raise S3Error(f"{what}: a malformed answer") from None
+
+
+class S3Client:
+    """Requests to one bucket; path-style (`endpoint/bucket/key`) or virtual-host
+    (`bucket.endpoint/key`) addressing."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        creds: sigv4.Credentials,
+        *,
+        virtual_host: bool = False,
+        public_endpoint: str | None = None,
+        verify: str | bool = True,
+        timeout: float = 30.0,
+    ) -> None:
+        self.bucket = bucket
+        self.creds = creds
+        self._base = self._bucket_url(endpoint.rstrip("/"), virtual_host)
+        self._public_base = self._bucket_url(
+            (public_endpoint or endpoint).rstrip("/"), virtual_host
+        )
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            verify=verify,
+            trust_env=False,  # the bucket is reached as configured, never through a proxy
+            follow_redirects=False,
+        )
+
+    def _bucket_url(self, endpoint: str, virtual_host: bool) -> str:
+        if not virtual_host:
+            return f"{endpoint}/{self.bucket}"
+        parts = urlsplit(endpoint)
+        return f"{parts.scheme}://{self.bucket}.{parts.netloc}{parts.path}"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def url(self, key: str, query: str = "") -> str:
+        return f"{self._base}/{key}" + (f"?{query}" if query else "")
+
+    def presign(self, key: str, expires: int) -> str:
+        """A GET-only URL for `key` on the public endpoint, valid `expires` seconds."""
+        now = datetime.datetime.now(datetime.UTC)
+        return sigv4.presign_get(self.creds, f"{self._public_base}/{key}", expires, now)
+
+    def _signed(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        payload_hash: str,
+        body: bytes = b"",
+    ) -> httpx.Request:
+        now = datetime.datetime.now(datetime.UTC)
+        signed = sigv4.sign_headers(self.creds, method, url, dict(headers), payload_hash, now)
+        parts = urlsplit(url)
+        wire = f"{parts.scheme}://{parts.netloc}{quote(parts.path)}"
+        if parts.query:
+            wire += f"?{parts.query}"
+        return httpx.Request(method, wire, headers=signed, content=body)
+
+    async def _send(
+        self, method: str, url: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> Answer:
+        """One request whose answer is small: read whole, up to `MAX_LISTING_BYTES`."""
+        request = self._signed(method, url, headers or {}, hashlib.sha256(body).hexdigest(), body)
+        what = f"{method} {urlsplit(url).path}"
+        try:
+            response = await self._client.send(request, stream=True)
+            try:
+                content = bytearray()
+                async for chunk in response.aiter_raw():
+                    content += chunk
+                    if len(content) > MAX_LISTING_BYTES:
+                        raise S3Error(f"{what}: answer too large")
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise S3Error(f"{what}: {type(exc).__name__}") from None
+        return Answer(response.status_code, response.headers, bytes(content))
+
+    def _fail(self, what: str, response: Answer | httpx.Response) -> S3Error:
+        code = ""
+        with contextlib.suppress(ET.ParseError):
+            if response.content:
+                code = ET.fromstring(response.content[:4096]).findtext("Code") or ""
+        return S3Error(f"{what}: {response.status_code} {code}".strip(), response.status_code)
+
+    async def head(self, key: str) -> Head | None:
+        """The object's size and times; None if there is none."""
+        response = await self._send("HEAD", self.url(key))
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail(f"HEAD {key}", response)
+        length = response.headers.get("content-length", "")
+        if not length.isdigit():
+            raise S3Error(f"HEAD {key}: no length")
+        return Head(
+            int(length),
+            response.headers.get("etag", ""),
+            _http_date(response.headers.get("last-modified")),
+            _http_date(response.headers.get("date")),
+        )
+
+    async def open_get(self, key: str) -> httpx.Response:
+        """A streamed GET of `key`: the caller reads `aiter_raw()` and closes it.
+
+        Raises:
+            S3Error: the bucket failed (`status` 404: no such object).
+        """
+        request = self._signed("GET", self.url(key), {}, sigv4.EMPTY_SHA256)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+        if response.status_code == 200:
+            return response
+        await response.aclose()
+        if response.status_code == 404:
+            raise S3Error(f"GET {key}: gone", 404)
+        raise S3Error(f"GET {key}: {response.status_code}", response.status_code)
+
+    @contextlib.asynccontextmanager
+    async def get(self, key: str) -> AsyncIterator[httpx.Response]:
+        """`open_get` as a context manager."""
+        response = await self.open_get(key)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def get_small(self, key: str, limit: int) -> bytes | None:
+        """A small object's bytes (at most `limit`); None if there is none."""
+        try:
+            async with self.get(key) as response:
+                body = bytearray()
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise S3Error(f"GET {key}: larger than {limit} bytes")
+                return bytes(body)
+        except S3Error as exc:
+            if exc.status == 404:
+                return None
+            raise
+        except httpx.HTTPError as exc:
+            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> bool:
+        """Write `key`; False when a condition did not hold (412), else True."""
+        headers = {"content-type": content_type}
+        if if_none_match:
+            headers["if-none-match"] = "*"
+        if if_match is not None:
+            headers["if-match"] = if_match
+        response = await self._send("PUT", self.url(key), body, headers)
+        if response.status_code == 412:
+            return False
+        if response.status_code != 200:
+            raise self._fail(f"PUT {key}", response)
+        return True
+
+    async def delete(self, key: str) -> None:
+        response = await self._send("DELETE", self.url(key))
+        if response.status_code not in (200, 204, 404):
+            raise self._fail(f"DELETE {key}", response)
+
+    async def create_upload(self, key: str) -> str:
+        response = await self._send("POST", self.url(key, "uploads="))
+        if response.status_code != 200:
+            raise self._fail(f"create upload {key}", response)
+        upload = _xml(response.content, "create upload").findtext("s3:UploadId", "", NS)
+        if not upload:
+            raise S3Error(f"create upload {key}: no upload id")
+        return upload
+
+    async def upload_part(self, key: str, upload: str, number: int, data: bytes) -> str:
+        """Send one part; its ETag."""
+        query = f"partNumber={number}&uploadId={quote(upload, safe='')}"
+        response = await self._send("PUT", self.url(key, query), data)
+        if response.status_code != 200 or not response.headers.get("etag"):
+            raise self._fail(f"upload part {number} of {key}", response)
+        return response.headers["etag"]
+
+    async def complete_upload(
+        self, key: str, upload: str, etags: list[str], *, if_none_match: bool
+    ) -> bool:
+        """Publish the upload at `key`; False when `key` existed (412, with
+        `if_none_match`): the upload is then still open, for the caller to abort."""
+        parts = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+            for n, etag in enumerate(etags, 1)
+        )
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        headers = {"if-none-match": "*"} if if_none_match else {}
+        query = f"uploadId={quote(upload, safe='')}"
+        response = await self._send("POST", self.url(key, query), body, headers)
+        if response.status_code == 412:
+            return False
+        # S3 may answer 200 with an <Error> body when completing fails late.
+        if response.status_code != 200 or b"<Error>" in response.content[:512]:
+            raise self._fail(f"complete upload {key}", response)
+        return True
+
+    async def abort_upload(self, key: str, upload: str) -> None:
+        query = f"uploadId={quote(upload, safe='')}"
+        response = await self._send("DELETE", self.url(key, query))
+        if response.status_code not in (200, 204, 404):
+            raise self._fail(f"abort upload {key}", response)
+
+    async def uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """Multipart uploads in progress under `prefix`: [(key, upload id)] (one page)."""
+        response = await self._send("GET", self.url("", f"uploads=&prefix={quote(prefix)}"))
+        if response.status_code != 200 or len(response.content) > MAX_LISTING_BYTES:
+            raise self._fail("list uploads", response)
+        root = _xml(response.content, "list uploads")
+        return [
+            (u.findtext("s3:Key", "", NS), u.findtext("s3:UploadId", "", NS))
+            for u in root.findall("s3:Upload", NS)
+        ]
+
+    async def list(self, prefix: str, after: str = "") -> tuple[list[Listed], str | None]:
+        """One page of objects under `prefix`, and the token of the next page (if any)."""
+        query = f"list-type=2&prefix={quote(prefix, safe='')}"
+        if after:
+            query += f"&continuation-token={quote(after, safe='')}"
+        response = await self._send("GET", self.url("", query))
+        if response.status_code != 200 or len(response.content) > MAX_LISTING_BYTES:
+            raise self._fail("list objects", response)
+        root = _xml(response.content, "list objects")
+        try:
+            listed = [
+                Listed(
+                    c.findtext("s3:Key", "", NS),
+                    int(c.findtext("s3:Size", "0", NS) or 0),
+                    _iso_date(c.findtext("s3:LastModified", "", NS)),
+                )
+                for c in root.findall("s3:Contents", NS)
+            ]
+        except ValueError:
+            raise S3Error("list objects: a malformed answer") from None
+        truncated = root.findtext("s3:IsTruncated", "", NS) == "true"
+        token = root.findtext("s3:NextContinuationToken", "", NS)
+        return listed, (token if truncated and token else None)

@@ -1,0 +1,147 @@
+"""Reading an object back from the bucket, verified as it streams.
+
+The bucket is another trust domain: anyone with its keys (or a fault in it) may change an
+object behind the relays' back. `S3Reader` reads the object from its first byte with one
+streamed GET, hashes every byte, and hands out the bytes that end the object only once the
+whole object matched its digest: a tampered object ends short for the client (never
+complete and valid) and is deleted from the bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import httpx
+
+from vpsrelay.cache.s3.client import S3Error
+from vpsrelay.core.digest import Digest, Verifier
+from vpsrelay.errors import DigestMismatch, UpstreamError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from vpsrelay.cache.s3.client import S3Client
+
+log = logging.getLogger("vpsrelay.cache")
+
+
+class S3Reader:
+    """Reads one committed object in order (a `BlobReader`); a read at an earlier
+    offset starts the GET again."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        key: str,
+        digest: str,
+        size: int,
+        on_bad: Callable[[str, str], Awaitable[None]],
+        on_close: Callable[[httpx.Response], None],
+        response: httpx.Response | None = None,
+    ) -> None:
+        self._client = client
+        self._key = key
+        self._digest = digest
+        self._size = size
+        self._on_bad = on_bad  # (digest, why): the object is wrong or gone
+        self._on_close = on_close  # closes a response later, in Trio (`close` is sync)
+        self._response = response  # opened already (by the store's `locate`), or None
+        self._chunks: AsyncIterator[bytes] | None = (
+            None if response is None else response.aiter_raw()
+        )
+        self._verifier = Verifier(Digest.parse(digest))
+        self._received = 0  # bytes read from the bucket (and hashed)
+        self._buffer = bytearray()  # received, not handed out; it starts at `_position`
+        self._position = 0
+        self._ended = False
+        self._end = size  # the caller reads no further (`set_end`)
+
+    def set_end(self, end: int) -> None:
+        """The caller reads no further than `end` (a `Range`): the bytes that reach it
+        are handed out only once the rest of the object was read and the whole matched."""
+        self._end = min(end, self._size)
+
+    async def read(self, offset: int, count: int, verifier: Verifier | None = None) -> bytes:
+        """Up to `count` bytes at `offset`.
+
+        Raises:
+            UpstreamError: the bucket failed or the object is short.
+            DigestMismatch: the object is not what its digest says (it is then deleted).
+        """
+        try:
+            if self._chunks is None or offset < self._position:
+                await self._open()
+            while self._position + len(self._buffer) < offset:  # skip to `offset`, hashing
+                self._position += len(self._buffer)
+                self._buffer.clear()
+                if not await self._pull():
+                    break
+            if offset > self._position:
+                del self._buffer[: offset - self._position]
+                self._position = offset
+            want = min(count, self._end - offset)
+            while len(self._buffer) < want and await self._pull():
+                pass
+            if len(self._buffer) < want or want <= 0:
+                raise await self._bad("ended early")
+            data = bytes(self._buffer[:want])
+            del self._buffer[:want]
+            if offset + want >= self._end:  # the caller's last bytes: the whole must match
+                self._buffer.clear()  # past `end`: hashed, never handed out
+                while await self._pull():
+                    self._buffer.clear()
+                if self._received != self._size:
+                    raise await self._bad("ended early")
+                try:
+                    self._verifier.finish()
+                except DigestMismatch:
+                    await self._bad("does not match its digest")
+                    raise
+        except S3Error as exc:
+            self.close()
+            raise UpstreamError(f"the relay's bucket failed: {exc}") from None
+        except httpx.HTTPError as exc:
+            self.close()
+            raise UpstreamError(f"the relay's bucket failed: {type(exc).__name__}") from None
+        self._position += want
+        if verifier is not None:
+            verifier.update(data)
+        return data
+
+    async def _open(self) -> None:
+        self.close()
+        self._response = None
+        self._response = await self._client.open_get(self._key)
+        self._chunks = self._response.aiter_raw()
+        self._verifier = Verifier(Digest.parse(self._digest))
+        self._received = self._position = 0
+        self._buffer.clear()
+        self._ended = False
+
+    async def _pull(self) -> bool:
+        """One more chunk into the buffer (hashed); False at the end of the body."""
+        assert self._chunks is not None
+        if self._ended:
+            return False
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._ended = True
+            return False
+        self._received += len(chunk)
+        if self._received > self._size:
+            raise await self._bad(f"longer than {self._size} bytes")
+        self._verifier.update(chunk)
+        self._buffer += chunk
+        return True
+
+    async def _bad(self, why: str) -> UpstreamError:
+        await self._on_bad(self._digest, why)
+        self.close()
+        return UpstreamError(f"the cached object {self._digest} {why}")
+
+    def close(self) -> None:
+        response, self._response, self._chunks = self._response, None, None
+        if response is not None:
+            self._on_close(response)
