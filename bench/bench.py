@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,21 @@ def peak_rss_per_process(pid: int) -> int:
     return largest
 
 
+def wait_ready(url: str, proc: subprocess.Popen[bytes], workers: int, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                report = json.loads(answer.read())
+            states = [w.get("state") for w in report.get("workers", [])]
+            if workers == 1 or (len(states) == workers and all(x == "ready" for x in states)):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}: not every worker became ready")
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None, limit: float = 20.0) -> None:
     import socket
 
@@ -385,6 +401,9 @@ class Bench:
         wait_port(port, popen)
         if tport:
             wait_port(tport, popen)
+        # The port answers as soon as the supervisor binds it; the workers' start-up is
+        # not measured: wait until /readyz says every worker is ready.
+        wait_ready(f"http://127.0.0.1:{port}/readyz", popen, workers)
         proc = Proc(name, popen, f"http://127.0.0.1:{port}", pid=popen.pid)
         proc.tls_url = f"https://127.0.0.1:{tport}" if tport else None
         proc.data = d / "data"  # type: ignore[attr-defined]
