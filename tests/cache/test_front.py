@@ -751,7 +751,7 @@ async def test_a_cached_manifest_whose_file_vanished_is_an_error_to_retry(
 ) -> None:
     async with cached_relay(tmp_path) as r:
         await fill_tag(r)
-        r.store._forget_manifest(MANIFEST_DIGEST)  # not in memory, and gone from disk
+        r.store._manifests.forget(MANIFEST_DIGEST)  # not in memory, and gone from disk
         r.store.path(MANIFEST_DIGEST).unlink()
         response = await r.client.get(TAG_PATH, headers=ACCEPT)
         assert response.status_code == 502

@@ -26,7 +26,6 @@ import os
 import secrets
 import sqlite3
 import time
-from collections import OrderedDict
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -36,13 +35,14 @@ from vpsrelay import private_files
 from vpsrelay.cache import claims
 from vpsrelay.cache.fills import DiskFill, RemoteFill
 from vpsrelay.cache.index import Database, Index, Obj, Tag
+from vpsrelay.cache.memory import ManifestMemory, Pins
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.core import cachepolicy
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from vpsrelay.config import CacheConfig
@@ -54,7 +54,6 @@ log = logging.getLogger("vpsrelay.cache")
 WRITE_BATCH = 1024 * 1024  # bytes gathered before one write+hash in a worker thread
 READ_CHUNK = 1024 * 1024
 FLUSH_INTERVAL = 5.0  # seconds between index writes to SQLite (last-use times, counters)
-MANIFEST_MEMORY = 32 * 1024 * 1024
 
 
 class DiskError(Exception):
@@ -119,13 +118,12 @@ class DiskStore:
         self.db = db
         self.index = index
         self.fills: dict[str, DiskFill] = {}
-        self.pins: dict[str, int] = {}
+        self.pins = Pins()
         self.reserved = 0
         self._flushed_at = time.monotonic()
         self._flush_lock = trio.Lock()
         self._space_lock = trio.Lock()
-        self._manifests: OrderedDict[str, bytes] = OrderedDict()
-        self._manifest_bytes = 0
+        self._manifests = ManifestMemory()
         # Few threads read cached files: each thread that allocates gets its own malloc
         # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
         self._read_limiter: trio.CapacityLimiter | None = None
@@ -286,18 +284,9 @@ class DiskStore:
         """Nothing in the background: eviction happens as fills make room."""
         await trio.sleep_forever()
 
-    @contextlib.contextmanager
-    def pinned(self, digest: str) -> Iterator[None]:
+    def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:
         """Keep `digest` from eviction while it is read."""
-        self.pins[digest] = self.pins.get(digest, 0) + 1
-        try:
-            yield
-        finally:
-            left = self.pins[digest] - 1
-            if left:
-                self.pins[digest] = left
-            else:
-                del self.pins[digest]
+        return self.pins.hold(digest)
 
     def open(self, digest: str) -> DiskReader | None:
         """A reader of a committed object, or None if its file is gone."""
@@ -401,7 +390,7 @@ class DiskStore:
     def _forget(self, digest: str) -> None:
         obj = self.index.objects.get(digest)
         self.index.forget(digest)  # its row is deleted already
-        self._forget_manifest(digest)
+        self._manifests.forget(digest)
         self.index.count("evictions")
         size = cachepolicy.format_size(obj.size) if obj is not None else "stored elsewhere"
         log.info("cache: evicted %s (%s)", digest, size)
@@ -411,7 +400,7 @@ class DiskStore:
         if obj is None:
             return
         self.index.remove(digest)
-        self._forget_manifest(digest)
+        self._manifests.forget(digest)
         self.index.count("evictions")
         log.info("cache: evicted %s (%s)", digest, cachepolicy.format_size(obj.size))
         with contextlib.suppress(FileNotFoundError):
@@ -728,35 +717,20 @@ class DiskStore:
         finally:
             self.reserved -= len(body)
         self.index.add(digest, Obj(len(body), time.time(), kind, media_type))
-        self._remember_manifest(digest, body)
+        self._manifests.remember(digest, body)
         await self.flush(force=True)  # written through: other processes look it up
 
     async def read_small(self, digest: str) -> bytes | None:
         body = self._manifests.get(digest)
         if body is not None:
-            self._manifests.move_to_end(digest)
             return body
         try:
             data = await trio.to_thread.run_sync(self.path(digest).read_bytes)
         except FileNotFoundError:
             self.index.forget(digest)
             return None
-        self._remember_manifest(digest, data)
+        self._manifests.remember(digest, data)
         return data
-
-    def _remember_manifest(self, digest: str, body: bytes) -> None:
-        if digest in self._manifests:
-            return
-        self._manifests[digest] = body
-        self._manifest_bytes += len(body)
-        while self._manifest_bytes > MANIFEST_MEMORY:
-            _, old = self._manifests.popitem(last=False)
-            self._manifest_bytes -= len(old)
-
-    def _forget_manifest(self, digest: str) -> None:
-        body = self._manifests.pop(digest, None)
-        if body is not None:
-            self._manifest_bytes -= len(body)
 
 
 def _read_blocking(fd: int, count: int, offset: int, verifier: Verifier | None) -> bytes:

@@ -26,7 +26,6 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ import trio
 
 from vpsrelay import private_files
 from vpsrelay.cache.index import Database, Index, Obj, Tag
+from vpsrelay.cache.memory import ManifestMemory, Pins
 from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
@@ -46,7 +46,7 @@ from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     import httpx
@@ -59,7 +59,6 @@ WRITE_BATCH = 1024 * 1024
 FLUSH_INTERVAL = 5.0
 RETRY_AFTER = 5.0  # seconds the bucket is left alone after it failed
 POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
-MANIFEST_MEMORY = 32 * 1024 * 1024
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
 PREPARED_TTL = 30.0  # seconds a GET opened by `locate` waits for its reader
@@ -100,7 +99,7 @@ class S3Store:
         self.leases = Leases(client, self.s3.prefix, self.node, self.s3.lease_ttl)
         self.evictor = Evictor(client, self.leases, self.s3, self.node)
         self.fills: dict[str, S3Fill] = {}
-        self.pins: dict[str, int] = {}
+        self.pins = Pins()
         self.held: set[str] = set()  # digests whose lease this node holds
         self.failed_at: float | None = None  # monotonic: the bucket's last failure
         self.last_error = ""
@@ -114,8 +113,7 @@ class S3Store:
         # publishes a verified copy itself (a store that keeps serving a tampered object
         # must not fail every pull of it)
         self._distrusted: dict[str, float] = {}
-        self._manifests: OrderedDict[str, bytes] = OrderedDict()
-        self._manifest_bytes = 0
+        self._manifests = ManifestMemory()
         self._sequence = 0
         self._read_limiter = trio.CapacityLimiter(READ_THREADS)
 
@@ -304,17 +302,8 @@ class S3Store:
                 await self.client.abort_upload(key, upload)
                 log.info("cache: aborted a dead node's upload of %s", digest)
 
-    @contextlib.contextmanager
-    def pinned(self, digest: str) -> Iterator[None]:
-        self.pins[digest] = self.pins.get(digest, 0) + 1
-        try:
-            yield
-        finally:
-            left = self.pins[digest] - 1
-            if left:
-                self.pins[digest] = left
-            else:
-                del self.pins[digest]
+    def pinned(self, digest: str) -> contextlib.AbstractContextManager[None]:
+        return self.pins.hold(digest)
 
     def presigned(self, digest: str, size: int) -> str | None:
         """With `cache.s3.redirect`: a GET-only URL for this one object, valid for
@@ -353,7 +342,7 @@ class S3Store:
     async def _bad(self, digest: str, why: str) -> None:
         """An object read back was wrong or gone: forget it, and delete a wrong one."""
         self.index.remove(digest)
-        self._forget_manifest(digest)
+        self._manifests.forget(digest)
         if why == "gone":
             return
         self._distrusted[digest] = time.monotonic()
@@ -462,7 +451,7 @@ class S3Store:
         if digest in self.pins or digest in self.fills:
             return False
         self.index.remove(digest)
-        self._forget_manifest(digest)
+        self._manifests.forget(digest)
         try:
             await self.client.delete(self.key(digest))
         except S3Error as exc:
@@ -484,7 +473,7 @@ class S3Store:
                     await self.evictor.write_batch(set(self.pins))
                     for digest in await self.evictor.run_pass():
                         self.index.remove(digest)
-                        self._forget_manifest(digest)
+                        self._manifests.forget(digest)
                 except S3Error as exc:
                     self._failed(exc)
                 except Exception:  # upkeep must never end the server
@@ -777,12 +766,11 @@ class S3Store:
         elif self._is_distrusted(digest):
             return  # the bucket keeps a copy that failed its check: not ours to serve
         self.index.add(digest, Obj(len(body), time.time(), kind, media_type))
-        self._remember_manifest(digest, body)
+        self._manifests.remember(digest, body)
 
     async def read_small(self, digest: str) -> bytes | None:
         body = self._manifests.get(digest)
         if body is not None:
-            self._manifests.move_to_end(digest)
             return body
         try:
             data = await self.client.get_small(self.key(digest), MAX_SMALL)
@@ -795,19 +783,5 @@ class S3Store:
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             await self._bad(digest, "does not match its digest")
             return None
-        self._remember_manifest(digest, data)
+        self._manifests.remember(digest, data)
         return data
-
-    def _remember_manifest(self, digest: str, body: bytes) -> None:
-        if digest in self._manifests:
-            return
-        self._manifests[digest] = body
-        self._manifest_bytes += len(body)
-        while self._manifest_bytes > MANIFEST_MEMORY:
-            _, old = self._manifests.popitem(last=False)
-            self._manifest_bytes -= len(old)
-
-    def _forget_manifest(self, digest: str) -> None:
-        body = self._manifests.pop(digest, None)
-        if body is not None:
-            self._manifest_bytes -= len(body)
