@@ -2,14 +2,12 @@
 
 Master, volume server, filer and S3 gateway in one process on loopback ports in a private
 directory; one identity (`relay`) with its keys in the gateway's config. The helper signs
-its own requests with the relay's SigV4 (`vpsrelay.core.sigv4`), which SeaweedFS checks:
-a wrong signature is refused, so these calls test the signer too.
+its own requests as the relay signs them (`vpsrelay.cache.s3.signing`, botocore), which
+SeaweedFS checks: a wrong signature is refused, so these calls test the signer too.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +23,8 @@ import pytest
 
 from tests.infra.binaries import REQUIRE_ENV, integration_required
 from tests.infra.pebble import free_port
-from vpsrelay.core import sigv4
+from vpsrelay.cache.s3.signing import Signer, wire_url
+from vpsrelay.config import Secret
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -57,7 +56,7 @@ class Seaweed:
         self.s3_port = free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = directory / "weed.log"
-        self.creds = sigv4.Credentials(ACCESS_KEY, SECRET_KEY, REGION)
+        self.signer = Signer(ACCESS_KEY, Secret(SECRET_KEY), REGION)
         self._ports = {name: free_port(host) for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
             "filer.port", "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg",
@@ -126,17 +125,9 @@ class Seaweed:
         signed: bool = True,
     ) -> httpx.Response:
         """One S3 request, signed as the relay signs them (`path` unencoded, with query)."""
-        url = f"{self.endpoint}{path}"
-        send = dict(headers or {})
+        url, send = wire_url(f"{self.endpoint}{path}"), dict(headers or {})
         if signed:
-            send = sigv4.sign_headers(
-                self.creds,
-                method,
-                url,
-                send,
-                hashlib.sha256(body).hexdigest(),
-                datetime.datetime.now(datetime.UTC),
-            )
+            url, send = self.signer.sign(method, url, send, body)
         with httpx.Client(timeout=20, trust_env=False) as client:
             return client.request(method, url, content=body, headers=send)
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.infra.relay import REPO_ROOT
 from tests.infra.seaweed import SECRET_KEY
-from tests.integration.test_cache import MiB, host, push_unique, sub, wait_until
+from tests.integration.test_cache import MiB, host, push_unique, start_relay, sub, wait_until
 from tests.integration.test_pull import anonymous_token, assert_blobs_pulled, skopeo_copy
 from tests.integration.test_s3_cache import (  # the fixtures, shared
     PREFIX,
@@ -175,6 +175,36 @@ def test_bucket_credentials_never_reach_a_client_or_a_log(
     assert shown.returncode == 0, shown.stderr
     assert SECRET_KEY not in shown.stdout + shown.stderr
     assert '"secret_key": "***"' in shown.stdout
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_signatures_never_reach_the_log_even_at_debug_level(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path, workers: str
+) -> None:
+    """botocore logs every canonical request and signature at DEBUG, and a presigned URL's
+    signature is that URL's credential: an operator's `--log-level debug` (supervisor and
+    workers alike) must not hand it to whoever reads the log."""
+    image = push_unique(clean_hub, tmp_path, "someuser/verbose", 6 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    env = s3_env(seaweed, bucket, s3__redirect="true", s3__redirect_min_size="1")
+    with start_relay(
+        tmp_path / "a", clean_hub, "--log-level", "debug", "--workers", workers, **env
+    ) as a:
+        skopeo_copy(sub(tmp_path / "pull"), f"{host(a)}/someuser/verbose:1")  # fills: PUTs
+        token = anonymous_token(a, "someuser/verbose")
+        redirected = httpx.get(
+            f"{a.url}/v2/someuser/verbose/blobs/{layer.digest}",
+            headers={"authorization": f"Bearer {token}"},
+        )
+        assert redirected.status_code == 307, a.log_text()[-3000:]
+        signature = redirected.headers["location"].rpartition("X-Amz-Signature=")[2]
+        log = a.log_text()
+    assert "level=debug" in log, "the relay did not log at debug level"
+    assert len(signature) == 64
+    assert signature not in log
+    for botocore_trace in ("CanonicalRequest", "StringToSign", "Signature:"):
+        assert botocore_trace not in log
+    assert SECRET_KEY not in log
 
 
 def test_a_presigned_url_is_for_one_object_get_only_and_expires(

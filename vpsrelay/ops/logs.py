@@ -86,3 +86,6 @@ def setup(level: str, style: str = "logfmt") -> None:
     # httpcore's proxy traces print a proxy's credentials at DEBUG: never below INFO.
     for name in ("httpcore.socks", "httpcore.proxy"):
         logging.getLogger(name).setLevel(logging.INFO)
+    # botocore (the bucket's signer) logs each signature at DEBUG, and a presigned URL's
+    # signature is that URL's credential: never below INFO either.
+    logging.getLogger("botocore").setLevel(logging.INFO)

@@ -1,5 +1,5 @@
 """The blob store on an S3-compatible bucket shared by several relay nodes.
 
-`client` speaks S3 (httpx, signed by `vpsrelay.core.sigv4`), `lease` decides which node
+`client` speaks S3 (httpx, signed by botocore in `signing`), `lease` decides which node
 fills a blob, `reader` reads objects back verified, `store` is the `BlobStore`.
 """

@@ -1,4 +1,4 @@
-"""A small S3 client on httpx (Trio through anyio), signed by `vpsrelay.core.sigv4`.
+"""A small S3 client on httpx (Trio through anyio), signed by botocore (`signing`).
 
 Only what the blob store needs: HEAD, streamed GET, PUT (with `If-None-Match: *` or
 `If-Match`), DELETE, multipart uploads, listing and presigned GET URLs. Every failure is
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -19,10 +18,10 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from vpsrelay.core import sigv4
-
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
+
+    from vpsrelay.cache.s3.signing import Signer
 
 NS = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
 MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bounded
@@ -94,7 +93,7 @@ class S3Client:
         self,
         endpoint: str,
         bucket: str,
-        creds: sigv4.Credentials,
+        signer: Signer,
         *,
         virtual_host: bool = False,
         public_endpoint: str | None = None,
@@ -102,7 +101,7 @@ class S3Client:
         timeout: float = 30.0,
     ) -> None:
         self.bucket = bucket
-        self.creds = creds
+        self.signer = signer
         self._base = self._bucket_url(endpoint.rstrip("/"), virtual_host)
         self._public_base = self._bucket_url(
             (public_endpoint or endpoint).rstrip("/"), virtual_host
@@ -128,30 +127,20 @@ class S3Client:
 
     def presign(self, key: str, expires: int) -> str:
         """A GET-only URL for `key` on the public endpoint, valid `expires` seconds."""
-        now = datetime.datetime.now(datetime.UTC)
-        return sigv4.presign_get(self.creds, f"{self._public_base}/{key}", expires, now)
+        return self.signer.presign_get(f"{self._public_base}/{key}", expires)
 
     def _signed(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        payload_hash: str,
-        body: bytes = b"",
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes = b""
     ) -> httpx.Request:
-        now = datetime.datetime.now(datetime.UTC)
-        signed = sigv4.sign_headers(self.creds, method, url, dict(headers), payload_hash, now)
-        parts = urlsplit(url)
-        wire = f"{parts.scheme}://{parts.netloc}{quote(parts.path)}"
-        if parts.query:
-            wire += f"?{parts.query}"
+        """The request as signed: the body's SHA-256 is signed too (bodies are in memory)."""
+        wire, signed = self.signer.sign(method, url, headers, body)
         return httpx.Request(method, wire, headers=signed, content=body)
 
     async def _send(
         self, method: str, url: str, body: bytes = b"", headers: Mapping[str, str] | None = None
     ) -> Answer:
         """One request whose answer is small: read whole, up to `MAX_LISTING_BYTES`."""
-        request = self._signed(method, url, headers or {}, hashlib.sha256(body).hexdigest(), body)
+        request = self._signed(method, url, headers or {}, body)
         what = f"{method} {urlsplit(url).path}"
         try:
             response = await self._client.send(request, stream=True)
@@ -197,7 +186,7 @@ class S3Client:
         Raises:
             S3Error: the bucket failed (`status` 404: no such object).
         """
-        request = self._signed("GET", self.url(key), {}, sigv4.EMPTY_SHA256)
+        request = self._signed("GET", self.url(key), {})
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:

@@ -38,10 +38,11 @@ from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
+from vpsrelay.cache.s3.signing import Signer
 from vpsrelay.cache.s3.tags import SharedIndex, decode, encode, tag_key
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.cache.store import DiskReader
-from vpsrelay.core import sigv4
+from vpsrelay.config import Secret
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 
@@ -122,11 +123,11 @@ class S3Store:
         s3 = config.s3
         assert s3.endpoint is not None  # config.py checks both
         assert s3.access_key is not None
-        creds = sigv4.Credentials(s3.access_key, s3.secret(), s3.region)
+        signer = Signer(s3.access_key, Secret(s3.secret()), s3.region)
         client = S3Client(
             s3.endpoint,
             s3.bucket,
-            creds,
+            signer,
             virtual_host=s3.addressing == "virtual",
             public_endpoint=s3.public_endpoint,
             verify=str(s3.ca_bundle) if s3.ca_bundle is not None else True,
