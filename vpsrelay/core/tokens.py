@@ -306,7 +306,7 @@ def address_key(address: str, ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX) -> 
 
 
 @dataclass(slots=True)
-class _Failures:
+class Failures:
     count: int
     last: float
     next_start: float = -math.inf  # a paced user's checks (either line) start no sooner
@@ -323,7 +323,7 @@ MAX_SUSPECTS_PER_USER = 4096
 
 
 @dataclass(slots=True)
-class _UserLine:
+class UserLine:
     """The turns of one user guessed at: one line for the addresses that failed for it
     (`suspects`), one for newcomers; and the turn each address has waiting (`queued`)."""
 
@@ -331,6 +331,28 @@ class _UserLine:
     suspect_next: float = -math.inf
     newcomer_next: float = -math.inf
     queued: dict[str, float] = field(default_factory=dict)  # address key -> turn start
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffKeys:
+    """The keys one check of (address, user) reads and writes."""
+
+    address: str
+    pair: str
+    user: str
+    client: str  # the address's key in the user's line
+
+
+@dataclass(slots=True)
+class BackoffSlice:
+    """What one check of (address, user) reads and writes of a `PasswordBackoff`'s state:
+    the failures of its three keys, the user's line (with this client's place only: its
+    being a suspect, its turn waiting) and whether the pair is trusted. A store shared by
+    several processes loads it before the check and saves it after (`access.shared`)."""
+
+    failures: dict[str, Failures] = field(default_factory=dict)
+    line: UserLine | None = None
+    trusted: bool = False
 
 
 @dataclass(slots=True)
@@ -370,9 +392,9 @@ class PasswordBackoff:
     limit: int = 100_000
     per_minute: float = 10.0
     ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX
-    _keys: collections.OrderedDict[str, _Failures] = field(default_factory=collections.OrderedDict)
+    _keys: collections.OrderedDict[str, Failures] = field(default_factory=collections.OrderedDict)
     _trusted: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
-    _lines: collections.OrderedDict[str, _UserLine] = field(default_factory=collections.OrderedDict)
+    _lines: collections.OrderedDict[str, UserLine] = field(default_factory=collections.OrderedDict)
     _suspects: int = 0  # addresses remembered by all the lines together
 
     @staticmethod
@@ -393,13 +415,13 @@ class PasswordBackoff:
     def _user_key(self, user: str) -> str:
         return "user:" + self._digest(user)
 
-    def _delay(self, failures: _Failures) -> float:
+    def _delay(self, failures: Failures) -> float:
         over = failures.count - self.free
         if over <= 0:
             return 0.0
         return min(self.cap, self.base * 2.0 ** min(over - 1, 62))
 
-    def _current(self, key: str, now: float) -> _Failures | None:
+    def _current(self, key: str, now: float) -> Failures | None:
         """The failures of `key`, unless it has been quiet long enough to be forgiven."""
         failures = self._keys.get(key)
         if failures is None:
@@ -479,13 +501,13 @@ class PasswordBackoff:
         self._trim()
 
     def _count(self, key: str, now: float) -> None:
-        failures = self._keys.pop(key, None) or _Failures(0, now)
+        failures = self._keys.pop(key, None) or Failures(0, now)
         failures.count += 1
         failures.last = now
         self._keys[key] = failures  # to the end: the newest
 
-    def _line(self, user_key: str) -> _UserLine:
-        line = self._lines.pop(user_key, None) or _UserLine()
+    def _line(self, user_key: str) -> UserLine:
+        line = self._lines.pop(user_key, None) or UserLine()
         self._lines[user_key] = line  # to the end: the newest
         return line
 
@@ -501,6 +523,33 @@ class PasswordBackoff:
         while self._lines and len(self._lines) + self._suspects > self.limit:
             _, line = self._lines.popitem(last=False)
             self._suspects -= len(line.suspects)
+
+    def keys(self, address: str, user: str) -> BackoffKeys:
+        return BackoffKeys(
+            self._address_key(address), self._pair_key(address, user), self._user_key(user),
+            self._client(address),
+        )  # fmt: skip
+
+    def take_slice(self, keys: BackoffKeys) -> BackoffSlice:
+        """The state a check of `keys` reads and writes (shared with this backoff)."""
+        wanted = (keys.address, keys.pair, keys.user)
+        failures = {key: self._keys[key] for key in wanted if key in self._keys}
+        return BackoffSlice(failures, self._lines.get(keys.user), keys.pair in self._trusted)
+
+    def put_slice(self, keys: BackoffKeys, part: BackoffSlice) -> None:
+        """Set the state of `keys` to `part` (a backoff that holds nothing else: one
+        check's worth of a shared store)."""
+        for key in (keys.address, keys.pair, keys.user):
+            self._keys.pop(key, None)
+            if key in part.failures:
+                self._keys[key] = part.failures[key]
+        self._drop_line(keys.user)
+        if part.line is not None:
+            self._lines[keys.user] = part.line
+            self._suspects += len(part.line.suspects)
+        self._trusted.pop(keys.pair, None)
+        if part.trusted:
+            self._trusted[keys.pair] = None
 
     def succeeded(self, address: str, user: str) -> None:
         pair = self._pair_key(address, user)
