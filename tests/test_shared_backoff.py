@@ -110,6 +110,47 @@ def test_long_user_names_cost_fixed_size_rows(tmp_path: Path) -> None:
     assert all(len(key) < 64 for key in keys)
 
 
+async def test_workers_share_the_backoff_and_the_only_process_keeps_it_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from vpsrelay import config
+    from vpsrelay.access.clientauth import ClientAuth, add_user
+    from vpsrelay.errors import TooManyRequests, Unauthorized
+    from vpsrelay.upstream import Upstream
+    from vpsrelay.upstream.tokens import TokenClient
+
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", "right", rounds=4)
+    settings = config.load(None, {}, {
+        "data_dir": str(tmp_path / "data"), "auth.enabled": True, "auth.users_file": str(users),
+        "auth.failures_before_backoff": 1,
+    })  # fmt: skip
+
+    def client_auth() -> ClientAuth:
+        return ClientAuth(settings, TokenClient(Upstream(settings, transport=httpx.MockTransport(
+            lambda request: httpx.Response(500)))))  # fmt: skip
+
+    alone = client_auth()
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            await alone.check_password("alice", "wrong", "203.0.113.7")
+    with pytest.raises(TooManyRequests):
+        await alone.check_password("alice", "right", "203.0.113.7")
+    assert not (tmp_path / "data" / "limits.db").exists()  # counted in memory
+    monkeypatch.setenv("_VPSRELAY_WORKER", "1/2")
+    one, two = client_auth(), client_auth()
+    with pytest.raises(Unauthorized):
+        await one.check_password("alice", "wrong", "203.0.113.7")
+    with pytest.raises(Unauthorized):
+        await two.check_password("alice", "wrong", "203.0.113.7")
+    for worker in (one, two):  # two failures in all: the address waits in both workers
+        with pytest.raises(TooManyRequests):
+            await worker.check_password("alice", "right", "203.0.113.7")
+    assert (await two.check_password("alice", "right", "198.51.100.1")).subject == "alice"
+
+
 # --- the same calls, one process in memory or two on one file -------------------------------
 
 ADDRESSES = ["203.0.113.7", "203.0.113.8", "198.51.100.1", "2001:db8:1:2::1", "2001:db8:1:2::9"]
