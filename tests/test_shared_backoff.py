@@ -151,14 +151,59 @@ async def test_workers_share_the_backoff_and_the_only_process_keeps_it_in_memory
     assert (await two.check_password("alice", "right", "198.51.100.1")).subject == "alice"
 
 
+def test_checks_running_at_once_in_two_processes_get_the_tries_of_checks_in_turn(
+    tmp_path: Path,
+) -> None:
+    """A check counts as a failure from its start: ten begun at once, five in each process,
+    and only `free` + 1 may start; ending them (a failure, an answer-less end) keeps it so."""
+    one, two = _two(tmp_path, free=3, cap=60.0)
+    starts = [(one, two)[n % 2].start("203.0.113.7", "alice", NOON) for n in range(10)]
+    assert [start.refused == 0 for start in starts] == [True] * 4 + [False] * 6
+    assert all(start.refused == pytest.approx(1.0) for start in starts[4:])
+    one.failed("203.0.113.7", "alice", NOON + 0.5)
+    two.failed("203.0.113.7", "alice", NOON + 0.5)
+    one.abandoned("203.0.113.7", "alice")  # a full queue: no answer, not counted
+    two.succeeded("203.0.113.7", "alice")  # and the right password
+    # Two failures in all: the address is free again for two more tries.
+    assert one.start("203.0.113.7", "bob", NOON + 0.5).refused == 0
+    assert two.start("203.0.113.7", "bob", NOON + 0.5).refused == 0
+    assert one.start("203.0.113.7", "bob", NOON + 0.5).refused > 0
+    assert two.start("198.51.100.1", "alice", NOON + 0.5).refused == 0  # another address
+
+
+def test_a_right_pull_token_is_refused_with_its_address_and_counts_nothing(
+    tmp_path: Path,
+) -> None:
+    one, two = _two(tmp_path, free=1, cap=60.0)
+    assert one.wrong_pull_token("203.0.113.7", NOON) == 0.0
+    assert two.wrong_pull_token("203.0.113.7", NOON) == 0.0
+    assert one.wrong_pull_token("203.0.113.7", NOON) == pytest.approx(1.0)  # not counted
+    assert two.start("203.0.113.7", "x", NOON, pull_token=True).refused == pytest.approx(1.0)
+    assert two.start("203.0.113.7", "x", NOON + 1, pull_token=True) == tokens.Start()
+    assert one.address_wait("203.0.113.7", NOON + 1) == 0.0  # nothing counted for it
+
+
 # --- the same calls, one process in memory or two on one file -------------------------------
 
 ADDRESSES = ["203.0.113.7", "203.0.113.8", "198.51.100.1", "2001:db8:1:2::1", "2001:db8:1:2::9"]
 USERS = ["alice", "bob"]
+CALLS = [
+    "wait",
+    "address_wait",
+    "pace",
+    "pace",
+    "failed",
+    "failed",
+    "failed_address",
+    "succeeded",
+    "start",
+    "start",
+    "begin",
+    "abandoned",
+    "wrong_pull_token",
+]
 _call = st.tuples(
-    st.sampled_from(
-        ["wait", "address_wait", "pace", "pace", "failed", "failed", "failed_address", "succeeded"]
-    ),
+    st.sampled_from(CALLS),
     st.integers(0, len(ADDRESSES) - 1),
     st.integers(0, len(USERS) - 1),
     st.sampled_from([0.0, 0.0, 0.3, 1.0, 4.0, 9.0, 30.0]),  # time since the call before
@@ -182,6 +227,14 @@ def _apply(
         return backoff.failed(address, user, now)
     if name == "failed_address":
         return backoff.failed_address(address, now)
+    if name == "start":
+        return backoff.start(address, user, now, pull_token=call[1] == 0)
+    if name == "begin":
+        return backoff.begin(address, user, now)
+    if name == "abandoned":
+        return backoff.abandoned(address, user)
+    if name == "wrong_pull_token":
+        return backoff.wrong_pull_token(address, now)
     return backoff.succeeded(address, user)
 
 

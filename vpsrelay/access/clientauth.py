@@ -46,7 +46,7 @@ import bcrypt
 import trio
 
 from vpsrelay import private_files, worker_identity
-from vpsrelay.access.shared import SharedLimits
+from vpsrelay.access.shared import LimitsUnavailable, SharedLimits
 from vpsrelay.core import auth, headers as header_policy, tokens
 from vpsrelay.errors import ConfigError, TooManyRequests, Unauthorized
 from vpsrelay.upstream import USER_AGENT
@@ -195,12 +195,14 @@ class _PasswordChecks:
 class Backoff(Protocol):
     """What failed logins cost the next ones (`core.tokens.PasswordBackoff`'s methods)."""
 
-    def wait(self, address: str, user: str, now: float) -> float: ...
-    def address_wait(self, address: str, now: float) -> float: ...
-    def pace(self, address: str, user: str, now: float) -> float | None: ...
+    def start(
+        self, address: str, user: str, now: float, *, pull_token: bool = False
+    ) -> tokens.Start: ...
     def failed(self, address: str, user: str, now: float) -> None: ...
-    def failed_address(self, address: str, now: float) -> None: ...
     def succeeded(self, address: str, user: str) -> None: ...
+    def abandoned(self, address: str, user: str) -> None: ...
+    def address_wait(self, address: str, now: float) -> float: ...
+    def wrong_pull_token(self, address: str, now: float) -> float: ...
 
 
 class SharedBackoff:
@@ -230,24 +232,39 @@ class SharedBackoff:
             part.failures, part.line, part.trusted = after.failures, after.line, after.trusted
         return result
 
+    def start(
+        self, address: str, user: str, now: float, *, pull_token: bool = False
+    ) -> tokens.Start:
+        return self._run(
+            address, user, now, lambda b: b.start(address, user, now, pull_token=pull_token)
+        )
+
     def wait(self, address: str, user: str, now: float) -> float:
         return self._run(address, user, now, lambda b: b.wait(address, user, now))
-
-    def address_wait(self, address: str, now: float) -> float:
-        return self._run(address, "", now, lambda b: b.address_wait(address, now))
 
     def pace(self, address: str, user: str, now: float) -> float | None:
         return self._run(address, user, now, lambda b: b.pace(address, user, now))
 
+    def begin(self, address: str, user: str, now: float) -> None:
+        self._run(address, user, now, lambda b: b.begin(address, user, now))
+
     def failed(self, address: str, user: str, now: float) -> None:
         self._run(address, user, now, lambda b: b.failed(address, user, now))
+
+    def succeeded(self, address: str, user: str) -> None:
+        self._run(address, user, time.time(), lambda b: b.succeeded(address, user))
+
+    def abandoned(self, address: str, user: str) -> None:
+        self._run(address, user, time.time(), lambda b: b.abandoned(address, user))
+
+    def address_wait(self, address: str, now: float) -> float:
+        return self._run(address, "", now, lambda b: b.address_wait(address, now))
 
     def failed_address(self, address: str, now: float) -> None:
         self._run(address, "", now, lambda b: b.failed_address(address, now))
 
-    def succeeded(self, address: str, user: str) -> None:
-        now = time.time()
-        self._run(address, user, now, lambda b: b.succeeded(address, user))
+    def wrong_pull_token(self, address: str, now: float) -> float:
+        return self._run(address, "", now, lambda b: b.wrong_pull_token(address, now))
 
 
 class ClientAuth:
@@ -388,27 +405,33 @@ class ClientAuth:
         remembered = self._good.get(fingerprint)
         if remembered is not None and now - remembered[1] < CREDENTIAL_CACHE_SECONDS:
             return remembered[0]  # known good: no guess, so no backoff
-        wait = self._backoff.wait(client_ip, user, clock := self._backoff_clock())
-        if wait > 0:
-            raise _too_many_failures(wait)
-        if self._find_pull_token(password) is not None:
+        is_pull_token = self._find_pull_token(password) is not None
+        start = self._backoff.start(
+            client_ip, user, self._backoff_clock(), pull_token=is_pull_token
+        )
+        if start.refused > 0:
+            raise _too_many_failures(start.refused)
+        if is_pull_token:
             return Credential("token", tokens.Binding.of_pull_token(key, password))
-        turn = self._backoff.pace(client_ip, user, clock)
-        if turn is None:
-            raise _too_many_failures(self.settings.auth.max_backoff)
         generation = self._generation
         hashed = users.get(user)
         self._checking[fingerprint] = done = trio.Event()
+        decided = False
         try:
-            await trio.sleep(turn)  # the user's turn (0 unless it is being guessed at)
+            await trio.sleep(start.turn)  # the user's turn (0 unless it is being guessed at)
             good = await self._checks.check(password, hashed, self._dummy_cost)
+            if not good or hashed is None:
+                decided = True
+                self._backoff.failed(client_ip, user, self._backoff_clock())
+                raise Unauthorized("incorrect username or password", reason="bad_credentials")
+            decided = True
+            self._backoff.succeeded(client_ip, user)
         finally:
             del self._checking[fingerprint]
             done.set()
-        if not good or hashed is None:
-            self._backoff.failed(client_ip, user, self._backoff_clock())
-            raise Unauthorized("incorrect username or password", reason="bad_credentials")
-        self._backoff.succeeded(client_ip, user)
+            if not decided:  # no answer (a full queue, cancelled): the check did not count
+                with contextlib.suppress(LimitsUnavailable):
+                    self._backoff.abandoned(client_ip, user)
         credential = Credential(user, tokens.Binding.of_password(key, user, hashed))
         if generation != self._generation and (await self._users()).get(user) != hashed:
             # The users changed during the check, and this password with them.
@@ -475,13 +498,14 @@ class ClientAuth:
             return False  # no pull token to guess
         await self._users()  # (re)loads the token file
         now = self._backoff_clock()
-        wait = self._backoff.address_wait(client_ip, now)
+        good = self._is_pull_token(presented)
+        if good:
+            wait = self._backoff.address_wait(client_ip, now)
+        else:  # refused, or counted: one step, so no other process's guess comes between
+            wait = self._backoff.wrong_pull_token(client_ip, now)
         if wait > 0:
             raise _too_many_failures(wait)
-        if self._is_pull_token(presented):
-            return True
-        self._backoff.failed_address(client_ip, now)
-        return False
+        return good
 
     # -- /token ---------------------------------------------------------------------------------
 

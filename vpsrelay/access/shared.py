@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE TABLE IF NOT EXISTS budget (key TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS login_failures (
-    key TEXT PRIMARY KEY, count INTEGER NOT NULL, last REAL NOT NULL, next_start REAL NOT NULL
+    key TEXT PRIMARY KEY, count INTEGER NOT NULL, last REAL NOT NULL, next_start REAL NOT NULL,
+    pending INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS login_lines (
     user_key TEXT PRIMARY KEY, suspect_next REAL NOT NULL, newcomer_next REAL NOT NULL
@@ -370,10 +371,11 @@ def _load_logins(
     part = tokens.BackoffSlice()
     for key in (keys.address, keys.pair, keys.user):
         row = db.execute(
-            "SELECT count, last, next_start FROM login_failures WHERE key = ?", (key,)
+            "SELECT count, last, next_start, pending FROM login_failures WHERE key = ?", (key,)
         ).fetchone()
         if row is not None:
-            part.failures[key] = tokens.Failures(int(row[0]), float(row[1]), float(row[2]))
+            count, last, next_start, pending = int(row[0]), float(row[1]), float(row[2]), row[3]
+            part.failures[key] = tokens.Failures(count, last, next_start, int(pending))
     row = db.execute(
         "SELECT suspect_next, newcomer_next FROM login_lines WHERE user_key = ?", (keys.user,)
     ).fetchone()
@@ -413,10 +415,10 @@ def _save_logins(
             wrote = True
         elif new is not None and new != old:
             db.execute(
-                "INSERT INTO login_failures VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                "INSERT INTO login_failures VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
                 "SET count = excluded.count, last = excluded.last, "
-                "next_start = excluded.next_start",
-                (key, new.count, new.last, new.next_start),
+                "next_start = excluded.next_start, pending = excluded.pending",
+                (key, new.count, new.last, new.next_start, new.pending),
             )
             wrote = True
     user, client = keys.user, keys.client

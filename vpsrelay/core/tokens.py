@@ -310,6 +310,7 @@ class Failures:
     count: int
     last: float
     next_start: float = -math.inf  # a paced user's checks (either line) start no sooner
+    pending: int = 0  # checks begun and not yet decided: counted as failures meanwhile
 
 
 # The share of a paced user's turns kept for newcomers (addresses that have not failed for
@@ -331,6 +332,15 @@ class UserLine:
     suspect_next: float = -math.inf
     newcomer_next: float = -math.inf
     queued: dict[str, float] = field(default_factory=dict)  # address key -> turn start
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """May a password check start: `refused` > 0, no (wait that long); else yes, after
+    `turn` seconds (0 for a pull token, which needs no check)."""
+
+    refused: float = 0.0
+    turn: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +426,7 @@ class PasswordBackoff:
         return "user:" + self._digest(user)
 
     def _delay(self, failures: Failures) -> float:
-        over = failures.count - self.free
+        over = failures.count + failures.pending - self.free
         if over <= 0:
             return 0.0
         return min(self.cap, self.base * 2.0 ** min(over - 1, 62))
@@ -497,14 +507,67 @@ class PasswordBackoff:
 
     def failed_address(self, address: str, now: float) -> None:
         """A failure of no user's (a wrong pull token): only the address pays for it."""
-        self._count(self._address_key(address), now)
+        self._count(self._address_key(address), now, ends=False)
         self._trim()
 
-    def _count(self, key: str, now: float) -> None:
+    def _count(self, key: str, now: float, *, begun: bool = False, ends: bool = True) -> None:
+        """A failure of `key` (`ends`: one of its checks begun, if any, ended so), or with
+        `begun` a check that begins."""
         failures = self._keys.pop(key, None) or Failures(0, now)
-        failures.count += 1
+        if begun:
+            failures.pending += 1
+        else:
+            failures.count += 1
+            if ends:
+                failures.pending = max(0, failures.pending - 1)
         failures.last = now
         self._keys[key] = failures  # to the end: the newest
+
+    def _end_pending(self, key: str) -> None:
+        failures = self._keys.get(key)
+        if failures is not None:
+            failures.pending = max(0, failures.pending - 1)
+            if failures.count == 0 and failures.pending == 0:
+                del self._keys[key]
+
+    def start(self, address: str, user: str, now: float, *, pull_token: bool = False) -> Start:
+        """Whether a check of `user`'s password from `address` may start, in one step
+        (`wait`, then `pace`, then `begin`), so that no other check comes in between.
+
+        A pull token (`pull_token`) is refused like anything else from an address that
+        waits, and otherwise takes no turn and counts nothing.
+        """
+        wait = self.wait(address, user, now)
+        if wait > 0:
+            return Start(refused=wait)
+        if pull_token:
+            return Start()
+        turn = self.pace(address, user, now)
+        if turn is None:
+            return Start(refused=self.cap)
+        self.begin(address, user, now)
+        return Start(turn=turn)
+
+    def begin(self, address: str, user: str, now: float) -> None:
+        """A check of `user` from `address` begins: until it ends (`failed`, `succeeded`,
+        `abandoned`) it counts as a failure of the address and the pair, so checks running
+        at once get no more tries than checks one after another."""
+        self._count(self._address_key(address), now, begun=True)
+        self._count(self._pair_key(address, user), now, begun=True)
+        self._trim()
+
+    def abandoned(self, address: str, user: str) -> None:
+        """A check begun ended without an answer (refused for a full queue, cancelled)."""
+        self._end_pending(self._address_key(address))
+        self._end_pending(self._pair_key(address, user))
+
+    def wrong_pull_token(self, address: str, now: float) -> float:
+        """A wrong pull token from `address`: the seconds it waits (nothing counted), or 0
+        and the failure counted; one step, so that no other check comes in between."""
+        wait = self.address_wait(address, now)
+        if wait <= 0:
+            self.failed_address(address, now)
+        return wait
 
     def _line(self, user_key: str) -> UserLine:
         line = self._lines.pop(user_key, None) or UserLine()
@@ -554,6 +617,7 @@ class PasswordBackoff:
     def succeeded(self, address: str, user: str) -> None:
         pair = self._pair_key(address, user)
         user_key = self._user_key(user)
+        self._end_pending(self._address_key(address))
         self._keys.pop(pair, None)
         self._keys.pop(user_key, None)
         self._drop_line(user_key)
