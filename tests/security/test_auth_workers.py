@@ -10,6 +10,8 @@ that one process gives; once the refusal's wait has passed, the right password w
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -65,6 +67,7 @@ def relay_config(tmp_path: Path) -> Path:
     users = tmp_path / "htpasswd"
     for number in range(ROUNDS):
         add_user(users, f"user{number}", PASSWORD, rounds=4)  # cheap bcrypt: test speed
+    add_user(users, "slow", PASSWORD)  # the usual cost: checks at once overlap
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[auth]\nenabled = true\nusers_file = "{users}"\npull_tokens = ["{PULL_TOKEN}"]\n'
@@ -159,3 +162,31 @@ def test_wrong_pull_tokens_spread_over_two_workers_count_once(two_workers: Relay
         if {label for status, label in answers if status == 401} == {"w1", "w2"}:
             return
     raise AssertionError(f"in {ROUNDS} guessers' tries, no worker pair answered both")
+
+
+def test_guesses_at_once_over_two_workers_get_the_tries_of_guesses_in_turn(
+    two_workers: RelayProcess,
+) -> None:
+    """A burst of wrong passwords at once, on new connections that both workers take:
+    checks are counted from their start, so the burst gets the tries of guesses one after
+    another (each worker alone would have run or queued 5 checks: 10 tries in all)."""
+    burst = 12
+
+    def one_burst(address: str) -> list[tuple[int, str]]:
+        start = threading.Barrier(burst, timeout=30)
+
+        def guess(number: int) -> tuple[int, str]:
+            start.wait()
+            return _guess(two_workers, address, "slow", f"guess-{number}")
+
+        with concurrent.futures.ThreadPoolExecutor(burst) as pool:
+            return list(pool.map(guess, range(burst)))
+
+    for number in range(ROUNDS):
+        answers = one_burst(f"127.0.9.{number + 1}")
+        print(f"a burst of {burst} guesses: {answers}")
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [401] * (FREE + 1) + [429] * (burst - FREE - 1), answers
+        if {label for _, label in answers} == {"w1", "w2"}:
+            return
+    raise AssertionError(f"in {ROUNDS} bursts, no worker pair answered both")
