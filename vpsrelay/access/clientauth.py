@@ -258,7 +258,11 @@ class SharedBackoff:
         self._run(address, user, time.time(), lambda b: b.abandoned(address, user))
 
     def address_wait(self, address: str, now: float) -> float:
-        return self._run(address, "", now, lambda b: b.address_wait(address, now))
+        # Asked on every request with a right pull token as Bearer: read, no transaction.
+        backoff = self.policy()
+        keys = backoff.keys(address, "")
+        backoff.put_slice(keys, self.shared.login_snapshot(keys, now))
+        return backoff.address_wait(address, now)
 
     def failed_address(self, address: str, now: float) -> None:
         self._run(address, "", now, lambda b: b.failed_address(address, now))

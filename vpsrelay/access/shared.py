@@ -339,6 +339,16 @@ class SharedLimits:
 
     # -- failed logins -----------------------------------------------------------------------
 
+    def login_snapshot(self, keys: tokens.BackoffKeys, now: float) -> tokens.BackoffSlice:
+        """The backoff state of `keys` as it is, read without a write transaction (for a
+        decision that changes nothing: a right pull token's address may wait).
+
+        Raises:
+            LimitsUnavailable: the database cannot be read.
+        """
+        with _unavailable_on_error(self.path):
+            return _load_logins(self._open(), keys, now)
+
     @contextlib.contextmanager
     def login_state(
         self, keys: tokens.BackoffKeys, now: float, *, quiet: float, limit: int

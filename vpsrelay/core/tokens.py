@@ -512,7 +512,8 @@ class PasswordBackoff:
 
     def _count(self, key: str, now: float, *, begun: bool = False, ends: bool = True) -> None:
         """A failure of `key` (`ends`: one of its checks begun, if any, ended so), or with
-        `begun` a check that begins."""
+        `begun` a check that begins. A key forgiven meanwhile counts from zero again."""
+        self._current(key, now)  # drops it if forgiven (whether anyone asked since or not)
         failures = self._keys.pop(key, None) or Failures(0, now)
         if begun:
             failures.pending += 1
