@@ -84,6 +84,32 @@ async def test_failed_logins_back_off_and_other_users_still_log_in(tmp_path: Pat
     assert (await auth.check_password("bob", "right", "198.51.100.1")).subject == "bob"
 
 
+async def test_guesses_checked_at_once_get_the_tries_of_guesses_in_turn(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 follow-up: a failure was counted when its check ended, so a burst of guesses
+    at once from one address got as many tries as checks could run and wait (per process,
+    so per worker). Now a check counts from its start."""
+    users = tmp_path / "htpasswd"
+    add_user(users, "alice", "right", rounds=FAST)
+    auth = client_auth(
+        tmp_path, users_file=str(users), failures_before_backoff=2, password_checks=4
+    )
+    statuses: list[int] = []
+
+    async def guess(number: int) -> None:
+        try:
+            await auth.check_password("alice", f"wrong-{number}", "203.0.113.7")
+        except (Unauthorized, TooManyRequests) as exc:
+            statuses.append(exc.status)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for number in range(12):  # room for 20 checks running or waiting
+                nursery.start_soon(guess, number)
+    assert sorted(statuses) == [401] * 3 + [429] * 9  # 2 free failures, 1 that makes it wait
+
+
 async def test_a_guessed_at_user_is_checked_in_turn_and_a_pull_token_skips_the_line(
     tmp_path: Path,
 ) -> None:

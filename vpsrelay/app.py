@@ -51,7 +51,7 @@ class RelayApp:
         self.downloads = download.Limits(settings.download, self.guard.shared)
         # The relay's own upstream tokens: one keeper for the relay, the cache, client auth.
         self.token_client = TokenClient(upstream)
-        self.clientauth = ClientAuth(settings, self.token_client)
+        self.clientauth = ClientAuth(settings, self.token_client, self.guard.shared)
         self.observer = Observer(self.metrics, self.health)
         self.operator = OperatorPaths(settings, self.metrics, self.health, upstream)
         self.forwarder = Forwarder(

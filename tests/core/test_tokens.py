@@ -367,3 +367,30 @@ def test_parsers_never_crash(text):
         tokens.parse_htpasswd(text)
     with contextlib.suppress(Unauthorized):
         tokens.verify(KEY, text, service="s", now=0.0)
+
+
+def test_a_check_counts_from_its_start_until_its_answer():
+    """Issue 14 follow-up: checks begun at once get the tries of checks one after another."""
+    backoff = tokens.PasswordBackoff(free=1, cap=60.0)
+    starts = [backoff.start("203.0.113.7", "alice", 10.0) for _ in range(4)]
+    assert [start.refused for start in starts] == [0.0, 0.0, 1.0, 1.0]
+    backoff.abandoned("203.0.113.7", "alice")  # no answer: not a try
+    backoff.succeeded("203.0.113.7", "alice")  # the right password: not a failure
+    assert backoff.start("203.0.113.7", "bob", 10.0).refused == 0.0
+    backoff.failed("203.0.113.7", "bob", 10.5)
+    assert backoff.start("203.0.113.7", "bob", 10.5) == tokens.Start()  # the 2nd of free + 1
+    backoff.failed("203.0.113.7", "bob", 10.5)
+    assert backoff.start("203.0.113.7", "bob", 10.5).refused == 1.0
+    assert backoff.start("203.0.113.7", "bob", 10.5, pull_token=True).refused == 1.0
+    assert backoff.start("198.51.100.1", "x", 10.5, pull_token=True) == tokens.Start()
+    assert backoff.wrong_pull_token("203.0.113.7", 10.5) == 1.0  # refused, not counted
+    assert backoff.wrong_pull_token("203.0.113.7", 11.5) == 0.0  # counted
+    assert backoff.address_wait("203.0.113.7", 11.5) == 2.0
+
+
+def test_a_forgiven_key_counts_from_zero_at_its_next_failure():
+    backoff = tokens.PasswordBackoff(free=1, cap=5.0)
+    for _ in range(3):
+        backoff.failed("203.0.113.7", "alice", 0.0)
+    backoff.failed("203.0.113.7", "alice", 100.0)  # long after: forgiven, nobody asked
+    assert backoff.wait("203.0.113.7", "alice", 100.0) == 0.0

@@ -13,7 +13,11 @@ are refused for a while; the same user from elsewhere is checked in turn, a few 
 minute (`auth.guesses_per_minute`), so guessing stays slow but cannot lock a user out.
 Pull tokens are recognised without bcrypt and without a turn, but an address refused
 for failures is refused whatever it sends, and a wrong pull token (Basic or Bearer) counts as
-a failure of its address. The users file
+a failure of its address. With several workers (`server.workers` > 1) the backoff is one for
+the relay, in `<data_dir>/limits.db` (`SharedBackoff`): a guesser spreading its tries over
+the workers gets the tries one process gives; the only process of a relay keeps it in
+memory. The password check slots (`auth.password_checks`) stay per process: they bound
+that process's CPU and memory. The users file
 and the pull tokens file are re-read when they change; a refresh token stays good only
 while the credential that earned it does.
 
@@ -36,12 +40,13 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import bcrypt
 import trio
 
-from vpsrelay import private_files
+from vpsrelay import private_files, worker_identity
+from vpsrelay.access.shared import LimitsUnavailable, SharedLimits
 from vpsrelay.core import auth, headers as header_policy, tokens
 from vpsrelay.errors import ConfigError, TooManyRequests, Unauthorized
 from vpsrelay.upstream import USER_AGENT
@@ -55,6 +60,7 @@ if TYPE_CHECKING:
     from vpsrelay.core import routing
 
 log = logging.getLogger("vpsrelay.auth")
+_T = TypeVar("_T")
 
 KEY_FILE = "token.key"
 # Good credentials are remembered this long, so a pull's many /token calls cost one bcrypt.
@@ -186,10 +192,91 @@ class _PasswordChecks:
             return False
 
 
+class Backoff(Protocol):
+    """What failed logins cost the next ones (`core.tokens.PasswordBackoff`'s methods)."""
+
+    def start(
+        self, address: str, user: str, now: float, *, pull_token: bool = False
+    ) -> tokens.Start: ...
+    def failed(self, address: str, user: str, now: float) -> None: ...
+    def succeeded(self, address: str, user: str) -> None: ...
+    def abandoned(self, address: str, user: str) -> None: ...
+    def address_wait(self, address: str, now: float) -> float: ...
+    def wrong_pull_token(self, address: str, now: float) -> float: ...
+
+
+class SharedBackoff:
+    """The backoff of every process of one relay, kept in `limits.db`.
+
+    Each call is one transaction: the slice of the state its address and user concern is
+    loaded into an empty `PasswordBackoff`, the policy runs on it, and what it changed is
+    saved. Times are wall clock (`time.time()`): every process reads the same clock.
+    """
+
+    def __init__(self, shared: SharedLimits, policy: Callable[[], tokens.PasswordBackoff]) -> None:
+        self.shared = shared
+        self.policy = policy
+        sample = policy()
+        self.quiet = 2 * sample.cap  # a key is forgiven `cap` after a wait of `cap` at most
+        self.limit = sample.limit
+
+    def _run(
+        self, address: str, user: str, now: float, action: Callable[[tokens.PasswordBackoff], _T]
+    ) -> _T:
+        backoff = self.policy()
+        keys = backoff.keys(address, user)
+        with self.shared.login_state(keys, now, quiet=self.quiet, limit=self.limit) as part:
+            backoff.put_slice(keys, part)
+            result = action(backoff)
+            after = backoff.take_slice(keys)
+            part.failures, part.line, part.trusted = after.failures, after.line, after.trusted
+        return result
+
+    def start(
+        self, address: str, user: str, now: float, *, pull_token: bool = False
+    ) -> tokens.Start:
+        return self._run(
+            address, user, now, lambda b: b.start(address, user, now, pull_token=pull_token)
+        )
+
+    def wait(self, address: str, user: str, now: float) -> float:
+        return self._run(address, user, now, lambda b: b.wait(address, user, now))
+
+    def pace(self, address: str, user: str, now: float) -> float | None:
+        return self._run(address, user, now, lambda b: b.pace(address, user, now))
+
+    def begin(self, address: str, user: str, now: float) -> None:
+        self._run(address, user, now, lambda b: b.begin(address, user, now))
+
+    def failed(self, address: str, user: str, now: float) -> None:
+        self._run(address, user, now, lambda b: b.failed(address, user, now))
+
+    def succeeded(self, address: str, user: str) -> None:
+        self._run(address, user, time.time(), lambda b: b.succeeded(address, user))
+
+    def abandoned(self, address: str, user: str) -> None:
+        self._run(address, user, time.time(), lambda b: b.abandoned(address, user))
+
+    def address_wait(self, address: str, now: float) -> float:
+        # Asked on every request with a right pull token as Bearer: read, no transaction.
+        backoff = self.policy()
+        keys = backoff.keys(address, "")
+        backoff.put_slice(keys, self.shared.login_snapshot(keys, now))
+        return backoff.address_wait(address, now)
+
+    def failed_address(self, address: str, now: float) -> None:
+        self._run(address, "", now, lambda b: b.failed_address(address, now))
+
+    def wrong_pull_token(self, address: str, now: float) -> float:
+        return self._run(address, "", now, lambda b: b.wrong_pull_token(address, now))
+
+
 class ClientAuth:
     """Users, the signing key, the relay's `/token`, and the relay's own upstream tokens."""
 
-    def __init__(self, settings: Settings, token_client: TokenClient) -> None:
+    def __init__(
+        self, settings: Settings, token_client: TokenClient, shared: SharedLimits | None = None
+    ) -> None:
         cfg = settings.auth
         self.enabled = cfg.enabled
         self.settings = settings
@@ -215,10 +302,20 @@ class ClientAuth:
         self._checking: dict[bytes, trio.Event] = {}  # credentials being checked now
         self._reloading = trio.Lock()
         self._checks = _PasswordChecks(trio.CapacityLimiter(cfg.password_checks))
-        self._backoff = tokens.PasswordBackoff(
-            free=cfg.failures_before_backoff, cap=cfg.max_backoff,
-            per_minute=cfg.guesses_per_minute, ipv6_prefix=settings.limits.ipv6_prefix_length,
-        )  # fmt: skip
+
+        def policy() -> tokens.PasswordBackoff:
+            return tokens.PasswordBackoff(
+                free=cfg.failures_before_backoff, cap=cfg.max_backoff,
+                per_minute=cfg.guesses_per_minute, ipv6_prefix=settings.limits.ipv6_prefix_length,
+            )  # fmt: skip
+
+        self._backoff: Backoff
+        if worker_identity.current().count > 1:
+            # Workers share one backoff, or a guesser would get a try per worker.
+            shared = shared or SharedLimits(settings.data_dir)
+            self._backoff, self._backoff_clock = SharedBackoff(shared, policy), time.time
+        else:
+            self._backoff, self._backoff_clock = policy(), trio.current_time
         self._lock = trio.Lock()
 
     # -- start-up state ------------------------------------------------------------------------
@@ -312,27 +409,33 @@ class ClientAuth:
         remembered = self._good.get(fingerprint)
         if remembered is not None and now - remembered[1] < CREDENTIAL_CACHE_SECONDS:
             return remembered[0]  # known good: no guess, so no backoff
-        wait = self._backoff.wait(client_ip, user, now)
-        if wait > 0:
-            raise _too_many_failures(wait)
-        if self._find_pull_token(password) is not None:
+        is_pull_token = self._find_pull_token(password) is not None
+        start = self._backoff.start(
+            client_ip, user, self._backoff_clock(), pull_token=is_pull_token
+        )
+        if start.refused > 0:
+            raise _too_many_failures(start.refused)
+        if is_pull_token:
             return Credential("token", tokens.Binding.of_pull_token(key, password))
-        turn = self._backoff.pace(client_ip, user, now)
-        if turn is None:
-            raise _too_many_failures(self.settings.auth.max_backoff)
         generation = self._generation
         hashed = users.get(user)
         self._checking[fingerprint] = done = trio.Event()
+        decided = False
         try:
-            await trio.sleep(turn)  # the user's turn (0 unless it is being guessed at)
+            await trio.sleep(start.turn)  # the user's turn (0 unless it is being guessed at)
             good = await self._checks.check(password, hashed, self._dummy_cost)
+            if not good or hashed is None:
+                decided = True
+                self._backoff.failed(client_ip, user, self._backoff_clock())
+                raise Unauthorized("incorrect username or password", reason="bad_credentials")
+            decided = True
+            self._backoff.succeeded(client_ip, user)
         finally:
             del self._checking[fingerprint]
             done.set()
-        if not good or hashed is None:
-            self._backoff.failed(client_ip, user, trio.current_time())
-            raise Unauthorized("incorrect username or password", reason="bad_credentials")
-        self._backoff.succeeded(client_ip, user)
+            if not decided:  # no answer (a full queue, cancelled): the check did not count
+                with contextlib.suppress(LimitsUnavailable):
+                    self._backoff.abandoned(client_ip, user)
         credential = Credential(user, tokens.Binding.of_password(key, user, hashed))
         if generation != self._generation and (await self._users()).get(user) != hashed:
             # The users changed during the check, and this password with them.
@@ -398,14 +501,15 @@ class ClientAuth:
         if not self._pull_tokens and not self.settings.auth.pull_tokens_file:
             return False  # no pull token to guess
         await self._users()  # (re)loads the token file
-        now = trio.current_time()
-        wait = self._backoff.address_wait(client_ip, now)
+        now = self._backoff_clock()
+        good = self._is_pull_token(presented)
+        if good:
+            wait = self._backoff.address_wait(client_ip, now)
+        else:  # refused, or counted: one step, so no other process's guess comes between
+            wait = self._backoff.wrong_pull_token(client_ip, now)
         if wait > 0:
             raise _too_many_failures(wait)
-        if self._is_pull_token(presented):
-            return True
-        self._backoff.failed_address(client_ip, now)
-        return False
+        return good
 
     # -- /token ---------------------------------------------------------------------------------
 

@@ -14,6 +14,11 @@ one rate, one stream count and one traffic budget, so the state is on disk, in S
   to processes: what they sent and what they may still send (`core.access.BudgetShare`).
   Persistent; a process that dies loses what it was granted and did not send (counted
   as served, never handed out twice).
+* `login_*`: the failed-login backoff (`core.tokens.PasswordBackoff`): failures per
+  address, (user, address) and user key, each guessed-at user's line of turns (its
+  suspects and the turns waiting) and the (user, address) pairs that logged in. A check
+  loads the slice of it that concerns its address and user, runs the policy on it and
+  saves it back, in one transaction (`login_state`).
 
 Every write is one short `BEGIN IMMEDIATE` transaction, run synchronously (tens of
 microseconds: a thread hop would cost more) under an exclusive `flock` on
@@ -26,6 +31,7 @@ lost, never a half-written database.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import logging
@@ -35,7 +41,7 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 from vpsrelay import private_files, worker_identity
-from vpsrelay.core import access
+from vpsrelay.core import access, tokens
 from vpsrelay.errors import RelayError
 
 if TYPE_CHECKING:
@@ -58,6 +64,22 @@ CREATE TABLE IF NOT EXISTS slots (
 );
 CREATE TABLE IF NOT EXISTS budget (key TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS login_failures (
+    key TEXT PRIMARY KEY, count INTEGER NOT NULL, last REAL NOT NULL, next_start REAL NOT NULL,
+    pending INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS login_lines (
+    user_key TEXT PRIMARY KEY, suspect_next REAL NOT NULL, newcomer_next REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS login_suspects (
+    user_key TEXT NOT NULL, client TEXT NOT NULL, seen REAL NOT NULL,
+    PRIMARY KEY (user_key, client)
+);
+CREATE TABLE IF NOT EXISTS login_queued (
+    user_key TEXT NOT NULL, client TEXT NOT NULL, start REAL NOT NULL,
+    PRIMARY KEY (user_key, client)
+);
+CREATE TABLE IF NOT EXISTS login_trusted (pair TEXT PRIMARY KEY, seen REAL NOT NULL);
 """
 
 
@@ -81,6 +103,7 @@ class SharedLimits:
         self._lock_fd = -1
         self._owner_fd = -1
         self._rate_checks = 0
+        self._login_writes = 0
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -313,6 +336,180 @@ class SharedLimits:
             "DELETE FROM budget WHERE key LIKE ? AND substr(key, -?) < ?",
             (pattern, len(period), period),
         )
+
+    # -- failed logins -----------------------------------------------------------------------
+
+    def login_snapshot(self, keys: tokens.BackoffKeys, now: float) -> tokens.BackoffSlice:
+        """The backoff state of `keys` as it is, read without a write transaction (for a
+        decision that changes nothing: a right pull token's address may wait).
+
+        Raises:
+            LimitsUnavailable: the database cannot be read.
+        """
+        with _unavailable_on_error(self.path):
+            return _load_logins(self._open(), keys, now)
+
+    @contextlib.contextmanager
+    def login_state(
+        self, keys: tokens.BackoffKeys, now: float, *, quiet: float, limit: int
+    ) -> Iterator[tokens.BackoffSlice]:
+        """The backoff state a check of `keys` reads and writes, saved as the caller left
+        it, in one transaction (no other process's check comes between).
+
+        `quiet`: rows untouched this long (after their last failure or turn) are forgotten
+        (the policy forgives sooner); `limit`: rows of each kind kept at most, the oldest
+        going first (both checked every `PRUNE_EVERY` saves that wrote).
+
+        Raises:
+            LimitsUnavailable: the database or its lock cannot be used.
+        """
+        with self._write() as db:
+            before = _load_logins(db, keys, now)
+            part = copy.deepcopy(before)
+            line = part.line
+            yield part
+            dropped = line is not None and part.line is not line
+            if _save_logins(db, keys, before, part, now, dropped=dropped):
+                self._login_writes += 1
+                if self._login_writes % PRUNE_EVERY == 0:
+                    _prune_logins(db, now - quiet, limit)
+
+
+def _load_logins(
+    db: sqlite3.Connection, keys: tokens.BackoffKeys, now: float
+) -> tokens.BackoffSlice:
+    part = tokens.BackoffSlice()
+    for key in (keys.address, keys.pair, keys.user):
+        row = db.execute(
+            "SELECT count, last, next_start, pending FROM login_failures WHERE key = ?", (key,)
+        ).fetchone()
+        if row is not None:
+            count, last, next_start, pending = int(row[0]), float(row[1]), float(row[2]), row[3]
+            part.failures[key] = tokens.Failures(count, last, next_start, int(pending))
+    row = db.execute(
+        "SELECT suspect_next, newcomer_next FROM login_lines WHERE user_key = ?", (keys.user,)
+    ).fetchone()
+    if row is not None:
+        line = tokens.UserLine(suspect_next=float(row[0]), newcomer_next=float(row[1]))
+        where = "WHERE user_key = ? AND client = ?"
+        if db.execute(f"SELECT 1 FROM login_suspects {where}", (keys.user, keys.client)).fetchone():
+            line.suspects[keys.client] = None
+        queued = db.execute(
+            f"SELECT start FROM login_queued {where} AND start > ?", (keys.user, keys.client, now)
+        ).fetchone()
+        if queued is not None:
+            line.queued[keys.client] = float(queued[0])
+        part.line = line
+    part.trusted = bool(
+        db.execute("SELECT 1 FROM login_trusted WHERE pair = ?", (keys.pair,)).fetchone()
+    )
+    return part
+
+
+def _save_logins(
+    db: sqlite3.Connection,
+    keys: tokens.BackoffKeys,
+    before: tokens.BackoffSlice,
+    after: tokens.BackoffSlice,
+    now: float,
+    *,
+    dropped: bool,
+) -> bool:
+    """Write what changed from `before` to `after` (`dropped`: the user's line was dropped
+    on the way, and maybe made anew); whether anything was written."""
+    wrote = False
+    for key in (keys.address, keys.pair, keys.user):
+        old, new = before.failures.get(key), after.failures.get(key)
+        if new is None and old is not None:
+            db.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+            wrote = True
+        elif new is not None and new != old:
+            db.execute(
+                "INSERT INTO login_failures VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET count = excluded.count, last = excluded.last, "
+                "next_start = excluded.next_start, pending = excluded.pending",
+                (key, new.count, new.last, new.next_start, new.pending),
+            )
+            wrote = True
+    user, client = keys.user, keys.client
+    old_line, line = before.line, after.line
+    if old_line is not None and (line is None or dropped):
+        # The user's line is gone (forgiven, or a success), maybe made anew since.
+        for table in ("login_lines", "login_suspects", "login_queued"):
+            db.execute(f"DELETE FROM {table} WHERE user_key = ?", (user,))
+        wrote = True
+        old_line = None
+    if line is not None:
+        times = (line.suspect_next, line.newcomer_next)
+        if old_line is None or times != (old_line.suspect_next, old_line.newcomer_next):
+            db.execute(
+                "INSERT INTO login_lines VALUES (?, ?, ?) ON CONFLICT (user_key) DO UPDATE "
+                "SET suspect_next = excluded.suspect_next, newcomer_next = excluded.newcomer_next",
+                (user, *times),
+            )
+            wrote = True
+        failed_now = _count(after, user) > _count(before, user)
+        was_suspect = old_line is not None and client in old_line.suspects
+        if client in line.suspects and (failed_now or not was_suspect):
+            db.execute(
+                "INSERT INTO login_suspects VALUES (?, ?, ?) ON CONFLICT (user_key, client) "
+                "DO UPDATE SET seen = excluded.seen",
+                (user, client, now),
+            )
+            # The newest `MAX_SUSPECTS_PER_USER` are remembered (as in one process).
+            db.execute(
+                "DELETE FROM login_suspects WHERE user_key = ? AND client IN (SELECT client "
+                "FROM login_suspects WHERE user_key = ? ORDER BY seen DESC LIMIT -1 OFFSET ?)",
+                (user, user, tokens.MAX_SUSPECTS_PER_USER),
+            )
+            wrote = True
+        start = line.queued.get(client)
+        old_start = None if old_line is None else old_line.queued.get(client)
+        if start != old_start:
+            if start is None:
+                db.execute(
+                    "DELETE FROM login_queued WHERE user_key = ? AND client = ?", (user, client)
+                )
+            else:
+                db.execute(
+                    "INSERT INTO login_queued VALUES (?, ?, ?) ON CONFLICT (user_key, client) "
+                    "DO UPDATE SET start = excluded.start",
+                    (user, client, start),
+                )
+            db.execute("DELETE FROM login_queued WHERE user_key = ? AND start <= ?", (user, now))
+            wrote = True
+    if after.trusted and not before.trusted:
+        db.execute("INSERT INTO login_trusted VALUES (?, ?)", (keys.pair, now))
+        wrote = True
+    return wrote
+
+
+def _count(part: tokens.BackoffSlice, key: str) -> int:
+    failures = part.failures.get(key)
+    return 0 if failures is None else failures.count
+
+
+def _prune_logins(db: sqlite3.Connection, quiet_before: float, limit: int) -> None:
+    """Forget what has been quiet long enough, then the oldest past `limit` of each kind."""
+    db.execute("DELETE FROM login_failures WHERE max(last, next_start) < ?", (quiet_before,))
+    db.execute(
+        "DELETE FROM login_failures WHERE key IN (SELECT key FROM login_failures "
+        "ORDER BY max(last, next_start) DESC LIMIT -1 OFFSET ?)",
+        (limit,),
+    )
+    db.execute("DELETE FROM login_lines WHERE user_key NOT IN (SELECT key FROM login_failures)")
+    for table in ("login_suspects", "login_queued"):
+        db.execute(f"DELETE FROM {table} WHERE user_key NOT IN (SELECT user_key FROM login_lines)")
+    db.execute(
+        "DELETE FROM login_suspects WHERE rowid IN (SELECT rowid FROM login_suspects "
+        "ORDER BY seen DESC LIMIT -1 OFFSET ?)",
+        (limit,),
+    )
+    db.execute(
+        "DELETE FROM login_trusted WHERE pair IN (SELECT pair FROM login_trusted "
+        "ORDER BY seen DESC LIMIT -1 OFFSET ?)",
+        (limit,),
+    )
 
 
 @contextlib.contextmanager

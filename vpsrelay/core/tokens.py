@@ -306,10 +306,11 @@ def address_key(address: str, ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX) -> 
 
 
 @dataclass(slots=True)
-class _Failures:
+class Failures:
     count: int
     last: float
     next_start: float = -math.inf  # a paced user's checks (either line) start no sooner
+    pending: int = 0  # checks begun and not yet decided: counted as failures meanwhile
 
 
 # The share of a paced user's turns kept for newcomers (addresses that have not failed for
@@ -323,7 +324,7 @@ MAX_SUSPECTS_PER_USER = 4096
 
 
 @dataclass(slots=True)
-class _UserLine:
+class UserLine:
     """The turns of one user guessed at: one line for the addresses that failed for it
     (`suspects`), one for newcomers; and the turn each address has waiting (`queued`)."""
 
@@ -331,6 +332,37 @@ class _UserLine:
     suspect_next: float = -math.inf
     newcomer_next: float = -math.inf
     queued: dict[str, float] = field(default_factory=dict)  # address key -> turn start
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """May a password check start: `refused` > 0, no (wait that long); else yes, after
+    `turn` seconds (0 for a pull token, which needs no check)."""
+
+    refused: float = 0.0
+    turn: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffKeys:
+    """The keys one check of (address, user) reads and writes."""
+
+    address: str
+    pair: str
+    user: str
+    client: str  # the address's key in the user's line
+
+
+@dataclass(slots=True)
+class BackoffSlice:
+    """What one check of (address, user) reads and writes of a `PasswordBackoff`'s state:
+    the failures of its three keys, the user's line (with this client's place only: its
+    being a suspect, its turn waiting) and whether the pair is trusted. A store shared by
+    several processes loads it before the check and saves it after (`access.shared`)."""
+
+    failures: dict[str, Failures] = field(default_factory=dict)
+    line: UserLine | None = None
+    trusted: bool = False
 
 
 @dataclass(slots=True)
@@ -370,9 +402,9 @@ class PasswordBackoff:
     limit: int = 100_000
     per_minute: float = 10.0
     ipv6_prefix: int = access.DEFAULT_IPV6_PREFIX
-    _keys: collections.OrderedDict[str, _Failures] = field(default_factory=collections.OrderedDict)
+    _keys: collections.OrderedDict[str, Failures] = field(default_factory=collections.OrderedDict)
     _trusted: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
-    _lines: collections.OrderedDict[str, _UserLine] = field(default_factory=collections.OrderedDict)
+    _lines: collections.OrderedDict[str, UserLine] = field(default_factory=collections.OrderedDict)
     _suspects: int = 0  # addresses remembered by all the lines together
 
     @staticmethod
@@ -393,13 +425,13 @@ class PasswordBackoff:
     def _user_key(self, user: str) -> str:
         return "user:" + self._digest(user)
 
-    def _delay(self, failures: _Failures) -> float:
-        over = failures.count - self.free
+    def _delay(self, failures: Failures) -> float:
+        over = failures.count + failures.pending - self.free
         if over <= 0:
             return 0.0
         return min(self.cap, self.base * 2.0 ** min(over - 1, 62))
 
-    def _current(self, key: str, now: float) -> _Failures | None:
+    def _current(self, key: str, now: float) -> Failures | None:
         """The failures of `key`, unless it has been quiet long enough to be forgiven."""
         failures = self._keys.get(key)
         if failures is None:
@@ -475,17 +507,71 @@ class PasswordBackoff:
 
     def failed_address(self, address: str, now: float) -> None:
         """A failure of no user's (a wrong pull token): only the address pays for it."""
-        self._count(self._address_key(address), now)
+        self._count(self._address_key(address), now, ends=False)
         self._trim()
 
-    def _count(self, key: str, now: float) -> None:
-        failures = self._keys.pop(key, None) or _Failures(0, now)
-        failures.count += 1
+    def _count(self, key: str, now: float, *, begun: bool = False, ends: bool = True) -> None:
+        """A failure of `key` (`ends`: one of its checks begun, if any, ended so), or with
+        `begun` a check that begins. A key forgiven meanwhile counts from zero again."""
+        self._current(key, now)  # drops it if forgiven (whether anyone asked since or not)
+        failures = self._keys.pop(key, None) or Failures(0, now)
+        if begun:
+            failures.pending += 1
+        else:
+            failures.count += 1
+            if ends:
+                failures.pending = max(0, failures.pending - 1)
         failures.last = now
         self._keys[key] = failures  # to the end: the newest
 
-    def _line(self, user_key: str) -> _UserLine:
-        line = self._lines.pop(user_key, None) or _UserLine()
+    def _end_pending(self, key: str) -> None:
+        failures = self._keys.get(key)
+        if failures is not None:
+            failures.pending = max(0, failures.pending - 1)
+            if failures.count == 0 and failures.pending == 0:
+                del self._keys[key]
+
+    def start(self, address: str, user: str, now: float, *, pull_token: bool = False) -> Start:
+        """Whether a check of `user`'s password from `address` may start, in one step
+        (`wait`, then `pace`, then `begin`), so that no other check comes in between.
+
+        A pull token (`pull_token`) is refused like anything else from an address that
+        waits, and otherwise takes no turn and counts nothing.
+        """
+        wait = self.wait(address, user, now)
+        if wait > 0:
+            return Start(refused=wait)
+        if pull_token:
+            return Start()
+        turn = self.pace(address, user, now)
+        if turn is None:
+            return Start(refused=self.cap)
+        self.begin(address, user, now)
+        return Start(turn=turn)
+
+    def begin(self, address: str, user: str, now: float) -> None:
+        """A check of `user` from `address` begins: until it ends (`failed`, `succeeded`,
+        `abandoned`) it counts as a failure of the address and the pair, so checks running
+        at once get no more tries than checks one after another."""
+        self._count(self._address_key(address), now, begun=True)
+        self._count(self._pair_key(address, user), now, begun=True)
+        self._trim()
+
+    def abandoned(self, address: str, user: str) -> None:
+        """A check begun ended without an answer (refused for a full queue, cancelled)."""
+        self._end_pending(self._address_key(address))
+        self._end_pending(self._pair_key(address, user))
+
+    def wrong_pull_token(self, address: str, now: float) -> float:
+        """A wrong pull token from `address`: the seconds it waits (nothing counted), or 0
+        and the failure counted; one step, so that no other check comes in between."""
+        wait = self.address_wait(address, now)
+        if wait <= 0:
+            self.failed_address(address, now)
+        return wait
+
+    def _line(self, user_key: str) -> UserLine:
+        line = self._lines.pop(user_key, None) or UserLine()
         self._lines[user_key] = line  # to the end: the newest
         return line
 
@@ -502,9 +588,37 @@ class PasswordBackoff:
             _, line = self._lines.popitem(last=False)
             self._suspects -= len(line.suspects)
 
+    def keys(self, address: str, user: str) -> BackoffKeys:
+        return BackoffKeys(
+            self._address_key(address), self._pair_key(address, user), self._user_key(user),
+            self._client(address),
+        )  # fmt: skip
+
+    def take_slice(self, keys: BackoffKeys) -> BackoffSlice:
+        """The state a check of `keys` reads and writes (shared with this backoff)."""
+        wanted = (keys.address, keys.pair, keys.user)
+        failures = {key: self._keys[key] for key in wanted if key in self._keys}
+        return BackoffSlice(failures, self._lines.get(keys.user), keys.pair in self._trusted)
+
+    def put_slice(self, keys: BackoffKeys, part: BackoffSlice) -> None:
+        """Set the state of `keys` to `part` (a backoff that holds nothing else: one
+        check's worth of a shared store)."""
+        for key in (keys.address, keys.pair, keys.user):
+            self._keys.pop(key, None)
+            if key in part.failures:
+                self._keys[key] = part.failures[key]
+        self._drop_line(keys.user)
+        if part.line is not None:
+            self._lines[keys.user] = part.line
+            self._suspects += len(part.line.suspects)
+        self._trusted.pop(keys.pair, None)
+        if part.trusted:
+            self._trusted[keys.pair] = None
+
     def succeeded(self, address: str, user: str) -> None:
         pair = self._pair_key(address, user)
         user_key = self._user_key(user)
+        self._end_pending(self._address_key(address))
         self._keys.pop(pair, None)
         self._keys.pop(user_key, None)
         self._drop_line(user_key)
