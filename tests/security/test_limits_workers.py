@@ -208,7 +208,10 @@ def test_streams_per_ip_hold_across_workers_and_a_killed_holders_slot_frees(
             # The holder dies without a word: no release, no cleanup of its own.
             killed = current_pids(relay)["w1"]
             os.kill(killed, signal.SIGKILL)
-            wait_for("w1 gone", lambda: killed not in relay.worker_pids(), 10)
+            # Reaped (every thread gone, so its descriptors and locks are released): the
+            # supervisor logs the exit after `wait` returns.
+            said = f"worker w1 (pid {killed}) exited with"
+            wait_for("w1 reaped", lambda: said in relay.log_text(), 10)
             deadline = time.monotonic() + 10
             statuses, markers = [], []
             while time.monotonic() < deadline:
