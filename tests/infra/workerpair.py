@@ -1,17 +1,13 @@
-"""Two workers of one relay, started the way the supervisor starts them.
-
-`fleet.prepare` on the data dir, then two `vpsrelay serve` processes on that data dir,
-each with `_VPSRELAY_WORKER=N/2` and `PROMETHEUS_MULTIPROC_DIR=<data_dir>/run/metrics`,
-on ports of their own (so a test can ask each in turn). With the supervisor, this is one
-`RelayProcess(..., "--workers", "2")` on one port, the supervisor calling
-`fleet.worker_exited` itself; the tests find workers' pids in their status files, which
-both ways write.
-"""
+"""One relay of two workers (`RelayProcess(..., "--workers", "2")`, the real supervisor),
+with what the fleet tests ask of it: each worker's pid from its status file, a wait until
+`/readyz` reports both ready, which worker holds a stream (from the live metrics files)
+and a SIGKILL of one worker (the supervisor then calls `fleet.worker_exited` and starts a
+replacement under the same label)."""
 
 from __future__ import annotations
 
 import contextlib
-import re
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -20,6 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from tests.infra.relay import RelayProcess
+from tests.infra.workers import wait_for
 from vpsrelay import worker_identity
 from vpsrelay.ops import fleet
 
@@ -28,34 +25,16 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 COUNT = 2
-# Alone a relay says "listening on URL"; a supervised worker may say "worker w1 serving URL"
-# instead (the supervisor says "listening" for all): either line means it serves.
-_SERVING = re.compile(r'(?:listening on|serving) (https?://[^\s"]+)')
-
-
-class _Worker(RelayProcess):
-    def _wait_listening(self, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := _SERVING.findall(self.log_text()):
-                return found
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {self.process.returncode}:\n{self.log_text()}"
-                )
-            time.sleep(0.05)
-        self.close()
-        raise RuntimeError(f"worker did not start within {timeout}s:\n{self.log_text()}")
 
 
 @dataclass
 class WorkerPair:
+    relay: RelayProcess
     data_dir: Path
-    processes: list[RelayProcess]  # worker N is processes[N - 1]
 
     @property
-    def urls(self) -> list[str]:
-        return [process.url for process in self.processes]
+    def url(self) -> str:
+        return self.relay.url
 
     def pid(self, number: int) -> int:
         """Worker `number`'s pid, as its status file says."""
@@ -64,8 +43,10 @@ class WorkerPair:
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until `/readyz` reports every worker ready (status files written)."""
         deadline = time.monotonic() + timeout
+        body: object = None
         while time.monotonic() < deadline:
-            body = httpx.get(f"{self.urls[0]}/readyz", timeout=timeout).json()
+            body = httpx.get(f"{self.url}/readyz", timeout=timeout).json()
+            assert isinstance(body, dict)
             states = [entry["state"] for entry in body.get("workers", [])]
             if states == ["ready"] * COUNT:
                 return
@@ -87,15 +68,14 @@ class WorkerPair:
         assert len(numbers) == 1, numbers
         return numbers[0]
 
-    def kill(self, number: int) -> int:
-        """SIGKILL worker `number`, reap it and tell the fleet files, as the supervisor
-        does; returns its pid."""
+    def kill(self, number: int, timeout: float = 10.0) -> int:
+        """SIGKILL worker `number` and wait until the supervisor has told the fleet files
+        (it logs the exit after `fleet.worker_exited`); its pid."""
         pid = self.pid(number)
-        process = self.processes[number - 1]
-        assert process.process.pid == pid
-        process.process.send_signal(signal.SIGKILL)
-        process.process.wait(10)
-        fleet.worker_exited(self.data_dir, number, pid)
+        assert pid in self.relay.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        said = f"worker w{number} (pid {pid}) exited with"
+        wait_for(f"worker {number}'s exit", lambda: said in self.relay.log_text(), timeout)
         return pid
 
 
@@ -103,21 +83,9 @@ class WorkerPair:
 def worker_pair(
     workdir: Path, *args: str, env: dict[str, str] | None = None
 ) -> Iterator[WorkerPair]:
-    """Two workers of one relay on one data dir (`args`: the same settings for both)."""
+    """One relay of two workers on `workdir / "data"` (`args`: its settings)."""
     data_dir = workdir / "data"
-    fleet.prepare(data_dir)  # the supervisor's first step
-    processes: list[RelayProcess] = []
-    try:
-        for number in range(1, COUNT + 1):
-            worker_env = {
-                **(env or {}),
-                worker_identity.ENVIRONMENT_NAME: f"{number}/{COUNT}",
-                "PROMETHEUS_MULTIPROC_DIR": str(worker_identity.metrics_dir(data_dir)),
-            }
-            processes.append(
-                _Worker(workdir / f"w{number}", *args, "--data-dir", str(data_dir), env=worker_env)
-            )
-        yield WorkerPair(data_dir, processes)
-    finally:
-        for process in processes:
-            process.close()
+    with RelayProcess(
+        workdir / "relay", "--workers", str(COUNT), *args, "--data-dir", str(data_dir), env=env
+    ) as relay:
+        yield WorkerPair(relay, data_dir)

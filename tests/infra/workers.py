@@ -8,6 +8,7 @@ who has it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import socket
@@ -20,7 +21,7 @@ import httpx
 from cryptography import x509
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tests.infra.relay import RelayProcess
 
@@ -59,9 +60,14 @@ def label_of(relay: RelayProcess, marker: str, timeout: float = 10.0) -> str:
     return found[0]
 
 
+def new_marker() -> str:
+    """A unique `probe=` value: put it in a request's query to find its access-log line."""
+    return f"p{next(_counter)}x{time.monotonic_ns()}"
+
+
 def probe(relay: RelayProcess, base_url: str | None = None) -> str:
     """One request on a new connection; the label of the worker that answered it."""
-    marker = f"p{next(_counter)}x{time.monotonic_ns()}"
+    marker = new_marker()
     response = httpx.get(f"{base_url or relay.url}/healthz", params={"probe": marker}, timeout=10)
     assert response.status_code == 200, response.text
     return label_of(relay, marker)
@@ -77,6 +83,30 @@ def labels_seen(relay: RelayProcess, attempts: int, base_url: str | None = None)
         if len(seen) == count:
             break
     return seen
+
+
+@contextlib.contextmanager
+def clients_by_worker(
+    relay: RelayProcess, per_worker: int, attempts: int, timeout: float = 30.0
+) -> Iterator[dict[str, list[httpx.Client]]]:
+    """Keep-alive clients, each holding one connection that a known worker accepted: new
+    connections (a /healthz probe on each) until every worker holds `per_worker` of them,
+    at most `attempts`. A test still checks its own requests' labels: a connection the
+    server closed meanwhile is silently replaced by httpx."""
+    count = len(current_pids(relay))
+    found: dict[str, list[httpx.Client]] = {}
+    with contextlib.ExitStack() as stack:
+        for _ in range(attempts):
+            client = stack.enter_context(httpx.Client(timeout=timeout))
+            marker = new_marker()
+            answer = client.get(f"{relay.url}/healthz", params={"probe": marker})
+            assert answer.status_code == 200, answer.text
+            found.setdefault(label_of(relay, marker), []).append(client)
+            if len(found) == count and all(len(c) >= per_worker for c in found.values()):
+                break
+        else:
+            raise AssertionError(f"{attempts} connections did not reach every worker: {found}")
+        yield {label: clients[:per_worker] for label, clients in found.items()}
 
 
 def tls_probe(relay: RelayProcess, port: int, cafile: Path, server_name: str) -> tuple[str, int]:

@@ -1,9 +1,12 @@
-"""Attacks on the cache that workers share (issue 14): two relay processes on one data dir.
+"""Attacks on the cache that workers share (issue 14).
 
-A hostile CDN sends wrong bytes while one process fills a blob and the other's clients
-join it: nothing is cached, no client gets the complete length, both processes serve on.
-A claim left by a process that died (its temporary file half-written with wrong bytes)
-never blocks the next pull, and its leftover is never served.
+A hostile CDN sends wrong bytes while one worker of a `--workers 2` relay fills a blob and
+the other's clients join it: nothing is cached, no client gets the complete length, both
+workers serve on (same pids). A claim left by a process that died (its temporary file
+half-written with wrong bytes) never blocks the next pull, and its leftover is never
+served: that claimant is a foreign process, not a worker (a worker killed mid-fill is in
+tests/integration/test_cache_workers.py), so it shows the claim is a kernel lock that
+needs no supervisor to clean up after whoever held it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 
 from tests.infra.relay import pull_token
+from tests.infra.workers import clients_by_worker, current_pids, label_of, labels_seen
 from tests.integration.test_cache import MiB, push_unique, sha256_file, wait_until
-from tests.integration.test_cache_workers import Got, _stream, start_worker, two_workers
+from tests.integration.test_cache_workers import (
+    PROBES,
+    Got,
+    _stream,
+    start_worker,
+    two_workers,
+    with_probe,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -55,26 +65,37 @@ def test_wrong_bytes_while_two_workers_fill_and_join_are_never_served_or_cached(
     clean_hub.cdn.corrupt = True
     data = tmp_path / "data"
     claim = data / "claims" / big.digest.removeprefix("sha256:")
-    with two_workers(tmp_path, clean_hub) as (a, b):
-        token = pull_token(a.url, "someuser/hostile")
-        path = f"/v2/someuser/hostile/blobs/{big.digest}"
+    with (
+        two_workers(tmp_path, clean_hub) as relay,
+        clients_by_worker(relay, 2, PROBES) as by_worker,
+    ):
+        pids = current_pids(relay)
+        token = pull_token(relay.url, "someuser/hostile")
+        blob_url = f"{relay.url}/v2/someuser/hostile/blobs/{big.digest}"
         results = [Got() for _ in range(4)]
+        asked = [with_probe(blob_url) for _ in results]
+        clients = [by_worker["w1"][0], by_worker["w2"][0], by_worker["w2"][1], by_worker["w1"][1]]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            first = pool.submit(_stream, a.url + path, token, results[0])
+            first = pool.submit(_stream, asked[0][0], token, results[0], clients[0])
             assert wait_until(lambda: claim.exists() and claim.read_text().strip() != "")
+            assert f".{pids['w1']}." in claim.read_text()  # w1 leads; w2's clients join
             rest = [
-                pool.submit(_stream, relay.url + path, token, result)
-                for relay, result in zip([b, b, a], results[1:], strict=True)
+                pool.submit(_stream, url, token, result, client)
+                for (url, _), result, client in zip(
+                    asked[1:], results[1:], clients[1:], strict=True
+                )
             ]
             for future in [first, *rest]:
                 future.result(timeout=TIMEOUT)
+        assert [label_of(relay, marker) for _, marker in asked] == ["w1", "w2", "w2", "w1"]
         for result in results:
             assert result.size < big.size, result  # broken off before the last byte
         assert not (data / "blobs" / "sha256" / big.digest[7:9] / big.digest[7:]).exists()
         assert wait_until(lambda: list((data / "tmp").iterdir()) == [])
-        for relay in (a, b):
-            assert relay.process.poll() is None
-            assert httpx.get(relay.url + "/v2/", timeout=10).status_code in (200, 401)
+        assert current_pids(relay) == pids  # no worker died of it
+        assert sorted(relay.worker_pids()) == sorted(pids.values())
+        assert labels_seen(relay, PROBES) == {"w1", "w2"}  # new connections: both answer
+        assert relay.process.poll() is None
 
 
 def test_a_claim_left_by_a_dead_process_never_blocks_the_next_pull(

@@ -701,15 +701,18 @@ class CacheFront:
                 index.set_tag(
                     route.registry, route.upstream_name, route.reference, digest, time.time()
                 )
+        # Through before the answer: the client's next request may reach another worker,
+        # which must find the manifest and tag rather than fetch them again.
+        with trio.CancelScope(shield=True):
+            await self.store.flush(force=True)
         try:
             await exchange.start(200, (*headers, (CACHE_HEADER, "miss")))
             await exchange.body(data, more=False)
         finally:
             # A client that hangs up once it has the manifest makes Hypercorn cancel this
             # task, even inside the last send; what follows matters for the next outage,
-            # so it runs anyway, shielded (both steps are bounded).
+            # so it runs anyway, shielded (bounded).
             with trio.CancelScope(shield=True):
-                await self.store.flush(force=True)  # through at once: other workers read it
                 await self._learn_public(route, digest, media_type)
         return True
 
