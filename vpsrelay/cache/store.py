@@ -162,7 +162,6 @@ class DiskStore:
         for digest in list(self.index.objects):
             if on_disk.get(digest) != self.index.objects[digest].size:
                 self.index.remove(digest)
-        lost: list[tuple[str, tuple[object, ...]]] = []
         for digest, size in on_disk.items():
             if digest in self.index.objects:
                 continue
@@ -170,12 +169,9 @@ class DiskStore:
             if stored is not None and stored.size == size:
                 self.index.adopt(digest, stored)
                 continue
-            # Renamed into place (verified) but the index write was lost: keep it (unless
-            # another process's row, with the object's true kind, lands first).
-            self.index.adopt(digest, Obj(size, now, "blob"))
-            row = (digest, size, now, "blob", "")
-            lost.append(("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?)", row))
-        self.db.write(self.index.take_writes() + lost)
+            # Renamed into place (verified) but the index write was lost: keep it.
+            self.index.recover(digest, Obj(size, now, "blob"))
+        self.db.write(self.index.take_writes())
 
     async def aclose(self) -> None:
         await self.flush(force=True)
@@ -227,6 +223,25 @@ class DiskStore:
         except FileNotFoundError:
             return None
         self.index.adopt(digest, obj)
+        return obj
+
+    def adopt_file(self, digest: str) -> Obj | None:
+        """The file under `blobs/` for `digest`, known from now on, or None if there is none.
+
+        A file there is verified by construction (renamed only after its digest matched),
+        so one without a row (its writer's index write failed, or is still to come) is
+        served, not fetched again: its row, if any, else its stat'd size as a blob.
+        """
+        try:
+            size = os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+        stored = self.db.read_object(digest)
+        if stored is not None and stored.size == size:
+            self.index.adopt(digest, stored)
+            return stored
+        obj = Obj(size, time.time(), "blob")
+        self.index.recover(digest, obj)
         return obj
 
     def reread_tag(self, registry: str, repository: str, tag: str) -> Tag | None:
@@ -426,7 +441,7 @@ class DiskStore:
             return fill, False
         try:
             return self._claim_on_disk(digest)
-        except OSError as exc:  # out of descriptors, the claims folder gone: pass through
+        except (OSError, sqlite3.Error) as exc:  # out of descriptors, claims/ gone: pass through
             log.warning("cache: cannot claim %s: %s", digest, exc)
             return DiskFill(digest, FillState.DROPPED), False
 
@@ -435,7 +450,13 @@ class DiskStore:
         for _ in range(claims.ATTEMPTS):
             fd = claims.try_claim(path, self.tmp)
             if fd is not None:
-                if self.path(digest).exists():  # another process committed it just now
+                try:
+                    # Another process committed it just now (perhaps without its row).
+                    known = self.adopt_file(digest)
+                except (OSError, sqlite3.Error):
+                    claims.release(fd, path)
+                    raise
+                if known is not None:
                     claims.release(fd, path)
                     return DiskFill(digest, FillState.COMMITTED), False
                 fill = DiskFill(digest, claim_fd=fd)
@@ -450,7 +471,7 @@ class DiskStore:
                 claim_path=path,
                 tmp_dir=self.tmp,
                 final_path=self.path(digest),
-                on_end=self._end,
+                on_end=self._remote_ended,
             )
             self.fills[digest] = remote
             return remote, False
@@ -461,6 +482,14 @@ class DiskStore:
         if fill.state is FillState.PENDING:
             fill.state = FillState.DROPPED
             self._end(fill)
+
+    def _remote_ended(self, fill: RemoteFill) -> None:
+        if fill.state is FillState.COMMITTED:
+            try:
+                self.adopt_file(fill.digest)  # known here at once, row or not
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("cache: cannot look up %s: %s", fill.digest, exc)
+        self._end(fill)
 
     def _end(self, fill: Fill) -> None:
         if self.fills.get(fill.digest) is fill:
