@@ -6,7 +6,8 @@ lives and which temporary file it writes; the file's size is how far it got. Its
 are complete and verified exactly when the final path under `blobs/` is the very file
 this process has open (same inode: the leader renames its temporary file into place
 only after the digest matched), so a joiner never needs to hash to know its last byte
-may go. A leader that dies (its claim free, nothing committed) makes the fill `FAILED`
+may go; a fill never seen streaming (filled between two polls) is complete when that
+path exists. A leader that dies (its claim free, nothing committed) makes the fill `FAILED`
 and `spilled`: joiners finish from the upstream with a ranged request, hashing the
 whole blob again (`CacheFront._resume_from_upstream`).
 """
