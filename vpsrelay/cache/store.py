@@ -26,10 +26,12 @@ import os
 import secrets
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
+import trio.lowlevel
 
 from vpsrelay import private_files
 from vpsrelay.cache import claims
@@ -63,6 +65,14 @@ class DiskError(Exception):
 READ_THREADS = 2
 TAG_WAIT = 10.0  # seconds a revalidation waits for another worker's of the same tag
 TAG_POLL = 0.05
+
+
+@dataclass(eq=False)
+class _TagLock:
+    """One tag's revalidation in this process, and how many requests want it."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
 
 
 def _on_disk(fill: Fill) -> DiskFill:
@@ -124,6 +134,7 @@ class DiskStore:
         self._flush_lock = trio.Lock()
         self._space_lock = trio.Lock()
         self._manifests = ManifestMemory()
+        self._tag_locks: dict[str, _TagLock] = {}
         # Few threads read cached files: each thread that allocates gets its own malloc
         # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
         self._read_limiter: trio.CapacityLimiter | None = None
@@ -271,18 +282,34 @@ class DiskStore:
         `TAG_WAIT` seconds without it, go on anyway (its holder may hang)."""
         name = "tag-" + hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
         path = self.claims / name
+        deadline = trio.current_time() + TAG_WAIT
+        # This process's waiters queue on a lock, woken the moment the holder is done;
+        # only the one holding it polls for other processes' claims.
+        local = self._tag_locks.setdefault(name, _TagLock())
+        local.users += 1
         fd: int | None = None
-        # Polled: the holder is another process, whose release no trio.Event can signal.
-        for _ in range(int(TAG_WAIT / TAG_POLL)):
-            fd = claims.try_claim(path, self.tmp)
-            if fd is not None:
-                break
-            await trio.sleep(TAG_POLL)
         try:
-            yield
+            with trio.move_on_at(deadline):
+                await local.lock.acquire()
+            try:
+                # Polled: the holder is another process, whose release no trio.Event signals.
+                while (fd := claims.try_claim(path, self.tmp)) is None:
+                    if trio.current_time() + TAG_POLL > deadline:
+                        break
+                    await trio.sleep(TAG_POLL)
+                yield
+            finally:
+                if fd is not None:
+                    claims.release(fd, path)
+                if (
+                    local.lock.locked()
+                    and local.lock.statistics().owner is trio.lowlevel.current_task()
+                ):
+                    local.lock.release()
         finally:
-            if fd is not None:
-                claims.release(fd, path)
+            local.users -= 1
+            if local.users == 0:
+                del self._tag_locks[name]
 
     async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
         """`get`: this store is not shared with other nodes."""
