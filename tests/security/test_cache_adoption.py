@@ -17,7 +17,7 @@ import pytest
 
 from tests.infra.relay import RelayProcess, pull_token
 from tests.infra.workers import current_pids, labels_seen, wait_for
-from tests.integration.test_cache import blob_file, push_unique
+from tests.integration.test_cache import blob_file, push_unique, wait_until
 from tests.integration.test_cache_workers import Got, _stream, cache_results, cdn_gets
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ def test_a_stored_blob_without_its_index_row_is_served_from_disk(
                 "",
             )
         assert cdn_gets(clean_hub, blob.digest) == []  # never fetched again
+        # The access-log line is written after the response: wait for the last one.
+        assert wait_until(lambda: len(cache_results(relay, blob.digest)) == REQUESTS)
         assert cache_results(relay, blob.digest) == ["hit"] * REQUESTS
         assert relay.process.poll() is None
 
@@ -106,6 +108,8 @@ def test_concurrent_pulls_of_a_small_blob_over_two_workers_fetch_it_once(
                     "",
                 )
             assert len(cdn_gets(clean_hub, image.config.digest)) == 1, n
-            results = cache_results(relay, image.config.digest)
+            digest = image.config.digest
+            assert wait_until(lambda: len(cache_results(relay, digest)) == CONCURRENT)  # noqa: B023
+            results = cache_results(relay, digest)
             assert results.count("miss") == 1, results
         assert relay.process.poll() is None
