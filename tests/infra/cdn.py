@@ -56,6 +56,7 @@ class CDN:
         self.chunk_size = chunk_size
         self.corrupt = False
         self.chunk_delay = 0.0
+        self.answer_delay = 0.0  # seconds before a blob's status line: concurrent pulls overlap
         self.reset_after: int | None = None
         self.reset_first_only = False
         self.url_ttl: float | None = None
@@ -111,6 +112,7 @@ class CDN:
             self._cut.clear()
         self.reset_after = self.url_ttl = self.throttle = self.too_many = None
         self.reset_first_only = self.ignore_range = False
+        self.answer_delay = 0.0
 
     def sign(self, url: str) -> str:
         """``url`` valid for ``url_ttl`` seconds from now (unchanged when URLs never expire)."""
@@ -185,6 +187,8 @@ class CDN:
             self._simple(h, 404, b"not found", head=head)
             return
         with fh:
+            if self.answer_delay:
+                time.sleep(self.answer_delay)
             size = path.stat().st_size
             start, end = 0, size - 1
             status = 200

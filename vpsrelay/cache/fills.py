@@ -6,7 +6,8 @@ lives and which temporary file it writes; the file's size is how far it got. Its
 are complete and verified exactly when the final path under `blobs/` is the very file
 this process has open (same inode: the leader renames its temporary file into place
 only after the digest matched), so a joiner never needs to hash to know its last byte
-may go. A leader that dies (its claim free, nothing committed) makes the fill `FAILED`
+may go; a fill never seen streaming (filled between two polls) is complete when that
+path exists. A leader that dies (its claim free, nothing committed) makes the fill `FAILED`
 and `spilled`: joiners finish from the upstream with a ranged request, hashing the
 whole blob again (`CacheFront._resume_from_upstream`).
 """
@@ -90,7 +91,9 @@ class RemoteFill(DiskFill):
     def _committed(self) -> bool:
         assert self.final_path is not None
         if self.fd < 0:
-            return False
+            # Never seen streaming (a small blob filled between two polls): any file under
+            # blobs/ is verified, so its being there is the commit.
+            return self.final_path.exists()
         try:
             return os.stat(self.final_path).st_ino == os.fstat(self.fd).st_ino
         except FileNotFoundError:

@@ -173,10 +173,7 @@ class CacheFront:
                 digest, fill=read and not ranged, read=read
             )
             if obj is not None and obj.kind == "blob":
-                if await self._may_serve_blob(exchange, route, digest):
-                    await self._serve_file(exchange, route, digest, obj.size)
-                else:
-                    await self._relay(exchange, route)
+                await self._serve_stored(exchange, route, digest, obj.size)
                 return
             if exchange.method == "HEAD" or ranged:
                 await self._relay(exchange, route)  # not cached: pass through
@@ -198,8 +195,21 @@ class CacheFront:
                     self.store.index.count("joins")
                     await self._serve_fill(exchange, fill)
                     return
-            # committed meanwhile: a hit next time round; dropped or failed: ask ourselves
+            if fill.state is FillState.COMMITTED:  # committed meanwhile: a hit
+                obj = self.store.get(digest)
+                if obj is not None and obj.kind == "blob":
+                    await self._serve_stored(exchange, route, digest, obj.size)
+                    return
+            # dropped or failed: claim again (the file may be there without its row)
         await self._relay(exchange, route)
+
+    async def _serve_stored(
+        self, exchange: Exchange, route: routing.Route, digest: str, size: int
+    ) -> None:
+        if await self._may_serve_blob(exchange, route, digest):
+            await self._serve_file(exchange, route, digest, size)
+        else:
+            await self._relay(exchange, route)
 
     async def _may_serve_blob(self, exchange: Exchange, route: routing.Route, digest: str) -> bool:
         """The authorization rule: a live grant for the repository, which holds the blob;

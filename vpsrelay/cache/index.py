@@ -118,6 +118,17 @@ class Index:
         self._used += obj.size - (replaced.size if replaced is not None else 0)
         self.objects[digest] = obj
 
+    def recover(self, digest: str, obj: Obj) -> None:
+        """Know a verified file whose row was never written; a row that lands first (the
+        writer's, with the object's true kind) wins."""
+        self.adopt(digest, obj)
+        self._ops.append(
+            (
+                "INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?)",
+                (digest, obj.size, obj.last_used, obj.kind, obj.media_type),
+            )
+        )
+
     def forget(self, digest: str) -> None:
         """Drop an object from memory only: its file is gone, and whoever removed it removed
         its row (a row written since is another process's new copy: it stays)."""

@@ -26,10 +26,12 @@ import os
 import secrets
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
+import trio.lowlevel
 
 from vpsrelay import private_files
 from vpsrelay.cache import claims
@@ -63,6 +65,14 @@ class DiskError(Exception):
 READ_THREADS = 2
 TAG_WAIT = 10.0  # seconds a revalidation waits for another worker's of the same tag
 TAG_POLL = 0.05
+
+
+@dataclass(eq=False)
+class _TagLock:
+    """One tag's revalidation in this process, and how many requests want it."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
 
 
 def _on_disk(fill: Fill) -> DiskFill:
@@ -124,6 +134,7 @@ class DiskStore:
         self._flush_lock = trio.Lock()
         self._space_lock = trio.Lock()
         self._manifests = ManifestMemory()
+        self._tag_locks: dict[str, _TagLock] = {}
         # Few threads read cached files: each thread that allocates gets its own malloc
         # arena, and 20 streams reading in 20 threads held ~45 MiB more at peak.
         self._read_limiter: trio.CapacityLimiter | None = None
@@ -162,7 +173,6 @@ class DiskStore:
         for digest in list(self.index.objects):
             if on_disk.get(digest) != self.index.objects[digest].size:
                 self.index.remove(digest)
-        lost: list[tuple[str, tuple[object, ...]]] = []
         for digest, size in on_disk.items():
             if digest in self.index.objects:
                 continue
@@ -170,12 +180,9 @@ class DiskStore:
             if stored is not None and stored.size == size:
                 self.index.adopt(digest, stored)
                 continue
-            # Renamed into place (verified) but the index write was lost: keep it (unless
-            # another process's row, with the object's true kind, lands first).
-            self.index.adopt(digest, Obj(size, now, "blob"))
-            row = (digest, size, now, "blob", "")
-            lost.append(("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?)", row))
-        self.db.write(self.index.take_writes() + lost)
+            # Renamed into place (verified) but the index write was lost: keep it.
+            self.index.recover(digest, Obj(size, now, "blob"))
+        self.db.write(self.index.take_writes())
 
     async def aclose(self) -> None:
         await self.flush(force=True)
@@ -229,6 +236,25 @@ class DiskStore:
         self.index.adopt(digest, obj)
         return obj
 
+    def adopt_file(self, digest: str) -> Obj | None:
+        """The file under `blobs/` for `digest`, known from now on, or None if there is none.
+
+        A file there is verified by construction (renamed only after its digest matched),
+        so one without a row (its writer's index write failed, or is still to come) is
+        served, not fetched again: its row, if any, else its stat'd size as a blob.
+        """
+        try:
+            size = os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+        stored = self.db.read_object(digest)
+        if stored is not None and stored.size == size:
+            self.index.adopt(digest, stored)
+            return stored
+        obj = Obj(size, time.time(), "blob")
+        self.index.recover(digest, obj)
+        return obj
+
     def reread_tag(self, registry: str, repository: str, tag: str) -> Tag | None:
         """The tag as the database has it, if another process checked it more recently."""
         key = (registry, repository, tag)
@@ -256,18 +282,34 @@ class DiskStore:
         `TAG_WAIT` seconds without it, go on anyway (its holder may hang)."""
         name = "tag-" + hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
         path = self.claims / name
+        deadline = trio.current_time() + TAG_WAIT
+        # This process's waiters queue on a lock, woken the moment the holder is done;
+        # only the one holding it polls for other processes' claims.
+        local = self._tag_locks.setdefault(name, _TagLock())
+        local.users += 1
         fd: int | None = None
-        # Polled: the holder is another process, whose release no trio.Event can signal.
-        for _ in range(int(TAG_WAIT / TAG_POLL)):
-            fd = claims.try_claim(path, self.tmp)
-            if fd is not None:
-                break
-            await trio.sleep(TAG_POLL)
         try:
-            yield
+            with trio.move_on_at(deadline):
+                await local.lock.acquire()
+            try:
+                # Polled: the holder is another process, whose release no trio.Event signals.
+                while (fd := claims.try_claim(path, self.tmp)) is None:
+                    if trio.current_time() + TAG_POLL > deadline:
+                        break
+                    await trio.sleep(TAG_POLL)
+                yield
+            finally:
+                if fd is not None:
+                    claims.release(fd, path)
+                if (
+                    local.lock.locked()
+                    and local.lock.statistics().owner is trio.lowlevel.current_task()
+                ):
+                    local.lock.release()
         finally:
-            if fd is not None:
-                claims.release(fd, path)
+            local.users -= 1
+            if local.users == 0:
+                del self._tag_locks[name]
 
     async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
         """`get`: this store is not shared with other nodes."""
@@ -426,7 +468,7 @@ class DiskStore:
             return fill, False
         try:
             return self._claim_on_disk(digest)
-        except OSError as exc:  # out of descriptors, the claims folder gone: pass through
+        except (OSError, sqlite3.Error) as exc:  # out of descriptors, claims/ gone: pass through
             log.warning("cache: cannot claim %s: %s", digest, exc)
             return DiskFill(digest, FillState.DROPPED), False
 
@@ -435,7 +477,13 @@ class DiskStore:
         for _ in range(claims.ATTEMPTS):
             fd = claims.try_claim(path, self.tmp)
             if fd is not None:
-                if self.path(digest).exists():  # another process committed it just now
+                try:
+                    # Another process committed it just now (perhaps without its row).
+                    known = self.adopt_file(digest)
+                except (OSError, sqlite3.Error):
+                    claims.release(fd, path)
+                    raise
+                if known is not None:
                     claims.release(fd, path)
                     return DiskFill(digest, FillState.COMMITTED), False
                 fill = DiskFill(digest, claim_fd=fd)
@@ -450,7 +498,7 @@ class DiskStore:
                 claim_path=path,
                 tmp_dir=self.tmp,
                 final_path=self.path(digest),
-                on_end=self._end,
+                on_end=self._remote_ended,
             )
             self.fills[digest] = remote
             return remote, False
@@ -461,6 +509,14 @@ class DiskStore:
         if fill.state is FillState.PENDING:
             fill.state = FillState.DROPPED
             self._end(fill)
+
+    def _remote_ended(self, fill: RemoteFill) -> None:
+        if fill.state is FillState.COMMITTED:
+            try:
+                self.adopt_file(fill.digest)  # known here at once, row or not
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("cache: cannot look up %s: %s", fill.digest, exc)
+        self._end(fill)
 
     def _end(self, fill: Fill) -> None:
         if self.fills.get(fill.digest) is fill:
