@@ -46,7 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vpsrelay.supervisor")
 
-WORKER_COMMAND = (sys.executable, "-m", "vpsrelay.worker")
+# -P: `-m` would otherwise put the working directory first on sys.path, and anyone who can
+# write there (/tmp, a shared home, a container's WORKDIR) would run code in every worker.
+# Not -I: PYTHONPATH is how the workers find the same code as this process (`_environment`).
+WORKER_COMMAND = (sys.executable, "-P", "-m", "vpsrelay.worker")
+WORKER_UMASK = 0o077
 READY_FD_ENVIRONMENT = "_VPSRELAY_READY_FD"  # where a worker writes `ready`
 SETTINGS_LENGTH = struct.Struct("!I")
 START_TIMEOUT = 60.0  # seconds from spawn to every listener served
@@ -161,6 +165,9 @@ class Supervisor:
                 stdin=subprocess.PIPE,
                 pass_fds=(*(item.sock.fileno() for item in self.listeners), ready_write),
                 env=self._environment(number, ready_write),
+                # prometheus-client creates its files with the umask's mode: the owner's alone,
+                # like everything else under the data dir (private_files).
+                umask=WORKER_UMASK,
             )
         except BaseException:
             os.close(ready_read)
