@@ -1,0 +1,121 @@
+"""Issue 14 review, the supervisor: what a writable working directory, a second `serve`
+on the same data dir and a hung worker must not be able to do to a `--workers 2` relay."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import textwrap
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.infra.relay import RelayProcess
+from tests.infra.workers import current_pids, wait_for
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.infra.hub import Hub
+
+pytestmark = pytest.mark.integration
+
+# A `trio.py` planted in the directory `serve` runs from: it notes who imported it (the
+# worker number, or nothing for a process that is not a worker), then hands over the real
+# trio so the relay still runs and the note is all it leaves.
+_PLANTED_TRIO = textwrap.dedent(
+    """
+    import importlib, os, sys
+    with open({marker!r}, "a") as f:
+        f.write(os.environ.get("_VPSRELAY_WORKER", "-") + "\\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    del sys.modules["trio"]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", here)]
+    try:
+        sys.modules["trio"] = importlib.import_module("trio")
+    finally:
+        sys.path[:] = saved
+    """
+)
+
+
+def test_a_module_in_the_working_directory_runs_in_no_worker(tmp_path: Path) -> None:
+    workdir = tmp_path / "relay"
+    workdir.mkdir()
+    marker = tmp_path / "imported-by"
+    (workdir / "trio.py").write_text(_PLANTED_TRIO.format(marker=str(marker)))
+    with RelayProcess(workdir, "--workers", "2") as relay:
+        assert len(current_pids(relay)) == 2
+        assert httpx.get(f"{relay.url}/healthz", timeout=10).status_code == 200
+    # The test's own `python -m vpsrelay` parent imports it (so the plant works) ...
+    importers = marker.read_text().split()
+    assert "-" in importers
+    # ... and no worker does.
+    assert [who for who in importers if who != "-"] == []
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return [path for path in directory.rglob("*") if path.is_file()]
+
+
+def test_metrics_files_are_the_owners_alone_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual one, inherited by the relay
+    try:
+        relay = RelayProcess(tmp_path / "relay", "--workers", "2")
+    finally:
+        os.umask(old)
+    with relay:
+        metrics = tmp_path / "relay" / "data" / "run" / "metrics"
+        # Every worker counts the request it serves: its files exist once it served one.
+        for _ in range(6):
+            httpx.get(f"{relay.url}/healthz", timeout=10).raise_for_status()
+        wait_for("metrics files", lambda: any(p.suffix == ".db" for p in _files_under(metrics)), 10)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in _files_under(metrics)}
+    wider = {name: oct(mode) for name, mode in modes.items() if mode & 0o077}
+    assert wider == {}, wider
+
+
+def test_a_hung_worker_is_replaced_and_readyz_stays_ready(hub: Hub, tmp_path: Path) -> None:
+    upstream = f"docker.io={hub.registry_url}"  # answers: only the workers decide readiness
+    with RelayProcess(tmp_path / "relay", "--workers", "2", "--upstream", upstream) as relay:
+        hung = current_pids(relay)["w2"]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            readyz: list[dict[str, object]] = []
+
+            def reported_stale() -> bool:
+                # A connection that lands on the stopped worker waits: short timeouts.
+                try:
+                    response = httpx.get(f"{relay.url}/readyz", timeout=1)
+                except httpx.HTTPError:
+                    return False
+                body = response.json()
+                readyz.append({"code": response.status_code, **body})
+                workers = {w["worker"]: w["state"] for w in body.get("workers", [])}
+                return workers.get("w2") == "stale" or current_pids(relay)["w2"] != hung
+
+            wait_for("w2 to be seen stale or replaced", reported_stale, 40)
+            # While w2 hangs, w1 serves: the relay is degraded, never unready.
+            for entry in readyz:
+                assert entry["status"] != "unready", entry
+            wait_for("w2 to be replaced", lambda: current_pids(relay)["w2"] != hung, 40)
+        finally:
+            # Gone already when the fix holds; otherwise let the relay stop it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert f"worker w2 (pid {hung}) sent no heartbeat" in relay.log_text()
+        # The new w2 serves, and the relay is whole again.
+
+        def whole() -> bool:
+            try:
+                body = httpx.get(f"{relay.url}/readyz", timeout=5).json()
+            except httpx.HTTPError:
+                return False
+            return bool(body["checks"]["workers"] == "ok")
+
+        wait_for("both workers ready again", whole, 20)
+        assert relay.process.poll() is None
