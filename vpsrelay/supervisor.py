@@ -10,6 +10,8 @@ accepts on them) and the `cert renew` control socket.
   `FAST_EXIT_SECONDS` of starting waits a doubling backoff first; `MAX_FAST_EXITS` such
   deaths in a row make the parent stop everything and exit 1: a worker that cannot start
   is a broken installation, not something to retry forever.
+- A worker whose heartbeat (its status file) is older than `STALE_SECONDS` is hung: it
+  is killed, then replaced like a dead one.
 - SIGTERM/SIGINT: every worker gets SIGTERM and drains within `server.graceful_timeout`
   (it ends itself after that, `shutdown.exit_after_grace`); one still there a margin later
   is killed. The parent then exits 0.
@@ -29,6 +31,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +40,7 @@ import trio
 
 import vpsrelay
 from vpsrelay import __version__, listeners, patches as library_patches, shutdown, worker_identity
+from vpsrelay.core.fleet import HEARTBEAT_SECONDS, STALE_SECONDS
 from vpsrelay.ops import fleet
 
 if TYPE_CHECKING:
@@ -248,6 +252,28 @@ class Supervisor:
                 return
             await self._start(number)
 
+    async def watch_heartbeats(self) -> None:
+        """Kill a worker whose heartbeat stopped (its event loop is stuck): `_keep` then
+        replaces it like any dead one. The connections it holds hang until then; new ones
+        go to the others, which keep accepting."""
+        while True:
+            await trio.sleep(HEARTBEAT_SECONDS)
+            statuses = await trio.to_thread.run_sync(fleet.read_statuses, self.settings.data_dir)
+            now = time.monotonic()  # the clock the heartbeats are written in
+            for number, process in self.processes.items():
+                status = statuses.get(number)
+                if self.stopping or process.returncode is not None or status is None:
+                    continue
+                if status.pid != process.pid or status.draining or status.exited:
+                    continue  # still starting (no status of its own yet), or stopping
+                silent = now - status.heartbeat
+                if silent > STALE_SECONDS:
+                    log.error(
+                        "worker w%d (pid %d) sent no heartbeat for %.0fs: killing it",
+                        number, process.pid, silent,
+                    )  # fmt: skip
+                    process.kill()
+
     def signal_workers(self, signum: int) -> None:
         for process in self.processes.values():
             if process.returncode is None:
@@ -372,6 +398,7 @@ async def _run_in(scope: trio.CancelScope, supervisor: Supervisor) -> None:
         async with trio.open_nursery() as nursery:
             for number in range(1, supervisor.count + 1):
                 nursery.start_soon(supervisor._keep, number)
+            nursery.start_soon(supervisor.watch_heartbeats)
 
 
 def run(settings: Settings) -> int:
