@@ -405,15 +405,21 @@ def run(settings: Settings) -> int:
     """`vpsrelay serve` with workers > 1: the exit status.
 
     Raises:
-        OSError: a listener cannot be bound; no worker was started.
+        OSError: a listener cannot be bound, or another supervisor runs on this data dir
+            (`fleet.RunDirTaken`); no worker was started.
         hypercorn_patches.PatchError: the safety patches cannot apply (each worker would
             refuse to serve): said once, here, before anything starts.
     """
     library_patches.apply_all(settings)
-    fleet.prepare(settings.data_dir)
-    supervisor = Supervisor(settings)
-    supervisor.bind_all()
+    # A second `serve` on this data dir stops here, before touching the first one's files.
+    run_lock = fleet.hold_run_dir(settings.data_dir)
     try:
-        return trio.run(supervise, settings, supervisor)
+        supervisor = Supervisor(settings)
+        supervisor.bind_all()
+        try:
+            fleet.prepare(settings.data_dir)
+            return trio.run(supervise, settings, supervisor)
+        finally:
+            supervisor.close_listeners()
     finally:
-        supervisor.close_listeners()
+        os.close(run_lock)

@@ -7,13 +7,15 @@ import contextlib
 import os
 import signal
 import stat
+import subprocess
+import sys
 import textwrap
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from tests.infra.relay import RelayProcess
+from tests.infra.relay import REPO_ROOT, RelayProcess
 from tests.infra.workers import current_pids, wait_for
 
 if TYPE_CHECKING:
@@ -119,3 +121,37 @@ def test_a_hung_worker_is_replaced_and_readyz_stays_ready(hub: Hub, tmp_path: Pa
 
         wait_for("both workers ready again", whole, 20)
         assert relay.process.poll() is None
+
+
+def _run_files(data_dir: Path) -> set[str]:
+    run = data_dir / "run"
+    return {str(p.relative_to(run)) for p in _files_under(run) if p.suffix in (".db", ".json")}
+
+
+def test_a_second_serve_on_the_data_dir_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    with RelayProcess(tmp_path / "relay", "--workers", "2") as first:
+        data_dir = tmp_path / "relay" / "data"
+        httpx.get(f"{first.url}/healthz", timeout=10).raise_for_status()
+        wait_for("both status files", lambda: {"workers/1.json", "workers/2.json"}
+                 <= _run_files(data_dir), 10)  # fmt: skip
+        before = _run_files(data_dir)
+        # Any free port: only the data dir is shared, so binding cannot be what stops it.
+        second = subprocess.run(
+            [sys.executable, "-m", "vpsrelay", "serve", "--workers", "2",
+             "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
+             "--upstream", "docker.io=http://127.0.0.1:9"],
+            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )  # fmt: skip
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert lines[-1].startswith("vpsrelay: cannot serve: another relay with workers"), lines
+        assert "listening on" not in second.stderr
+        # The first relay's files are all still there, and it still counts and reports.
+        assert before <= _run_files(data_dir)
+        body = httpx.get(f"{first.url}/readyz", timeout=10).json()
+        assert {w["worker"]: w["state"] for w in body["workers"]} == {"w1": "ready", "w2": "ready"}
+        assert "vpsrelay_" in httpx.get(f"{first.url}/metrics", timeout=10).text
+    # Its end released the lock: the next one starts on the same data dir.
+    with RelayProcess(tmp_path / "again", "--workers", "2", "--data-dir", str(data_dir)) as again:
+        assert len(current_pids(again)) == 2
