@@ -97,6 +97,7 @@ class Supervisor:
         self.failure: str | None = None
         self._payload = b""
         self._exited: set[int] = set()
+        self._told_unwritable = False
 
     # --- listeners
 
@@ -267,12 +268,22 @@ class Supervisor:
                 if status.pid != process.pid or status.draining or status.exited:
                     continue  # still starting (no status of its own yet), or stopping
                 silent = now - status.heartbeat
+                if silent > STALE_SECONDS and not await self._status_writable():
+                    continue  # it cannot write its heartbeat: that is no hang
                 if silent > STALE_SECONDS:
                     log.error(
                         "worker w%d (pid %d) sent no heartbeat for %.0fs: killing it",
                         number, process.pid, silent,
                     )  # fmt: skip
                     process.kill()
+
+    async def _status_writable(self) -> bool:
+        writable = await trio.to_thread.run_sync(fleet.status_writable, self.settings.data_dir)
+        if not writable and not self._told_unwritable:
+            log.warning("worker status files cannot be written (disk full or read-only?): "
+                        "no worker is killed for a missing heartbeat meanwhile")  # fmt: skip
+        self._told_unwritable = not writable
+        return writable
 
     def signal_workers(self, signum: int) -> None:
         for process in self.processes.values():

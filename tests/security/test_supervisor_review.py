@@ -10,13 +10,16 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.infra.relay import REPO_ROOT, RelayProcess
+from tests.infra.tmpfs import fill_up, mounted_tmpfs
 from tests.infra.workers import current_pids, wait_for
+from vpsrelay.core.fleet import HEARTBEAT_SECONDS, STALE_SECONDS
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -155,3 +158,26 @@ def test_a_second_serve_on_the_data_dir_is_refused_and_touches_nothing(tmp_path:
     # Its end released the lock: the next one starts on the same data dir.
     with RelayProcess(tmp_path / "again", "--workers", "2", "--data-dir", str(data_dir)) as again:
         assert len(current_pids(again)) == 2
+
+
+def test_a_full_disk_that_stops_heartbeats_kills_no_worker(hub: Hub, tmp_path: Path) -> None:
+    upstream = f"docker.io={hub.registry_url}"
+    with mounted_tmpfs(tmp_path / "disk", "64m") as disk:
+        relay = RelayProcess(
+            tmp_path / "relay", "--workers", "2", "--upstream", upstream,
+            "--data-dir", str(disk / "data"),
+        )  # fmt: skip
+        with relay:
+            pids = current_pids(relay)
+            fill_up(disk)
+            try:
+                # Long past the stale limit: the heartbeats stopped, the workers did not.
+                deadline = time.monotonic() + STALE_SECONDS + 3 * HEARTBEAT_SECONDS + 2
+                while time.monotonic() < deadline:
+                    assert current_pids(relay) == pids
+                    time.sleep(0.5)
+                assert "sent no heartbeat" not in relay.log_text()
+                assert "status files cannot be written" in relay.log_text()
+                assert httpx.get(f"{relay.url}/healthz", timeout=5).status_code == 200
+            finally:
+                (disk / "filler").unlink()

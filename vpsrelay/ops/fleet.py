@@ -123,6 +123,25 @@ def write_status(data_dir: Path, status: WorkerStatus) -> None:
     os.replace(temporary, final)
 
 
+def status_writable(data_dir: Path) -> bool:
+    """Whether a status file could be written now (a full or read-only disk says no: a
+    worker's heartbeat may have stopped for that, not because it hangs)."""
+    probe = worker_identity.status_dir(data_dir) / f".probe.{os.getpid()}.tmp"
+    try:
+        fd = private_files.open_file(probe, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, b" " * (MAX_STATUS_BYTES // 16))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return True
+
+
 def read_statuses(data_dir: Path) -> dict[int, WorkerStatus]:
     """Every whole status file, by worker number; unreadable or malformed ones left out."""
     directory = worker_identity.status_dir(data_dir)
