@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -107,6 +108,36 @@ def test_a_shared_tls_state_publishes_to_files_another_process_reads(tmp_path: P
     parent.remove_http01("token1")
     assert worker._tls_alpn01_context("relay.test") is None
     assert worker.http01_tokens() == {}
+
+
+def test_a_handshake_reads_the_challenge_directory_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = contexts.TLSState(challenge_files.ChallengeFiles(tmp_path))
+    worker = contexts.TLSState(challenge_files.ChallengeFiles(tmp_path))
+    parent.shared.clear()  # type: ignore[union-attr]
+    folder = tmp_path / challenge_files.TLS_ALPN01
+    listings: list[str] = []
+    real_listdir = os.listdir
+
+    def counted(path: str | os.PathLike[str]) -> list[str]:
+        listings.append(str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counted)
+    settled = time.time_ns() - 60 * 10**9
+    os.utime(folder, ns=(settled, settled))  # nothing changed for a minute
+    assert not any(worker._tls_alpn01_pending() for _ in range(100))
+    assert len(listings) <= 1
+    # An order: seen by the very next handshake, and again by every one while it is recent.
+    parent.add_tls_alpn01("relay.test", "auth")
+    assert all(worker._tls_alpn01_pending() for _ in range(3))
+    parent.remove_tls_alpn01("relay.test")
+    assert not worker._tls_alpn01_pending()
+    os.utime(folder, ns=(settled, settled))
+    listings.clear()
+    assert not any(worker._tls_alpn01_pending() for _ in range(100))
+    assert len(listings) <= 1
 
 
 def test_exit_descriptions() -> None:

@@ -10,6 +10,8 @@ accepts on them) and the `cert renew` control socket.
   `FAST_EXIT_SECONDS` of starting waits a doubling backoff first; `MAX_FAST_EXITS` such
   deaths in a row make the parent stop everything and exit 1: a worker that cannot start
   is a broken installation, not something to retry forever.
+- A worker whose heartbeat (its status file) is older than `STALE_SECONDS` is hung: it
+  is killed, then replaced like a dead one.
 - SIGTERM/SIGINT: every worker gets SIGTERM and drains within `server.graceful_timeout`
   (it ends itself after that, `shutdown.exit_after_grace`); one still there a margin later
   is killed. The parent then exits 0.
@@ -29,6 +31,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +40,7 @@ import trio
 
 import vpsrelay
 from vpsrelay import __version__, listeners, patches as library_patches, shutdown, worker_identity
+from vpsrelay.core.fleet import HEARTBEAT_SECONDS, STALE_SECONDS
 from vpsrelay.ops import fleet
 
 if TYPE_CHECKING:
@@ -46,7 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vpsrelay.supervisor")
 
-WORKER_COMMAND = (sys.executable, "-m", "vpsrelay.worker")
+# -P: `-m` would otherwise put the working directory first on sys.path, and anyone who can
+# write there (/tmp, a shared home, a container's WORKDIR) would run code in every worker.
+# Not -I: PYTHONPATH is how the workers find the same code as this process (`_environment`).
+WORKER_COMMAND = (sys.executable, "-P", "-m", "vpsrelay.worker")
+WORKER_UMASK = 0o077
 READY_FD_ENVIRONMENT = "_VPSRELAY_READY_FD"  # where a worker writes `ready`
 SETTINGS_LENGTH = struct.Struct("!I")
 START_TIMEOUT = 60.0  # seconds from spawn to every listener served
@@ -89,6 +97,7 @@ class Supervisor:
         self.failure: str | None = None
         self._payload = b""
         self._exited: set[int] = set()
+        self._told_unwritable = False
 
     # --- listeners
 
@@ -161,6 +170,9 @@ class Supervisor:
                 stdin=subprocess.PIPE,
                 pass_fds=(*(item.sock.fileno() for item in self.listeners), ready_write),
                 env=self._environment(number, ready_write),
+                # prometheus-client creates its files with the umask's mode: the owner's alone,
+                # like everything else under the data dir (private_files).
+                umask=WORKER_UMASK,
             )
         except BaseException:
             os.close(ready_read)
@@ -240,6 +252,38 @@ class Supervisor:
             if self.stop.is_set():
                 return
             await self._start(number)
+
+    async def watch_heartbeats(self) -> None:
+        """Kill a worker whose heartbeat stopped (its event loop is stuck): `_keep` then
+        replaces it like any dead one. The connections it holds hang until then; new ones
+        go to the others, which keep accepting."""
+        while True:
+            await trio.sleep(HEARTBEAT_SECONDS)
+            statuses = await trio.to_thread.run_sync(fleet.read_statuses, self.settings.data_dir)
+            now = time.monotonic()  # the clock the heartbeats are written in
+            for number, process in self.processes.items():
+                status = statuses.get(number)
+                if self.stopping or process.returncode is not None or status is None:
+                    continue
+                if status.pid != process.pid or status.draining or status.exited:
+                    continue  # still starting (no status of its own yet), or stopping
+                silent = now - status.heartbeat
+                if silent > STALE_SECONDS and not await self._status_writable():
+                    continue  # it cannot write its heartbeat: that is no hang
+                if silent > STALE_SECONDS:
+                    log.error(
+                        "worker w%d (pid %d) sent no heartbeat for %.0fs: killing it",
+                        number, process.pid, silent,
+                    )  # fmt: skip
+                    process.kill()
+
+    async def _status_writable(self) -> bool:
+        writable = await trio.to_thread.run_sync(fleet.status_writable, self.settings.data_dir)
+        if not writable and not self._told_unwritable:
+            log.warning("worker status files cannot be written (disk full or read-only?): "
+                        "no worker is killed for a missing heartbeat meanwhile")  # fmt: skip
+        self._told_unwritable = not writable
+        return writable
 
     def signal_workers(self, signum: int) -> None:
         for process in self.processes.values():
@@ -365,21 +409,28 @@ async def _run_in(scope: trio.CancelScope, supervisor: Supervisor) -> None:
         async with trio.open_nursery() as nursery:
             for number in range(1, supervisor.count + 1):
                 nursery.start_soon(supervisor._keep, number)
+            nursery.start_soon(supervisor.watch_heartbeats)
 
 
 def run(settings: Settings) -> int:
     """`vpsrelay serve` with workers > 1: the exit status.
 
     Raises:
-        OSError: a listener cannot be bound; no worker was started.
+        OSError: a listener cannot be bound, or another supervisor runs on this data dir
+            (`fleet.RunDirTaken`); no worker was started.
         hypercorn_patches.PatchError: the safety patches cannot apply (each worker would
             refuse to serve): said once, here, before anything starts.
     """
     library_patches.apply_all(settings)
-    fleet.prepare(settings.data_dir)
-    supervisor = Supervisor(settings)
-    supervisor.bind_all()
+    # A second `serve` on this data dir stops here, before touching the first one's files.
+    run_lock = fleet.hold_run_dir(settings.data_dir)
     try:
-        return trio.run(supervise, settings, supervisor)
+        supervisor = Supervisor(settings)
+        supervisor.bind_all()
+        try:
+            fleet.prepare(settings.data_dir)
+            return trio.run(supervise, settings, supervisor)
+        finally:
+            supervisor.close_listeners()
     finally:
-        supervisor.close_listeners()
+        os.close(run_lock)

@@ -1,8 +1,9 @@
 """The files a relay's workers share under `<data_dir>/run/`: metrics and status.
 
-The supervisor calls `prepare` before it starts any worker and `worker_exited` when one
-ends; each worker keeps its status file fresh (`keep_status`); `/metrics`, `/readyz` and
-`vpsrelay check` read what the workers wrote (`survey`, `metrics_lock`).
+The supervisor holds `hold_run_dir`'s lock for its life (one supervisor per data dir),
+calls `prepare` before it starts any worker and `worker_exited` when one ends; each
+worker keeps its status file fresh (`keep_status`); `/metrics`, `/readyz` and `vpsrelay
+check` read what the workers wrote (`survey`, `metrics_lock`).
 
 Status files are `<status_dir>/<number>.json`, replaced whole (a temporary file renamed
 over it), so a reader never sees half of one, and a worker SIGKILLed mid-write leaves the
@@ -40,11 +41,41 @@ log = logging.getLogger("vpsrelay.fleet")
 
 _STATUS_NAME = re.compile(r"([1-9][0-9]{0,3})\.json")
 _LOCK_NAME = ".lock"
+_SUPERVISOR_LOCK_NAME = ".supervisor"  # held by the supervisor using this run directory
 ARCHIVE = "archive"  # stands where the pid is in a folded file's name
 
 
+class RunDirTaken(OSError):
+    """Another supervisor runs on this data dir; its `run/` was left alone."""
+
+
+def hold_run_dir(data_dir: Path) -> int:
+    """Lock `<data_dir>/run/` for this supervisor's life (the kernel drops the lock when
+    it ends, however); the descriptor holds it: keep it open.
+
+    Raises:
+        RunDirTaken: another supervisor holds it.
+        OSError: the lock file cannot be opened.
+    """
+    run = worker_identity.run_dir(data_dir)
+    private_files.make_dir(run)
+    fd = private_files.open_file(run / _SUPERVISOR_LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirTaken(
+            f"another relay with workers already runs on the data dir {data_dir}"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def prepare(data_dir: Path) -> None:
-    """Empty the run directory: nothing an earlier run's workers wrote is counted."""
+    """Empty the run directory: nothing an earlier run's workers wrote is counted.
+    Only under `hold_run_dir`: the files may be another running relay's otherwise."""
     run = worker_identity.run_dir(data_dir)
     for directory in (worker_identity.metrics_dir(data_dir), worker_identity.status_dir(data_dir)):
         shutil.rmtree(directory, ignore_errors=True)
@@ -90,6 +121,25 @@ def write_status(data_dir: Path, status: WorkerStatus) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(status.to_json())
     os.replace(temporary, final)
+
+
+def status_writable(data_dir: Path) -> bool:
+    """Whether a status file could be written now (a full or read-only disk says no: a
+    worker's heartbeat may have stopped for that, not because it hangs)."""
+    probe = worker_identity.status_dir(data_dir) / f".probe.{os.getpid()}.tmp"
+    try:
+        fd = private_files.open_file(probe, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, b" " * (MAX_STATUS_BYTES // 16))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return True
 
 
 def read_statuses(data_dir: Path) -> dict[int, WorkerStatus]:

@@ -28,6 +28,7 @@ import signal
 import ssl
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,11 @@ class Loaded:
     key_file: Path
 
 
+# How long after its last change the challenge directory's mtime is trusted (see
+# `TLSState._tls_alpn01_pending`): far more than any filesystem's timestamp tick.
+_SETTLED_NS = 2_000_000_000
+
+
 class TLSState:
     """The certificate being served and the pending ACME challenges (a `certs.ChallengeSink`).
 
@@ -159,6 +165,7 @@ class TLSState:
     def __init__(self, shared: ChallengeFiles | None = None) -> None:
         self.shared = shared
         self._shared_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+        self._alpn01_listing: tuple[int, bool] | None = None  # (directory mtime, pending)
         self._lock = threading.Lock()
         self._current: ssl.SSLContext | None = None
         self.loaded: Loaded | None = None
@@ -246,9 +253,22 @@ class TLSState:
             return dict(self._http01)
 
     def _tls_alpn01_pending(self) -> bool:
-        if self.shared is not None:
-            return self.shared.any_pending(challenge_files.TLS_ALPN01)
-        return bool(self._tls_alpn01)
+        """Asked on every ClientHello: with `shared`, a stat of the challenge directory, and
+        a listing only when it changed since the last one (an ACME order, a few a year)."""
+        if self.shared is None:
+            return bool(self._tls_alpn01)
+        try:
+            changed = os.stat(self.shared.root / challenge_files.TLS_ALPN01).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if self._alpn01_listing is not None and self._alpn01_listing[0] == changed:
+            return self._alpn01_listing[1]
+        pending = self.shared.any_pending(challenge_files.TLS_ALPN01)
+        # A change within the same mtime tick as this listing would leave the mtime as it
+        # is: a listing counts for later handshakes only once the directory has settled.
+        settled = time.time_ns() - changed > _SETTLED_NS
+        self._alpn01_listing = (changed, pending) if settled else None
+        return pending
 
     def _tls_alpn01_context(self, domain: str) -> ssl.SSLContext | None:
         if self.shared is None:
