@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import httpx
@@ -203,3 +205,46 @@ def test_a_presigned_url_is_for_one_object_get_only_and_expires(
     listing = location.replace(f"/{blob_key(layer.digest)}?", "?list-type=2&")
     assert httpx.get(listing).status_code == 403
     assert wait_until(lambda: httpx.get(location).status_code == 403, 6)  # expired
+
+
+def test_a_renewed_lease_delays_each_client_at_most_lease_wait(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A lease that a node with the bucket's keys keeps renewing: concurrent clients of
+    one blob each wait `lease_wait` (2 s here) at most, not one after the other."""
+    image = push_unique(clean_hub, tmp_path, "someuser/held", 1 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    lease = f"/{bucket}/{PREFIX}leases/sha256/{layer.digest[7:]}"
+    stop = threading.Event()
+
+    def renew() -> None:
+        for _ in range(120):  # bounded: 60 s at most
+            seaweed.request("PUT", lease, b'{"node": "hostile"}')
+            if stop.wait(0.5):
+                return
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        with node(tmp_path / "b", clean_hub, seaweed, bucket, s3__lease_wait="3") as b:
+            token = anonymous_token(b, "someuser/held")
+            url = f"{b.url}/v2/someuser/held/blobs/{layer.digest}"
+
+            def pull(_: int) -> tuple[float, int, bytes]:
+                started = time.monotonic()
+                status, body, ended = _read_all(url, token)
+                assert ended == "complete", ended
+                return time.monotonic() - started, status, body
+
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(pull, range(4)))
+            again = pull(0)
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+    original = (image.layout / "blobs/sha256" / layer.digest[7:]).read_bytes()
+    for waited, status, body in [*results, again]:
+        assert status == 200
+        assert body == original
+        assert waited < 3 + 2.5, [r[0] for r in results]  # lease_wait, the relayed pull
+    assert again[0] < 2.5, "a client after a timed-out wait waits again"
