@@ -60,6 +60,13 @@ class Listed:
     last_modified: datetime.datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class Upload:
+    key: str
+    upload_id: str
+    initiated: datetime.datetime | None
+
+
 def _http_date(value: str | None) -> datetime.datetime | None:
     if not value:
         return None
@@ -245,6 +252,24 @@ class S3Client:
         content_type: str = "application/octet-stream",
     ) -> bool:
         """Write `key`; False when a condition did not hold (412), else True."""
+        return (
+            await self.put_etag(
+                key, body, if_none_match=if_none_match, if_match=if_match, content_type=content_type
+            )
+            is not None
+        )
+
+    async def put_etag(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> str | None:
+        """`put`, giving the ETag of what was written ("" if the store sent none), or
+        None when a condition did not hold (412)."""
         headers = {"content-type": content_type}
         if if_none_match:
             headers["if-none-match"] = "*"
@@ -252,10 +277,10 @@ class S3Client:
             headers["if-match"] = if_match
         response = await self._send("PUT", self.url(key), body, headers)
         if response.status_code == 412:
-            return False
+            return None
         if response.status_code != 200:
             raise self._fail(f"PUT {key}", response)
-        return True
+        return str(response.headers.get("etag", ""))
 
     async def delete(self, key: str) -> None:
         response = await self._send("DELETE", self.url(key))
@@ -315,6 +340,34 @@ class S3Client:
             (u.findtext("s3:Key", "", NS), u.findtext("s3:UploadId", "", NS))
             for u in root.findall("s3:Upload", NS)
         ]
+
+    async def uploads_page(
+        self, prefix: str, after: tuple[str, str] = ("", "")
+    ) -> tuple[list[Upload], tuple[str, str] | None]:
+        """One page of multipart uploads under `prefix`, and the (key, upload id) markers
+        of the next page (if any)."""
+        query = f"uploads=&prefix={quote(prefix, safe='')}"
+        if after[0]:
+            query += f"&key-marker={quote(after[0], safe='')}"
+            query += f"&upload-id-marker={quote(after[1], safe='')}"
+        response = await self._send("GET", self.url("", query))
+        if response.status_code != 200 or len(response.content) > MAX_LISTING_BYTES:
+            raise self._fail("list uploads", response)
+        root = _xml(response.content, "list uploads")
+        listed = [
+            Upload(
+                u.findtext("s3:Key", "", NS),
+                u.findtext("s3:UploadId", "", NS),
+                _iso_date(u.findtext("s3:Initiated", "", NS)),
+            )
+            for u in root.findall("s3:Upload", NS)
+        ]
+        markers = (
+            root.findtext("s3:NextKeyMarker", "", NS),
+            root.findtext("s3:NextUploadIdMarker", "", NS),
+        )
+        more = root.findtext("s3:IsTruncated", "", NS) == "true" and markers[0]
+        return listed, (markers if more and markers != after else None)
 
     async def list(self, prefix: str, after: str = "") -> tuple[list[Listed], str | None]:
         """One page of objects under `prefix`, and the token of the next page (if any)."""
