@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import trio
 
 from tests.infra.relay import REPO_ROOT
 from tests.infra.seaweed import SECRET_KEY
@@ -31,6 +32,8 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
     s3_env,
     seaweed,
 )
+from vpsrelay.cache.s3.client import S3Client
+from vpsrelay.cache.s3.lease import Leases, LeaseState
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -248,3 +251,100 @@ def test_a_renewed_lease_delays_each_client_at_most_lease_wait(
         assert body == original
         assert waited < 3 + 2.5, [r[0] for r in results]  # lease_wait, the relayed pull
     assert again[0] < 2.5, "a client after a timed-out wait waits again"
+
+
+def test_a_taken_over_lease_is_neither_renewed_nor_released_by_its_old_holder(
+    seaweed: Seaweed, bucket: str
+) -> None:
+    """A slow node whose fill lease another node took over (after it lapsed) must not
+    rewrite the new holder's lease with its renewal, nor delete it with its release."""
+    digest = "sha256:" + "ab" * 32
+    key = f"/{bucket}/{PREFIX}leases/sha256/{'ab' * 32}"
+
+    async def main() -> None:
+        client = S3Client(seaweed.endpoint, bucket, seaweed.creds)
+        try:
+            slow = Leases(client, PREFIX, "slow", ttl=30)
+            assert await slow.take(digest) is LeaseState.MINE
+            assert await slow.renew(digest)  # still its own
+            seen = seaweed.request("HEAD", key).headers["etag"]
+            taken = seaweed.request("PUT", key, b'{"node": "new"}', {"if-match": seen})
+            assert taken.status_code == 200
+            assert not await slow.renew(digest)
+            await slow.release(digest)
+            assert seaweed.request("GET", key).content == b'{"node": "new"}'
+            # its own lease it does release
+            other = "sha256:" + "cd" * 32
+            assert await slow.take(other) is LeaseState.MINE
+            assert await slow.renew(other)
+            await slow.release(other)
+            assert seaweed.request("HEAD", f"/{bucket}/{slow.key(other)}").status_code == 404
+        finally:
+            await client.aclose()
+
+    trio.run(main)
+
+
+def test_abandoned_uploads_are_aborted_and_live_ones_kept(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Parts of an upload no fill is behind any more (a dead node's, an abort that failed
+    while the bucket was down) are aborted by the node that holds the eviction lease; an
+    upload whose lease is alive is left alone."""
+    dead, live = "0d" * 32, "1e" * 32
+
+    def start_upload(hexpart: str) -> str:
+        key = f"/{bucket}/{PREFIX}blobs/sha256/{hexpart}"
+        answer = seaweed.request("POST", f"{key}?uploads=")
+        upload = answer.text.split("<UploadId>")[1].split("</UploadId>")[0]
+        part = seaweed.request("PUT", f"{key}?partNumber=1&uploadId={upload}", b"x" * 1024)
+        assert part.status_code == 200
+        return upload
+
+    start_upload(dead)
+    start_upload(live)
+    lease = f"/{bucket}/{PREFIX}leases/sha256/{live}"
+    stop = threading.Event()
+
+    def renew() -> None:
+        for _ in range(120):  # bounded: 30 s at most
+            seaweed.request("PUT", lease, b'{"node": "alive"}')
+            if stop.wait(0.25):
+                return
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        env = {"s3__lease_ttl": "1", "s3__evict_interval": "1"}
+        with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+
+            def keys() -> set[str]:
+                return {key.rsplit("/", 1)[-1] for key, _ in seaweed.uploads(bucket, PREFIX)}
+
+            assert wait_until(lambda: dead not in keys(), 20), a.log_text()[-2000:]
+            assert live in keys()
+            assert "aborted 1 abandoned upload" in a.log_text()
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+
+
+def test_refused_clients_cannot_use_up_the_bucket_connections(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Anonymous, refused GETs of a cached blob (no token: the upstream answers 401) open
+    no bucket GET: after 150 of them the bucket still serves an authorized pull."""
+    image = push_unique(clean_hub, tmp_path, "someuser/pooled", 1 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
+        skopeo_copy(sub(tmp_path / "fill"), f"{host(a)}/someuser/pooled:1")
+        url = f"{a.url}/v2/someuser/pooled/blobs/{layer.digest}"
+        with httpx.Client(timeout=10) as client:
+            for _ in range(150):  # bounded; within PREPARED_TTL (30 s) of each other
+                assert client.get(url).status_code == 401
+        token = anonymous_token(a, "someuser/pooled")
+        answer = httpx.get(url, headers={"authorization": f"Bearer {token}"}, timeout=30)
+        assert answer.status_code == 200
+        assert answer.headers.get("x-vpsrelay-cache") == "hit", a.log_text()[-2000:]
+        assert httpx.get(f"{a.url}/readyz").json()["checks"]["cache_bucket"] == "ok"
+        assert "the bucket failed" not in a.log_text()

@@ -170,13 +170,18 @@ class CacheFront:
             # A shared store may hold it (another node's fill) or be filling it elsewhere.
             read = exchange.method == "GET"
             obj = self.store.get(digest) or await self.store.locate(
-                digest, fill=read and not ranged, read=read
+                digest, fill=read and not ranged, read=False
             )
             if obj is not None and obj.kind == "blob":
-                if await self._may_serve_blob(exchange, route, digest):
-                    await self._serve_file(exchange, route, digest, obj.size)
-                else:
+                if not await self._may_serve_blob(exchange, route, digest):
                     await self._relay(exchange, route)
+                    return
+                # Only now, authorized, is the bucket's GET opened: a refused client
+                # never holds one of the bucket's connections.
+                if read and not await self.store.locate(digest, fill=False, read=True):
+                    await self._relay(exchange, route)  # the bucket failed, or lost it
+                    return
+                await self._serve_file(exchange, route, digest, obj.size)
                 return
             if exchange.method == "HEAD" or ranged:
                 await self._relay(exchange, route)  # not cached: pass through

@@ -62,6 +62,7 @@ POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
 PREPARED_TTL = 30.0  # seconds a GET opened by `locate` waits for its reader
+MAX_PREPARED = 16  # GETs opened by `locate` waiting for their readers, per process
 DISTRUST_SECONDS = 3600.0  # an object that failed its check is not read back for this long
 
 
@@ -296,8 +297,22 @@ class S3Store:
             await self._bad(digest, "has the wrong size")
             return False
         self._prepared.setdefault(digest, []).append((trio.current_time(), response))
+        self._cap_prepared()
         self.evictor.touch(digest)
         return True
+
+    def _cap_prepared(self) -> None:
+        """At most `MAX_PREPARED` GETs wait for their readers: the oldest beyond that is
+        closed (its request opens a fresh GET, or is sent by the relay), so clients that
+        hang up cannot hold the bucket's connections."""
+        opened = sorted(
+            (when, digest) for digest, waiting in self._prepared.items() for when, _ in waiting
+        )
+        for _, digest in opened[: max(0, len(opened) - MAX_PREPARED)]:
+            waiting = self._prepared[digest]
+            self._closing.append(waiting.pop(0)[1])
+            if not waiting:
+                del self._prepared[digest]
 
     def _close_stale_prepared(self) -> None:
         """GETs opened for requests that did not read them after all (refused, HEAD)."""
@@ -696,7 +711,8 @@ class S3Store:
         while True:
             await trio.sleep(self.s3.lease_ttl / 3)
             try:
-                await self.leases.renew(digest)
+                if not await self.leases.renew(digest):
+                    return  # taken over: the fill goes on, its publish is conditional
             except S3Error as exc:
                 self._failed(exc)
 
