@@ -8,6 +8,7 @@ the bucket's credentials, and a client reusing a presigned URL for something els
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
 import threading
@@ -348,3 +349,60 @@ def test_refused_clients_cannot_use_up_the_bucket_connections(
         assert answer.headers.get("x-vpsrelay-cache") == "hit", a.log_text()[-2000:]
         assert httpx.get(f"{a.url}/readyz").json()["checks"]["cache_bucket"] == "ok"
         assert "the bucket failed" not in a.log_text()
+
+
+class _DrippingStore:
+    """A "bucket" that accepts every request and answers one byte a second (under the
+    relay's per-read `timeout`, so only a total deadline ends the wait)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.5)
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"[:60]:
+                if self.stop.wait(1.0):  # bounded: 60 bytes, a minute at most
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def __enter__(self) -> _DrippingStore:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+def test_a_dripping_bucket_does_not_stall_pulls(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Every bucket request has a total deadline: a store that drips its answers is
+    marked failing and the pull passes through."""
+    image = push_unique(clean_hub, tmp_path, "someuser/dripped", 1 * MiB)
+    with _DrippingStore() as store:
+        env = {"s3__endpoint": f"http://127.0.0.1:{store.port}", "s3__timeout": "3"}
+        with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+            started = time.monotonic()
+            skopeo_copy(sub(tmp_path / "pull"), f"{host(a)}/someuser/dripped:1")
+            took = time.monotonic() - started
+            assert_blobs_pulled(tmp_path / "pull", image)
+            ready = httpx.get(f"{a.url}/readyz").json()
+    assert ready["checks"]["cache_bucket"].startswith("failing"), ready
+    assert took < 30, took

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 import httpx
+import trio
 
 from vpsrelay.core import sigv4
 
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
 NS = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
+# `timeout` is httpx's time without progress; a store that drips a byte now and then
+# never reaches it, so every request also has a total deadline: `timeout` (at most
+# CONTROL_SECONDS) plus the time its bytes take at MIN_RATE.
+CONTROL_SECONDS = 10.0
+MIN_RATE = 256 * 1024  # bytes per second
 MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bounded
 
 
@@ -110,6 +116,7 @@ class S3Client:
     ) -> None:
         self.bucket = bucket
         self.creds = creds
+        self._control = min(timeout, CONTROL_SECONDS)
         self._base = self._bucket_url(endpoint.rstrip("/"), virtual_host)
         self._public_base = self._bucket_url(
             (public_endpoint or endpoint).rstrip("/"), virtual_host
@@ -160,19 +167,27 @@ class S3Client:
         """One request whose answer is small: read whole, up to `MAX_LISTING_BYTES`."""
         request = self._signed(method, url, headers or {}, hashlib.sha256(body).hexdigest(), body)
         what = f"{method} {urlsplit(url).path}"
-        try:
-            response = await self._client.send(request, stream=True)
+        with trio.move_on_after(self.deadline(len(body))) as scope:
             try:
-                content = bytearray()
-                async for chunk in response.aiter_raw():
-                    content += chunk
-                    if len(content) > MAX_LISTING_BYTES:
-                        raise S3Error(f"{what}: answer too large")
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise S3Error(f"{what}: {type(exc).__name__}") from None
+                response = await self._client.send(request, stream=True)
+                try:
+                    content = bytearray()
+                    async for chunk in response.aiter_raw():
+                        content += chunk
+                        if len(content) > MAX_LISTING_BYTES:
+                            raise S3Error(f"{what}: answer too large")
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await response.aclose()
+            except httpx.HTTPError as exc:
+                raise S3Error(f"{what}: {type(exc).__name__}") from None
+        if scope.cancelled_caught:
+            raise S3Error(f"{what}: deadline")
         return Answer(response.status_code, response.headers, bytes(content))
+
+    def deadline(self, size: int) -> float:
+        """Seconds a request moving `size` bytes may take in all."""
+        return self._control + size / MIN_RATE
 
     def _fail(self, what: str, response: Answer | httpx.Response) -> S3Error:
         code = ""
@@ -205,10 +220,14 @@ class S3Client:
             S3Error: the bucket failed (`status` 404: no such object).
         """
         request = self._signed("GET", self.url(key), {}, sigv4.EMPTY_SHA256)
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+        response = None
+        with trio.move_on_after(self._control):  # its headers; the body is the caller's
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+        if response is None:
+            raise S3Error(f"GET {key}: deadline")
         if response.status_code == 200:
             return response
         await response.aclose()
@@ -228,13 +247,16 @@ class S3Client:
     async def get_small(self, key: str, limit: int) -> bytes | None:
         """A small object's bytes (at most `limit`); None if there is none."""
         try:
-            async with self.get(key) as response:
-                body = bytearray()
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > limit:
-                        raise S3Error(f"GET {key}: larger than {limit} bytes")
-                return bytes(body)
+            with trio.fail_after(self.deadline(limit)):
+                async with self.get(key) as response:
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > limit:
+                            raise S3Error(f"GET {key}: larger than {limit} bytes")
+                    return bytes(body)
+        except trio.TooSlowError:
+            raise S3Error(f"GET {key}: deadline") from None
         except S3Error as exc:
             if exc.status == 404:
                 return None
