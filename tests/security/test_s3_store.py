@@ -8,13 +8,17 @@ the bucket's credentials, and a client reusing a presigned URL for something els
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import trio
 
 from tests.infra.relay import REPO_ROOT
 from tests.infra.seaweed import SECRET_KEY
@@ -29,6 +33,8 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
     s3_env,
     seaweed,
 )
+from vpsrelay.cache.s3.client import S3Client
+from vpsrelay.cache.s3.lease import Leases, LeaseState
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -233,3 +239,200 @@ def test_a_presigned_url_is_for_one_object_get_only_and_expires(
     listing = location.replace(f"/{blob_key(layer.digest)}?", "?list-type=2&")
     assert httpx.get(listing).status_code == 403
     assert wait_until(lambda: httpx.get(location).status_code == 403, 6)  # expired
+
+
+def test_a_renewed_lease_delays_each_client_at_most_lease_wait(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A lease that a node with the bucket's keys keeps renewing: concurrent clients of
+    one blob each wait `lease_wait` (2 s here) at most, not one after the other."""
+    image = push_unique(clean_hub, tmp_path, "someuser/held", 1 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    lease = f"/{bucket}/{PREFIX}leases/sha256/{layer.digest[7:]}"
+    stop = threading.Event()
+
+    def renew() -> None:
+        for _ in range(120):  # bounded: 60 s at most
+            seaweed.request("PUT", lease, b'{"node": "hostile"}')
+            if stop.wait(0.5):
+                return
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        with node(tmp_path / "b", clean_hub, seaweed, bucket, s3__lease_wait="3") as b:
+            token = anonymous_token(b, "someuser/held")
+            url = f"{b.url}/v2/someuser/held/blobs/{layer.digest}"
+
+            def pull(_: int) -> tuple[float, int, bytes]:
+                started = time.monotonic()
+                status, body, ended = _read_all(url, token)
+                assert ended == "complete", ended
+                return time.monotonic() - started, status, body
+
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(pull, range(4)))
+            again = pull(0)
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+    original = (image.layout / "blobs/sha256" / layer.digest[7:]).read_bytes()
+    for waited, status, body in [*results, again]:
+        assert status == 200
+        assert body == original
+        assert waited < 3 + 2.5, [r[0] for r in results]  # lease_wait, the relayed pull
+    assert again[0] < 2.5, "a client after a timed-out wait waits again"
+
+
+def test_a_taken_over_lease_is_neither_renewed_nor_released_by_its_old_holder(
+    seaweed: Seaweed, bucket: str
+) -> None:
+    """A slow node whose fill lease another node took over (after it lapsed) must not
+    rewrite the new holder's lease with its renewal, nor delete it with its release."""
+    digest = "sha256:" + "ab" * 32
+    key = f"/{bucket}/{PREFIX}leases/sha256/{'ab' * 32}"
+
+    async def main() -> None:
+        client = S3Client(seaweed.endpoint, bucket, seaweed.signer)
+        try:
+            slow = Leases(client, PREFIX, "slow", ttl=30)
+            assert await slow.take(digest) is LeaseState.MINE
+            assert await slow.renew(digest)  # still its own
+            seen = seaweed.request("HEAD", key).headers["etag"]
+            taken = seaweed.request("PUT", key, b'{"node": "new"}', {"if-match": seen})
+            assert taken.status_code == 200
+            assert not await slow.renew(digest)
+            await slow.release(digest)
+            assert seaweed.request("GET", key).content == b'{"node": "new"}'
+            # its own lease it does release
+            other = "sha256:" + "cd" * 32
+            assert await slow.take(other) is LeaseState.MINE
+            assert await slow.renew(other)
+            await slow.release(other)
+            assert seaweed.request("HEAD", f"/{bucket}/{slow.key(other)}").status_code == 404
+        finally:
+            await client.aclose()
+
+    trio.run(main)
+
+
+def test_abandoned_uploads_are_aborted_and_live_ones_kept(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Parts of an upload no fill is behind any more (a dead node's, an abort that failed
+    while the bucket was down) are aborted by the node that holds the eviction lease; an
+    upload whose lease is alive is left alone."""
+    dead, live = "0d" * 32, "1e" * 32
+
+    def start_upload(hexpart: str) -> str:
+        key = f"/{bucket}/{PREFIX}blobs/sha256/{hexpart}"
+        answer = seaweed.request("POST", f"{key}?uploads=")
+        upload = answer.text.split("<UploadId>")[1].split("</UploadId>")[0]
+        part = seaweed.request("PUT", f"{key}?partNumber=1&uploadId={upload}", b"x" * 1024)
+        assert part.status_code == 200
+        return upload
+
+    start_upload(dead)
+    start_upload(live)
+    lease = f"/{bucket}/{PREFIX}leases/sha256/{live}"
+    stop = threading.Event()
+
+    def renew() -> None:
+        for _ in range(120):  # bounded: 30 s at most
+            seaweed.request("PUT", lease, b'{"node": "alive"}')
+            if stop.wait(0.25):
+                return
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        env = {"s3__lease_ttl": "1", "s3__evict_interval": "1"}
+        with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+
+            def keys() -> set[str]:
+                return {key.rsplit("/", 1)[-1] for key, _ in seaweed.uploads(bucket, PREFIX)}
+
+            assert wait_until(lambda: dead not in keys(), 20), a.log_text()[-2000:]
+            assert live in keys()
+            assert "aborted 1 abandoned upload" in a.log_text()
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+
+
+def test_refused_clients_cannot_use_up_the_bucket_connections(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Anonymous, refused GETs of a cached blob (no token: the upstream answers 401) open
+    no bucket GET: after 150 of them the bucket still serves an authorized pull."""
+    image = push_unique(clean_hub, tmp_path, "someuser/pooled", 1 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
+        skopeo_copy(sub(tmp_path / "fill"), f"{host(a)}/someuser/pooled:1")
+        url = f"{a.url}/v2/someuser/pooled/blobs/{layer.digest}"
+        with httpx.Client(timeout=10) as client:
+            for _ in range(150):  # bounded; within PREPARED_TTL (30 s) of each other
+                assert client.get(url).status_code == 401
+        token = anonymous_token(a, "someuser/pooled")
+        answer = httpx.get(url, headers={"authorization": f"Bearer {token}"}, timeout=30)
+        assert answer.status_code == 200
+        assert answer.headers.get("x-vpsrelay-cache") == "hit", a.log_text()[-2000:]
+        assert httpx.get(f"{a.url}/readyz").json()["checks"]["cache_bucket"] == "ok"
+        assert "the bucket failed" not in a.log_text()
+
+
+class _DrippingStore:
+    """A "bucket" that accepts every request and answers one byte a second (under the
+    relay's per-read `timeout`, so only a total deadline ends the wait)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.5)
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"[:60]:
+                if self.stop.wait(1.0):  # bounded: 60 bytes, a minute at most
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def __enter__(self) -> _DrippingStore:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+def test_a_dripping_bucket_does_not_stall_pulls(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Every bucket request has a total deadline: a store that drips its answers is
+    marked failing and the pull passes through."""
+    image = push_unique(clean_hub, tmp_path, "someuser/dripped", 1 * MiB)
+    with _DrippingStore() as store:
+        env = {"s3__endpoint": f"http://127.0.0.1:{store.port}", "s3__timeout": "3"}
+        with node(tmp_path / "a", clean_hub, seaweed, bucket, **env) as a:
+            started = time.monotonic()
+            skopeo_copy(sub(tmp_path / "pull"), f"{host(a)}/someuser/dripped:1")
+            took = time.monotonic() - started
+            assert_blobs_pulled(tmp_path / "pull", image)
+            ready = httpx.get(f"{a.url}/readyz").json()
+    assert ready["checks"]["cache_bucket"].startswith("failing"), ready
+    assert took < 30, took

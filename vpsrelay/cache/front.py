@@ -170,7 +170,7 @@ class CacheFront:
             # A shared store may hold it (another node's fill) or be filling it elsewhere.
             read = exchange.method == "GET"
             obj = self.store.get(digest) or await self.store.locate(
-                digest, fill=read and not ranged, read=read
+                digest, fill=read and not ranged, read=False
             )
             if obj is not None and obj.kind == "blob":
                 await self._serve_stored(exchange, route, digest, obj.size)
@@ -206,10 +206,17 @@ class CacheFront:
     async def _serve_stored(
         self, exchange: Exchange, route: routing.Route, digest: str, size: int
     ) -> None:
-        if await self._may_serve_blob(exchange, route, digest):
-            await self._serve_file(exchange, route, digest, size)
-        else:
+        if not await self._may_serve_blob(exchange, route, digest):
             await self._relay(exchange, route)
+            return
+        # Only now, authorized, is a shared store's GET opened: a refused client never
+        # holds one of the bucket's connections.
+        if exchange.method == "GET" and not await self.store.locate(
+            digest, fill=False, read=True
+        ):
+            await self._relay(exchange, route)  # the bucket failed, or lost it
+            return
+        await self._serve_file(exchange, route, digest, size)
 
     async def _may_serve_blob(self, exchange: Exchange, route: routing.Route, digest: str) -> bool:
         """The authorization rule: a live grant for the repository, which holds the blob;

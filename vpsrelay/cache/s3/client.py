@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 import httpx
+import trio
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from vpsrelay.cache.s3.signing import Signer
 
 NS = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
+# `timeout` is httpx's time without progress; a store that drips a byte now and then
+# never reaches it, so every request also has a total deadline: `timeout` (at most
+# CONTROL_SECONDS) plus the time its bytes take at MIN_RATE.
+CONTROL_SECONDS = 10.0
+MIN_RATE = 256 * 1024  # bytes per second
 MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bounded
 
 
@@ -57,6 +63,13 @@ class Listed:
     key: str
     size: int
     last_modified: datetime.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    key: str
+    upload_id: str
+    initiated: datetime.datetime | None
 
 
 def _http_date(value: str | None) -> datetime.datetime | None:
@@ -102,6 +115,7 @@ class S3Client:
     ) -> None:
         self.bucket = bucket
         self.signer = signer
+        self._control = min(timeout, CONTROL_SECONDS)
         self._base = self._bucket_url(endpoint.rstrip("/"), virtual_host)
         self._public_base = self._bucket_url(
             (public_endpoint or endpoint).rstrip("/"), virtual_host
@@ -142,19 +156,27 @@ class S3Client:
         """One request whose answer is small: read whole, up to `MAX_LISTING_BYTES`."""
         request = self._signed(method, url, headers or {}, body)
         what = f"{method} {urlsplit(url).path}"
-        try:
-            response = await self._client.send(request, stream=True)
+        with trio.move_on_after(self.deadline(len(body))) as scope:
             try:
-                content = bytearray()
-                async for chunk in response.aiter_raw():
-                    content += chunk
-                    if len(content) > MAX_LISTING_BYTES:
-                        raise S3Error(f"{what}: answer too large")
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise S3Error(f"{what}: {type(exc).__name__}") from None
+                response = await self._client.send(request, stream=True)
+                try:
+                    content = bytearray()
+                    async for chunk in response.aiter_raw():
+                        content += chunk
+                        if len(content) > MAX_LISTING_BYTES:
+                            raise S3Error(f"{what}: answer too large")
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await response.aclose()
+            except httpx.HTTPError as exc:
+                raise S3Error(f"{what}: {type(exc).__name__}") from None
+        if scope.cancelled_caught:
+            raise S3Error(f"{what}: deadline")
         return Answer(response.status_code, response.headers, bytes(content))
+
+    def deadline(self, size: int) -> float:
+        """Seconds a request moving `size` bytes may take in all."""
+        return self._control + size / MIN_RATE
 
     def _fail(self, what: str, response: Answer | httpx.Response) -> S3Error:
         code = ""
@@ -187,10 +209,14 @@ class S3Client:
             S3Error: the bucket failed (`status` 404: no such object).
         """
         request = self._signed("GET", self.url(key), {})
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+        response = None
+        with trio.move_on_after(self._control):  # its headers; the body is the caller's
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+        if response is None:
+            raise S3Error(f"GET {key}: deadline")
         if response.status_code == 200:
             return response
         await response.aclose()
@@ -210,13 +236,16 @@ class S3Client:
     async def get_small(self, key: str, limit: int) -> bytes | None:
         """A small object's bytes (at most `limit`); None if there is none."""
         try:
-            async with self.get(key) as response:
-                body = bytearray()
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > limit:
-                        raise S3Error(f"GET {key}: larger than {limit} bytes")
-                return bytes(body)
+            with trio.fail_after(self.deadline(limit)):
+                async with self.get(key) as response:
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > limit:
+                            raise S3Error(f"GET {key}: larger than {limit} bytes")
+                    return bytes(body)
+        except trio.TooSlowError:
+            raise S3Error(f"GET {key}: deadline") from None
         except S3Error as exc:
             if exc.status == 404:
                 return None
@@ -234,6 +263,24 @@ class S3Client:
         content_type: str = "application/octet-stream",
     ) -> bool:
         """Write `key`; False when a condition did not hold (412), else True."""
+        return (
+            await self.put_etag(
+                key, body, if_none_match=if_none_match, if_match=if_match, content_type=content_type
+            )
+            is not None
+        )
+
+    async def put_etag(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> str | None:
+        """`put`, giving the ETag of what was written ("" if the store sent none), or
+        None when a condition did not hold (412)."""
         headers = {"content-type": content_type}
         if if_none_match:
             headers["if-none-match"] = "*"
@@ -241,10 +288,10 @@ class S3Client:
             headers["if-match"] = if_match
         response = await self._send("PUT", self.url(key), body, headers)
         if response.status_code == 412:
-            return False
+            return None
         if response.status_code != 200:
             raise self._fail(f"PUT {key}", response)
-        return True
+        return str(response.headers.get("etag", ""))
 
     async def delete(self, key: str) -> None:
         response = await self._send("DELETE", self.url(key))
@@ -304,6 +351,34 @@ class S3Client:
             (u.findtext("s3:Key", "", NS), u.findtext("s3:UploadId", "", NS))
             for u in root.findall("s3:Upload", NS)
         ]
+
+    async def uploads_page(
+        self, prefix: str, after: tuple[str, str] = ("", "")
+    ) -> tuple[list[Upload], tuple[str, str] | None]:
+        """One page of multipart uploads under `prefix`, and the (key, upload id) markers
+        of the next page (if any)."""
+        query = f"uploads=&prefix={quote(prefix, safe='')}"
+        if after[0]:
+            query += f"&key-marker={quote(after[0], safe='')}"
+            query += f"&upload-id-marker={quote(after[1], safe='')}"
+        response = await self._send("GET", self.url("", query))
+        if response.status_code != 200 or len(response.content) > MAX_LISTING_BYTES:
+            raise self._fail("list uploads", response)
+        root = _xml(response.content, "list uploads")
+        listed = [
+            Upload(
+                u.findtext("s3:Key", "", NS),
+                u.findtext("s3:UploadId", "", NS),
+                _iso_date(u.findtext("s3:Initiated", "", NS)),
+            )
+            for u in root.findall("s3:Upload", NS)
+        ]
+        markers = (
+            root.findtext("s3:NextKeyMarker", "", NS),
+            root.findtext("s3:NextUploadIdMarker", "", NS),
+        )
+        more = root.findtext("s3:IsTruncated", "", NS) == "true" and markers[0]
+        return listed, (markers if more and markers != after else None)
 
     async def list(self, prefix: str, after: str = "") -> tuple[list[Listed], str | None]:
         """One page of objects under `prefix`, and the token of the next page (if any)."""

@@ -16,9 +16,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import trio
+
 from vpsrelay.cache.s3.client import S3Error
 from vpsrelay.cache.s3.lease import LeaseState
 from vpsrelay.core import bucketeviction
+from vpsrelay.core.leases import lapsed, lease_age
 
 if TYPE_CHECKING:
     from vpsrelay.cache.s3.client import S3Client
@@ -30,6 +33,9 @@ log = logging.getLogger("vpsrelay.cache")
 EVICT_LEASE = "evict:all"
 MAX_LISTED = 200_000  # objects one pass looks at (bounded memory and time)
 MAX_BATCH = 4 * 1024 * 1024
+ABANDONED_TTLS = 3  # an upload this many lease_ttl old with no live lease is abandoned
+ABANDONED_NO_LEASES = 24 * 3600.0  # without leases: a day, like a lifecycle rule's minimum
+MAX_UPLOAD_PAGES = 100  # bounded time per pass
 
 
 class Evictor:
@@ -61,14 +67,61 @@ class Evictor:
 
     async def run_pass(self) -> list[str]:
         """One eviction pass if this node gets the lease; the digests deleted."""
-        if self.config.max_size <= 0:
-            return []
         if await self.leases.take(EVICT_LEASE) is LeaseState.OTHER:
             return []
+        deleted: list[str] = []
         try:
-            return await self._evict()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+                await self._abort_abandoned_uploads()
+                if self.config.max_size > 0:
+                    await self._evict(deleted)
+                nursery.cancel_scope.cancel()
         finally:
-            await self.leases.release(EVICT_LEASE)
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
+                await self.leases.release(EVICT_LEASE)
+        return deleted
+
+    async def _keep_lease(self, evicting: trio.CancelScope) -> None:
+        """Renew the eviction lease while a pass runs (it may run longer than
+        `lease_ttl`); a pass whose lease was taken over stops at once."""
+        while True:
+            await trio.sleep(self.config.lease_ttl / 3)
+            if not await self.leases.renew(EVICT_LEASE):
+                log.warning("cache: the eviction lease was taken over: pass stopped")
+                evicting.cancel()
+                return
+
+    async def _abort_abandoned_uploads(self) -> None:
+        """Abort the multipart uploads no fill is behind any more: a dead node's, or one
+        whose abort failed while the bucket was down. With leases: started more than
+        `ABANDONED_TTLS` x `lease_ttl` ago and no live lease on the digest; without
+        (`conditional_writes = false`), started more than `ABANDONED_NO_LEASES` ago."""
+        now = time.time()
+        leased = self.config.conditional_writes
+        oldest = now - (self.config.lease_ttl * ABANDONED_TTLS if leased else ABANDONED_NO_LEASES)
+        after: tuple[str, str] | None = ("", "")
+        aborted = pages = 0
+        while after is not None and pages < MAX_UPLOAD_PAGES:
+            page, after = await self.client.uploads_page(f"{self.config.prefix}blobs/", after)
+            pages += 1
+            for upload in page:
+                if upload.initiated is None or upload.initiated.timestamp() > oldest:
+                    continue
+                digest = "sha256:" + upload.key.rsplit("/", 1)[-1]
+                if leased and await self._lease_is_live(digest):
+                    continue
+                await self.client.abort_upload(upload.key, upload.upload_id)
+                aborted += 1
+        if aborted:
+            log.info("cache: aborted %d abandoned upload(s) in the bucket", aborted)
+
+    async def _lease_is_live(self, digest: str) -> bool:
+        head = await self.client.head(self.leases.key(digest))
+        if head is None:
+            return False
+        age = lease_age(head.date, head.last_modified)
+        return age is None or not lapsed(age, self.config.lease_ttl)
 
     async def _fold_batches(self, merged: dict[str, float]) -> list[str]:
         """Fold every batch into `merged`; the batch keys read."""
@@ -83,7 +136,7 @@ class Evictor:
                     log.warning("cache: ignoring a malformed access batch %s", key)
         return keys
 
-    async def _evict(self) -> list[str]:
+    async def _evict(self, deleted: list[str]) -> None:
         merged_key = f"{self._access_prefix}merged.json"
         merged: dict[str, float] = {}
         body = await self.client.get_small(merged_key, 64 * 1024 * 1024)
@@ -119,7 +172,6 @@ class Evictor:
                 for key in victims
                 if merged.get("sha256:" + key.rsplit("/", 1)[-1], 0.0) < deadline
             ]
-        deleted: list[str] = []
         for key in victims:
             await self.client.delete(key)
             deleted.append("sha256:" + key.rsplit("/", 1)[-1])
@@ -139,4 +191,3 @@ class Evictor:
                 len(deleted),
                 self.config.max_size,
             )
-        return deleted

@@ -63,6 +63,7 @@ POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
 PREPARED_TTL = 30.0  # seconds a GET opened by `locate` waits for its reader
+MAX_PREPARED = 16  # GETs opened by `locate` waiting for their readers, per process
 DISTRUST_SECONDS = 3600.0  # an object that failed its check is not read back for this long
 
 
@@ -105,6 +106,7 @@ class S3Store:
         self.failed_at: float | None = None  # monotonic: the bucket's last failure
         self.last_error = ""
         self._locks: dict[str, trio.Lock] = {}
+        self._waited_out: dict[str, float] = {}  # digest -> when waiting for it timed out
         self._flushed_at = time.monotonic()
         self._flush_lock = trio.Lock()
         self._closing: list[httpx.Response] = []
@@ -210,28 +212,57 @@ class S3Store:
         except S3Error as exc:
             self._failed(exc)
             return None
+        # Each request waits `lease_wait` at most, counted from its arrival: the time spent
+        # queued behind other requests for the same digest (one polls) counts too.
+        deadline = trio.current_time() + self.s3.lease_wait
         lock = self._locks.setdefault(digest, trio.Lock())
+        acquired = False
         try:
-            async with lock:
-                obj = await self._locate(digest, fill)
-                if obj is not None and read and not await self._prepare(digest, obj):
-                    return None
-                return obj
+            with trio.move_on_at(deadline):
+                await lock.acquire()
+                acquired = True
+            if not acquired:
+                self._gave_up(digest)
+                return None
+            obj = await self._locate(digest, fill, deadline)
+            if obj is not None and read and not await self._prepare(digest, obj):
+                return None
+            return obj
         except S3Error as exc:
             self._failed(exc)
             return None
         finally:
+            if acquired:
+                lock.release()
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(digest, None)
 
-    async def _locate(self, digest: str, fill: bool) -> Obj | None:
+    def _gave_up(self, digest: str) -> None:
+        """Remember that waiting for another node's fill of `digest` timed out, so that
+        the requests after it (a pull's retry, the clients that joined) do not wait
+        `lease_wait` all over again."""
+        now = trio.current_time()
+        for other, since in list(self._waited_out.items()):
+            if now - since > self.s3.lease_wait:
+                del self._waited_out[other]
+        self._waited_out[digest] = now
+        log.warning(
+            "cache: %s: another node's fill took over %.0f s: fetching it here too",
+            digest,
+            self.s3.lease_wait,
+        )
+
+    def _waited_out_recently(self, digest: str) -> bool:
+        since = self._waited_out.get(digest)
+        return since is not None and trio.current_time() - since <= self.s3.lease_wait
+
+    async def _locate(self, digest: str, fill: bool, deadline: float) -> Obj | None:
         if digest in self.fills or digest in self.held:
             return None  # this node fills it: join
         if (obj := await self._look(digest)) is not None:
             return obj
-        if not fill or not self.s3.conditional_writes:
+        if not fill or not self.s3.conditional_writes or self._waited_out_recently(digest):
             return None
-        deadline = trio.current_time() + self.s3.lease_wait
         while True:
             state = await self.leases.take(digest)
             if state is not LeaseState.OTHER:
@@ -239,16 +270,13 @@ class S3Store:
                 if state is LeaseState.TAKEN_OVER:
                     await self._abort_leftovers(digest)
                 return None
-            await trio.sleep(POLL_INTERVAL)
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                self._gave_up(digest)
+                return None
+            await trio.sleep(min(POLL_INTERVAL, remaining))
             if (obj := await self._look(digest)) is not None:
                 return obj
-            if trio.current_time() > deadline:
-                log.warning(
-                    "cache: %s: another node's fill took over %.0f s: fetching it here too",
-                    digest,
-                    self.s3.lease_wait,
-                )
-                return None
 
     async def _prepare(self, digest: str, obj: Obj) -> bool:
         """Open the GET of `digest` for the `open` that follows; False (and forgotten)
@@ -270,8 +298,22 @@ class S3Store:
             await self._bad(digest, "has the wrong size")
             return False
         self._prepared.setdefault(digest, []).append((trio.current_time(), response))
+        self._cap_prepared()
         self.evictor.touch(digest)
         return True
+
+    def _cap_prepared(self) -> None:
+        """At most `MAX_PREPARED` GETs wait for their readers: the oldest beyond that is
+        closed (its request opens a fresh GET, or is sent by the relay), so clients that
+        hang up cannot hold the bucket's connections."""
+        opened = sorted(
+            (when, digest) for digest, waiting in self._prepared.items() for when, _ in waiting
+        )
+        for _, digest in opened[: max(0, len(opened) - MAX_PREPARED)]:
+            waiting = self._prepared[digest]
+            self._closing.append(waiting.pop(0)[1])
+            if not waiting:
+                del self._prepared[digest]
 
     def _close_stale_prepared(self) -> None:
         """GETs opened for requests that did not read them after all (refused, HEAD)."""
@@ -670,7 +712,8 @@ class S3Store:
         while True:
             await trio.sleep(self.s3.lease_ttl / 3)
             try:
-                await self.leases.renew(digest)
+                if not await self.leases.renew(digest):
+                    return  # taken over: the fill goes on, its publish is conditional
             except S3Error as exc:
                 self._failed(exc)
 
