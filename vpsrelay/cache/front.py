@@ -211,9 +211,7 @@ class CacheFront:
             return
         # Only now, authorized, is a shared store's GET opened: a refused client never
         # holds one of the bucket's connections.
-        if exchange.method == "GET" and not await self.store.locate(
-            digest, fill=False, read=True
-        ):
+        if exchange.method == "GET" and not await self.store.locate(digest, fill=False, read=True):
             await self._relay(exchange, route)  # the bucket failed, or lost it
             return
         await self._serve_file(exchange, route, digest, size)
