@@ -69,7 +69,7 @@ def _get_into(client: httpx.Client, path: str, results: list[int]) -> None:
 def _slot_rows(data: Path) -> list[tuple[str, str, str, int]]:
     db = sqlite3.connect(f"file:{data / 'limits.db'}?mode=ro", uri=True)
     try:
-        return [tuple(row) for row in db.execute("SELECT * FROM slots")]  # type: ignore[misc]
+        return [tuple(row) for row in db.execute("SELECT * FROM slots")]
     finally:
         db.close()
 
