@@ -367,3 +367,59 @@ def test_a_key_made_by_another_process_meanwhile_wins(
     monkeypatch.setattr(os, "link", link)
     assert load_or_create_key(path).hex() == theirs
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_rate_row_stamped_in_the_future_refills_from_now(tmp_path: Path) -> None:
+    """Review finding 8: a wall clock stepped back an hour must not lock a client out."""
+    shared = SharedLimits(tmp_path)
+    assert [shared.rate_wait("c", 1.0, 2, NOON) for _ in range(2)] == [0.0, 0.0]
+    back = NOON - 3600.0
+    assert shared.rate_wait("c", 1.0, 2, back) == pytest.approx(1.0)
+    assert shared.rate_wait("c", 1.0, 2, back + 1.0) == 0.0
+
+
+def _held_lock(data_dir: Path) -> int:
+    """Another process's write, stuck (a stalled disk): its lock on limits.lock held."""
+    import fcntl
+
+    fd = os.open(data_dir / "limits.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_stuck_writer_delays_a_check_briefly_and_counts_fall_back(tmp_path: Path) -> None:
+    """Review findings 2 and 9a: a lock held for long bounds the wait; the slots are
+    counted in this process meanwhile, a release never raises, and the rows match the
+    process's real counts at its first write once the database works again."""
+    one, two = _pair(tmp_path)
+    assert one.acquire("upstream", "c", 2)  # opens the database
+    fd = _held_lock(tmp_path)
+    try:
+        started = time.monotonic()
+        assert one.acquire("upstream", "c", 2)  # 2 of 2, counted here alone
+        assert not one.acquire("upstream", "c", 2)
+        one.release("upstream", "c")
+        one.release("upstream", "c")
+        assert time.monotonic() - started < 2.0  # four bounded waits, not a hang
+        assert one.fallbacks == 4
+        assert one.owed == 1
+        assert one.local.get("upstream", "c") == 0
+    finally:
+        os.close(fd)
+    assert two.count("upstream", "c") == 1  # one's row from before, stale...
+    assert one.acquire("upstream", "c", 2)  # ...until one's next write sets it right
+    assert one.owed == 0
+    assert two.count("upstream", "c") == 1
+    assert two.acquire("upstream", "c", 2)
+    one.release("upstream", "c")
+    assert two.count("upstream", "c") == 1
+
+
+def test_the_only_process_counts_its_streams_in_memory(tmp_path: Path) -> None:
+    """Review finding 1: `workers = 1` needs no database to count streams."""
+    alone = SharedLimits(tmp_path, local_only=True)
+    assert alone.acquire("upstream", "c", 1)
+    assert not alone.acquire("upstream", "c", 1)
+    alone.release("upstream", "c")
+    assert alone.acquire("upstream", "c", 1)
+    assert not (tmp_path / "limits.db").exists()

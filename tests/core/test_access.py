@@ -206,6 +206,29 @@ def test_token_bucket_take_and_spend():
     assert bucket.spend(12.0, 0.0) == 0.0
 
 
+def test_token_bucket_refills_after_a_clock_stepped_back():
+    """Review of issue 14, finding 8: the shared buckets use wall time; a clock stepped
+    back an hour must not leave a limited client waiting that hour."""
+    bucket = access.TokenBucket(rate=1.0, burst=2.0, now=10_000.0)
+    assert [bucket.take(10_000.0) for _ in range(2)] == [0.0, 0.0]
+    stepped = 10_000.0 - 3600.0
+    assert bucket.take(stepped) == pytest.approx(1.0)  # empty: one second, not an hour
+    assert bucket.take(stepped + 1.0) == 0.0
+    assert bucket.last == stepped + 1.0
+
+
+def test_slot_counts_add_and_remove():
+    slots = access.SlotCounts()
+    slots.add("upstream", "c")
+    slots.add("upstream", "c")
+    assert slots.get("upstream", "c") == 2
+    assert slots.get("streams", "c") == 0
+    slots.remove("upstream", "c")
+    slots.remove("upstream", "c")
+    slots.remove("upstream", "c")  # more than added: stays at none
+    assert slots.get("upstream", "c") == 0
+
+
 def test_rate_limiter_trips_at_the_burst_and_says_when():
     limiter = access.RateLimiter(rate=0.5, burst=3)
     for _ in range(3):

@@ -8,7 +8,9 @@ look-ahead past what it has sent) and the bandwidth cap.
 
 The request rate, the stream counts and the budget hold for the relay, not per process:
 their state is in `<data_dir>/limits.db`, shared by every worker (`access.shared`); the
-only process of a relay (`workers = 1`) keeps its request rate buckets in memory.
+only process of a relay (`workers = 1`) keeps its request rate buckets and stream counts
+in memory. While limits.db cannot be used (a full disk), each worker counts the rate and
+the streams alone; only the budget refuses (`LimitsUnavailable`, a 503).
 
 Every refusal, here or anywhere else in the relay, passes `record`, which logs the
 reason and counts it in `refusals` (what the metrics endpoint reads).
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from vpsrelay import worker_identity
-from vpsrelay.access.shared import SharedLimits
+from vpsrelay.access.shared import LimitsUnavailable, SharedLimits
 from vpsrelay.core import access, headers as header_policy
 from vpsrelay.errors import BadRequest, HeadersTooLarge, TooManyRequests
 
@@ -66,17 +68,16 @@ class Guard:
         }
         self.max_headers = server.max_headers
         self.max_header_bytes = server.max_header_bytes
-        self.shared = SharedLimits(settings.data_dir)
+        alone = worker_identity.current().count == 1
+        self.shared = SharedLimits(settings.data_dir, local_only=alone)
         self.rate = limits.requests_per_second
         self.burst = float(limits.burst)
         # The rate check runs on every request: one write to limits.db costs about 20 us
         # (and a cheap request ~14% more CPU, bench/limits_cost.py), so the only process
-        # of a relay keeps its buckets in memory; workers share theirs.
-        self.local_rate = (
-            access.RateLimiter(self.rate, limits.burst)
-            if self.rate > 0 and worker_identity.current().count == 1
-            else None
-        )
+        # of a relay keeps its buckets in memory; workers share theirs, and fall back to
+        # these while limits.db cannot be used.
+        self.own_rate = access.RateLimiter(self.rate, limits.burst) if self.rate > 0 else None
+        self.local_rate = self.own_rate if alone else None
         self.streams_per_ip = limits.streams_per_ip
         self.stream_rate = limits.stream_bytes_per_second
         self.ipv6_prefix = limits.ipv6_prefix_length
@@ -131,10 +132,14 @@ class Guard:
         self.user_agents.check(header_policy.get(headers, "user-agent") or "")
         if self.local_rate is not None:
             self.local_rate.check(self.limit_key(client_ip), trio.current_time())
-        elif self.rate > 0:
-            wait = self.shared.rate_wait(
-                self.limit_key(client_ip), self.rate, self.burst, time.time()
-            )
+        elif self.own_rate is not None:
+            key = self.limit_key(client_ip)
+            try:
+                wait = self.shared.rate_wait(key, self.rate, self.burst, time.time())
+            except LimitsUnavailable:  # logged there; this process counts alone meanwhile
+                self.shared.fallbacks += 1
+                self.own_rate.check(key, trio.current_time())
+                return
             if wait > 0:
                 raise access.rate_limited(self.rate, self.burst, wait)
 
@@ -180,12 +185,10 @@ class Guard:
             meter = DownloadMeter(budget, hold, throttle, self.record_reason, self.clock)
             yield meter if metered else None
         finally:
-            try:
-                if self.streams_per_ip:
-                    self.shared.release("streams", client)
-            finally:  # charged even when the slot could not be given back
-                if budget is not None and hold is not None:
-                    budget.settle(hold, sent(), self.clock())
+            if self.streams_per_ip:
+                self.shared.release("streams", client)  # never raises
+            if budget is not None and hold is not None:
+                budget.settle(hold, sent(), self.clock())
 
     def _acquire(self, kind: str, client: str, limit: int) -> None:
         """Raises:

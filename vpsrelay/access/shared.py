@@ -24,8 +24,16 @@ Every write is one short `BEGIN IMMEDIATE` transaction, run synchronously (tens 
 microseconds: a thread hop would cost more) under an exclusive `flock` on
 `limits.lock`, so writers queue in the kernel, which wakes the next one at once, instead
 of in SQLite's busy handler, which sleeps in steps of milliseconds. Commits are not
-fsynced (`synchronous = NORMAL`): after a power loss the last moments of counting may be
-lost, never a half-written database.
+fsynced (`synchronous = NORMAL`), and the WAL is checkpointed (the one step that
+fsyncs) by a thread, never by a request: after a power loss the last moments of
+counting may be lost, never a half-written database. A write waits for the lock at most
+`LOCK_WAIT`, so a stalled disk cannot stall the event loop for longer.
+
+The state is an aid to the limits, not a condition of serving: a write that fails (a
+full disk, a lock held too long) makes the rate and the stream counts fall back to this
+process's own (logged once, counted in `fallbacks`); a stream released meanwhile is owed
+to the rows and written at this process's next write. Only the traffic budget fails
+closed (`LimitsUnavailable`): it bounds what the operator pays for.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from vpsrelay import private_files, worker_identity
@@ -55,6 +65,18 @@ LOCK_FILE = "limits.lock"
 LEGACY_BUDGET_FILE = "budget.json"  # one process's budget, before limits.db
 # Rate buckets that have refilled are the same as none: forgotten every this many checks.
 PRUNE_EVERY = 1024
+# The longest a write waits for another process's: then it is done without the database.
+LOCK_WAIT = 0.05
+# Seconds between WAL checkpoints, which fsync, in a thread off the event loop.
+CHECKPOINT_EVERY = 2.0
+# Held while a checkpoint thread is inside SQLite, and across a fork: a child forked then
+# would inherit SQLite's mutexes held by a thread it does not have.
+_IN_SQLITE = threading.Lock()
+os.register_at_fork(
+    before=_IN_SQLITE.acquire,
+    after_in_parent=_IN_SQLITE.release,
+    after_in_child=_IN_SQLITE.release,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate (key TEXT PRIMARY KEY, tokens REAL NOT NULL, last REAL NOT NULL);
@@ -93,7 +115,16 @@ class LimitsUnavailable(RelayError):
 class SharedLimits:
     """This process's handle on the shared limit state; opened at first use."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, local_only: bool = False) -> None:
+        """`local_only`: the process is the relay's only one (`workers = 1`), so its
+        stream counts are kept in memory alone (the budget still in the database)."""
+        self.local_only = local_only
+        self.local = access.SlotCounts()  # this process's streams, as they really are
+        self._owed: set[tuple[str, str]] = set()  # (kind, key)s whose rows are not `local`'s
+        self.fallbacks = 0  # checks done without the database, since it could not be used
+        self._failing = False
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         self.data_dir = data_dir
         self.path = data_dir / DB_FILE
         self.owners_dir = worker_identity.run_dir(data_dir) / "limits"
@@ -112,26 +143,74 @@ class SharedLimits:
             return self._db
         # First use, or first in a child forked after its parent opened the store: a
         # child shares no connection, lock or owner name with its parent.
+        self._db = None
+        try:
+            return self._open_new()
+        except BaseException:
+            # Tried again at the next write (a disk full at start): nothing left open.
+            for fd in (self._lock_fd, self._owner_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._lock_fd = self._owner_fd = -1
+            raise
+
+    def _open_new(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():  # a forked child holds none of its parent's streams
+            self.local = access.SlotCounts()
+            self._owed = set()
         self._pid = os.getpid()
         self.owner = f"{self._pid}-{secrets.token_hex(4)}"
         private_files.make_dir(self.owners_dir)
         # The owner's lock is taken before any slot is counted under its name.
-        owner_fd = private_files.open_file(self.owners_dir / f"{self.owner}.lock", os.O_RDWR)
-        fcntl.flock(owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._owner_fd = owner_fd
+        self._owner_fd = private_files.open_file(self.owners_dir / f"{self.owner}.lock", os.O_RDWR)
+        fcntl.flock(self._owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._lock_fd = private_files.open_file(self.data_dir / LOCK_FILE, os.O_RDWR)
         os.close(private_files.open_file(self.path, os.O_RDWR))  # 0600 before SQLite makes it
         # Writers queue on the flock: SQLite waits only for a writer outside the relay.
-        db = sqlite3.connect(self.path, timeout=0.5, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(
+            self.path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._set_up(db)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="limits-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+        return db
+
+    def _set_up(self, db: sqlite3.Connection) -> None:
         with self._locked():
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread's work
             db.executescript(_SCHEMA)
             self._import_legacy_budget(db)
             self._reap(db, db.execute("SELECT DISTINCT owner FROM slots").fetchall())
             self._forget_dead_owner_files()
-        return db
+
+    def _checkpoint_loop(self) -> None:
+        """Move the WAL into the database every few seconds, with its own connection."""
+        stop = self._stop_checkpoints
+        db: sqlite3.Connection | None = None
+        try:
+            while not stop.wait(CHECKPOINT_EVERY):
+                with _IN_SQLITE:
+                    try:
+                        if db is None:
+                            db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+                        # PASSIVE: never waits for a writer, so never holds one up either.
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as exc:
+                        log.debug("limits.db checkpoint: %s", exc)
+        finally:
+            if db is not None:
+                with _IN_SQLITE:
+                    db.close()
 
     def _forget_dead_owner_files(self) -> None:
         """Owner files of processes gone that held no slot (a clean exit, say)."""
@@ -144,7 +223,10 @@ class SharedLimits:
         """Give up this process's slots and its owner lock (a clean exit)."""
         if self._db is None:
             return
-        with self._write() as db:
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None and self._pid == os.getpid():
+            self._checkpointer.join(timeout=5)
+        with contextlib.suppress(LimitsUnavailable), self._write() as db:
             db.execute("DELETE FROM slots WHERE owner = ?", (self.owner,))
         self._db.close()
         self._db = None
@@ -155,7 +237,22 @@ class SharedLimits:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        """The write lock, waited for at most `LOCK_WAIT` (on the event loop: bounded).
+
+        Raises:
+            BlockingIOError: another process held it all that time.
+        """
+        deadline = time.monotonic() + LOCK_WAIT
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.008)
         try:
             yield
         finally:
@@ -168,7 +265,7 @@ class SharedLimits:
         Raises:
             LimitsUnavailable: the database or its lock cannot be used.
         """
-        with _unavailable_on_error(self.path):
+        with self._unavailable_on_error():
             db = self._open()
             with self._locked():
                 db.execute("BEGIN IMMEDIATE")
@@ -204,12 +301,17 @@ class SharedLimits:
     # -- request rate ------------------------------------------------------------------------
 
     def rate_wait(self, key: str, rate: float, burst: float, now: float) -> float:
-        """Take one request from `key`'s bucket: 0, or the seconds until there is one."""
+        """Take one request from `key`'s bucket: 0, or the seconds until there is one.
+
+        Raises:
+            LimitsUnavailable: the database cannot be used (the caller counts alone).
+        """
         with self._write() as db:
             bucket = access.TokenBucket(rate, burst, now)
             row = db.execute("SELECT tokens, last FROM rate WHERE key = ?", (key,)).fetchone()
             if row is not None:
-                bucket.tokens, bucket.last = min(float(row[0]), burst), float(row[1])
+                # A `last` ahead of `now` is a clock stepped back: refill from now on.
+                bucket.tokens, bucket.last = min(float(row[0]), burst), min(float(row[1]), now)
             wait = bucket.take(now)
             db.execute(
                 "INSERT INTO rate VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
@@ -218,36 +320,86 @@ class SharedLimits:
             )
             self._rate_checks += 1
             if self._rate_checks % PRUNE_EVERY == 0:
-                db.execute("DELETE FROM rate WHERE last < ?", (now - burst / rate,))
+                # Full buckets, and those stamped in the future (a clock stepped back).
+                db.execute("DELETE FROM rate WHERE last < ? OR last > ?", (now - burst / rate, now))
         return wait
 
     # -- streams -----------------------------------------------------------------------------
 
     def acquire(self, kind: str, key: str, limit: int) -> bool:
-        """One more `kind` stream for `key`, unless `key` has `limit` open in all processes."""
-        with self._write() as db:
-            if self._count(db, kind, key) >= limit:
-                owners = db.execute(
-                    "SELECT DISTINCT owner FROM slots WHERE kind = ? AND key = ?", (kind, key)
-                ).fetchall()
-                if not self._reap(db, owners) or self._count(db, kind, key) >= limit:
-                    return False
-            db.execute(
-                "INSERT INTO slots VALUES (?, ?, ?, 1) ON CONFLICT (kind, key, owner) "
-                "DO UPDATE SET n = n + 1",
-                (kind, key, self.owner),
-            )
+        """One more `kind` stream for `key`, unless `key` has `limit` open in all processes
+        (in this process alone when the database cannot be used, or with `local_only`)."""
+        if self.local_only:
+            taken = self.local.get(kind, key) < limit
+        else:
+            try:
+                with self._write() as db:
+                    paid = self._pay_owed(db)
+                    taken = self._acquire_row(db, kind, key, limit)
+                self._owed -= paid
+            except LimitsUnavailable:
+                self.fallbacks += 1
+                taken = self.local.get(kind, key) < limit
+                if taken:
+                    self._owed.add((kind, key))
+        if taken:
+            self.local.add(kind, key)
+        return taken
+
+    def _acquire_row(self, db: sqlite3.Connection, kind: str, key: str, limit: int) -> bool:
+        if self._count(db, kind, key) >= limit:
+            owners = db.execute(
+                "SELECT DISTINCT owner FROM slots WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchall()
+            if not self._reap(db, owners) or self._count(db, kind, key) >= limit:
+                return False
+        db.execute(
+            "INSERT INTO slots VALUES (?, ?, ?, 1) ON CONFLICT (kind, key, owner) "
+            "DO UPDATE SET n = n + 1",
+            (kind, key, self.owner),
+        )
         return True
 
     def release(self, kind: str, key: str) -> None:
-        with self._write() as db:
-            where = "kind = ? AND key = ? AND owner = ?"
-            db.execute(f"UPDATE slots SET n = n - 1 WHERE {where}", (kind, key, self.owner))
-            db.execute(f"DELETE FROM slots WHERE {where} AND n <= 0", (kind, key, self.owner))
+        """Give back a stream `acquire` granted. Never raises (it runs in `finally`s): a
+        release the database cannot take now is owed, and written at the next write."""
+        self.local.remove(kind, key)
+        if self.local_only:
+            return
+        self._owed.add((kind, key))
+        try:
+            with self._write() as db:
+                paid = self._pay_owed(db)
+            self._owed -= paid
+        except LimitsUnavailable:
+            self.fallbacks += 1
+
+    def _pay_owed(self, db: sqlite3.Connection) -> set[tuple[str, str]]:
+        """Set this process's rows to its real counts where they may differ."""
+        for kind, key in self._owed:
+            n = self.local.get(kind, key)
+            where = (kind, key, self.owner)
+            if n:
+                db.execute(
+                    "INSERT INTO slots VALUES (?, ?, ?, ?) ON CONFLICT (kind, key, owner) "
+                    "DO UPDATE SET n = excluded.n",
+                    (*where, n),
+                )
+            else:
+                db.execute("DELETE FROM slots WHERE kind = ? AND key = ? AND owner = ?", where)
+        # Paid once the transaction commits: the caller then forgets what this returns.
+        return set(self._owed)
+
+    @property
+    def owed(self) -> int:
+        """(kind, key)s whose rows wait for a write to match this process's counts."""
+        return len(self._owed)
 
     def count(self, kind: str, key: str) -> int:
         """Streams `key` has open in all live processes (dead ones' slots may still count)."""
-        with _unavailable_on_error(self.path):
+        if self.local_only:
+            return self.local.get(kind, key)
+        with self._unavailable_on_error():
             return self._count(self._open(), kind, key)
 
     @staticmethod
@@ -289,7 +441,7 @@ class SharedLimits:
         if not keys:
             return {}
         marks = ",".join("?" * len(keys))
-        with _unavailable_on_error(self.path):
+        with self._unavailable_on_error():
             db = self._open()
             rows = db.execute(f"SELECT key, bytes FROM budget WHERE key IN ({marks})", keys)
             return {str(key): int(value) for key, value in rows}
@@ -337,6 +489,31 @@ class SharedLimits:
             (pattern, len(period), period),
         )
 
+    @contextlib.contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        """Raises:
+        LimitsUnavailable: from any error of the database or its lock (logged once, until
+            the database works again).
+        """
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "cannot use the shared limit state in %s: %s; the request rate and "
+                    "stream counts are this process's own until it works again (the "
+                    "traffic budget refuses downloads meanwhile)", self.path, exc,
+                )  # fmt: skip
+            raise LimitsUnavailable(
+                "the relay cannot count its limits now; try again later",
+                reason="limits_unavailable",
+                headers=(("retry-after", "5"),),
+            ) from exc
+        if self._failing:
+            self._failing = False
+            log.warning("the shared limit state in %s works again", self.path)
+
     # -- failed logins -----------------------------------------------------------------------
 
     def login_snapshot(self, keys: tokens.BackoffKeys, now: float) -> tokens.BackoffSlice:
@@ -346,7 +523,7 @@ class SharedLimits:
         Raises:
             LimitsUnavailable: the database cannot be read.
         """
-        with _unavailable_on_error(self.path):
+        with self._unavailable_on_error():
             return _load_logins(self._open(), keys, now)
 
     @contextlib.contextmanager
@@ -510,16 +687,3 @@ def _prune_logins(db: sqlite3.Connection, quiet_before: float, limit: int) -> No
         "ORDER BY seen DESC LIMIT -1 OFFSET ?)",
         (limit,),
     )
-
-
-@contextlib.contextmanager
-def _unavailable_on_error(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except (sqlite3.Error, OSError) as exc:
-        log.error("cannot use the shared limit state in %s: %s", path, exc)
-        raise LimitsUnavailable(
-            "the relay cannot count its limits now; try again later",
-            reason="limits_unavailable",
-            headers=(("retry-after", "5"),),
-        ) from exc

@@ -265,6 +265,9 @@ class TokenBucket:
         self.last = now
 
     def _refill(self, now: float) -> None:
+        # A clock stepped back (the shared buckets use wall time) restarts the refill
+        # from the new now rather than waiting out the step with no refill.
+        self.last = min(self.last, now)
         if now > self.last:
             self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
             self.last = now
@@ -338,6 +341,27 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class SlotCounts:
+    """Streams open per (kind, client key) in this process: its real count, which the
+    shared `slots` rows of limits.db mirror when they can be written."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], int] = {}
+
+    def get(self, kind: str, key: str) -> int:
+        return self._open.get((kind, key), 0)
+
+    def add(self, kind: str, key: str) -> None:
+        self._open[kind, key] = self.get(kind, key) + 1
+
+    def remove(self, kind: str, key: str) -> None:
+        left = self.get(kind, key) - 1
+        if left > 0:
+            self._open[kind, key] = left
+        else:
+            self._open.pop((kind, key), None)
 
 
 # --- how much: the traffic budget ------------------------------------------------------------
