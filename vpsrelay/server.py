@@ -197,5 +197,6 @@ async def _serve(
         task_status.started(binds)
         # A supervised worker's status file (for /readyz and /metrics in every worker).
         nursery.start_soon(fleet.keep_status, settings.data_dir, app.health.own_status, stop)
+        nursery.start_soon(app.guard.settle_owed, stop)
         await stop.wait()
         # hypercorn returns once in-flight requests finish (or the grace period ends).

@@ -143,6 +143,14 @@ class Guard:
             if wait > 0:
                 raise access.rate_limited(self.rate, self.burst, wait)
 
+    async def settle_owed(self, stop: trio.Event, every: float = 2.0) -> None:
+        """Until `stop`: give back, every `every` seconds, stream slots whose release the
+        shared database could not take when they ended."""
+        while not stop.is_set():
+            with trio.move_on_after(every):
+                await stop.wait()
+            self.shared.settle()
+
     def limit_key(self, client_ip: str) -> str:
         """What per-client limits count under: the address, or the IPv6 /64 it is in."""
         return access.limit_key(client_ip, self.ipv6_prefix)

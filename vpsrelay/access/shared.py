@@ -374,6 +374,18 @@ class SharedLimits:
         except LimitsUnavailable:
             self.fallbacks += 1
 
+    def settle(self) -> None:
+        """Write what is owed, if anything: called every few seconds, so a worker that went
+        quiet after the database failed still gives back the streams it no longer holds."""
+        if self.local_only or not self._owed:
+            return
+        try:
+            with self._write() as db:
+                paid = self._pay_owed(db)
+            self._owed -= paid
+        except LimitsUnavailable:
+            self.fallbacks += 1
+
     def _pay_owed(self, db: sqlite3.Connection) -> set[tuple[str, str]]:
         """Set this process's rows to its real counts where they may differ."""
         for kind, key in self._owed:
