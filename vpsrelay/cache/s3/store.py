@@ -317,7 +317,7 @@ class S3Store:
         self._closing.append(waiting.pop(0)[1])
         if not waiting:
             del self._prepared[digest]
-        return self.client.presign(self.key(digest), int(self.s3.redirect_expiry))
+        return self.client.presign(self.key(digest), self.s3.redirect_expiry)
 
     def open(self, digest: str) -> S3Reader | None:
         obj = self.index.objects.get(digest)
