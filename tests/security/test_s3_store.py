@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -330,3 +332,28 @@ def test_a_manifest_gone_from_the_bucket_passes_through(
             assert pulled_manifest_digest(out) == image.manifest_digest
             assert_blobs_pulled(out, image)
     assert seaweed.request("GET", key).content == image.manifest_bytes  # stored again
+
+
+def test_readyz_says_the_bucket_fails_without_naming_what_it_holds(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Anyone may read `/readyz`: a failing bucket shows there as the kind of failure
+    only, never the bucket, the prefix, a key or the digest being pulled (the log says)."""
+    image = push_unique(clean_hub, tmp_path, "someuser/unlisted", 1 * MiB)
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env = s3_env(seaweed, bucket, s3__endpoint=f"http://127.0.0.1:{closed}")
+    with start_relay(tmp_path / "a", clean_hub, **env) as a:
+        for attempt in range(2):  # passes through; each pull past the retry time tries again
+            out = sub(tmp_path / f"pull-{attempt}")
+            skopeo_copy(out, f"{host(a)}/someuser/unlisted:1")
+            assert_blobs_pulled(out, image)
+            ready = httpx.get(f"{a.url}/readyz")
+            state = ready.json()["checks"]["cache_bucket"]
+            assert re.fullmatch(r"failing: ([0-9]{3}( [A-Za-z]{1,64})?|[A-Za-z ]{1,64})", state)
+            for secret in (bucket, PREFIX, "sha256", "someuser", str(closed)):
+                assert secret not in ready.text, ready.text
+            if attempt == 0:
+                time.sleep(5.5)  # RETRY_AFTER: the next pull asks the bucket again
+        assert "ConnectError" in a.log_text()

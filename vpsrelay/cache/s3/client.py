@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -29,11 +30,26 @@ MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bou
 
 
 class S3Error(Exception):
-    """The bucket could not be used for this request (the message names no secret)."""
+    """The bucket could not be used for this request (the message names no secret).
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    The message (for the log) names the request; `summary` is what anyone may see in
+    `/readyz`: a status, a store's error code of letters only, or the kind of failure,
+    never a key, a digest, the bucket's name or text the store chose freely.
+    """
+
+    def __init__(self, message: str, status: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+
+    @property
+    def summary(self) -> str:
+        if self.reason:
+            return self.reason
+        return str(self.status) if self.status is not None else "bad answer"
+
+
+ERROR_CODE = re.compile(r"[A-Za-z]{1,64}")  # S3 error codes: AccessDenied, SlowDown, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +180,7 @@ class S3Client:
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            raise S3Error(f"{what}: {type(exc).__name__}") from None
+            raise S3Error(f"{what}: {type(exc).__name__}", reason=type(exc).__name__) from None
         return Answer(response.status_code, response.headers, bytes(content))
 
     def _fail(self, what: str, response: Answer | httpx.Response) -> S3Error:
@@ -172,7 +188,10 @@ class S3Client:
         with contextlib.suppress(ET.ParseError):
             if response.content:
                 code = ET.fromstring(response.content[:4096]).findtext("Code") or ""
-        return S3Error(f"{what}: {response.status_code} {code}".strip(), response.status_code)
+        if not ERROR_CODE.fullmatch(code):
+            code = ""  # the store's own text (newlines, names): neither logged nor shown
+        summary = f"{response.status_code} {code}".strip()
+        return S3Error(f"{what}: {summary}", response.status_code, summary)
 
     async def head(self, key: str) -> Head | None:
         """The object's size and times; None if there is none."""
@@ -201,7 +220,7 @@ class S3Client:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+            raise S3Error(f"GET {key}: {type(exc).__name__}", reason=type(exc).__name__) from None
         if response.status_code == 200:
             return response
         await response.aclose()
@@ -233,7 +252,7 @@ class S3Client:
                 return None
             raise
         except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+            raise S3Error(f"GET {key}: {type(exc).__name__}", reason=type(exc).__name__) from None
 
     async def put(
         self,

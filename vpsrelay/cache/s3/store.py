@@ -170,7 +170,7 @@ class S3Store:
         if self.bucket_ok:
             log.warning("cache: the bucket failed (%s): passing pulls through", exc)
         self.failed_at = time.monotonic()
-        self.last_error = str(exc)
+        self.last_error = exc.summary  # public in /readyz: the log has the details
 
     def _answered(self) -> None:
         if self.failed_at is not None and self.bucket_ok:
