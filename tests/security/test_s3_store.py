@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import trio
 
 from tests.infra.relay import REPO_ROOT
 from tests.infra.seaweed import SECRET_KEY
@@ -37,6 +38,9 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
     s3_env,
     seaweed,
 )
+from vpsrelay import config
+from vpsrelay.cache.index import Obj
+from vpsrelay.cache.s3.store import S3Store
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -357,3 +361,33 @@ def test_readyz_says_the_bucket_fails_without_naming_what_it_holds(
             if attempt == 0:
                 time.sleep(5.5)  # RETRY_AFTER: the next pull asks the bucket again
         assert "ConnectError" in a.log_text()
+
+
+async def test_a_node_that_flushes_late_never_rolls_a_shared_tag_back(
+    seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Node A confirmed a tag before node B did, but flushes after it: the bucket keeps
+    B's newer copy (read, compared, and written only if still that copy)."""
+    variables = {f"VPSRELAY_CACHE__{k.upper()}": v for k, v in s3_env(seaweed, bucket).items()}
+    settings = config.load(None, variables)
+    store = await S3Store.connect(tmp_path, settings.cache)
+    try:
+        digest = "sha256:" + "cd" * 32
+        store.index.add(digest, Obj(300, time.time(), "manifest", "application/json"))
+        key = f"/{bucket}/{PREFIX}tags/docker.io/someuser/raced/1"
+        now = time.time()
+        _plant_tag(
+            seaweed, bucket, "someuser/raced", "1",
+            digest=digest, media_type="application/json", size=300,
+        )  # fmt: skip
+        planted = seaweed.request("GET", key).content
+        store.index.set_tag("docker.io", "someuser/raced", "1", digest, now - 60)
+        await store.flush(force=True)
+        assert store.bucket_ok
+        assert seaweed.request("GET", key).content == planted  # B's, newer: kept
+        store.index.set_tag("docker.io", "someuser/raced", "1", digest, now)
+        await store.flush(force=True)
+        assert json.loads(seaweed.request("GET", key).content)["checked_at"] == now
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()

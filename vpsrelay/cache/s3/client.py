@@ -254,6 +254,24 @@ class S3Client:
         except httpx.HTTPError as exc:
             raise S3Error(f"GET {key}: {type(exc).__name__}", reason=type(exc).__name__) from None
 
+    async def get_versioned(self, key: str, limit: int) -> tuple[bytes, str] | None:
+        """A small object's bytes (at most `limit`) and its ETag, for a write
+        conditional on it (`put(if_match=...)`); None if there is none."""
+        try:
+            async with self.get(key) as response:
+                body = bytearray()
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise S3Error(f"GET {key}: larger than {limit} bytes")
+                return bytes(body), response.headers.get("etag", "")
+        except S3Error as exc:
+            if exc.status == 404:
+                return None
+            raise
+        except httpx.HTTPError as exc:
+            raise S3Error(f"GET {key}: {type(exc).__name__}", reason=type(exc).__name__) from None
+
     async def put(
         self,
         key: str,

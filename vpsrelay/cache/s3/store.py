@@ -38,7 +38,14 @@ from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
-from vpsrelay.cache.s3.tags import SharedIndex, decode, encode, tag_key
+from vpsrelay.cache.s3.tags import (
+    MAX_TAG_OBJECT,
+    SharedIndex,
+    decode,
+    encode,
+    newer_than_bucket,
+    tag_key,
+)
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.cache.store import DiskReader
 from vpsrelay.core import sigv4
@@ -391,7 +398,7 @@ class S3Store:
             return None
         try:
             body = await self.client.get_small(
-                tag_key(self.s3.prefix, registry, repository, tag), 64 * 1024
+                tag_key(self.s3.prefix, registry, repository, tag), MAX_TAG_OBJECT
             )
         except S3Error as exc:
             self._failed(exc)
@@ -408,9 +415,26 @@ class S3Store:
                 continue
             key = tag_key(self.s3.prefix, registry, repository, name)
             try:
-                await self.client.put(key, encode(tag, obj), content_type="application/json")
+                await self._write_tag(key, tag, obj)
             except S3Error as exc:
                 self._failed(exc)
+                return
+
+    async def _write_tag(self, key: str, tag: Tag, obj: Obj) -> None:
+        """Write a tag unless the bucket's copy was checked more recently (by another
+        node), conditional on the copy read: a node that flushes late never replaces a
+        newer `checked_at` with an older one. Raises S3Error."""
+        for _ in range(2):  # a write between our read and ours (412): read again, once
+            current = await self.client.get_versioned(key, MAX_TAG_OBJECT)
+            if not newer_than_bucket(tag, current[0] if current is not None else None):
+                return
+            if await self.client.put(
+                key,
+                encode(tag, obj),
+                content_type="application/json",
+                if_none_match=self.s3.conditional_writes and current is None,
+                if_match=current[1] if self.s3.conditional_writes and current else None,
+            ):
                 return
 
     async def flush(self, *, force: bool = False) -> None:

@@ -79,3 +79,10 @@ def decode(body: bytes) -> tuple[Tag, Obj] | None:
     ):
         return None
     return Tag(digest, float(checked_at)), Obj(size, time.time(), "manifest", media_type)
+
+
+def newer_than_bucket(tag: Tag, shared: bytes | None) -> bool:
+    """Whether this node's tag should replace the bucket's copy `shared` (None: there is
+    none): only when it was checked later (a malformed copy is replaced)."""
+    decoded = decode(shared) if shared is not None else None
+    return decoded is None or decoded[0].checked_at < tag.checked_at
