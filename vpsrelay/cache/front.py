@@ -146,12 +146,20 @@ class CacheFront:
         Raises:
             UpstreamError: the upstream could not be asked.
         """
+        status, digest, _ = await self._head_typed(exchange, route)
+        return status, digest
+
+    async def _head_typed(
+        self, exchange: Exchange, route: routing.Route
+    ) -> tuple[int, str | None, str]:
+        """`_head`, and the media type the upstream named (`Content-Type`, bare)."""
         url = self._url(route, route.upstream_path)
         async with self.forwarder.open_upstream(
             exchange, route, "HEAD", url, follow=False
         ) as response:
             self.observer.upstream_answered(exchange, response)
-            return response.status_code, response.headers.get("docker-content-digest")
+            media_type = response.headers.get("content-type", "").split(";")[0].strip()
+            return response.status_code, response.headers.get("docker-content-digest"), media_type
 
     async def _relay(
         self, exchange: Exchange, route: routing.Route, hook: RelayHook | None = None
@@ -661,13 +669,7 @@ class CacheFront:
         the upstream's HEAD (free, with the client's credentials) must name the same
         digest; the manifest is then read by that digest (verified), and its media type
         is the upstream's. False: nothing sent (the caller relays)."""
-        async with self.forwarder.open_upstream(
-            exchange, route, "HEAD", self._url(route, route.upstream_path), follow=False
-        ) as response:
-            self.observer.upstream_answered(exchange, response)
-            status = response.status_code
-            upstream_digest = response.headers.get("docker-content-digest")
-            media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        status, upstream_digest, media_type = await self._head_typed(exchange, route)
         accept = _accept(exchange)
         if status != 200 or upstream_digest != hinted or not policy.accepts(accept, media_type):
             return False
