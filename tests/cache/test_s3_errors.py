@@ -44,5 +44,9 @@ def test_a_store_error_summary_is_a_status_and_a_plain_code(
 
 def test_a_failure_without_an_answer_is_summed_up_by_its_kind() -> None:
     assert S3Error(f"GET {KEY}: ReadTimeout", reason="ReadTimeout").summary == "ReadTimeout"
+    assert S3Error(f"GET {KEY}: ConnectError").summary == "ConnectError"
+    assert S3Error(f"GET {KEY}: deadline").summary == "deadline"
     assert S3Error(f"HEAD {KEY}: no length").summary == "bad answer"
+    assert S3Error(f"GET {KEY}: larger than 65536 bytes").summary == "bad answer"
+    assert S3Error(KEY).summary == "bad answer"
     assert S3Error(f"GET {KEY}: 503", 503).summary == "503"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -46,10 +45,16 @@ class S3Error(Exception):
     def summary(self) -> str:
         if self.reason:
             return self.reason
-        return str(self.status) if self.status is not None else "bad answer"
+        if self.status is not None:
+            return str(self.status)
+        kind = str(self).rpartition(": ")[2]  # "GET <key>: ReadTimeout", "...: deadline"
+        return kind if _plain_word(kind) else "bad answer"
 
 
-ERROR_CODE = re.compile(r"[A-Za-z]{1,64}")  # S3 error codes: AccessDenied, SlowDown, ...
+def _plain_word(text: str) -> bool:
+    """Letters only, 1 to 64 of them: an S3 error code (AccessDenied, SlowDown), an
+    exception's name; never a key, a digest, a bucket name or a sentence."""
+    return 0 < len(text) <= 64 and text.isascii() and text.isalpha()
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +185,7 @@ class S3Client:
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            raise S3Error(f"{what}: {type(exc).__name__}", reason=type(exc).__name__) from None
+            raise S3Error(f"{what}: {type(exc).__name__}") from None
         return Answer(response.status_code, response.headers, bytes(content))
 
     def _fail(self, what: str, response: Answer | httpx.Response) -> S3Error:
@@ -188,7 +193,7 @@ class S3Client:
         with contextlib.suppress(ET.ParseError):
             if response.content:
                 code = ET.fromstring(response.content[:4096]).findtext("Code") or ""
-        if not ERROR_CODE.fullmatch(code):
+        if not _plain_word(code):
             code = ""  # the store's own text (newlines, names): neither logged nor shown
         summary = f"{response.status_code} {code}".strip()
         return S3Error(f"{what}: {summary}", response.status_code, summary)
@@ -220,7 +225,7 @@ class S3Client:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}", reason=type(exc).__name__) from None
+            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
         if response.status_code == 200:
             return response
         await response.aclose()
@@ -239,12 +244,6 @@ class S3Client:
 
     async def get_small(self, key: str, limit: int) -> bytes | None:
         """A small object's bytes (at most `limit`); None if there is none."""
-        found = await self.get_versioned(key, limit)
-        return found[0] if found is not None else None
-
-    async def get_versioned(self, key: str, limit: int) -> tuple[bytes, str] | None:
-        """A small object's bytes (at most `limit`) and its ETag, for a write
-        conditional on it (`put(if_match=...)`); None if there is none."""
         try:
             async with self.get(key) as response:
                 body = bytearray()
@@ -252,13 +251,13 @@ class S3Client:
                     body += chunk
                     if len(body) > limit:
                         raise S3Error(f"GET {key}: larger than {limit} bytes")
-                return bytes(body), response.headers.get("etag", "")
+                return bytes(body)
         except S3Error as exc:
             if exc.status == 404:
                 return None
             raise
         except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}", reason=type(exc).__name__) from None
+            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
 
     async def put(
         self,
@@ -286,6 +285,24 @@ class S3Client:
         response = await self._send("DELETE", self.url(key))
         if response.status_code not in (200, 204, 404):
             raise self._fail(f"DELETE {key}", response)
+
+    async def get_versioned(self, key: str, limit: int) -> tuple[bytes, str] | None:
+        """A small object's bytes (at most `limit`) and its ETag, for a write
+        conditional on it (`put(if_match=...)`); None if there is none."""
+        try:
+            async with self.get(key) as response:
+                body = bytearray()
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise S3Error(f"GET {key}: larger than {limit} bytes")
+                return bytes(body), response.headers.get("etag", "")
+        except S3Error as exc:
+            if exc.status == 404:
+                return None
+            raise
+        except httpx.HTTPError as exc:
+            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
 
     async def create_upload(self, key: str) -> str:
         response = await self._send("POST", self.url(key, "uploads="))
