@@ -34,18 +34,12 @@ import trio
 from vpsrelay import private_files
 from vpsrelay.cache.index import Database, Index, Obj, Tag
 from vpsrelay.cache.memory import ManifestMemory, Pins
+from vpsrelay.cache.s3 import tags as shared_tags
 from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
-from vpsrelay.cache.s3.tags import (
-    MAX_TAG_OBJECT,
-    SharedIndex,
-    decode,
-    encode,
-    newer_than_bucket,
-    tag_key,
-)
+from vpsrelay.cache.s3.tags import SharedIndex, decode, encode, tag_key
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
 from vpsrelay.cache.store import DiskReader
 from vpsrelay.core import sigv4
@@ -398,7 +392,7 @@ class S3Store:
             return None
         try:
             body = await self.client.get_small(
-                tag_key(self.s3.prefix, registry, repository, tag), MAX_TAG_OBJECT
+                tag_key(self.s3.prefix, registry, repository, tag), shared_tags.MAX_TAG_OBJECT
             )
         except S3Error as exc:
             self._failed(exc)
@@ -425,8 +419,8 @@ class S3Store:
         node), conditional on the copy read: a node that flushes late never replaces a
         newer `checked_at` with an older one. Raises S3Error."""
         for _ in range(2):  # a write between our read and ours (412): read again, once
-            current = await self.client.get_versioned(key, MAX_TAG_OBJECT)
-            if not newer_than_bucket(tag, current[0] if current is not None else None):
+            current = await self.client.get_versioned(key, shared_tags.MAX_TAG_OBJECT)
+            if not shared_tags.newer_than_bucket(tag, current[0] if current is not None else None):
                 return
             if await self.client.put(
                 key,
