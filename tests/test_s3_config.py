@@ -74,6 +74,10 @@ def test_the_section_loads_from_the_environment_and_a_key_file(tmp_path: Path) -
         ('[cache.s3]\nbucket = "Bad_Name"\n', "cache.s3.bucket: expected an S3 bucket name"),
         ('[cache.s3]\npart_size = "1MiB"\n', "cache.s3.part_size: expected a part size"),
         ("[cache.s3]\nredirect_expiry = 86400\n", "cache.s3.redirect_expiry: expected at most"),
+        # below 1 s it would presign with X-Amz-Expires=0: every redirect a 500
+        ("[cache.s3]\nredirect_expiry = 0.5\n", "cache.s3.redirect_expiry: expected a positive"),
+        ("[cache.s3]\nredirect_expiry = 0\n", "cache.s3.redirect_expiry: expected a positive"),
+        ("[cache.s3]\nredirect_expiry = 1.5\n", "cache.s3.redirect_expiry: expected a positive"),
         ('[cache.s3]\nprefix = "../x"\n', "cache.s3.prefix"),
         ("[cache]\ns3 = 1\n", "cache.s3: expected a table"),
         ('[cache]\nbackend = "ftp"\n', "cache.backend: expected one of disk, s3"),

@@ -523,8 +523,9 @@ def _part_size(value: object) -> int:
     return size
 
 
-def _presign_seconds(value: object) -> float:
-    seconds = _seconds(value)
+def _presign_seconds(value: object) -> int:
+    # Whole seconds: a presigned URL's X-Amz-Expires is an integer from 1 to 3600.
+    seconds = _count(value)
     if seconds > 3600:
         raise ValueError(f"expected at most 3600 seconds (a short expiry), got {value!r}")
     return seconds
@@ -556,8 +557,8 @@ class S3Config:
     public_endpoint: str | None = _option(
         None, _optional_url, "endpoint clients reach for presigned URLs (default: endpoint)"
     )
-    redirect_expiry: float = _option(
-        60.0, _presign_seconds, "seconds a presigned URL is valid (at most 3600)"
+    redirect_expiry: int = _option(
+        60, _presign_seconds, "whole seconds a presigned URL is valid (1 to 3600)"
     )
     redirect_min_size: int = _option(1024**2, _size, "smallest blob answered with a redirect")
     max_size: int = _option(0, _size, "cap on the bucket's bytes under prefix (0: no cap)")

@@ -8,6 +8,8 @@ the bucket's credentials, and a client reusing a presigned URL for something els
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +25,12 @@ import trio
 from tests.infra.relay import REPO_ROOT
 from tests.infra.seaweed import SECRET_KEY
 from tests.integration.test_cache import MiB, host, push_unique, start_relay, sub, wait_until
-from tests.integration.test_pull import anonymous_token, assert_blobs_pulled, skopeo_copy
+from tests.integration.test_pull import (
+    anonymous_token,
+    assert_blobs_pulled,
+    pulled_manifest_digest,
+    skopeo_copy,
+)
 from tests.integration.test_s3_cache import (  # the fixtures, shared
     PREFIX,
     blob_key,
@@ -33,17 +40,22 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
     s3_env,
     seaweed,
 )
+from vpsrelay import config
+from vpsrelay.cache.index import Obj
 from vpsrelay.cache.s3.client import S3Client
 from vpsrelay.cache.s3.lease import Leases, LeaseState
+from vpsrelay.cache.s3.store import S3Store
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from tests.infra.hub import Hub
+    from tests.infra.relay import RelayProcess
     from tests.infra.seaweed import Seaweed
 
 pytestmark = pytest.mark.integration
 __all__ = ["bucket", "seaweed"]  # fixtures
+MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
 
 def _read_all(url: str, token: str) -> tuple[int, bytes, str]:
@@ -436,3 +448,177 @@ def test_a_dripping_bucket_does_not_stall_pulls(
             ready = httpx.get(f"{a.url}/readyz").json()
     assert ready["checks"]["cache_bucket"].startswith("failing"), ready
     assert took < 30, took
+
+
+def _plant_tag(seaweed: Seaweed, bucket: str, repo: str, tag: str, **fields: object) -> None:
+    """What a bucket writer can do: write any tag object, with a fresh `checked_at`."""
+    key = f"/{bucket}/{PREFIX}tags/docker.io/{repo}/{tag}"
+    body = json.dumps({"checked_at": time.time() - 1, **fields}).encode()
+    assert seaweed.request("PUT", key, body).status_code == 200
+
+
+def _manifest(relay: RelayProcess, repo: str, tag: str, token: str) -> httpx.Response:
+    return httpx.get(
+        f"{relay.url}/v2/{repo}/manifests/{tag}",
+        headers={"authorization": f"Bearer {token}", "accept": MANIFEST_ACCEPT},
+        timeout=30,
+    )
+
+
+def test_a_planted_tag_never_changes_what_a_tag_serves(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A bucket writer points `victim:1` at another valid manifest: one the repository
+    had (a rollback to `victim:2`) or one of its own repository, written at its content
+    address. A client whose credential the node has just seen accepted for `victim`
+    (a grant) still gets what the upstream's `victim:1` is: the bucket's tag is a hint
+    that a HEAD upstream must confirm, and it never makes a repository hold anything."""
+    victim = push_unique(clean_hub, tmp_path, "someuser/victim", 1 * MiB)
+    older = push_unique(clean_hub, tmp_path, "someuser/victim", 1 * MiB, tag="2")
+    evil = push_unique(clean_hub, tmp_path, "someuser/evil", 1 * MiB)
+    evil_key = f"/{bucket}/{blob_key(evil.manifest_digest)}"
+    assert seaweed.request("PUT", evil_key, evil.manifest_bytes).status_code == 200
+    with node(tmp_path / "b", clean_hub, seaweed, bucket) as b:
+        token = anonymous_token(b, "someuser/victim")
+        granted = _manifest(b, "someuser/victim", "2", token)  # the grant, and `older` known
+        assert granted.headers["docker-content-digest"] == older.manifest_digest
+        for tag, planted in (("1", older), ("3", evil), ("1", evil)):
+            _plant_tag(
+                seaweed, bucket, "someuser/victim", tag,
+                digest=planted.manifest_digest,
+                media_type=planted.manifest_media_type,
+                size=len(planted.manifest_bytes),
+            )  # fmt: skip
+            answer = _manifest(b, "someuser/victim", tag, token)
+            if tag == "3":  # no such tag upstream: the planted one is not served
+                assert answer.status_code == 404, answer.text
+                continue
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["docker-content-digest"] == victim.manifest_digest
+            assert answer.content == victim.manifest_bytes
+        # nor did a planted tag make `victim` hold the other repository's manifest
+        clean_hub.clear()
+        by_digest = _manifest(b, "someuser/victim", evil.manifest_digest, token)
+        assert by_digest.status_code == 404, by_digest.text
+        assert clean_hub.registry_requests(), "served from the bucket without asking"
+    # a tag a node confirmed itself still spares the others a manifest GET
+    clean_hub.clear()
+    _plant_tag(
+        seaweed, bucket, "someuser/victim", "2",
+        digest=older.manifest_digest, media_type="text/html", size=3,
+    )  # fmt: skip
+    with node(tmp_path / "c", clean_hub, seaweed, bucket) as c:
+        out = sub(tmp_path / "via-c")
+        skopeo_copy(out, f"{host(c)}/someuser/victim:2")
+        assert pulled_manifest_digest(out) == older.manifest_digest
+    requests = clean_hub.registry_requests()
+    assert [p for m, p in requests if m == "GET" and "/manifests/" in p] == [], requests
+
+
+def test_a_tag_object_with_a_wrong_size_or_type_never_breaks_a_pull(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A tag object names the real manifest but a planted size and media type: the size
+    announced is the verified bytes' length, the media type the upstream's, on every pull
+    (nothing of it sticks in the node's index)."""
+    image = push_unique(clean_hub, tmp_path, "someuser/sized", 1 * MiB)
+    with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
+        skopeo_copy(sub(tmp_path / "via-a"), f"{host(a)}/someuser/sized:1")
+    for media_type, size in ((image.manifest_media_type, 3), ("text/html", 3)):
+        _plant_tag(
+            seaweed, bucket, "someuser/sized", "1",
+            digest=image.manifest_digest, media_type=media_type, size=size,
+        )  # fmt: skip
+        with node(tmp_path / f"b-{size}-{media_type[:4]}", clean_hub, seaweed, bucket) as b:
+            for attempt in range(2):
+                out = sub(tmp_path / f"via-b-{media_type[:4]}-{attempt}")
+                skopeo_copy(out, f"{host(b)}/someuser/sized:1")
+                assert_blobs_pulled(out, image)
+                token = anonymous_token(b, "someuser/sized")
+                for method in ("HEAD", "GET"):
+                    answer = httpx.request(
+                        method,
+                        f"{b.url}/v2/someuser/sized/manifests/1",
+                        headers={"authorization": f"Bearer {token}", "accept": MANIFEST_ACCEPT},
+                        timeout=30,
+                    )
+                    assert answer.status_code == 200, answer.text
+                    assert answer.headers["content-length"] == str(len(image.manifest_bytes))
+                    assert answer.headers["content-type"] == image.manifest_media_type
+
+
+def test_a_manifest_gone_from_the_bucket_passes_through(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Another node evicted the manifest (or the bucket lost it) behind a node that still
+    knows the tag: the pull is served from the upstream, never a failed pull."""
+    image = push_unique(clean_hub, tmp_path, "someuser/evicted", 1 * MiB)
+    key = f"/{bucket}/{blob_key(image.manifest_digest)}"
+    with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
+        skopeo_copy(sub(tmp_path / "fill"), f"{host(a)}/someuser/evicted:1")
+    assert seaweed.request("DELETE", key).status_code == 204
+    data = str(tmp_path / "a" / "data")  # node A again: its index, not its memory
+    with start_relay(
+        tmp_path / "a2", clean_hub, "--data-dir", data, **s3_env(seaweed, bucket)
+    ) as a:
+        for attempt in range(2):
+            out = sub(tmp_path / f"again-{attempt}")
+            skopeo_copy(out, f"{host(a)}/someuser/evicted:1")
+            assert pulled_manifest_digest(out) == image.manifest_digest
+            assert_blobs_pulled(out, image)
+    assert seaweed.request("GET", key).content == image.manifest_bytes  # stored again
+
+
+def test_readyz_says_the_bucket_fails_without_naming_what_it_holds(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Anyone may read `/readyz`: a failing bucket shows there as the kind of failure
+    only, never the bucket, the prefix, a key or the digest being pulled (the log says)."""
+    image = push_unique(clean_hub, tmp_path, "someuser/unlisted", 1 * MiB)
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env = s3_env(seaweed, bucket, s3__endpoint=f"http://127.0.0.1:{closed}")
+    with start_relay(tmp_path / "a", clean_hub, **env) as a:
+        for attempt in range(2):  # passes through; each pull past the retry time tries again
+            out = sub(tmp_path / f"pull-{attempt}")
+            skopeo_copy(out, f"{host(a)}/someuser/unlisted:1")
+            assert_blobs_pulled(out, image)
+            ready = httpx.get(f"{a.url}/readyz")
+            state = ready.json()["checks"]["cache_bucket"]
+            assert re.fullmatch(r"failing: ([0-9]{3}( [A-Za-z]{1,64})?|[A-Za-z ]{1,64})", state)
+            for secret in (bucket, PREFIX, "sha256", "someuser", str(closed)):
+                assert secret not in ready.text, ready.text
+            if attempt == 0:
+                time.sleep(5.5)  # RETRY_AFTER: the next pull asks the bucket again
+        assert "ConnectError" in a.log_text()
+
+
+async def test_a_node_that_flushes_late_never_rolls_a_shared_tag_back(
+    seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Node A confirmed a tag before node B did, but flushes after it: the bucket keeps
+    B's newer copy (read, compared, and written only if still that copy)."""
+    variables = {f"VPSRELAY_CACHE__{k.upper()}": v for k, v in s3_env(seaweed, bucket).items()}
+    settings = config.load(None, variables)
+    store = await S3Store.connect(tmp_path, settings.cache)
+    try:
+        digest = "sha256:" + "cd" * 32
+        store.index.add(digest, Obj(300, time.time(), "manifest", "application/json"))
+        key = f"/{bucket}/{PREFIX}tags/docker.io/someuser/raced/1"
+        now = time.time()
+        _plant_tag(
+            seaweed, bucket, "someuser/raced", "1",
+            digest=digest, media_type="application/json", size=300,
+        )  # fmt: skip
+        planted = seaweed.request("GET", key).content
+        store.index.set_tag("docker.io", "someuser/raced", "1", digest, now - 60)
+        await store.flush(force=True)
+        assert store.bucket_ok
+        assert seaweed.request("GET", key).content == planted  # B's, newer: kept
+        store.index.set_tag("docker.io", "someuser/raced", "1", digest, now)
+        await store.flush(force=True)
+        assert json.loads(seaweed.request("GET", key).content)["checked_at"] == now
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()

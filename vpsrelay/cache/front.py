@@ -146,12 +146,20 @@ class CacheFront:
         Raises:
             UpstreamError: the upstream could not be asked.
         """
+        status, digest, _ = await self._head_typed(exchange, route)
+        return status, digest
+
+    async def _head_typed(
+        self, exchange: Exchange, route: routing.Route
+    ) -> tuple[int, str | None, str]:
+        """`_head`, and the media type the upstream named (`Content-Type`, bare)."""
         url = self._url(route, route.upstream_path)
         async with self.forwarder.open_upstream(
             exchange, route, "HEAD", url, follow=False
         ) as response:
             self.observer.upstream_answered(exchange, response)
-            return response.status_code, response.headers.get("docker-content-digest")
+            media_type = response.headers.get("content-type", "").split(";")[0].strip()
+            return response.status_code, response.headers.get("docker-content-digest"), media_type
 
     async def _relay(
         self, exchange: Exchange, route: routing.Route, hook: RelayHook | None = None
@@ -514,21 +522,24 @@ class CacheFront:
         return tag
 
     async def _manifest(self, exchange: Exchange, route: routing.Route) -> None:
+        hinted = None
         if not route.reference_is_digest:
-            # A store shared with other nodes (a bucket) brings the tag up to date first.
-            await self.store.refresh_tag(route.registry, route.upstream_name, route.reference)
+            # A store shared with other nodes (a bucket) may know the tag: a hint only.
+            hinted = await self.store.refresh_tag(
+                route.registry, route.upstream_name, route.reference
+            )
         tag = None if route.reference_is_digest else self._tag(route)
         if tag is not None and not self._fresh(tag, route):
             # One worker revalidates a tag at a time; the others wait, then find it fresh.
             key = (route.registry, route.upstream_name, route.reference)
             async with self.store.revalidating(*key):
                 tag = self._tag(route)
-                await self._manifest_for(exchange, route, tag)
+                await self._manifest_for(exchange, route, tag, hinted)
             return
-        await self._manifest_for(exchange, route, tag)
+        await self._manifest_for(exchange, route, tag, hinted)
 
     async def _manifest_for(
-        self, exchange: Exchange, route: routing.Route, tag: Tag | None
+        self, exchange: Exchange, route: routing.Route, tag: Tag | None, hinted: str | None
     ) -> None:
         index = self.store.index
         digest: str | None = route.reference if route.reference_is_digest else None
@@ -543,11 +554,15 @@ class CacheFront:
             or not policy.accepts(accept, obj.media_type)
             or not self._holds(digest, route)
         ):
-            await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
+            if hinted is None or not await self._manifest_from_hint(exchange, route, hinted):
+                await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
             return
         granted = self._granted(exchange, route)
-        if granted and (tag is None or self._fresh(tag, route)):
-            await self._send_manifest(exchange, digest, obj.media_type, obj.size, "hit")
+        if (
+            granted
+            and (tag is None or self._fresh(tag, route))
+            and await self._send_manifest(exchange, digest, obj.media_type, "hit")
+        ):
             return
         # Stale, or this credential is not known to be allowed: ask with a HEAD.
         try:
@@ -567,10 +582,14 @@ class CacheFront:
         index.count("revalidations")
         now = time.time()
         if upstream_digest is None or upstream_digest == digest:
+            body = await self.store.read_small(digest)
+            if body is None:  # gone from the store: the upstream's answer instead
+                await self._relay(exchange, route, partial(self._store_manifest, exchange, route))
+                return
             if tag is not None and policy.records_tag(accept, obj.media_type):
                 index.set_tag(route.registry, route.upstream_name, route.reference, digest, now)
                 await self.store.flush(force=True)  # through at once: other workers read it
-            await self._send_manifest(exchange, digest, obj.media_type, obj.size, "revalidated")
+            await self._send_manifest(exchange, digest, obj.media_type, "revalidated", body)
             return
         # The tag moved. The new manifest may be cached already (another tag, a rollback).
         new = self.store.get(upstream_digest)
@@ -581,13 +600,15 @@ class CacheFront:
             and policy.accepts(accept, new.media_type)
             and self._holds(upstream_digest, route)
         ):
-            if policy.records_tag(accept, new.media_type):
-                index.set_tag(
-                    route.registry, route.upstream_name, route.reference, upstream_digest, now
-                )
-                await self.store.flush(force=True)
-            await self._send_manifest(exchange, upstream_digest, new.media_type, new.size, "hit")
-            return
+            body = await self.store.read_small(upstream_digest)
+            if body is not None:
+                if policy.records_tag(accept, new.media_type):
+                    index.set_tag(
+                        route.registry, route.upstream_name, route.reference, upstream_digest, now
+                    )
+                    await self.store.flush(force=True)
+                await self._send_manifest(exchange, upstream_digest, new.media_type, "hit", body)
+                return
         # Docker Hub's HEAD is free, its GET a pull: when the pulls are spent (429), the
         # copy the client's tag named until now is served, stale.
         stale = partial(self._serve_stale, exchange, route, digest, tag, True, "upstream 429")
@@ -621,17 +642,29 @@ class CacheFront:
             route.reference,
             why,
         )
-        await self._send_manifest(exchange, digest, obj.media_type, obj.size, "stale")
-        return True
+        return await self._send_manifest(exchange, digest, obj.media_type, "stale")
 
     async def _send_manifest(
-        self, exchange: Exchange, digest: str, media_type: str, size: int, how: str
-    ) -> None:
+        self,
+        exchange: Exchange,
+        digest: str,
+        media_type: str,
+        how: str,
+        body: bytes | None = None,
+    ) -> bool:
+        """Answer from the store; False (nothing sent) when the store cannot deliver
+        the manifest now (gone, or the bucket fails): the caller asks the upstream.
+        The body is read before anything is committed, for a HEAD too, and its length
+        is the one announced (never a length the index was told)."""
+        if body is None:
+            body = await self.store.read_small(digest)
+            if body is None:
+                return False
         headers = [
             ("content-type", media_type),
             ("docker-content-digest", digest),
             ("etag", f'"{digest}"'),
-            ("content-length", str(size)),
+            ("content-length", str(len(body))),
             API_VERSION_HEADER,
             (CACHE_HEADER, how),
         ]
@@ -639,16 +672,38 @@ class CacheFront:
             headers.append(STALE_WARNING)
         self.store.index.touch(digest, time.time())
         self.store.index.count("hits")
-        if exchange.method == "HEAD":
-            await exchange.start(200, tuple(headers))
-            await exchange.body(b"", more=False)
-            return
-        body = await self.store.read_small(digest)
-        if body is None:
-            raise UpstreamError("a cached manifest vanished; retry")
         await exchange.start(200, tuple(headers))
-        await exchange.body(body, more=False)
+        await exchange.body(b"" if exchange.method == "HEAD" else body, more=False)
         await self.store.flush()
+        return True
+
+    async def _manifest_from_hint(
+        self, exchange: Exchange, route: routing.Route, hinted: str
+    ) -> bool:
+        """Serve a tag that another node recorded in the shared store, once confirmed:
+        the upstream's HEAD (free, with the client's credentials) must name the same
+        digest; the manifest is then read by that digest (verified), and its media type
+        is the upstream's. False: nothing sent (the caller relays)."""
+        status, upstream_digest, media_type = await self._head_typed(exchange, route)
+        accept = _accept(exchange)
+        if status != 200 or upstream_digest != hinted or not policy.accepts(accept, media_type):
+            return False
+        body = await self.store.read_small(hinted)
+        if body is None:
+            return False
+        # What the upstream just confirmed, and nothing the store said: this repository
+        # holds this manifest (and what it names), for this credential.
+        self._grant(exchange, route)
+        index = self.store.index
+        await self.store.put_small(hinted, body, "manifest", media_type)
+        index.add_origin(hinted, route.registry, route.upstream_name)
+        for child in policy.manifest_children(body):
+            index.add_origin(child, route.registry, route.upstream_name)
+        index.count("revalidations")
+        if policy.records_tag(accept, media_type):
+            index.set_tag(route.registry, route.upstream_name, route.reference, hinted, time.time())
+            await self.store.flush(force=True)
+        return await self._send_manifest(exchange, hinted, media_type, "revalidated", body)
 
     async def _store_manifest(
         self,

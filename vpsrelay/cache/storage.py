@@ -139,8 +139,10 @@ class BlobStore(Protocol):
         another node's fill of `digest` (bounded)."""
         ...
 
-    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
-        """Bring a tag up to date from a store shared with other nodes (no-op if not)."""
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> str | None:
+        """The digest a store shared with other nodes says the tag names, when this
+        node's own copy is stale (None if not shared): a hint, never served before the
+        upstream named the same digest."""
         ...
 
     def presigned(self, digest: str, size: int) -> str | None:

@@ -34,11 +34,32 @@ MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bou
 
 
 class S3Error(Exception):
-    """The bucket could not be used for this request (the message names no secret)."""
+    """The bucket could not be used for this request (the message names no secret).
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    The message (for the log) names the request; `summary` is what anyone may see in
+    `/readyz`: a status, a store's error code of letters only, or the kind of failure,
+    never a key, a digest, the bucket's name or text the store chose freely.
+    """
+
+    def __init__(self, message: str, status: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+
+    @property
+    def summary(self) -> str:
+        if self.reason:
+            return self.reason
+        if self.status is not None:
+            return str(self.status)
+        kind = str(self).rpartition(": ")[2]  # "GET <key>: ReadTimeout", "...: deadline"
+        return kind if _plain_word(kind) else "bad answer"
+
+
+def _plain_word(text: str) -> bool:
+    """Letters only, 1 to 64 of them: an S3 error code (AccessDenied, SlowDown), an
+    exception's name; never a key, a digest, a bucket name or a sentence."""
+    return 0 < len(text) <= 64 and text.isascii() and text.isalpha()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +204,10 @@ class S3Client:
         with contextlib.suppress(ET.ParseError):
             if response.content:
                 code = ET.fromstring(response.content[:4096]).findtext("Code") or ""
-        return S3Error(f"{what}: {response.status_code} {code}".strip(), response.status_code)
+        if not _plain_word(code):
+            code = ""  # the store's own text (newlines, names): neither logged nor shown
+        summary = f"{response.status_code} {code}".strip()
+        return S3Error(f"{what}: {summary}", response.status_code, summary)
 
     async def head(self, key: str) -> Head | None:
         """The object's size and times; None if there is none."""
@@ -297,6 +321,27 @@ class S3Client:
         response = await self._send("DELETE", self.url(key))
         if response.status_code not in (200, 204, 404):
             raise self._fail(f"DELETE {key}", response)
+
+    async def get_versioned(self, key: str, limit: int) -> tuple[bytes, str] | None:
+        """A small object's bytes (at most `limit`) and its ETag, for a write
+        conditional on it (`put(if_match=...)`); None if there is none."""
+        try:
+            with trio.fail_after(self.deadline(limit)):
+                async with self.get(key) as response:
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > limit:
+                            raise S3Error(f"GET {key}: larger than {limit} bytes")
+                    return bytes(body), response.headers.get("etag", "")
+        except trio.TooSlowError:
+            raise S3Error(f"GET {key}: deadline") from None
+        except S3Error as exc:
+            if exc.status == 404:
+                return None
+            raise
+        except httpx.HTTPError as exc:
+            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
 
     async def create_upload(self, key: str) -> str:
         response = await self._send("POST", self.url(key, "uploads="))

@@ -34,6 +34,7 @@ import trio
 from vpsrelay import private_files
 from vpsrelay.cache.index import Database, Index, Obj, Tag
 from vpsrelay.cache.memory import ManifestMemory, Pins
+from vpsrelay.cache.s3 import tags as shared_tags
 from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import Evictor
 from vpsrelay.cache.s3.lease import Leases, LeaseState
@@ -173,7 +174,7 @@ class S3Store:
         if self.bucket_ok:
             log.warning("cache: the bucket failed (%s): passing pulls through", exc)
         self.failed_at = time.monotonic()
-        self.last_error = str(exc)
+        self.last_error = exc.summary  # public in /readyz: the log has the details
 
     def _answered(self) -> None:
         if self.failed_at is not None and self.bucket_ok:
@@ -360,7 +361,7 @@ class S3Store:
         self._closing.append(waiting.pop(0)[1])
         if not waiting:
             del self._prepared[digest]
-        return self.client.presign(self.key(digest), int(self.s3.redirect_expiry))
+        return self.client.presign(self.key(digest), self.s3.redirect_expiry)
 
     def open(self, digest: str) -> S3Reader | None:
         obj = self.index.objects.get(digest)
@@ -422,30 +423,25 @@ class S3Store:
     ) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()
 
-    async def refresh_tag(self, registry: str, repository: str, tag: str) -> None:
-        """Take the bucket's copy of a tag when this node's is older than the tag TTL
-        (or missing) and the bucket's is newer."""
+    async def refresh_tag(self, registry: str, repository: str, tag: str) -> str | None:
+        """The digest the bucket's copy of a tag names, when this node's own is older than
+        the tag TTL (or missing). A hint only: the bucket is another trust domain, so
+        nothing of it is taken into the index (no tag, no size or media type, no
+        repository holding anything); the caller serves it only once the upstream named
+        the same digest, and reads the manifest by that digest, verified."""
         local = self.index.tags.get((registry, repository, tag))
         ttl = dict(self.config.registry_tag_ttl).get(registry, self.config.tag_ttl)
         if (local is not None and time.time() - local.checked_at < ttl) or not self.bucket_ok:
-            return
+            return None
         try:
             body = await self.client.get_small(
-                tag_key(self.s3.prefix, registry, repository, tag), 64 * 1024
+                tag_key(self.s3.prefix, registry, repository, tag), shared_tags.MAX_TAG_OBJECT
             )
         except S3Error as exc:
             self._failed(exc)
-            return
+            return None
         shared = decode(body) if body is not None else None
-        if shared is None:
-            return
-        remote, obj = shared
-        if local is not None and local.checked_at >= remote.checked_at:
-            return
-        self.index.tags[(registry, repository, tag)] = remote
-        if remote.digest not in self.index.objects:
-            self.index.add(remote.digest, obj)
-        self.index.add_origin(remote.digest, registry, repository)
+        return shared[0].digest if shared is not None else None
 
     async def _write_tags(self) -> None:
         writes, self.shared_index.tag_writes = self.shared_index.tag_writes, {}
@@ -456,9 +452,26 @@ class S3Store:
                 continue
             key = tag_key(self.s3.prefix, registry, repository, name)
             try:
-                await self.client.put(key, encode(tag, obj), content_type="application/json")
+                await self._write_tag(key, tag, obj)
             except S3Error as exc:
                 self._failed(exc)
+                return
+
+    async def _write_tag(self, key: str, tag: Tag, obj: Obj) -> None:
+        """Write a tag unless the bucket's copy was checked more recently (by another
+        node), conditional on the copy read: a node that flushes late never replaces a
+        newer `checked_at` with an older one. Raises S3Error."""
+        for _ in range(2):  # a write between our read and ours (412): read again, once
+            current = await self.client.get_versioned(key, shared_tags.MAX_TAG_OBJECT)
+            if not shared_tags.newer_than_bucket(tag, current[0] if current is not None else None):
+                return
+            if await self.client.put(
+                key,
+                encode(tag, obj),
+                content_type="application/json",
+                if_none_match=self.s3.conditional_writes and current is None,
+                if_match=current[1] if self.s3.conditional_writes and current else None,
+            ):
                 return
 
     async def flush(self, *, force: bool = False) -> None:
@@ -796,7 +809,11 @@ class S3Store:
     # --- small objects (manifests)
 
     async def put_small(self, digest: str, body: bytes, kind: str, media_type: str) -> None:
-        if digest in self.index.objects or not self.bucket_ok:
+        known = self.index.objects.get(digest)
+        if not self.bucket_ok or (
+            known is not None
+            and (known.size, known.kind, known.media_type) == (len(body), kind, media_type)
+        ):
             return
         try:
             created = await self.client.put(
@@ -809,12 +826,14 @@ class S3Store:
             self._distrusted.pop(digest, None)
         elif self._is_distrusted(digest):
             return  # the bucket keeps a copy that failed its check: not ours to serve
+        # Size and media type from the verified bytes and the upstream's answer only (an
+        # entry that said otherwise is corrected here).
         self.index.add(digest, Obj(len(body), time.time(), kind, media_type))
         self._manifests.remember(digest, body)
 
     async def read_small(self, digest: str) -> bytes | None:
         body = self._manifests.get(digest)
-        if body is not None:
+        if body is not None or not self.bucket_ok:
             return body
         try:
             data = await self.client.get_small(self.key(digest), MAX_SMALL)
@@ -827,5 +846,8 @@ class S3Store:
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             await self._bad(digest, "does not match its digest")
             return None
+        known = self.index.objects.get(digest)
+        if known is not None and known.size != len(data):  # the bytes are the authority
+            self.index.add(digest, Obj(len(data), known.last_used, known.kind, known.media_type))
         self._manifests.remember(digest, data)
         return data

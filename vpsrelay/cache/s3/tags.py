@@ -1,11 +1,13 @@
-"""Tags shared through the bucket: a tag one node revalidated is fresh for every node.
+"""Tags shared through the bucket: a tag one node fetched saves the others a manifest GET.
 
 Each tag is a small object, `<prefix>tags/<registry>/<repository>/<tag>`, holding the
 manifest digest it named, when the upstream last confirmed it, and the manifest's media
 type and size (the manifest itself is a verified content-addressed object beside the
-blobs). A node reads it when its own copy is older than the tag TTL; it writes the tags it
-learned at its next flush. Public marks are not shared: a bucket writer must not be able
-to open a private repository's cached manifests to anonymous clients during an outage.
+blobs). A node reads it when its own copy is older than the tag TTL, as a hint only: it
+asks the upstream with a free HEAD, and serves the bucket's manifest only when the
+upstream names the same digest (a bucket writer can cost a node a HEAD, never change
+what a tag serves, nor which repositories hold what). A node writes the tags it learned
+at its next flush. Public marks are not shared either.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def encode(tag: Tag, obj: Obj) -> bytes:
 
 def decode(body: bytes) -> tuple[Tag, Obj] | None:
     """A tag object's contents, or None when it is malformed (the bucket is another
-    trust domain: only well-formed values are taken, and a time in the future is not)."""
+    trust domain: only well-formed values are taken, and a time in the future is not).
+    What it says is a hint: `S3Store.refresh_tag` takes only its digest, to be confirmed
+    by the upstream."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -67,7 +71,7 @@ def decode(body: bytes) -> tuple[Tag, Obj] | None:
         and grammar.is_valid_digest(digest)
         and isinstance(checked_at, int | float)
         and math.isfinite(checked_at)
-        and checked_at <= time.time() + 60
+        and checked_at <= time.time()
         and isinstance(media_type, str)
         and 0 < len(media_type) < 256
         and isinstance(size, int)
@@ -75,3 +79,10 @@ def decode(body: bytes) -> tuple[Tag, Obj] | None:
     ):
         return None
     return Tag(digest, float(checked_at)), Obj(size, time.time(), "manifest", media_type)
+
+
+def newer_than_bucket(tag: Tag, shared: bytes | None) -> bool:
+    """Whether this node's tag should replace the bucket's copy `shared` (None: there is
+    none): only when it was checked later (a malformed copy is replaced)."""
+    decoded = decode(shared) if shared is not None else None
+    return decoded is None or decoded[0].checked_at < tag.checked_at
