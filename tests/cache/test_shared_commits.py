@@ -92,3 +92,30 @@ async def test_an_adopted_file_does_not_replace_its_writers_row(tmp_path: Path) 
     assert rows(tmp_path, SMALL_DIGEST) == [(len(SMALL), "manifest")]
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_joiner_can_open_a_fill_for_as_long_as_it_is_streaming(tmp_path: Path) -> None:
+    """The commit writes its index row through (an await) before the fill settles: a
+    joiner of the same process that sees STREAMING meanwhile must still get a descriptor
+    (it got EBADF, a 500, under 10 concurrent pulls over two workers)."""
+    store = DiskStore.open_dir(tmp_path, CacheConfig())
+    fill, lead = store.claim(SMALL_DIGEST)
+    assert lead
+    assert await store.begin(fill, len(SMALL), ())
+    seen: list[bytes] = []
+    write_through = store.flush
+
+    async def flush_while_a_joiner_opens(*, force: bool = False) -> None:
+        if fill.state is FillState.STREAMING:  # what a woken joiner checks, then opens
+            reader = store.open_fill(fill)
+            try:
+                seen.append(await reader.read(0, len(SMALL)))
+            finally:
+                reader.close()
+        await write_through(force=force)
+
+    store.flush = flush_while_a_joiner_opens  # type: ignore[method-assign]
+    await store.pump(fill, whole(SMALL))
+    assert fill.state is FillState.COMMITTED
+    assert seen == [SMALL]
+    await store.aclose()

@@ -690,14 +690,15 @@ class DiskStore:
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(durable_rename)
-        # Closed here, not in the thread: while the fill is STREAMING a joining reader may
-        # `dup` its fd, and a number closed early could meanwhile name another file.
-        disk.fd = -1
-        os.close(fd)
         self.index.add(fill.digest, Obj(fill.size, time.time(), "blob"))
         self.index.count("bytes_from_upstream", fill.size)
         with trio.CancelScope(shield=True):  # written through: other processes look it up
             await self.flush(force=True)
+        # Closed here, not in the thread, and with no await before the fill settles: while
+        # the fill is STREAMING a joining reader may `dup` its fd (the renamed file: the
+        # same inode), and a number closed early could meanwhile name another file.
+        disk.fd = -1
+        os.close(fd)
         fill.state = FillState.COMMITTED
         self._end(fill)
 
