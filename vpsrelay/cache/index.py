@@ -16,6 +16,7 @@ objects and tags through at once, and reads another's objects and tags on a miss
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -220,10 +221,18 @@ class Database:
         # the database file's mode.
         os.close(private_files.open_file(path, os.O_RDWR))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        # Workers starting together on a new data dir: switching to WAL takes an exclusive
+        # lock that SQLite's busy handler does not always wait for ("database is locked"
+        # ended a worker at start), so the set-up is one process at a time.
+        setup = private_files.open_file(path.with_name(path.name + ".setup"), os.O_RDWR)
+        try:
+            fcntl.flock(setup, fcntl.LOCK_EX)
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        finally:
+            os.close(setup)  # the lock goes with it
         # Point reads from the event loop (another process's object or tag): a connection
         # of their own, which a write in a worker thread never holds up (WAL).
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
