@@ -184,8 +184,13 @@ def test_skopeo_pulls_through_caddy_over_https(
     for blob in iter_blobs(image):
         path = tmp_path / "out" / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
         assert hashlib.sha256(path.read_bytes()).hexdigest() == blob.digest.split(":")[1]
-    # The relay saw Caddy's forwarded client address (the trusted proxy).
-    assert 'path="/v2/library/alpine/manifests/latest"' in front.relay.log_text()
+    # The relay saw Caddy's forwarded client address (the trusted proxy). Its access-log
+    # line is written after the answer, so it may land just after skopeo is done.
+    line = 'path="/v2/library/alpine/manifests/latest"'
+    deadline = time.monotonic() + 10
+    while line not in front.relay.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert line in front.relay.log_text()
 
 
 def _caddy_rss_peak(caddy: subprocess.Popen[bytes]) -> int:
