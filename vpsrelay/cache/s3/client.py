@@ -259,23 +259,8 @@ class S3Client:
 
     async def get_small(self, key: str, limit: int) -> bytes | None:
         """A small object's bytes (at most `limit`); None if there is none."""
-        try:
-            with trio.fail_after(self.deadline(limit)):
-                async with self.get(key) as response:
-                    body = bytearray()
-                    async for chunk in response.aiter_raw():
-                        body += chunk
-                        if len(body) > limit:
-                            raise S3Error(f"GET {key}: larger than {limit} bytes")
-                    return bytes(body)
-        except trio.TooSlowError:
-            raise S3Error(f"GET {key}: deadline") from None
-        except S3Error as exc:
-            if exc.status == 404:
-                return None
-            raise
-        except httpx.HTTPError as exc:
-            raise S3Error(f"GET {key}: {type(exc).__name__}") from None
+        found = await self.get_versioned(key, limit)
+        return None if found is None else found[0]
 
     async def put(
         self,
