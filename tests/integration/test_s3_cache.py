@@ -89,13 +89,17 @@ def cdn_gets(hub: Hub, digest: str) -> int:
 
 def test_the_store_honours_conditional_writes(seaweed: Seaweed, bucket: str) -> None:
     """What single-flight across nodes rests on: `If-None-Match: *` on PutObject and on
-    CompleteMultipartUpload, and `If-Match` on PutObject (lease take-over)."""
+    CompleteMultipartUpload, and `If-Match` on PutObject (lease take-over) and on
+    DeleteObject (lease release)."""
     key = f"/{bucket}/probe"
     assert seaweed.request("PUT", key, b"first", {"if-none-match": "*"}).status_code == 200
     assert seaweed.request("PUT", key, b"second", {"if-none-match": "*"}).status_code == 412
     etag = seaweed.request("HEAD", key).headers["etag"]
     assert seaweed.request("PUT", key, b"x", {"if-match": '"0000"'}).status_code == 412
     assert seaweed.request("PUT", key, b"third", {"if-match": etag}).status_code == 200
+    assert seaweed.request("GET", key).content == b"third"
+    # and on DeleteObject (a lease's release)
+    assert seaweed.request("DELETE", key, headers={"if-match": '"0000"'}).status_code == 412
     assert seaweed.request("GET", key).content == b"third"
     started = seaweed.request("POST", f"{key}?uploads=")
     upload = started.text.split("<UploadId>")[1].split("</UploadId>")[0]

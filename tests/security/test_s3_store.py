@@ -316,6 +316,10 @@ def test_a_taken_over_lease_is_neither_renewed_nor_released_by_its_old_holder(
             assert not await slow.renew(digest)
             await slow.release(digest)
             assert seaweed.request("GET", key).content == b'{"node": "new"}'
+            # a takeover between the release's look and its delete: the delete is
+            # conditional on the holder's own ETag, so the new lease stays
+            assert not await client.delete(slow.key(digest), if_match=seen)
+            assert seaweed.request("GET", key).content == b'{"node": "new"}'
             # its own lease it does release
             other = "sha256:" + "cd" * 32
             assert await slow.take(other) is LeaseState.MINE

@@ -302,10 +302,16 @@ class S3Client:
             raise self._fail(f"PUT {key}", response)
         return str(response.headers.get("etag", ""))
 
-    async def delete(self, key: str) -> None:
-        response = await self._send("DELETE", self.url(key))
+    async def delete(self, key: str, *, if_match: str | None = None) -> bool:
+        """Delete `key`; False when `if_match` (an ETag) no longer held (412). A store
+        that ignores `If-Match` on DELETE deletes anyway: callers look first too."""
+        headers = {"if-match": if_match} if if_match is not None else None
+        response = await self._send("DELETE", self.url(key), headers=headers)
+        if response.status_code == 412:
+            return False
         if response.status_code not in (200, 204, 404):
             raise self._fail(f"DELETE {key}", response)
+        return True
 
     async def get_versioned(self, key: str, limit: int) -> tuple[bytes, str] | None:
         """A small object's bytes (at most `limit`) and its ETag, for a write

@@ -127,6 +127,8 @@ class Leases:
                 head = await self.client.head(key)
                 if head is None or head.etag != own:
                     return  # taken over meanwhile: the new holder's
-            await self.client.delete(key)
+            # Conditional too: a takeover between that look and this delete keeps its lease
+            # (SeaweedFS and AWS S3 honour If-Match on DELETE).
+            await self.client.delete(key, if_match=own or None)
         except S3Error as exc:
             log.warning("cache: could not release the lease of %s: %s", digest, exc)
