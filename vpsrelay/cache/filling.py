@@ -47,6 +47,8 @@ class DiskFilling(DiskSpace):
     """The disk store's fills: claim, begin, pump, then commit or fail; joining another
     process's fill."""
 
+    # --- claiming, joining, dropping
+
     def claim(self, digest: str) -> tuple[DiskFill, bool]:
         """The fill for `digest`: an existing one to join (this process's, or another's,
         followed on disk), or a new one to lead (True), claimed on disk."""
@@ -116,6 +118,8 @@ class DiskFilling(DiskSpace):
             if fd >= 0:
                 claims.release(fd, self._claim_path(fill.digest))
         fill.changed()
+
+    # --- writing the body, hashed
 
     async def begin(self, fill: Fill, size: int, headers: tuple[tuple[str, str], ...]) -> bool:
         """Reserve room and open the temporary file; False: pass through instead."""
@@ -261,6 +265,8 @@ class DiskFilling(DiskSpace):
             self.index.count("write_errors")
             log.warning("cache: write error while filling, passing the rest through: %s", exc)
             raise DiskError(str(exc)) from exc
+
+    # --- the end: committed, or failed
 
     async def _commit(self, fill: Fill) -> None:
         disk = as_disk_fill(fill)

@@ -62,6 +62,8 @@ class DiskStore(DiskFilling):
         super().__init__(root, config, db, index)
         self._tag_locks: dict[str, _TagLock] = {}
 
+    # --- tags
+
     @contextlib.asynccontextmanager
     async def revalidating(self, registry: str, repository: str, tag: str) -> AsyncIterator[None]:
         """Hold the claim to revalidate one tag (one process of the relay at a time); after
@@ -96,6 +98,8 @@ class DiskStore(DiskFilling):
             local.users -= 1
             if local.users == 0:
                 del self._tag_locks[name]
+
+    # --- what a store shared between nodes does (one node's disk does not)
 
     async def locate(self, digest: str, *, fill: bool, read: bool) -> Obj | None:
         """`get`: this store is not shared with other nodes."""
