@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 import trio
 
+from vpsrelay.cache.diskreader import DiskReader
 from vpsrelay.cache.sending import BlobSender, Source
 from vpsrelay.cache.storage import FillState
-from vpsrelay.cache.store import DiskReader, DiskStore
+from vpsrelay.cache.store import DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import UpstreamError
 

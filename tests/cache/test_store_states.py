@@ -23,12 +23,14 @@ from hypothesis import HealthCheck, event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vpsrelay.cache.storage import Fill, FillState
-from vpsrelay.cache.store import DiskFill, DiskStore
+from vpsrelay.cache.store import DiskStore
 from vpsrelay.config import CacheConfig
 from vpsrelay.errors import DigestMismatch, UpstreamError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from vpsrelay.cache.fills import DiskFill
 
 CAP = 10_000
 # Sizes chosen so that a few fit under the cap and some push others out; one never fits.

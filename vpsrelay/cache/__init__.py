@@ -1,9 +1,10 @@
 """The verified blob cache: content-addressed store, fills, manifests, eviction.
 
 `storage` is the seam (the `BlobStore` interface the front uses), `store` its disk
-implementation (files and fills), `index` what is stored (in memory, kept in SQLite),
-`front` the HTTP side (hits, authorization, manifests), `sending` a blob's bytes to
-a client; the decisions are in `vpsrelay.core.cachepolicy`.
+implementation (files, space and fills, a module each: see its docstring), `index` what
+is stored (in memory, kept in SQLite), `front` the HTTP side (hits, authorization,
+manifests), `sending` a blob's bytes to a client; the decisions are in
+`vpsrelay.core.cachepolicy`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from vpsrelay import private_files
+from vpsrelay.cache.diskreader import DiskReader
 from vpsrelay.cache.index import Database, Index, Obj, Tag
+from vpsrelay.cache.indexwrites import IndexWrites
 from vpsrelay.cache.memory import ManifestMemory, Pins
 from vpsrelay.cache.s3 import tags as shared_tags
 from vpsrelay.cache.s3.client import S3Client, S3Error
@@ -42,7 +44,6 @@ from vpsrelay.cache.s3.reader import S3Reader
 from vpsrelay.cache.s3.signing import Signer
 from vpsrelay.cache.s3.tags import SharedIndex, decode, encode, tag_key
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill, StoreStats
-from vpsrelay.cache.store import DiskReader
 from vpsrelay.config import Secret
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpsrelay.cache")
 
 WRITE_BATCH = 1024 * 1024
-FLUSH_INTERVAL = 5.0
 RETRY_AFTER = 5.0  # seconds the bucket is left alone after it failed
 POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
@@ -108,8 +108,7 @@ class S3Store:
         self.last_error = ""
         self._locks: dict[str, trio.Lock] = {}
         self._waited_out: dict[str, float] = {}  # digest -> when waiting for it timed out
-        self._flushed_at = time.monotonic()
-        self._flush_lock = trio.Lock()
+        self._index_writes = IndexWrites(self.index, db)
         self._closing: list[httpx.Response] = []
         self._pending_releases: list[str] = []
         self._prepared: dict[str, list[tuple[float, httpx.Response]]] = {}
@@ -486,17 +485,7 @@ class S3Store:
             for digest in releases:
                 with trio.move_on_after(self.s3.timeout):
                     await self.leases.release(digest)
-        if not self.index.pending():
-            return
-        if not force and time.monotonic() - self._flushed_at < FLUSH_INTERVAL:
-            return
-        async with self._flush_lock:
-            self._flushed_at = time.monotonic()
-            ops = self.index.take_writes()
-            try:
-                await trio.to_thread.run_sync(self.db.write, ops)
-            except Exception:
-                log.exception("cache: could not write the index")
+        await self._index_writes.flush(force=force)
 
     async def aclose(self) -> None:
         await self.flush(force=True)
