@@ -30,6 +30,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 PINNED = {"prometheus-client": "0.26.0"}
 _PATCHED = "_vpsrelay_allocated"
+UNPATCHED = {"__init__": MmapedDict.__init__, "_init_value": MmapedDict._init_value}
 
 
 def versions_match() -> bool:
