@@ -134,7 +134,7 @@ class Metrics:
     ) -> None:
         self.multiprocess_dir = _multiprocess_dir(identity or worker_identity.current())
         self._certificate_not_after = certificate_not_after
-        self._dropping = False  # said once per streak of dropped values, not per request
+        self._told_dropped = False  # said once: a full disk drops every new series
         try:
             self._create()
         except OSError as exc:
@@ -314,10 +314,10 @@ class Metrics:
         self._sources: dict[str, str] = {}
 
     def dropped(self, error: OSError) -> None:
-        """A value that could not be stored (a full disk): logged once per streak."""
-        if not self._dropping:
-            log.warning("metrics: a new series is not counted: %s", error)
-        self._dropping = True
+        """A new series that could not be stored (a full disk); said once."""
+        if not self._told_dropped:
+            log.warning("metrics: new series are not counted while this fails: %s", error)
+        self._told_dropped = True
 
     # --- what the observer (`ops/observe.py`) and the cache call
 
@@ -341,7 +341,6 @@ class Metrics:
     def upstream_resumed(self, registry: str) -> None:
         self.upstream_resumes.labels(registry).inc()
 
-    @_dropped_on_full_disk
     def upstream_stale_retry(self) -> None:
         self.upstream_stale_retries.inc()
 
@@ -414,7 +413,6 @@ class Metrics:
         )
         gauge.set_function(lambda: 1.0 if up() else 0.0)
 
-    @_dropped_on_full_disk
     def cache_size(self, nbytes: int) -> None:
         """The cache now holds `nbytes` bytes."""
         self.cache_size_bytes.set(nbytes)

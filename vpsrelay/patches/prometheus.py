@@ -13,7 +13,7 @@ files are made and grown with `posix_fallocate` instead, before the new size is 
 on a full disk that is an `OSError` the caller handles (`ops/metrics.py` drops the new
 series; the supervisor keeps the dead worker's files), and a mapped page never needs a
 block again. On tmpfs, ext4 and XFS, that is the whole fix; a copy-on-write file system
-(btrfs, ZFS) may still need new blocks to rewrite a page (docs/operations.md).
+(btrfs, ZFS) may still need new blocks to rewrite a page (README, "Health and metrics").
 """
 
 from __future__ import annotations
