@@ -17,6 +17,7 @@ is replaced by one that starts on the full disk and serves, and the supervisor l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -44,10 +45,15 @@ DIGEST = "sha256:" + "b" * 64
 DISK = "8m"
 
 
+_fillers = itertools.count()
+
+
 def fill_every_page(disk: Path) -> None:
-    """No free block left: `fill_up`'s 64 KiB writes, then page by page."""
-    fill_up(disk)
-    with (disk / "filler-pages").open("wb", buffering=0) as f, contextlib.suppress(OSError):
+    """No free block left (again: the relay frees some, e.g. a dead worker's files):
+    `fill_up`'s 64 KiB writes, then page by page."""
+    n = next(_fillers)
+    fill_up(disk, f"filler-{n}")
+    with (disk / f"pages-{n}").open("wb", buffering=0) as f, contextlib.suppress(OSError):
         for _ in range(64 * 1024 // 4096 + 1):
             f.write(b"\0" * 4096)
 
@@ -106,9 +112,9 @@ def test_a_full_data_dir_disk_kills_no_worker(
     before = current_pids(relay)
     assert set(before) == {"w1", "w2"}
     with clients_by_worker(relay, 1, PROBES) as by_worker:
-        fill_every_page(disk)
         dropped: list[str] = []
         for label, (client,) in sorted(by_worker.items()):
+            fill_every_page(disk)
             for method, path in new_series_requests():
                 try:
                     assert_answered(client.request(method, f"{relay.url}{path}"))
@@ -127,9 +133,11 @@ def test_a_full_data_dir_disk_kills_no_worker(
     metrics = httpx.get(f"{relay.url}/metrics", timeout=10)
     assert metrics.status_code == 200
     assert "vpsrelay_requests_total" in metrics.text
+    assert relay.process.poll() is None  # the supervisor, which folds dead workers' files
     log = relay.log_text()
     assert "exited with signal" not in log, log[-6000:]
     assert "Fatal Python error" not in log, log[-6000:]
+    assert "new series are not counted while this fails: [Errno 28]" in log  # it was full
     assert current_pids(relay) == before
     assert relay.worker_pids() == sorted(before.values())
     assert worker_pids_in_readyz(relay) == before
@@ -145,7 +153,12 @@ def test_a_worker_replaced_on_a_full_disk_starts_and_serves(
     before = current_pids(relay)
     fill_every_page(disk)
     os.kill(before["w1"], signal.SIGKILL)
-    wait_for("w1's successor", lambda: current_pids(relay)["w1"] != before["w1"], 20)
+
+    def replaced() -> bool:
+        fill_every_page(disk)  # what the supervisor frees of the dead worker's, taken again
+        return current_pids(relay)["w1"] != before["w1"]
+
+    wait_for("w1's successor", replaced, 20)
     assert labels_seen(relay, PROBES) == {"w1", "w2"}
     with clients_by_worker(relay, 1, PROBES) as by_worker:
         for _label, (client,) in sorted(by_worker.items()):
@@ -155,6 +168,7 @@ def test_a_worker_replaced_on_a_full_disk_starts_and_serves(
     log = relay.log_text()
     assert log.count("exited with signal") == 1, log[-6000:]  # the SIGKILL
     assert "exited with signal SIGKILL" in log
+    assert "worker=w1 msg=\"cannot make this worker's metrics files" in log  # it was full
     assert "Fatal Python error" not in log, log[-6000:]
     after = current_pids(relay)
     assert after["w2"] == before["w2"]
