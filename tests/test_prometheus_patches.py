@@ -139,6 +139,18 @@ def test_a_failed_allocation_raises_and_changes_nothing(
     assert len(keys) == len(set(keys)) == 401
 
 
+@pytest.mark.usefixtures("patched")
+def test_a_key_bigger_than_the_file_is_refused(tmp_path: Path) -> None:
+    """The library would grow the file by doublings, truncating to each: holes again."""
+    path = tmp_path / "counter_1.db"
+    d = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    with pytest.raises(OSError, match="a metrics key of 140000 bytes"):
+        d.write_value("k" * 140_000, 1.0, 0.0)  # type: ignore[no-untyped-call]
+    d.write_value("small", 1.0, 0.0)  # type: ignore[no-untyped-call]
+    assert allocated(path) >= path.stat().st_size == 64 * 1024
+    d.close()  # type: ignore[no-untyped-call]
+
+
 @pytest.fixture
 def multiprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """This process as a supervised worker's metrics: file-backed values in `tmp_path`."""

@@ -9,7 +9,8 @@ memory (`MmapedDict`, under `<data_dir>/run/metrics`). It makes and grows them w
 mapped page is first touched. On a full disk it has none to give, and the kernel answers
 that touch with SIGBUS, which kills the worker and every connection it holds (a new
 label value, a worker starting, the supervisor folding a dead worker's files). Here the
-files are made and grown with `posix_fallocate` instead, before the new size is mapped:
+files are allocated with `posix_fallocate` before the library maps a new size (it then
+finds the file at that size already, and calls `truncate` with the size it has):
 on a full disk that is an `OSError` the caller handles (`ops/metrics.py` drops the new
 series; the supervisor keeps the dead worker's files), and a mapped page never needs a
 block again. On tmpfs, ext4 and XFS, that is the whole fix; a copy-on-write file system
@@ -19,18 +20,25 @@ block again. On tmpfs, ext4 and XFS, that is the whole fix; a copy-on-write file
 from __future__ import annotations
 
 import contextlib
-import mmap
+import errno
 import os
 import struct
 from importlib.metadata import version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import mmap_dict
 from prometheus_client.mmap_dict import MmapedDict
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 PINNED = {"prometheus-client": "0.26.0"}
 _PATCHED = "_vpsrelay_allocated"
-UNPATCHED = {"__init__": MmapedDict.__init__, "_init_value": MmapedDict._init_value}
+# The library's own methods: the patch allocates, then calls them.
+UNPATCHED: dict[str, Callable[..., None]] = {
+    "__init__": MmapedDict.__init__,
+    "_init_value": MmapedDict._init_value,
+}
 
 
 def versions_match() -> bool:
@@ -46,59 +54,49 @@ def _allocate(fd: int, size: int) -> None:
     os.posix_fallocate(fd, 0, size)
 
 
-def _init(self: Any, filename: str, read_mode: bool = False) -> None:
-    # prometheus-client 0.26.0's `MmapedDict.__init__`, with `_allocate` for `truncate`.
-    f = open(filename, "rb" if read_mode else "a+b")  # noqa: SIM115 - kept open, closed in close()
-    new = False
+def _allocate_file(filename: str) -> None:
+    """Allocate the file `MmapedDict` is about to map (made with its mode), whole: a file
+    grown before a failed allocation may have holes. A new file that gets no room is removed:
+    readers (a scrape, the supervisor's fold) cannot parse an empty one.
+
+    Raises:
+        OSError: no room (the library's own `__init__` has not run).
+    """
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # as open("a+b")
     try:
-        capacity = os.fstat(f.fileno()).st_size
-        new = capacity == 0
-        if not read_mode:
-            # Every page of the file, not only a new one's: one grown before a failed
-            # allocation may have holes.
-            capacity = capacity or mmap_dict._INITIAL_MMAP_SIZE
-            _allocate(f.fileno(), capacity)
-        m = mmap.mmap(
-            f.fileno(), capacity, access=mmap.ACCESS_READ if read_mode else mmap.ACCESS_WRITE
-        )
-    except BaseException:
-        f.close()
-        if new and not read_mode:
-            # Readers (a scrape, the supervisor's fold) cannot parse an empty file.
-            with contextlib.suppress(OSError):
-                os.unlink(filename)
-        raise
-    self._f = f
-    self._fname = filename
-    self._capacity = capacity
-    self._m = m
-    self._positions = {}
-    self._used = mmap_dict._unpack_integer(self._m, 0)[0]
-    if self._used == 0:
-        self._used = 8
-        mmap_dict._pack_integer(self._m, 0, self._used)  # type: ignore[no-untyped-call]
-    elif not read_mode:
-        for key, _, _, pos in self._read_all_values():
-            self._positions[key] = pos
+        size = os.fstat(fd).st_size
+        try:
+            # The size the library gives a new file, and then finds it has already.
+            _allocate(fd, size or mmap_dict._INITIAL_MMAP_SIZE)
+        except OSError:
+            if size == 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(filename)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _init(self: MmapedDict, filename: str, read_mode: bool = False) -> None:
+    if not read_mode:
+        _allocate_file(filename)
+    UNPATCHED["__init__"](self, filename, read_mode)
 
 
 def _init_value(self: Any, key: str) -> None:
-    # prometheus-client 0.26.0's `MmapedDict._init_value`: the file grows (allocated) to
-    # the new size before anything changes, so a failure leaves the dict as it was.
+    # The size the library's `_init_value` grows the file to for `key`, allocated first: it
+    # then only maps it (its `truncate` to the same size changes nothing). On failure
+    # nothing changed: the dict works on, without `key`.
     encoded = key.encode("utf-8")
-    padded = encoded + (b" " * (8 - (len(encoded) + 4) % 8))
-    value = struct.pack(f"i{len(padded)}sdd".encode(), len(encoded), padded, 0.0, 0.0)
-    capacity = self._capacity
-    while self._used + len(value) > capacity:
-        capacity *= 2
-    if capacity != self._capacity:
-        _allocate(self._f.fileno(), capacity)
-        self._m = mmap.mmap(self._f.fileno(), capacity)
-        self._capacity = capacity
-    self._m[self._used : self._used + len(value)] = value
-    self._used += len(value)
-    mmap_dict._pack_integer(self._m, 0, self._used)  # type: ignore[no-untyped-call]
-    self._positions[key] = self._used - 16
+    padded_length = len(encoded) + 8 - (len(encoded) + 4) % 8
+    needed = self._used + struct.calcsize(f"i{padded_length}sdd")
+    if needed > 2 * self._capacity:
+        # The library would truncate to each doubling on the way, shrinking what was
+        # allocated: a key that big (tens of KiB) is a bug, not a series.
+        raise OSError(errno.EFBIG, f"a metrics key of {len(encoded)} bytes")
+    if needed > self._capacity:
+        _allocate(self._f.fileno(), 2 * self._capacity)
+    UNPATCHED["_init_value"](self, key)
 
 
 def applied() -> bool:
