@@ -12,9 +12,10 @@ does not open.
 | (workers > 1)                           |                        |             |
 | ClientHello hook (`_msg_callback`)      | tls/contexts.py        | function    |
 
-A safety reach that cannot apply (another hypercorn, h2 or httpx than the pinned one) stops
-the relay before it listens, with one line naming the library and its version; with
-`server.allow_unpatched` (`serve --allow-unpatched`) it runs degraded instead, and says so
+A safety reach that cannot apply (another hypercorn, h2, httpx or, with workers,
+prometheus-client than the pinned one) stops the relay before it listens, with one line
+naming the library and its version; with `server.allow_unpatched` (`serve
+--allow-unpatched`) it runs degraded instead, and says so
 in its log, in `/readyz` and in `vpsrelay check`. A performance reach degrades with a
 warning. The ClientHello hook is needed only for TLS-ALPN-01 challenges: it is required
 when `tls.challenge` is "tls-alpn-01", a warning otherwise. The pins themselves are in
