@@ -288,7 +288,8 @@ def _fold_into(archive: Path, dead: Path, fold: Callable[[_Value, _Value], _Valu
 
     merged: dict[str, _Value] = {}
     for source in (archive, dead):
-        if not source.exists():
+        # Empty: its worker died between making the file and sizing it (nothing counted).
+        if not source.exists() or source.stat().st_size == 0:
             continue
         for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(source)):  # type: ignore[no-untyped-call]
             new = (float(value), float(timestamp))

@@ -16,11 +16,12 @@ file instead, since prometheus-client cannot merge them across processes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -103,6 +104,25 @@ def _multiprocess_dir(identity: WorkerIdentity) -> Path | None:
     return Path(directory)
 
 
+_P = ParamSpec("_P")
+
+
+def _dropped_on_full_disk(
+    record: Callable[Concatenate[Metrics, _P], None],
+) -> Callable[Concatenate[Metrics, _P], None]:
+    """A worker's first value of a new series needs room in its metrics file
+    (`patches/prometheus.py`): on a full disk that value is not counted, the request goes on."""
+
+    def recorded(self: Metrics, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            record(self, *args, **kwargs)
+        except OSError as exc:
+            self.dropped(exc)
+
+    functools.update_wrapper(recorded, record)
+    return recorded
+
+
 class Metrics:
     """The relay's metrics. Methods are cheap and never raise."""
 
@@ -114,6 +134,22 @@ class Metrics:
     ) -> None:
         self.multiprocess_dir = _multiprocess_dir(identity or worker_identity.current())
         self._certificate_not_after = certificate_not_after
+        self._told_dropped = False  # said once: a full disk drops every new series
+        try:
+            self._create()
+        except OSError as exc:
+            # A worker starting on a full disk cannot make its metrics files: it counts in
+            # its own memory instead, left out of /metrics until it restarts.
+            log.warning(
+                "cannot make this worker's metrics files in %s (%s): its counts are left "
+                "out of /metrics until it restarts",
+                self.multiprocess_dir,
+                exc,
+            )
+            values.ValueClass = values.MutexValue
+            self._create()
+
+    def _create(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -274,40 +310,54 @@ class Metrics:
             "GETs and HEADs sent again on a fresh connection after a stale pooled one.",
             registry=r,
         )
-        r.register(_CertificateCollector(certificate_not_after))
+        r.register(_CertificateCollector(self._certificate_not_after))
         self._sources: dict[str, str] = {}
+
+    def dropped(self, error: OSError) -> None:
+        """A new series that could not be stored (a full disk); said once."""
+        if not self._told_dropped:
+            log.warning("metrics: new series are not counted while this fails: %s", error)
+        self._told_dropped = True
 
     # --- what the observer (`ops/observe.py`) and the cache call
 
+    @_dropped_on_full_disk
     def request_done(self, registry: str, kind: str, status: int, served: int) -> None:
         self.requests.labels(registry, kind, str(status)).inc()
         if served:
             self.served_bytes.labels(registry, kind).inc(served)
 
+    @_dropped_on_full_disk
     def upstream_answered(self, registry: str, kind: str, status: int, seconds: float) -> None:
         self.upstream_latency.labels(registry, kind).observe(seconds)
         self.upstream_responses.labels(registry, str(status)).inc()
         self.upstream_last_answer.labels(registry).set(time.time())
 
+    @_dropped_on_full_disk
     def upstream_read(self, registry: str, kind: str, nbytes: int) -> None:
         self.upstream_bytes.labels(registry, kind).inc(nbytes)
 
+    @_dropped_on_full_disk
     def upstream_resumed(self, registry: str) -> None:
         self.upstream_resumes.labels(registry).inc()
 
     def upstream_stale_retry(self) -> None:
         self.upstream_stale_retries.inc()
 
+    @_dropped_on_full_disk
     def token_request(self, registry: str, status: int) -> None:
         self.token_requests.labels(registry, str(status)).inc()
 
+    @_dropped_on_full_disk
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
 
+    @_dropped_on_full_disk
     def connection_error(self, error: str) -> None:
         """A connection's handling raised `error` (a type name); the server went on."""
         self.connection_errors.labels(error).inc()
 
+    @_dropped_on_full_disk
     def ratelimit(self, registry: str, budget: RateLimit) -> None:
         if budget.limit is not None:
             self.ratelimit_limit.labels(registry).set(budget.limit)
@@ -325,6 +375,7 @@ class Metrics:
             self._sources[registry] = budget.source
             self.ratelimit_source.labels(registry, budget.source).set(1)
 
+    @_dropped_on_full_disk
     def credential(self, registry: str, state: CredentialState, rest_until: float | None) -> None:
         """One operator credential's budget; `rest_until` in Unix time, if it rests."""
         labels = (registry, state.name)
@@ -335,17 +386,20 @@ class Metrics:
         self.credential_rest_until.labels(*labels).set(rest_until or 0)
         self.credential_refusals.labels(*labels).set(state.refusals)
 
+    @_dropped_on_full_disk
     def clock_skew(self, registry: str, seconds: float) -> None:
         self.upstream_clock_skew.labels(registry).set(seconds)
 
     # --- what the cache calls (issue 6): it only has to count
 
+    @_dropped_on_full_disk
     def cache_hit(self, registry: str, nbytes: int) -> None:
         """A blob was served from the cache: `nbytes` body bytes."""
         self.cache_hits.labels(registry).inc()
         if nbytes:
             self.cache_served_bytes.labels(registry).inc(nbytes)
 
+    @_dropped_on_full_disk
     def cache_miss(self, registry: str) -> None:
         """A blob was not in the cache and goes to the upstream."""
         self.cache_misses.labels(registry).inc()

@@ -8,11 +8,14 @@ does not open.
 | redirect-target guard (`_pool` swap)    | upstream/netguard.py   | safety      |
 | proxy and address family (`_pool` swap) | upstream/routes.py     | safety      |
 | upstream read size                      | patches/httpcore.py    | performance |
+| metrics files allocated before mapped   | patches/prometheus.py  | safety      |
+| (workers > 1)                           |                        |             |
 | ClientHello hook (`_msg_callback`)      | tls/contexts.py        | function    |
 
-A safety reach that cannot apply (another hypercorn, h2 or httpx than the pinned one) stops
-the relay before it listens, with one line naming the library and its version; with
-`server.allow_unpatched` (`serve --allow-unpatched`) it runs degraded instead, and says so
+A safety reach that cannot apply (another hypercorn, h2, httpx or, with workers,
+prometheus-client than the pinned one) stops the relay before it listens, with one line
+naming the library and its version; with `server.allow_unpatched` (`serve
+--allow-unpatched`) it runs degraded instead, and says so
 in its log, in `/readyz` and in `vpsrelay check`. A performance reach degrades with a
 warning. The ClientHello hook is needed only for TLS-ALPN-01 challenges: it is required
 when `tls.challenge` is "tls-alpn-01", a warning otherwise. The pins themselves are in
@@ -27,7 +30,11 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Literal
 
-from vpsrelay.patches import httpcore as httpcore_patches, hypercorn as hypercorn_patches
+from vpsrelay.patches import (
+    httpcore as httpcore_patches,
+    hypercorn as hypercorn_patches,
+    prometheus as prometheus_patches,
+)
 from vpsrelay.upstream import netguard
 
 if TYPE_CHECKING:
@@ -41,6 +48,7 @@ Kind = Literal["safety", "performance", "function"]
 HYPERCORN = "hypercorn"
 NETGUARD = "netguard"
 HTTPCORE = "httpcore"
+PROMETHEUS = "prometheus"
 CLIENT_HELLO = "client_hello"
 
 
@@ -116,6 +124,16 @@ def _reaches(settings: Settings) -> list[_Reach]:
             httpcore_patches.apply,
         ),
     ]  # fmt: skip
+    if settings.server.workers > 1:  # the single process keeps its metrics in memory
+        reaches.append(
+            _Reach(
+                PROMETHEUS, "safety",
+                "the metrics files allocated before they are mapped",
+                "a full data-dir disk can kill a worker (SIGBUS) and drop its connections",
+                lambda: version_problem(prometheus_patches.PINNED),
+                prometheus_patches.apply,
+            )
+        )  # fmt: skip
     if settings.tls.enabled:
         reaches.append(
             _Reach(
