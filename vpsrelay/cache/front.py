@@ -21,8 +21,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.sending import READ_CHUNK, BlobSender, Outcome, Source, pass_rest
-from vpsrelay.cache.storage import FillState, StoreSpill
+from vpsrelay.cache.sending import (
+    READ_CHUNK,
+    BlobSender,
+    Outcome,
+    SentHasher,
+    Source,
+    body_window,
+    pass_rest,
+)
+from vpsrelay.cache.storage import FillState, StoreReadFailed, StoreSpill
 from vpsrelay.core import auth, cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -31,6 +39,8 @@ from vpsrelay.exchange import API_VERSION_HEADER, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import httpx
 
     from vpsrelay.cache.index import Tag
@@ -309,18 +319,69 @@ class CacheFront:
                 await self._relay(exchange, route)
                 return
             reader.set_end(end)
+            # A whole object's bytes are hashed as they go out: if the store fails under
+            # the read, the upstream's rest is checked on top of exactly what was sent.
+            hashed = Verifier(Digest.parse(digest))
+            whole = SentHasher(reader, hashed) if end - first == size else None
+            from_cache: int | None = None
             try:
                 await exchange.start(status, tuple(headers))
-                outcome = await self._sender.send_watched(exchange, Source(reader, first, end))
+                outcome = await self._sender.send_watched(
+                    exchange, Source(whole or reader, first, end)
+                )
+                from_cache = exchange.bytes_sent
+                outcome.error = await self._after_store_failed(
+                    exchange, route, digest, (first, end, size), whole, outcome.error
+                )
             finally:
                 reader.close()
                 # Counted here: a client that hangs up right after the last byte has its
                 # task cancelled (by Hypercorn) before anything after this would run.
-                index.count("bytes_from_cache", exchange.bytes_sent)
+                index.count(
+                    "bytes_from_cache", exchange.bytes_sent if from_cache is None else from_cache
+                )
                 self._observe(exchange, route.registry, "hit")
         await self.store.flush()
         if outcome.error is not None:
             raise outcome.error
+
+    async def _after_store_failed(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        digest: str,
+        span: tuple[int, int, int],
+        whole: SentHasher | None,
+        error: RelayError | None,
+    ) -> RelayError | None:
+        """The store failed under a hit (not the object's bytes: a `DigestMismatch` or a
+        short object breaks the download off): finish the client's response from the
+        upstream. The error that ends the response, if any."""
+        first, end, size = span
+        if not isinstance(error, StoreReadFailed) or exchange.disconnected:
+            return error
+        sent = first + exchange.bytes_sent
+        if whole is not None and whole.position != sent:
+            return error  # a chunk read but not sent: what the client has is not known
+        self.store.index.count("bucket_failovers")
+        log.warning(
+            "cache: the store failed under %s at byte %d (%s): finishing from the upstream",
+            digest,
+            sent,
+            error.message,
+        )
+        finish = partial(
+            self._finish_from_upstream,
+            exchange,
+            route,
+            digest,
+            sent=sent,
+            at=sent,
+            end=end,
+            size=size,
+            verifier=whole.verifier if whole is not None else None,
+        )
+        return await self._finish_watched(exchange, finish)
 
     async def _serve_fill(self, exchange: Exchange, fill: Fill) -> None:
         reader = self.store.open_fill(fill)
@@ -340,7 +401,9 @@ class CacheFront:
                 and not exchange.disconnected
             ):
                 # The disk failed under the fill: finish this client from the upstream.
-                outcome.error = await self._resume_watched(exchange, route, reader, fill)
+                outcome.error = await self._finish_watched(
+                    exchange, partial(self._resume_from_upstream, exchange, route, reader, fill)
+                )
         finally:
             reader.close()
             if exchange.route is not None:  # here for the reason given in `_serve_file`
@@ -348,15 +411,15 @@ class CacheFront:
         if outcome.error is not None:
             raise outcome.error
 
-    async def _resume_watched(
-        self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
+    async def _finish_watched(
+        self, exchange: Exchange, finish: Callable[[], Awaitable[None]]
     ) -> RelayError | None:
-        """`_resume_from_upstream` until done or the client leaves; its error, if any."""
+        """`finish()` until done or the client leaves; its error, if any."""
         error: RelayError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
             try:
-                await self._resume_from_upstream(exchange, route, reader, fill)
+                await finish()
             except RelayError as exc:  # returned, so it is not wrapped in a group
                 error = exc
             nursery.cancel_scope.cancel()
@@ -366,49 +429,102 @@ class CacheFront:
         self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
     ) -> None:
         """Send a joined client the rest of a fill whose disk failed: what the disk took,
-        then `Range: bytes=<written>-` from the upstream, all of it hashed again and the
-        last chunk held back until the digest matched (an upstream without ranges sends
-        the whole body, of which the client gets what it lacks).
+        then `Range: bytes=<written>-` from the upstream (`_finish_from_upstream`).
 
         Raises:
             RelayError: the upstream failed, or the bytes did not match the digest.
         """
         position, written = exchange.bytes_sent, fill.written
-        # Hash what the disk holds before asking the upstream, whose connection would
+        # Hash what the client has before asking the upstream, whose connection would
         # otherwise sit idle (and may be dropped) while gigabytes are read back.
         verifier = Verifier(Digest.parse(fill.digest))
         offset = 0
-        while offset < written:
-            data = await reader.read(offset, min(written - offset, READ_CHUNK), verifier)
+        while offset < position:
+            data = await reader.read(offset, min(position - offset, READ_CHUNK), verifier)
             offset += len(data)
+
+        async def from_disk() -> None:  # the disk's bytes this client lacks, hashed
+            at = position
+            while at < written:
+                data = await reader.read(at, min(written - at, READ_CHUNK), verifier)
+                at += len(data)
+                await exchange.body(data, more=True)
+
+        log.info("cache: resuming %s for a joined client at byte %d", fill.digest, written)
+        await self._finish_from_upstream(
+            exchange,
+            route,
+            fill.digest,
+            sent=position,
+            at=max(written, position),
+            end=fill.size,
+            size=fill.size,
+            verifier=verifier,
+            gap=from_disk,
+        )
+
+    async def _finish_from_upstream(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        digest: str,
+        *,
+        sent: int,
+        at: int,
+        end: int,
+        size: int,
+        verifier: Verifier | None,
+        gap: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Send the client bytes `sent..end` of the blob: `Range: bytes=<at>-` from the
+        upstream with the client's credentials, after `gap` sent `sent..at` from the store.
+
+        With a `verifier` (fed with exactly the client's bytes up to `sent`; the whole
+        blob is asked for), the upstream's bytes are hashed on and the last chunk is held
+        back until the digest matched. Without one (a range: no digest to check), the
+        bytes pass through as they would without a cache. An upstream that ignores
+        `Range` (200, the whole body) has the bytes the client has skipped: counted,
+        neither sent again nor hashed (the client's own bytes were).
+
+        Raises:
+            RelayError: the upstream failed, or the bytes did not match the digest.
+        """
         registry = self.registries[route.registry]
-        headers = await self.forwarder.upstream_headers(exchange, registry, route)
+        headers = [
+            (name, value)
+            for name, value in await self.forwarder.upstream_headers(exchange, registry, route)
+            if name.lower() not in ("range", "if-range")  # the client's: this one asks its own
+        ]
+        last = "" if end >= size else str(end - 1)
         request = UpstreamRequest(
             "GET",
             self._url(route, route.upstream_path),
-            (*headers, ("range", f"bytes={written}-")),
+            (*headers, ("range", f"bytes={at}-{last}")),
         )
-        log.info("cache: resuming %s for a joined client at byte %d", fill.digest, written)
         async with self.upstream.open(request, what=route.registry) as response:
             self.observer.upstream_answered(exchange, response)
             ranged = response.status_code == 206 and response.headers.get(
                 "content-range", ""
-            ).startswith(f"bytes {written}-")
+            ).startswith(f"bytes {at}-")
             if not ranged and response.status_code != 200:
                 raise UpstreamError(f"the upstream answered {response.status_code} to a resume")
-            if ranged:  # the disk's bytes this client lacks, then the upstream's
-                while position < written:
-                    data = await reader.read(position, min(written - position, READ_CHUNK))
-                    position += len(data)
-                    await exchange.body(data, more=True)
-            else:  # the whole body again: hash it from its first byte
-                verifier, offset = Verifier(Digest.parse(fill.digest)), 0
-            chunks = self.forwarder.chunks(response, exchange)
-            async with contextlib.aclosing(held_back(chunks, verifier)) as body:
-                async for chunk in body:
-                    start, offset = offset, offset + len(chunk)
-                    if offset > position:  # else the client has these bytes already
-                        await exchange.body(chunk[max(0, position - start) :], more=True)
+            if ranged and gap is not None:
+                await gap()
+            start = at if ranged else sent  # the client's position once the body starts
+            upstream = self.forwarder.chunks(response, exchange)
+            window = body_window(upstream, 0 if ranged else start, end - start)
+            body = window if verifier is None else held_back(window, verifier)
+            passed = 0
+            async with (
+                contextlib.aclosing(upstream),
+                contextlib.aclosing(window),
+                contextlib.aclosing(body) as chunks,
+            ):
+                async for chunk in chunks:
+                    passed += len(chunk)
+                    await exchange.body(chunk, more=True)
+            if passed != end - start:
+                raise UpstreamError(f"the upstream sent {passed} of {end - start} bytes")
             await exchange.body(b"", more=False)
 
     def _observe(self, exchange: Exchange, registry: str, result: str) -> None:

@@ -21,9 +21,10 @@ from vpsrelay.errors import RelayError, UpstreamError
 from vpsrelay.exchange import watch_disconnect
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator, AsyncIterator
 
     from vpsrelay.cache.storage import BlobReader, Fill, StoreSpill
+    from vpsrelay.core.digest import Verifier
     from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
@@ -48,6 +49,31 @@ class Source:
     end: int
     fill: Fill | None = None
     rest: trio.MemoryReceiveChannel[bytes] | None = None
+
+
+class SentHasher:
+    """A `BlobReader` that hashes what it hands out, read in order from the first byte:
+    what a client was sent, to be continued over the upstream's bytes if the store fails
+    under the read (`CacheFront._finish_from_upstream`)."""
+
+    def __init__(self, reader: BlobReader, verifier: Verifier) -> None:
+        self._reader = reader
+        self.verifier = verifier
+        self.position = 0  # bytes hashed, from the first
+
+    async def read(self, offset: int, count: int, verifier: Verifier | None = None) -> bytes:
+        if offset != self.position:
+            raise UpstreamError("the relay read a stored object out of order")
+        data = await self._reader.read(offset, count, verifier)
+        self.verifier.update(data)
+        self.position += len(data)
+        return data
+
+    def set_end(self, end: int) -> None:
+        self._reader.set_end(end)
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 class BlobSender:
@@ -159,6 +185,22 @@ class BlobSender:
             await send.send(data)
         if position < end:
             raise fill.error or UpstreamError("the upstream body ended early")
+
+
+async def body_window(chunks: AsyncIterator[bytes], skip: int, limit: int) -> AsyncGenerator[bytes]:
+    """`chunks` without their first `skip` bytes, and no more than `limit` bytes after.
+    A body that ends at `limit` is read to its end (its stream finishes cleanly); one
+    that goes on is left at the first chunk past it."""
+    async for chunk in chunks:
+        if limit <= 0:
+            return
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        piece = chunk[skip : skip + limit]
+        skip, limit = 0, limit - len(piece)
+        if piece:
+            yield piece
 
 
 async def pass_rest(

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from vpsrelay.errors import UpstreamError
+
 if TYPE_CHECKING:
     import contextlib
     from collections.abc import AsyncIterator
@@ -70,6 +72,11 @@ class StoreStats:
     used_bytes: int
     fills: int  # in progress
     bucket: str | None = None  # a shared store's bucket: "ok" or why it is not used now
+
+
+class StoreReadFailed(UpstreamError):
+    """The store failed under a read of a committed object (not the object's bytes, which
+    would be a `DigestMismatch`): the client's download may be finished from the upstream."""
 
 
 class StoreSpill(Exception):

@@ -10,8 +10,8 @@ completed at the blob's key, with `If-None-Match: *`, only when it matched. A fi
 fails (wrong digest, upstream broke off, last reader gone) aborts the upload: nothing
 readable is left and its parts are dropped. When the bucket fails mid-fill, the fill goes
 on for this node's clients without it (nothing published); when it fails before, the pull
-passes through. The bucket is then left alone for `RETRY_AFTER` seconds, and `/readyz` and
-`/metrics` say so.
+passes through. The bucket is then left alone, but for one probe every `RETRY_AFTER`
+seconds (`maintain`), until it answers; `/readyz` and `/metrics` say so meanwhile.
 
 Reads from the bucket are verified as they stream (`reader.py`). What this node knows is
 in its `Index` (memory, kept in `<data_dir>/s3cache.db`): a hint, corrected when the
@@ -59,7 +59,7 @@ log = logging.getLogger("vpsrelay.cache")
 
 WRITE_BATCH = 1024 * 1024
 FLUSH_INTERVAL = 5.0
-RETRY_AFTER = 5.0  # seconds the bucket is left alone after it failed
+RETRY_AFTER = 5.0  # seconds between probes of a failing bucket
 POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
@@ -163,8 +163,9 @@ class S3Store:
 
     @property
     def bucket_ok(self) -> bool:
-        """False for `RETRY_AFTER` seconds after the bucket failed: pass through."""
-        return self.failed_at is None or time.monotonic() - self.failed_at > RETRY_AFTER
+        """False from the bucket's failure until the probe (`_probe_while_failing`) gets
+        an answer: meanwhile no request touches the bucket (they pass through)."""
+        return self.failed_at is None
 
     def bucket_state(self) -> str:
         """ "ok", or why the bucket is not used right now (for /readyz and metrics)."""
@@ -173,11 +174,28 @@ class S3Store:
     def _failed(self, exc: S3Error) -> None:
         if self.bucket_ok:
             log.warning("cache: the bucket failed (%s): passing pulls through", exc)
-        self.failed_at = time.monotonic()
+            self.failed_at = time.monotonic()
         self.last_error = exc.summary  # public in /readyz: the log has the details
 
     def _answered(self) -> None:
-        if self.failed_at is not None and self.bucket_ok:
+        """A request to the bucket succeeded: the bucket's health is the probe's to say
+        (one that started before a failure says nothing of the bucket now)."""
+
+    async def _probe_while_failing(self) -> None:
+        """Forever: while the bucket is failing, one HEAD of a fixed key every
+        `RETRY_AFTER` seconds (one at a time, with the control deadline); any answer
+        brings the bucket back."""
+        probe = self.key("sha256:" + "0" * 64)
+        while True:
+            await trio.sleep(RETRY_AFTER)
+            if self.bucket_ok:
+                continue
+            try:
+                await self.client.head(probe)
+            except S3Error as exc:
+                self.last_error = exc.summary
+                log.info("cache: the bucket still fails (%s)", exc)
+                continue
             log.info("cache: the bucket answers again")
             self.failed_at = None
 
@@ -373,7 +391,14 @@ class S3Store:
             del self._prepared[digest]
         key = self.key(digest)
         return S3Reader(
-            self.client, key, digest, obj.size, self._bad, self._closing.append, response
+            self.client,
+            key,
+            digest,
+            obj.size,
+            self._bad,
+            self._closing.append,
+            response,
+            on_failed=self._failed,
         )
 
     def _is_distrusted(self, digest: str) -> bool:
@@ -518,8 +543,14 @@ class S3Store:
     # --- eviction across nodes
 
     async def maintain(self) -> None:
-        """Forever: every `evict_interval`, write this node's access batch and, with
-        `max_size`, run an eviction pass if no other node is running one."""
+        """Forever: probe the bucket while it fails (`_probe_while_failing`); every
+        `evict_interval`, write this node's access batch and, with `max_size`, run an
+        eviction pass if no other node is running one."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe_while_failing)
+            await self._upkeep()
+
+    async def _upkeep(self) -> None:
         while True:
             await trio.sleep(self.s3.evict_interval)
             if not self.bucket_ok:
