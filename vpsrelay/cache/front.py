@@ -25,10 +25,10 @@ from vpsrelay.cache.sending import (
     READ_CHUNK,
     BlobSender,
     Outcome,
-    SentHasher,
     Source,
-    body_window,
     pass_rest,
+    skipped,
+    verified_window,
 )
 from vpsrelay.cache.storage import FillState, StoreReadFailed, StoreSpill
 from vpsrelay.core import auth, cachepolicy as policy, headers as header_policy, routing
@@ -39,12 +39,12 @@ from vpsrelay.exchange import API_VERSION_HEADER, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     import httpx
 
     from vpsrelay.cache.index import Tag
-    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill
+    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill, Handover
     from vpsrelay.exchange import Exchange
     from vpsrelay.forward import Forwarder, RelayHook
 
@@ -319,19 +319,13 @@ class CacheFront:
                 await self._relay(exchange, route)
                 return
             reader.set_end(end)
-            # A whole object's bytes are hashed as they go out: if the store fails under
-            # the read, the upstream's rest is checked on top of exactly what was sent.
-            hashed = Verifier(Digest.parse(digest))
-            whole = SentHasher(reader, hashed) if end - first == size else None
             from_cache: int | None = None
             try:
                 await exchange.start(status, tuple(headers))
-                outcome = await self._sender.send_watched(
-                    exchange, Source(whole or reader, first, end)
-                )
+                outcome = await self._sender.send_watched(exchange, Source(reader, first, end))
                 from_cache = exchange.bytes_sent
                 outcome.error = await self._after_store_failed(
-                    exchange, route, digest, (first, end, size), whole, outcome.error
+                    exchange, route, digest, (first, end, size), outcome.error
                 )
             finally:
                 reader.close()
@@ -351,18 +345,18 @@ class CacheFront:
         route: routing.Route,
         digest: str,
         span: tuple[int, int, int],
-        whole: SentHasher | None,
         error: RelayError | None,
     ) -> RelayError | None:
         """The store failed under a hit (not the object's bytes: a `DigestMismatch` or a
         short object breaks the download off): finish the client's response from the
-        upstream. The error that ends the response, if any."""
+        upstream (`_finish_from_upstream`). The error that ends the response, if any."""
         first, end, size = span
         if not isinstance(error, StoreReadFailed) or exchange.disconnected:
             return error
-        sent = first + exchange.bytes_sent
-        if whole is not None and whole.position != sent:
-            return error  # a chunk read but not sent: what the client has is not known
+        sent, handover = first + exchange.bytes_sent, error.handover
+        held_to = handover.held_at + len(handover.held)
+        if handover.held_at > sent or held_to < min(end, handover.hashed):
+            return error  # what the client has is not what the read handed out
         self.store.index.count("bucket_failovers")
         log.warning(
             "cache: the store failed under %s at byte %d (%s): finishing from the upstream",
@@ -370,18 +364,34 @@ class CacheFront:
             sent,
             error.message,
         )
-        finish = partial(
-            self._finish_from_upstream,
-            exchange,
-            route,
-            digest,
-            sent=sent,
-            at=sent,
-            end=end,
-            size=size,
-            verifier=whole.verifier if whole is not None else None,
-        )
+        finish = partial(self._finish_from_upstream, exchange, route, handover, (sent, end, size))
         return await self._finish_watched(exchange, finish)
+
+    async def _finish_from_upstream(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        handover: Handover,
+        span: tuple[int, int, int],
+    ) -> None:
+        """Send the client bytes `sent..end` of a blob whose store read failed: what the
+        read held, then the upstream's bytes from where it stopped. The whole object is
+        hashed on to its end (a range's too) and the last chunk held back until it matched.
+
+        Raises:
+            RelayError: the upstream failed, or the bytes did not match the digest.
+        """
+        sent, end, size = span
+        async with self._upstream_from(exchange, route, handover.hashed) as chunks:
+            passed = 0
+            window = verified_window(handover, chunks, sent, end, size)
+            async with contextlib.aclosing(window) as body:
+                async for chunk in body:
+                    passed += len(chunk)
+                    await exchange.body(chunk, more=True)
+        if passed != end - sent:
+            raise UpstreamError(f"the upstream sent {passed} of {end - sent} bytes")
+        await exchange.body(b"", more=False)
 
     async def _serve_fill(self, exchange: Exchange, fill: Fill) -> None:
         reader = self.store.open_fill(fill)
@@ -429,65 +439,41 @@ class CacheFront:
         self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
     ) -> None:
         """Send a joined client the rest of a fill whose disk failed: what the disk took,
-        then `Range: bytes=<written>-` from the upstream (`_finish_from_upstream`).
+        then the upstream's bytes from there (`_upstream_from`), all of it hashed again
+        and the last chunk held back until the digest matched.
 
         Raises:
             RelayError: the upstream failed, or the bytes did not match the digest.
         """
         position, written = exchange.bytes_sent, fill.written
-        # Hash what the client has before asking the upstream, whose connection would
+        # Hash what the disk holds before asking the upstream, whose connection would
         # otherwise sit idle (and may be dropped) while gigabytes are read back.
         verifier = Verifier(Digest.parse(fill.digest))
         offset = 0
-        while offset < position:
-            data = await reader.read(offset, min(position - offset, READ_CHUNK), verifier)
+        while offset < written:
+            data = await reader.read(offset, min(written - offset, READ_CHUNK), verifier)
             offset += len(data)
-
-        async def from_disk() -> None:  # the disk's bytes this client lacks, hashed
-            at = position
-            while at < written:
-                data = await reader.read(at, min(written - at, READ_CHUNK), verifier)
-                at += len(data)
-                await exchange.body(data, more=True)
-
         log.info("cache: resuming %s for a joined client at byte %d", fill.digest, written)
-        await self._finish_from_upstream(
-            exchange,
-            route,
-            fill.digest,
-            sent=position,
-            at=max(written, position),
-            end=fill.size,
-            size=fill.size,
-            verifier=verifier,
-            gap=from_disk,
-        )
+        async with self._upstream_from(exchange, route, written) as chunks:
+            while position < written:  # the disk's bytes this client lacks
+                data = await reader.read(position, min(written - position, READ_CHUNK))
+                position += len(data)
+                await exchange.body(data, more=True)
+            async with contextlib.aclosing(held_back(chunks, verifier)) as body:
+                async for chunk in body:
+                    await exchange.body(chunk, more=True)
+        await exchange.body(b"", more=False)
 
-    async def _finish_from_upstream(
-        self,
-        exchange: Exchange,
-        route: routing.Route,
-        digest: str,
-        *,
-        sent: int,
-        at: int,
-        end: int,
-        size: int,
-        verifier: Verifier | None,
-        gap: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Send the client bytes `sent..end` of the blob: `Range: bytes=<at>-` from the
-        upstream with the client's credentials, after `gap` sent `sent..at` from the store.
-
-        With a `verifier` (fed with exactly the client's bytes up to `sent`; the whole
-        blob is asked for), the upstream's bytes are hashed on and the last chunk is held
-        back until the digest matched. Without one (a range: no digest to check), the
-        bytes pass through as they would without a cache. An upstream that ignores
-        `Range` (200, the whole body) has the bytes the client has skipped: counted,
-        neither sent again nor hashed (the client's own bytes were).
+    @contextlib.asynccontextmanager
+    async def _upstream_from(
+        self, exchange: Exchange, route: routing.Route, at: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The blob's bytes from `at` on, from the upstream with the client's credentials
+        (`Range: bytes=<at>-`; of an upstream that ignores it, the 200's first `at` bytes
+        are skipped, unhashed).
 
         Raises:
-            RelayError: the upstream failed, or the bytes did not match the digest.
+            RelayError: the upstream failed or refused.
         """
         registry = self.registries[route.registry]
         headers = [
@@ -495,11 +481,8 @@ class CacheFront:
             for name, value in await self.forwarder.upstream_headers(exchange, registry, route)
             if name.lower() not in ("range", "if-range")  # the client's: this one asks its own
         ]
-        last = "" if end >= size else str(end - 1)
         request = UpstreamRequest(
-            "GET",
-            self._url(route, route.upstream_path),
-            (*headers, ("range", f"bytes={at}-{last}")),
+            "GET", self._url(route, route.upstream_path), (*headers, ("range", f"bytes={at}-"))
         )
         async with self.upstream.open(request, what=route.registry) as response:
             self.observer.upstream_answered(exchange, response)
@@ -508,24 +491,10 @@ class CacheFront:
             ).startswith(f"bytes {at}-")
             if not ranged and response.status_code != 200:
                 raise UpstreamError(f"the upstream answered {response.status_code} to a resume")
-            if ranged and gap is not None:
-                await gap()
-            start = at if ranged else sent  # the client's position once the body starts
             upstream = self.forwarder.chunks(response, exchange)
-            window = body_window(upstream, 0 if ranged else start, end - start)
-            body = window if verifier is None else held_back(window, verifier)
-            passed = 0
-            async with (
-                contextlib.aclosing(upstream),
-                contextlib.aclosing(window),
-                contextlib.aclosing(body) as chunks,
-            ):
-                async for chunk in chunks:
-                    passed += len(chunk)
-                    await exchange.body(chunk, more=True)
-            if passed != end - start:
-                raise UpstreamError(f"the upstream sent {passed} of {end - start} bytes")
-            await exchange.body(b"", more=False)
+            rest = upstream if ranged else skipped(upstream, at)
+            async with contextlib.aclosing(upstream), contextlib.aclosing(rest):
+                yield rest
 
     def _observe(self, exchange: Exchange, registry: str, result: str) -> None:
         """The cache's part of the access log and metrics: hit, join (of a fill) or miss."""

@@ -23,8 +23,7 @@ from vpsrelay.exchange import watch_disconnect
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator
 
-    from vpsrelay.cache.storage import BlobReader, Fill, StoreSpill
-    from vpsrelay.core.digest import Verifier
+    from vpsrelay.cache.storage import BlobReader, Fill, Handover, StoreSpill
     from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
@@ -49,31 +48,6 @@ class Source:
     end: int
     fill: Fill | None = None
     rest: trio.MemoryReceiveChannel[bytes] | None = None
-
-
-class SentHasher:
-    """A `BlobReader` that hashes what it hands out, read in order from the first byte:
-    what a client was sent, to be continued over the upstream's bytes if the store fails
-    under the read (`CacheFront._finish_from_upstream`)."""
-
-    def __init__(self, reader: BlobReader, verifier: Verifier) -> None:
-        self._reader = reader
-        self.verifier = verifier
-        self.position = 0  # bytes hashed, from the first
-
-    async def read(self, offset: int, count: int, verifier: Verifier | None = None) -> bytes:
-        if offset != self.position:
-            raise UpstreamError("the relay read a stored object out of order")
-        data = await self._reader.read(offset, count, verifier)
-        self.verifier.update(data)
-        self.position += len(data)
-        return data
-
-    def set_end(self, end: int) -> None:
-        self._reader.set_end(end)
-
-    def close(self) -> None:
-        self._reader.close()
 
 
 class BlobSender:
@@ -187,20 +161,47 @@ class BlobSender:
             raise fill.error or UpstreamError("the upstream body ended early")
 
 
-async def body_window(chunks: AsyncIterator[bytes], skip: int, limit: int) -> AsyncGenerator[bytes]:
-    """`chunks` without their first `skip` bytes, and no more than `limit` bytes after.
-    A body that ends at `limit` is read to its end (its stream finishes cleanly); one
-    that goes on is left at the first chunk past it."""
+async def skipped(chunks: AsyncIterator[bytes], count: int) -> AsyncGenerator[bytes]:
+    """`chunks` without their first `count` bytes."""
     async for chunk in chunks:
-        if limit <= 0:
-            return
-        if skip >= len(chunk):
-            skip -= len(chunk)
+        if count >= len(chunk):
+            count -= len(chunk)
             continue
-        piece = chunk[skip : skip + limit]
-        skip, limit = 0, limit - len(piece)
-        if piece:
-            yield piece
+        yield chunk[count:]
+        count = 0
+
+
+async def verified_window(
+    handover: Handover, chunks: AsyncIterator[bytes], first: int, end: int, size: int
+) -> AsyncGenerator[bytes]:
+    """Bytes `first..end` of a `size`-byte object whose verified read stopped at
+    `handover`: what the read held, then `chunks` (the object from `handover.hashed` on),
+    every byte to the object's end hashed on, the last piece only once the whole matched
+    (a range's bytes are served only from an object that matched).
+
+    The read held every byte of `first..min(end, handover.hashed)` (the caller checks).
+
+    Raises:
+        DigestMismatch: the object's bytes did not match, with the last piece kept back.
+        UpstreamError: the body was longer or shorter than the object.
+    """
+    verifier, position = handover.verifier, handover.hashed
+    pending = handover.held[first - handover.held_at : end - handover.held_at]
+    async for chunk in chunks:
+        verifier.update(chunk)
+        low, high = max(first, position), min(end, position + len(chunk))
+        if low < high:
+            if pending:
+                yield pending
+            pending = chunk[low - position : high - position]
+        position += len(chunk)
+        if position > size:
+            raise UpstreamError(f"the upstream sent more than {size} bytes")
+    if position != size:
+        raise UpstreamError(f"the upstream sent {position} of {size} bytes")
+    verifier.finish()
+    if pending:
+        yield pending
 
 
 async def pass_rest(

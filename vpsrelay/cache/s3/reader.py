@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from vpsrelay.cache.s3.client import MIN_RATE, S3Error
-from vpsrelay.cache.storage import StoreReadFailed
+from vpsrelay.cache.storage import Handover, StoreReadFailed
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.transferfloor import TransferFloor
 from vpsrelay.errors import DigestMismatch, UpstreamError
@@ -65,6 +65,7 @@ class S3Reader:
         self._verifier = Verifier(Digest.parse(digest))
         self._received = 0  # bytes read from the bucket (and hashed)
         self._buffer = bytearray()  # received, not handed out; it starts at `_position`
+        # (past a `Range`'s end it holds the caller's last bytes only, until the whole matched)
         self._position = 0
         self._ended = False
         self._end = size  # the caller reads no further (`set_end`)
@@ -99,11 +100,10 @@ class S3Reader:
             if len(self._buffer) < want or want <= 0:
                 raise await self._bad("ended early")
             data = bytes(self._buffer[:want])
-            del self._buffer[:want]
             if offset + want >= self._end:  # the caller's last bytes: the whole must match
-                self._buffer.clear()  # past `end`: hashed, never handed out
+                del self._buffer[want:]  # past `end`: hashed, never handed out
                 while await self._pull():
-                    self._buffer.clear()
+                    del self._buffer[want:]
                 if self._received != self._size:
                     raise await self._bad("ended early")
                 try:
@@ -111,6 +111,7 @@ class S3Reader:
                 except DigestMismatch:
                     await self._bad("does not match its digest")
                     raise
+            del self._buffer[:want]
         except httpx.HTTPError as exc:
             raise self._failure(S3Error(f"GET {self._key}: {type(exc).__name__}")) from None
         except S3Error as exc:
@@ -124,7 +125,9 @@ class S3Reader:
         self.close()
         if exc.status != 404:  # a 404 is the object gone, not the bucket failing
             self._on_failed(exc)
-        return StoreReadFailed(f"the relay's bucket failed: {exc}")
+        # What was read and hashed, for the caller to check the upstream's bytes on from.
+        handover = Handover(self._verifier, self._received, bytes(self._buffer), self._position)
+        return StoreReadFailed(f"the relay's bucket failed: {exc}", handover)
 
     async def _open(self) -> None:
         self.close()
