@@ -1,12 +1,13 @@
 """A TCP proxy on loopback that a test switches to fail the server behind it.
 
 Put it in front of a store (SeaweedFS's S3 port) and point the relay at it. Modes:
-`forward` (pass bytes both ways), `reset` (every connection, open or new, is reset: a store
-that went away), `drip` (the server's bytes reach the client at `DRIP_BYTES` every
-`DRIP_SECONDS`: a store that still answers, too slowly). `switch_after(mode, n)` switches
-once any one connection has carried `n` bytes from the server: mid-body of a big object.
-`attempts` counts connections accepted (each of them a request, for a client whose pooled
-connections were reset).
+`forward` (pass bytes both ways); `reset` (every connection, open or new, is reset: a
+store that went away); `drip` (the server's bytes reach the client at `DRIP_BYTES` every
+`DRIP_SECONDS`: a store that still answers, too slowly); `hang` (connections accepted and
+requests taken in, never answered: a store that went silent). `switch_after(mode, n)`
+switches once any one connection has carried `n` bytes from the server: mid-body of a big
+object. `attempts` counts connections accepted, and in `hang` mode the requests (reads
+from the client) on open ones too.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FaultProxy:
         self._mode = "forward"
         self._armed: tuple[str, int] | None = None
         self._open: list[socket.socket] = []
+        self._hung: list[socket.socket] = []  # accepted in `hang` mode, never answered
         self.attempts = 0
         self.switched = threading.Event()
         self.switched_at = 0.0  # time.monotonic() of the last switch away from forward
@@ -59,10 +61,13 @@ class FaultProxy:
         return self._mode
 
     def set_mode(self, mode: str) -> None:
-        assert mode in ("forward", "reset", "drip"), mode
+        assert mode in ("forward", "reset", "drip", "hang"), mode
         with self._lock:
             self._mode, self._armed = mode, None
             doomed = list(self._open) if mode == "reset" else []
+            if mode != "hang":
+                doomed += self._hung
+                self._hung = []
         for sock in doomed:
             _reset(sock)
         if mode != "forward":
@@ -89,7 +94,7 @@ class FaultProxy:
         self._thread.join(timeout=5)
         self._listener.close()
         with self._lock:
-            doomed, self._open = list(self._open), []
+            doomed, self._open, self._hung = [*self._open, *self._hung], [], []
         for sock in doomed:
             _reset(sock)
 
@@ -106,6 +111,10 @@ class FaultProxy:
                 mode = self._mode
             if mode == "reset":
                 _reset(client)
+                continue
+            if mode == "hang":
+                with self._lock:
+                    self._hung.append(client)
                 continue
             try:
                 server = socket.create_connection(self.target, timeout=5)
@@ -127,6 +136,11 @@ class FaultProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if self._mode == "hang":  # swallowed: a request here is never answered
+                    if not from_server:
+                        with self._lock:
+                            self.attempts += 1
+                    continue
                 if from_server:
                     data = self._maybe_switch(carried, data, sink)
                     carried += len(data)
