@@ -8,7 +8,8 @@ complete and valid) and is deleted from the bucket.
 
 A bucket that fails under the read (an error, a reset, or a body slower than `MIN_RATE`
 over `RATE_WINDOW` seconds of waiting for it) is reported through `on_failed` and raises
-`BucketReadFailed`: the caller may finish the client's download from the upstream.
+`StoreReadFailed`, with what the read hashed (`Handover`): the caller may finish the
+client's download from the upstream, checked on from there.
 """
 
 from __future__ import annotations
