@@ -172,14 +172,12 @@ class S3Store:
         return "ok" if self.bucket_ok else f"failing: {self.last_error}"
 
     def _failed(self, exc: S3Error) -> None:
+        """The bucket failed a request: no request touches it until the probe's answer
+        (a request that succeeds meanwhile, started before, says nothing of it now)."""
         if self.bucket_ok:
             log.warning("cache: the bucket failed (%s): passing pulls through", exc)
             self.failed_at = time.monotonic()
         self.last_error = exc.summary  # public in /readyz: the log has the details
-
-    def _answered(self) -> None:
-        """A request to the bucket succeeded: the bucket's health is the probe's to say
-        (one that started before a failure says nothing of the bucket now)."""
 
     async def _probe_while_failing(self) -> None:
         """Forever: while the bucket is failing, one HEAD of a fixed key every
@@ -195,6 +193,9 @@ class S3Store:
             except S3Error as exc:
                 self.last_error = exc.summary
                 log.info("cache: the bucket still fails (%s)", exc)
+                continue
+            except Exception:  # the probe must never end the server
+                log.exception("cache: the bucket's probe failed")
                 continue
             log.info("cache: the bucket answers again")
             self.failed_at = None
@@ -311,7 +312,6 @@ class S3Store:
                 raise
             self.index.remove(digest)
             return False
-        self._answered()
         if response.headers.get("content-length") != str(obj.size):
             self._closing.append(response)
             await self._bad(digest, "has the wrong size")
@@ -346,7 +346,6 @@ class S3Store:
 
     async def _look(self, digest: str) -> Obj | None:
         head = await self.client.head(self.key(digest))
-        self._answered()
         if head is None:
             return None
         obj = Obj(head.size, time.time(), "blob")
@@ -777,7 +776,6 @@ class S3Store:
                 )
                 if created:
                     staged.upload = None
-            self._answered()
             if not created:
                 log.info("cache: %s was already in the bucket", staged.digest)
             else:
