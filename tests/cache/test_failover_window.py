@@ -55,6 +55,7 @@ async def _window(
         (6000, 3000, 3000, 5000),  # a range whose last bytes were held (read past its end)
         (2000, 2000, 5000, 9000),  # a range the read had not reached
         (0, 0, 100, 200),  # the read failed before any byte
+        (10240, 9000, 9000, 10240),  # all of it read: only the check and the send were left
     ],
 )
 async def test_the_client_gets_exactly_its_bytes(

@@ -382,8 +382,13 @@ class CacheFront:
             RelayError: the upstream failed, or the bytes did not match the digest.
         """
         sent, end, size = span
-        async with self._upstream_from(exchange, route, handover.hashed) as chunks:
-            passed = 0
+        passed = 0
+        async with contextlib.AsyncExitStack() as stack:
+            chunks: AsyncIterator[bytes] = _nothing()  # all read: only the check was left
+            if handover.hashed < size:
+                chunks = await stack.enter_async_context(
+                    self._upstream_from(exchange, route, handover.hashed)
+                )
             window = verified_window(handover, chunks, sent, end, size)
             async with contextlib.aclosing(window) as body:
                 async for chunk in body:
@@ -917,6 +922,12 @@ class CacheFront:
                     continue
                 return response.status_code == 200
         return False
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
 
 
 def _accept(exchange: Exchange) -> str:
