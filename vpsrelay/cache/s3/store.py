@@ -192,7 +192,7 @@ class S3Store:
                 await self.client.head(probe)
             except S3Error as exc:
                 self.last_error = exc.summary
-                log.info("cache: the bucket still fails (%s)", exc)
+                log.debug("cache: the bucket still fails (%s)", exc)
                 continue
             except Exception:  # the probe must never end the server
                 log.exception("cache: the bucket's probe failed")
