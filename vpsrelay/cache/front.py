@@ -21,8 +21,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.sending import READ_CHUNK, BlobSender, Outcome, Source, pass_rest
-from vpsrelay.cache.storage import FillState, StoreSpill
+from vpsrelay.cache.sending import (
+    READ_CHUNK,
+    BlobSender,
+    Outcome,
+    Source,
+    pass_rest,
+    skipped,
+    verified_window,
+)
+from vpsrelay.cache.storage import FillState, StoreReadFailed, StoreSpill
 from vpsrelay.core import auth, cachepolicy as policy, headers as header_policy, routing
 from vpsrelay.core.digest import Digest, Verifier, held_back, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -31,10 +39,12 @@ from vpsrelay.exchange import API_VERSION_HEADER, watch_disconnect
 from vpsrelay.upstream import USER_AGENT
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
     import httpx
 
     from vpsrelay.cache.index import Tag
-    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill
+    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill, Handover
     from vpsrelay.exchange import Exchange
     from vpsrelay.forward import Forwarder, RelayHook
 
@@ -309,18 +319,84 @@ class CacheFront:
                 await self._relay(exchange, route)
                 return
             reader.set_end(end)
+            from_cache: int | None = None
             try:
                 await exchange.start(status, tuple(headers))
                 outcome = await self._sender.send_watched(exchange, Source(reader, first, end))
+                from_cache = exchange.bytes_sent
+                outcome.error = await self._after_store_failed(
+                    exchange, route, digest, (first, end, size), outcome.error
+                )
             finally:
                 reader.close()
                 # Counted here: a client that hangs up right after the last byte has its
                 # task cancelled (by Hypercorn) before anything after this would run.
-                index.count("bytes_from_cache", exchange.bytes_sent)
+                index.count(
+                    "bytes_from_cache", exchange.bytes_sent if from_cache is None else from_cache
+                )
                 self._observe(exchange, route.registry, "hit")
         await self.store.flush()
         if outcome.error is not None:
             raise outcome.error
+
+    async def _after_store_failed(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        digest: str,
+        span: tuple[int, int, int],
+        error: RelayError | None,
+    ) -> RelayError | None:
+        """The store failed under a hit (not the object's bytes: a `DigestMismatch` or a
+        short object breaks the download off): finish the client's response from the
+        upstream (`_finish_from_upstream`). The error that ends the response, if any."""
+        first, end, size = span
+        if not isinstance(error, StoreReadFailed) or exchange.disconnected:
+            return error
+        sent, handover = first + exchange.bytes_sent, error.handover
+        held_to = handover.held_at + len(handover.held)
+        if handover.held_at > sent or held_to < min(end, handover.hashed):
+            return error  # what the client has is not what the read handed out
+        self.store.index.count("bucket_failovers")
+        log.warning(
+            "cache: the store failed under %s at byte %d (%s): finishing from the upstream",
+            digest,
+            sent,
+            error.message,
+        )
+        finish = partial(self._finish_from_upstream, exchange, route, handover, (sent, end, size))
+        return await self._finish_watched(exchange, finish)
+
+    async def _finish_from_upstream(
+        self,
+        exchange: Exchange,
+        route: routing.Route,
+        handover: Handover,
+        span: tuple[int, int, int],
+    ) -> None:
+        """Send the client bytes `sent..end` of a blob whose store read failed: what the
+        read held, then the upstream's bytes from where it stopped. The whole object is
+        hashed on to its end (a range's too) and the last chunk held back until it matched.
+
+        Raises:
+            RelayError: the upstream failed, or the bytes did not match the digest.
+        """
+        sent, end, size = span
+        passed = 0
+        async with contextlib.AsyncExitStack() as stack:
+            chunks: AsyncIterator[bytes] = _nothing()  # all read: only the check was left
+            if handover.hashed < size:
+                chunks = await stack.enter_async_context(
+                    self._upstream_from(exchange, route, handover.hashed)
+                )
+            window = verified_window(handover, chunks, sent, end, size)
+            async with contextlib.aclosing(window) as body:
+                async for chunk in body:
+                    passed += len(chunk)
+                    await exchange.body(chunk, more=True)
+        if passed != end - sent:
+            raise UpstreamError(f"the upstream sent {passed} of {end - sent} bytes")
+        await exchange.body(b"", more=False)
 
     async def _serve_fill(self, exchange: Exchange, fill: Fill) -> None:
         reader = self.store.open_fill(fill)
@@ -340,7 +416,9 @@ class CacheFront:
                 and not exchange.disconnected
             ):
                 # The disk failed under the fill: finish this client from the upstream.
-                outcome.error = await self._resume_watched(exchange, route, reader, fill)
+                outcome.error = await self._finish_watched(
+                    exchange, partial(self._resume_from_upstream, exchange, route, reader, fill)
+                )
         finally:
             reader.close()
             if exchange.route is not None:  # here for the reason given in `_serve_file`
@@ -348,15 +426,15 @@ class CacheFront:
         if outcome.error is not None:
             raise outcome.error
 
-    async def _resume_watched(
-        self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
+    async def _finish_watched(
+        self, exchange: Exchange, finish: Callable[[], Awaitable[None]]
     ) -> RelayError | None:
-        """`_resume_from_upstream` until done or the client leaves; its error, if any."""
+        """`finish()` until done or the client leaves; its error, if any."""
         error: RelayError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, exchange, nursery.cancel_scope)
             try:
-                await self._resume_from_upstream(exchange, route, reader, fill)
+                await finish()
             except RelayError as exc:  # returned, so it is not wrapped in a group
                 error = exc
             nursery.cancel_scope.cancel()
@@ -366,9 +444,8 @@ class CacheFront:
         self, exchange: Exchange, route: routing.Route, reader: BlobReader, fill: Fill
     ) -> None:
         """Send a joined client the rest of a fill whose disk failed: what the disk took,
-        then `Range: bytes=<written>-` from the upstream, all of it hashed again and the
-        last chunk held back until the digest matched (an upstream without ranges sends
-        the whole body, of which the client gets what it lacks).
+        then the upstream's bytes from there (`_upstream_from`), all of it hashed again
+        and the last chunk held back until the digest matched.
 
         Raises:
             RelayError: the upstream failed, or the bytes did not match the digest.
@@ -381,35 +458,48 @@ class CacheFront:
         while offset < written:
             data = await reader.read(offset, min(written - offset, READ_CHUNK), verifier)
             offset += len(data)
-        registry = self.registries[route.registry]
-        headers = await self.forwarder.upstream_headers(exchange, registry, route)
-        request = UpstreamRequest(
-            "GET",
-            self._url(route, route.upstream_path),
-            (*headers, ("range", f"bytes={written}-")),
-        )
         log.info("cache: resuming %s for a joined client at byte %d", fill.digest, written)
+        async with self._upstream_from(exchange, route, written) as chunks:
+            while position < written:  # the disk's bytes this client lacks
+                data = await reader.read(position, min(written - position, READ_CHUNK))
+                position += len(data)
+                await exchange.body(data, more=True)
+            async with contextlib.aclosing(held_back(chunks, verifier)) as body:
+                async for chunk in body:
+                    await exchange.body(chunk, more=True)
+        await exchange.body(b"", more=False)
+
+    @contextlib.asynccontextmanager
+    async def _upstream_from(
+        self, exchange: Exchange, route: routing.Route, at: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The blob's bytes from `at` on, from the upstream with the client's credentials
+        (`Range: bytes=<at>-`; of an upstream that ignores it, the 200's first `at` bytes
+        are skipped, unhashed).
+
+        Raises:
+            RelayError: the upstream failed or refused.
+        """
+        registry = self.registries[route.registry]
+        headers = [
+            (name, value)
+            for name, value in await self.forwarder.upstream_headers(exchange, registry, route)
+            if name.lower() not in ("range", "if-range")  # the client's: this one asks its own
+        ]
+        request = UpstreamRequest(
+            "GET", self._url(route, route.upstream_path), (*headers, ("range", f"bytes={at}-"))
+        )
         async with self.upstream.open(request, what=route.registry) as response:
             self.observer.upstream_answered(exchange, response)
             ranged = response.status_code == 206 and response.headers.get(
                 "content-range", ""
-            ).startswith(f"bytes {written}-")
+            ).startswith(f"bytes {at}-")
             if not ranged and response.status_code != 200:
                 raise UpstreamError(f"the upstream answered {response.status_code} to a resume")
-            if ranged:  # the disk's bytes this client lacks, then the upstream's
-                while position < written:
-                    data = await reader.read(position, min(written - position, READ_CHUNK))
-                    position += len(data)
-                    await exchange.body(data, more=True)
-            else:  # the whole body again: hash it from its first byte
-                verifier, offset = Verifier(Digest.parse(fill.digest)), 0
-            chunks = self.forwarder.chunks(response, exchange)
-            async with contextlib.aclosing(held_back(chunks, verifier)) as body:
-                async for chunk in body:
-                    start, offset = offset, offset + len(chunk)
-                    if offset > position:  # else the client has these bytes already
-                        await exchange.body(chunk[max(0, position - start) :], more=True)
-            await exchange.body(b"", more=False)
+            upstream = self.forwarder.chunks(response, exchange)
+            rest = upstream if ranged else skipped(upstream, at)
+            async with contextlib.aclosing(upstream), contextlib.aclosing(rest):
+                yield rest
 
     def _observe(self, exchange: Exchange, registry: str, result: str) -> None:
         """The cache's part of the access log and metrics: hit, join (of a fill) or miss."""
@@ -832,6 +922,12 @@ class CacheFront:
                     continue
                 return response.status_code == 200
         return False
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
 
 
 def _accept(exchange: Exchange) -> str:

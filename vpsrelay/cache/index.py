@@ -57,6 +57,7 @@ COUNTERS = (
     "revalidations",
     "passthrough_no_space",
     "write_errors",
+    "bucket_failovers",  # hits finished from the upstream after the bucket failed mid-body
 )
 
 

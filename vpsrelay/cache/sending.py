@@ -21,9 +21,9 @@ from vpsrelay.errors import RelayError, UpstreamError
 from vpsrelay.exchange import watch_disconnect
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator, AsyncIterator
 
-    from vpsrelay.cache.storage import BlobReader, Fill, StoreSpill
+    from vpsrelay.cache.storage import BlobReader, Fill, Handover, StoreSpill
     from vpsrelay.exchange import Exchange
 
 log = logging.getLogger("vpsrelay.cache")
@@ -159,6 +159,49 @@ class BlobSender:
             await send.send(data)
         if position < end:
             raise fill.error or UpstreamError("the upstream body ended early")
+
+
+async def skipped(chunks: AsyncIterator[bytes], count: int) -> AsyncGenerator[bytes]:
+    """`chunks` without their first `count` bytes."""
+    async for chunk in chunks:
+        if count >= len(chunk):
+            count -= len(chunk)
+            continue
+        yield chunk[count:]
+        count = 0
+
+
+async def verified_window(
+    handover: Handover, chunks: AsyncIterator[bytes], first: int, end: int, size: int
+) -> AsyncGenerator[bytes]:
+    """Bytes `first..end` of a `size`-byte object whose verified read stopped at
+    `handover`: what the read held, then `chunks` (the object from `handover.hashed` on),
+    every byte to the object's end hashed on, the last piece only once the whole matched
+    (a range's bytes are served only from an object that matched).
+
+    The read held every byte of `first..min(end, handover.hashed)` (the caller checks).
+
+    Raises:
+        DigestMismatch: the object's bytes did not match, with the last piece kept back.
+        UpstreamError: the body was longer or shorter than the object.
+    """
+    verifier, position = handover.verifier, handover.hashed
+    pending = handover.held[first - handover.held_at : end - handover.held_at]
+    async for chunk in chunks:
+        verifier.update(chunk)
+        low, high = max(first, position), min(end, position + len(chunk))
+        if low < high:
+            if pending:
+                yield pending
+            pending = chunk[low - position : high - position]
+        position += len(chunk)
+        if position > size:
+            raise UpstreamError(f"the upstream sent more than {size} bytes")
+    if position != size:
+        raise UpstreamError(f"the upstream sent {position} of {size} bytes")
+    verifier.finish()
+    if pending:
+        yield pending
 
 
 async def pass_rest(

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from vpsrelay.errors import UpstreamError
+
 if TYPE_CHECKING:
     import contextlib
     from collections.abc import AsyncIterator
@@ -70,6 +72,27 @@ class StoreStats:
     used_bytes: int
     fills: int  # in progress
     bucket: str | None = None  # a shared store's bucket: "ok" or why it is not used now
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Where a verified read of an object stopped: `verifier` hashed its bytes up to
+    `hashed`; `held` (at `held_at`) were read and hashed but not handed out."""
+
+    verifier: Verifier
+    hashed: int
+    held: bytes = b""
+    held_at: int = 0
+
+
+class StoreReadFailed(UpstreamError):
+    """The store failed under a read of a committed object (not the object's bytes, which
+    would be a `DigestMismatch`): the client's download may be finished from the upstream,
+    checked on from `handover`."""
+
+    def __init__(self, message: str, handover: Handover) -> None:
+        super().__init__(message)
+        self.handover = handover
 
 
 class StoreSpill(Exception):

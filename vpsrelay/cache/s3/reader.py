@@ -5,6 +5,11 @@ object behind the relays' back. `S3Reader` reads the object from its first byte 
 streamed GET, hashes every byte, and hands out the bytes that end the object only once the
 whole object matched its digest: a tampered object ends short for the client (never
 complete and valid) and is deleted from the bucket.
+
+A bucket that fails under the read (an error, a reset, or a body slower than `MIN_RATE`
+over `RATE_WINDOW` seconds of waiting for it) is reported through `on_failed` and raises
+`StoreReadFailed`, with what the read hashed (`Handover`): the caller may finish the
+client's download from the upstream, checked on from there.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import logging
 from typing import TYPE_CHECKING
 
 import httpx
+import trio
 
-from vpsrelay.cache.s3.client import S3Error
+from vpsrelay.cache.s3.client import MIN_RATE, S3Error
+from vpsrelay.cache.storage import Handover, StoreReadFailed
 from vpsrelay.core.digest import Digest, Verifier
+from vpsrelay.core.transferfloor import TransferFloor
 from vpsrelay.errors import DigestMismatch, UpstreamError
 
 if TYPE_CHECKING:
@@ -24,6 +32,8 @@ if TYPE_CHECKING:
     from vpsrelay.cache.s3.client import S3Client
 
 log = logging.getLogger("vpsrelay.cache")
+
+RATE_WINDOW = 10.0  # seconds of waiting on the bucket over which MIN_RATE must hold
 
 
 class S3Reader:
@@ -39,6 +49,7 @@ class S3Reader:
         on_bad: Callable[[str, str], Awaitable[None]],
         on_close: Callable[[httpx.Response], None],
         response: httpx.Response | None = None,
+        on_failed: Callable[[S3Error], None] = lambda _: None,
     ) -> None:
         self._client = client
         self._key = key
@@ -46,6 +57,8 @@ class S3Reader:
         self._size = size
         self._on_bad = on_bad  # (digest, why): the object is wrong or gone
         self._on_close = on_close  # closes a response later, in Trio (`close` is sync)
+        self._on_failed = on_failed  # the bucket failed (not the object): leave it alone
+        self._floor = TransferFloor(MIN_RATE, RATE_WINDOW)
         self._response = response  # opened already (by the store's `locate`), or None
         self._chunks: AsyncIterator[bytes] | None = (
             None if response is None else response.aiter_raw()
@@ -53,6 +66,7 @@ class S3Reader:
         self._verifier = Verifier(Digest.parse(digest))
         self._received = 0  # bytes read from the bucket (and hashed)
         self._buffer = bytearray()  # received, not handed out; it starts at `_position`
+        # (past a `Range`'s end it holds the caller's last bytes only, until the whole matched)
         self._position = 0
         self._ended = False
         self._end = size  # the caller reads no further (`set_end`)
@@ -66,7 +80,8 @@ class S3Reader:
         """Up to `count` bytes at `offset`.
 
         Raises:
-            UpstreamError: the bucket failed or the object is short.
+            StoreReadFailed: the bucket failed, or was too slow.
+            UpstreamError: the object is short or long.
             DigestMismatch: the object is not what its digest says (it is then deleted).
         """
         try:
@@ -86,11 +101,10 @@ class S3Reader:
             if len(self._buffer) < want or want <= 0:
                 raise await self._bad("ended early")
             data = bytes(self._buffer[:want])
-            del self._buffer[:want]
             if offset + want >= self._end:  # the caller's last bytes: the whole must match
-                self._buffer.clear()  # past `end`: hashed, never handed out
+                del self._buffer[want:]  # past `end`: hashed, never handed out
                 while await self._pull():
-                    self._buffer.clear()
+                    del self._buffer[want:]
                 if self._received != self._size:
                     raise await self._bad("ended early")
                 try:
@@ -98,16 +112,23 @@ class S3Reader:
                 except DigestMismatch:
                     await self._bad("does not match its digest")
                     raise
-        except S3Error as exc:
-            self.close()
-            raise UpstreamError(f"the relay's bucket failed: {exc}") from None
+            del self._buffer[:want]
         except httpx.HTTPError as exc:
-            self.close()
-            raise UpstreamError(f"the relay's bucket failed: {type(exc).__name__}") from None
+            raise self._failure(S3Error(f"GET {self._key}: {type(exc).__name__}")) from None
+        except S3Error as exc:
+            raise self._failure(exc) from None
         self._position += want
         if verifier is not None:
             verifier.update(data)
         return data
+
+    def _failure(self, exc: S3Error) -> StoreReadFailed:
+        self.close()
+        if exc.status != 404:  # a 404 is the object gone, not the bucket failing
+            self._on_failed(exc)
+        # What was read and hashed, for the caller to check the upstream's bytes on from.
+        handover = Handover(self._verifier, self._received, bytes(self._buffer), self._position)
+        return StoreReadFailed(f"the relay's bucket failed: {exc}", handover)
 
     async def _open(self) -> None:
         self.close()
@@ -115,6 +136,7 @@ class S3Reader:
         self._response = await self._client.open_get(self._key)
         self._chunks = self._response.aiter_raw()
         self._verifier = Verifier(Digest.parse(self._digest))
+        self._floor = TransferFloor(MIN_RATE, RATE_WINDOW)
         self._received = self._position = 0
         self._buffer.clear()
         self._ended = False
@@ -124,11 +146,17 @@ class S3Reader:
         assert self._chunks is not None
         if self._ended:
             return False
-        try:
-            chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._ended = True
-            return False
+        started = trio.current_time()
+        chunk = b""
+        with trio.move_on_after(RATE_WINDOW):
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                return False
+        # Only the time spent waiting here counts: not the time a slow client takes.
+        if self._floor.feed(len(chunk), trio.current_time() - started):
+            raise S3Error(f"GET {self._key}: slower than {MIN_RATE // 1024} KiB/s", reason="slow")
         self._received += len(chunk)
         if self._received > self._size:
             raise await self._bad(f"longer than {self._size} bytes")

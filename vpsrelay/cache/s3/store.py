@@ -10,8 +10,8 @@ completed at the blob's key, with `If-None-Match: *`, only when it matched. A fi
 fails (wrong digest, upstream broke off, last reader gone) aborts the upload: nothing
 readable is left and its parts are dropped. When the bucket fails mid-fill, the fill goes
 on for this node's clients without it (nothing published); when it fails before, the pull
-passes through. The bucket is then left alone for `RETRY_AFTER` seconds, and `/readyz` and
-`/metrics` say so.
+passes through. The bucket is then left alone, but for one probe every `RETRY_AFTER`
+seconds (`maintain`), until it answers; `/readyz` and `/metrics` say so meanwhile.
 
 Reads from the bucket are verified as they stream (`reader.py`). What this node knows is
 in its `Index` (memory, kept in `<data_dir>/s3cache.db`): a hint, corrected when the
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpsrelay.cache")
 
 WRITE_BATCH = 1024 * 1024
-RETRY_AFTER = 5.0  # seconds the bucket is left alone after it failed
+RETRY_AFTER = 5.0  # seconds between probes of a failing bucket
 POLL_INTERVAL = 0.5  # seconds between looks at another node's fill
 MAX_SMALL = 4 * 1024 * 1024  # the largest manifest Distribution accepts
 READ_THREADS = 2
@@ -162,21 +162,40 @@ class S3Store:
 
     @property
     def bucket_ok(self) -> bool:
-        """False for `RETRY_AFTER` seconds after the bucket failed: pass through."""
-        return self.failed_at is None or time.monotonic() - self.failed_at > RETRY_AFTER
+        """False from the bucket's failure until the probe (`_probe_while_failing`) gets
+        an answer: meanwhile no request touches the bucket (they pass through)."""
+        return self.failed_at is None
 
     def bucket_state(self) -> str:
         """ "ok", or why the bucket is not used right now (for /readyz and metrics)."""
         return "ok" if self.bucket_ok else f"failing: {self.last_error}"
 
     def _failed(self, exc: S3Error) -> None:
+        """The bucket failed a request: no request touches it until the probe's answer
+        (a request that succeeds meanwhile, started before, says nothing of it now)."""
         if self.bucket_ok:
             log.warning("cache: the bucket failed (%s): passing pulls through", exc)
-        self.failed_at = time.monotonic()
+            self.failed_at = time.monotonic()
         self.last_error = exc.summary  # public in /readyz: the log has the details
 
-    def _answered(self) -> None:
-        if self.failed_at is not None and self.bucket_ok:
+    async def _probe_while_failing(self) -> None:
+        """Forever: while the bucket is failing, one HEAD of a fixed key every
+        `RETRY_AFTER` seconds (one at a time, with the control deadline); any answer
+        brings the bucket back."""
+        probe = self.key("sha256:" + "0" * 64)
+        while True:
+            await trio.sleep(RETRY_AFTER)
+            if self.bucket_ok:
+                continue
+            try:
+                await self.client.head(probe)
+            except S3Error as exc:
+                self.last_error = exc.summary
+                log.debug("cache: the bucket still fails (%s)", exc)
+                continue
+            except Exception:  # the probe must never end the server
+                log.exception("cache: the bucket's probe failed")
+                continue
             log.info("cache: the bucket answers again")
             self.failed_at = None
 
@@ -292,7 +311,6 @@ class S3Store:
                 raise
             self.index.remove(digest)
             return False
-        self._answered()
         if response.headers.get("content-length") != str(obj.size):
             self._closing.append(response)
             await self._bad(digest, "has the wrong size")
@@ -327,7 +345,6 @@ class S3Store:
 
     async def _look(self, digest: str) -> Obj | None:
         head = await self.client.head(self.key(digest))
-        self._answered()
         if head is None:
             return None
         obj = Obj(head.size, time.time(), "blob")
@@ -372,7 +389,14 @@ class S3Store:
             del self._prepared[digest]
         key = self.key(digest)
         return S3Reader(
-            self.client, key, digest, obj.size, self._bad, self._closing.append, response
+            self.client,
+            key,
+            digest,
+            obj.size,
+            self._bad,
+            self._closing.append,
+            response,
+            on_failed=self._failed,
         )
 
     def _is_distrusted(self, digest: str) -> bool:
@@ -507,8 +531,14 @@ class S3Store:
     # --- eviction across nodes
 
     async def maintain(self) -> None:
-        """Forever: every `evict_interval`, write this node's access batch and, with
-        `max_size`, run an eviction pass if no other node is running one."""
+        """Forever: probe the bucket while it fails (`_probe_while_failing`); every
+        `evict_interval`, write this node's access batch and, with `max_size`, run an
+        eviction pass if no other node is running one."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe_while_failing)
+            await self._upkeep()
+
+    async def _upkeep(self) -> None:
         while True:
             await trio.sleep(self.s3.evict_interval)
             if not self.bucket_ok:
@@ -735,7 +765,6 @@ class S3Store:
                 )
                 if created:
                     staged.upload = None
-            self._answered()
             if not created:
                 log.info("cache: %s was already in the bucket", staged.digest)
             else:
