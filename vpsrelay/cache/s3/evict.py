@@ -49,7 +49,7 @@ EVICT_LEASE = "evict:all"
 MAX_LISTED = 200_000  # objects one pass looks at (bounded memory and time)
 MAX_BATCH = 4 * 1024 * 1024
 MAX_LIST_PAGES = 200  # batches or tombstones one look lists (1000 a page)
-PARALLEL = 8  # bucket requests at once for a pass's tombstones and deletes
+PARALLEL = 8  # bucket requests at once for a pass's batch reads, tombstones and deletes
 MAX_RECORDED = 100_000  # digests whose last access record a node remembers
 ABANDONED_TTLS = 3  # an upload this many lease_ttl old with no live lease is abandoned
 ABANDONED_NO_LEASES = 24 * 3600.0  # without leases: a day, like a lifecycle rule's minimum
@@ -171,6 +171,8 @@ class Evictor:
                 await self._abort_abandoned_uploads()
                 if self.config.max_size > 0:
                     await self._evict(deleted)
+                else:  # another node may evict: its records still need folding
+                    await self.finish(await self.plan(evict=False))
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
@@ -263,13 +265,16 @@ class Evictor:
         the listing got to its end."""
         listed, complete = await self._list_all(f"{self._access_prefix}batch-")
         keys = [key for key in listed if key not in skip]
-        for key in keys:
+
+        async def fold(key: str) -> None:
             body = await self.client.get_small(key, MAX_BATCH)
             if body is not None:
                 try:
                     bucketeviction.merge(merged, json.loads(body))
                 except ValueError:
                     log.warning("cache: ignoring a malformed access batch %s", key)
+
+        await self._each(keys, fold)  # a node's records are one object each: many
         return keys, complete
 
     async def _evict(self, deleted: list[str]) -> None:
@@ -285,8 +290,9 @@ class Evictor:
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
                 await self.unmark(state)
 
-    async def plan(self) -> EvictionPass:
-        """Fold the access records and pick the victims (nothing written yet)."""
+    async def plan(self, *, evict: bool = True) -> EvictionPass:
+        """Fold the access records and pick the victims (nothing written yet; none
+        without `evict`)."""
         merged_key = f"{self._access_prefix}merged.json"
         merged: dict[str, float] = {}
         body = await self.client.get_small(merged_key, 64 * 1024 * 1024)
@@ -304,11 +310,15 @@ class Evictor:
                 uploaded = item.last_modified.timestamp() if item.last_modified else time.time()
                 last = max(merged.get(_digest_of(item.key), 0.0), uploaded)
                 stored.append(bucketeviction.Stored(item.key, item.size, last))
-        victims = bucketeviction.plan(
-            stored,
-            max_size=self.config.max_size,
-            now=time.time(),
-            grace=self.config.evict_grace,
+        victims = (
+            bucketeviction.plan(
+                stored,
+                max_size=self.config.max_size,
+                now=time.time(),
+                grace=self.config.evict_grace,
+            )
+            if evict
+            else []
         )
         return EvictionPass(
             merged,
