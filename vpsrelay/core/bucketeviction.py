@@ -76,3 +76,35 @@ def record_is_fresh(written_at: float | None, now: float, grace: float) -> bool:
     look for a tombstone: for `grace / 2`, which leaves the other half for the node's
     next batch (it names the objects it is reading) to reach the bucket."""
     return written_at is not None and 0.0 <= now - written_at < grace / 2
+
+
+class RecentRecords:
+    """When this node last wrote an access record of each digest (its monotonic clock),
+    for `record_is_fresh`; at most `limit` digests (forgetting one only costs a new record
+    at its next read)."""
+
+    def __init__(self, grace: float, limit: int = 100_000) -> None:
+        self._grace = grace
+        self._limit = limit
+        self._written: dict[str, float] = {}  # in the order written
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    def fresh(self, digest: str, now: float) -> bool:
+        return record_is_fresh(self._written.get(digest), now, self._grace)
+
+    def forget(self, digest: str) -> None:
+        self._written.pop(digest, None)
+
+    def remember(self, digest: str, written_at: float, now: float) -> None:
+        self._written.pop(digest, None)
+        if len(self._written) >= self._limit:
+            for old, when in list(self._written.items()):
+                if not record_is_fresh(when, now, self._grace):
+                    del self._written[old]
+        if len(self._written) >= self._limit:
+            # Still full: forget the oldest half, so the sweep runs once per limit / 2.
+            while len(self._written) > self._limit // 2:
+                del self._written[next(iter(self._written))]
+        self._written[digest] = written_at

@@ -83,7 +83,7 @@ class Evictor:
         self.node = node
         self.accessed: dict[str, float] = {}  # since the last batch
         self._batches = 0
-        self._recorded: dict[str, float] = {}  # digest -> monotonic time of its record
+        self._recorded = bucketeviction.RecentRecords(config.evict_grace, MAX_RECORDED)
         self._recording: dict[str, trio.Event] = {}  # records being written
 
     @property
@@ -114,8 +114,13 @@ class Evictor:
         batch = {**self.accessed, **dict.fromkeys(in_use, now)}
         if not batch:
             return
-        await self._write(batch)
-        self.accessed = {}
+        # Taken before the PUT: a read touched while it is sent goes in the next batch.
+        taken, self.accessed = self.accessed, {}
+        try:
+            await self._write(batch)
+        except BaseException:
+            self.accessed = {**taken, **self.accessed}
+            raise
 
     async def may_read(self, digest: str) -> bool:
         """Before this node reads `digest` from the bucket: unless its own record of it is
@@ -128,34 +133,22 @@ class Evictor:
         pending = self._recording.get(digest)
         if pending is not None:  # a concurrent request is writing it: one record for both
             await pending.wait()
-        if bucketeviction.record_is_fresh(
-            self._recorded.get(digest), time.monotonic(), self.config.evict_grace
-        ):
+        if self._recorded.fresh(digest, time.monotonic()):
             return True
         done = self._recording[digest] = trio.Event()
         started = time.monotonic()
         try:
-            self._recorded.pop(digest, None)
+            self._recorded.forget(digest)
             await self._write({digest: time.time()})
             if await self.client.head(self.tombstone_key(digest)) is not None:
                 log.info("cache: %s is being evicted from the bucket: passing it through", digest)
                 return False
-            self._remember(digest, started)
+            self._recorded.remember(digest, started, time.monotonic())
             return True
         finally:
             if self._recording.get(digest) is done:
                 del self._recording[digest]
             done.set()
-
-    def _remember(self, digest: str, when: float) -> None:
-        if len(self._recorded) >= MAX_RECORDED:
-            now = time.monotonic()
-            for old, written in list(self._recorded.items()):
-                if not bucketeviction.record_is_fresh(written, now, self.config.evict_grace):
-                    del self._recorded[old]
-            while len(self._recorded) >= MAX_RECORDED:  # the oldest first (insertion order)
-                del self._recorded[next(iter(self._recorded))]
-        self._recorded[digest] = when
 
     # --- the pass (one node at a time)
 
