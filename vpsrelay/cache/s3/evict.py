@@ -71,6 +71,7 @@ class EvictionPass:
     folded: set[str]  # the batch keys read (deleted once merged)
     present: set[str]  # the digests listed
     victims: list[str]  # the digests to delete
+    keys: dict[str, str]  # victim digest -> its key, as listed
     marked: list[str] = field(default_factory=list)  # digests with a tombstone written
     deleted: list[str] = field(default_factory=list)
 
@@ -89,10 +90,6 @@ class Evictor:
     @property
     def _access_prefix(self) -> str:
         return f"{self.config.prefix}access/"
-
-    def key(self, digest: str) -> str:
-        algorithm, _, hexpart = digest.partition(":")
-        return f"{self.config.prefix}blobs/{algorithm}/{hexpart}"
 
     def tombstone_key(self, digest: str) -> str:
         algorithm, _, hexpart = digest.partition(":")
@@ -318,6 +315,7 @@ class Evictor:
             set(folded),
             {_digest_of(item.key) for item in stored},
             [_digest_of(key) for key in victims],
+            {_digest_of(key): key for key in victims},
         )
 
     async def mark(self, state: EvictionPass) -> None:
@@ -352,7 +350,7 @@ class Evictor:
         marked = set(state.marked)
 
         async def delete(digest: str) -> None:
-            await self.client.delete(self.key(digest))
+            await self.client.delete(state.keys[digest])
             state.deleted.append(digest)
 
         await self._each([d for d in state.victims if d in marked], delete)
