@@ -1040,6 +1040,13 @@ def _check_s3(cache: CacheConfig, raw: dict[str, tuple[object, str]]) -> None:
         raise ConfigError(
             f"{key_where}: cache.s3.evict_grace: must be longer than cache.s3.redirect_expiry"
         )
+    if s3.evict_grace <= 2 * s3.evict_interval:
+        # A node's access record covers a read for half the grace, until its next batch
+        # (every evict_interval) names the object: docs/multinode.md, "Eviction".
+        key_where = raw.get("cache.s3.evict_grace", (None, "config"))[1]
+        raise ConfigError(
+            f"{key_where}: cache.s3.evict_grace: must be more than twice cache.s3.evict_interval"
+        )
     if s3.lease_wait < s3.lease_ttl:
         key_where = raw.get("cache.s3.lease_wait", (None, "config"))[1]
         raise ConfigError(f"{key_where}: cache.s3.lease_wait: must be at least cache.s3.lease_ttl")

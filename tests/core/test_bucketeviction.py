@@ -1,6 +1,13 @@
 from __future__ import annotations
 
-from vpsrelay.core.bucketeviction import Stored, merge, plan
+from vpsrelay.core.bucketeviction import (
+    RecentRecords,
+    Stored,
+    last_look,
+    merge,
+    plan,
+    record_is_fresh,
+)
 
 
 def test_oldest_first_until_under_the_cap() -> None:
@@ -22,3 +29,45 @@ def test_merge_keeps_the_latest_and_ignores_garbage() -> None:
     merge(into, ["not", "a", "dict"])
     merge(into, {"sha256:a": 9.5})
     assert into["sha256:a"] == 9.5
+
+
+def test_the_last_look_spares_late_batches_whatever_their_time() -> None:
+    victims = ["sha256:a", "sha256:b", "sha256:c", "sha256:d"]
+    accessed = {"sha256:a": 0.0, "sha256:b": 0.0, "sha256:c": 995.0, "sha256:d": 990.0}
+    kept = last_look(
+        victims, late={"sha256:b", "sha256:x"}, accessed=accessed, now=1000.0, grace=10.0
+    )
+    assert kept == ["sha256:a", "sha256:d"]  # b: a late batch (its time 0); c: in grace
+    assert last_look(victims, late=(), accessed={}, now=1000.0, grace=10.0) == victims
+    assert last_look([], late={"sha256:a"}, accessed={}, now=1000.0, grace=10.0) == []
+
+
+def test_a_record_is_fresh_for_half_the_grace() -> None:
+    assert not record_is_fresh(None, 100.0, 10.0)
+    assert record_is_fresh(100.0, 100.0, 10.0)
+    assert record_is_fresh(95.5, 100.0, 10.0)
+    assert not record_is_fresh(95.0, 100.0, 10.0)  # grace / 2: write again
+    assert not record_is_fresh(101.0, 100.0, 10.0)  # from the future: write again
+
+
+def test_recent_records_are_bounded_and_forget_the_stale_first() -> None:
+    records = RecentRecords(grace=10.0, limit=4)
+    assert not records.fresh("a", 0.0)
+    records.remember("a", 0.0, now=0.0)
+    assert records.fresh("a", 4.9)
+    assert not records.fresh("a", 5.0)
+    records.forget("a")
+    records.forget("never")
+    assert not records.fresh("a", 1.0)
+    for name, when in (("old", 0.0), ("b", 8.0), ("c", 9.0), ("d", 9.5)):
+        records.remember(name, when, now=when)
+    assert len(records) == 4
+    records.remember("e", 10.0, now=10.0)  # full: "old" is stale, the rest kept
+    assert len(records) == 4
+    assert not records.fresh("old", 10.0)
+    assert all(records.fresh(name, 10.0) for name in "bcde")
+    records.remember("f", 10.0, now=10.0)  # full of fresh ones: the oldest half goes
+    assert len(records) == 3
+    assert [name for name in "bcdef" if records.fresh(name, 10.0)] == ["d", "e", "f"]
+    records.remember("d", 11.0, now=11.0)  # again: moved to the newest
+    assert len(records) == 3

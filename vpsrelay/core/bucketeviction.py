@@ -3,11 +3,21 @@
 Least recently accessed first (the latest access any node recorded, else the object's
 own upload time), never an object accessed within `grace` seconds: nodes record the
 objects they are serving in every batch, so an object being read stays young.
+
+A read that begins while a pass runs is covered by a handshake (`cache/s3/evict.py`): the
+evictor writes a tombstone per victim, then reads the batches once more (the last look);
+a node writes an access record, then looks for the tombstone. On a store with
+read-after-write consistency one of the two sees the other's write, so a victim is either
+spared (`last_look`) or not read by the node.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +50,61 @@ def merge(into: dict[str, float], batch: object) -> None:
         valid = isinstance(digest, str) and isinstance(when, int | float)
         if valid and not isinstance(when, bool) and when > into.get(digest, 0.0):
             into[digest] = float(when)
+
+
+def last_look(
+    victims: list[str],
+    *,
+    late: Collection[str],
+    accessed: Mapping[str, float],
+    now: float,
+    grace: float,
+) -> list[str]:
+    """The victims (digests) still to delete after the last look: not those named in a
+    batch that appeared after the first fold (`late`: a node began to read them, whatever
+    its clock says), nor those accessed within `grace`."""
+    return [
+        digest
+        for digest in victims
+        if digest not in late and now - accessed.get(digest, 0.0) >= grace
+    ]
+
+
+def record_is_fresh(written_at: float | None, now: float, grace: float) -> bool:
+    """Whether a node's own access record of an object, written at `written_at` (its
+    monotonic clock), still covers a read that begins `now` without a new record and a
+    look for a tombstone: for `grace / 2`, which leaves the other half for the node's
+    next batch (it names the objects it is reading) to reach the bucket."""
+    return written_at is not None and 0.0 <= now - written_at < grace / 2
+
+
+class RecentRecords:
+    """When this node last wrote an access record of each digest (its monotonic clock),
+    for `record_is_fresh`; at most `limit` digests (forgetting one only costs a new record
+    at its next read)."""
+
+    def __init__(self, grace: float, limit: int = 100_000) -> None:
+        self._grace = grace
+        self._limit = limit
+        self._written: dict[str, float] = {}  # in the order written
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    def fresh(self, digest: str, now: float) -> bool:
+        return record_is_fresh(self._written.get(digest), now, self._grace)
+
+    def forget(self, digest: str) -> None:
+        self._written.pop(digest, None)
+
+    def remember(self, digest: str, written_at: float, now: float) -> None:
+        self._written.pop(digest, None)
+        if len(self._written) >= self._limit:
+            for old, when in list(self._written.items()):
+                if not record_is_fresh(when, now, self._grace):
+                    del self._written[old]
+        if len(self._written) >= self._limit:
+            # Still full: forget the oldest half, so the sweep runs once per limit / 2.
+            while len(self._written) > self._limit // 2:
+                del self._written[next(iter(self._written))]
+        self._written[digest] = written_at

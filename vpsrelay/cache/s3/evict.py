@@ -3,10 +3,22 @@
 Every node writes the objects it served (and those it is serving) since its last batch as
 one small object, `<prefix>access/batch-<node>-<n>.json`, every `evict_interval`. One node
 at a time (the one holding the lease `<prefix>leases/evict/all`) folds the batches into
-`<prefix>access/merged.json`, lists the blobs and deletes the least recently accessed ones
+`<prefix>access/merged.json`, lists the blobs and picks the least recently accessed ones
 until the bucket is under `max_size`, sparing anything accessed within `evict_grace`
-(`vpsrelay.core.bucketeviction`). Right before deleting it reads the batches once more, so
-an object a node began to serve meanwhile is spared too.
+(`vpsrelay.core.bucketeviction`).
+
+A read that begins during a pass is covered by a handshake. The evictor writes a tombstone
+per victim (`<prefix>evicting/sha256/<hex>`), THEN reads the batches once more (the last
+look) and spares every victim named in a batch it had not read before, or accessed within
+the grace; it deletes the rest and then its tombstones. A node, before it reads an object
+from the bucket (streamed or by a presigned redirect), writes an access record for it (a
+batch of one) THEN looks for its tombstone, and passes the request through if there is
+one. With read-after-write consistency (S3, SeaweedFS, R2: a LIST sees every PUT that
+ended before it began) one of the two sees the other's write: either the last look finds
+the record and the object is spared, or the node finds the tombstone and does not read
+it. A node whose own record of an object is younger than `evict_grace / 2` skips both
+(`record_is_fresh`): that record keeps the object out of any plan until the node's next
+batch, which names the objects it is reading, reaches the bucket.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,6 +37,8 @@ from vpsrelay.core import bucketeviction
 from vpsrelay.core.leases import lapsed, lease_age
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Collection, Iterable
+
     from vpsrelay.cache.s3.client import S3Client
     from vpsrelay.cache.s3.lease import Leases
     from vpsrelay.config import S3Config
@@ -33,9 +48,32 @@ log = logging.getLogger("vpsrelay.cache")
 EVICT_LEASE = "evict:all"
 MAX_LISTED = 200_000  # objects one pass looks at (bounded memory and time)
 MAX_BATCH = 4 * 1024 * 1024
+MAX_LIST_PAGES = 200  # batches or tombstones one look lists (1000 a page)
+PARALLEL = 8  # bucket requests at once for a pass's batch reads, tombstones and deletes
+MAX_RECORDED = 100_000  # digests whose last access record a node remembers
 ABANDONED_TTLS = 3  # an upload this many lease_ttl old with no live lease is abandoned
 ABANDONED_NO_LEASES = 24 * 3600.0  # without leases: a day, like a lifecycle rule's minimum
 MAX_UPLOAD_PAGES = 100  # bounded time per pass
+
+
+def _digest_of(key: str) -> str:
+    """`sha256:<hex>` from `<prefix>blobs/sha256/<hex>` (or a tombstone's key)."""
+    algorithm, hexpart = key.rsplit("/", 2)[-2:]
+    return f"{algorithm}:{hexpart}"
+
+
+@dataclass(eq=False)
+class EvictionPass:
+    """What one pass knows, step by step (`Evictor.plan`, `mark`, `last_look`,
+    `delete_victims`, `finish`, `unmark`)."""
+
+    merged: dict[str, float]  # digest -> its latest recorded access
+    folded: set[str]  # the batch keys read (deleted once merged)
+    present: set[str]  # the digests listed
+    victims: list[str]  # the digests to delete
+    keys: dict[str, str]  # victim digest -> its key, as listed
+    marked: list[str] = field(default_factory=list)  # digests with a tombstone written
+    deleted: list[str] = field(default_factory=list)
 
 
 class Evictor:
@@ -46,13 +84,26 @@ class Evictor:
         self.node = node
         self.accessed: dict[str, float] = {}  # since the last batch
         self._batches = 0
+        self._recorded = bucketeviction.RecentRecords(config.evict_grace, MAX_RECORDED)
+        self._recording: dict[str, trio.Event] = {}  # records being written
 
     @property
     def _access_prefix(self) -> str:
         return f"{self.config.prefix}access/"
 
+    def tombstone_key(self, digest: str) -> str:
+        algorithm, _, hexpart = digest.partition(":")
+        return f"{self.config.prefix}evicting/{algorithm}/{hexpart}"
+
+    # --- what every node does
+
     def touch(self, digest: str) -> None:
         self.accessed[digest] = time.time()
+
+    async def _write(self, batch: dict[str, float]) -> None:
+        self._batches += 1
+        key = f"{self._access_prefix}batch-{self.node}-{self._batches:08d}.json"
+        await self.client.put(key, json.dumps(batch).encode(), content_type="application/json")
 
     async def write_batch(self, in_use: set[str]) -> None:
         """Record what this node served (and serves now) since the last batch."""
@@ -60,10 +111,43 @@ class Evictor:
         batch = {**self.accessed, **dict.fromkeys(in_use, now)}
         if not batch:
             return
-        self._batches += 1
-        key = f"{self._access_prefix}batch-{self.node}-{self._batches:08d}.json"
-        await self.client.put(key, json.dumps(batch).encode(), content_type="application/json")
-        self.accessed = {}
+        # Taken before the PUT: a read touched while it is sent goes in the next batch.
+        taken, self.accessed = self.accessed, {}
+        try:
+            await self._write(batch)
+        except BaseException:
+            self.accessed = {**taken, **self.accessed}
+            raise
+
+    async def may_read(self, digest: str) -> bool:
+        """Before this node reads `digest` from the bucket: unless its own record of it is
+        fresh, write one (a batch of that digest alone) and THEN look for a tombstone.
+        False: an eviction pass may be deleting it; the request passes through.
+
+        Raises:
+            S3Error: the bucket failed.
+        """
+        pending = self._recording.get(digest)
+        if pending is not None:  # a concurrent request is writing it: one record for both
+            await pending.wait()
+        if self._recorded.fresh(digest, time.monotonic()):
+            return True
+        done = self._recording[digest] = trio.Event()
+        started = time.monotonic()
+        try:
+            self._recorded.forget(digest)
+            await self._write({digest: time.time()})
+            if await self.client.head(self.tombstone_key(digest)) is not None:
+                log.info("cache: %s is being evicted from the bucket: passing it through", digest)
+                return False
+            self._recorded.remember(digest, started, time.monotonic())
+            return True
+        finally:
+            if self._recording.get(digest) is done:
+                del self._recording[digest]
+            done.set()
+
+    # --- the pass (one node at a time)
 
     async def run_pass(self) -> list[str]:
         """One eviction pass if this node gets the lease; the digests deleted."""
@@ -73,9 +157,12 @@ class Evictor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+                await self.clear_tombstones()
                 await self._abort_abandoned_uploads()
                 if self.config.max_size > 0:
                     await self._evict(deleted)
+                else:  # another node may evict: its records still need folding
+                    await self.finish(await self.plan(evict=False))
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
@@ -91,6 +178,44 @@ class Evictor:
                 log.warning("cache: the eviction lease was taken over: pass stopped")
                 evicting.cancel()
                 return
+
+    async def _each(self, items: Iterable[str], action: Callable[[str], Awaitable[None]]) -> None:
+        """`action` on every item, `PARALLEL` at a time; the first `S3Error` is raised
+        once all have run."""
+        queue = iter(items)
+        errors: list[S3Error] = []
+
+        async def work() -> None:
+            for item in queue:  # shared: each item is taken once
+                try:
+                    await action(item)
+                except S3Error as exc:
+                    errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(PARALLEL):
+                nursery.start_soon(work)
+        if errors:
+            raise errors[0]
+
+    async def _list_all(self, prefix: str) -> tuple[list[str], bool]:
+        """The keys under `prefix`, and whether the listing got to its end."""
+        keys: list[str] = []
+        token: str | None = ""
+        for _ in range(MAX_LIST_PAGES):
+            page, token = await self.client.list(prefix, token or "")
+            keys += [item.key for item in page]
+            if token is None:
+                return keys, True
+        return keys, False
+
+    async def clear_tombstones(self) -> None:
+        """Delete the tombstones an earlier pass left (its node died, or the bucket failed
+        under it); this node holds the eviction lease, so no other pass is running."""
+        keys, _ = await self._list_all(f"{self.config.prefix}evicting/")
+        await self._each(keys, self.client.delete)
+        if keys:
+            log.info("cache: removed %d tombstone(s) an earlier eviction pass left", len(keys))
 
     async def _abort_abandoned_uploads(self) -> None:
         """Abort the multipart uploads no fill is behind any more: a dead node's, or one
@@ -123,20 +248,41 @@ class Evictor:
         age = lease_age(head.date, head.last_modified)
         return age is None or not lapsed(age, self.config.lease_ttl)
 
-    async def _fold_batches(self, merged: dict[str, float]) -> list[str]:
-        """Fold every batch into `merged`; the batch keys read."""
-        listed, _ = await self.client.list(f"{self._access_prefix}batch-")
-        keys = [item.key for item in listed]
-        for key in keys:
+    async def _fold_batches(
+        self, merged: dict[str, float], skip: Collection[str] = ()
+    ) -> tuple[list[str], bool]:
+        """Fold every batch not in `skip` into `merged`; the batch keys read, and whether
+        the listing got to its end."""
+        listed, complete = await self._list_all(f"{self._access_prefix}batch-")
+        keys = [key for key in listed if key not in skip]
+
+        async def fold(key: str) -> None:
             body = await self.client.get_small(key, MAX_BATCH)
             if body is not None:
                 try:
                     bucketeviction.merge(merged, json.loads(body))
                 except ValueError:
                     log.warning("cache: ignoring a malformed access batch %s", key)
-        return keys
+
+        await self._each(keys, fold)  # a node's records are one object each: many
+        return keys, complete
 
     async def _evict(self, deleted: list[str]) -> None:
+        state = await self.plan()
+        try:
+            if state.victims:
+                await self.mark(state)
+                await self.last_look(state)
+                await self.delete_victims(state)
+            await self.finish(state)
+        finally:
+            deleted += state.deleted
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
+                await self.unmark(state)
+
+    async def plan(self, *, evict: bool = True) -> EvictionPass:
+        """Fold the access records and pick the victims (nothing written yet; none
+        without `evict`)."""
         merged_key = f"{self._access_prefix}merged.json"
         merged: dict[str, float] = {}
         body = await self.client.get_small(merged_key, 64 * 1024 * 1024)
@@ -145,49 +291,99 @@ class Evictor:
                 bucketeviction.merge(merged, json.loads(body))
             except ValueError:
                 log.warning("cache: ignoring a malformed %s", merged_key)
-        folded = await self._fold_batches(merged)
-        blobs_prefix = f"{self.config.prefix}blobs/"
+        folded, _ = await self._fold_batches(merged)
         stored: list[bucketeviction.Stored] = []
         token: str | None = ""
         while token is not None and len(stored) < MAX_LISTED:
-            page, token = await self.client.list(blobs_prefix, token or "")
+            page, token = await self.client.list(f"{self.config.prefix}blobs/", token or "")
             for item in page:
-                digest = "sha256:" + item.key.rsplit("/", 1)[-1]
                 uploaded = item.last_modified.timestamp() if item.last_modified else time.time()
-                last = max(merged.get(digest, 0.0), uploaded)
+                last = max(merged.get(_digest_of(item.key), 0.0), uploaded)
                 stored.append(bucketeviction.Stored(item.key, item.size, last))
-        victims = bucketeviction.plan(
-            stored,
-            max_size=self.config.max_size,
+        victims = (
+            bucketeviction.plan(
+                stored,
+                max_size=self.config.max_size,
+                now=time.time(),
+                grace=self.config.evict_grace,
+            )
+            if evict
+            else []
+        )
+        return EvictionPass(
+            merged,
+            set(folded),
+            {_digest_of(item.key) for item in stored},
+            [_digest_of(key) for key in victims],
+            {_digest_of(key): key for key in victims},
+        )
+
+    async def mark(self, state: EvictionPass) -> None:
+        """A tombstone for every victim, before the last look."""
+
+        async def mark_one(digest: str) -> None:
+            await self.client.put(self.tombstone_key(digest), b"")
+            state.marked.append(digest)
+
+        await self._each(list(state.victims), mark_one)
+
+    async def last_look(self, state: EvictionPass) -> None:
+        """Read the batches that appeared since `plan` (after the tombstones exist) and
+        spare the victims they name, or that were accessed within the grace."""
+        late: dict[str, float] = {}
+        keys, complete = await self._fold_batches(late, skip=state.folded)
+        state.folded.update(keys)
+        bucketeviction.merge(state.merged, late)
+        if not complete:  # a batch not seen may name any of them
+            log.warning("cache: too many access batches to read: no object evicted this pass")
+            state.victims = []
+            return
+        state.victims = bucketeviction.last_look(
+            state.victims,
+            late=late.keys(),
+            accessed=state.merged,
             now=time.time(),
             grace=self.config.evict_grace,
         )
-        if victims:
-            # Last look: a node may have begun to serve one of them since the batches
-            # were read.
-            folded += await self._fold_batches(merged)
-            deadline = time.time() - self.config.evict_grace
-            victims = [
-                key
-                for key in victims
-                if merged.get("sha256:" + key.rsplit("/", 1)[-1], 0.0) < deadline
-            ]
-        for key in victims:
-            await self.client.delete(key)
-            deleted.append("sha256:" + key.rsplit("/", 1)[-1])
-        present = {"sha256:" + item.key.rsplit("/", 1)[-1] for item in stored}
-        live = {d: t for d, t in merged.items() if d in present and d not in deleted}
+
+    async def delete_victims(self, state: EvictionPass) -> None:
+        marked = set(state.marked)
+
+        async def delete(digest: str) -> None:
+            await self.client.delete(state.keys[digest])
+            state.deleted.append(digest)
+
+        await self._each([d for d in state.victims if d in marked], delete)
+        if state.deleted:
+            log.info(
+                "cache: evicted %d object(s) from the bucket (cap %d bytes)",
+                len(state.deleted),
+                self.config.max_size,
+            )
+
+    async def finish(self, state: EvictionPass) -> None:
+        """Keep the folded access times in `merged.json`; delete the batches read."""
+        deleted = set(state.deleted)
+        live = {d: t for d, t in state.merged.items() if d in state.present and d not in deleted}
         await self.client.put(
-            merged_key, json.dumps(live).encode(), content_type="application/json"
+            f"{self._access_prefix}merged.json",
+            json.dumps(live).encode(),
+            content_type="application/json",
         )
-        for key in set(folded):
+
+        async def delete_batch(key: str) -> None:
             try:
                 await self.client.delete(key)
             except S3Error as exc:
                 log.warning("cache: could not delete the access batch %s: %s", key, exc)
-        if deleted:
-            log.info(
-                "cache: evicted %d object(s) from the bucket (cap %d bytes)",
-                len(deleted),
-                self.config.max_size,
-            )
+
+        await self._each(sorted(state.folded), delete_batch)
+
+    async def unmark(self, state: EvictionPass) -> None:
+        """Delete this pass's tombstones (the spared victims' too); one that stays is
+        removed by the next pass."""
+        marked, state.marked = state.marked, []
+        try:
+            await self._each(marked, lambda digest: self.client.delete(self.tombstone_key(digest)))
+        except S3Error as exc:
+            log.warning("cache: could not delete a tombstone (the next pass will): %s", exc)

@@ -228,6 +228,8 @@ class S3Store:
                     return known
                 if await self._prepare(digest, known):
                     return known
+                if digest in self.index.objects:
+                    return None  # still there, being evicted (`Evictor.may_read`): pass through
         except S3Error as exc:
             self._failed(exc)
             return None
@@ -299,11 +301,14 @@ class S3Store:
 
     async def _prepare(self, digest: str, obj: Obj) -> bool:
         """Open the GET of `digest` for the `open` that follows; False (and forgotten)
-        when the bucket no longer has it (another node evicted it).
+        when the bucket no longer has it (another node evicted it), or False when an
+        eviction pass is about to delete it (`Evictor.may_read`).
 
         Raises:
             S3Error: the bucket failed.
         """
+        if not await self.evictor.may_read(digest):
+            return False  # an eviction pass may be deleting it: this request passes through
         try:
             response = await self.client.open_get(self.key(digest))
         except S3Error as exc:
