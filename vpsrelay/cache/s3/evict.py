@@ -179,7 +179,7 @@ class Evictor:
                 evicting.cancel()
                 return
 
-    async def _each(self, items: Iterable[str], action: Callable[[str], Awaitable[None]]) -> None:
+    async def _each(self, items: Iterable[str], action: Callable[[str], Awaitable[object]]) -> None:
         """`action` on every item, `PARALLEL` at a time; the first `S3Error` is raised
         once all have run."""
         queue = iter(items)
