@@ -5,8 +5,8 @@ the repository (a live grant for its credential) and the repository holds the ob
 else the upstream is asked, with the client's credentials. The decisions are
 `vpsrelay.core.cachepolicy`'s; this module keeps what they are made from (grants, which
 repositories hold what, which are public) and asks the upstream its HEAD.
-The headers that tell a client how the cache answered are here too, below every
-module of the front that sends them.
+Below every other module of the front, this one also holds what they all start from:
+`FrontPart`, and the headers that tell a client how the cache answered.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from vpsrelay.cache.storage import BlobStore
     from vpsrelay.core import routing
     from vpsrelay.exchange import Exchange
-    from vpsrelay.forward import Forwarder
+    from vpsrelay.forward import Forwarder, RelayHook
 
 STALE_WARNING = ("warning", '110 vpsrelay "Response is Stale"')
 CACHE_HEADER = "x-vpsrelay-cache"
@@ -128,3 +128,18 @@ class Authorization:
                 granted=granted, public=self.public(route), holds_object=holds
             )
         return False
+
+
+class FrontPart:
+    """A part of the cache front: given the rule, and through it the forwarder and store."""
+
+    def __init__(self, authorization: Authorization) -> None:
+        self.authorization = authorization
+        self.forwarder = authorization.forwarder
+        self.store = authorization.store
+
+    async def _relay(
+        self, exchange: Exchange, route: routing.Route, hook: RelayHook | None = None
+    ) -> None:
+        """Pass the request through to the upstream; `hook` sees the answer first."""
+        await self.forwarder.relay(exchange, route, hook=hook)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.authorization import CACHE_HEADER
+from vpsrelay.cache.authorization import CACHE_HEADER, FrontPart
 from vpsrelay.cache.finishing import UpstreamFinisher
 from vpsrelay.cache.sending import BlobSender, Outcome, Source, pass_rest
 from vpsrelay.cache.storage import FillState, StoreSpill
@@ -29,30 +29,20 @@ if TYPE_CHECKING:
     import httpx
 
     from vpsrelay.cache.authorization import Authorization
-    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill
+    from vpsrelay.cache.storage import BlobReader, Fill
     from vpsrelay.core import routing
     from vpsrelay.exchange import Exchange
-    from vpsrelay.forward import Forwarder, RelayHook
 
 JOIN_ATTEMPTS = 3
 
 
-class BlobFront:
+class BlobFront(FrontPart):
     """Serves blobs from the `BlobStore`, filling it from the upstream."""
 
-    def __init__(
-        self, forwarder: Forwarder, store: BlobStore, authorization: Authorization
-    ) -> None:
-        self.forwarder = forwarder
-        self.store = store
-        self.authorization = authorization
-        self._finisher = UpstreamFinisher(forwarder, store)
-        self._sender = BlobSender(store.config.finish_abandoned)
-
-    async def _relay(
-        self, exchange: Exchange, route: routing.Route, hook: RelayHook | None = None
-    ) -> None:
-        await self.forwarder.relay(exchange, route, hook=hook)
+    def __init__(self, authorization: Authorization) -> None:
+        super().__init__(authorization)
+        self._finisher = UpstreamFinisher(authorization)
+        self._sender = BlobSender(self.store.config.finish_abandoned)
 
     async def serve(self, exchange: Exchange, route: routing.Route) -> None:
         digest = route.reference

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.authorization import upstream_url
+from vpsrelay.cache.authorization import FrontPart, upstream_url
 from vpsrelay.cache.sending import READ_CHUNK, skipped, verified_window
 from vpsrelay.cache.storage import StoreReadFailed
 from vpsrelay.core.digest import Digest, Verifier, held_back
@@ -27,20 +27,15 @@ from vpsrelay.exchange import watch_disconnect
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from vpsrelay.cache.storage import BlobReader, BlobStore, Fill, Handover
+    from vpsrelay.cache.storage import BlobReader, Fill, Handover
     from vpsrelay.core import routing
     from vpsrelay.exchange import Exchange
-    from vpsrelay.forward import Forwarder
 
 log = logging.getLogger("vpsrelay.cache")
 
 
-class UpstreamFinisher:
+class UpstreamFinisher(FrontPart):
     """Finishes from the upstream the blob downloads that the store failed under."""
-
-    def __init__(self, forwarder: Forwarder, store: BlobStore) -> None:
-        self.forwarder = forwarder
-        self.store = store
 
     async def after_store_failed(
         self,

@@ -44,8 +44,8 @@ class CacheFront:
         self.forwarder = forwarder
         self.store = store
         self.authorization = Authorization(forwarder, store)
-        self.blobs = BlobFront(forwarder, store, self.authorization)
-        self.manifests = ManifestFront(forwarder, store, self.authorization)
+        self.blobs = BlobFront(self.authorization)
+        self.manifests = ManifestFront(self.authorization)
 
     # --- entry points, called by RelayApp._serve
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpsrelay.cache.authorization import CACHE_HEADER, upstream_url
+from vpsrelay.cache.authorization import CACHE_HEADER, FrontPart, upstream_url
 from vpsrelay.core import auth, cachepolicy as policy, headers as header_policy
 from vpsrelay.core.digest import Digest, manifest_verifier
 from vpsrelay.core.redirects import UpstreamRequest
@@ -27,26 +27,16 @@ from vpsrelay.upstream import USER_AGENT
 if TYPE_CHECKING:
     import httpx
 
-    from vpsrelay.cache.authorization import Authorization
-    from vpsrelay.cache.storage import BlobStore
     from vpsrelay.core import routing
     from vpsrelay.exchange import Exchange
-    from vpsrelay.forward import Forwarder
 
 log = logging.getLogger("vpsrelay.cache")
 
 PROBE_TIMEOUT = 10.0
 
 
-class ManifestMiss:
+class ManifestMiss(FrontPart):
     """Keeps the manifests the upstream sends, and learns which repositories are public."""
-
-    def __init__(
-        self, forwarder: Forwarder, store: BlobStore, authorization: Authorization
-    ) -> None:
-        self.forwarder = forwarder
-        self.store = store
-        self.authorization = authorization
 
     async def keep_answer(
         self,

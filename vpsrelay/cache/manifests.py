@@ -16,7 +16,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING
 
-from vpsrelay.cache.authorization import CACHE_HEADER, STALE_WARNING
+from vpsrelay.cache.authorization import CACHE_HEADER, STALE_WARNING, FrontPart
 from vpsrelay.cache.manifestmiss import ManifestMiss, client_accept
 from vpsrelay.core import cachepolicy as policy
 from vpsrelay.errors import UpstreamError
@@ -25,31 +25,20 @@ from vpsrelay.exchange import API_VERSION_HEADER
 if TYPE_CHECKING:
     from vpsrelay.cache.authorization import Authorization
     from vpsrelay.cache.index import Tag
-    from vpsrelay.cache.storage import BlobStore
     from vpsrelay.core import routing
     from vpsrelay.exchange import Exchange
-    from vpsrelay.forward import Forwarder, RelayHook
 
 log = logging.getLogger("vpsrelay.cache")
 
 
-class ManifestFront:
+class ManifestFront(FrontPart):
     """Serves manifests and tags from the `BlobStore`, revalidating tags upstream."""
 
-    def __init__(
-        self, forwarder: Forwarder, store: BlobStore, authorization: Authorization
-    ) -> None:
-        self.forwarder = forwarder
-        self.store = store
-        self.config = store.config
-        self.authorization = authorization
-        self._miss = ManifestMiss(forwarder, store, authorization)
+    def __init__(self, authorization: Authorization) -> None:
+        super().__init__(authorization)
+        self.config = self.store.config
+        self._miss = ManifestMiss(authorization)
         self._tag_ttls = dict(self.config.registry_tag_ttl)
-
-    async def _relay(
-        self, exchange: Exchange, route: routing.Route, hook: RelayHook | None = None
-    ) -> None:
-        await self.forwarder.relay(exchange, route, hook=hook)
 
     def _tag_ttl(self, registry: str) -> float:
         return self._tag_ttls.get(registry, self.config.tag_ttl)
