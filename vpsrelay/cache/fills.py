@@ -9,7 +9,7 @@ only after the digest matched), so a joiner never needs to hash to know its last
 may go; a fill never seen streaming (filled between two polls) is complete when that
 path exists. A leader that dies (its claim free, nothing committed) makes the fill `FAILED`
 and `spilled`: joiners finish from the upstream with a ranged request, hashing the
-whole blob again (`CacheFront._resume_from_upstream`).
+whole blob again (`UpstreamFinisher.after_fill_spilled`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `BlobSender` reads the bytes through the store's `BlobReader`, one chunk ahead of the
 client, and stops an abandoned fill unless `finish_abandoned`; after
 a disk failure it hands the first client the rest of the body through `pass_rest`.
-Which client gets what, and from where, is decided in `vpsrelay.cache.front`.
+Which client gets what, and from where, is decided in `vpsrelay.cache.blobs`.
 """
 
 from __future__ import annotations
