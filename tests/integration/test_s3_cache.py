@@ -273,6 +273,14 @@ def test_presigned_redirects_send_clients_to_the_bucket(
             headers={"authorization": f"Bearer {token}"},
         )
         assert answer.status_code == 307
+        # the redirect skopeo followed, and this one, each logged as a hit
+
+        def redirects() -> list[str]:
+            lines = a.log_text().splitlines()
+            return [ln for ln in lines if layer.digest in ln and "status=307" in ln]
+
+        assert wait_until(lambda: len(redirects()) >= 2, 10), redirects()
+        assert all("cache=hit" in line for line in redirects()), redirects()
         location = answer.headers["location"]
         assert location.startswith(f"{seaweed.endpoint}/{bucket}/{blob_key(layer.digest)}?")
         assert "X-Amz-Signature=" in location

@@ -157,6 +157,31 @@ def test_a_ranged_get_gets_exactly_its_range_when_the_bucket_is_cut(
         assert first < resumed <= last
 
 
+def test_a_small_range_of_a_big_blob_is_not_checked_by_fetching_the_rest_upstream(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Checking a range means hashing the whole object: when the bucket fails far before
+    its end, the rest would come from the upstream for a few bytes (tiny ranges in a burst
+    would multiply upstream traffic). The download is broken off instead, and the retry
+    passes through with just its range."""
+    with _cached(clean_hub, seaweed, bucket, tmp_path, "someuser/tiny", 12 * MiB) as cached:
+        first, last = 1 * MiB, 2 * MiB - 1
+        token = anonymous_token(cached.relay, "someuser/tiny")
+        url = f"{cached.relay.url}/v2/someuser/tiny/blobs/{cached.layer.digest}"
+        before = _cdn_ranges(clean_hub, cached.layer.digest)
+        cached.proxy.switch_after("reset", 4 * MiB)
+        _, body, ended, _ = _get(url, token, range=f"bytes={first}-{last}")
+        assert cached.proxy.switched.is_set(), "the bucket was never cut"
+        assert ended != "complete"
+        assert len(body) < last + 1 - first
+        assert _cdn_ranges(clean_hub, cached.layer.digest) == before  # nothing fetched
+        status, body, ended, how = _get(url, token, range=f"bytes={first}-{last}")
+        assert (status, ended) == (206, "complete"), cached.relay.log_text()[-3000:]
+        assert how != "hit"
+        assert body == cached.original[first : last + 1]
+        assert _cdn_ranges(clean_hub, cached.layer.digest) == [*before, f"bytes={first}-{last}"]
+
+
 def test_a_failing_bucket_gets_one_probe_at_a_time_and_comes_back(
     clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
 ) -> None:

@@ -138,8 +138,10 @@ class BlobFront(FrontPart):
                 API_VERSION_HEADER,
                 (CACHE_HEADER, "redirect"),
             )
-            await exchange.respond(307, redirect, b"")
+            # Observed first: a client that hangs up as the 307 goes out has its task
+            # cancelled before anything after `respond` runs (its log line lacked cache=hit).
             self._observe(exchange, route.registry, "hit")
+            await exchange.respond(307, redirect, b"")
             await self.store.flush()
             return
         index.touch(digest, time.time())

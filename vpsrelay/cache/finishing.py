@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vpsrelay.cache")
 
+MAX_RANGE_OVERREAD = 6 * 1024 * 1024  # bytes past a range's end fetched upstream to check it
+
 
 class UpstreamFinisher(FrontPart):
     """Finishes from the upstream the blob downloads that the store failed under."""
@@ -55,6 +57,11 @@ class UpstreamFinisher(FrontPart):
         held_to = handover.held_at + len(handover.held)
         if handover.held_at > sent or held_to < min(end, handover.hashed):
             return error  # what the client has is not what the read handed out
+        if size - max(end, handover.hashed) > MAX_RANGE_OVERREAD:
+            # A small range of a big blob: checking it would fetch the rest of the object
+            # upstream. Broken off instead: the client's retry passes through (the bucket
+            # is marked failing), so a burst of tiny ranges cannot multiply upstream bytes.
+            return error
         self.store.index.count("bucket_failovers")
         log.warning(
             "cache: the store failed under %s at byte %d (%s): finishing from the upstream",
