@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 __all__ = ["bucket", "seaweed"]  # fixtures
-RETRY_AFTER = 5.0  # vpsrelay.cache.s3.store: seconds between probes of a failing bucket
+RETRY_AFTER = 5.0  # vpsrelay.cache.s3.bucket: seconds between probes of a failing bucket
 
 
 class _Cached:

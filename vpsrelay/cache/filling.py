@@ -29,10 +29,12 @@ from vpsrelay.cache.fills import DiskFill, RemoteFill
 from vpsrelay.cache.index import Obj
 from vpsrelay.cache.storage import Fill, FillState, StoreSpill
 from vpsrelay.core.digest import Digest, Verifier
-from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
+from vpsrelay.errors import UpstreamError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+
+    from vpsrelay.errors import RelayError
 
 log = logging.getLogger("vpsrelay.cache")
 
@@ -143,9 +145,8 @@ class DiskFilling(DiskSpace):
             self.reserved -= size
             self.drop(fill)
             return False
-        disk.fd, disk.tmp_path, fill.size, fill.headers = fd, tmp_path, size, headers
-        fill.state = FillState.STREAMING
-        fill.changed()
+        disk.fd, disk.tmp_path = fd, tmp_path
+        fill.start_streaming(size, headers)
         return True
 
     async def pump(self, fill: Fill, chunks: AsyncIterator[bytes]) -> None:
@@ -187,12 +188,7 @@ class DiskFilling(DiskSpace):
             except StoreSpill:
                 raise
             except BaseException as exc:
-                error = (
-                    exc
-                    if isinstance(exc, RelayError)
-                    else UpstreamError(f"the fill of {fill.digest} stopped")
-                )
-                await self._fail(fill, error)
+                await self._fail(fill, fill.failure(exc))
                 raise
         finally:
             self.reserved -= fill.size
@@ -299,14 +295,8 @@ class DiskFilling(DiskSpace):
         self._end(fill)
 
     async def _fail(self, fill: Fill, error: RelayError) -> None:
-        fill.error = error
-        fill.state = FillState.FAILED
+        fill.mark_failed(error, self.index)
         self._end(fill)
-        if isinstance(error, DigestMismatch):
-            self.index.count("digest_mismatches")
-            log.warning("cache: digest mismatch, not cached: %s", error.message)
-        else:
-            log.warning("cache: fill of %s failed: %s", fill.digest, error.message)
         disk = as_disk_fill(fill)
         fd, tmp_path = disk.fd, disk.tmp_path
         disk.fd = -1

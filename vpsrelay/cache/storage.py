@@ -12,12 +12,13 @@ counters) is the sibling seam, shared by every implementation.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from vpsrelay.errors import UpstreamError
+from vpsrelay.errors import DigestMismatch, RelayError, UpstreamError
 
 if TYPE_CHECKING:
     import contextlib
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from vpsrelay.cache.index import Index, Obj, Tag
     from vpsrelay.config import CacheConfig
     from vpsrelay.core.digest import Verifier
-    from vpsrelay.errors import RelayError
+
+log = logging.getLogger("vpsrelay.cache")
 
 
 class FillState(enum.Enum):
@@ -62,6 +64,31 @@ class Fill:
     @property
     def settled(self) -> bool:
         return self.state is not FillState.PENDING
+
+    # What every store's leader does at the same steps of a fill.
+
+    def start_streaming(self, size: int, headers: tuple[tuple[str, str], ...]) -> None:
+        """The leader has somewhere to write: `size` bytes follow, readable as they come."""
+        self.size, self.headers = size, headers
+        self.state = FillState.STREAMING
+        self.changed()
+
+    def failure(self, exc: BaseException) -> RelayError:
+        """What the fill fails with when `exc` stopped its pump: a `RelayError` as it is;
+        anything else (cancelled, a bug) as the fill having stopped."""
+        if isinstance(exc, RelayError):
+            return exc
+        return UpstreamError(f"the fill of {self.digest} stopped")
+
+    def mark_failed(self, error: RelayError, index: Index) -> None:
+        """Fail the fill with `error`, logged; a digest mismatch is counted in `index`."""
+        self.error = error
+        self.state = FillState.FAILED
+        if isinstance(error, DigestMismatch):
+            index.count("digest_mismatches")
+            log.warning("cache: digest mismatch, not cached: %s", error.message)
+        else:
+            log.warning("cache: fill of %s failed: %s", self.digest, error.message)
 
 
 @dataclass(frozen=True, slots=True)
