@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -626,3 +627,40 @@ async def test_a_node_that_flushes_late_never_rolls_a_shared_tag_back(
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+
+
+def test_an_emptied_object_is_never_served_as_the_blob(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A bucket writer empties a blob's object: nothing would be read, so nothing hashed;
+    the node must not answer `200 Content-Length: 0` for it. It passes through, deletes
+    the empty object, and the pull is byte-exact."""
+    image = push_unique(clean_hub, tmp_path, "someuser/emptied", 1 * MiB)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    key = f"/{bucket}/{blob_key(layer.digest)}"
+    assert seaweed.request("PUT", key, b"").status_code == 200
+    with node(tmp_path / "a", clean_hub, seaweed, bucket) as a:
+        out = sub(tmp_path / "pull")
+        skopeo_copy(out, f"{host(a)}/someuser/emptied:1")
+        assert_blobs_pulled(out, image)
+        assert f"the bucket's {layer.digest} is empty" in a.log_text()
+    assert seaweed.request("HEAD", key).headers.get("content-length") != "0"
+
+
+def test_a_missing_bucket_never_reads_as_working(
+    clean_hub: Hub, seaweed: Seaweed, tmp_path: Path
+) -> None:
+    """A HEAD of a missing key says 404 whether or not the bucket exists: a node on a
+    bucket that is gone (deleted, misnamed) must say so in `/readyz`, at start and after
+    its probes, not flip back to ok every few seconds; its pulls pass through."""
+    image = push_unique(clean_hub, tmp_path, "someuser/nobucket", 256 * 1024)
+    with node(tmp_path / "a", clean_hub, seaweed, f"gone{uuid.uuid4().hex[:12]}") as a:
+        states = []
+        for attempt in range(2):
+            out = sub(tmp_path / f"pull-{attempt}")
+            skopeo_copy(out, f"{host(a)}/someuser/nobucket:1")
+            assert_blobs_pulled(out, image)
+            states.append(httpx.get(f"{a.url}/readyz").json()["checks"]["cache_bucket"])
+            if attempt == 0:
+                time.sleep(6)  # past one probe (RETRY_AFTER 5 s)
+    assert all(state.startswith("failing") for state in states), states

@@ -96,13 +96,12 @@ class S3Bucket:
         """Forever: while the bucket is failing, one HEAD of a fixed key every
         `RETRY_AFTER` seconds (one at a time, with the control deadline); any answer
         brings the bucket back."""
-        probe = self.key("sha256:" + "0" * 64)
         while True:
             await trio.sleep(RETRY_AFTER)
             if self.bucket_ok:
                 continue
             try:
-                await self.client.head(probe)
+                await self.probe()
             except S3Error as exc:
                 self.last_error = exc.summary
                 log.debug("cache: the bucket still fails (%s)", exc)
@@ -112,6 +111,15 @@ class S3Bucket:
                 continue
             log.info("cache: the bucket answers again")
             self.failed_at = None
+
+    async def probe(self) -> None:
+        """One cheap request that only a working bucket answers: a listing (a HEAD of a
+        missing key says 404 whether or not the bucket exists).
+
+        Raises:
+            S3Error: the bucket failed (or does not exist).
+        """
+        await self.client.list(self.key("sha256:" + "0" * 64))
 
     # --- what the bucket holds wrongly
 

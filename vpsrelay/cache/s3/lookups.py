@@ -22,6 +22,7 @@ from vpsrelay.cache.s3.client import S3Error
 from vpsrelay.cache.s3.filling import S3Filling
 from vpsrelay.cache.s3.lease import LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
+from vpsrelay.core.imageref import EMPTY_SHA256
 
 if TYPE_CHECKING:
     import contextlib
@@ -153,6 +154,11 @@ class S3Lookups(S3Filling):
     async def _look(self, digest: str) -> Obj | None:
         head = await self.client.head(self.key(digest))
         if head is None:
+            return None
+        if head.size == 0 and digest != str(EMPTY_SHA256):
+            # Nothing would be read, so nothing hashed: an emptied object (a bucket
+            # writer's, or a store's fault) would go out complete and unchecked.
+            await self._bad(digest, "is empty")
             return None
         obj = Obj(head.size, time.time(), "blob")
         known = self.index.objects.get(digest)

@@ -78,7 +78,7 @@ class S3Store(S3Lookups):
         db, index = await trio.to_thread.run_sync(prepare)
         store = cls(root, config, db, index, client)
         try:
-            await client.head(store.key("sha256:" + "0" * 64))
+            await store.probe()
         except S3Error as exc:
             store._failed(exc)
             log.warning("cache: the bucket does not answer (%s): passing through for now", exc)
