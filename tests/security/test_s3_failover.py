@@ -219,3 +219,30 @@ def test_a_tampered_object_cut_mid_body_is_not_completed_from_the_upstream(
         assert body != bytes(forged[first : last + 1])
         log = cached.relay.log_text()
         assert "finishing from the upstream" in log, log[-3000:]
+
+
+def test_a_bucket_silent_mid_body_is_left_for_the_upstream_and_keeps_the_object(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Review 15b, finding 1: 4 MiB, then silence under a read timeout longer than the
+    rate window (the default is 30 s): the download goes on from the upstream after the
+    window; the stall is the bucket's, so the valid object stays in it."""
+    with _cached(
+        clean_hub, seaweed, bucket, tmp_path, "someuser/hang", 12 * MiB, s3__timeout="15"
+    ) as cached:
+        token = anonymous_token(cached.relay, "someuser/hang")
+        url = f"{cached.relay.url}/v2/someuser/hang/blobs/{cached.layer.digest}"
+        cached.proxy.switch_after("hang", 4 * MiB)
+        status, body, ended, _ = _get(url, token)
+        done = time.monotonic()
+        assert cached.proxy.switched.is_set(), "the bucket never went silent"
+        log = cached.relay.log_text()
+        assert (status, ended) == (200, "complete"), log[-3000:]
+        assert body == cached.original
+        assert done - cached.proxy.switched_at < 14, done - cached.proxy.switched_at
+        assert "slower than 256 KiB/s" in log, log[-3000:]
+        assert "finishing from the upstream" in log
+        assert "deleting it" not in log
+        assert 0 < _resumed_at(_cdn_ranges(clean_hub, cached.layer.digest)) < cached.layer.size
+        stored = seaweed.keys(bucket, f"{PREFIX}blobs/")
+        assert stored.get(blob_key(cached.layer.digest)) == cached.layer.size
