@@ -26,6 +26,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from tests.test_library_patches import fake_versions, settings
 from vpsrelay import patches as library_patches
+from vpsrelay.ops import fleet as fleet_files
 from vpsrelay.ops.metrics import Metrics
 from vpsrelay.patches import hypercorn as hypercorn_patches, prometheus as prometheus_patches
 from vpsrelay.worker_identity import WorkerIdentity
@@ -297,7 +298,7 @@ def test_a_failed_growth_names_the_file_and_the_error(
 ) -> None:
     d = MmapedDict(str(tmp_path / "counter_1.db"))  # type: ignore[no-untyped-call]
     monkeypatch.setattr(prometheus_patches, "_allocate", _full_disk)
-    with pytest.raises(OSError, match="allocating 131072 bytes of counter_1.db: No space") as e:
+    with pytest.raises(OSError, match=r"allocating 131072 bytes of counter_1\.db: No space") as e:
         _grow(d, 400)
     assert e.value.errno == errno.ENOSPC
     d.close()  # type: ignore[no-untyped-call]
@@ -315,3 +316,11 @@ def test_a_scrape_skips_an_empty_file_and_refuses_a_cut_one(multiprocess: Path) 
     (multiprocess / "counter_8.db").write_bytes(struct.pack("i", 4096) + b"\0" * 12)
     with pytest.raises(ValueError, match="a metrics file is cut short"):
         metrics.render()
+
+
+def test_a_dead_workers_half_made_file_is_removed_with_its_files(tmp_path: Path) -> None:
+    """A worker killed between making a file under its temporary name and linking it."""
+    (tmp_path / "counter_41.db.41.new").write_bytes(b"\0" * 64)
+    (tmp_path / "counter_42.db.42.new").write_bytes(b"\0" * 64)
+    fleet_files.fold_dead_worker(tmp_path, 41)
+    assert [p.name for p in tmp_path.iterdir()] == ["counter_42.db.42.new"]

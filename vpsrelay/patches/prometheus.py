@@ -72,7 +72,8 @@ def _allocate_file(filename: str) -> None:
         finally:
             os.close(fd)
         return
-    temporary = f"{filename}.{os.getpid()}.new"  # not `*.db`: no reader globs it
+    # Not `*.db`: no reader globs it; a dead worker's is removed with its files (ops/fleet.py).
+    temporary = f"{filename}.{os.getpid()}.new"
     fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         _allocate(fd, mmap_dict._INITIAL_MMAP_SIZE)
