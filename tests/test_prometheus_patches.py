@@ -9,10 +9,13 @@ it has holes, and a failing allocation is simulated where its handling is the po
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import inspect
 import logging
+import os
 import sqlite3
+import struct
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from tests.test_library_patches import fake_versions, settings
 from vpsrelay import patches as library_patches
+from vpsrelay.ops import fleet as fleet_files
 from vpsrelay.ops.metrics import Metrics
 from vpsrelay.patches import hypercorn as hypercorn_patches, prometheus as prometheus_patches
 from vpsrelay.worker_identity import WorkerIdentity
@@ -230,3 +234,93 @@ def test_the_reach_is_a_safety_one_with_workers_only(monkeypatch: pytest.MonkeyP
         settings(**{"server.workers": 2, "server.allow_unpatched": True})
     )
     assert [(entry.reach, entry.kind) for entry in degraded] == [("prometheus", "safety")]
+
+
+@pytest.mark.usefixtures("patched")
+def test_a_new_file_is_never_seen_empty_while_its_allocation_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 15b, finding 3: the file was made empty, then allocated, then removed on a
+    full disk; a scrape globbing `*.db` meanwhile read an empty file and failed."""
+    seen: list[list[Path]] = []
+
+    def full_disk_seen_by_a_scrape(fd: int, size: int) -> None:
+        seen.append(sorted(tmp_path.glob("*.db")))  # what a scrape would read right now
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as full:
+        full.setattr(prometheus_patches, "_allocate", full_disk_seen_by_a_scrape)
+        for _ in range(3):  # a worker trying again at each new series
+            with pytest.raises(OSError, match="No space"):
+                MmapedDict(str(tmp_path / "histogram_7.db"))  # type: ignore[no-untyped-call]
+    assert seen == [[], [], []]
+    assert list(tmp_path.iterdir()) == []
+
+    def allocate_seen_by_a_scrape(fd: int, size: int) -> None:
+        seen.append(sorted(tmp_path.glob("*.db")))
+        os.posix_fallocate(fd, 0, size)
+
+    monkeypatch.setattr(prometheus_patches, "_allocate", allocate_seen_by_a_scrape)
+    d = MmapedDict(str(tmp_path / "histogram_7.db"))  # type: ignore[no-untyped-call]
+    assert seen[-1] == []  # not there until whole
+    assert [p.name for p in tmp_path.iterdir()] == ["histogram_7.db"]
+    assert allocated(tmp_path / "histogram_7.db") >= 64 * 1024
+    d.write_value("k", 1.0, 0.0)  # type: ignore[no-untyped-call]
+    d.close()  # type: ignore[no-untyped-call]
+
+
+def _emulated_fallocate(fd: int, size: int) -> None:
+    """glibc's `posix_fallocate` where the file system has no fallocate: it writes a byte
+    into each block itself, and refuses a descriptor opened to append."""
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    os.posix_fallocate(fd, 0, size)
+
+
+@pytest.mark.usefixtures("patched")
+def test_files_grow_where_fallocate_is_emulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 15b, finding 4: growing allocated through the library's own handle, opened
+    "a+b" (O_APPEND): every growth failed there."""
+    monkeypatch.setattr(prometheus_patches, "_allocate", _emulated_fallocate)
+    path = tmp_path / "counter_1.db"
+    d = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    _grow(d, 400)
+    assert len(d._positions) == 400
+    assert allocated(path) >= path.stat().st_size > 64 * 1024
+    d.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.usefixtures("patched")
+def test_a_failed_growth_names_the_file_and_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = MmapedDict(str(tmp_path / "counter_1.db"))  # type: ignore[no-untyped-call]
+    monkeypatch.setattr(prometheus_patches, "_allocate", _full_disk)
+    with pytest.raises(OSError, match=r"allocating 131072 bytes of counter_1\.db: No space") as e:
+        _grow(d, 400)
+    assert e.value.errno == errno.ENOSPC
+    d.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.usefixtures("patched")
+def test_a_scrape_skips_an_empty_file_and_refuses_a_cut_one(multiprocess: Path) -> None:
+    """An empty `*.db` (made by an older version, its maker dead before sizing it) is
+    skipped; a cut one is a `ValueError` (the clean 503), not the library's `struct.error`."""
+    metrics = Metrics(identity=WorkerIdentity(1, 2))
+    metrics.request_done("docker.io", "blob", 200, 10)
+    (multiprocess / "histogram_7.db").write_bytes(b"")
+    body = metrics.render().decode()
+    assert 'vpsrelay_requests_total{kind="blob",registry="docker.io",status="200"} 1.0' in body
+    (multiprocess / "counter_8.db").write_bytes(struct.pack("i", 4096) + b"\0" * 12)
+    with pytest.raises(ValueError, match="a metrics file is cut short"):
+        metrics.render()
+
+
+def test_a_dead_workers_half_made_file_is_removed_with_its_files(tmp_path: Path) -> None:
+    """A worker killed between making a file under its temporary name and linking it."""
+    (tmp_path / "counter_41.db.41.new").write_bytes(b"\0" * 64)
+    (tmp_path / "counter_42.db.42.new").write_bytes(b"\0" * 64)
+    fleet_files.fold_dead_worker(tmp_path, 41)
+    assert [p.name for p in tmp_path.iterdir()] == ["counter_42.db.42.new"]

@@ -59,3 +59,20 @@ def test_the_history_stays_bounded() -> None:
     for _ in range(100_000):
         floor.feed(64 * KiB, 0.05)
     assert len(floor._slots) <= 12
+
+
+def test_one_long_wait_after_a_fast_burst_breaks_it() -> None:
+    """Review 15b, finding 1: a stall merged into a slot of fast bytes never fell out of
+    the window alone, and ~2.6 MiB sent just before it covered it."""
+    floor = TransferFloor(256 * KiB, 10.0)
+    for _ in range(48):  # 3 MiB in 0.05 s
+        assert not floor.feed(64 * KiB, 0.001)
+    assert floor.feed(0, 10.0)
+
+
+def test_a_long_wait_with_its_bytes_is_judged_alone() -> None:
+    floor = TransferFloor(256 * KiB, 10.0)
+    for _ in range(48):
+        assert not floor.feed(64 * KiB, 0.001)
+    assert not floor.feed(3 * 1024 * KiB, 10.0)  # 300 KiB/s over the whole wait: fine
+    assert floor.feed(1 * KiB, 10.0)

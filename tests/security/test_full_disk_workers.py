@@ -174,3 +174,34 @@ def test_a_worker_replaced_on_a_full_disk_starts_and_serves(
     assert after["w2"] == before["w2"]
     assert relay.worker_pids() == sorted(after.values())
     assert httpx.get(f"{relay.url}/metrics", timeout=10).status_code == 200
+
+
+def test_a_scrape_survives_an_empty_or_cut_metrics_file(
+    full_disk_relay: tuple[RelayProcess, Path],
+) -> None:
+    """Review 15b, finding 3: the library's reader fails on a file shorter than its header
+    with `struct.error` (not an OSError), which the scrape did not turn into its 503. An
+    empty file (made by an older version, its maker dead before sizing it) is skipped;
+    a cut one gets the 503 from every worker; neither ends a worker."""
+    relay, disk = full_disk_relay
+    before = current_pids(relay)
+    metrics_dir = disk / "data" / "run" / "metrics"
+    assert sorted(metrics_dir.glob("*.db")), "no metrics files: wrong directory"
+    (metrics_dir / "histogram_999999.db").write_bytes(b"")
+    with clients_by_worker(relay, 1, PROBES) as by_worker:
+        for label, (client,) in sorted(by_worker.items()):
+            answer = client.get(f"{relay.url}/metrics")
+            assert answer.status_code == 200, (label, answer.text[:500])
+            assert "vpsrelay_requests_total" in answer.text
+        (metrics_dir / "counter_999998.db").write_bytes((4096).to_bytes(4, "little") + bytes(12))
+        for label, (client,) in sorted(by_worker.items()):
+            answer = client.get(f"{relay.url}/metrics")
+            assert (answer.status_code, answer.text) == (
+                503,
+                "503 the workers' metrics are unreadable\n",
+            ), label
+        (metrics_dir / "counter_999998.db").unlink()
+        for _label, (client,) in sorted(by_worker.items()):
+            assert client.get(f"{relay.url}/metrics").status_code == 200
+    assert "a metrics file is cut short" in relay.log_text()
+    assert current_pids(relay) == before

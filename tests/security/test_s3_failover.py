@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from tests.infra.hub import Hub
@@ -244,3 +245,93 @@ def test_a_tampered_object_cut_mid_body_is_not_completed_from_the_upstream(
         assert body != bytes(forged[first : last + 1])
         log = cached.relay.log_text()
         assert "finishing from the upstream" in log, log[-3000:]
+
+
+def test_a_bucket_silent_mid_body_is_left_for_the_upstream_and_keeps_the_object(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Review 15b, finding 1: 4 MiB, then silence under a read timeout longer than the
+    rate window (the default is 30 s): the download goes on from the upstream after the
+    window; the stall is the bucket's, so the valid object stays in it."""
+    with _cached(
+        clean_hub, seaweed, bucket, tmp_path, "someuser/hang", 12 * MiB, s3__timeout="15"
+    ) as cached:
+        token = anonymous_token(cached.relay, "someuser/hang")
+        url = f"{cached.relay.url}/v2/someuser/hang/blobs/{cached.layer.digest}"
+        cached.proxy.switch_after("hang", 4 * MiB)
+        status, body, ended, _ = _get(url, token)
+        done = time.monotonic()
+        assert cached.proxy.switched.is_set(), "the bucket never went silent"
+        log = cached.relay.log_text()
+        assert (status, ended) == (200, "complete"), log[-3000:]
+        assert body == cached.original
+        assert done - cached.proxy.switched_at < 14, done - cached.proxy.switched_at
+        assert "slower than 256 KiB/s" in log, log[-3000:]
+        assert "finishing from the upstream" in log
+        assert "deleting it" not in log
+        assert 0 < _resumed_at(_cdn_ranges(clean_hub, cached.layer.digest)) < cached.layer.size
+        stored = seaweed.keys(bucket, f"{PREFIX}blobs/")
+        assert stored.get(blob_key(cached.layer.digest)) == cached.layer.size
+
+
+def _slow_get(
+    url: str, token: str, read_first: int, pause: float, during: Callable[[], None]
+) -> bytes:
+    """A GET read by a slow client (a small receive buffer): `read_first` bytes of the body,
+    then `pause` seconds reading nothing (`during` runs 1 s in), then the rest."""
+    parsed = httpx.URL(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.settimeout(30)
+        sock.connect((parsed.host, parsed.port or 80))
+        request = (
+            f"GET {parsed.raw_path.decode()} HTTP/1.1\r\nHost: {parsed.netloc.decode()}\r\n"
+            f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(re.search(rb"(?i)content-length: *([0-9]+)", head).group(1))  # type: ignore[union-attr]
+        got = bytearray(body)
+        while len(got) < read_first:
+            got += sock.recv(65536)
+        time.sleep(1.0)
+        during()
+        time.sleep(pause - 1.0)
+        while len(got) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return bytes(got)
+
+
+def test_a_bucket_connection_lost_behind_a_slow_client_leaves_the_bucket_in_use(
+    clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Review 15b, finding 2: while a client reads slowly the relay reads nothing from the
+    bucket, and many stores close such a connection. That download is finished from the
+    upstream; the bucket is not switched off for every other pull (an anonymous client
+    could do this again and again)."""
+    with _cached(clean_hub, seaweed, bucket, tmp_path, "someuser/slowclient", 24 * MiB) as cached:
+        token = anonymous_token(cached.relay, "someuser/slowclient")
+        url = f"{cached.relay.url}/v2/someuser/slowclient/blobs/{cached.layer.digest}"
+
+        def store_closes_the_idle_connection() -> None:
+            cached.proxy.set_mode("reset")
+            cached.proxy.set_mode("forward")
+
+        body = _slow_get(url, token, 1 * MiB, 7.0, store_closes_the_idle_connection)
+        log = cached.relay.log_text()
+        assert body == cached.original, (len(body), log[-3000:])
+        ready = httpx.get(f"{cached.relay.url}/readyz").json()["checks"]["cache_bucket"]
+        assert ready == "ok", ready
+        assert "finishing from the upstream" in log, log[-3000:]
+        assert "after a slow client: the bucket stays in use" in log
+        assert "deleting it" not in log
+        assert _get(url, token)[1:] == (cached.original, "complete", "hit")

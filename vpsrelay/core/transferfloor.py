@@ -25,7 +25,9 @@ class TransferFloor:
     def feed(self, size: int, waited: float) -> bool:
         """`size` bytes arrived after `waited` seconds of waiting; True: the floor is broken."""
         waited = max(0.0, waited)
-        if self._slots and self._slots[-1][0] < SLOT_SECONDS:
+        # A long wait gets a slot of its own: merged into a slot of fast bytes, it would
+        # never fall out of the window alone, and those bytes would cover it.
+        if self._slots and self._slots[-1][0] < SLOT_SECONDS and waited < SLOT_SECONDS:
             last_wait, last_bytes = self._slots.pop()
             self._slots.append((last_wait + waited, last_bytes + size))
         else:

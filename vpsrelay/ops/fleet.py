@@ -256,6 +256,8 @@ def fold_dead_worker(metrics_dir: Path, pid: int) -> None:
     Counters, histograms and `sum` gauges add up; `max`/`min` gauges keep the extreme,
     `mostrecent` ones the latest value. `all` gauges (one series per pid) stay as they are.
     """
+    for leftover in metrics_dir.glob(f"*.{pid}.new"):  # killed while making a file
+        leftover.unlink(missing_ok=True)
     for path in sorted(metrics_dir.glob(f"*_{pid}.db")):
         kind = path.name[: -len(f"_{pid}.db")]  # counter, histogram, gauge_<mode>
         mode = kind.partition("_")[2]

@@ -16,9 +16,12 @@ file instead, since prometheus-client cannot merge them across processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
@@ -40,7 +43,9 @@ from vpsrelay.core.fleet import State
 from vpsrelay.ops import fleet as fleet_files
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
+
+    from prometheus_client import Metric
 
     from vpsrelay.core.credpool import CredentialState
     from vpsrelay.core.fleet import FleetView
@@ -53,6 +58,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Time to the upstream's response headers (after any redirect hops), in seconds.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 NO_REGISTRY = "none"
+HEADER_BYTES = 8  # of a metrics file: the bytes used, and padding
 
 
 class _CertificateCollector:
@@ -424,13 +430,14 @@ class Metrics:
 
         Raises:
             OSError: a supervised worker cannot read the shared metrics directory.
+            ValueError: a metrics file there cannot be parsed.
         """
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         # A fresh registry with only the merged files and the scrape-time collectors: the
         # metrics above are in the files already (registering them again would double them).
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        _WorkerFiles(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
         if fleet is not None:
             oldest = fleet.oldest_certificate()
             registry.register(_CertificateCollector(lambda: oldest))
@@ -438,4 +445,21 @@ class Metrics:
         else:
             registry.register(_CertificateCollector(self._certificate_not_after))
         with fleet_files.metrics_lock(self.multiprocess_dir, exclusive=False):
-            return generate_latest(registry)
+            try:
+                return generate_latest(registry)
+            except struct.error as exc:  # the library's reader on a cut file: not an OSError
+                raise ValueError(f"a metrics file is cut short: {exc}") from None
+
+
+class _WorkerFiles(MultiProcessCollector):
+    """The workers' `*.db` files, without any shorter than its 8-byte header: the library's
+    reader fails the whole scrape on one (a file made by an older version, which created
+    it empty and then sized it)."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):  # gone meanwhile: a dead worker's, folded
+                if os.stat(name).st_size >= HEADER_BYTES:
+                    files.append(name)
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]

@@ -56,23 +56,49 @@ def _allocate(fd: int, size: int) -> None:
 
 def _allocate_file(filename: str) -> None:
     """Allocate the file `MmapedDict` is about to map (made with its mode), whole: a file
-    grown before a failed allocation may have holes. A new file that gets no room is removed:
-    readers (a scrape, the supervisor's fold) cannot parse an empty one.
+    grown before a failed allocation may have holes. A new file is made and allocated under
+    a temporary name, then linked into place: readers (a scrape, the supervisor's fold)
+    that glob `*.db` never see it empty, even while a full disk fails it again and again.
 
     Raises:
         OSError: no room (the library's own `__init__` has not run).
     """
-    fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # as open("a+b")
-    try:
-        size = os.fstat(fd).st_size
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
         try:
-            # The size the library gives a new file, and then finds it has already.
-            _allocate(fd, size or mmap_dict._INITIAL_MMAP_SIZE)
-        except OSError:
-            if size == 0:
-                with contextlib.suppress(OSError):
-                    os.unlink(filename)
-            raise
+            # The size the library gives a new file, and then finds it has already (an empty
+            # one: its maker died before allocating it).
+            _allocate(fd, os.fstat(fd).st_size or mmap_dict._INITIAL_MMAP_SIZE)
+        finally:
+            os.close(fd)
+        return
+    # Not `*.db`: no reader globs it; a dead worker's is removed with its files (ops/fleet.py).
+    temporary = f"{filename}.{os.getpid()}.new"
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        _allocate(fd, mmap_dict._INITIAL_MMAP_SIZE)
+        with contextlib.suppress(FileExistsError):  # made meanwhile: the library opens it
+            os.link(temporary, filename)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+def _grow_file(filename: str, size: int) -> None:
+    """Allocate `filename` to `size` through a descriptor of its own: the library's handle is
+    opened to append, and glibc's `posix_fallocate` emulation (file systems without native
+    fallocate: some FUSE, NFS, older OpenZFS) refuses one (EBADF).
+
+    Raises:
+        OSError: the allocation failed (its message says which file, how much, and why).
+    """
+    fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _allocate(fd, size)
+    except OSError as exc:
+        name = os.path.basename(filename)
+        raise OSError(exc.errno, f"allocating {size} bytes of {name}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -95,7 +121,7 @@ def _init_value(self: Any, key: str) -> None:
         # allocated: a key that big (tens of KiB) is a bug, not a series.
         raise OSError(errno.EFBIG, f"a metrics key of {len(encoded)} bytes")
     if needed > self._capacity:
-        _allocate(self._f.fileno(), 2 * self._capacity)
+        _grow_file(self._fname, 2 * self._capacity)
     UNPATCHED["_init_value"](self, key)
 
 

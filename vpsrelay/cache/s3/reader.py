@@ -4,12 +4,17 @@ The bucket is another trust domain: anyone with its keys (or a fault in it) may 
 object behind the relays' back. `S3Reader` reads the object from its first byte with one
 streamed GET, hashes every byte, and hands out the bytes that end the object only once the
 whole object matched its digest: a tampered object ends short for the client (never
-complete and valid) and is deleted from the bucket.
+complete and valid) and is deleted from the bucket. Only evidence against the object
+deletes it: a digest mismatch, a body longer than the object, a declared length that
+differs; a body that merely stops early is the bucket failing.
 
-A bucket that fails under the read (an error, a reset, or a body slower than `MIN_RATE`
-over `RATE_WINDOW` seconds of waiting for it) is reported through `on_failed` and raises
+A bucket that fails under the read (an error, a reset, a body that stops early, or one
+slower than `MIN_RATE` over `RATE_WINDOW` seconds of waiting for it) raises
 `StoreReadFailed`, with what the read hashed (`Handover`): the caller may finish the
-client's download from the upstream, checked on from there.
+client's download from the upstream, checked on from there. It is reported through
+`on_failed` (the store then passes pulls by until its probe) unless the caller had left
+the connection unread for over `CLIENT_GAP` seconds first: many stores close a connection
+whose reader stalls, and a slow client must not switch the bucket off for everyone.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpsrelay.cache")
 
 RATE_WINDOW = 10.0  # seconds of waiting on the bucket over which MIN_RATE must hold
+CLIENT_GAP = 5.0  # seconds between reads after which a mid-body failure may be our doing
 
 
 class S3Reader:
@@ -60,6 +66,7 @@ class S3Reader:
         self._on_failed = on_failed  # the bucket failed (not the object): leave it alone
         self._floor = TransferFloor(MIN_RATE, RATE_WINDOW)
         self._response = response  # opened already (by the store's `locate`), or None
+        self._unchecked = response  # its declared length, checked at the first read
         self._chunks: AsyncIterator[bytes] | None = (
             None if response is None else response.aiter_raw()
         )
@@ -70,6 +77,8 @@ class S3Reader:
         self._position = 0
         self._ended = False
         self._end = size  # the caller reads no further (`set_end`)
+        self._last_read: float | None = None  # when `read` last returned
+        self._left_unread = False  # this GET sat unread over CLIENT_GAP (a slow caller)
 
     def set_end(self, end: int) -> None:
         """The caller reads no further than `end` (a `Range`): the bytes that reach it
@@ -80,13 +89,19 @@ class S3Reader:
         """Up to `count` bytes at `offset`.
 
         Raises:
-            StoreReadFailed: the bucket failed, or was too slow.
-            UpstreamError: the object is short or long.
+            StoreReadFailed: the bucket failed, was too slow, or its body stopped early.
+            UpstreamError: the object is longer than its size, or declared so (it is then
+                deleted), or `offset` is past the end.
             DigestMismatch: the object is not what its digest says (it is then deleted).
         """
         try:
+            if self._unchecked is not None:
+                response, self._unchecked = self._unchecked, None
+                await self._check_length(response)
             if self._chunks is None or offset < self._position:
                 await self._open()
+            elif self._last_read is not None:
+                self._left_unread |= trio.current_time() - self._last_read > CLIENT_GAP
             while self._position + len(self._buffer) < offset:  # skip to `offset`, hashing
                 self._position += len(self._buffer)
                 self._buffer.clear()
@@ -98,15 +113,18 @@ class S3Reader:
             want = min(count, self._end - offset)
             while len(self._buffer) < want and await self._pull():
                 pass
-            if len(self._buffer) < want or want <= 0:
-                raise await self._bad("ended early")
+            if want <= 0:
+                self.close()
+                raise UpstreamError(f"a read past the end of {self._digest}")
+            if len(self._buffer) < want:
+                raise self._short()
             data = bytes(self._buffer[:want])
             if offset + want >= self._end:  # the caller's last bytes: the whole must match
                 del self._buffer[want:]  # past `end`: hashed, never handed out
                 while await self._pull():
                     del self._buffer[want:]
                 if self._received != self._size:
-                    raise await self._bad("ended early")
+                    raise self._short()
                 try:
                     self._verifier.finish()
                 except DigestMismatch:
@@ -118,13 +136,21 @@ class S3Reader:
         except S3Error as exc:
             raise self._failure(exc) from None
         self._position += want
+        self._last_read = trio.current_time()
         if verifier is not None:
             verifier.update(data)
         return data
 
+    def _short(self) -> S3Error:
+        """The body stopped before the object's end: the bucket failed, not the object."""
+        return S3Error(f"GET {self._key}: ended at byte {self._received}", reason="short")
+
     def _failure(self, exc: S3Error) -> StoreReadFailed:
         self.close()
-        if exc.status != 404:  # a 404 is the object gone, not the bucket failing
+        if self._left_unread:
+            # Perhaps the store closed a connection we left unread: fail this one over.
+            log.info("cache: %s after a slow client: the bucket stays in use", exc)
+        elif exc.status != 404:  # a 404 is the object gone, not the bucket failing
             self._on_failed(exc)
         # What was read and hashed, for the caller to check the upstream's bytes on from.
         handover = Handover(self._verifier, self._received, bytes(self._buffer), self._position)
@@ -132,9 +158,13 @@ class S3Reader:
 
     async def _open(self) -> None:
         self.close()
+        self._unchecked = None
         self._response = None
         self._response = await self._client.open_get(self._key)
         self._chunks = self._response.aiter_raw()
+        self._left_unread = False
+        self._last_read = None
+        await self._check_length(self._response)
         self._verifier = Verifier(Digest.parse(self._digest))
         self._floor = TransferFloor(MIN_RATE, RATE_WINDOW)
         self._received = self._position = 0
@@ -147,15 +177,17 @@ class S3Reader:
         if self._ended:
             return False
         started = trio.current_time()
-        chunk = b""
+        chunk = None
         with trio.move_on_after(RATE_WINDOW):
             try:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 self._ended = True
                 return False
-        # Only the time spent waiting here counts: not the time a slow client takes.
-        if self._floor.feed(len(chunk), trio.current_time() - started):
+        # Only the time spent waiting here counts: not the time a slow client takes. A
+        # cancelled wait closed the body's iterator for good: the stream is dead either way.
+        waited = trio.current_time() - started
+        if self._floor.feed(len(chunk or b""), waited) or chunk is None:
             raise S3Error(f"GET {self._key}: slower than {MIN_RATE // 1024} KiB/s", reason="slow")
         self._received += len(chunk)
         if self._received > self._size:
@@ -164,9 +196,20 @@ class S3Reader:
         self._buffer += chunk
         return True
 
+    async def _check_length(self, response: httpx.Response) -> None:
+        """A declared length other than the object's is evidence against the object."""
+        declared = response.headers.get("content-length")
+        if declared is not None and declared != str(self._size):
+            raise await self._bad(f"is {declared[:20]!r} bytes long, not {self._size}")
+
     async def _bad(self, why: str) -> UpstreamError:
-        await self._on_bad(self._digest, why)
+        chunks = self._chunks
         self.close()
+        aclose = getattr(chunks, "aclose", None)  # the body's iterator, stopped mid-body
+        if aclose is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await aclose()
+        await self._on_bad(self._digest, why)
         return UpstreamError(f"the cached object {self._digest} {why}")
 
     def close(self) -> None:
