@@ -119,6 +119,7 @@ def test_a_bucket_reset_mid_body_finishes_the_pull_from_the_upstream(
         assert ready.startswith("failing"), ready
         metrics = httpx.get(f"{cached.relay.url}/metrics").text
         assert "vpsrelay_cache_bucket_up 0.0" in metrics
+        assert 'vpsrelay_cache_store_failovers_total{registry="docker.io"} 1.0' in metrics
 
 
 def test_a_dripping_bucket_is_abandoned_mid_body_for_the_upstream(

@@ -63,6 +63,7 @@ class UpstreamFinisher(FrontPart):
             # is marked failing), so a burst of tiny ranges cannot multiply upstream bytes.
             return error
         self.store.index.count("bucket_failovers")
+        self.forwarder.metrics.cache_store_failover(route.registry)
         log.warning(
             "cache: the store failed under %s at byte %d (%s): finishing from the upstream",
             digest,

@@ -221,6 +221,12 @@ class Metrics:
             "vpsrelay_cache_misses", "Blob requests the cache could not serve.", ["registry"],
             registry=r,
         )  # fmt: skip
+        self.cache_store_failovers = Counter(
+            "vpsrelay_cache_store_failovers",
+            "Cache hits finished from the upstream after the store failed mid-body.",
+            ["registry"],
+            registry=r,
+        )
         self.cache_served_bytes = Counter(
             "vpsrelay_cache_served_bytes",
             "Body bytes served from the cache.",
@@ -409,6 +415,11 @@ class Metrics:
     def cache_miss(self, registry: str) -> None:
         """A blob was not in the cache and goes to the upstream."""
         self.cache_misses.labels(registry).inc()
+
+    @_dropped_on_full_disk
+    def cache_store_failover(self, registry: str) -> None:
+        """A hit whose store (the bucket) failed mid-body is finished from the upstream."""
+        self.cache_store_failovers.labels(registry).inc()
 
     def watch_cache_bucket(self, up: Callable[[], bool]) -> None:
         """Export `vpsrelay_cache_bucket_up` (1 or 0), read from `up` at each scrape."""
