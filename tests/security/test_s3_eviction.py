@@ -37,7 +37,13 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
 from vpsrelay import config
 from vpsrelay.cache.index import Obj
 from vpsrelay.cache.s3.client import S3Client
-from vpsrelay.cache.s3.evict import EVICT_LEASE, MAX_BATCH, Evictor, LeaseLapsed
+from vpsrelay.cache.s3.evict import (
+    EVICT_LEASE,
+    MAX_BATCH,
+    TOMBSTONE_MEMORY,
+    Evictor,
+    LeaseLapsed,
+)
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.store import S3Store
 from vpsrelay.errors import ConfigError
@@ -261,6 +267,7 @@ async def test_a_node_that_finds_a_tombstone_passes_through(
             await evictor.mark(state)
 
             before = await trio.to_thread.run_sync(_get, a, "someuser/marked1", one)
+            looked = time.monotonic()
             assert before.status_code == 200
             assert before.content == one_bytes
             assert before.history == []  # not redirected to the bucket
@@ -287,8 +294,10 @@ async def test_a_node_that_finds_a_tombstone_passes_through(
         assert _in_bucket(seaweed, bucket, one)
         assert _tombstones(seaweed, bucket) == {}
 
-        # The pass is over: the spared object is a hit again (a redirect to the bucket),
-        # the evicted one is fetched from the upstream; every answer a 200.
+        # The pass is over: the spared object is a hit again (a redirect to the bucket)
+        # once the node forgot the tombstone it found (its next batch, or 10 s), the
+        # evicted one is fetched from the upstream; every answer a 200.
+        await trio.sleep(max(0.0, looked + TOMBSTONE_MEMORY + 0.5 - time.monotonic()))
         hit = await trio.to_thread.run_sync(_get, a, "someuser/marked1", one)
         assert hit.status_code == 200
         assert hit.content == one_bytes
@@ -426,19 +435,21 @@ async def test_a_tombstone_found_is_remembered_until_the_next_batch(
 async def test_a_record_that_cannot_be_written_passes_one_request_through(
     seaweed: Seaweed, bucket: str, tmp_path: Path
 ) -> None:
-    """The bucket does not take the access record (the store resets every connection):
-    that request passes through, after one retry, and the node does not mark the bucket
-    failing (main: every pull passed through until the probe's next answer)."""
+    """The bucket does not answer the access record's PUT in time (a busy filer: the store
+    goes silent, timeout 1 s): that request passes through, after one retry, and the node
+    does not mark the bucket failing (main: every pull passed through until the probe's
+    next answer)."""
     digest, data = _put_blob(seaweed, bucket, 1024)
     with FaultProxy((seaweed.host, seaweed.s3_port)) as proxy:
-        settings = _settings(seaweed, bucket, s3__endpoint=proxy.endpoint)
+        settings = _settings(seaweed, bucket, s3__endpoint=proxy.endpoint, s3__timeout="1")
         store = await S3Store.connect(tmp_path, settings.cache)
         try:
             assert store.bucket_ok
             store.index.add(digest, Obj(len(data), time.time(), "blob"))
-            proxy.set_mode("reset")
+            proxy.set_mode("hang")
             proxy.reset_count()
-            assert await store.locate(digest, fill=False, read=True) is None
+            with trio.fail_after(10):
+                assert await store.locate(digest, fill=False, read=True) is None
             assert proxy.attempts >= 2  # retried once
             assert store.bucket_ok, store.last_error
             proxy.set_mode("forward")

@@ -19,6 +19,12 @@ the record and the object is spared, or the node finds the tombstone and does no
 it. A node whose own record of an object is younger than `evict_grace / 2` skips both
 (`record_is_fresh`): that record keeps the object out of any plan until the node's next
 batch, which names the objects it is reading, reaches the bucket.
+
+The handshake holds only while the pass holds the eviction lease: another pass may clear
+its tombstones and fold (and delete) the records that would spare its victims. So a pass
+deletes only right after renewing its lease, and checks before each round of deletes
+that the last renewal is younger than `lease_ttl / 2`; a last look that finds a batch it
+had read gone (another pass deleted it) deletes nothing.
 """
 
 from __future__ import annotations
