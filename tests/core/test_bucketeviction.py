@@ -15,14 +15,19 @@ from vpsrelay.core.bucketeviction import (
 
 def test_oldest_first_until_under_the_cap() -> None:
     objects = [Stored("a", 10, 100.0), Stored("b", 10, 50.0), Stored("c", 10, 200.0)]
-    assert plan(objects, max_size=20, now=1000.0, grace=10.0) == ["b"]
-    assert plan(objects, max_size=5, now=1000.0, grace=10.0) == ["b", "a", "c"]
-    assert plan(objects, max_size=30, now=1000.0, grace=10.0) == []
+    assert plan(objects, max_size=20, now=1000.0, grace=10.0, limit=9) == ["b"]
+    assert plan(objects, max_size=5, now=1000.0, grace=10.0, limit=9) == ["b", "a", "c"]
+    assert plan(objects, max_size=30, now=1000.0, grace=10.0, limit=9) == []
+
+
+def test_one_pass_picks_at_most_its_limit() -> None:
+    objects = [Stored(f"k{n}", 10, float(n)) for n in range(10)]
+    assert plan(objects, max_size=0, now=1000.0, grace=10.0, limit=3) == ["k0", "k1", "k2"]
 
 
 def test_recently_accessed_objects_are_kept_even_over_the_cap() -> None:
     objects = [Stored("old", 10, 0.0), Stored("busy", 10, 995.0), Stored("mid", 10, 500.0)]
-    assert plan(objects, max_size=0, now=1000.0, grace=10.0) == ["old", "mid"]
+    assert plan(objects, max_size=0, now=1000.0, grace=10.0, limit=9) == ["old", "mid"]
 
 
 def test_merge_keeps_the_latest_and_ignores_garbage() -> None:
@@ -43,7 +48,7 @@ def test_merge_drops_infinite_times_and_clamps_future_ones() -> None:
     assert into == {"sha256:far": 1000.0 + MAX_SKEW, "sha256:near": 1010.0}
     # the clamped time ages like any other: a victim once the grace has passed
     objects = [Stored("far", 10, into["sha256:far"])]
-    assert plan(objects, max_size=0, now=1000.0 + MAX_SKEW + 11, grace=10.0) == ["far"]
+    assert plan(objects, max_size=0, now=1000.0 + MAX_SKEW + 11, grace=10.0, limit=9) == ["far"]
 
 
 def test_forgetting_the_oldest_half_is_linear() -> None:

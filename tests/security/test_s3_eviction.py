@@ -36,13 +36,14 @@ from tests.integration.test_s3_cache import (  # the fixtures, shared
 )
 from vpsrelay import config
 from vpsrelay.cache.index import Obj
-from vpsrelay.cache.s3.client import S3Client
+from vpsrelay.cache.s3.client import S3Client, S3Error
 from vpsrelay.cache.s3.evict import (
     EVICT_LEASE,
     MAX_BATCH,
     TOMBSTONE_MEMORY,
     Evictor,
     LeaseLapsed,
+    _first_s3_error,
 )
 from vpsrelay.cache.s3.lease import Leases, LeaseState
 from vpsrelay.cache.s3.store import S3Store
@@ -617,3 +618,11 @@ def test_the_grace_covers_two_batch_gaps_with_the_upkeep() -> None:
     assert loaded.cache.s3.evict_grace == 361
     short = {**env, "VPSRELAY_CACHE__S3__TIMEOUT": "5", "VPSRELAY_CACHE__S3__EVICT_GRACE": "241"}
     assert config.load(None, short).cache.s3.evict_grace == 241  # 2 x (60 + max(60, 20))
+
+
+def test_a_pass_error_reaches_the_store_as_an_s3_error() -> None:
+    """trio groups the errors of a nursery's tasks; the store catches `S3Error`."""
+    error = S3Error("LIST relay/evicting/: deadline")
+    assert _first_s3_error(BaseExceptionGroup("pass", [ExceptionGroup("each", [error])])) is error
+    assert _first_s3_error(BaseExceptionGroup("pass", [error, KeyError("x")])) is None
+    assert _first_s3_error(BaseExceptionGroup("pass", [KeyError("x")])) is None

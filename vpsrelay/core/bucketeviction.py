@@ -39,12 +39,15 @@ class Stored:
     last_access: float  # seconds since the epoch
 
 
-def plan(objects: list[Stored], *, max_size: int, now: float, grace: float) -> list[str]:
-    """The keys to delete, oldest access first, until the rest fit in `max_size`."""
+def plan(
+    objects: list[Stored], *, max_size: int, now: float, grace: float, limit: int
+) -> list[str]:
+    """The keys to delete, oldest access first, until the rest fit in `max_size`; at most
+    `limit` (one pass's work is bounded: the next pass goes on)."""
     total = sum(item.size for item in objects)
     victims: list[str] = []
     for item in sorted(objects, key=lambda o: (o.last_access, o.key)):
-        if total <= max_size:
+        if total <= max_size or len(victims) >= limit:
             break
         if now - item.last_access < grace:
             continue  # in use, or just used: kept even over the cap

@@ -449,7 +449,8 @@ class Evictor:
                 max_size=self.config.max_size,
                 now=time.time(),
                 grace=self.config.evict_grace,
-            )[:MAX_VICTIMS]
+                limit=MAX_VICTIMS,
+            )
             if evict and not doubtful
             else []
         )
