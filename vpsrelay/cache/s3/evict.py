@@ -230,7 +230,9 @@ class Evictor:
                 if self.config.max_size > 0:
                     await self._evict(deleted)
                 else:  # another node may evict: its records still need folding
-                    await self.finish(await self.plan(evict=False))
+                    state = await self.plan(evict=False)
+                    self._check_lease()  # a lapsed pass must not delete another's late batches
+                    await self.finish(state)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             lapsed, rest = group.split(LeaseLapsed)
