@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 PREFIX = "relay/"
 # Nodes that evict soon: the grace must cover two gaps between a node's batches,
-# 2 x (interval + max(interval, 4 x timeout)) = 13 s (config.py).
-GRACE = 14
-FAST_EVICTION = {"s3__evict_interval": "0.5", "s3__timeout": "1.5", "s3__evict_grace": str(GRACE)}
+# 2 x (interval + max(interval, 4 x timeout)) = 25 s (config.py); a timeout of 1.5 s
+# failed fills on a busy machine.
+GRACE = 26
+FAST_EVICTION = {"s3__evict_interval": "0.5", "s3__timeout": "3", "s3__evict_grace": str(GRACE)}
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +300,7 @@ def test_presigned_redirects_send_clients_to_the_bucket(
 def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
     clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
 ) -> None:
-    """Cap 20 MiB, grace 14 s: a 16 MiB blob read slowly through node B (recorded in
+    """Cap 20 MiB, grace 26 s: a 16 MiB blob read slowly through node B (recorded in
     every access batch while it is read) survives, though the least recently fetched;
     the two 7 MiB images pulled meanwhile through A and B are evicted instead."""
     first = push_unique(clean_hub, tmp_path, "someuser/evict1", 16 * MiB)
@@ -326,7 +327,7 @@ def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
                 assert r.headers["x-vpsrelay-cache"] == "hit"
                 for chunk in r.iter_raw(64 * 1024):
                     got.extend(chunk)
-                    time.sleep(0.07)  # ~0.9 MiB/s: about 18 s for 16 MiB
+                    time.sleep((GRACE + 4) / 256)  # 16 MiB in 256 reads: 30 s
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             reading = pool.submit(slow_read)
