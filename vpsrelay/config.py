@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from vpsrelay.core import bucketeviction
 from vpsrelay.core.access import AHEAD_PER_CLIENT
 from vpsrelay.core.cachepolicy import GiB, parse_size
 from vpsrelay.core.registries import Registry, RegistryTable
@@ -1040,12 +1041,14 @@ def _check_s3(cache: CacheConfig, raw: dict[str, tuple[object, str]]) -> None:
         raise ConfigError(
             f"{key_where}: cache.s3.evict_grace: must be longer than cache.s3.redirect_expiry"
         )
-    if s3.evict_grace <= 2 * s3.evict_interval:
+    gap = bucketeviction.longest_batch_gap(s3.evict_interval, s3.timeout)
+    if s3.evict_grace <= 2 * gap:
         # A node's access record covers a read for half the grace, until its next batch
-        # (every evict_interval) names the object: docs/multinode.md, "Eviction".
+        # names the object: docs/multinode.md, "Eviction".
         key_where = raw.get("cache.s3.evict_grace", (None, "config"))[1]
         raise ConfigError(
-            f"{key_where}: cache.s3.evict_grace: must be more than twice cache.s3.evict_interval"
+            f"{key_where}: cache.s3.evict_grace: must be more than {2 * gap:g} s, twice "
+            "evict_interval + max(evict_interval, 4 x timeout) (the most between two batches)"
         )
     if s3.lease_wait < s3.lease_ttl:
         key_where = raw.get("cache.s3.lease_wait", (None, "config"))[1]

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 PREFIX = "relay/"
+# Nodes that evict soon: the grace must cover two gaps between a node's batches,
+# 2 x (interval + max(interval, 4 x timeout)) = 25 s (config.py); a timeout of 1.5 s
+# failed fills on a busy machine.
+GRACE = 26
+FAST_EVICTION = {"s3__evict_interval": "0.5", "s3__timeout": "3", "s3__evict_grace": str(GRACE)}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,7 @@ def s3_env(seaweed: Seaweed, bucket: str, **extra: str) -> dict[str, str]:
         "s3__lease_ttl": "3",
         "s3__lease_wait": "60",
         "s3__part_size": "5MiB",
-        "s3__timeout": "5",
+        "s3__timeout": "10",  # 5: a busy filer missed it, and the pull relayed
         **extra,
     }
 
@@ -303,13 +308,13 @@ def test_presigned_redirects_send_clients_to_the_bucket(
 def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
     clean_hub: Hub, seaweed: Seaweed, bucket: str, tmp_path: Path
 ) -> None:
-    """Cap 20 MiB, grace 3 s: a 16 MiB blob read slowly through node B (recorded in
+    """Cap 20 MiB, grace 26 s: a 16 MiB blob read slowly through node B (recorded in
     every access batch while it is read) survives, though the least recently fetched;
     the two 7 MiB images pulled meanwhile through A and B are evicted instead."""
     first = push_unique(clean_hub, tmp_path, "someuser/evict1", 16 * MiB)
     second = push_unique(clean_hub, tmp_path, "someuser/evict2", 7 * MiB)
     third = push_unique(clean_hub, tmp_path, "someuser/evict3", 7 * MiB)
-    env = {"s3__max_size": "20MiB", "s3__evict_grace": "3", "s3__evict_interval": "1"}
+    env = {"s3__max_size": "20MiB", **FAST_EVICTION}
     held = max(first.layers, key=lambda blob: blob.size)
     held_bytes = (first.layout / "blobs/sha256" / held.digest[7:]).read_bytes()
 
@@ -330,7 +335,7 @@ def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
                 assert r.headers["x-vpsrelay-cache"] == "hit"
                 for chunk in r.iter_raw(64 * 1024):
                     got.extend(chunk)
-                    time.sleep(0.03)  # ~2 MiB/s: about 8 s for 16 MiB
+                    time.sleep((GRACE + 4) / 256)  # 16 MiB in 256 reads: 30 s
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             reading = pool.submit(slow_read)
@@ -338,7 +343,7 @@ def test_eviction_keeps_the_bucket_under_its_cap_and_spares_objects_in_use(
             skopeo_copy(sub(tmp_path / "p2"), f"{host(a)}/someuser/evict2:1")
             skopeo_copy(sub(tmp_path / "p3"), f"{host(b)}/someuser/evict3:1")
             assert total() > 20 * MiB
-            time.sleep(max(0.0, started + 5.5 - time.monotonic()))  # past the grace
+            time.sleep(max(0.0, started + GRACE + 2.5 - time.monotonic()))  # past the grace
             assert blob_key(held.digest) in seaweed.keys(bucket, f"{PREFIX}blobs/")
             reading.result(timeout=60)
         assert bytes(got) == held_bytes

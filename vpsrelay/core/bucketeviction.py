@@ -13,11 +13,23 @@ spared (`last_look`) or not read by the node.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
+
+MAX_SKEW = 300.0  # seconds a recorded access may lie ahead of the evictor's clock
+UPKEEP_TIMEOUTS = 4  # a node's upkeep (its batch, then a pass) may take this many timeouts
+
+
+def longest_batch_gap(interval: float, timeout: float) -> float:
+    """The most time between two access batches of one node: it sleeps `interval`, then
+    writes its batch and runs a pass, both cut after `max(interval, 4 x timeout)`
+    (`S3Store.maintain`). A record covers a read for `grace / 2` without a new one, so
+    the grace must be more than twice this (config.py)."""
+    return interval + max(interval, UPKEEP_TIMEOUTS * timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +39,15 @@ class Stored:
     last_access: float  # seconds since the epoch
 
 
-def plan(objects: list[Stored], *, max_size: int, now: float, grace: float) -> list[str]:
-    """The keys to delete, oldest access first, until the rest fit in `max_size`."""
+def plan(
+    objects: list[Stored], *, max_size: int, now: float, grace: float, limit: int
+) -> list[str]:
+    """The keys to delete, oldest access first, until the rest fit in `max_size`; at most
+    `limit` (one pass's work is bounded: the next pass goes on)."""
     total = sum(item.size for item in objects)
     victims: list[str] = []
     for item in sorted(objects, key=lambda o: (o.last_access, o.key)):
-        if total <= max_size:
+        if total <= max_size or len(victims) >= limit:
             break
         if now - item.last_access < grace:
             continue  # in use, or just used: kept even over the cap
@@ -41,15 +56,25 @@ def plan(objects: list[Stored], *, max_size: int, now: float, grace: float) -> l
     return victims
 
 
-def merge(into: dict[str, float], batch: object) -> None:
+def merge(into: dict[str, float], batch: object, *, now: float) -> None:
     """Fold one node's batch (`{digest: time}` as JSON) into `into` (latest wins);
-    anything malformed in it is ignored (the bucket is another trust domain)."""
+    anything malformed in it is ignored (the bucket is another trust domain), and a time
+    more than `MAX_SKEW` ahead of `now` counts as `now + MAX_SKEW` (a future time would
+    keep an object forever)."""
     if not isinstance(batch, dict):
         return
     for digest, when in batch.items():
         valid = isinstance(digest, str) and isinstance(when, int | float)
-        if valid and not isinstance(when, bool) and when > into.get(digest, 0.0):
-            into[digest] = float(when)
+        if not valid or isinstance(when, bool):
+            continue
+        try:
+            seconds = float(when)
+        except OverflowError:  # an integer of hundreds of digits
+            continue
+        if math.isfinite(seconds) and (latest := min(seconds, now + MAX_SKEW)) > into.get(
+            digest, 0.0
+        ):
+            into[digest] = latest
 
 
 def last_look(
@@ -104,7 +129,8 @@ class RecentRecords:
                 if not record_is_fresh(when, now, self._grace):
                     del self._written[old]
         if len(self._written) >= self._limit:
-            # Still full: forget the oldest half, so the sweep runs once per limit / 2.
-            while len(self._written) > self._limit // 2:
-                del self._written[next(iter(self._written))]
+            # Still full: forget the oldest half, so the sweep runs once per limit / 2
+            # (rebuilt in one go: deleting from a dict's front one by one is quadratic).
+            kept = list(self._written.items())[len(self._written) - self._limit // 2 :]
+            self._written = dict(kept)
         self._written[digest] = written_at

@@ -19,12 +19,19 @@ the record and the object is spared, or the node finds the tombstone and does no
 it. A node whose own record of an object is younger than `evict_grace / 2` skips both
 (`record_is_fresh`): that record keeps the object out of any plan until the node's next
 batch, which names the objects it is reading, reaches the bucket.
+
+The handshake holds only while the pass holds the eviction lease: another pass may clear
+its tombstones and fold (and delete) the records that would spare its victims. So a pass
+deletes only right after renewing its lease, and checks before each round of deletes
+that the last renewal is younger than `lease_ttl / 2`; a last look that finds a batch it
+had read gone (another pass deleted it) deletes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -48,18 +55,52 @@ log = logging.getLogger("vpsrelay.cache")
 EVICT_LEASE = "evict:all"
 MAX_LISTED = 200_000  # objects one pass looks at (bounded memory and time)
 MAX_BATCH = 4 * 1024 * 1024
+MAX_MERGED = 64 * 1024 * 1024
 MAX_LIST_PAGES = 200  # batches or tombstones one look lists (1000 a page)
 PARALLEL = 8  # bucket requests at once for a pass's batch reads, tombstones and deletes
 MAX_RECORDED = 100_000  # digests whose last access record a node remembers
 ABANDONED_TTLS = 3  # an upload this many lease_ttl old with no live lease is abandoned
 ABANDONED_NO_LEASES = 24 * 3600.0  # without leases: a day, like a lifecycle rule's minimum
 MAX_UPLOAD_PAGES = 100  # bounded time per pass
+MAX_VICTIMS = 5000  # deleted by one pass at most (bounded time); the rest the next pass
+TOMBSTONE_MEMORY = 10.0  # seconds a node passes a tombstoned digest through without a look
+
+
+class LeaseLapsed(Exception):
+    """This pass can no longer show that it holds the eviction lease: it deletes nothing."""
+
+
+def _leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _first_s3_error(group: BaseExceptionGroup[BaseException]) -> S3Error | None:
+    """The S3Error in a nursery's group when it holds nothing else (trio groups the
+    errors of a nursery's tasks), so callers can catch `S3Error`."""
+    errors, rest = group.split(S3Error)
+    if errors is None or rest is not None:
+        return None
+    first = _leaf(errors)
+    return first if isinstance(first, S3Error) else None
 
 
 def _digest_of(key: str) -> str:
     """`sha256:<hex>` from `<prefix>blobs/sha256/<hex>` (or a tombstone's key)."""
     algorithm, hexpart = key.rsplit("/", 2)[-2:]
     return f"{algorithm}:{hexpart}"
+
+
+@dataclass(eq=False)
+class Fold:
+    """What one read of the access batches found (`Evictor._fold_batches`)."""
+
+    keys: list[str]  # the batch keys read (or tried)
+    complete: bool  # the listing got to its end
+    listed: set[str]  # every batch key listed (the skipped ones too)
+    unreadable: list[str] = field(default_factory=list)  # a GET failed (key and why)
+    gone: list[str] = field(default_factory=list)  # listed, then not found
 
 
 @dataclass(eq=False)
@@ -74,6 +115,9 @@ class EvictionPass:
     keys: dict[str, str]  # victim digest -> its key, as listed
     marked: list[str] = field(default_factory=list)  # digests with a tombstone written
     deleted: list[str] = field(default_factory=list)
+    # A batch or merged.json that could not be read may name any victim: none deleted
+    # (the batches are still deleted by `finish`, so the next pass goes on).
+    doubtful: bool = False
 
 
 class Evictor:
@@ -86,6 +130,10 @@ class Evictor:
         self._batches = 0
         self._recorded = bucketeviction.RecentRecords(config.evict_grace, MAX_RECORDED)
         self._recording: dict[str, trio.Event] = {}  # records being written
+        # digest -> when a look found its tombstone (monotonic), until the next batch
+        self._tombstoned: dict[str, float] = {}
+        self._renewed_at: float | None = None  # the eviction lease's (monotonic)
+        self._renewing = trio.Lock()
 
     @property
     def _access_prefix(self) -> str:
@@ -107,6 +155,7 @@ class Evictor:
 
     async def write_batch(self, in_use: set[str]) -> None:
         """Record what this node served (and serves now) since the last batch."""
+        self._tombstoned.clear()  # look again: one record per digest per batch at most
         now = time.time()
         batch = {**self.accessed, **dict.fromkeys(in_use, now)}
         if not batch:
@@ -119,33 +168,51 @@ class Evictor:
             self.accessed = {**taken, **self.accessed}
             raise
 
+    def _known_tombstoned(self, digest: str) -> bool:
+        found = self._tombstoned.get(digest)
+        if found is not None and time.monotonic() - found < TOMBSTONE_MEMORY:
+            return True
+        self._tombstoned.pop(digest, None)
+        return False
+
     async def may_read(self, digest: str) -> bool:
         """Before this node reads `digest` from the bucket: unless its own record of it is
         fresh, write one (a batch of that digest alone) and THEN look for a tombstone.
-        False: an eviction pass may be deleting it; the request passes through.
-
-        Raises:
-            S3Error: the bucket failed.
-        """
+        False: an eviction pass may be deleting it, or the bucket failed twice (only this
+        request passes through: a record not written must not switch the cache off).
+        A tombstone found is remembered until the next batch (`TOMBSTONE_MEMORY` at
+        most): the requests meanwhile pass through without a record each."""
         pending = self._recording.get(digest)
         if pending is not None:  # a concurrent request is writing it: one record for both
             await pending.wait()
+        if self._known_tombstoned(digest):
+            return False
         if self._recorded.fresh(digest, time.monotonic()):
             return True
         done = self._recording[digest] = trio.Event()
-        started = time.monotonic()
         try:
-            self._recorded.forget(digest)
-            await self._write({digest: time.time()})
-            if await self.client.head(self.tombstone_key(digest)) is not None:
-                log.info("cache: %s is being evicted from the bucket: passing it through", digest)
-                return False
-            self._recorded.remember(digest, started, time.monotonic())
-            return True
+            for attempt in range(2):
+                try:
+                    return await self._record_and_look(digest)
+                except S3Error as exc:
+                    if attempt:
+                        log.warning("cache: %s: passing this request through (%s)", digest, exc)
+            return False
         finally:
             if self._recording.get(digest) is done:
                 del self._recording[digest]
             done.set()
+
+    async def _record_and_look(self, digest: str) -> bool:
+        started = time.monotonic()
+        self._recorded.forget(digest)
+        await self._write({digest: time.time()})
+        if await self.client.head(self.tombstone_key(digest)) is not None:
+            log.info("cache: %s is being evicted from the bucket: passing it through", digest)
+            self._tombstoned[digest] = time.monotonic()
+            return False
+        self._recorded.remember(digest, started, time.monotonic())
+        return True
 
     # --- the pass (one node at a time)
 
@@ -153,6 +220,7 @@ class Evictor:
         """One eviction pass if this node gets the lease; the digests deleted."""
         if await self.leases.take(EVICT_LEASE) is LeaseState.OTHER:
             return []
+        self._renewed_at = time.monotonic()
         deleted: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
@@ -162,9 +230,20 @@ class Evictor:
                 if self.config.max_size > 0:
                     await self._evict(deleted)
                 else:  # another node may evict: its records still need folding
-                    await self.finish(await self.plan(evict=False))
+                    state = await self.plan(evict=False)
+                    self._check_lease()  # a lapsed pass must not delete another's late batches
+                    await self.finish(state)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            lapsed, rest = group.split(LeaseLapsed)
+            if lapsed is not None and rest is None:
+                log.warning("cache: eviction pass stopped: %s", _leaf(lapsed))
+            elif (error := _first_s3_error(group)) is not None:
+                raise error from group
+            else:
+                raise
         finally:
+            self._renewed_at = None
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
                 await self.leases.release(EVICT_LEASE)
         return deleted
@@ -174,10 +253,34 @@ class Evictor:
         `lease_ttl`); a pass whose lease was taken over stops at once."""
         while True:
             await trio.sleep(self.config.lease_ttl / 3)
-            if not await self.leases.renew(EVICT_LEASE):
+            if not await self._renew():
                 log.warning("cache: the eviction lease was taken over: pass stopped")
                 evicting.cancel()
                 return
+
+    async def _renew(self) -> bool:
+        async with self._renewing:  # two renewals at once: the second's If-Match fails
+            asked = time.monotonic()
+            if not await self.leases.renew(EVICT_LEASE):
+                self._renewed_at = None
+                return False
+            self._renewed_at = asked  # the lease lives lease_ttl from the request, at least
+            return True
+
+    def _holds_lease(self) -> bool:
+        renewed = self._renewed_at
+        return renewed is not None and time.monotonic() - renewed < self.config.lease_ttl / 2
+
+    def _check_lease(self) -> None:
+        """Raise unless the lease was renewed less than `lease_ttl / 2` ago: a pass that
+        froze (a paused VM, a stalled event loop) may have lost it without knowing, and
+        another pass may have folded the records that spare its victims.
+
+        Raises:
+            LeaseLapsed: it was not.
+        """
+        if not self._holds_lease():
+            raise LeaseLapsed("the eviction lease was not renewed in time: nothing deleted")
 
     async def _each(self, items: Iterable[str], action: Callable[[str], Awaitable[object]]) -> None:
         """`action` on every item, `PARALLEL` at a time; the first `S3Error` is raised
@@ -200,14 +303,20 @@ class Evictor:
 
     async def _list_all(self, prefix: str) -> tuple[list[str], bool]:
         """The keys under `prefix`, and whether the listing got to its end."""
-        keys: list[str] = []
+        sizes, complete = await self._list_sizes(prefix)
+        return list(sizes), complete
+
+    async def _list_sizes(self, prefix: str) -> tuple[dict[str, int], bool]:
+        """The keys under `prefix` with their sizes, and whether the listing got to its
+        end."""
+        sizes: dict[str, int] = {}
         token: str | None = ""
         for _ in range(MAX_LIST_PAGES):
             page, token = await self.client.list(prefix, token or "")
-            keys += [item.key for item in page]
+            sizes.update((item.key, item.size) for item in page)
             if token is None:
-                return keys, True
-        return keys, False
+                return sizes, True
+        return sizes, False
 
     async def clear_tombstones(self) -> None:
         """Delete the tombstones an earlier pass left (its node died, or the bucket failed
@@ -248,50 +357,86 @@ class Evictor:
         age = lease_age(head.date, head.last_modified)
         return age is None or not lapsed(age, self.config.lease_ttl)
 
-    async def _fold_batches(
-        self, merged: dict[str, float], skip: Collection[str] = ()
-    ) -> tuple[list[str], bool]:
-        """Fold every batch not in `skip` into `merged`; the batch keys read, and whether
-        the listing got to its end."""
-        listed, complete = await self._list_all(f"{self._access_prefix}batch-")
-        keys = [key for key in listed if key not in skip]
+    async def _fold_batches(self, merged: dict[str, float], skip: Collection[str] = ()) -> Fold:
+        """Fold every batch not in `skip` into `merged`. A batch larger than `MAX_BATCH`
+        or not JSON is ignored (the bucket is another trust domain); one whose GET fails
+        is reported (it may name any object); all are deleted by `finish`."""
+        listed, complete = await self._list_sizes(f"{self._access_prefix}batch-")
+        fold = Fold([key for key in listed if key not in skip], complete, set(listed))
+        malformed: list[str] = []
 
-        async def fold(key: str) -> None:
-            body = await self.client.get_small(key, MAX_BATCH)
-            if body is not None:
-                try:
-                    bucketeviction.merge(merged, json.loads(body))
-                except ValueError:
-                    log.warning("cache: ignoring a malformed access batch %s", key)
+        async def read(key: str) -> None:
+            if listed[key] > MAX_BATCH:
+                malformed.append(key)
+                return
+            try:
+                body = await self.client.get_small(key, MAX_BATCH)
+            except S3Error as exc:
+                fold.unreadable.append(f"{key} ({exc})")
+                return
+            if body is None:
+                fold.gone.append(key)
+                return
+            try:
+                bucketeviction.merge(merged, json.loads(body), now=time.time())
+            except ValueError:
+                malformed.append(key)
 
-        await self._each(keys, fold)  # a node's records are one object each: many
-        return keys, complete
+        await self._each(fold.keys, read)  # a node's records are one object each: many
+        if malformed:  # once a pass: a bucket writer may plant many
+            log.warning(
+                "cache: ignoring %d malformed access batch(es), e.g. %s",
+                len(malformed),
+                malformed[0],
+            )
+        if fold.unreadable:
+            log.warning(
+                "cache: could not read %d access batch(es) (e.g. %s): no object evicted this pass",
+                len(fold.unreadable),
+                fold.unreadable[0],
+            )
+        return fold
 
     async def _evict(self, deleted: list[str]) -> None:
         state = await self.plan()
+        unmark = True
         try:
             if state.victims:
                 await self.mark(state)
                 await self.last_look(state)
                 await self.delete_victims(state)
+            self._check_lease()
             await self.finish(state)
+        except LeaseLapsed:
+            unmark = False  # another pass may have written tombstones at the same keys
+            raise
         finally:
             deleted += state.deleted
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout):
-                await self.unmark(state)
+            # A DELETE takes `timeout` at most, PARALLEL at once.
+            rounds = math.ceil(len(state.marked) / PARALLEL) + 1
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout * rounds):
+                if unmark and self._holds_lease():
+                    await self.unmark(state)
 
     async def plan(self, *, evict: bool = True) -> EvictionPass:
-        """Fold the access records and pick the victims (nothing written yet; none
-        without `evict`)."""
+        """Fold the access records and pick the victims, `MAX_VICTIMS` at most (nothing
+        written yet; none without `evict`)."""
         merged_key = f"{self._access_prefix}merged.json"
         merged: dict[str, float] = {}
-        body = await self.client.get_small(merged_key, 64 * 1024 * 1024)
-        if body is not None:
-            try:
-                bucketeviction.merge(merged, json.loads(body))
-            except ValueError:
-                log.warning("cache: ignoring a malformed %s", merged_key)
-        folded, _ = await self._fold_batches(merged)
+        doubtful = False
+        try:
+            body = await self.client.get_small(merged_key, MAX_MERGED)
+            if body is not None:
+                bucketeviction.merge(merged, json.loads(body), now=time.time())
+        except ValueError:
+            log.warning("cache: ignoring a malformed %s (it is rewritten)", merged_key)
+        except S3Error as exc:  # too large, or failing: rewritten from the batches
+            log.warning(
+                "cache: could not read %s (%s): no object evicted this pass", merged_key, exc
+            )
+            doubtful = True
+        fold = await self._fold_batches(merged)
+        doubtful = doubtful or bool(fold.unreadable)
         stored: list[bucketeviction.Stored] = []
         token: str | None = ""
         while token is not None and len(stored) < MAX_LISTED:
@@ -306,16 +451,18 @@ class Evictor:
                 max_size=self.config.max_size,
                 now=time.time(),
                 grace=self.config.evict_grace,
+                limit=MAX_VICTIMS,
             )
-            if evict
+            if evict and not doubtful
             else []
         )
         return EvictionPass(
             merged,
-            set(folded),
+            set(fold.keys),
             {_digest_of(item.key) for item in stored},
             [_digest_of(key) for key in victims],
             {_digest_of(key): key for key in victims},
+            doubtful=doubtful,
         )
 
     async def mark(self, state: EvictionPass) -> None:
@@ -329,13 +476,23 @@ class Evictor:
 
     async def last_look(self, state: EvictionPass) -> None:
         """Read the batches that appeared since `plan` (after the tombstones exist) and
-        spare the victims they name, or that were accessed within the grace."""
+        spare the victims they name, or that were accessed within the grace. Spare them
+        all when a batch could not be read, or when one read by `plan` is gone: another
+        pass deleted it, so this one may have lost its lease unknowingly and not seen
+        records folded meanwhile."""
         late: dict[str, float] = {}
-        keys, complete = await self._fold_batches(late, skip=state.folded)
-        state.folded.update(keys)
-        bucketeviction.merge(state.merged, late)
-        if not complete:  # a batch not seen may name any of them
+        fold = await self._fold_batches(late, skip=state.folded)
+        state.folded.update(fold.keys)
+        bucketeviction.merge(state.merged, late, now=time.time())
+        if not fold.complete:  # a batch not seen may name any of them
             log.warning("cache: too many access batches to read: no object evicted this pass")
+            state.victims = []
+            return
+        if fold.gone or not state.folded <= fold.listed:
+            log.warning("cache: another eviction pass ran meanwhile: no object evicted this pass")
+            state.victims = []
+            return
+        if fold.unreadable:
             state.victims = []
             return
         state.victims = bucketeviction.last_look(
@@ -347,19 +504,35 @@ class Evictor:
         )
 
     async def delete_victims(self, state: EvictionPass) -> None:
+        """Delete the victims still marked, `PARALLEL` at a time, while this pass can show
+        it holds the eviction lease: renewed right before, and checked before each round
+        (a pass that froze past `lease_ttl / 2` stops; see `_check_lease`).
+
+        Raises:
+            LeaseLapsed: the lease could not be renewed, or not in time.
+        """
         marked = set(state.marked)
+        victims = [d for d in state.victims if d in marked]
+        if not victims:
+            return
+        if not await self._renew():
+            raise LeaseLapsed("the eviction lease is no longer this node's: nothing deleted")
 
         async def delete(digest: str) -> None:
             await self.client.delete(state.keys[digest])
             state.deleted.append(digest)
 
-        await self._each([d for d in state.victims if d in marked], delete)
-        if state.deleted:
-            log.info(
-                "cache: evicted %d object(s) from the bucket (cap %d bytes)",
-                len(state.deleted),
-                self.config.max_size,
-            )
+        try:
+            for start in range(0, len(victims), PARALLEL):
+                self._check_lease()
+                await self._each(victims[start : start + PARALLEL], delete)
+        finally:
+            if state.deleted:
+                log.info(
+                    "cache: evicted %d object(s) from the bucket (cap %d bytes)",
+                    len(state.deleted),
+                    self.config.max_size,
+                )
 
     async def finish(self, state: EvictionPass) -> None:
         """Keep the folded access times in `merged.json`; delete the batches read."""
