@@ -1048,7 +1048,7 @@ def _check_s3(cache: CacheConfig, raw: dict[str, tuple[object, str]]) -> None:
         key_where = raw.get("cache.s3.evict_grace", (None, "config"))[1]
         raise ConfigError(
             f"{key_where}: cache.s3.evict_grace: must be more than {2 * gap:g} s, twice "
-            "evict_interval + max(evict_interval, 4 x timeout) (the most between two batches)"
+            "evict_interval + timeout (the most between two access batches)"
         )
     if s3.lease_wait < s3.lease_ttl:
         key_where = raw.get("cache.s3.lease_wait", (None, "config"))[1]

@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 PREFIX = "relay/"
 # Nodes that evict soon: the grace must cover two gaps between a node's batches,
-# 2 x (interval + max(interval, 4 x timeout)) = 25 s (config.py); a timeout of 1.5 s
-# failed fills on a busy machine.
-GRACE = 26
+# 2 x (interval + timeout) = 7 s (config.py); a timeout of 1.5 s failed fills on a busy
+# machine.
+GRACE = 8
 FAST_EVICTION = {"s3__evict_interval": "0.5", "s3__timeout": "3", "s3__evict_grace": str(GRACE)}
 
 

@@ -600,9 +600,9 @@ def test_clients_cannot_make_a_node_write_access_records(
 
 
 def test_the_grace_covers_two_batch_gaps_with_the_upkeep() -> None:
-    """A node writes its batch, then runs a pass cut after max(interval, 4 x timeout):
-    its batches may come interval + that apart, and a record covers a read for half the
-    grace. Interval 60 s, timeout 30 s: batches up to 180 s apart, grace over 360 s."""
+    """A node writes its batch every interval, cut after `timeout` (apart from its
+    passes): batches come at most interval + timeout apart, and a record covers a read
+    for half the grace. Interval 60 s, timeout 30 s: grace over 180 s."""
     env = {
         "VPSRELAY_CACHE__BACKEND": "s3",
         "VPSRELAY_CACHE__S3__ENDPOINT": "http://127.0.0.1:9",
@@ -611,14 +611,14 @@ def test_the_grace_covers_two_batch_gaps_with_the_upkeep() -> None:
         "VPSRELAY_CACHE__S3__SECRET_KEY": "s",
         "VPSRELAY_CACHE__S3__EVICT_INTERVAL": "60",
     }
-    for grace in ("121", "360"):  # 121: main accepted it (twice the interval only)
-        with pytest.raises(ConfigError, match="evict_grace: must be more than 360 s") as caught:
+    for grace in ("121", "180"):  # 121: accepted before (twice the interval only)
+        with pytest.raises(ConfigError, match="evict_grace: must be more than 180 s") as caught:
             config.load(None, {**env, "VPSRELAY_CACHE__S3__EVICT_GRACE": grace})
         assert "\n" not in str(caught.value)
-    loaded = config.load(None, {**env, "VPSRELAY_CACHE__S3__EVICT_GRACE": "361"})
-    assert loaded.cache.s3.evict_grace == 361
-    short = {**env, "VPSRELAY_CACHE__S3__TIMEOUT": "5", "VPSRELAY_CACHE__S3__EVICT_GRACE": "241"}
-    assert config.load(None, short).cache.s3.evict_grace == 241  # 2 x (60 + max(60, 20))
+    loaded = config.load(None, {**env, "VPSRELAY_CACHE__S3__EVICT_GRACE": "181"})
+    assert loaded.cache.s3.evict_grace == 181
+    short = {**env, "VPSRELAY_CACHE__S3__TIMEOUT": "5", "VPSRELAY_CACHE__S3__EVICT_GRACE": "131"}
+    assert config.load(None, short).cache.s3.evict_grace == 131  # 2 x (60 + 5)
 
 
 def test_a_pass_error_reaches_the_store_as_an_s3_error() -> None:

@@ -21,15 +21,12 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
 
 MAX_SKEW = 300.0  # seconds a recorded access may lie ahead of the evictor's clock
-UPKEEP_TIMEOUTS = 4  # a node's upkeep (its batch, then a pass) may take this many timeouts
-
-
 def longest_batch_gap(interval: float, timeout: float) -> float:
     """The most time between two access batches of one node: it sleeps `interval`, then
-    writes its batch and runs a pass, both cut after `max(interval, 4 x timeout)`
-    (`S3Store.maintain`). A record covers a read for `grace / 2` without a new one, so
-    the grace must be more than twice this (config.py)."""
-    return interval + max(interval, UPKEEP_TIMEOUTS * timeout)
+    writes its batch, cut after `timeout` (`S3Store._write_batches`, apart from the
+    passes). A record covers a read for `grace / 2` without a new one, so the grace must
+    be more than twice this (config.py)."""
+    return interval + timeout
 
 
 @dataclass(frozen=True, slots=True)

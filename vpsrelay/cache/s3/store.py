@@ -168,28 +168,44 @@ class S3Store(S3Lookups):
     # --- eviction across nodes
 
     async def maintain(self) -> None:
-        """Forever: probe the bucket while it fails (`_probe_while_failing`); every
-        `evict_interval`, write this node's access batch and, with `max_size`, run an
-        eviction pass if no other node is running one."""
+        """Forever: probe the bucket while it fails (`_probe_while_failing`); write this
+        node's access batch every `evict_interval` (`_write_batches`), whatever a pass
+        takes; and, with `max_size`, run an eviction pass when no other node runs one."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_while_failing)
-            await self._upkeep()
+            nursery.start_soon(self._write_batches)
+            await self._run_passes()
 
-    async def _upkeep(self) -> None:
+    async def _write_batches(self) -> None:
+        """A batch at least every `evict_interval` + `timeout`: a read covered by an
+        older record stays young (`bucketeviction.longest_batch_gap`)."""
+        while True:
+            await trio.sleep(self.s3.evict_interval)
+            if not self.bucket_ok:
+                continue  # kept: `write_batch` sends what it has next time
+            with trio.move_on_after(self.s3.timeout):
+                try:
+                    await self.evictor.write_batch(set(self.pins))
+                except S3Error as exc:
+                    self._failed(exc)
+                except Exception:  # upkeep must never end the server
+                    log.exception("cache: writing the access batch failed")
+
+    async def _run_passes(self) -> None:
+        # Not time-boxed: a pass stops when its lease is lost, its work is bounded
+        # (MAX_VICTIMS, MAX_LISTED) and every bucket request has its own deadline.
         while True:
             await trio.sleep(self.s3.evict_interval)
             if not self.bucket_ok:
                 continue
-            with trio.move_on_after(max(self.s3.evict_interval, self.s3.timeout * 4)):
-                try:
-                    await self.evictor.write_batch(set(self.pins))
-                    for digest in await self.evictor.run_pass():
-                        self.index.remove(digest)
-                        self._manifests.forget(digest)
-                except S3Error as exc:
-                    self._failed(exc)
-                except Exception:  # upkeep must never end the server
-                    log.exception("cache: the bucket's upkeep failed")
+            try:
+                for digest in await self.evictor.run_pass():
+                    self.index.remove(digest)
+                    self._manifests.forget(digest)
+            except S3Error as exc:
+                self._failed(exc)
+            except Exception:  # upkeep must never end the server
+                log.exception("cache: the bucket's upkeep failed")
 
     async def remove(self, digest: str) -> bool:
         if digest in self.pins or digest in self.fills:
