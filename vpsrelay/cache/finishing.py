@@ -59,8 +59,9 @@ class UpstreamFinisher(FrontPart):
             return error  # what the client has is not what the read handed out
         if size - max(end, handover.hashed) > MAX_RANGE_OVERREAD:
             # A small range of a big blob: checking it would fetch the rest of the object
-            # upstream. Broken off instead: the client's retry passes through (the bucket
-            # is marked failing), so a burst of tiny ranges cannot multiply upstream bytes.
+            # upstream. Broken off instead: the client retries (through the upstream, with
+            # just its range, while the bucket is marked failing), so a burst of tiny
+            # ranges cannot multiply upstream bytes.
             return error
         self.store.index.count("bucket_failovers")
         self.forwarder.metrics.cache_store_failover(route.registry)

@@ -31,9 +31,8 @@ from vpsrelay.cache.s3.tags import SharedIndex
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import httpx
-
     from vpsrelay.cache.index import Database, Index
+    from vpsrelay.cache.s3.reader import Closable
     from vpsrelay.config import CacheConfig
 
 log = logging.getLogger("vpsrelay.cache")
@@ -60,7 +59,7 @@ class S3Bucket:
         self.failed_at: float | None = None  # monotonic: the bucket's last failure
         self.last_error = ""
         self._index_writes = IndexWrites(self.index, db)
-        self._closing: list[httpx.Response] = []
+        self._closing: list[Closable] = []
         self._pending_releases: list[str] = []
         # digest -> when its bucket copy failed the check: not read back until this node
         # publishes a verified copy itself (a store that keeps serving a tampered object

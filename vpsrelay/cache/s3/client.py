@@ -31,6 +31,16 @@ NS = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
 CONTROL_SECONDS = 10.0
 MIN_RATE = 256 * 1024  # bytes per second
 MAX_LISTING_BYTES = 8 * 1024 * 1024  # an answer to a listing is read whole: bounded
+# Blob bodies stream through their own pool: a download holds its connection as long as
+# its client reads (slowly, maybe on purpose), and must never starve the small requests
+# (leases, records, probes) of theirs. Beyond the cap a blob passes the bucket by.
+MAX_STREAMS = 64  # per process
+STREAM_POOL_WAIT = 1.0  # seconds a blob GET waits for a free stream connection
+
+
+class S3Busy(Exception):
+    """Every stream connection of this process is in use: this blob passes the bucket by
+    (local load, not the bucket failing)."""
 
 
 class S3Error(Exception):
@@ -147,6 +157,13 @@ class S3Client:
             trust_env=False,  # the bucket is reached as configured, never through a proxy
             follow_redirects=False,
         )
+        self._streams = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=STREAM_POOL_WAIT),
+            limits=httpx.Limits(max_connections=MAX_STREAMS, max_keepalive_connections=16),
+            verify=verify,
+            trust_env=False,
+            follow_redirects=False,
+        )
 
     def _bucket_url(self, endpoint: str, virtual_host: bool) -> str:
         if not virtual_host:
@@ -156,6 +173,7 @@ class S3Client:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._streams.aclose()
 
     def url(self, key: str, query: str = "") -> str:
         return f"{self._base}/{key}" + (f"?{query}" if query else "")
@@ -226,17 +244,23 @@ class S3Client:
             _http_date(response.headers.get("date")),
         )
 
-    async def open_get(self, key: str) -> httpx.Response:
-        """A streamed GET of `key`: the caller reads `aiter_raw()` and closes it.
+    async def open_get(self, key: str, *, blob: bool = False) -> httpx.Response:
+        """A streamed GET of `key`: the caller reads `aiter_raw()` and closes it. A `blob`
+        body (read as long as a client reads) goes over the stream pool.
 
         Raises:
             S3Error: the bucket failed (`status` 404: no such object).
+            S3Busy: `blob`, and all `MAX_STREAMS` stream connections are in use.
         """
         request = self._signed("GET", self.url(key), {})
         response = None
         with trio.move_on_after(self._control):  # its headers; the body is the caller's
             try:
-                response = await self._client.send(request, stream=True)
+                response = await (self._streams if blob else self._client).send(
+                    request, stream=True
+                )
+            except httpx.PoolTimeout:
+                raise S3Busy(f"GET {key}: {MAX_STREAMS} streams in use") from None
             except httpx.HTTPError as exc:
                 raise S3Error(f"GET {key}: {type(exc).__name__}") from None
         if response is None:

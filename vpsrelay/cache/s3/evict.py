@@ -63,6 +63,7 @@ ABANDONED_TTLS = 3  # an upload this many lease_ttl old with no live lease is ab
 ABANDONED_NO_LEASES = 24 * 3600.0  # without leases: a day, like a lifecycle rule's minimum
 MAX_UPLOAD_PAGES = 100  # bounded time per pass
 MAX_VICTIMS = 5000  # deleted by one pass at most (bounded time); the rest the next pass
+FAILED_RECORD_MEMORY = 5.0  # seconds a digest whose record failed passes by the bucket
 TOMBSTONE_MEMORY = 10.0  # seconds a node passes a tombstoned digest through without a look
 
 
@@ -115,9 +116,11 @@ class EvictionPass:
     keys: dict[str, str]  # victim digest -> its key, as listed
     marked: list[str] = field(default_factory=list)  # digests with a tombstone written
     deleted: list[str] = field(default_factory=list)
-    # A batch or merged.json that could not be read may name any victim: none deleted
-    # (the batches are still deleted by `finish`, so the next pass goes on).
+    # A batch or merged.json that could not be read may name any victim: none deleted.
     doubtful: bool = False
+    # ... and, the first time it failed, the history is kept as it is (no `finish`): one
+    # failed GET must not wipe every record. Failing again next pass, it is given up.
+    keep_history: bool = False
 
 
 class Evictor:
@@ -134,6 +137,11 @@ class Evictor:
         self._tombstoned: dict[str, float] = {}
         self._renewed_at: float | None = None  # the eviction lease's (monotonic)
         self._renewing = trio.Lock()
+        # digest -> when writing its record failed (monotonic): its concurrent and next
+        # requests pass through for `FAILED_RECORD_MEMORY` without trying again
+        self._record_failed: dict[str, float] = {}
+        self._merged_failed_before = False  # the last pass could not read merged.json
+        self._unreadable_before: set[str] = set()  # batches the last pass could not read
 
     @property
     def _access_prefix(self) -> str:
@@ -187,21 +195,38 @@ class Evictor:
             await pending.wait()
         if self._known_tombstoned(digest):
             return False
-        if self._recorded.fresh(digest, time.monotonic()):
+        now = time.monotonic()
+        if self._recorded.fresh(digest, now):
             return True
+        failed = self._record_failed.get(digest)
+        if failed is not None and now - failed < FAILED_RECORD_MEMORY:
+            return False
+        self._record_failed.pop(digest, None)
         done = self._recording[digest] = trio.Event()
         try:
             for attempt in range(2):
                 try:
                     return await self._record_and_look(digest)
                 except S3Error as exc:
-                    if attempt:
+                    if exc.status is None:  # no answer (a deadline, the network): the bucket
+                        self._remember_failed(digest)  # fails; the caller marks it so
+                        raise
+                    if attempt:  # answered twice with an error: only this blob passes by
                         log.warning("cache: %s: passing this request through (%s)", digest, exc)
+            self._remember_failed(digest)
             return False
         finally:
             if self._recording.get(digest) is done:
                 del self._recording[digest]
             done.set()
+
+    def _remember_failed(self, digest: str) -> None:
+        now = time.monotonic()
+        if len(self._record_failed) >= MAX_RECORDED:
+            self._record_failed = {
+                d: t for d, t in self._record_failed.items() if now - t < FAILED_RECORD_MEMORY
+            }
+        self._record_failed[digest] = now
 
     async def _record_and_look(self, digest: str) -> bool:
         started = time.monotonic()
@@ -232,7 +257,8 @@ class Evictor:
                 else:  # another node may evict: its records still need folding
                     state = await self.plan(evict=False)
                     self._check_lease()  # a lapsed pass must not delete another's late batches
-                    await self.finish(state)
+                    if not state.keep_history:
+                        await self.finish(state)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             lapsed, rest = group.split(LeaseLapsed)
@@ -406,15 +432,21 @@ class Evictor:
                 await self.last_look(state)
                 await self.delete_victims(state)
             self._check_lease()
-            await self.finish(state)
+            if not state.keep_history:
+                await self.finish(state)
         except LeaseLapsed:
             unmark = False  # another pass may have written tombstones at the same keys
             raise
         finally:
             deleted += state.deleted
-            # A DELETE takes `timeout` at most, PARALLEL at once.
+            # A DELETE takes `timeout` at most, PARALLEL at once; and never past the
+            # lease's sure life (renewals have stopped): after it another pass may have
+            # written tombstones at the same keys, which these deletes would remove.
             rounds = math.ceil(len(state.marked) / PARALLEL) + 1
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.timeout * rounds):
+            renewed = self._renewed_at
+            sure = 0.0 if renewed is None else renewed + self.config.lease_ttl / 2
+            limit = min(self.config.timeout * rounds, sure - time.monotonic())
+            with trio.CancelScope(shield=True), trio.move_on_after(max(0.0, limit)):
                 if unmark and self._holds_lease():
                     await self.unmark(state)
 
@@ -436,7 +468,12 @@ class Evictor:
             )
             doubtful = True
         fold = await self._fold_batches(merged)
-        doubtful = doubtful or bool(fold.unreadable)
+        unreadable = set(fold.unreadable)
+        keep_history = (doubtful and not self._merged_failed_before) or bool(
+            unreadable - self._unreadable_before
+        )
+        self._merged_failed_before, self._unreadable_before = doubtful, unreadable
+        doubtful = doubtful or bool(unreadable)
         stored: list[bucketeviction.Stored] = []
         token: str | None = ""
         while token is not None and len(stored) < MAX_LISTED:
@@ -463,6 +500,7 @@ class Evictor:
             [_digest_of(key) for key in victims],
             {_digest_of(key): key for key in victims},
             doubtful=doubtful,
+            keep_history=keep_history,
         )
 
     async def mark(self, state: EvictionPass) -> None:

@@ -18,7 +18,7 @@ import trio
 
 from vpsrelay.cache.index import Obj
 from vpsrelay.cache.memory import Pins
-from vpsrelay.cache.s3.client import S3Error
+from vpsrelay.cache.s3.client import S3Busy, S3Error
 from vpsrelay.cache.s3.filling import S3Filling
 from vpsrelay.cache.s3.lease import LeaseState
 from vpsrelay.cache.s3.reader import S3Reader
@@ -180,7 +180,10 @@ class S3Lookups(S3Filling):
         if not await self.evictor.may_read(digest):
             return False  # an eviction pass may be deleting it: this request passes through
         try:
-            response = await self.client.open_get(self.key(digest))
+            response = await self.client.open_get(self.key(digest), blob=True)
+        except S3Busy as exc:
+            log.info("cache: %s: passing this request by the bucket", exc)
+            return False
         except S3Error as exc:
             if exc.status != 404:
                 raise

@@ -20,12 +20,13 @@ whose reader stalls, and a slow client must not switch the bucket off for everyo
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import trio
 
-from vpsrelay.cache.s3.client import MIN_RATE, S3Error
+from vpsrelay.cache.s3.client import MIN_RATE, S3Busy, S3Error
 from vpsrelay.cache.storage import Handover, StoreReadFailed
 from vpsrelay.core.digest import Digest, Verifier
 from vpsrelay.core.transferfloor import TransferFloor
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
     from vpsrelay.cache.s3.client import S3Client
 
 log = logging.getLogger("vpsrelay.cache")
+
+
+class Closable(Protocol):
+    """A response, or a body's generator left mid-way: closed later, in Trio."""
+
+    def aclose(self) -> Awaitable[None]: ...
+
 
 RATE_WINDOW = 10.0  # seconds of waiting on the bucket over which MIN_RATE must hold
 CLIENT_GAP = 5.0  # seconds between reads after which a mid-body failure may be our doing
@@ -53,7 +61,7 @@ class S3Reader:
         digest: str,
         size: int,
         on_bad: Callable[[str, str], Awaitable[None]],
-        on_close: Callable[[httpx.Response], None],
+        on_close: Callable[[Closable], None],
         response: httpx.Response | None = None,
         on_failed: Callable[[S3Error], None] = lambda _: None,
     ) -> None:
@@ -135,6 +143,8 @@ class S3Reader:
             raise self._failure(S3Error(f"GET {self._key}: {type(exc).__name__}")) from None
         except S3Error as exc:
             raise self._failure(exc) from None
+        except S3Busy as exc:  # this process's stream connections: not the bucket failing
+            raise self._failure(S3Error(str(exc)), busy=True) from None
         self._position += want
         self._last_read = trio.current_time()
         if verifier is not None:
@@ -145,12 +155,12 @@ class S3Reader:
         """The body stopped before the object's end: the bucket failed, not the object."""
         return S3Error(f"GET {self._key}: ended at byte {self._received}", reason="short")
 
-    def _failure(self, exc: S3Error) -> StoreReadFailed:
+    def _failure(self, exc: S3Error, *, busy: bool = False) -> StoreReadFailed:
         self.close()
         if self._left_unread:
             # Perhaps the store closed a connection we left unread: fail this one over.
             log.info("cache: %s after a slow client: the bucket stays in use", exc)
-        elif exc.status != 404:  # a 404 is the object gone, not the bucket failing
+        elif exc.status != 404 and not busy:  # 404: the object gone; busy: this process
             self._on_failed(exc)
         # What was read and hashed, for the caller to check the upstream's bytes on from.
         handover = Handover(self._verifier, self._received, bytes(self._buffer), self._position)
@@ -160,7 +170,7 @@ class S3Reader:
         self.close()
         self._unchecked = None
         self._response = None
-        self._response = await self._client.open_get(self._key)
+        self._response = await self._client.open_get(self._key, blob=True)
         self._chunks = self._response.aiter_raw()
         self._left_unread = False
         self._last_read = None
@@ -213,6 +223,9 @@ class S3Reader:
         return UpstreamError(f"the cached object {self._digest} {why}")
 
     def close(self) -> None:
-        response, self._response, self._chunks = self._response, None, None
+        response, chunks = self._response, self._chunks
+        self._response, self._chunks = None, None
+        if isinstance(chunks, AsyncGenerator):  # left mid-body: its generator first
+            self._on_close(chunks)
         if response is not None:
             self._on_close(response)

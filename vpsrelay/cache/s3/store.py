@@ -183,13 +183,15 @@ class S3Store(S3Lookups):
             await trio.sleep(self.s3.evict_interval)
             if not self.bucket_ok:
                 continue  # kept: `write_batch` sends what it has next time
-            with trio.move_on_after(self.s3.timeout):
+            with trio.move_on_after(self.s3.timeout) as cut:
                 try:
                     await self.evictor.write_batch(set(self.pins))
                 except S3Error as exc:
                     self._failed(exc)
                 except Exception:  # upkeep must never end the server
                     log.exception("cache: writing the access batch failed")
+            if cut.cancelled_caught:  # a bucket that does not answer in time fails
+                self._failed(S3Error("PUT access batch: deadline"))
 
     async def _run_passes(self) -> None:
         # Not time-boxed: a pass stops when its lease is lost, its work is bounded
