@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
 
 MAX_SKEW = 300.0  # seconds a recorded access may lie ahead of the evictor's clock
+
+
 def longest_batch_gap(interval: float, timeout: float) -> float:
     """The most time between two access batches of one node: it sleeps `interval`, then
     writes its batch, cut after `timeout` (`S3Store._write_batches`, apart from the
