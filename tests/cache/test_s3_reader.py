@@ -65,7 +65,7 @@ class _Bucket:
     def __init__(self, body: _Body, headers: dict[str, str] | None = None) -> None:
         self.body, self.headers, self.gets = body, headers or {}, 0
 
-    async def open_get(self, key: str) -> httpx.Response:
+    async def open_get(self, key: str, *, blob: bool = False) -> httpx.Response:
         self.gets += 1
         return httpx.Response(200, headers=self.headers, stream=self.body)
 
