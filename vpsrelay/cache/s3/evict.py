@@ -133,13 +133,11 @@ class Evictor:
         self._batches = 0
         self._recorded = bucketeviction.RecentRecords(config.evict_grace, MAX_RECORDED)
         self._recording: dict[str, trio.Event] = {}  # records being written
-        # digest -> when a look found its tombstone (monotonic), until the next batch
-        self._tombstoned: dict[str, float] = {}
+        # digest -> until when (monotonic) its requests pass the bucket by without a look:
+        # its tombstone was found, or its record could not be written. Cleared by each batch.
+        self._passing_by: dict[str, float] = {}
         self._renewed_at: float | None = None  # the eviction lease's (monotonic)
         self._renewing = trio.Lock()
-        # digest -> when writing its record failed (monotonic): its concurrent and next
-        # requests pass through for `FAILED_RECORD_MEMORY` without trying again
-        self._record_failed: dict[str, float] = {}
         self._merged_failed_before = False  # the last pass could not read merged.json
         self._unreadable_before: set[str] = set()  # batches the last pass could not read
 
@@ -163,7 +161,7 @@ class Evictor:
 
     async def write_batch(self, in_use: set[str]) -> None:
         """Record what this node served (and serves now) since the last batch."""
-        self._tombstoned.clear()  # look again: one record per digest per batch at most
+        self._passing_by.clear()  # look again: one record per digest per batch at most
         now = time.time()
         batch = {**self.accessed, **dict.fromkeys(in_use, now)}
         if not batch:
@@ -176,32 +174,34 @@ class Evictor:
             self.accessed = {**taken, **self.accessed}
             raise
 
-    def _known_tombstoned(self, digest: str) -> bool:
-        found = self._tombstoned.get(digest)
-        if found is not None and time.monotonic() - found < TOMBSTONE_MEMORY:
+    def _passes_by(self, digest: str) -> bool:
+        until = self._passing_by.get(digest)
+        if until is not None and time.monotonic() < until:
             return True
-        self._tombstoned.pop(digest, None)
+        self._passing_by.pop(digest, None)
         return False
+
+    def _pass_by(self, digest: str, seconds: float) -> None:
+        now = time.monotonic()
+        if len(self._passing_by) >= MAX_RECORDED:  # bounded even while no batch is written
+            self._passing_by = {d: t for d, t in self._passing_by.items() if t > now}
+        self._passing_by[digest] = now + seconds
 
     async def may_read(self, digest: str) -> bool:
         """Before this node reads `digest` from the bucket: unless its own record of it is
         fresh, write one (a batch of that digest alone) and THEN look for a tombstone.
-        False: an eviction pass may be deleting it, or the bucket failed twice (only this
-        request passes through: a record not written must not switch the cache off).
-        A tombstone found is remembered until the next batch (`TOMBSTONE_MEMORY` at
-        most): the requests meanwhile pass through without a record each."""
+        False: an eviction pass may be deleting it, or the record could not be written
+        (the bucket answered with errors twice: only this blob passes by; or it did not
+        answer: the S3Error is raised, and the caller marks the bucket failing). Either is
+        remembered until the next batch (`TOMBSTONE_MEMORY`, `FAILED_RECORD_MEMORY` at
+        most): the requests meanwhile, concurrent ones too, pass by without a record each."""
         pending = self._recording.get(digest)
         if pending is not None:  # a concurrent request is writing it: one record for both
             await pending.wait()
-        if self._known_tombstoned(digest):
+        if self._passes_by(digest):
             return False
-        now = time.monotonic()
-        if self._recorded.fresh(digest, now):
+        if self._recorded.fresh(digest, time.monotonic()):
             return True
-        failed = self._record_failed.get(digest)
-        if failed is not None and now - failed < FAILED_RECORD_MEMORY:
-            return False
-        self._record_failed.pop(digest, None)
         done = self._recording[digest] = trio.Event()
         try:
             for attempt in range(2):
@@ -209,24 +209,16 @@ class Evictor:
                     return await self._record_and_look(digest)
                 except S3Error as exc:
                     if exc.status is None:  # no answer (a deadline, the network): the bucket
-                        self._remember_failed(digest)  # fails; the caller marks it so
+                        self._pass_by(digest, FAILED_RECORD_MEMORY)  # fails: raised
                         raise
                     if attempt:  # answered twice with an error: only this blob passes by
                         log.warning("cache: %s: passing this request through (%s)", digest, exc)
-            self._remember_failed(digest)
+            self._pass_by(digest, FAILED_RECORD_MEMORY)
             return False
         finally:
             if self._recording.get(digest) is done:
                 del self._recording[digest]
             done.set()
-
-    def _remember_failed(self, digest: str) -> None:
-        now = time.monotonic()
-        if len(self._record_failed) >= MAX_RECORDED:
-            self._record_failed = {
-                d: t for d, t in self._record_failed.items() if now - t < FAILED_RECORD_MEMORY
-            }
-        self._record_failed[digest] = now
 
     async def _record_and_look(self, digest: str) -> bool:
         started = time.monotonic()
@@ -234,7 +226,7 @@ class Evictor:
         await self._write({digest: time.time()})
         if await self.client.head(self.tombstone_key(digest)) is not None:
             log.info("cache: %s is being evicted from the bucket: passing it through", digest)
-            self._tombstoned[digest] = time.monotonic()
+            self._pass_by(digest, TOMBSTONE_MEMORY)
             return False
         self._recorded.remember(digest, started, time.monotonic())
         return True
